@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Writes kiln's PyTorch reference fixtures: tests/fixtures/model_<config>.safetensors.
+
+An independent implementation of kiln's Llama-family model in plain PyTorch (no kiln code, no
+transformers), computed in float64 from float32 weights, so the fixture is as close to exact
+arithmetic as a test of kiln's float32 kernels needs. For each tiny config it stores:
+
+  weights      every parameter under its Hugging Face name (float32: the values kiln loads)
+  tokens, targets   (B, T) int64
+  logits       (B*T, V) float64
+  loss         (1,) float64, mean cross-entropy
+  grad.<name>  d loss / d parameter, float64, for every parameter
+  adamw_losses (10,) float64: the loss before each of 10 AdamW steps on the same batch
+
+Conventions the fixture pins down (a kiln bug in any of them fails the test):
+  * RoPE pairs dimension i with i + D/2 (Hugging Face rotate_half), not neighbours (llama2.c);
+  * qk-norm is an RMSNorm with a D-wide gain on each head of q and k, before RoPE (Qwen3);
+  * grouped-query head h reads kv head h // (H // Hkv) (Hugging Face repeat_kv);
+  * AdamW decays 2-D tensors (matrices, embedding), not norm gains.
+
+Usage: python3 scripts/make_fixtures.py   (needs torch and safetensors; ~5 s on a CPU)
+"""
+
+import json
+import math
+import pathlib
+
+import torch
+from safetensors.torch import save_file
+
+FIXTURE_VERSION = 1
+OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+
+# Must equal kiln's presets of the same name (src/config.rs); the Rust test checks it.
+CONFIGS = {
+    "tiny-mha": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8, hidden_dim=64,
+                     vocab_size=64, max_seq_len=32, rope_theta=10000.0, norm_eps=1e-5,
+                     qk_norm=False, tie_embeddings=False),
+    "tiny-gqa": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=48,
+                     vocab_size=64, max_seq_len=32, rope_theta=1e6, norm_eps=1e-6,
+                     qk_norm=True, tie_embeddings=True),
+}
+BATCH, SEQ = 2, 16
+ADAMW = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+ADAMW_STEPS = 10
+
+
+def param_shapes(c):
+    q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+    dim, hidden = c["dim"], c["hidden_dim"]
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], dim)}
+    for l in range(c["n_layers"]):
+        p = f"model.layers.{l}."
+        shapes[p + "input_layernorm.weight"] = (dim,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, dim)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, dim)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, dim)
+        shapes[p + "self_attn.o_proj.weight"] = (dim, q)
+        if c["qk_norm"]:
+            shapes[p + "self_attn.q_norm.weight"] = (c["head_dim"],)
+            shapes[p + "self_attn.k_norm.weight"] = (c["head_dim"],)
+        shapes[p + "post_attention_layernorm.weight"] = (dim,)
+        shapes[p + "mlp.gate_proj.weight"] = (hidden, dim)
+        shapes[p + "mlp.up_proj.weight"] = (hidden, dim)
+        shapes[p + "mlp.down_proj.weight"] = (dim, hidden)
+    shapes["model.norm.weight"] = (dim,)
+    if not c["tie_embeddings"]:
+        shapes["lm_head.weight"] = (c["vocab_size"], dim)
+    return shapes
+
+
+def rmsnorm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(x, theta):
+    """x: (B, heads, T, D), half-split pairing."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.outer(torch.arange(x.shape[2], dtype=torch.float64), inv_freq)  # (T, D/2)
+    emb = torch.cat((angles, angles), dim=-1)
+    return x * emb.cos() + rotate_half(x) * emb.sin()
+
+
+def forward(c, w, tokens):
+    b, t = tokens.shape
+    h, hkv, d = c["n_heads"], c["n_kv_heads"], c["head_dim"]
+    eps = c["norm_eps"]
+    x = w["model.embed_tokens.weight"][tokens]  # (B, T, C)
+    mask = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
+    for l in range(c["n_layers"]):
+        p = f"model.layers.{l}."
+        xn = rmsnorm(x, w[p + "input_layernorm.weight"], eps)
+        q = (xn @ w[p + "self_attn.q_proj.weight"].T).view(b, t, h, d)
+        k = (xn @ w[p + "self_attn.k_proj.weight"].T).view(b, t, hkv, d)
+        v = (xn @ w[p + "self_attn.v_proj.weight"].T).view(b, t, hkv, d)
+        if c["qk_norm"]:
+            q = rmsnorm(q, w[p + "self_attn.q_norm.weight"], eps)
+            k = rmsnorm(k, w[p + "self_attn.k_norm.weight"], eps)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        q, k = rope(q, c["rope_theta"]), rope(k, c["rope_theta"])
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d) + mask
+        att = torch.softmax(scores, dim=-1) @ v  # (B, H, T, D)
+        att = att.transpose(1, 2).reshape(b, t, h * d)
+        x = x + att @ w[p + "self_attn.o_proj.weight"].T
+        xn = rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps)
+        gate = xn @ w[p + "mlp.gate_proj.weight"].T
+        up = xn @ w[p + "mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    x = rmsnorm(x, w["model.norm.weight"], eps)
+    classifier = w["model.embed_tokens.weight"] if c["tie_embeddings"] else w["lm_head.weight"]
+    return (x @ classifier.T).reshape(b * t, -1)
+
+
+def make(name, c, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weights32 = {}
+    for pname, shape in param_shapes(c).items():
+        if len(shape) == 1:
+            # Gains near 1 but not 1, so a kernel that ignores or misapplies them is caught.
+            weights32[pname] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
+        else:
+            # Larger than training's 0.02 so that attention is far from uniform and the
+            # gradients are well above f32 noise.
+            weights32[pname] = 0.3 * torch.randn(shape, generator=gen)
+    tokens = torch.randint(0, c["vocab_size"], (BATCH, SEQ), generator=gen)
+    targets = torch.randint(0, c["vocab_size"], (BATCH, SEQ), generator=gen)
+
+    params = {k: torch.nn.Parameter(v.double().clone()) for k, v in weights32.items()}
+    logits = forward(c, params, tokens)
+    loss = torch.nn.functional.cross_entropy(logits, targets.reshape(-1))
+    loss.backward()
+    grads = {f"grad.{k}": p.grad.detach().clone() for k, p in params.items()}
+
+    # Ten AdamW steps on the same batch, from the same start.
+    params = {k: torch.nn.Parameter(v.double().clone()) for k, v in weights32.items()}
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=ADAMW["weight_decay"]),
+         dict(params=no_decay, weight_decay=0.0)],
+        lr=ADAMW["learning_rate"], betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"])
+    adamw_losses = []
+    for _ in range(ADAMW_STEPS):
+        opt.zero_grad()
+        step_loss = torch.nn.functional.cross_entropy(forward(c, params, tokens), targets.reshape(-1))
+        step_loss.backward()
+        opt.step()
+        adamw_losses.append(step_loss.item())
+
+    tensors = {k: v.contiguous() for k, v in weights32.items()}
+    tensors.update(grads)
+    tensors["tokens"] = tokens
+    tensors["targets"] = targets
+    tensors["logits"] = logits.detach()
+    tensors["loss"] = loss.detach().reshape(1)
+    tensors["adamw_losses"] = torch.tensor(adamw_losses, dtype=torch.float64)
+    metadata = {
+        "fixture_version": str(FIXTURE_VERSION),
+        "config_name": name,
+        "config": json.dumps(c),
+        "adamw": json.dumps(ADAMW),
+        "generator": f"scripts/make_fixtures.py, torch {torch.__version__}",
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"model_{name}.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    print(f"{path.relative_to(OUT.parent.parent)}: loss {loss.item():.6f}, "
+          f"adamw {adamw_losses[0]:.4f} -> {adamw_losses[-1]:.4f}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for i, (name, config) in enumerate(CONFIGS.items()):
+        make(name, config, seed=1234 + i)

@@ -1,0 +1,79 @@
+//! Rotary position embedding, half-split pairing (Hugging Face `rotate_half`): dimension `i`
+//! of a head rotates with dimension `i + D/2` by angle `t · θ^(−2i/D)`. llama2.c pairs
+//! neighbours (`2i`, `2i+1`) instead; its q/k weights are permuted on import and export.
+
+use rayon::prelude::*;
+
+use super::Real;
+
+/// `(cos, sin)` tables of shape `(seq, D/2)`, computed in f64.
+fn tables<T: Real>(seq: usize, head_dim: usize, theta: f64) -> (Vec<T>, Vec<T>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(seq * half);
+    let mut sin = Vec::with_capacity(seq * half);
+    for t in 0..seq {
+        for i in 0..half {
+            let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            let angle = t as f64 * inv_freq;
+            cos.push(T::from_f64(angle.cos()).unwrap());
+            sin.push(T::from_f64(angle.sin()).unwrap());
+        }
+    }
+    (cos, sin)
+}
+
+/// Rotates `inp (B, T, heads, D)` into `out`; `direction` +1 is the forward rotation, −1 its
+/// inverse (the backward, since the rotation is orthogonal).
+fn rotate<T: Real>(
+    out: &mut [T],
+    inp: &[T],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    theta: f64,
+    direction: T,
+) {
+    assert_eq!(out.len(), inp.len());
+    let half = head_dim / 2;
+    let (cos, sin) = tables::<T>(seq, head_dim, theta);
+    let row = heads * head_dim;
+    out.par_chunks_mut(row)
+        .zip(inp.par_chunks(row))
+        .enumerate()
+        .for_each(|(bt, (y, x))| {
+            let t = bt % seq;
+            for h in 0..heads {
+                let base = h * head_dim;
+                for i in 0..half {
+                    let c = cos[t * half + i];
+                    let s = sin[t * half + i] * direction;
+                    let a = x[base + i];
+                    let b = x[base + i + half];
+                    y[base + i] = a * c - b * s;
+                    y[base + i + half] = b * c + a * s;
+                }
+            }
+        });
+}
+
+pub fn rope_forward<T: Real>(
+    out: &mut [T],
+    inp: &[T],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    theta: f64,
+) {
+    rotate(out, inp, seq, heads, head_dim, theta, T::one());
+}
+
+pub fn rope_backward<T: Real>(
+    dinp: &mut [T],
+    dout: &[T],
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    theta: f64,
+) {
+    rotate(dinp, dout, seq, heads, head_dim, theta, -T::one());
+}

@@ -1,0 +1,294 @@
+//! Model configuration: the shape of a Llama-family transformer, named presets, validation,
+//! and the parameter count that follows from it.
+//!
+//! This is only the *shape* of a model; training settings (batch, learning rate, …) live with
+//! the trainer. A config is loaded from a JSON file or taken from a preset by name.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The architecture of a Llama-family decoder (Llama 2 / TinyStories, Qwen3).
+///
+/// Shape letters used across kiln: C = `dim`, L = `n_layers`, H = `n_heads`,
+/// Hkv = `n_kv_heads`, D = `head_dim`, F = `hidden_dim`, V = `vocab_size`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Width of the residual stream (C).
+    pub dim: usize,
+    /// Number of transformer blocks (L).
+    pub n_layers: usize,
+    /// Query heads (H).
+    pub n_heads: usize,
+    /// Key/value heads (Hkv); `n_heads` must be a multiple (grouped-query attention).
+    pub n_kv_heads: usize,
+    /// Width of one attention head (D). Not always `dim / n_heads` (Qwen3-0.6B: 1024 / 16 ≠ 128).
+    pub head_dim: usize,
+    /// Width of the SwiGLU hidden layer (F).
+    pub hidden_dim: usize,
+    /// Vocabulary size (V).
+    pub vocab_size: usize,
+    /// Longest sequence the model is trained or sampled at (RoPE table length).
+    pub max_seq_len: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// RMSNorm (with a learned D-wide gain) on each head's q and k before RoPE, as Qwen3 does.
+    pub qk_norm: bool,
+    /// The classifier reuses the token embedding matrix.
+    pub tie_embeddings: bool,
+}
+
+/// Names accepted by [`ModelConfig::preset`].
+pub const PRESETS: &[&str] = &[
+    "stories15m",
+    "stories42m",
+    "stories110m",
+    "qwen3-0.6b",
+    "tiny-mha",
+    "tiny-gqa",
+];
+
+impl ModelConfig {
+    /// A named preset. The `stories*` presets are llama2.c's TinyStories models; `tiny-*` are
+    /// the configurations the PyTorch fixtures and the tests use.
+    pub fn preset(name: &str) -> Result<Self> {
+        let llama2c = |dim, n_layers, n_heads, hidden_dim| ModelConfig {
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads: n_heads,
+            head_dim: dim / n_heads,
+            hidden_dim,
+            vocab_size: 32000,
+            max_seq_len: 1024,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            qk_norm: false,
+            tie_embeddings: true,
+        };
+        let config = match name {
+            "stories15m" => llama2c(288, 6, 6, 768),
+            "stories42m" => llama2c(512, 8, 8, 1376),
+            "stories110m" => llama2c(768, 12, 12, 2048),
+            "qwen3-0.6b" => ModelConfig {
+                dim: 1024,
+                n_layers: 28,
+                n_heads: 16,
+                n_kv_heads: 8,
+                head_dim: 128,
+                hidden_dim: 3072,
+                vocab_size: 151936,
+                max_seq_len: 40960,
+                rope_theta: 1e6,
+                norm_eps: 1e-6,
+                qk_norm: true,
+                tie_embeddings: true,
+            },
+            // Multi-head attention, untied classifier: the llama2.c shape in miniature.
+            "tiny-mha" => ModelConfig {
+                dim: 32,
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 4,
+                head_dim: 8,
+                hidden_dim: 64,
+                vocab_size: 64,
+                max_seq_len: 32,
+                rope_theta: 10000.0,
+                norm_eps: 1e-5,
+                qk_norm: false,
+                tie_embeddings: false,
+            },
+            // Grouped-query attention with qk-norm, head_dim ≠ dim / heads, tied: Qwen3 in miniature.
+            "tiny-gqa" => ModelConfig {
+                dim: 32,
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 16,
+                hidden_dim: 48,
+                vocab_size: 64,
+                max_seq_len: 32,
+                rope_theta: 1e6,
+                norm_eps: 1e-6,
+                qk_norm: true,
+                tie_embeddings: true,
+            },
+            _ => bail!(
+                "unknown model preset '{name}'; known presets: {}",
+                PRESETS.join(", ")
+            ),
+        };
+        Ok(config)
+    }
+
+    /// Reads a JSON config file and validates it.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let config: ModelConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid kiln model config", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("invalid model config in {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// A preset name, or else a path to a JSON config file.
+    pub fn from_preset_or_file(spec: &str) -> Result<Self> {
+        if PRESETS.contains(&spec) {
+            return Self::preset(spec);
+        }
+        let path = Path::new(spec);
+        if path.exists() {
+            return Self::from_file(path);
+        }
+        bail!(
+            "'{spec}' is neither a model preset ({}) nor an existing config file",
+            PRESETS.join(", ")
+        )
+    }
+
+    /// Checks the shape is one kiln can build; every message names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("dim", self.dim),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("hidden_dim", self.hidden_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_seq_len", self.max_seq_len),
+        ] {
+            if value == 0 {
+                bail!("{name} must be positive");
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            bail!(
+                "n_heads ({}) must be a multiple of n_kv_heads ({}) for grouped-query attention",
+                self.n_heads,
+                self.n_kv_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!(
+                "head_dim ({}) must be even: RoPE rotates pairs",
+                self.head_dim
+            );
+        }
+        if self.vocab_size > u32::MAX as usize {
+            bail!(
+                "vocab_size ({}) does not fit token ids in u32",
+                self.vocab_size
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "rope_theta must be a positive number, got {}",
+                self.rope_theta
+            );
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            bail!("norm_eps must be a positive number, got {}", self.norm_eps);
+        }
+        Ok(())
+    }
+
+    /// Width of all query heads together (H · D).
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of all key (or value) heads together (Hkv · D).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Number of parameters, counting a tied embedding once.
+    pub fn parameter_count(&self) -> usize {
+        crate::model::ParamLayout::new(self).total_len()
+    }
+
+    /// Forward + backward FLOPs to train on one token at context length `seq` (matmuls and
+    /// attention; the elementwise work is noise). 6 per weight per token for the matmuls, plus
+    /// attention's QKᵀ and PV: 2·2·T·D per head forward, twice that backward, causal half.
+    pub fn train_flops_per_token(&self, seq: usize) -> f64 {
+        let matmul_params = self.n_layers
+            * (self.dim * (self.q_dim() + 2 * self.kv_dim())
+                + self.q_dim() * self.dim
+                + 3 * self.dim * self.hidden_dim)
+            + self.vocab_size * self.dim;
+        let attention = self.n_layers * self.n_heads * self.head_dim * seq * 6;
+        (6 * matmul_params + attention) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_the_published_parameter_counts() {
+        // Counts published for these models (llama2.c README; Qwen3-0.6B model card, tied).
+        for (name, count) in [
+            ("stories15m", 15_191_712),
+            ("stories110m", 109_529_856),
+            ("qwen3-0.6b", 596_049_920),
+        ] {
+            assert_eq!(
+                ModelConfig::preset(name).unwrap().parameter_count(),
+                count,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_preset_validates() {
+        for name in PRESETS {
+            ModelConfig::preset(name).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_naming_the_field() {
+        let mut config = ModelConfig::preset("tiny-gqa").unwrap();
+        config.n_kv_heads = 3;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("n_kv_heads"), "{message}");
+
+        let mut config = ModelConfig::preset("tiny-gqa").unwrap();
+        config.head_dim = 7;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("head_dim"));
+
+        let mut config = ModelConfig::preset("tiny-gqa").unwrap();
+        config.dim = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("dim"));
+    }
+
+    #[test]
+    fn a_config_file_with_an_unknown_field_names_the_file_and_field() {
+        let dir = std::env::temp_dir().join(format!("kiln-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.json");
+        let mut value = serde_json::to_value(ModelConfig::preset("tiny-mha").unwrap()).unwrap();
+        value["n_experts"] = 8.into();
+        std::fs::write(&path, value.to_string()).unwrap();
+        let message = format!("{:#}", ModelConfig::from_file(&path).unwrap_err());
+        assert!(
+            message.contains("bad.json") && message.contains("n_experts"),
+            "{message}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,12 @@
+//! kiln: train small Llama-family language models from scratch on the CPU's matrix engine
+//! and on GPUs.
+//!
+//! - [`config`]: model shapes and presets.
+//! - [`backend`]: the kernel trait and the reference CPU backend.
+//! - [`model`]: the transformer's forward and backward over a backend, and its arenas.
+//! - [`conformance`]: the test suite every backend must pass.
+
+pub mod backend;
+pub mod config;
+pub mod conformance;
+pub mod model;
