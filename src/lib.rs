@@ -8,5 +8,8 @@
 
 pub mod backend;
 pub mod config;
+pub mod data;
 pub mod conformance;
+pub mod fsutil;
 pub mod model;
+pub mod tokenizer;
