@@ -11,6 +11,8 @@ arithmetic as a test of kiln's float32 kernels needs. For each tiny config it st
   loss         (1,) float64, mean cross-entropy
   grad.<name>  d loss / d parameter, float64, for every parameter
   adamw_losses (10,) float64: the loss before each of 10 AdamW steps on the same batch
+  greedy_prompt, greedy_tokens   int64: 12 tokens decoded greedily (full recompute each
+               step, no cache) from the first 4 input tokens, with the initial weights
 
 Conventions the fixture pins down (a kiln bug in any of them fails the test):
   * RoPE pairs dimension i with i + D/2 (Hugging Face rotate_half), not neighbours (llama2.c);
@@ -43,6 +45,7 @@ CONFIGS = {
 BATCH, SEQ = 2, 16
 ADAMW = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 ADAMW_STEPS = 10
+GREEDY_TOKENS = 12
 
 
 def param_shapes(c):
@@ -155,7 +158,19 @@ def make(name, c, seed):
         opt.step()
         adamw_losses.append(step_loss.item())
 
+    # Greedy decoding, recomputing the whole context each step (no KV cache), from float64
+    # copies of the initial weights.
+    initial = {k: v.double() for k, v in weights32.items()}
+    prompt = tokens[0, :4].clone()
+    context = prompt.clone()
+    with torch.no_grad():
+        for _ in range(GREEDY_TOKENS):
+            next_id = forward(c, initial, context.unsqueeze(0))[-1].argmax()
+            context = torch.cat((context, next_id.reshape(1)))
+
     tensors = {k: v.contiguous() for k, v in weights32.items()}
+    tensors["greedy_prompt"] = prompt.contiguous()
+    tensors["greedy_tokens"] = context[4:].contiguous()
     tensors.update(grads)
     tensors["tokens"] = tokens
     tensors["targets"] = targets

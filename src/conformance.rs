@@ -247,12 +247,22 @@ pub fn check_kernels<B: Backend>(backend: &B) -> Result<()> {
     let (batch, seq, heads, head_dim, theta) = (2, 9, 3, 8, 1e6f32);
     let inp = rounded(random(&mut rng, batch * seq * heads * head_dim, 1.0));
     let mut want = vec![0.0; inp.len()];
-    rope::rope_forward(&mut want, &inp, seq, heads, head_dim, theta as f64);
+    // Rows start at position 3, as when decoding after a 3-token prompt.
+    rope::rope_forward(&mut want, &inp, 3, seq, heads, head_dim, theta as f64);
     let mut want_back = vec![0.0; inp.len()];
     rope::rope_backward(&mut want_back, &inp, seq, heads, head_dim, theta as f64);
     let mut dev = Device::new(backend);
     let (x, o) = (dev.put(&inp), dev.put(&want));
-    backend.rope_forward(dev.view(o), dev.view(x), batch, seq, heads, head_dim, theta);
+    backend.rope_forward(
+        dev.view(o),
+        dev.view(x),
+        batch,
+        seq,
+        heads,
+        head_dim,
+        theta,
+        3,
+    );
     assert_close("rope_forward", &dev.get(o), &want, tol)?;
     backend.rope_backward(dev.view(o), dev.view(x), batch, seq, heads, head_dim, theta);
     assert_close("rope_backward", &dev.get(o), &want_back, tol)?;
@@ -329,6 +339,43 @@ pub fn check_kernels<B: Backend>(backend: &B) -> Result<()> {
     assert_close("attention_backward dq", &dev.get(dqi), &want_dq, tol)?;
     assert_close("attention_backward dk", &dev.get(dki), &want_dk, tol)?;
     assert_close("attention_backward dv", &dev.get(dvi), &want_dv, tol)?;
+
+    // attention_decode: the last row of the forward, from a cache with spare capacity.
+    let capacity = shape.seq + 3;
+    let kv_row = shape.kv_heads * shape.head_dim;
+    let q_row = shape.heads * shape.head_dim;
+    let mut k_cache = vec![0.0; shape.batch * capacity * kv_row];
+    let mut v_cache = k_cache.clone();
+    let mut q_last = Vec::new();
+    let mut want_last = Vec::new();
+    for b in 0..shape.batch {
+        let rows = b * shape.seq..(b + 1) * shape.seq;
+        k_cache[b * capacity * kv_row..][..shape.seq * kv_row]
+            .copy_from_slice(&k[rows.start * kv_row..rows.end * kv_row]);
+        v_cache[b * capacity * kv_row..][..shape.seq * kv_row]
+            .copy_from_slice(&v[rows.start * kv_row..rows.end * kv_row]);
+        q_last.extend_from_slice(&q[(rows.end - 1) * q_row..rows.end * q_row]);
+        want_last.extend_from_slice(&want[(rows.end - 1) * q_row..rows.end * q_row]);
+    }
+    let (qd, kc, vc, od) = (
+        dev.put(&q_last),
+        dev.put(&k_cache),
+        dev.put(&v_cache),
+        dev.put(&want_last),
+    );
+    backend.attention_decode(
+        dev.view(od),
+        dev.view(qd),
+        dev.view(kc),
+        dev.view(vc),
+        s.batch,
+        s.seq,
+        capacity,
+        s.heads,
+        s.kv_heads,
+        s.head_dim,
+    );
+    assert_close("attention_decode", &dev.get(od), &want_last, tol)?;
 
     // swiglu and the residual add
     let n = 37;

@@ -51,13 +51,21 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()>
 pub fn read_shard(path: &Path, vocab_size: usize) -> Result<Vec<u32>> {
     let bytes = fs::read(path).with_context(|| format!("cannot read shard {}", path.display()))?;
     let p = path.display();
-    ensure!(bytes.len() >= HEADER_INTS * 4, "{p}: {} bytes, shorter than the 1024-byte shard header", bytes.len());
+    ensure!(
+        bytes.len() >= HEADER_INTS * 4,
+        "{p}: {} bytes, shorter than the 1024-byte shard header",
+        bytes.len()
+    );
     let int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
     let width = match (int(0), int(1)) {
         (MAGIC_U16, VERSION_U16) => 2,
         (MAGIC_U32, VERSION_U32) => 4,
-        (MAGIC_U16 | MAGIC_U32, v) => bail!("{p}: unsupported shard version {v} for magic {}", int(0)),
-        (m, _) => bail!("{p}: wrong magic {m} (expected {MAGIC_U16} or {MAGIC_U32}): not a token shard"),
+        (MAGIC_U16 | MAGIC_U32, v) => {
+            bail!("{p}: unsupported shard version {v} for magic {}", int(0))
+        }
+        (m, _) => {
+            bail!("{p}: wrong magic {m} (expected {MAGIC_U16} or {MAGIC_U32}): not a token shard")
+        }
     };
     let count = int(2);
     ensure!(count >= 0, "{p}: negative token count {count}");
@@ -66,15 +74,29 @@ pub fn read_shard(path: &Path, vocab_size: usize) -> Result<Vec<u32>> {
         bytes.len() == expected,
         "{p}: header says {count} tokens ({expected} bytes) but the file has {} bytes{}",
         bytes.len(),
-        if bytes.len() < expected { " (truncated)" } else { "" }
+        if bytes.len() < expected {
+            " (truncated)"
+        } else {
+            ""
+        }
     );
     let payload = &bytes[HEADER_INTS * 4..];
     let tokens: Vec<u32> = if width == 2 {
-        payload.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect()
+        payload
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+            .collect()
     } else {
-        payload.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())).collect()
+        payload
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     };
-    if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab_size) {
+    if let Some((i, &t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab_size)
+    {
         bail!("{p}: token {i} has id {t}, not below the vocabulary size {vocab_size}");
     }
     Ok(tokens)
@@ -107,17 +129,25 @@ pub struct Dataset {
 impl Dataset {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("data.json");
-        let text = fs::read_to_string(&path)
-            .with_context(|| format!("{} is not a prepared corpus (no data.json; run `kiln data prepare`)", dir.display()))?;
-        let manifest: DataManifest =
-            serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a prepared corpus (no data.json; run `kiln data prepare`)",
+                dir.display()
+            )
+        })?;
+        let manifest: DataManifest = serde_json::from_str(&text)
+            .with_context(|| format!("{} is malformed", path.display()))?;
         let tokenizer = Tokenizer::load(&dir.join(&manifest.tokenizer))?;
         ensure!(
             tokenizer.hash() == manifest.tokenizer_sha256,
             "{}: the tokenizer file does not match the one the shards were made with",
             dir.display()
         );
-        Ok(Dataset { dir: dir.to_path_buf(), manifest, tokenizer })
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            manifest,
+            tokenizer,
+        })
     }
 
     pub fn shard_paths(&self, split: Split) -> Vec<PathBuf> {
@@ -167,8 +197,15 @@ pub struct Loader {
 impl Loader {
     pub fn new(shards: Vec<PathBuf>, vocab_size: usize, batch: usize, seq: usize) -> Result<Self> {
         ensure!(!shards.is_empty(), "no shards to load");
-        let mut loader =
-            Loader { shards, vocab_size, batch, seq, position: DataPosition::default(), current: Vec::new(), loaded: None };
+        let mut loader = Loader {
+            shards,
+            vocab_size,
+            batch,
+            seq,
+            position: DataPosition::default(),
+            current: Vec::new(),
+            loaded: None,
+        };
         // Validate every shard up front: a bad one should fail now, not an hour in.
         for i in 0..loader.shards.len() {
             loader.load(i)?;
@@ -196,7 +233,12 @@ impl Loader {
     }
 
     pub fn seek(&mut self, position: DataPosition) -> Result<()> {
-        ensure!(position.shard < self.shards.len(), "data position names shard {} of {}", position.shard, self.shards.len());
+        ensure!(
+            position.shard < self.shards.len(),
+            "data position names shard {} of {}",
+            position.shard,
+            self.shards.len()
+        );
         self.position = position;
         self.load(position.shard)
     }
@@ -225,12 +267,16 @@ impl Loader {
 fn collect_files(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for input in inputs {
-        let meta = fs::metadata(input).with_context(|| format!("input {} does not exist", input.display()))?;
+        let meta = fs::metadata(input)
+            .with_context(|| format!("input {} does not exist", input.display()))?;
         if meta.is_dir() {
             let mut entries: Vec<PathBuf> = fs::read_dir(input)
                 .with_context(|| format!("cannot list {}", input.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
                 .collect();
             entries.sort();
             files.extend(collect_files(&entries)?);
@@ -253,7 +299,11 @@ impl std::str::FromStr for TokenizerSpec {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s.strip_prefix("bpe:") {
-            Some(n) => Ok(TokenizerSpec::TrainBpe(n.parse().with_context(|| format!("'{s}': expected bpe:VOCAB_SIZE"))?)),
+            Some(n) => {
+                Ok(TokenizerSpec::TrainBpe(n.parse().with_context(|| {
+                    format!("'{s}': expected bpe:VOCAB_SIZE")
+                })?))
+            }
             None => Ok(TokenizerSpec::File(PathBuf::from(s))),
         }
     }
@@ -272,7 +322,10 @@ fn split_documents(docs: Vec<String>, val_fraction: f64) -> (Vec<String>, Vec<St
         } else if remaining_train == 0 {
             val.push(doc);
         } else {
-            let cut = doc[remaining_train..].find('\n').map(|i| remaining_train + i + 1).unwrap_or(doc.len());
+            let cut = doc[remaining_train..]
+                .find('\n')
+                .map(|i| remaining_train + i + 1)
+                .unwrap_or(doc.len());
             let (head, tail) = doc.split_at(cut);
             train.push(head.to_string());
             if !tail.is_empty() {
@@ -285,24 +338,45 @@ fn split_documents(docs: Vec<String>, val_fraction: f64) -> (Vec<String>, Vec<St
 }
 
 /// `kiln data prepare`: reads text, gets a tokenizer, writes shards and `data.json`.
-pub fn prepare(inputs: &[PathBuf], out: &Path, spec: TokenizerSpec, val_fraction: f64) -> Result<DataManifest> {
-    ensure!((0.0..1.0).contains(&val_fraction) && val_fraction > 0.0, "--val-fraction must be in (0, 1), got {val_fraction}");
+pub fn prepare(
+    inputs: &[PathBuf],
+    out: &Path,
+    spec: TokenizerSpec,
+    val_fraction: f64,
+) -> Result<DataManifest> {
+    ensure!(
+        (0.0..1.0).contains(&val_fraction) && val_fraction > 0.0,
+        "--val-fraction must be in (0, 1), got {val_fraction}"
+    );
     let files = collect_files(inputs)?;
     ensure!(!files.is_empty(), "no input files found in {inputs:?}");
     let mut docs = Vec::with_capacity(files.len());
     for file in &files {
         let bytes = fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| anyhow::anyhow!("{}: not UTF-8 text (invalid byte at offset {})", file.display(), e.utf8_error().valid_up_to()))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not UTF-8 text (invalid byte at offset {})",
+                file.display(),
+                e.utf8_error().valid_up_to()
+            )
+        })?;
         if !text.is_empty() {
             docs.push(text);
         }
     }
     let total_bytes: usize = docs.iter().map(|d| d.len()).sum();
     let document_count = docs.len();
-    eprintln!("read {} files, {} documents, {:.1} MB", files.len(), document_count, total_bytes as f64 / 1e6);
+    eprintln!(
+        "read {} files, {} documents, {:.1} MB",
+        files.len(),
+        document_count,
+        total_bytes as f64 / 1e6
+    );
     let (train_docs, val_docs) = split_documents(docs, val_fraction);
-    ensure!(!val_docs.is_empty(), "the corpus is too small to hold out a validation split");
+    ensure!(
+        !val_docs.is_empty(),
+        "the corpus is too small to hold out a validation split"
+    );
 
     let tokenizer = match spec {
         TokenizerSpec::TrainBpe(vocab) => {
@@ -360,7 +434,12 @@ pub fn prepare(inputs: &[PathBuf], out: &Path, spec: TokenizerSpec, val_fraction
     };
     let manifest = DataManifest {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
-        tokenizer: tokenizer.save(out)?.file_name().unwrap().to_string_lossy().into(),
+        tokenizer: tokenizer
+            .save(out)?
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into(),
         tokenizer_sha256: tokenizer.hash(),
         vocab_size,
         train_shards: write("train", &train)?,
@@ -370,7 +449,10 @@ pub fn prepare(inputs: &[PathBuf], out: &Path, spec: TokenizerSpec, val_fraction
         val_bytes: val_docs.iter().map(|d| d.len()).sum(),
         documents: document_count,
     };
-    write_atomic(&out.join("data.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    write_atomic(
+        &out.join("data.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
     Ok(manifest)
 }
 
@@ -409,9 +491,14 @@ mod tests {
         let mut header = [0i32; 256];
         (header[0], header[1], header[2]) = (20240520, 1, 3);
         header.iter().for_each(|h| bytes.extend(h.to_le_bytes()));
-        [50256u16, 15496, 11].iter().for_each(|t| bytes.extend(t.to_le_bytes()));
+        [50256u16, 15496, 11]
+            .iter()
+            .for_each(|t| bytes.extend(t.to_le_bytes()));
         fs::write(dir.join("fineweb_val_000000.bin"), &bytes).unwrap();
-        assert_eq!(read_shard(&dir.join("fineweb_val_000000.bin"), 50257).unwrap(), [50256, 15496, 11]);
+        assert_eq!(
+            read_shard(&dir.join("fineweb_val_000000.bin"), 50257).unwrap(),
+            [50256, 15496, 11]
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -424,18 +511,33 @@ mod tests {
         let mut wrong_magic = good.clone();
         wrong_magic[0] = 0;
         fs::write(dir.join("magic.bin"), &wrong_magic).unwrap();
-        let e = read_shard(&dir.join("magic.bin"), 100).unwrap_err().to_string();
+        let e = read_shard(&dir.join("magic.bin"), 100)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("magic.bin") && e.contains("wrong magic"), "{e}");
 
         fs::write(dir.join("short.bin"), &good[..good.len() - 1]).unwrap();
-        let e = read_shard(&dir.join("short.bin"), 100).unwrap_err().to_string();
+        let e = read_shard(&dir.join("short.bin"), 100)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("short.bin") && e.contains("truncated"), "{e}");
 
-        let e = read_shard(&dir.join("good.bin"), 4).unwrap_err().to_string();
-        assert!(e.contains("good.bin") && e.contains("id 4") && e.contains("vocabulary size 4"), "{e}");
+        let e = read_shard(&dir.join("good.bin"), 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("good.bin") && e.contains("id 4") && e.contains("vocabulary size 4"),
+            "{e}"
+        );
 
-        let e = Loader::new(vec![dir.join("good.bin")], 100, 2, 8).err().unwrap().to_string();
-        assert!(e.contains("good.bin") && e.contains("shorter than one batch"), "{e}");
+        let e = Loader::new(vec![dir.join("good.bin")], 100, 2, 8)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("good.bin") && e.contains("shorter than one batch"),
+            "{e}"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -454,7 +556,11 @@ mod tests {
         for _ in 0..12 {
             straight.push(loader.next_batch().unwrap());
         }
-        assert!(loader.position.epoch >= 1, "must wrap around: {:?}", loader.position);
+        assert!(
+            loader.position.epoch >= 1,
+            "must wrap around: {:?}",
+            loader.position
+        );
         // Resume from a saved position.
         let mut again = Loader::new(shards, 100, 2, 5).unwrap();
         again.next_batch().unwrap();
@@ -462,7 +568,8 @@ mod tests {
             again.next_batch().unwrap();
         }
         let saved = again.position;
-        let mut resumed = Loader::new(vec![dir.join("s0.bin"), dir.join("s1.bin")], 100, 2, 5).unwrap();
+        let mut resumed =
+            Loader::new(vec![dir.join("s0.bin"), dir.join("s1.bin")], 100, 2, 5).unwrap();
         resumed.seek(saved).unwrap();
         for expected in &straight[5..] {
             assert_eq!(&resumed.next_batch().unwrap(), expected);
@@ -475,7 +582,8 @@ mod tests {
         let dir = temp_dir("prepare");
         let input = dir.join("text");
         fs::create_dir_all(&input).unwrap();
-        let play = "ROMEO. But soft, what light through yonder window breaks?\nJULIET. Ay me!\n".repeat(200);
+        let play = "ROMEO. But soft, what light through yonder window breaks?\nJULIET. Ay me!\n"
+            .repeat(200);
         fs::write(input.join("a.txt"), &play).unwrap();
         fs::write(input.join("b.txt"), play.replace("ROMEO", "HAMLET")).unwrap();
         let out = dir.join("prepared");
@@ -489,7 +597,9 @@ mod tests {
         assert!(text.ends_with("JULIET. Ay me!\n") && text.starts_with(|c: char| c.is_uppercase()));
         // A non-UTF-8 file is refused by name.
         fs::write(input.join("c.txt"), [0xff, 0xfe, 0x00]).unwrap();
-        let e = prepare(&[input], &out, TokenizerSpec::TrainBpe(300), 0.1).unwrap_err().to_string();
+        let e = prepare(&[input], &out, TokenizerSpec::TrainBpe(300), 0.1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("c.txt") && e.contains("UTF-8"), "{e}");
         fs::remove_dir_all(dir).unwrap();
     }

@@ -8,8 +8,9 @@
 
 pub mod backend;
 pub mod config;
-pub mod data;
 pub mod conformance;
+pub mod data;
 pub mod fsutil;
 pub mod model;
+pub mod sample;
 pub mod tokenizer;

@@ -16,7 +16,10 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    TokenizerBuilder,
+};
 
 /// The special token a trained BPE puts at id 0 and prepends to every document.
 pub const BPE_DOCUMENT_TOKEN: &str = "<|endoftext|>";
@@ -54,7 +57,10 @@ impl PieceBytes {
             }
             let b = match style {
                 PieceStyle::ByteLevel => match std::str::from_utf8(piece) {
-                    Ok(s) => s.chars().map(|c| byte_level.get(&c).copied().unwrap_or(b'?')).collect(),
+                    Ok(s) => s
+                        .chars()
+                        .map(|c| byte_level.get(&c).copied().unwrap_or(b'?'))
+                        .collect(),
                     Err(_) => piece.clone(),
                 },
                 PieceStyle::SentencePiece => sentencepiece_bytes(piece),
@@ -62,7 +68,11 @@ impl PieceBytes {
             leading_space.push(style == PieceStyle::SentencePiece && b.first() == Some(&b' '));
             bytes.push(b);
         }
-        PieceBytes { bytes, leading_space, boundary }
+        PieceBytes {
+            bytes,
+            leading_space,
+            boundary,
+        }
     }
 }
 
@@ -73,7 +83,9 @@ fn sentencepiece_bytes(piece: &[u8]) -> Vec<u8> {
             return vec![byte];
         }
     }
-    String::from_utf8_lossy(piece).replace('\u{2581}', " ").into_bytes()
+    String::from_utf8_lossy(piece)
+        .replace('\u{2581}', " ")
+        .into_bytes()
 }
 
 /// GPT-2's byte-to-character table, inverted: printable bytes stand for themselves, the other
@@ -112,7 +124,10 @@ impl Llama2cVocab {
         let mut at = 0usize;
         let take = |at: &mut usize, n: usize| -> Result<&[u8]> {
             let s = bytes.get(*at..*at + n).ok_or_else(|| {
-                anyhow!("{}: truncated llama2.c tokenizer at byte {at}", path.display())
+                anyhow!(
+                    "{}: truncated llama2.c tokenizer at byte {at}",
+                    path.display()
+                )
             })?;
             *at += n;
             Ok(s)
@@ -132,9 +147,23 @@ impl Llama2cVocab {
             pieces.push(take(&mut at, len as usize)?.to_vec());
             scores.push(score);
         }
-        ensure!(pieces.len() > 258, "{}: only {} tokens; not a llama2.c tokenizer", path.display(), pieces.len());
-        let lookup = pieces.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
-        Ok(Llama2cVocab { pieces, scores, lookup, max_token_length })
+        ensure!(
+            pieces.len() > 258,
+            "{}: only {} tokens; not a llama2.c tokenizer",
+            path.display(),
+            pieces.len()
+        );
+        let lookup = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), i as u32))
+            .collect();
+        Ok(Llama2cVocab {
+            pieces,
+            scores,
+            lookup,
+            max_token_length,
+        })
     }
 
     fn serialize(&self) -> Vec<u8> {
@@ -213,7 +242,11 @@ impl Llama2cVocab {
                 heap.extend(candidate(&ids, left, next[left]));
             }
         }
-        ids.iter().zip(&alive).filter(|(_, &a)| a).map(|(&id, _)| id).collect()
+        ids.iter()
+            .zip(&alive)
+            .filter(|(_, &a)| a)
+            .map(|(&id, _)| id)
+            .collect()
     }
 }
 
@@ -221,9 +254,16 @@ impl Llama2cVocab {
 #[derive(Clone)]
 pub enum Tokenizer {
     /// A Hugging Face tokenizer (trained here or loaded from `tokenizer.json`).
-    Hf { inner: Box<tokenizers::Tokenizer>, json: String, pieces: PieceBytesHandle },
+    Hf {
+        inner: Box<tokenizers::Tokenizer>,
+        json: String,
+        pieces: PieceBytesHandle,
+    },
     /// llama2.c's `tokenizer.bin`.
-    Llama2c { vocab: Llama2cVocab, pieces: PieceBytesHandle },
+    Llama2c {
+        vocab: Llama2cVocab,
+        pieces: PieceBytesHandle,
+    },
 }
 
 /// Shared per-token byte table (cheap to clone).
@@ -232,8 +272,14 @@ pub struct PieceBytesHandle(std::sync::Arc<PieceBytes>);
 
 impl Tokenizer {
     /// Trains a byte-level BPE of `vocab_size` tokens (id 0 is [`BPE_DOCUMENT_TOKEN`]).
-    pub fn train_bpe<'a>(documents: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Self> {
-        ensure!(vocab_size > 257, "a byte-level BPE needs more than 257 tokens, got {vocab_size}");
+    pub fn train_bpe<'a>(
+        documents: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+    ) -> Result<Self> {
+        ensure!(
+            vocab_size > 257,
+            "a byte-level BPE needs more than 257 tokens, got {vocab_size}"
+        );
         let byte_level = ByteLevel::new(false, true, true);
         let mut trainer = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
@@ -242,13 +288,21 @@ impl Tokenizer {
             .special_tokens(vec![AddedToken::from(BPE_DOCUMENT_TOKEN, true)])
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
             .build();
-        let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-            .with_model(BPE::default())
-            .with_pre_tokenizer(Some(byte_level.into()))
-            .with_decoder(Some(byte_level.into()))
-            .build()
-            .map_err(|e| anyhow!("cannot build a BPE tokenizer: {e}"))?;
-        tokenizer.train(&mut trainer, documents).map_err(|e| anyhow!("BPE training failed: {e}"))?;
+        let mut tokenizer = TokenizerBuilder::<
+            BPE,
+            NormalizerWrapper,
+            PreTokenizerWrapper,
+            PostProcessorWrapper,
+            DecoderWrapper,
+        >::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(byte_level.into()))
+        .with_decoder(Some(byte_level.into()))
+        .build()
+        .map_err(|e| anyhow!("cannot build a BPE tokenizer: {e}"))?;
+        tokenizer
+            .train(&mut trainer, documents)
+            .map_err(|e| anyhow!("BPE training failed: {e}"))?;
         let tokenizer: tokenizers::Tokenizer = tokenizer.into();
         let json = tokenizer.to_string(false).map_err(|e| anyhow!("{e}"))?;
         Self::from_hf_json(json, Path::new("<trained BPE>"))
@@ -268,32 +322,51 @@ impl Tokenizer {
         let mut boundary = Vec::with_capacity(size);
         let specials: Vec<String> = value["added_tokens"]
             .as_array()
-            .map(|a| a.iter().filter(|t| t["special"] == true).filter_map(|t| t["content"].as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter(|t| t["special"] == true)
+                    .filter_map(|t| t["content"].as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         for id in 0..size as u32 {
             let piece = inner.id_to_token(id).unwrap_or_default();
             boundary.push(specials.contains(&piece) || piece == "<unk>");
             pieces.push(piece.into_bytes());
         }
-        let pieces = PieceBytesHandle(std::sync::Arc::new(PieceBytes::build(&pieces, boundary, style)));
-        Ok(Tokenizer::Hf { inner: Box::new(inner), json, pieces })
+        let pieces = PieceBytesHandle(std::sync::Arc::new(PieceBytes::build(
+            &pieces, boundary, style,
+        )));
+        Ok(Tokenizer::Hf {
+            inner: Box::new(inner),
+            json,
+            pieces,
+        })
     }
 
     /// Loads `tokenizer.json` (Hugging Face) or `tokenizer.bin` (llama2.c), by extension.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read tokenizer {}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read tokenizer {}", path.display()))?;
         match path.extension().and_then(|e| e.to_str()) {
             Some("json") => Self::from_hf_json(
-                String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))?,
+                String::from_utf8(bytes)
+                    .with_context(|| format!("{} is not UTF-8", path.display()))?,
                 path,
             ),
             Some("bin") => {
                 let vocab = Llama2cVocab::parse(&bytes, path)?;
                 let boundary = (0..vocab.pieces.len()).map(|i| i < 3).collect();
                 let pieces = PieceBytes::build(&vocab.pieces, boundary, PieceStyle::SentencePiece);
-                Ok(Tokenizer::Llama2c { vocab, pieces: PieceBytesHandle(std::sync::Arc::new(pieces)) })
+                Ok(Tokenizer::Llama2c {
+                    vocab,
+                    pieces: PieceBytesHandle(std::sync::Arc::new(pieces)),
+                })
             }
-            _ => bail!("{}: a tokenizer must be a .json (Hugging Face) or .bin (llama2.c) file", path.display()),
+            _ => bail!(
+                "{}: a tokenizer must be a .json (Hugging Face) or .bin (llama2.c) file",
+                path.display()
+            ),
         }
     }
 
@@ -372,8 +445,11 @@ impl Tokenizer {
 
     fn token_text_bytes(&self, id: u32, prev: Option<u32>) -> &[u8] {
         let table = self.piece_bytes();
-        let Some(b) = table.bytes.get(id as usize) else { return &[] };
-        let after_boundary = prev.is_none_or(|p| table.boundary.get(p as usize).copied().unwrap_or(false));
+        let Some(b) = table.bytes.get(id as usize) else {
+            return &[];
+        };
+        let after_boundary =
+            prev.is_none_or(|p| table.boundary.get(p as usize).copied().unwrap_or(false));
         if table.leading_space[id as usize] && after_boundary {
             &b[1..]
         } else {
@@ -400,7 +476,8 @@ mod tests {
     use super::*;
 
     fn llama2() -> Option<Tokenizer> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama2/tokenizer.bin");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama2/tokenizer.bin");
         if !path.exists() {
             eprintln!("skipped: {} not present", path.display());
             return None;
@@ -413,9 +490,13 @@ mod tests {
         // Expected ids from Meta's SentencePiece, as llama2.c's test.c checks them.
         let Some(tok) = llama2() else { return };
         assert_eq!(tok.vocab_size(), 32000);
-        assert_eq!(tok.encode("I believe the meaning of life is").unwrap(), [306, 4658, 278, 6593, 310, 2834, 338]);
         assert_eq!(
-            tok.encode("Simply put, the theory of relativity states that ").unwrap(),
+            tok.encode("I believe the meaning of life is").unwrap(),
+            [306, 4658, 278, 6593, 310, 2834, 338]
+        );
+        assert_eq!(
+            tok.encode("Simply put, the theory of relativity states that ")
+                .unwrap(),
             [3439, 17632, 1925, 29892, 278, 6368, 310, 14215, 537, 5922, 393, 29871]
         );
         assert_eq!(tok.encode("").unwrap(), Vec::<u32>::new());
@@ -427,15 +508,26 @@ mod tests {
         let text = "Once upon a time,\n\tthere was a ünïcödé 🦙 dog.\n";
         let mut ids = vec![Llama2cVocab::BOS];
         ids.extend(tok.encode(text).unwrap());
-        assert!(ids.contains(&(b'\n' as u32 + 3)), "newline must be byte fallback");
+        assert!(
+            ids.contains(&(b'\n' as u32 + 3)),
+            "newline must be byte fallback"
+        );
         assert_eq!(tok.decode(&ids), text);
-        let counted: usize = ids.iter().enumerate().map(|(i, &id)| tok.token_bytes(id, i.checked_sub(1).map(|j| ids[j]))).sum();
+        let counted: usize = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| tok.token_bytes(id, i.checked_sub(1).map(|j| ids[j])))
+            .sum();
         assert_eq!(counted, text.len());
     }
 
     #[test]
     fn trained_bpe_round_trips_and_counts_bytes() {
-        let corpus = ["To be, or not to be, that is the question:\n", "Whether 'tis nobler in the mind to suffer\n", "Ünïcödé and émoji 🎭 too.\n"];
+        let corpus = [
+            "To be, or not to be, that is the question:\n",
+            "Whether 'tis nobler in the mind to suffer\n",
+            "Ünïcödé and émoji 🎭 too.\n",
+        ];
         let docs: Vec<String> = (0..50).map(|i| corpus[i % 3].repeat(3)).collect();
         let tok = Tokenizer::train_bpe(docs.iter().map(|s| s.as_str()), 300).unwrap();
         assert_eq!(tok.bos(), Some(0));

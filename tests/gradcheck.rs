@@ -134,7 +134,7 @@ fn rope_backward_matches_finite_differences() {
     rope_backward(&mut dinp, &r, seq, heads, head_dim, theta);
     check("rope dinp", &inp, &dinp, |x| {
         let mut out = vec![0.0; x.len()];
-        rope_forward(&mut out, x, seq, heads, head_dim, theta);
+        rope_forward(&mut out, x, 0, seq, heads, head_dim, theta);
         dot(&out, &r)
     });
 }
@@ -147,7 +147,7 @@ fn rope_pairs_dimension_i_with_i_plus_half() {
     let mut inp = vec![0.0; seq * head_dim];
     inp[head_dim] = 1.0; // position 1, dimension 0
     let mut out = vec![0.0; inp.len()];
-    rope_forward(&mut out, &inp, seq, heads, head_dim, 10000.0);
+    rope_forward(&mut out, &inp, 0, seq, heads, head_dim, 10000.0);
     let angle: f64 = 1.0; // position 1 × frequency θ⁰
     assert!((out[head_dim] - angle.cos()).abs() < 1e-12);
     assert!((out[head_dim + head_dim / 2] - angle.sin()).abs() < 1e-12);

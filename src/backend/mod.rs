@@ -214,7 +214,8 @@ pub trait Backend: Send + Sync {
 
     // ---- rope --------------------------------------------------------------------------
 
-    /// Rotary position embedding on `inp (B, T, heads, D)` into `out`, position = index in T.
+    /// Rotary position embedding on `inp (B, T, heads, D)` into `out`; row t is at position
+    /// `start_pos + t` (non-zero when decoding with a KV cache).
     /// Half-split pairing (dimension `i` with `i + D/2`), as Hugging Face Llama and Qwen3 do;
     /// llama2.c pairs neighbours (`2i`, `2i+1`), and its weights are permuted on import.
     fn rope_forward(
@@ -226,6 +227,7 @@ pub trait Backend: Send + Sync {
         heads: usize,
         head_dim: usize,
         theta: f32,
+        start_pos: usize,
     );
     /// The inverse rotation of `dout` into `dinp` (RoPE is orthogonal; no saved input needed).
     fn rope_backward(
@@ -272,6 +274,23 @@ pub trait Backend: Send + Sync {
         saved: View<Self>,
         batch: usize,
         seq: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    );
+
+    /// One decoding step against a KV cache: `out (B, H·D)` for the newest position, from
+    /// `q (B, H·D)` and the first `len` rows of `k_cache, v_cache (B, capacity, Hkv·D)` (the
+    /// newest position's k and v already written at row `len − 1`). Inference only.
+    fn attention_decode(
+        &self,
+        out: View<Self>,
+        q: View<Self>,
+        k_cache: View<Self>,
+        v_cache: View<Self>,
+        batch: usize,
+        len: usize,
+        capacity: usize,
         heads: usize,
         kv_heads: usize,
         head_dim: usize,

@@ -53,6 +53,26 @@ pub struct Activations<B: Backend> {
     pub memory: B::Memory,
 }
 
+/// Keys and values of every position decoded so far (batch 1), for sampling one token at a
+/// time without recomputing the context.
+pub struct KvCache<B: Backend> {
+    /// Per layer: keys then values, each `(capacity, Hkv·D)`.
+    memory: B::Memory,
+    keys: Vec<Region>,
+    values: Vec<Region>,
+    capacity: usize,
+    /// Positions filled.
+    pub len: usize,
+    /// Activations of one token.
+    acts: Activations<B>,
+}
+
+/// Where a forward pass reads and writes its keys and values when decoding.
+struct CacheSlot<'a, B: Backend> {
+    cache: &'a KvCache<B>,
+    pos: usize,
+}
+
 fn view<B: Backend>(memory: &B::Memory, region: Region) -> View<'_, B> {
     View {
         memory,
@@ -184,6 +204,57 @@ impl<B: Backend> Model<B> {
         Ok(Activations { layout, memory })
     }
 
+    /// An empty KV cache for up to `capacity` positions (at most `max_seq_len`).
+    pub fn kv_cache(&self, capacity: usize) -> Result<KvCache<B>> {
+        let capacity = capacity.min(self.config.max_seq_len);
+        let row = capacity * self.config.kv_dim();
+        let l = self.config.n_layers;
+        let keys = (0..l)
+            .map(|i| Region {
+                offset: 2 * i * row,
+                len: row,
+            })
+            .collect();
+        let values = (0..l)
+            .map(|i| Region {
+                offset: (2 * i + 1) * row,
+                len: row,
+            })
+            .collect();
+        let layout = ActivationLayout::new(&self.config, 1, 1, 0);
+        let acts = Activations {
+            memory: self.backend.alloc(layout.total_len()),
+            layout,
+        };
+        Ok(KvCache {
+            memory: self.backend.alloc(2 * l * row),
+            keys,
+            values,
+            capacity,
+            len: 0,
+            acts,
+        })
+    }
+
+    /// Feeds one token at the cache's next position; returns the logits `(V)` that predict the
+    /// token after it.
+    pub fn decode_step(&self, cache: &mut KvCache<B>, token: u32) -> Result<Vec<f32>> {
+        if cache.len >= cache.capacity {
+            bail!(
+                "the KV cache is full ({} positions; max_seq_len {})",
+                cache.capacity,
+                self.config.max_seq_len
+            );
+        }
+        let slot = CacheSlot {
+            cache,
+            pos: cache.len,
+        };
+        self.forward_with(&cache.acts, &[token], None, Some(slot));
+        cache.len += 1;
+        Ok(self.download_logits(&cache.acts))
+    }
+
     pub fn zero_grad(&self) {
         self.backend
             .zero(view::<B>(&self.grads, self.all(&self.grads)));
@@ -196,6 +267,18 @@ impl<B: Backend> Model<B> {
         acts: &Activations<B>,
         tokens: &[u32],
         targets: Option<&[u32]>,
+    ) -> Option<f32> {
+        self.forward_with(acts, tokens, targets, None)
+    }
+
+    /// The forward pass; with a cache slot, `tokens` is one token at position `slot.pos`, its
+    /// keys and values are stored in the cache, and attention reads the cache.
+    fn forward_with(
+        &self,
+        acts: &Activations<B>,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        slot: Option<CacheSlot<B>>,
     ) -> Option<f32> {
         let (b, t) = (acts.layout.batch, acts.layout.seq);
         let n = b * t;
@@ -223,20 +306,51 @@ impl<B: Backend> Model<B> {
                 be.rmsnorm_forward(a(s.q_pre), a(qr), a(s.q_lin), p(qn), n * nh, hd, eps);
                 be.rmsnorm_forward(a(s.k_pre), a(kr), a(s.k_lin), p(kn), n * nkv, hd, eps);
             }
-            be.rope_forward(a(s.q), a(s.q_pre), b, t, nh, hd, theta);
-            be.rope_forward(a(s.k), a(s.k_pre), b, t, nkv, hd, theta);
-            be.attention_forward(
-                a(s.attn_out),
-                a(s.attn_saved),
-                a(s.q),
-                a(s.k),
-                a(s.v),
-                b,
-                t,
-                nh,
-                nkv,
-                hd,
-            );
+            let start_pos = slot.as_ref().map_or(0, |c| c.pos);
+            be.rope_forward(a(s.q), a(s.q_pre), b, t, nh, hd, theta, start_pos);
+            be.rope_forward(a(s.k), a(s.k_pre), b, t, nkv, hd, theta, start_pos);
+            match &slot {
+                None => be.attention_forward(
+                    a(s.attn_out),
+                    a(s.attn_saved),
+                    a(s.q),
+                    a(s.k),
+                    a(s.v),
+                    b,
+                    t,
+                    nh,
+                    nkv,
+                    hd,
+                ),
+                Some(CacheSlot { cache, pos }) => {
+                    let row = nkv * hd;
+                    let at = |r: Region| {
+                        view::<B>(
+                            &cache.memory,
+                            Region {
+                                offset: r.offset + pos * row,
+                                len: row,
+                            },
+                        )
+                    };
+                    be.copy(at(cache.keys[l]), a(s.k));
+                    be.copy(at(cache.values[l]), a(s.v));
+                    let keys = view::<B>(&cache.memory, cache.keys[l]);
+                    let values = view::<B>(&cache.memory, cache.values[l]);
+                    be.attention_decode(
+                        a(s.attn_out),
+                        a(s.q),
+                        keys,
+                        values,
+                        1,
+                        pos + 1,
+                        cache.capacity,
+                        nh,
+                        nkv,
+                        hd,
+                    );
+                }
+            }
             // The attention projection goes into `xn_ffn` as scratch before the residual add.
             be.matmul_forward(a(s.xn_ffn), a(s.attn_out), p(w.wo), n, nh * hd, c);
             be.residual_forward(a(s.x_mid), x, a(s.xn_ffn), n * c);

@@ -157,3 +157,45 @@ pub fn attention_backward<T: Real>(
         }
     }
 }
+
+/// One decoding step: the newest query of each sequence attends over the first `len` cached
+/// positions (`k_cache, v_cache (B, capacity, Hkv·D)`). Same arithmetic as one row of
+/// [`attention_forward`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode<T: Real>(
+    out: &mut [T],
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    len: usize,
+    capacity: usize,
+    s: AttentionShape,
+) {
+    let dim = s.head_dim;
+    let scale = T::one() / T::from_usize(dim).unwrap().sqrt();
+    let kv_row = s.kv_heads * dim;
+    out.par_chunks_mut(dim).enumerate().for_each(|(bh, o)| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let kvh = h / s.group();
+        let query = &q[bh * dim..(bh + 1) * dim];
+        let at = |u: usize| (b * capacity + u) * kv_row + kvh * dim;
+        let scores: Vec<T> = (0..len)
+            .map(|u| {
+                query
+                    .iter()
+                    .zip(&k_cache[at(u)..at(u) + dim])
+                    .fold(T::zero(), |acc, (&a, &b)| acc + a * b)
+                    * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(T::neg_infinity(), T::max);
+        let weights: Vec<T> = scores.iter().map(|&x| (x - max).exp()).collect();
+        let sum = weights.iter().copied().fold(T::zero(), |a, b| a + b);
+        o.iter_mut().for_each(|x| *x = T::zero());
+        for (u, &w) in weights.iter().enumerate() {
+            for (x, &v) in o.iter_mut().zip(&v_cache[at(u)..at(u) + dim]) {
+                *x += w / sum * v;
+            }
+        }
+    });
+}

@@ -314,10 +314,19 @@ impl Backend for ReferenceBackend {
         heads: usize,
         head_dim: usize,
         theta: f32,
+        start_pos: usize,
     ) {
         assert_eq!(inp.len, batch * seq * heads * head_dim);
         let o = self.write(out, &[inp]);
-        rope::rope_forward(o, self.read(inp), seq, heads, head_dim, theta as f64);
+        rope::rope_forward(
+            o,
+            self.read(inp),
+            start_pos,
+            seq,
+            heads,
+            head_dim,
+            theta as f64,
+        );
     }
 
     fn rope_backward(
@@ -399,6 +408,31 @@ impl Backend for ReferenceBackend {
             self.read(saved),
         );
         attention::attention_backward(gq, gk, gv, dout, q, k, v, saved, shape);
+    }
+
+    fn attention_decode(
+        &self,
+        out: V,
+        q: V,
+        k_cache: V,
+        v_cache: V,
+        batch: usize,
+        len: usize,
+        capacity: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) {
+        let shape = AttentionShape {
+            batch,
+            seq: 1,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let o = self.write(out, &[q, k_cache, v_cache]);
+        let (q, k, v) = (self.read(q), self.read(k_cache), self.read(v_cache));
+        attention::attention_decode(o, q, k, v, len, capacity, shape);
     }
 
     fn swiglu_forward(&self, out: V, gate: V, up: V, n: usize) {

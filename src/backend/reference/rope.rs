@@ -6,12 +6,13 @@ use rayon::prelude::*;
 
 use super::Real;
 
-/// `(cos, sin)` tables of shape `(seq, D/2)`, computed in f64.
-fn tables<T: Real>(seq: usize, head_dim: usize, theta: f64) -> (Vec<T>, Vec<T>) {
+/// `(cos, sin)` tables of shape `(seq, D/2)` for positions `start_pos..start_pos + seq`,
+/// computed in f64.
+fn tables<T: Real>(start_pos: usize, seq: usize, head_dim: usize, theta: f64) -> (Vec<T>, Vec<T>) {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(seq * half);
     let mut sin = Vec::with_capacity(seq * half);
-    for t in 0..seq {
+    for t in start_pos..start_pos + seq {
         for i in 0..half {
             let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
             let angle = t as f64 * inv_freq;
@@ -24,9 +25,11 @@ fn tables<T: Real>(seq: usize, head_dim: usize, theta: f64) -> (Vec<T>, Vec<T>) 
 
 /// Rotates `inp (B, T, heads, D)` into `out`; `direction` +1 is the forward rotation, −1 its
 /// inverse (the backward, since the rotation is orthogonal).
+#[allow(clippy::too_many_arguments)]
 fn rotate<T: Real>(
     out: &mut [T],
     inp: &[T],
+    start_pos: usize,
     seq: usize,
     heads: usize,
     head_dim: usize,
@@ -35,7 +38,7 @@ fn rotate<T: Real>(
 ) {
     assert_eq!(out.len(), inp.len());
     let half = head_dim / 2;
-    let (cos, sin) = tables::<T>(seq, head_dim, theta);
+    let (cos, sin) = tables::<T>(start_pos, seq, head_dim, theta);
     let row = heads * head_dim;
     out.par_chunks_mut(row)
         .zip(inp.par_chunks(row))
@@ -59,12 +62,13 @@ fn rotate<T: Real>(
 pub fn rope_forward<T: Real>(
     out: &mut [T],
     inp: &[T],
+    start_pos: usize,
     seq: usize,
     heads: usize,
     head_dim: usize,
     theta: f64,
 ) {
-    rotate(out, inp, seq, heads, head_dim, theta, T::one());
+    rotate(out, inp, start_pos, seq, heads, head_dim, theta, T::one());
 }
 
 pub fn rope_backward<T: Real>(
@@ -75,5 +79,5 @@ pub fn rope_backward<T: Real>(
     head_dim: usize,
     theta: f64,
 ) {
-    rotate(dinp, dout, seq, heads, head_dim, theta, -T::one());
+    rotate(dinp, dout, 0, seq, heads, head_dim, theta, -T::one());
 }

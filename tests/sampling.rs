@@ -1,0 +1,71 @@
+//! KV-cache decoding: it must reproduce the full forward, and greedy decoding must match the
+//! tokens PyTorch chose for the fixture model (`scripts/make_fixtures.py`).
+
+use std::path::PathBuf;
+
+use kiln::backend::reference::ReferenceBackend;
+use kiln::backend::Tolerance;
+use kiln::conformance::{assert_close, Fixture};
+use kiln::sample::{generate, SamplingParams};
+
+fn fixture(name: &str) -> Fixture {
+    Fixture::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+#[test]
+fn cached_decoding_gives_the_logits_of_the_full_forward() {
+    for name in ["model_tiny-mha.safetensors", "model_tiny-gqa.safetensors"] {
+        let fixture = fixture(name);
+        let model = fixture.model(ReferenceBackend).unwrap();
+        let tokens = &fixture.tokens("tokens").unwrap()[..fixture.seq];
+        let acts = model.activations(1, tokens.len()).unwrap();
+        model.forward(&acts, tokens, None);
+        let full = model.download_logits(&acts);
+        let vocab = model.config.vocab_size;
+        let mut cache = model.kv_cache(tokens.len()).unwrap();
+        for (pos, &token) in tokens.iter().enumerate() {
+            let step = model.decode_step(&mut cache, token).unwrap();
+            let want: Vec<f64> = full[pos * vocab..(pos + 1) * vocab]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            // Same kernels' arithmetic in another order (one row instead of the whole block):
+            // within f32 rounding of logits of magnitude ~10.
+            let tol = Tolerance {
+                atol: 1e-5,
+                rtol: 1e-4,
+            };
+            assert_close(&format!("{name} position {pos}"), &step, &want, tol).unwrap();
+        }
+        assert!(
+            model.decode_step(&mut cache, 0).is_err(),
+            "a full cache must refuse another token"
+        );
+    }
+}
+
+#[test]
+fn greedy_decoding_matches_pytorch() {
+    for name in ["model_tiny-mha.safetensors", "model_tiny-gqa.safetensors"] {
+        let fixture = fixture(name);
+        let model = fixture.model(ReferenceBackend).unwrap();
+        let prompt = fixture.tokens("greedy_prompt").unwrap();
+        let golden = fixture.tokens("greedy_tokens").unwrap();
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let mut streamed = Vec::new();
+        let out = generate(&model, &prompt, golden.len(), &greedy, None, |t| {
+            streamed.push(t)
+        })
+        .unwrap();
+        assert_eq!(out, golden, "{name}");
+        assert_eq!(streamed, golden, "{name}: streamed tokens");
+    }
+}
