@@ -7,10 +7,15 @@
 //! - [`conformance`]: the test suite every backend must pass.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod config;
 pub mod conformance;
 pub mod data;
+pub mod eval;
 pub mod fsutil;
 pub mod model;
 pub mod sample;
+pub mod telemetry;
 pub mod tokenizer;
+pub mod train;
+pub mod vocab;

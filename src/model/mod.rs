@@ -650,6 +650,14 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Per-position losses `(B·T)` of the last forward with targets, on the host.
+    pub fn download_losses(&self, acts: &Activations<B>) -> Vec<f32> {
+        let r = acts.layout.losses;
+        let mut host = vec![0.0; r.len];
+        self.backend.download(view::<B>(&acts.memory, r), &mut host);
+        host
+    }
+
     /// Logits `(B·T, V)` of the last forward, on the host.
     pub fn download_logits(&self, acts: &Activations<B>) -> Vec<f32> {
         let r = acts.layout.logits;

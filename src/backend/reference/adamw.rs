@@ -37,7 +37,13 @@ pub fn adamw_step<T: Real>(
         });
 }
 
-/// Σ x², accumulated in f64.
+/// Σ x², accumulated in f64 over fixed chunks summed in order, so the result does not depend
+/// on how rayon splits the work (the norm feeds clipping; resume must be bit-exact).
 pub fn sum_squares<T: Real>(x: &[T]) -> f64 {
-    x.par_iter().map(|&v| v.to_f64().unwrap().powi(2)).sum()
+    const CHUNK: usize = 1 << 14;
+    let partial: Vec<f64> = x
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| v.to_f64().unwrap().powi(2)).sum())
+        .collect();
+    partial.iter().sum()
 }

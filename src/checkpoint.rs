@@ -1,0 +1,351 @@
+//! Checkpoints: model weights and optimizer state as safetensors, plus `manifest.json` (the
+//! configs, step, data position, tokenizer hash, kiln version, validation loss).
+//!
+//! A checkpoint is a directory `checkpoints/step_NNNNNNNN/`. It is written under a temporary
+//! name, every file flushed to disk, then renamed into place and the parent directory flushed:
+//! a crash at any moment leaves either the complete new checkpoint or none, and the previous
+//! ones untouched. Temporary directories a crash leaves behind are ignored and swept.
+//! The run keeps the last K checkpoints and the best by validation loss (`best.json`).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::data::DataPosition;
+use crate::fsutil::{sync_dir, write_atomic};
+use crate::model::Model;
+
+/// `manifest.json` of a checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub kiln_version: String,
+    pub step: u64,
+    /// Optimizer steps taken (AdamW bias correction); lower than `step` if steps were skipped.
+    pub optimizer_steps: u64,
+    pub tokens_seen: u64,
+    pub skipped_steps: u64,
+    pub elapsed_seconds: f64,
+    pub data_position: DataPosition,
+    /// The run's seed. The training loop draws no random numbers after initialisation (data is
+    /// read in order), so the seed and the data position are the whole random state.
+    pub seed: u64,
+    pub tokenizer_sha256: String,
+    pub model: ModelConfig,
+    /// The training configuration, as `train.json` holds it.
+    pub train: serde_json::Value,
+    pub val_loss: Option<f64>,
+    pub val_bpb: Option<f64>,
+    /// With vocabulary compaction: the full-vocabulary id of each model token.
+    pub vocab_map: Option<Vec<u32>>,
+}
+
+fn to_safetensors(tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<Vec<u8>> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let bytes: &[u8] = bytemuck_f32(data);
+            Ok((
+                name.clone(),
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// The bytes of an f32 slice (little-endian hosts only, which is all kiln runs on).
+fn bytemuck_f32(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+}
+
+/// Reads every f32 tensor of a safetensors file into a map.
+pub fn read_f32_tensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let tensors = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, t) in tensors.tensors() {
+        ensure!(
+            t.dtype() == Dtype::F32,
+            "{}: tensor '{name}' is {:?}, expected F32",
+            path.display(),
+            t.dtype()
+        );
+        let values = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        out.insert(name, (t.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+/// The name of step `step`'s checkpoint directory.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step_{step:08}")
+}
+
+/// Writes a checkpoint of `model` into `checkpoints_dir` atomically; returns its path.
+pub fn save<B: Backend>(
+    model: &Model<B>,
+    manifest: &Manifest,
+    checkpoints_dir: &Path,
+) -> Result<PathBuf> {
+    fs::create_dir_all(checkpoints_dir)
+        .with_context(|| format!("cannot create {}", checkpoints_dir.display()))?;
+    let final_dir = checkpoints_dir.join(step_dir_name(manifest.step));
+    let tmp = checkpoints_dir.join(format!(
+        ".{}.tmp-{}",
+        step_dir_name(manifest.step),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    fs::create_dir_all(&tmp)?;
+
+    let params = model.download_params();
+    let tensors = model
+        .layout
+        .specs
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.shape.clone(),
+                &params[s.region.offset..][..s.region.len],
+            )
+        })
+        .collect();
+    write_atomic(&tmp.join("model.safetensors"), &to_safetensors(tensors)?)?;
+
+    let moments = model.download_optimizer();
+    let n = model.param_count();
+    let mut tensors = Vec::new();
+    for s in &model.layout.specs {
+        tensors.push((
+            format!("m.{}", s.name),
+            s.shape.clone(),
+            &moments[s.region.offset..][..s.region.len],
+        ));
+        tensors.push((
+            format!("v.{}", s.name),
+            s.shape.clone(),
+            &moments[n + s.region.offset..][..s.region.len],
+        ));
+    }
+    write_atomic(
+        &tmp.join("optimizer.safetensors"),
+        &to_safetensors(tensors)?,
+    )?;
+    write_atomic(
+        &tmp.join("manifest.json"),
+        serde_json::to_string_pretty(manifest)?.as_bytes(),
+    )?;
+
+    if final_dir.exists() {
+        // A checkpoint of the same step (a rerun after a resume): replace it.
+        fs::remove_dir_all(&final_dir)?;
+    }
+    fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    sync_dir(checkpoints_dir)?;
+    Ok(final_dir)
+}
+
+/// Reads a checkpoint's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a kiln checkpoint (no manifest.json)",
+            dir.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
+}
+
+/// Lists what differs between two model configs, field by field ("dim: 288 vs 512").
+pub fn config_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
+    let (a, b) = (
+        serde_json::to_value(a).unwrap(),
+        serde_json::to_value(b).unwrap(),
+    );
+    let mut out = Vec::new();
+    for (key, va) in a.as_object().unwrap() {
+        let vb = &b[key];
+        if va != vb {
+            out.push(format!("{key}: {va} vs {vb}"));
+        }
+    }
+    out
+}
+
+/// Loads a checkpoint's weights (and optimizer state, if `with_optimizer`) into `model`,
+/// refusing one made for another model shape or tokenizer.
+pub fn load_into<B: Backend>(
+    model: &mut Model<B>,
+    dir: &Path,
+    tokenizer_sha256: Option<&str>,
+    with_optimizer: bool,
+) -> Result<Manifest> {
+    let manifest = read_manifest(dir)?;
+    let differences = config_differences(&manifest.model, &model.config);
+    if !differences.is_empty() {
+        bail!(
+            "checkpoint {} was made for another model (checkpoint vs this run): {}",
+            dir.display(),
+            differences.join(", ")
+        );
+    }
+    if let Some(hash) = tokenizer_sha256 {
+        ensure!(
+            manifest.tokenizer_sha256 == hash,
+            "checkpoint {} was trained with another tokenizer (sha256 {} vs this run's {hash})",
+            dir.display(),
+            manifest.tokenizer_sha256
+        );
+    }
+    let weights = read_f32_tensors(&dir.join("model.safetensors"))?;
+    let mut host = vec![0f32; model.param_count()];
+    for spec in &model.layout.specs {
+        let (shape, values) = weights.get(&spec.name).with_context(|| {
+            format!(
+                "{}: model.safetensors has no '{}'",
+                dir.display(),
+                spec.name
+            )
+        })?;
+        ensure!(
+            shape == &spec.shape,
+            "{}: '{}' has shape {shape:?}, expected {:?}",
+            dir.display(),
+            spec.name,
+            spec.shape
+        );
+        host[spec.region.offset..][..spec.region.len].copy_from_slice(values);
+    }
+    model.upload_params(&host);
+    if with_optimizer {
+        let moments = read_f32_tensors(&dir.join("optimizer.safetensors"))?;
+        let n = model.param_count();
+        let mut host = vec![0f32; 2 * n];
+        for spec in &model.layout.specs {
+            for (prefix, base) in [("m", 0), ("v", n)] {
+                let name = format!("{prefix}.{}", spec.name);
+                let (_, values) = moments.get(&name).with_context(|| {
+                    format!("{}: optimizer.safetensors has no '{name}'", dir.display())
+                })?;
+                ensure!(
+                    values.len() == spec.region.len,
+                    "{}: '{name}' has the wrong size",
+                    dir.display()
+                );
+                host[base + spec.region.offset..][..spec.region.len].copy_from_slice(values);
+            }
+        }
+        model.upload_optimizer(&host);
+        model.step = manifest.optimizer_steps;
+    }
+    Ok(manifest)
+}
+
+/// Complete checkpoints in a run's `checkpoints/` directory, oldest first. Temporary
+/// directories (a crash mid-save) and directories without a manifest are passed over.
+pub fn list(checkpoints_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir(checkpoints_dir) else {
+        return Ok(found);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(step) = name
+            .strip_prefix("step_")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if entry.path().join("manifest.json").exists() {
+                found.push((step, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The newest complete checkpoint of a run directory, or a checkpoint directory itself.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join("manifest.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let checkpoints = path.join("checkpoints");
+    match list(&checkpoints)?.pop() {
+        Some((_, dir)) => Ok(dir),
+        None => bail!(
+            "{} holds no checkpoint (looked for {}/step_*/manifest.json)",
+            path.display(),
+            checkpoints.display()
+        ),
+    }
+}
+
+/// The best checkpoint by validation loss, as recorded in `best.json`.
+pub fn best(run_dir: &Path) -> Result<PathBuf> {
+    let path = run_dir.join("checkpoints").join("best.json");
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} has no best checkpoint yet ({})",
+            run_dir.display(),
+            path.display()
+        )
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&text)?;
+    let step = value["step"]
+        .as_u64()
+        .with_context(|| format!("{} is malformed", path.display()))?;
+    Ok(run_dir.join("checkpoints").join(step_dir_name(step)))
+}
+
+/// After a save: records the best checkpoint by validation loss, deletes all but the newest
+/// `keep_last` and the best, and sweeps temporary directories left by crashed saves.
+pub fn rotate(checkpoints_dir: &Path, keep_last: usize, newest: &Manifest) -> Result<()> {
+    let best_path = checkpoints_dir.join("best.json");
+    let previous_best: Option<(u64, f64)> = fs::read_to_string(&best_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| Some((v["step"].as_u64()?, v["val_loss"].as_f64()?)));
+    let mut best_step = previous_best.map(|b| b.0);
+    if let Some(loss) = newest.val_loss {
+        if previous_best.is_none_or(|(_, best)| loss < best) {
+            write_atomic(
+                &best_path,
+                serde_json::json!({"step": newest.step, "val_loss": loss})
+                    .to_string()
+                    .as_bytes(),
+            )?;
+            best_step = Some(newest.step);
+        }
+    }
+    let all = list(checkpoints_dir)?;
+    let cut = all.len().saturating_sub(keep_last.max(1));
+    for (step, dir) in &all[..cut] {
+        if Some(*step) != best_step {
+            fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+        }
+    }
+    for entry in fs::read_dir(checkpoints_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with(".step_") && !name.ends_with(&format!("-{}", std::process::id())) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}

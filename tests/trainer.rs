@@ -1,0 +1,289 @@
+//! The trainer end to end on a tiny model and a small generated corpus: determinism, exact
+//! resume, non-finite steps, checkpoint safety and refusal, compaction, bits per byte.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kiln::backend::reference::ReferenceBackend;
+use kiln::checkpoint;
+use kiln::config::ModelConfig;
+use kiln::data::{prepare, Dataset, Split, TokenizerSpec};
+use kiln::model::Model;
+use kiln::train::{TrainConfig, Trainer};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-trainer-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A few kilobytes of varied text in two documents, prepared with a 320-token BPE.
+fn corpus(dir: &Path) -> PathBuf {
+    let words = [
+        "the", "king", "queen", "speaks", "to", "a", "fool", "in", "winter", "night", "and",
+        "sings", "of", "gold", "rain",
+    ];
+    let mut state = 17u64;
+    let mut doc = |lines: usize| {
+        let mut text = String::new();
+        for _ in 0..lines {
+            for w in 0..8 {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                text.push_str(words[(state >> 33) as usize % words.len()]);
+                text.push(if w == 7 { '\n' } else { ' ' });
+            }
+        }
+        text
+    };
+    let input = dir.join("text");
+    fs::create_dir_all(&input).unwrap();
+    fs::write(input.join("one.txt"), doc(300)).unwrap();
+    fs::write(input.join("two.txt"), doc(300)).unwrap();
+    let out = dir.join("data");
+    prepare(&[input], &out, TokenizerSpec::TrainBpe(320), 0.1).unwrap();
+    out
+}
+
+fn config(data: PathBuf, steps: u64) -> TrainConfig {
+    let mut config = TrainConfig::new(ModelConfig::preset("tiny-gqa").unwrap(), data);
+    config.batch = 2;
+    config.seq = 16;
+    config.max_steps = Some(steps);
+    config.learning_rate = 3e-3;
+    config.warmup_steps = 2;
+    config.eval_every = 4;
+    config.eval_batches = 2;
+    config.checkpoint_every = 4;
+    config.keep_last = 3;
+    config
+}
+
+fn train(config: TrainConfig, run: &Path) -> kiln::train::RunReport {
+    let mut trainer = Trainer::create(ReferenceBackend, config, run).unwrap();
+    trainer.print_every = 0;
+    trainer.run().unwrap()
+}
+
+#[test]
+fn same_seed_and_data_give_the_same_losses_and_the_loss_falls() {
+    let dir = temp_dir("determinism");
+    let data = corpus(&dir);
+    let a = train(config(data.clone(), 12), &dir.join("a"));
+    let b = train(config(data, 12), &dir.join("b"));
+    assert_eq!(a.losses, b.losses);
+    assert!(
+        a.losses[11] < a.losses[0] - 0.5,
+        "loss must fall: {:?}",
+        a.losses
+    );
+    assert!(a.val.unwrap().bits_per_byte.is_finite());
+    // Telemetry has a line per step and an end report.
+    let telemetry = fs::read_to_string(dir.join("a/telemetry.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = telemetry
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.iter().filter(|l| l["type"] == "step").count(), 12);
+    let step = lines.iter().find(|l| l["type"] == "step").unwrap();
+    for key in [
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "tflops",
+        "mfu",
+        "rss_mib",
+    ] {
+        assert!(step[key].is_number(), "step telemetry lacks {key}: {step}");
+    }
+    for stage in ["data", "forward", "backward", "optimizer"] {
+        assert!(
+            step["ms"][stage].is_number(),
+            "step telemetry lacks ms.{stage}"
+        );
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l["type"] == "eval" && l["val_bpb"].is_number()));
+    assert!(lines.last().unwrap()["type"] == "report");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn resume_continues_bit_exactly() {
+    let dir = temp_dir("resume");
+    let data = corpus(&dir);
+    let straight = train(config(data.clone(), 12), &dir.join("straight"));
+    // The same 12-step run, stopped after step 8 (its last checkpoint), then resumed.
+    let mut interrupted =
+        Trainer::create(ReferenceBackend, config(data, 12), &dir.join("split")).unwrap();
+    interrupted.print_every = 0;
+    let first = interrupted.run_until(Some(8)).unwrap();
+    drop(interrupted);
+    let mut resumed = Trainer::resume(ReferenceBackend, &dir.join("split"), None).unwrap();
+    resumed.print_every = 0;
+    let second = resumed.run().unwrap();
+    let joined: Vec<f32> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(
+        joined, straight.losses,
+        "8 steps + resume + 4 steps must equal 12 straight"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let dir = temp_dir("nonfinite");
+    let data = corpus(&dir);
+    // One poisoned step: skipped, counted, and the run goes on.
+    let mut cfg = config(data.clone(), 8);
+    cfg.poison_steps = vec![5];
+    let report = train(cfg, &dir.join("one"));
+    assert_eq!(report.skipped_steps, 1);
+    assert_eq!(report.steps, 8);
+    // Three poisoned steps in a row stop the run; none of them touched the weights.
+    let mut cfg = config(data.clone(), 8);
+    cfg.poison_steps = vec![4, 5, 6];
+    cfg.max_bad_steps = 3;
+    let mut trainer = Trainer::create(ReferenceBackend, cfg, &dir.join("many")).unwrap();
+    trainer.print_every = 0;
+    let error = trainer.run().unwrap_err().to_string();
+    assert!(
+        error.contains("non-finite") && error.contains("intact"),
+        "{error}"
+    );
+    // Three skipped steps after the step-4 checkpoint: the weights equal the checkpoint's.
+    let latest = checkpoint::resolve(&dir.join("many")).unwrap();
+    assert!(latest.ends_with("step_00000004"), "{}", latest.display());
+    let mut saved = Model::new(ReferenceBackend, trainer.model.config.clone()).unwrap();
+    checkpoint::load_into(&mut saved, &latest, None, true).unwrap();
+    assert_eq!(saved.download_params(), trainer.model.download_params());
+    assert!(trainer
+        .model
+        .download_params()
+        .iter()
+        .all(|x| x.is_finite()));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn checkpoints_survive_a_crash_mid_save_and_refuse_other_models() {
+    let dir = temp_dir("crash");
+    let data = corpus(&dir);
+    train(config(data.clone(), 8), &dir.join("run"));
+    let checkpoints = dir.join("run/checkpoints");
+    // What a crash during the step-12 save leaves: a temporary directory with a torn file.
+    let torn = checkpoints.join(".step_00000012.tmp-999999");
+    fs::create_dir_all(&torn).unwrap();
+    fs::write(torn.join("model.safetensors"), b"torn").unwrap();
+    let latest = checkpoint::resolve(&dir.join("run")).unwrap();
+    assert!(latest.ends_with("step_00000008"));
+    let mut resumed = Trainer::resume(ReferenceBackend, &dir.join("run"), Some(12)).unwrap();
+    resumed.print_every = 0;
+    resumed.run().unwrap();
+    assert!(
+        !torn.exists(),
+        "the crashed save's leftovers are swept by the next save"
+    );
+    // The last K are kept, plus the best by validation loss.
+    let kept: Vec<u64> = checkpoint::list(&checkpoints)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(kept, [4, 8, 12]);
+    assert!(checkpoint::best(&dir.join("run")).unwrap().exists());
+
+    // Another shape is refused, naming the field.
+    let mut other = ModelConfig::preset("tiny-gqa").unwrap();
+    other.vocab_size = 320;
+    other.hidden_dim = 40;
+    let mut model = Model::new(ReferenceBackend, other).unwrap();
+    let error = checkpoint::load_into(&mut model, &latest, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("hidden_dim: 48 vs 40"), "{error}");
+    // Another tokenizer is refused.
+    let mut same = Model::new(
+        ReferenceBackend,
+        checkpoint::read_manifest(&latest).unwrap().model,
+    )
+    .unwrap();
+    let error = checkpoint::load_into(&mut same, &latest, Some("0000"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("another tokenizer"), "{error}");
+    // A new run refuses to overwrite an existing one.
+    let error = Trainer::create(ReferenceBackend, config(data, 8), &dir.join("run"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("already holds a run"), "{error}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn vocabulary_compaction_trains_and_samples_in_full_ids() {
+    let dir = temp_dir("compact");
+    let data = corpus(&dir);
+    let mut cfg = config(data, 8);
+    cfg.compact_vocab = true;
+    cfg.sample_every = 4;
+    cfg.sample_tokens = 12;
+    let mut trainer = Trainer::create(ReferenceBackend, cfg, &dir.join("run")).unwrap();
+    trainer.print_every = 0;
+    let report = trainer.run().unwrap();
+    let vocab = trainer.model.config.vocab_size;
+    assert!(
+        vocab < 320,
+        "compacted vocabulary should be smaller than 320, is {vocab}"
+    );
+    assert!(report.val.unwrap().bits_per_byte.is_finite());
+    let text = trainer.sample_text(1).unwrap();
+    assert!(!text.is_empty());
+    let telemetry = fs::read_to_string(dir.join("run/telemetry.jsonl")).unwrap();
+    assert!(telemetry.contains("\"type\":\"sample\""));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Σ token_bytes over the validation split equals the UTF-8 length of its decoded text.
+fn assert_byte_counts_sum_to_text_length(data: &Path) {
+    let dataset = Dataset::open(data).unwrap();
+    let tokens = dataset.read_all(Split::Val).unwrap();
+    let tok = &dataset.tokenizer;
+    let counted: usize = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| tok.token_bytes(t, i.checked_sub(1).map(|j| tokens[j])))
+        .sum();
+    let text = tok.decode(&tokens);
+    assert_eq!(counted, text.len(), "{}", data.display());
+    assert_eq!(counted, dataset.manifest.val_bytes, "{}", data.display());
+}
+
+#[test]
+fn token_byte_counts_sum_to_the_validation_text() {
+    let dir = temp_dir("bpb");
+    // Byte-level BPE.
+    assert_byte_counts_sum_to_text_length(&corpus(&dir));
+    // Llama 2's SentencePiece vocabulary: leading spaces, byte fallback for newlines, tabs,
+    // and characters outside the vocabulary, and a dummy prefix after each document's BOS.
+    let llama2 =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama2/tokenizer.bin");
+    if !llama2.exists() {
+        eprintln!("skipped the Llama 2 half: {} not present", llama2.display());
+        return;
+    }
+    let input = dir.join("llama-text");
+    fs::create_dir_all(&input).unwrap();
+    let text = "Once upon a time,\n\tthere was a ünïcödé 🦙 named Ǆ.\n  Two  spaces.\n".repeat(40);
+    fs::write(input.join("a.txt"), &text).unwrap();
+    fs::write(input.join("b.txt"), text.replace("Once", "Twice")).unwrap();
+    let out = dir.join("llama-data");
+    prepare(&[input], &out, TokenizerSpec::File(llama2), 0.3).unwrap();
+    assert_byte_counts_sum_to_text_length(&out);
+    fs::remove_dir_all(dir).unwrap();
+}
