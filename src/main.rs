@@ -1,10 +1,21 @@
-//! The `kiln` command line.
+//! The `kiln` command line: `data prepare`, `train`, `sample`, `eval`, `model info`.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use kiln::backend::reference::ReferenceBackend;
+use kiln::checkpoint;
 use kiln::config::ModelConfig;
-use kiln::model::ParamLayout;
+use kiln::data::{Dataset, Split, TokenizerSpec};
+use kiln::eval::evaluate;
+use kiln::model::{Model, ParamLayout};
+use kiln::sample::{generate, SamplingParams};
+use kiln::tokenizer::Tokenizer;
+use kiln::train::{print_report, TrainConfig, Trainer};
+use kiln::vocab::VocabMap;
 
 #[derive(Parser)]
 #[command(
@@ -19,11 +30,158 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prepare corpora.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+    /// Train a model (or resume a run).
+    Train(Box<TrainArgs>),
+    /// Generate text from a run or checkpoint.
+    Sample(SampleArgs),
+    /// Validation loss and bits per byte of a run or checkpoint.
+    Eval(EvalArgs),
     /// Inspect model configurations.
     Model {
         #[command(subcommand)]
         command: ModelCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenize text files into train/validation shards.
+    Prepare {
+        /// Text files or directories (walked in name order).
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// `bpe:VOCAB` trains a byte-level BPE on the training split; or a tokenizer.json
+        /// (Hugging Face) or tokenizer.bin (llama2.c) file.
+        #[arg(long, default_value = "bpe:4096")]
+        tokenizer: String,
+        /// Share of the corpus (the tail, cut at a line) held out for validation.
+        #[arg(long, default_value_t = 0.05)]
+        val_fraction: f64,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Continue the run in this directory from its newest checkpoint (other options except
+    /// --steps are taken from the run).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Prepared corpus directory.
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
+    /// Model preset or JSON config file (its vocab_size is replaced by the data's).
+    #[arg(long, default_value = "stories15m")]
+    model: String,
+    /// Run directory to create.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Stop after this many training tokens.
+    #[arg(long)]
+    tokens: Option<u64>,
+    /// Stop after this much wall-clock time: 90s, 5m, 1h.
+    #[arg(long, value_parser = parse_duration)]
+    time: Option<f64>,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f32,
+    /// The cosine decays to lr × this.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f32,
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Validation batches per evaluation (0: the whole split).
+    #[arg(long, default_value_t = 20)]
+    eval_batches: usize,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    #[arg(long, default_value_t = 2)]
+    keep_last: usize,
+    /// Write a text sample to the telemetry every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    sample_every: u64,
+    #[arg(long, default_value_t = 64)]
+    sample_tokens: usize,
+    #[arg(long, default_value = "")]
+    sample_prompt: String,
+    /// Train the embedding and classifier only over tokens that occur in the corpus.
+    #[arg(long)]
+    compact_vocab: bool,
+    /// Print a progress line every N steps.
+    #[arg(long, default_value_t = 1)]
+    print_every: u64,
+}
+
+#[derive(Args)]
+struct ModelSource {
+    /// A run directory (its newest checkpoint) or a checkpoint directory.
+    #[arg(long)]
+    run: PathBuf,
+    /// Use the run's best checkpoint by validation loss instead of the newest.
+    #[arg(long)]
+    best: bool,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    /// Prepared corpus to evaluate on (default: the run's own).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Batches to score (0: the whole validation split).
+    #[arg(long, default_value_t = 0)]
+    batches: usize,
 }
 
 #[derive(Subcommand)]
@@ -39,12 +197,247 @@ enum ModelCommand {
     },
 }
 
+/// "90s", "5m", "1.5h", or plain seconds.
+fn parse_duration(s: &str) -> Result<f64, String> {
+    let (number, unit) = match s.find(|c: char| c.is_alphabetic()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 90s, 5m or 1h"))?;
+    let scale = match unit {
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m or h)")),
+    };
+    Ok(value * scale)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Data {
+            command:
+                DataCommand::Prepare {
+                    input,
+                    out,
+                    tokenizer,
+                    val_fraction,
+                },
+        } => {
+            let manifest = kiln::data::prepare(
+                &input,
+                &out,
+                tokenizer.parse::<TokenizerSpec>()?,
+                val_fraction,
+            )?;
+            println!(
+                "{}: {} train tokens, {} validation tokens ({} bytes of text), vocabulary {}",
+                out.display(),
+                manifest.train_tokens,
+                manifest.val_tokens,
+                manifest.val_bytes,
+                manifest.vocab_size
+            );
+            Ok(())
+        }
+        Command::Train(args) => train(*args),
+        Command::Sample(args) => sample(args),
+        Command::Eval(args) => eval(args),
         Command::Model {
             command: ModelCommand::Info { model, json },
         } => model_info(&model, json),
     }
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let mut trainer = match &args.resume {
+        Some(run) => Trainer::resume(ReferenceBackend, run, args.steps)?,
+        None => {
+            let data = args.data.clone().context("--data is required")?;
+            let mut config = TrainConfig::new(ModelConfig::from_preset_or_file(&args.model)?, data);
+            config.batch = args.batch;
+            config.seq = args.seq;
+            config.accumulation = args.accum;
+            config.max_steps = args.steps;
+            config.max_tokens = args.tokens;
+            config.time_budget_seconds = args.time;
+            config.learning_rate = args.lr;
+            config.min_lr_ratio = args.min_lr_ratio;
+            config.warmup_steps = args.warmup;
+            config.weight_decay = args.weight_decay;
+            config.grad_clip = args.grad_clip;
+            config.seed = args.seed;
+            config.eval_every = args.eval_every;
+            config.eval_batches = args.eval_batches;
+            config.checkpoint_every = args.checkpoint_every;
+            config.keep_last = args.keep_last;
+            config.sample_every = args.sample_every;
+            config.sample_tokens = args.sample_tokens;
+            config.sample_prompt = args.sample_prompt.clone();
+            config.compact_vocab = args.compact_vocab;
+            Trainer::create(
+                ReferenceBackend,
+                config,
+                args.out.as_deref().context("--out is required")?,
+            )?
+        }
+    };
+    trainer.print_every = args.print_every;
+    let report = trainer.run()?;
+    print_report(&report);
+    eprintln!("run directory: {}", trainer.run_dir.display());
+    Ok(())
+}
+
+/// A trained model with what it needs to read and write text.
+struct Loaded {
+    model: Model<ReferenceBackend>,
+    tokenizer: Tokenizer,
+    vocab_map: Option<VocabMap>,
+    manifest: checkpoint::Manifest,
+}
+
+fn load(source: &ModelSource) -> Result<Loaded> {
+    let dir = if source.best {
+        checkpoint::best(&source.run)?
+    } else {
+        checkpoint::resolve(&source.run)?
+    };
+    let manifest = checkpoint::read_manifest(&dir)?;
+    // The tokenizer sits in the run directory (two levels up from a checkpoint).
+    let run_dir = dir
+        .parent()
+        .and_then(Path::parent)
+        .context("checkpoint is not inside a run directory")?;
+    let tokenizer_path = ["tokenizer.json", "tokenizer.bin"]
+        .iter()
+        .map(|n| run_dir.join(n))
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "no tokenizer.json or tokenizer.bin in {}",
+                run_dir.display()
+            )
+        })?;
+    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    let mut model = Model::new(ReferenceBackend, manifest.model.clone())?;
+    checkpoint::load_into(&mut model, &dir, Some(&tokenizer.hash()), false)?;
+    let vocab_map = manifest
+        .vocab_map
+        .clone()
+        .map(|full| VocabMap::from_full_ids(tokenizer.vocab_size(), full));
+    eprintln!("loaded {} (step {})", dir.display(), manifest.step);
+    Ok(Loaded {
+        model,
+        tokenizer,
+        vocab_map,
+        manifest,
+    })
+}
+
+fn sample(args: SampleArgs) -> Result<()> {
+    let Loaded {
+        model,
+        tokenizer,
+        vocab_map,
+        ..
+    } = load(&args.source)?;
+    let mut prompt: Vec<u32> = tokenizer.bos().into_iter().collect();
+    prompt.extend(tokenizer.encode(&args.prompt)?);
+    if prompt.is_empty() {
+        bail!("give a --prompt: this tokenizer has no BOS token to start from");
+    }
+    let model_prompt = match &vocab_map {
+        Some(map) => map.to_model(&prompt)?,
+        None => prompt.clone(),
+    };
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let stop = tokenizer
+        .bos()
+        .map(|b| {
+            vocab_map
+                .as_ref()
+                .map_or(Ok(b), |m| m.to_model(&[b]).map(|v| v[0]))
+        })
+        .transpose()?;
+    // Stream: print the text of everything so far, minus what was already printed, holding
+    // back an incomplete UTF-8 sequence until its last byte arrives.
+    let mut full = prompt.clone();
+    let mut printed = tokenizer.decode(&full).len();
+    let mut stdout = std::io::stdout();
+    print!("{}", args.prompt);
+    let started = std::time::Instant::now();
+    let out = generate(&model, &model_prompt, args.max_tokens, &params, stop, |t| {
+        full.push(vocab_map.as_ref().map_or(t, |m| m.to_full(t)));
+        let text = tokenizer.decode(&full);
+        if !text.ends_with('\u{FFFD}') && text.len() > printed {
+            print!("{}", &text[printed.min(text.len())..]);
+            printed = text.len();
+            let _ = stdout.flush();
+        }
+    })?;
+    println!();
+    eprintln!(
+        "{} tokens in {:.2} s ({:.1} tokens/s)",
+        out.len(),
+        started.elapsed().as_secs_f64(),
+        out.len() as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let Loaded {
+        model,
+        tokenizer,
+        vocab_map,
+        manifest,
+    } = load(&args.source)?;
+    let data_dir = match args.data {
+        Some(d) => d,
+        None => PathBuf::from(
+            manifest.train["data"]
+                .as_str()
+                .context("the checkpoint does not name its data directory; pass --data")?,
+        ),
+    };
+    let dataset = Dataset::open(&data_dir)?;
+    if dataset.manifest.tokenizer_sha256 != tokenizer.hash() {
+        bail!(
+            "{} was tokenized with another tokenizer than the model's",
+            data_dir.display()
+        );
+    }
+    let tokens = dataset.read_all(Split::Val)?;
+    let seq = args.seq.min(model.config.max_seq_len);
+    let acts = model.activations(args.batch, seq)?;
+    let started = std::time::Instant::now();
+    let result = evaluate(
+        &model,
+        &acts,
+        &tokens,
+        &tokenizer,
+        vocab_map.as_ref(),
+        args.batches,
+    )?;
+    println!(
+        "val loss {:.4} | bits/byte {:.4} | {} tokens, {} bytes | {:.1} s",
+        result.loss,
+        result.bits_per_byte,
+        result.tokens,
+        result.bytes,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
 }
 
 /// Groups a number's digits in threes: 15191712 → "15,191,712".
@@ -67,19 +460,16 @@ fn model_info(spec: &str, json: bool) -> Result<()> {
     }
     let layout = ParamLayout::new(&config);
     println!("{:<48} {:>16} {:>14}", "tensor", "shape", "parameters");
-    // One line per tensor of block 0, then the remaining blocks summarised: 28 copies of the same
-    // nine lines help nobody.
+    // Block 0 tensor by tensor, the other blocks summarised: 28 copies of the same lines help
+    // nobody.
     for spec in &layout.specs {
-        let in_later_block =
-            spec.name.starts_with("model.layers.") && !spec.name.starts_with("model.layers.0.");
-        if in_later_block {
+        if spec.name.starts_with("model.layers.") && !spec.name.starts_with("model.layers.0.") {
             continue;
         }
-        let shape = format!("{:?}", spec.shape);
         println!(
             "{:<48} {:>16} {:>14}",
             spec.name,
-            shape,
+            format!("{:?}", spec.shape),
             grouped(spec.region.len)
         );
     }
@@ -89,20 +479,21 @@ fn model_info(spec: &str, json: bool) -> Result<()> {
         .filter(|s| s.name.starts_with("model.layers.0."))
         .map(|s| s.region.len)
         .sum();
-    let blocks = config.n_layers;
-    println!(
-        "{:<48} {:>16} {:>14}",
-        format!("model.layers.1..{} (same as layer 0)", blocks - 1),
-        format!("{} × block", blocks.saturating_sub(1)),
-        grouped(per_block * blocks.saturating_sub(1))
-    );
+    let others = config.n_layers - 1;
+    if others > 0 {
+        println!(
+            "{:<48} {:>16} {:>14}",
+            format!("model.layers.1..{} (as layer 0)", config.n_layers - 1),
+            format!("{others} × block"),
+            grouped(per_block * others)
+        );
+    }
     let total = layout.total_len();
-    let embedding = layout.embedding.len;
     println!();
     println!("parameters:                  {:>14}", grouped(total));
     println!(
         "  without the embedding:     {:>14}",
-        grouped(total - embedding)
+        grouped(total - layout.embedding.len)
     );
     println!(
         "  classifier:                {}",
@@ -111,6 +502,11 @@ fn model_info(spec: &str, json: bool) -> Result<()> {
         } else {
             "separate lm_head"
         }
+    );
+    println!(
+        "training FLOPs per token at seq {}: {:.3e}",
+        config.max_seq_len.min(256),
+        config.train_flops_per_token(config.max_seq_len.min(256))
     );
     Ok(())
 }

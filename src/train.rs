@@ -483,8 +483,17 @@ impl<B: Backend> Trainer<B> {
         let steps_at_start = self.step;
         let mut last_loss = f32::NAN;
 
-        while cfg.progress(self.step, elapsed(self)) < 1.0 && stop_at.is_none_or(|s| self.step < s)
-        {
+        // Stop when a budget is spent, when the next step would overrun the time budget, or at
+        // `stop_at`.
+        let finished = |step: u64, elapsed: f64, step_seconds: f64| {
+            cfg.progress(step, elapsed) >= 1.0
+                || cfg
+                    .time_budget_seconds
+                    .is_some_and(|b| elapsed + step_seconds > b)
+                || stop_at.is_some_and(|s| step >= s)
+        };
+        let mut last_step_seconds = 0.0;
+        while !finished(self.step, elapsed(self), last_step_seconds) {
             let step_started = Instant::now();
             let before = stages;
             self.model.zero_grad();
@@ -574,8 +583,9 @@ impl<B: Backend> Trainer<B> {
                     );
                 }
             }
+            last_step_seconds = step_seconds;
             let progress = cfg.progress(self.step, elapsed(self));
-            let done = progress >= 1.0;
+            let done = finished(self.step, elapsed(self), step_seconds);
             if self.print_every > 0 && (self.step % self.print_every == 0 || done) {
                 let eta = if progress > 0.0 {
                     (elapsed(self)) * (1.0 - progress) / progress
