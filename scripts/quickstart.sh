@@ -21,7 +21,7 @@ corpus_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 cd "$repo"
 echo "== building kiln (release)"
 cargo build --release --locked
-kiln="$repo/target/release/kiln"
+kiln="${CARGO_TARGET_DIR:-$repo/target}/release/kiln"
 
 data="$work/data"
 mkdir -p "$data/download"

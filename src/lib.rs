@@ -13,6 +13,7 @@ pub mod conformance;
 pub mod data;
 pub mod eval;
 pub mod fsutil;
+pub mod interop;
 pub mod model;
 pub mod sample;
 pub mod telemetry;

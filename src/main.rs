@@ -1,7 +1,7 @@
 //! The `kiln` command line: `data prepare`, `train`, `sample`, `eval`, `model info`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -41,6 +41,17 @@ enum Command {
     Sample(SampleArgs),
     /// Validation loss and bits per byte of a run or checkpoint.
     Eval(EvalArgs),
+    /// Write a run, checkpoint or imported model as a Hugging Face directory or a llama2.c file.
+    Export {
+        /// hf: config.json + model.safetensors + tokenizer; llama2c: model.bin (the legacy
+        /// format run.c reads) + tokenizer.bin.
+        #[arg(long, value_enum)]
+        format: kiln::interop::ExportFormat,
+        /// A run directory, checkpoint directory, Hugging Face directory or llama2.c .bin.
+        source: PathBuf,
+        /// Output directory.
+        out: PathBuf,
+    },
     /// Inspect model configurations.
     Model {
         #[command(subcommand)]
@@ -80,6 +91,14 @@ struct TrainArgs {
     /// Model preset or JSON config file (its vocab_size is replaced by the data's).
     #[arg(long, default_value = "stories15m")]
     model: String,
+    /// Give the model this many vocabulary rows instead of the tokenizer's (at least the
+    /// tokenizer's): e.g. Qwen3-0.6B's 151,936-row classifier on data from a smaller tokenizer.
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Start from these weights (fine-tuning) instead of random ones: a Hugging Face
+    /// directory, a llama2.c .bin, or a kiln run or checkpoint. Its shape replaces --model.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Run directory to create.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -140,11 +159,17 @@ struct TrainArgs {
 #[derive(Args)]
 struct ModelSource {
     /// A run directory (its newest checkpoint) or a checkpoint directory.
-    #[arg(long)]
-    run: PathBuf,
+    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    run: Option<PathBuf>,
     /// Use the run's best checkpoint by validation loss instead of the newest.
-    #[arg(long)]
+    #[arg(long, requires = "run")]
     best: bool,
+    /// An imported model: a Hugging Face directory or a llama2.c .bin (tokenizer beside it).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The tokenizer, when it is not beside the model (tokenizer.json or tokenizer.bin).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -194,6 +219,15 @@ enum ModelCommand {
         /// Print the configuration as JSON as well.
         #[arg(long)]
         json: bool,
+    },
+    /// Logits of a model for given token ids, as JSON (to compare with another implementation).
+    Logits {
+        /// A run, checkpoint, Hugging Face directory or llama2.c .bin.
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids (the model's own ids).
+        #[arg(long, value_delimiter = ',')]
+        tokens: Vec<u32>,
     },
 }
 
@@ -246,9 +280,29 @@ fn main() -> Result<()> {
         Command::Train(args) => train(*args),
         Command::Sample(args) => sample(args),
         Command::Eval(args) => eval(args),
+        Command::Export {
+            format,
+            source,
+            out,
+        } => {
+            let written = kiln::interop::export(&source, format, &out)?;
+            println!("wrote {}", written.display());
+            Ok(())
+        }
         Command::Model {
             command: ModelCommand::Info { model, json },
         } => model_info(&model, json),
+        Command::Model {
+            command: ModelCommand::Logits { model, tokens },
+        } => {
+            let imported = kiln::interop::import(&model, None)?;
+            let m = Model::new(ReferenceBackend, imported.config)?;
+            m.upload_params(&imported.weights);
+            let acts = m.activations(1, tokens.len())?;
+            m.forward(&acts, &tokens, None);
+            println!("{}", serde_json::to_string(&m.download_logits(&acts))?);
+            Ok(())
+        }
     }
 }
 
@@ -257,7 +311,13 @@ fn train(args: TrainArgs) -> Result<()> {
         Some(run) => Trainer::resume(ReferenceBackend, run, args.steps)?,
         None => {
             let data = args.data.clone().context("--data is required")?;
-            let mut config = TrainConfig::new(ModelConfig::from_preset_or_file(&args.model)?, data);
+            let model = match &args.init_from {
+                Some(path) => kiln::interop::import(path, None)?.config,
+                None => ModelConfig::from_preset_or_file(&args.model)?,
+            };
+            let mut config = TrainConfig::new(model, data);
+            config.init_from = args.init_from.clone();
+            config.vocab_size_override = args.vocab_size;
             config.batch = args.batch;
             config.seq = args.seq;
             config.accumulation = args.accum;
@@ -297,43 +357,32 @@ struct Loaded {
     model: Model<ReferenceBackend>,
     tokenizer: Tokenizer,
     vocab_map: Option<VocabMap>,
-    manifest: checkpoint::Manifest,
+    /// Present when loaded from a kiln checkpoint.
+    manifest: Option<checkpoint::Manifest>,
 }
 
 fn load(source: &ModelSource) -> Result<Loaded> {
-    let dir = if source.best {
-        checkpoint::best(&source.run)?
-    } else {
-        checkpoint::resolve(&source.run)?
+    let path = match (&source.run, &source.model) {
+        (Some(run), _) if source.best => checkpoint::best(run)?,
+        (Some(run), _) => checkpoint::resolve(run)?,
+        (None, Some(model)) => model.clone(),
+        (None, None) => bail!("give --run or --model"),
     };
-    let manifest = checkpoint::read_manifest(&dir)?;
-    // The tokenizer sits in the run directory (two levels up from a checkpoint).
-    let run_dir = dir
-        .parent()
-        .and_then(Path::parent)
-        .context("checkpoint is not inside a run directory")?;
-    let tokenizer_path = ["tokenizer.json", "tokenizer.bin"]
-        .iter()
-        .map(|n| run_dir.join(n))
-        .find(|p| p.exists())
-        .with_context(|| {
-            format!(
-                "no tokenizer.json or tokenizer.bin in {}",
-                run_dir.display()
-            )
-        })?;
-    let tokenizer = Tokenizer::load(&tokenizer_path)?;
-    let mut model = Model::new(ReferenceBackend, manifest.model.clone())?;
-    checkpoint::load_into(&mut model, &dir, Some(&tokenizer.hash()), false)?;
-    let vocab_map = manifest
-        .vocab_map
-        .clone()
-        .map(|full| VocabMap::from_full_ids(tokenizer.vocab_size(), full));
-    eprintln!("loaded {} (step {})", dir.display(), manifest.step);
+    let imported = kiln::interop::import(&path, source.tokenizer.as_deref())?;
+    let tokenizer = imported.tokenizer.with_context(|| {
+        format!(
+            "no tokenizer found for {}; pass --tokenizer",
+            imported.source
+        )
+    })?;
+    let model = Model::new(ReferenceBackend, imported.config)?;
+    model.upload_params(&imported.weights);
+    let manifest = checkpoint::read_manifest(&path).ok();
+    eprintln!("loaded {}", imported.source);
     Ok(Loaded {
         model,
         tokenizer,
-        vocab_map,
+        vocab_map: imported.vocab_map,
         manifest,
     })
 }
@@ -404,9 +453,10 @@ fn eval(args: EvalArgs) -> Result<()> {
     let data_dir = match args.data {
         Some(d) => d,
         None => PathBuf::from(
-            manifest.train["data"]
-                .as_str()
-                .context("the checkpoint does not name its data directory; pass --data")?,
+            manifest
+                .as_ref()
+                .and_then(|m| m.train["data"].as_str())
+                .context("the model does not name its data directory; pass --data")?,
         ),
     };
     let dataset = Dataset::open(&data_dir)?;

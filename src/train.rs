@@ -68,6 +68,13 @@ pub struct TrainConfig {
     pub compact_vocab: bool,
     /// Stop after this many consecutive non-finite steps.
     pub max_bad_steps: u64,
+    /// More vocabulary rows than the tokenizer has (the extra rows are never a target).
+    #[serde(default)]
+    pub vocab_size_override: Option<usize>,
+    /// Weights to start from instead of random ones (fine-tuning): anything
+    /// `kiln::interop::import` reads.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub poison_steps: Vec<u64>,
@@ -103,6 +110,8 @@ impl TrainConfig {
             sample_prompt: String::new(),
             compact_vocab: false,
             max_bad_steps: 5,
+            init_from: None,
+            vocab_size_override: None,
             poison_steps: Vec::new(),
         }
     }
@@ -264,6 +273,18 @@ impl<B: Backend> Trainer<B> {
         config.model.vocab_size = vocab_map
             .as_ref()
             .map_or(dataset.manifest.vocab_size, |m| m.model_vocab());
+        if let Some(rows) = config.vocab_size_override {
+            ensure!(
+                vocab_map.is_none(),
+                "--vocab-size and --compact-vocab contradict each other"
+            );
+            ensure!(
+                rows >= dataset.manifest.vocab_size,
+                "--vocab-size {rows} is smaller than the tokenizer's {} tokens",
+                dataset.manifest.vocab_size
+            );
+            config.model.vocab_size = rows;
+        }
         config.validate()?;
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -280,6 +301,37 @@ impl<B: Backend> Trainer<B> {
         dataset.tokenizer.save(run_dir)?;
         let mut model = Model::new(backend, config.model.clone())?;
         model.init_random(config.seed);
+        if let Some(path) = &config.init_from {
+            let imported = crate::interop::import(path, None)?;
+            if let Some(tok) = &imported.tokenizer {
+                ensure!(
+                    tok.hash() == dataset.manifest.tokenizer_sha256,
+                    "{} comes with another tokenizer than the one {} was prepared with; prepare the data with --tokenizer set to the model's tokenizer",
+                    imported.source,
+                    config.data.display()
+                );
+            }
+            ensure!(
+                imported.vocab_map.is_none(),
+                "{}: start from an uncompacted model (export it first)",
+                imported.source
+            );
+            let mut full = config.model.clone();
+            full.vocab_size = dataset.manifest.vocab_size;
+            let differences = checkpoint::config_differences(&imported.config, &full);
+            ensure!(
+                differences.is_empty(),
+                "{} does not fit this run: {}",
+                imported.source,
+                differences.join(", ")
+            );
+            let weights = match &vocab_map {
+                Some(map) => crate::interop::compact(&imported.config, &imported.weights, map).1,
+                None => imported.weights,
+            };
+            model.upload_params(&weights);
+            eprintln!("initialised from {}", imported.source);
+        }
         let loader = Loader::new(
             dataset.shard_paths(Split::Train),
             dataset.manifest.vocab_size,
@@ -556,39 +608,12 @@ impl<B: Backend> Trainer<B> {
             let step_seconds = seconds_since(step_started);
             let tokens_per_s = cfg.tokens_per_step() as f64 / step_seconds;
             let tflops = flops_per_step / step_seconds / 1e12;
-            let memory = memory_mib();
-            let delta = Stages {
-                data: stages.data - before.data,
-                forward: stages.forward - before.forward,
-                backward: stages.backward - before.backward,
-                optimizer: stages.optimizer - before.optimizer,
-                eval: 0.0,
-                checkpoint: 0.0,
-            };
-            self.telemetry.emit(
-                "step",
-                json!({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": !finite,
-                       "tokens": self.step * cfg.tokens_per_step(), "tokens_per_s": tokens_per_s,
-                       "ms_per_step": step_seconds * 1e3, "ms": delta.ms_json(), "tflops": tflops,
-                       "mfu": tflops * 1e3 / peak_gflops, "rss_mib": memory.map(|m| m.0),
-                       "elapsed_s": elapsed(self), "progress": cfg.progress(self.step, elapsed(self))}),
-            )?;
-            if !finite {
-                eprintln!("step {}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped ({} so far)", self.step, self.skipped);
-                if consecutive_bad >= cfg.max_bad_steps {
-                    self.telemetry.emit("stopped", json!({"step": self.step, "reason": "non-finite", "consecutive": consecutive_bad}))?;
-                    bail!(
-                        "stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient; the weights were not updated by them, and the last good checkpoint in {} is intact",
-                        self.run_dir.join("checkpoints").display()
-                    );
-                }
-            }
-            last_step_seconds = step_seconds;
             let progress = cfg.progress(self.step, elapsed(self));
             let done = finished(self.step, elapsed(self), step_seconds);
+            last_step_seconds = step_seconds;
             if self.print_every > 0 && (self.step % self.print_every == 0 || done) {
                 let eta = if progress > 0.0 {
-                    (elapsed(self)) * (1.0 - progress) / progress
+                    elapsed(self) * (1.0 - progress) / progress
                 } else {
                     0.0
                 };
@@ -597,7 +622,12 @@ impl<B: Backend> Trainer<B> {
                     self.step, loss, lr, grad_norm, tokens_per_s, step_seconds * 1e3, tflops, progress * 100.0, human_duration(eta)
                 );
             }
-            let due = |every: u64| done || (every > 0 && self.step % every == 0);
+            let stop_for_bad_steps = !finite && consecutive_bad >= cfg.max_bad_steps;
+            if !finite {
+                eprintln!("step {}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped ({} so far)", self.step, self.skipped);
+            }
+            let due =
+                |every: u64| !stop_for_bad_steps && (done || (every > 0 && self.step % every == 0));
             if due(cfg.eval_every) {
                 let t = Instant::now();
                 let val_acts = self.model.activations(cfg.batch, cfg.seq)?;
@@ -627,6 +657,31 @@ impl<B: Backend> Trainer<B> {
                     "checkpoint",
                     json!({"step": self.step, "path": path, "ms": seconds_since(t) * 1e3}),
                 )?;
+            }
+            // One line per step, with every stage this step spent time in (eval, sampling and
+            // checkpointing only on the steps that do them).
+            let delta = Stages {
+                data: stages.data - before.data,
+                forward: stages.forward - before.forward,
+                backward: stages.backward - before.backward,
+                optimizer: stages.optimizer - before.optimizer,
+                eval: stages.eval - before.eval,
+                checkpoint: stages.checkpoint - before.checkpoint,
+            };
+            self.telemetry.emit(
+                "step",
+                json!({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": !finite,
+                       "skipped_total": self.skipped, "tokens": self.step * cfg.tokens_per_step(),
+                       "tokens_per_s": tokens_per_s, "ms_per_step": step_seconds * 1e3, "ms": delta.ms_json(),
+                       "tflops": tflops, "mfu": tflops * 1e3 / peak_gflops, "rss_mib": memory_mib().map(|m| m.0),
+                       "elapsed_s": elapsed(self), "progress": progress}),
+            )?;
+            if stop_for_bad_steps {
+                self.telemetry.emit("stopped", json!({"step": self.step, "reason": "non-finite", "consecutive": consecutive_bad}))?;
+                bail!(
+                    "stopping: {consecutive_bad} consecutive steps had a non-finite loss or gradient; the weights were not updated by them, and the last good checkpoint in {} is intact",
+                    self.run_dir.join("checkpoints").display()
+                );
             }
         }
 

@@ -287,3 +287,27 @@ fn token_byte_counts_sum_to_the_validation_text() {
     assert_byte_counts_sum_to_text_length(&out);
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn fine_tuning_starts_from_the_imported_weights() {
+    let dir = temp_dir("init-from");
+    let data = corpus(&dir);
+    train(config(data.clone(), 4), &dir.join("base"));
+    let export = dir.join("base-hf");
+    kiln::interop::export(&dir.join("base"), kiln::interop::ExportFormat::Hf, &export).unwrap();
+    let mut cfg = config(data, 4);
+    cfg.init_from = Some(export.clone());
+    let tuned = Trainer::create(ReferenceBackend, cfg, &dir.join("tuned")).unwrap();
+    let base = kiln::interop::import(&export, None).unwrap();
+    assert_eq!(tuned.model.download_params(), base.weights);
+    // A model of another shape is refused, saying what differs.
+    let mut cfg = config(dir.join("data"), 4);
+    cfg.model.hidden_dim = 40;
+    cfg.init_from = Some(export);
+    let error = Trainer::create(ReferenceBackend, cfg, &dir.join("bad"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("hidden_dim: 48 vs 40"), "{error}");
+    fs::remove_dir_all(dir).unwrap();
+}

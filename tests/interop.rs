@@ -1,0 +1,215 @@
+//! Import and export against fixtures written by `scripts/make_hf_fixtures.py` (transformers):
+//! imported models must give transformers' logits, and export → import must be bit-exact.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kiln::backend::reference::ReferenceBackend;
+use kiln::backend::Tolerance;
+use kiln::conformance::assert_close;
+use kiln::interop::{self, ExportFormat};
+use kiln::model::Model;
+use kiln::vocab::VocabMap;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-interop-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// transformers' logits for the fixture's input ids, and kiln's for the imported model.
+fn logits_match(model_path: &Path, expected_dir: &Path) {
+    let imported = interop::import(model_path, None).unwrap();
+    // expected.safetensors: input_ids (1, T) int64 and logits (T, V) f32 from transformers.
+    let bytes = fs::read(expected_dir.join("expected.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids: Vec<u32> = tensors
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect();
+    let want: Vec<f64> = tensors
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+        .collect();
+    let model = Model::new(ReferenceBackend, imported.config.clone()).unwrap();
+    model.upload_params(&imported.weights);
+    let acts = model.activations(1, ids.len()).unwrap();
+    model.forward(&acts, &ids, None);
+    // Both sides compute in f32 with different summation orders over ~100-term dot products;
+    // logits are O(10).
+    let tol = Tolerance {
+        atol: 1e-4,
+        rtol: 1e-4,
+    };
+    assert_close(
+        &format!("{} logits", model_path.display()),
+        &model.download_logits(&acts),
+        &want,
+        tol,
+    )
+    .unwrap();
+}
+
+#[test]
+fn hugging_face_llama_and_qwen3_give_transformers_logits() {
+    for name in ["llama", "llama-bf16", "qwen3"] {
+        logits_match(&fixtures().join(name), &fixtures().join(name));
+    }
+    let qwen = interop::import(&fixtures().join("qwen3"), None).unwrap();
+    assert!(qwen.config.qk_norm && qwen.config.tie_embeddings && qwen.config.head_dim == 16);
+    assert_eq!(qwen.config.rope_theta, 1e6);
+    assert!(qwen.tokenizer.is_some(), "tokenizer.json must come along");
+}
+
+#[test]
+fn llama2c_legacy_and_v1_checkpoints_give_the_same_logits() {
+    let dir = fixtures().join("llama2c");
+    logits_match(&dir.join("model_legacy.bin"), &dir);
+    logits_match(&dir.join("model_v1.bin"), &dir);
+}
+
+#[test]
+fn export_then_import_is_bit_exact() {
+    let dir = temp_dir("roundtrip");
+    for source in ["llama", "qwen3"] {
+        let original = interop::import(&fixtures().join(source), None).unwrap();
+        let out = dir.join(format!("{source}-hf"));
+        interop::export(&fixtures().join(source), ExportFormat::Hf, &out).unwrap();
+        let back = interop::import(&out, None).unwrap();
+        assert_eq!(back.config, original.config, "{source}");
+        assert!(
+            back.weights
+                .iter()
+                .zip(&original.weights)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{source}: weights differ"
+        );
+        assert!(out.join("tokenizer.json").exists());
+    }
+    // llama2.c: through the RoPE permutation and back.
+    let original = interop::import(&fixtures().join("llama2c/model_legacy.bin"), None).unwrap();
+    let out = dir.join("llama2c");
+    let path = interop::export(
+        &fixtures().join("llama2c/model_legacy.bin"),
+        ExportFormat::Llama2c,
+        &out,
+    )
+    .unwrap();
+    let back = interop::import(&path, None).unwrap();
+    assert_eq!(back.config, original.config);
+    assert_eq!(back.weights, original.weights);
+    // The file is the one llama2.c's export writes (the fixture): byte for byte, except the
+    // RoPE tables (which run.c skips), whose cos/sin may differ in the last bit between libms.
+    let (ours, theirs) = (
+        fs::read(&path).unwrap(),
+        fs::read(fixtures().join("llama2c/model_legacy.bin")).unwrap(),
+    );
+    assert_eq!(ours.len(), theirs.len());
+    let c = &original.config;
+    let classifier = if c.tie_embeddings {
+        0
+    } else {
+        c.vocab_size * c.dim * 4
+    };
+    let tables =
+        (ours.len() - classifier - c.max_seq_len * c.head_dim * 4)..(ours.len() - classifier);
+    assert_eq!(ours[..tables.start], theirs[..tables.start]);
+    assert_eq!(ours[tables.end..], theirs[tables.end..]);
+    for (a, b) in ours[tables.clone()]
+        .chunks_exact(4)
+        .zip(theirs[tables].chunks_exact(4))
+    {
+        let (a, b) = (
+            f32::from_le_bytes(a.try_into().unwrap()),
+            f32::from_le_bytes(b.try_into().unwrap()),
+        );
+        assert!((a - b).abs() <= 1e-6, "RoPE table {a} vs {b}");
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn unsupported_models_are_refused_by_name() {
+    let dir = temp_dir("refuse");
+    let source = fixtures().join("llama");
+    let cases = [
+        (
+            "architectures",
+            serde_json::json!(["MistralForCausalLM"]),
+            "MistralForCausalLM",
+        ),
+        ("attention_bias", serde_json::json!(true), "attention_bias"),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+            "rope_scaling",
+        ),
+        ("hidden_act", serde_json::json!("gelu"), "hidden_act"),
+    ];
+    for (field, value, expected) in cases {
+        let case = dir.join(field);
+        fs::create_dir_all(&case).unwrap();
+        for f in ["model.safetensors", "tokenizer.json"] {
+            fs::copy(source.join(f), case.join(f)).unwrap();
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
+        config[field] = value;
+        fs::write(case.join("config.json"), config.to_string()).unwrap();
+        let error = format!("{:#}", interop::import(&case, None).err().unwrap());
+        assert!(
+            error.contains(expected) && error.contains("config.json"),
+            "{error}"
+        );
+    }
+    // A llama2.c file cut short names the file and the problem.
+    let bytes = fs::read(fixtures().join("llama2c/model_legacy.bin")).unwrap();
+    fs::write(dir.join("short.bin"), &bytes[..bytes.len() - 8]).unwrap();
+    let error = interop::import(&dir.join("short.bin"), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("short.bin") && error.contains("truncated"),
+        "{error}"
+    );
+    // Qwen3 (qk-norm) cannot go to llama2.c.
+    let error = interop::export(
+        &fixtures().join("qwen3"),
+        ExportFormat::Llama2c,
+        &dir.join("x"),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("qk-norm"), "{error}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn compaction_and_expansion_are_inverse_on_kept_rows() {
+    let imported = interop::import(&fixtures().join("llama"), None).unwrap();
+    let map = VocabMap::from_full_ids(96, vec![1, 5, 7, 40, 95]);
+    let (small, weights) = interop::compact(&imported.config, &imported.weights, &map);
+    assert_eq!(small.vocab_size, 5);
+    let (full, expanded) = interop::expand(&small, &weights, &map, 96);
+    assert_eq!(full, imported.config);
+    let c = full.dim;
+    let embed = |w: &[f32], row: usize| w[row * c..(row + 1) * c].to_vec();
+    assert_eq!(embed(&expanded, 40), embed(&imported.weights, 40));
+    assert!(
+        embed(&expanded, 2).iter().all(|&x| x == 0.0),
+        "rows of dropped tokens are zero"
+    );
+}
