@@ -7,6 +7,7 @@
 //! ones untouched. Temporary directories a crash leaves behind are ignored and swept.
 //! The run keeps the last K checkpoints and the best by validation loss (`best.json`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::data::DataPosition;
 use crate::fsutil::{sync_dir, write_atomic};
-use crate::model::Model;
+use crate::model::{Model, Region};
 
 /// `manifest.json` of a checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -45,24 +46,39 @@ pub struct Manifest {
     pub vocab_map: Option<Vec<u32>>,
 }
 
-fn to_safetensors(tensors: Vec<(String, Vec<usize>, &[f32])>) -> Result<Vec<u8>> {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            let bytes: &[u8] = bytemuck_f32(data);
-            Ok((
-                name.clone(),
-                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    Ok(safetensors::serialize(views, None)?)
+/// A tensor still in backend memory: `safetensors` asks for its bytes when it writes it, so
+/// a checkpoint streams to disk one tensor at a time instead of holding a host copy of the
+/// whole model and optimizer (at Qwen3-0.6B scale that copy alone is 7 GB).
+struct DeviceTensor<'a, B: Backend> {
+    backend: &'a B,
+    memory: &'a B::Memory,
+    region: Region,
+    shape: Vec<usize>,
 }
 
-/// The bytes of an f32 slice (little-endian hosts only, which is all kiln runs on).
-fn bytemuck_f32(data: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) }
+impl<B: Backend> safetensors::View for DeviceTensor<'_, B> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let mut host = vec![0f32; self.region.len];
+        let view = crate::backend::View { memory: self.memory, offset: self.region.offset, len: self.region.len };
+        self.backend.download(view, &mut host);
+        Cow::Owned(host.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.region.len * 4
+    }
+}
+
+/// Streams tensors from backend memory into a safetensors file and flushes it to disk.
+fn write_tensors<B: Backend>(path: &Path, backend: &B, memory: &B::Memory, tensors: Vec<(String, Vec<usize>, Region)>) -> Result<()> {
+    let views = tensors.into_iter().map(|(name, shape, region)| (name, DeviceTensor { backend, memory, region, shape }));
+    safetensors::serialize_to_file(views, None, path).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot flush {}", path.display()))
 }
 
 /// Reads every f32 tensor of a safetensors file into a map.
@@ -112,40 +128,15 @@ pub fn save<B: Backend>(
     }
     fs::create_dir_all(&tmp)?;
 
-    let params = model.download_params();
-    let tensors = model
-        .layout
-        .specs
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                s.shape.clone(),
-                &params[s.region.offset..][..s.region.len],
-            )
-        })
-        .collect();
-    write_atomic(&tmp.join("model.safetensors"), &to_safetensors(tensors)?)?;
-
-    let moments = model.download_optimizer();
+    let tensors = model.layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), s.region)).collect();
+    write_tensors(&tmp.join("model.safetensors"), &model.backend, &model.params, tensors)?;
     let n = model.param_count();
-    let mut tensors = Vec::new();
+    let mut moments = Vec::new();
     for s in &model.layout.specs {
-        tensors.push((
-            format!("m.{}", s.name),
-            s.shape.clone(),
-            &moments[s.region.offset..][..s.region.len],
-        ));
-        tensors.push((
-            format!("v.{}", s.name),
-            s.shape.clone(),
-            &moments[n + s.region.offset..][..s.region.len],
-        ));
+        moments.push((format!("m.{}", s.name), s.shape.clone(), s.region));
+        moments.push((format!("v.{}", s.name), s.shape.clone(), Region { offset: n + s.region.offset, len: s.region.len }));
     }
-    write_atomic(
-        &tmp.join("optimizer.safetensors"),
-        &to_safetensors(tensors)?,
-    )?;
+    write_tensors(&tmp.join("optimizer.safetensors"), &model.backend, &model.optimizer, moments)?;
     write_atomic(
         &tmp.join("manifest.json"),
         serde_json::to_string_pretty(manifest)?.as_bytes(),
