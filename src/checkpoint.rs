@@ -65,7 +65,11 @@ impl<B: Backend> safetensors::View for DeviceTensor<'_, B> {
     }
     fn data(&self) -> Cow<'_, [u8]> {
         let mut host = vec![0f32; self.region.len];
-        let view = crate::backend::View { memory: self.memory, offset: self.region.offset, len: self.region.len };
+        let view = crate::backend::View {
+            memory: self.memory,
+            offset: self.region.offset,
+            len: self.region.len,
+        };
         self.backend.download(view, &mut host);
         Cow::Owned(host.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
@@ -75,10 +79,28 @@ impl<B: Backend> safetensors::View for DeviceTensor<'_, B> {
 }
 
 /// Streams tensors from backend memory into a safetensors file and flushes it to disk.
-fn write_tensors<B: Backend>(path: &Path, backend: &B, memory: &B::Memory, tensors: Vec<(String, Vec<usize>, Region)>) -> Result<()> {
-    let views = tensors.into_iter().map(|(name, shape, region)| (name, DeviceTensor { backend, memory, region, shape }));
-    safetensors::serialize_to_file(views, None, path).with_context(|| format!("cannot write {}", path.display()))?;
-    fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot flush {}", path.display()))
+fn write_tensors<B: Backend>(
+    path: &Path,
+    backend: &B,
+    memory: &B::Memory,
+    tensors: Vec<(String, Vec<usize>, Region)>,
+) -> Result<()> {
+    let views = tensors.into_iter().map(|(name, shape, region)| {
+        (
+            name,
+            DeviceTensor {
+                backend,
+                memory,
+                region,
+                shape,
+            },
+        )
+    });
+    safetensors::serialize_to_file(views, None, path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot flush {}", path.display()))
 }
 
 /// Reads every f32 tensor of a safetensors file into a map.
@@ -128,15 +150,37 @@ pub fn save<B: Backend>(
     }
     fs::create_dir_all(&tmp)?;
 
-    let tensors = model.layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), s.region)).collect();
-    write_tensors(&tmp.join("model.safetensors"), &model.backend, &model.params, tensors)?;
+    let tensors = model
+        .layout
+        .specs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone(), s.region))
+        .collect();
+    write_tensors(
+        &tmp.join("model.safetensors"),
+        &model.backend,
+        &model.params,
+        tensors,
+    )?;
     let n = model.param_count();
     let mut moments = Vec::new();
     for s in &model.layout.specs {
         moments.push((format!("m.{}", s.name), s.shape.clone(), s.region));
-        moments.push((format!("v.{}", s.name), s.shape.clone(), Region { offset: n + s.region.offset, len: s.region.len }));
+        moments.push((
+            format!("v.{}", s.name),
+            s.shape.clone(),
+            Region {
+                offset: n + s.region.offset,
+                len: s.region.len,
+            },
+        ));
     }
-    write_tensors(&tmp.join("optimizer.safetensors"), &model.backend, &model.optimizer, moments)?;
+    write_tensors(
+        &tmp.join("optimizer.safetensors"),
+        &model.backend,
+        &model.optimizer,
+        moments,
+    )?;
     write_atomic(
         &tmp.join("manifest.json"),
         serde_json::to_string_pretty(manifest)?.as_bytes(),

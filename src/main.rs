@@ -52,6 +52,24 @@ enum Command {
         /// Output directory.
         out: PathBuf,
     },
+    /// Terminal dashboard of a live or finished run (reads only the run directory).
+    Dashboard {
+        run: PathBuf,
+        /// Tokens to sample from each new checkpoint (0: no sampling).
+        #[arg(long, default_value_t = 48)]
+        sample_tokens: usize,
+        /// Leave when the run has finished instead of waiting for `q`.
+        #[arg(long)]
+        exit_when_finished: bool,
+    },
+    /// PNG/SVG plots and a Markdown summary of one or more runs (overlaid when several).
+    Report {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output directory (default: RUN/report for one run, ./kiln-report for several).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Inspect model configurations.
     Model {
         #[command(subcommand)]
@@ -154,6 +172,12 @@ struct TrainArgs {
     /// Print a progress line every N steps.
     #[arg(long, default_value_t = 1)]
     print_every: u64,
+    /// Show the live dashboard while training (the training runs in a background thread).
+    #[arg(long)]
+    dashboard: bool,
+    /// Also write TensorBoard event files into RUN/tensorboard/.
+    #[arg(long)]
+    tensorboard: bool,
 }
 
 #[derive(Args)]
@@ -280,6 +304,30 @@ fn main() -> Result<()> {
         Command::Train(args) => train(*args),
         Command::Sample(args) => sample(args),
         Command::Eval(args) => eval(args),
+        Command::Dashboard {
+            run,
+            sample_tokens,
+            exit_when_finished,
+        } => kiln::dashboard::run(
+            &run,
+            kiln::dashboard::Options {
+                sample_tokens,
+                exit_when_finished,
+            },
+        ),
+        Command::Report { runs, out } => {
+            let out = out.unwrap_or_else(|| {
+                if runs.len() == 1 {
+                    runs[0].join("report")
+                } else {
+                    PathBuf::from("kiln-report")
+                }
+            });
+            for file in kiln::report::write(&runs, &out)? {
+                println!("wrote {}", file.display());
+            }
+            Ok(())
+        }
         Command::Export {
             format,
             source,
@@ -318,6 +366,7 @@ fn train(args: TrainArgs) -> Result<()> {
             let mut config = TrainConfig::new(model, data);
             config.init_from = args.init_from.clone();
             config.vocab_size_override = args.vocab_size;
+            config.tensorboard = args.tensorboard;
             config.batch = args.batch;
             config.seq = args.seq;
             config.accumulation = args.accum;
@@ -346,8 +395,33 @@ fn train(args: TrainArgs) -> Result<()> {
         }
     };
     trainer.print_every = args.print_every;
-    let report = trainer.run()?;
-    print_report(&report);
+    if !args.dashboard {
+        let report = trainer.run()?;
+        print_report(&report);
+        eprintln!("run directory: {}", trainer.run_dir.display());
+        return Ok(());
+    }
+    // The dashboard owns the terminal; training runs beside it and reports through telemetry.
+    trainer.echo = false;
+    let run_dir = trainer.run_dir.clone();
+    let training = std::thread::spawn(move || {
+        let result = trainer.run();
+        (trainer, result)
+    });
+    kiln::dashboard::run(
+        &run_dir,
+        kiln::dashboard::Options {
+            sample_tokens: 48,
+            exit_when_finished: false,
+        },
+    )?;
+    if !training.is_finished() {
+        eprintln!("dashboard closed; training goes on in {} (Ctrl-C stops it; `kiln dashboard {0}` reopens the view)", run_dir.display());
+    }
+    let (trainer, result) = training
+        .join()
+        .map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
+    print_report(&result?);
     eprintln!("run directory: {}", trainer.run_dir.display());
     Ok(())
 }

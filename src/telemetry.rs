@@ -15,6 +15,8 @@ use crate::backend::{Backend, View};
 /// Appends JSON lines to a run's telemetry file, flushing each so a reader sees it at once.
 pub struct Telemetry {
     file: File,
+    /// Also write TensorBoard scalars (step and eval lines).
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 impl Telemetry {
@@ -24,7 +26,16 @@ impl Telemetry {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Telemetry { file })
+        Ok(Telemetry {
+            file,
+            tensorboard: None,
+        })
+    }
+
+    /// Mirrors step and eval metrics into TensorBoard event files under `dir`.
+    pub fn enable_tensorboard(&mut self, dir: &Path) -> Result<()> {
+        self.tensorboard = Some(crate::tensorboard::EventWriter::create(dir)?);
+        Ok(())
     }
 
     /// Writes `{"type": kind, …fields}`.
@@ -37,6 +48,29 @@ impl Telemetry {
             .into();
         writeln!(self.file, "{fields}")?;
         self.file.flush()?;
+        if let Some(tb) = &mut self.tensorboard {
+            let step = fields["step"].as_u64().unwrap_or(0);
+            let tags: &[(&str, &str)] = match kind {
+                "step" => &[
+                    ("train/loss", "loss"),
+                    ("train/learning_rate", "lr"),
+                    ("train/grad_norm", "grad_norm"),
+                    ("perf/tokens_per_s", "tokens_per_s"),
+                    ("perf/ms_per_step", "ms_per_step"),
+                    ("perf/tflops", "tflops"),
+                    ("perf/mfu", "mfu"),
+                ],
+                "eval" => &[("val/loss", "val_loss"), ("val/bits_per_byte", "val_bpb")],
+                _ => &[],
+            };
+            let scalars: Vec<(&str, f32)> = tags
+                .iter()
+                .filter_map(|(tag, key)| fields[*key].as_f64().map(|v| (*tag, v as f32)))
+                .collect();
+            if !scalars.is_empty() {
+                tb.scalars(step, &scalars)?;
+            }
+        }
         Ok(())
     }
 }

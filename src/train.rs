@@ -25,6 +25,15 @@ use crate::telemetry::{measure_matmul_peak, memory_mib, Telemetry};
 use crate::tokenizer::Tokenizer;
 use crate::vocab::VocabMap;
 
+/// `eprintln!` unless the terminal belongs to someone else (a dashboard).
+macro_rules! say {
+    ($echo:expr, $($arg:tt)*) => {
+        if $echo {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
 /// Everything that defines a run (saved as `train.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +84,9 @@ pub struct TrainConfig {
     /// `kiln::interop::import` reads.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// Also write TensorBoard event files into `RUN/tensorboard/`.
+    #[serde(default)]
+    pub tensorboard: bool,
     /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub poison_steps: Vec<u64>,
@@ -112,6 +124,7 @@ impl TrainConfig {
             max_bad_steps: 5,
             init_from: None,
             vocab_size_override: None,
+            tensorboard: false,
             poison_steps: Vec::new(),
         }
     }
@@ -246,6 +259,8 @@ pub struct Trainer<B: Backend> {
     elapsed_before: f64,
     /// Print a progress line every this many steps (0: never).
     pub print_every: u64,
+    /// Print anything on the terminal (off when a dashboard owns it; telemetry is unaffected).
+    pub echo: bool,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -338,7 +353,10 @@ impl<B: Backend> Trainer<B> {
             config.batch,
             config.seq,
         )?;
-        let telemetry = Telemetry::open(&run_dir.join("telemetry.jsonl"))?;
+        let mut telemetry = Telemetry::open(&run_dir.join("telemetry.jsonl"))?;
+        if config.tensorboard {
+            telemetry.enable_tensorboard(&run_dir.join("tensorboard"))?;
+        }
         Ok(Trainer {
             config,
             model,
@@ -351,6 +369,7 @@ impl<B: Backend> Trainer<B> {
             skipped: 0,
             elapsed_before: 0.0,
             print_every: 1,
+            echo: true,
         })
     }
 
@@ -407,6 +426,7 @@ impl<B: Backend> Trainer<B> {
             skipped: manifest.skipped_steps,
             elapsed_before: manifest.elapsed_seconds,
             print_every: 1,
+            echo: true,
         })
     }
 
@@ -517,7 +537,8 @@ impl<B: Backend> Trainer<B> {
                    "tokens_per_step": cfg.tokens_per_step(), "max_steps": cfg.max_steps, "max_tokens": cfg.max_tokens,
                    "time_budget_seconds": cfg.time_budget_seconds}),
         )?;
-        eprintln!(
+        say!(
+            self.echo,
             "training {} parameters on {} | {} tokens/step | measured matmul peak {:.1} GFLOP/s",
             self.model.param_count(),
             self.model.backend.name(),
@@ -617,14 +638,14 @@ impl<B: Backend> Trainer<B> {
                 } else {
                     0.0
                 };
-                eprintln!(
+                say!(self.echo,
                     "step {:>6} | loss {:.4} | lr {:.2e} | norm {:.3} | {:.0} tok/s | {:.0} ms/step | {:.3} TFLOP/s | {:.0}% eta {}",
                     self.step, loss, lr, grad_norm, tokens_per_s, step_seconds * 1e3, tflops, progress * 100.0, human_duration(eta)
                 );
             }
             let stop_for_bad_steps = !finite && consecutive_bad >= cfg.max_bad_steps;
             if !finite {
-                eprintln!("step {}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped ({} so far)", self.step, self.skipped);
+                say!(self.echo, "step {}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped ({} so far)", self.step, self.skipped);
             }
             let due =
                 |every: u64| !stop_for_bad_steps && (done || (every > 0 && self.step % every == 0));
@@ -635,9 +656,12 @@ impl<B: Backend> Trainer<B> {
                 stages.eval += seconds_since(t);
                 self.telemetry.emit("eval", json!({"step": self.step, "val_loss": result.loss, "val_bpb": result.bits_per_byte,
                     "tokens": result.tokens, "bytes": result.bytes, "ms": seconds_since(t) * 1e3}))?;
-                eprintln!(
+                say!(
+                    self.echo,
                     "step {:>6} | val loss {:.4} | val bits/byte {:.4}",
-                    self.step, result.loss, result.bits_per_byte
+                    self.step,
+                    result.loss,
+                    result.bits_per_byte
                 );
                 last_val = Some(result);
             }
