@@ -76,6 +76,13 @@ where
         .x_desc(plot.x_label)
         .y_desc(plot.y_label)
         .label_style(("sans-serif", 15))
+        .x_label_formatter(&|v| {
+            if v.fract().abs() < 1e-9 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        })
         .axis_desc_style(("sans-serif", 17))
         .light_line_style(RGBColor(235, 235, 235))
         .draw()

@@ -20,6 +20,7 @@ use crate::data::{Dataset, Loader, Split};
 use crate::eval::{evaluate, EvalResult};
 use crate::fsutil::write_atomic;
 use crate::model::{AdamW, Model};
+use crate::runlog::StageMs;
 use crate::sample::{generate, SamplingParams};
 use crate::telemetry::{measure_matmul_peak, memory_mib, Telemetry};
 use crate::tokenizer::Tokenizer;
@@ -353,6 +354,29 @@ impl<B: Backend> Trainer<B> {
             config.batch,
             config.seq,
         )?;
+        Self::assemble(
+            config,
+            model,
+            run_dir,
+            dataset,
+            vocab_map,
+            loader,
+            (0, 0, 0.0),
+        )
+    }
+
+    /// Opens the run's telemetry (and TensorBoard files) and puts a trainer together at
+    /// `(step, skipped steps, seconds already trained)`.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: TrainConfig,
+        model: Model<B>,
+        run_dir: &Path,
+        dataset: Dataset,
+        vocab_map: Option<VocabMap>,
+        loader: Loader,
+        (step, skipped, elapsed_before): (u64, u64, f64),
+    ) -> Result<Self> {
         let mut telemetry = Telemetry::open(&run_dir.join("telemetry.jsonl"))?;
         if config.tensorboard {
             telemetry.enable_tensorboard(&run_dir.join("tensorboard"))?;
@@ -365,9 +389,9 @@ impl<B: Backend> Trainer<B> {
             vocab_map,
             loader,
             telemetry,
-            step: 0,
-            skipped: 0,
-            elapsed_before: 0.0,
+            step,
+            skipped,
+            elapsed_before,
             print_every: 1,
             echo: true,
         })
@@ -403,31 +427,30 @@ impl<B: Backend> Trainer<B> {
             config.seq,
         )?;
         loader.seek(manifest.data_position)?;
-        let mut telemetry = Telemetry::open(&run_dir.join("telemetry.jsonl"))?;
-        telemetry.emit(
-            "resume",
-            json!({"step": manifest.step, "checkpoint": checkpoint_dir}),
-        )?;
-        eprintln!(
-            "resuming {} at step {} from {}",
-            run_dir.display(),
+        let (step, skipped, elapsed) = (
             manifest.step,
-            checkpoint_dir.display()
+            manifest.skipped_steps,
+            manifest.elapsed_seconds,
         );
-        Ok(Trainer {
+        let mut trainer = Self::assemble(
             config,
             model,
-            run_dir: run_dir.to_path_buf(),
+            run_dir,
             dataset,
             vocab_map,
             loader,
-            telemetry,
-            step: manifest.step,
-            skipped: manifest.skipped_steps,
-            elapsed_before: manifest.elapsed_seconds,
-            print_every: 1,
-            echo: true,
-        })
+            (step, skipped, elapsed),
+        )?;
+        trainer.telemetry.emit(
+            "resume",
+            json!({"step": step, "checkpoint": checkpoint_dir}),
+        )?;
+        eprintln!(
+            "resuming {} at step {step} from {}",
+            run_dir.display(),
+            checkpoint_dir.display()
+        );
+        Ok(trainer)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -755,17 +778,10 @@ impl<B: Backend> Trainer<B> {
 /// Prints the end-of-run efficiency report.
 pub fn print_report(report: &RunReport) {
     let stages = &report.stage_seconds;
-    let total: f64 = [
-        "data",
-        "forward",
-        "backward",
-        "optimizer",
-        "eval",
-        "checkpoint",
-    ]
-    .iter()
-    .map(|k| stages[k].as_f64().unwrap_or(0.0))
-    .sum();
+    let total: f64 = StageMs::NAMES
+        .iter()
+        .map(|k| stages[k].as_f64().unwrap_or(0.0))
+        .sum();
     eprintln!();
     eprintln!("=== efficiency report ===");
     eprintln!(
@@ -790,14 +806,7 @@ pub fn print_report(report: &RunReport) {
     if let Some(mem) = report.peak_memory_mib {
         eprintln!("peak memory      {:>10.0} MiB", mem);
     }
-    for key in [
-        "data",
-        "forward",
-        "backward",
-        "optimizer",
-        "eval",
-        "checkpoint",
-    ] {
+    for key in StageMs::NAMES {
         let s = stages[key].as_f64().unwrap_or(0.0);
         eprintln!(
             "  {key:<12} {:>9.1} s  {:>5.1}%",

@@ -311,3 +311,53 @@ fn fine_tuning_starts_from_the_imported_weights() {
     assert!(error.contains("hidden_dim: 48 vs 40"), "{error}");
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn report_writes_legible_plots_and_a_summary() {
+    let dir = temp_dir("report");
+    let data = corpus(&dir);
+    let mut cfg = config(data, 8);
+    cfg.tensorboard = true;
+    train(cfg, &dir.join("run"));
+    let written = kiln::report::write(&[dir.join("run")], &dir.join("out")).unwrap();
+    for name in [
+        "loss_vs_steps.png",
+        "loss_vs_tokens.svg",
+        "loss_vs_time.png",
+        "throughput.png",
+        "learning_rate.svg",
+        "report.md",
+    ] {
+        let path = dir.join("out").join(name);
+        assert!(written.contains(&path), "{name} not reported as written");
+        // Images are checked for size here; report.md by its content below.
+        assert!(
+            name.ends_with(".md") || fs::metadata(&path).unwrap().len() > 1000,
+            "{name} is nearly empty"
+        );
+    }
+    let png = fs::read(dir.join("out/loss_vs_steps.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let svg = fs::read_to_string(dir.join("out/loss_vs_steps.svg")).unwrap();
+    // Axis titles with units and a legend are part of the plot.
+    for text in [
+        "optimizer step",
+        "cross-entropy (nats/token)",
+        "train loss",
+        "validation loss",
+    ] {
+        assert!(svg.contains(text), "the SVG lacks '{text}'");
+    }
+    let md = fs::read_to_string(dir.join("out/report.md")).unwrap();
+    assert!(
+        md.contains("validation bits per byte") && md.contains("| forward |"),
+        "{md}"
+    );
+    // TensorBoard events were written beside the telemetry.
+    let events: Vec<_> = fs::read_dir(dir.join("run/tensorboard"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(events.len(), 1);
+    fs::remove_dir_all(dir).unwrap();
+}
