@@ -7,6 +7,7 @@
 //! - [`conformance`]: the test suite every backend must pass.
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod conformance;

@@ -52,6 +52,11 @@ enum Command {
         /// Output directory.
         out: PathBuf,
     },
+    /// Benchmarks (use a release build).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Terminal dashboard of a live or finished run (reads only the run directory).
     Dashboard {
         run: PathBuf,
@@ -234,6 +239,30 @@ struct EvalArgs {
 }
 
 #[derive(Subcommand)]
+enum BenchCommand {
+    /// Each kernel of a training step on a model's shapes: ms and GFLOP/s or GB/s, against
+    /// the matmul peak measured in the same run.
+    Kernels {
+        /// Model preset or config file.
+        #[arg(long, default_value = "stories15m")]
+        preset: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Override the vocabulary size (e.g. a 4096-token BPE).
+        #[arg(long)]
+        vocab_size: Option<usize>,
+        /// Repetitions per kernel (the best is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Also write the figures, with the machine's description, as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ModelCommand {
     /// Parameter count with a per-tensor breakdown.
     Info {
@@ -304,6 +333,28 @@ fn main() -> Result<()> {
         Command::Train(args) => train(*args),
         Command::Sample(args) => sample(args),
         Command::Eval(args) => eval(args),
+        Command::Bench {
+            command:
+                BenchCommand::Kernels {
+                    preset,
+                    batch,
+                    seq,
+                    vocab_size,
+                    reps,
+                    json,
+                },
+        } => {
+            let mut config = ModelConfig::from_preset_or_file(&preset)?;
+            if let Some(v) = vocab_size {
+                config.vocab_size = v;
+            }
+            let figures = kiln::bench::kernels(&ReferenceBackend, &config, batch, seq, reps)?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Dashboard {
             run,
             sample_tokens,
