@@ -33,7 +33,8 @@ pub fn target_bytes(tokenizer: &Tokenizer, inputs: &[u32], targets: &[u32]) -> V
 }
 
 /// Scores `tokens` (full-vocabulary ids) in consecutive windows of the activations' (batch,
-/// seq), at most `max_batches` of them (0: all that fit).
+/// seq), at most `max_batches` of them (0: all that fit). `progress(done, total)` is called
+/// after each batch.
 pub fn evaluate<B: Backend>(
     model: &Model<B>,
     acts: &Activations<B>,
@@ -41,6 +42,7 @@ pub fn evaluate<B: Backend>(
     tokenizer: &Tokenizer,
     vocab_map: Option<&VocabMap>,
     max_batches: usize,
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
     let span = acts.layout.batch * acts.layout.seq;
     ensure!(
@@ -69,6 +71,7 @@ pub fn evaluate<B: Backend>(
             .iter()
             .sum::<usize>();
         scored += span;
+        progress(i + 1, batches);
     }
     Ok(EvalResult {
         loss: nats / scored as f64,

@@ -595,6 +595,11 @@ fn eval(args: EvalArgs) -> Result<()> {
     let seq = args.seq.min(model.config.max_seq_len);
     let acts = model.activations(args.batch, seq)?;
     let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("scoring {bar:40} {pos}/{len} batches, eta {eta}")
+            .expect("valid template"),
+    );
     let result = evaluate(
         &model,
         &acts,
@@ -602,7 +607,12 @@ fn eval(args: EvalArgs) -> Result<()> {
         &tokenizer,
         vocab_map.as_ref(),
         args.batches,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
     )?;
+    bar.finish_and_clear();
     println!(
         "val loss {:.4} | bits/byte {:.4} | {} tokens, {} bytes | {:.1} s",
         result.loss,

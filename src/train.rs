@@ -496,6 +496,7 @@ impl<B: Backend> Trainer<B> {
             &self.dataset.tokenizer,
             self.vocab_map.as_ref(),
             self.config.eval_batches,
+            &mut |_, _| {},
         )
     }
 
@@ -674,8 +675,8 @@ impl<B: Backend> Trainer<B> {
                 |every: u64| !stop_for_bad_steps && (done || (every > 0 && self.step % every == 0));
             if due(cfg.eval_every) {
                 let t = Instant::now();
-                let val_acts = self.model.activations(cfg.batch, cfg.seq)?;
-                let result = self.validate_now(&val_acts, &val_tokens)?;
+                // The step's activations are spent: validation reuses the same arena.
+                let result = self.validate_now(&acts, &val_tokens)?;
                 stages.eval += seconds_since(t);
                 self.telemetry.emit("eval", json!({"step": self.step, "val_loss": result.loss, "val_bpb": result.bits_per_byte,
                     "tokens": result.tokens, "bytes": result.bytes, "ms": seconds_since(t) * 1e3}))?;
