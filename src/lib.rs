@@ -17,6 +17,8 @@ pub mod eval;
 pub mod fsutil;
 pub mod interop;
 pub mod model;
+pub mod packed;
+pub mod quant;
 pub mod report;
 pub mod runlog;
 pub mod sample;

@@ -51,6 +51,18 @@ enum Command {
         source: PathBuf,
         /// Output directory.
         out: PathBuf,
+        /// packed: the scheme of the block matrices.
+        #[arg(long, value_enum, default_value = "int8")]
+        scheme: QuantChoice,
+        /// packed: the scheme of the embedding (and an untied classifier).
+        #[arg(long, value_enum, default_value = "int8")]
+        embedding_scheme: QuantChoice,
+        /// packed: tensors of at most this many values stay f16.
+        #[arg(long, default_value_t = 65536)]
+        small_max: usize,
+        /// packed: fail if the artifact exceeds this size (bytes; or 16MB = 16,000,000).
+        #[arg(long, value_parser = parse_bytes)]
+        budget: Option<u64>,
     },
     /// Benchmarks (use a release build).
     Bench {
@@ -188,7 +200,7 @@ struct TrainArgs {
 #[derive(Args)]
 struct ModelSource {
     /// A run directory (its newest checkpoint) or a checkpoint directory.
-    #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+    #[arg(long, conflicts_with = "model")]
     run: Option<PathBuf>,
     /// Use the run's best checkpoint by validation loss instead of the newest.
     #[arg(long, requires = "run")]
@@ -224,6 +236,10 @@ struct SampleArgs {
 
 #[derive(Args)]
 struct EvalArgs {
+    /// A packed artifact (`kiln export --format packed`), reloaded alone (its tokenizer beside
+    /// it); with --run too, the gap to that unquantized model is reported.
+    #[arg(long)]
+    artifact: Option<PathBuf>,
     #[command(flatten)]
     source: ModelSource,
     /// Prepared corpus to evaluate on (default: the run's own).
@@ -282,6 +298,52 @@ enum ModelCommand {
         #[arg(long, value_delimiter = ',')]
         tokens: Vec<u32>,
     },
+}
+
+/// A quantization scheme on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum QuantChoice {
+    Ternary,
+    Int8,
+    Int6,
+    F16,
+}
+
+impl QuantChoice {
+    fn scheme(self) -> kiln::quant::Scheme {
+        use kiln::quant::Scheme;
+        // The clip percentile of parameter-golf's int8 baseline.
+        const CLIP_PERCENTILE: f32 = 99.99984;
+        match self {
+            QuantChoice::Ternary => Scheme::Ternary,
+            QuantChoice::Int8 => Scheme::Int {
+                bits: 8,
+                percentile: CLIP_PERCENTILE,
+            },
+            QuantChoice::Int6 => Scheme::Int {
+                bits: 6,
+                percentile: CLIP_PERCENTILE,
+            },
+            QuantChoice::F16 => Scheme::F16,
+        }
+    }
+}
+
+/// "16MB" (decimal, as the size challenge counts), "500KB", "1.5GB", or plain bytes.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let (number, scale) = [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0)]
+        .iter()
+        .find_map(|(unit, scale)| {
+            upper
+                .strip_suffix(unit)
+                .map(|n| (n.trim().to_string(), *scale))
+        })
+        .unwrap_or((upper.clone(), 1.0));
+    number
+        .parse::<f64>()
+        .map(|n| (n * scale) as u64)
+        .map_err(|_| format!("'{s}' is not a size like 16MB or 15000000"))
 }
 
 /// "90s", "5m", "1.5h", or plain seconds.
@@ -380,9 +442,59 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Export {
+            format: kiln::interop::ExportFormat::Packed,
+            source,
+            out,
+            scheme,
+            embedding_scheme,
+            small_max,
+            budget,
+        } => {
+            let imported = kiln::interop::import(&source, None)?;
+            std::fs::create_dir_all(&out)?;
+            let rule = kiln::packed::PackRule {
+                matrices: scheme.scheme(),
+                embedding: embedding_scheme.scheme(),
+                small_max,
+            };
+            let path = out.join("model.kiln");
+            let tokenizer_hash = imported.tokenizer.as_ref().map(|t| t.hash());
+            let vocab_map = imported.vocab_map.as_ref().map(|m| m.full_ids().to_vec());
+            let report = kiln::packed::write(
+                &path,
+                &imported.config,
+                &imported.weights,
+                rule,
+                tokenizer_hash,
+                vocab_map,
+            )?;
+            if let Some(t) = &imported.tokenizer {
+                t.save(&out)?;
+            }
+            kiln::packed::print_table(&report);
+            println!("wrote {}", path.display());
+            if let Some(limit) = budget {
+                if report.file_bytes as u64 > limit {
+                    std::fs::remove_file(&path)?;
+                    bail!(
+                        "the artifact is {} bytes, over the budget of {limit} bytes by {}; removed {}",
+                        report.file_bytes,
+                        report.file_bytes as u64 - limit,
+                        path.display()
+                    );
+                }
+                println!(
+                    "within the budget of {limit} bytes ({} to spare)",
+                    limit - report.file_bytes as u64
+                );
+            }
+            Ok(())
+        }
+        Command::Export {
             format,
             source,
             out,
+            ..
         } => {
             let written = kiln::interop::export(&source, format, &out)?;
             println!("wrote {}", written.display());
@@ -568,60 +680,119 @@ fn sample(args: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-fn eval(args: EvalArgs) -> Result<()> {
-    let Loaded {
+/// A packed artifact, reloaded alone with the tokenizer saved beside it.
+fn load_artifact(path: &std::path::Path) -> Result<Loaded> {
+    let unpacked = kiln::packed::read(path)?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let tokenizer_path = ["tokenizer.json", "tokenizer.bin"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "no tokenizer.json or tokenizer.bin beside {}",
+                path.display()
+            )
+        })?;
+    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    if unpacked
+        .tokenizer_sha256
+        .as_deref()
+        .is_some_and(|h| h != tokenizer.hash())
+    {
+        bail!(
+            "{} is not the tokenizer {} was made with",
+            tokenizer_path.display(),
+            path.display()
+        );
+    }
+    let model = Model::new(ReferenceBackend, unpacked.config)?;
+    model.upload_params(&unpacked.weights);
+    let vocab_map = unpacked
+        .vocab_map
+        .map(|full| VocabMap::from_full_ids(tokenizer.vocab_size(), full));
+    eprintln!("loaded artifact {}", path.display());
+    Ok(Loaded {
         model,
         tokenizer,
         vocab_map,
-        manifest,
-    } = load(&args.source)?;
-    let data_dir = match args.data {
-        Some(d) => d,
+        manifest: None,
+    })
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let mut scored: Vec<(&str, Loaded)> = Vec::new();
+    if let Some(path) = &args.artifact {
+        scored.push(("artifact, reloaded alone", load_artifact(path)?));
+    }
+    if args.source.run.is_some() || args.source.model.is_some() {
+        scored.push(("model", load(&args.source)?));
+    }
+    anyhow::ensure!(!scored.is_empty(), "give --run, --model or --artifact");
+    let data_dir = match &args.data {
+        Some(d) => d.clone(),
         None => PathBuf::from(
-            manifest
-                .as_ref()
-                .and_then(|m| m.train["data"].as_str())
+            scored
+                .iter()
+                .find_map(|(_, l)| {
+                    l.manifest
+                        .as_ref()
+                        .and_then(|m| m.train["data"].as_str().map(String::from))
+                })
                 .context("the model does not name its data directory; pass --data")?,
         ),
     };
     let dataset = Dataset::open(&data_dir)?;
-    if dataset.manifest.tokenizer_sha256 != tokenizer.hash() {
-        bail!(
-            "{} was tokenized with another tokenizer than the model's",
-            data_dir.display()
+    let tokens = dataset.read_all(Split::Val)?;
+    let mut results = Vec::new();
+    for (what, loaded) in &scored {
+        if dataset.manifest.tokenizer_sha256 != loaded.tokenizer.hash() {
+            bail!(
+                "{} was tokenized with another tokenizer than the {what}'s",
+                data_dir.display()
+            );
+        }
+        let seq = args.seq.min(loaded.model.config.max_seq_len);
+        let acts = loaded.model.activations(args.batch, seq)?;
+        let started = std::time::Instant::now();
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "scoring {bar:40} {pos}/{len} batches, eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        let result = evaluate(
+            &loaded.model,
+            &acts,
+            &tokens,
+            &loaded.tokenizer,
+            loaded.vocab_map.as_ref(),
+            args.batches,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )?;
+        bar.finish_and_clear();
+        println!(
+            "{what}: val loss {:.4} | bits/byte {:.4} | {} tokens, {} bytes | {:.1} s",
+            result.loss,
+            result.bits_per_byte,
+            result.tokens,
+            result.bytes,
+            started.elapsed().as_secs_f64()
+        );
+        println!("{}", serde_json::json!({"what": what, "result": result}));
+        results.push(result);
+    }
+    if let [artifact, model] = results.as_slice() {
+        println!(
+            "round-trip gap: {:+.4} bits/byte ({:+.4} nats/token) from quantization and packing",
+            artifact.bits_per_byte - model.bits_per_byte,
+            artifact.loss - model.loss
         );
     }
-    let tokens = dataset.read_all(Split::Val)?;
-    let seq = args.seq.min(model.config.max_seq_len);
-    let acts = model.activations(args.batch, seq)?;
-    let started = std::time::Instant::now();
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("scoring {bar:40} {pos}/{len} batches, eta {eta}")
-            .expect("valid template"),
-    );
-    let result = evaluate(
-        &model,
-        &acts,
-        &tokens,
-        &tokenizer,
-        vocab_map.as_ref(),
-        args.batches,
-        &mut |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
-    println!(
-        "val loss {:.4} | bits/byte {:.4} | {} tokens, {} bytes | {:.1} s",
-        result.loss,
-        result.bits_per_byte,
-        result.tokens,
-        result.bytes,
-        started.elapsed().as_secs_f64()
-    );
-    println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
 

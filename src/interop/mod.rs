@@ -202,6 +202,8 @@ pub enum ExportFormat {
     Hf,
     /// llama2.c's legacy `.bin` (what `run.c` runs) and its `tokenizer.bin`.
     Llama2c,
+    /// A quantized, compressed kiln artifact (`model.kiln`) for size-budgeted models.
+    Packed,
 }
 
 /// `kiln export`: writes `source` (a run, checkpoint, or any importable model) to `out`.
@@ -224,6 +226,9 @@ pub fn export(source: &Path, format: ExportFormat, out: &Path) -> Result<PathBuf
                 }
             }
             Ok(out.to_path_buf())
+        }
+        ExportFormat::Packed => {
+            bail!("packed export takes quantization options: use crate::packed::write")
         }
         ExportFormat::Llama2c => {
             llama2c::check_exportable(&config)?;
