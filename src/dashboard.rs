@@ -198,24 +198,23 @@ fn sample_checkpoint(dir: &Path, tokens: usize) -> Result<String> {
         !prompt.is_empty(),
         "the tokenizer has no BOS token to start from"
     );
-    let map = imported.vocab_map;
-    let model_prompt = match &map {
-        Some(m) => m.to_model(&prompt)?,
-        None => prompt,
-    };
     let params = crate::sample::SamplingParams {
         temperature: 0.8,
         top_k: 0,
         top_p: 0.95,
         seed: 7,
     };
-    let room = model.config.max_seq_len.saturating_sub(1).min(tokens);
-    let out = crate::sample::generate(&model, &model_prompt, room, &params, None, |_| {})?;
-    let full: Vec<u32> = out
-        .iter()
-        .map(|&t| map.as_ref().map_or(t, |m| m.to_full(t)))
-        .collect();
-    Ok(tokenizer.decode(&full))
+    let (text, _) = crate::sample::complete(
+        &model,
+        &tokenizer,
+        imported.vocab_map.as_ref(),
+        &prompt,
+        tokens,
+        &params,
+        false,
+        |_| {},
+    )?;
+    Ok(text)
 }
 
 struct App {

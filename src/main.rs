@@ -12,7 +12,7 @@ use kiln::config::ModelConfig;
 use kiln::data::{Dataset, Split, TokenizerSpec};
 use kiln::eval::evaluate;
 use kiln::model::{Model, ParamLayout};
-use kiln::sample::{generate, SamplingParams};
+use kiln::sample::SamplingParams;
 use kiln::tokenizer::Tokenizer;
 use kiln::train::{print_report, TrainConfig, Trainer};
 use kiln::vocab::VocabMap;
@@ -46,7 +46,7 @@ enum Command {
         /// hf: config.json + model.safetensors + tokenizer; llama2c: model.bin (the legacy
         /// format run.c reads) + tokenizer.bin.
         #[arg(long, value_enum)]
-        format: kiln::interop::ExportFormat,
+        format: FormatArg,
         /// A run directory, checkpoint directory, Hugging Face directory or llama2.c .bin.
         source: PathBuf,
         /// Output directory.
@@ -300,6 +300,28 @@ enum ModelCommand {
     },
 }
 
+/// `kiln export --format`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FormatArg {
+    /// A Hugging Face directory (`transformers.AutoModelForCausalLM.from_pretrained`).
+    Hf,
+    /// llama2.c's legacy `.bin` (what `run.c` runs) and its `tokenizer.bin`.
+    Llama2c,
+    /// A quantized, compressed kiln artifact (`model.kiln`) for size-budgeted models.
+    Packed,
+}
+
+impl FormatArg {
+    /// The library's format for the formats `kiln::interop::export` writes.
+    fn library(self) -> kiln::interop::ExportFormat {
+        match self {
+            FormatArg::Hf => kiln::interop::ExportFormat::Hf,
+            FormatArg::Llama2c => kiln::interop::ExportFormat::Llama2c,
+            FormatArg::Packed => unreachable!("packed export has its own arm"),
+        }
+    }
+}
+
 /// A quantization scheme on the command line.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum QuantChoice {
@@ -442,7 +464,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Export {
-            format: kiln::interop::ExportFormat::Packed,
+            format: FormatArg::Packed,
             source,
             out,
             scheme,
@@ -450,43 +472,17 @@ fn main() -> Result<()> {
             small_max,
             budget,
         } => {
-            let imported = kiln::interop::import(&source, None)?;
-            std::fs::create_dir_all(&out)?;
             let rule = kiln::packed::PackRule {
                 matrices: scheme.scheme(),
                 embedding: embedding_scheme.scheme(),
                 small_max,
             };
-            let path = out.join("model.kiln");
-            let tokenizer_hash = imported.tokenizer.as_ref().map(|t| t.hash());
-            let vocab_map = imported.vocab_map.as_ref().map(|m| m.full_ids().to_vec());
-            let report = kiln::packed::write(
-                &path,
-                &imported.config,
-                &imported.weights,
-                rule,
-                tokenizer_hash,
-                vocab_map,
-            )?;
-            if let Some(t) = &imported.tokenizer {
-                t.save(&out)?;
-            }
+            let (path, report) = kiln::interop::export_packed(&source, &out, rule)?;
             kiln::packed::print_table(&report);
             println!("wrote {}", path.display());
             if let Some(limit) = budget {
-                if report.file_bytes as u64 > limit {
-                    std::fs::remove_file(&path)?;
-                    bail!(
-                        "the artifact is {} bytes, over the budget of {limit} bytes by {}; removed {}",
-                        report.file_bytes,
-                        report.file_bytes as u64 - limit,
-                        path.display()
-                    );
-                }
-                println!(
-                    "within the budget of {limit} bytes ({} to spare)",
-                    limit - report.file_bytes as u64
-                );
+                let spare = kiln::packed::check_budget(&path, &report, limit)?;
+                println!("within the budget of {limit} bytes ({spare} to spare)");
             }
             Ok(())
         }
@@ -496,7 +492,7 @@ fn main() -> Result<()> {
             out,
             ..
         } => {
-            let written = kiln::interop::export(&source, format, &out)?;
+            let written = kiln::interop::export(&source, format.library(), &out)?;
             println!("wrote {}", written.display());
             Ok(())
         }
@@ -636,46 +632,33 @@ fn sample(args: SampleArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("give a --prompt: this tokenizer has no BOS token to start from");
     }
-    let model_prompt = match &vocab_map {
-        Some(map) => map.to_model(&prompt)?,
-        None => prompt.clone(),
-    };
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
         seed: args.seed,
     };
-    let stop = tokenizer
-        .bos()
-        .map(|b| {
-            vocab_map
-                .as_ref()
-                .map_or(Ok(b), |m| m.to_model(&[b]).map(|v| v[0]))
-        })
-        .transpose()?;
-    // Stream: print the text of everything so far, minus what was already printed, holding
-    // back an incomplete UTF-8 sequence until its last byte arrives.
-    let mut full = prompt.clone();
-    let mut printed = tokenizer.decode(&full).len();
     let mut stdout = std::io::stdout();
     print!("{}", args.prompt);
     let started = std::time::Instant::now();
-    let out = generate(&model, &model_prompt, args.max_tokens, &params, stop, |t| {
-        full.push(vocab_map.as_ref().map_or(t, |m| m.to_full(t)));
-        let text = tokenizer.decode(&full);
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            print!("{}", &text[printed.min(text.len())..]);
-            printed = text.len();
+    let (_, tokens) = kiln::sample::complete(
+        &model,
+        &tokenizer,
+        vocab_map.as_ref(),
+        &prompt,
+        args.max_tokens,
+        &params,
+        true,
+        |text| {
+            print!("{text}");
             let _ = stdout.flush();
-        }
-    })?;
+        },
+    )?;
     println!();
+    let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "{} tokens in {:.2} s ({:.1} tokens/s)",
-        out.len(),
-        started.elapsed().as_secs_f64(),
-        out.len() as f64 / started.elapsed().as_secs_f64()
+        "{tokens} tokens in {seconds:.2} s ({:.1} tokens/s)",
+        tokens as f64 / seconds
     );
     Ok(())
 }
@@ -684,25 +667,19 @@ fn sample(args: SampleArgs) -> Result<()> {
 fn load_artifact(path: &std::path::Path) -> Result<Loaded> {
     let unpacked = kiln::packed::read(path)?;
     let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let tokenizer_path = ["tokenizer.json", "tokenizer.bin"]
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.exists())
-        .with_context(|| {
-            format!(
-                "no tokenizer.json or tokenizer.bin beside {}",
-                path.display()
-            )
-        })?;
-    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    let tokenizer = kiln::interop::find_tokenizer(&[dir])?.with_context(|| {
+        format!(
+            "no tokenizer.json or tokenizer.bin beside {}",
+            path.display()
+        )
+    })?;
     if unpacked
         .tokenizer_sha256
         .as_deref()
         .is_some_and(|h| h != tokenizer.hash())
     {
         bail!(
-            "{} is not the tokenizer {} was made with",
-            tokenizer_path.display(),
+            "the tokenizer beside {} is not the one it was made with",
             path.display()
         );
     }

@@ -222,6 +222,21 @@ pub fn read(path: &Path) -> Result<Unpacked> {
     })
 }
 
+/// Enforces a size budget on a written artifact: the bytes to spare, or an error saying by how
+/// much it is over — and the artifact is removed, so an over-budget file is never used.
+pub fn check_budget(path: &Path, report: &PackReport, limit: u64) -> Result<u64> {
+    let size = report.file_bytes as u64;
+    if size > limit {
+        std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+        bail!(
+            "the artifact is {size} bytes, over the budget of {limit} bytes by {}; removed {}",
+            size - limit,
+            path.display()
+        );
+    }
+    Ok(limit - size)
+}
+
 /// Prints the size table: every byte of the file is in one of its rows.
 pub fn print_table(report: &PackReport) {
     println!(

@@ -8,6 +8,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::Backend;
 use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::vocab::VocabMap;
 
 #[derive(Clone, Copy, Debug)]
 pub struct SamplingParams {
@@ -118,6 +120,46 @@ pub fn generate<B: Backend>(
         logits = model.decode_step(&mut cache, next)?;
     }
     Ok(out)
+}
+
+/// Continues `prompt` (full-vocabulary ids) as text: the ids are mapped into a compacted
+/// model's ids when `vocab_map` is given, up to `max_new` tokens are generated (as many as fit
+/// the context), and the output is decoded back in full ids. With `stop_at_bos` generation
+/// ends at the BOS token, which begins the next document. `on_text` receives new text as soon
+/// as it is complete UTF-8 (streaming). Returns the generated text and its token count.
+#[allow(clippy::too_many_arguments)]
+pub fn complete<B: Backend>(
+    model: &Model<B>,
+    tokenizer: &Tokenizer,
+    vocab_map: Option<&VocabMap>,
+    prompt: &[u32],
+    max_new: usize,
+    params: &SamplingParams,
+    stop_at_bos: bool,
+    mut on_text: impl FnMut(&str),
+) -> Result<(String, usize)> {
+    let to_model = |ids: &[u32]| vocab_map.map_or(Ok(ids.to_vec()), |m| m.to_model(ids));
+    let model_prompt = to_model(prompt)?;
+    let stop = match tokenizer.bos() {
+        Some(bos) if stop_at_bos => Some(to_model(&[bos])?[0]),
+        _ => None,
+    };
+    let room = model.config.max_seq_len.saturating_sub(model_prompt.len());
+    // Decode everything so far and pass on what is new, holding back an incomplete UTF-8
+    // sequence until its last byte arrives.
+    let mut full = prompt.to_vec();
+    let prompt_len = tokenizer.decode(&full).len();
+    let mut emitted = prompt_len;
+    let out = generate(model, &model_prompt, max_new.min(room), params, stop, |t| {
+        full.push(vocab_map.map_or(t, |m| m.to_full(t)));
+        let text = tokenizer.decode(&full);
+        if !text.ends_with('\u{FFFD}') && text.len() > emitted {
+            on_text(&text[emitted..]);
+            emitted = text.len();
+        }
+    })?;
+    let text = tokenizer.decode(&full);
+    Ok((text.get(prompt_len..).unwrap_or("").to_string(), out.len()))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use crate::eval::{evaluate, EvalResult};
 use crate::fsutil::write_atomic;
 use crate::model::{AdamW, Model};
 use crate::runlog::StageMs;
-use crate::sample::{generate, SamplingParams};
+use crate::sample::{complete, SamplingParams};
 use crate::telemetry::{measure_matmul_peak, memory_mib, Telemetry};
 use crate::tokenizer::Tokenizer;
 use crate::vocab::VocabMap;
@@ -508,38 +508,23 @@ impl<B: Backend> Trainer<B> {
         if prompt.is_empty() {
             prompt.push(0);
         }
-        let model_prompt = match &self.vocab_map {
-            Some(map) => map.to_model(&prompt)?,
-            None => prompt.clone(),
-        };
         let params = SamplingParams {
             temperature: 0.8,
             top_k: 0,
             top_p: 0.95,
             seed,
         };
-        let room = self
-            .model
-            .config
-            .max_seq_len
-            .saturating_sub(model_prompt.len());
-        let out = generate(
+        let (text, _) = complete(
             &self.model,
-            &model_prompt,
-            self.config.sample_tokens.min(room),
+            tok,
+            self.vocab_map.as_ref(),
+            &prompt,
+            self.config.sample_tokens,
             &params,
-            None,
+            false,
             |_| {},
         )?;
-        let full: Vec<u32> = out
-            .iter()
-            .map(|&t| self.vocab_map.as_ref().map_or(t, |m| m.to_full(t)))
-            .collect();
-        Ok(format!(
-            "{}{}",
-            self.config.sample_prompt,
-            tok.decode(&full)
-        ))
+        Ok(format!("{}{text}", self.config.sample_prompt))
     }
 
     /// Trains until a budget is reached. Returns the run's report.

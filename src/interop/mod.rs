@@ -29,7 +29,8 @@ pub struct Imported {
     pub source: String,
 }
 
-fn find_tokenizer(dirs: &[&Path]) -> Result<Option<Tokenizer>> {
+/// The first `tokenizer.json` or `tokenizer.bin` in `dirs`, loaded.
+pub fn find_tokenizer(dirs: &[&Path]) -> Result<Option<Tokenizer>> {
     for dir in dirs {
         for name in ["tokenizer.json", "tokenizer.bin"] {
             let path = dir.join(name);
@@ -196,14 +197,12 @@ fn remap_rows(
 }
 
 /// Output formats of `kiln export`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportFormat {
     /// A Hugging Face directory (`transformers.AutoModelForCausalLM.from_pretrained`).
     Hf,
     /// llama2.c's legacy `.bin` (what `run.c` runs) and its `tokenizer.bin`.
     Llama2c,
-    /// A quantized, compressed kiln artifact (`model.kiln`) for size-budgeted models.
-    Packed,
 }
 
 /// `kiln export`: writes `source` (a run, checkpoint, or any importable model) to `out`.
@@ -227,9 +226,6 @@ pub fn export(source: &Path, format: ExportFormat, out: &Path) -> Result<PathBuf
             }
             Ok(out.to_path_buf())
         }
-        ExportFormat::Packed => {
-            bail!("packed export takes quantization options: use crate::packed::write")
-        }
         ExportFormat::Llama2c => {
             llama2c::check_exportable(&config)?;
             let tok = imported.tokenizer.as_ref();
@@ -249,4 +245,30 @@ pub fn export(source: &Path, format: ExportFormat, out: &Path) -> Result<PathBuf
             Ok(model_path)
         }
     }
+}
+
+/// `kiln export --format packed`: quantizes `source` by `rule` into `out/model.kiln` (with the
+/// tokenizer beside it); returns the artifact's path and its size table.
+pub fn export_packed(
+    source: &Path,
+    out: &Path,
+    rule: crate::packed::PackRule,
+) -> Result<(PathBuf, crate::packed::PackReport)> {
+    let imported = import(source, None)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let path = out.join("model.kiln");
+    let tokenizer_hash = imported.tokenizer.as_ref().map(Tokenizer::hash);
+    let vocab_map = imported.vocab_map.as_ref().map(|m| m.full_ids().to_vec());
+    let report = crate::packed::write(
+        &path,
+        &imported.config,
+        &imported.weights,
+        rule,
+        tokenizer_hash,
+        vocab_map,
+    )?;
+    if let Some(t) = &imported.tokenizer {
+        t.save(out)?;
+    }
+    Ok((path, report))
 }

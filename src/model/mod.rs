@@ -155,16 +155,6 @@ impl<B: Backend> Model<B> {
         host
     }
 
-    /// The optimizer arena: first moments then second moments.
-    pub fn download_optimizer(&self) -> Vec<f32> {
-        let mut host = vec![0.0; 2 * self.param_count()];
-        self.backend.download(
-            view::<B>(&self.optimizer, self.all(&self.optimizer)),
-            &mut host,
-        );
-        host
-    }
-
     pub fn upload_optimizer(&self, host: &[f32]) {
         self.backend
             .upload(view::<B>(&self.optimizer, self.all(&self.optimizer)), host);
