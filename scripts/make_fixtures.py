@@ -18,7 +18,13 @@ Conventions the fixture pins down (a kiln bug in any of them fails the test):
   * RoPE pairs dimension i with i + D/2 (Hugging Face rotate_half), not neighbours (llama2.c);
   * qk-norm is an RMSNorm with a D-wide gain on each head of q and k, before RoPE (Qwen3);
   * grouped-query head h reads kv head h // (H // Hkv) (Hugging Face repeat_kv);
-  * AdamW decays 2-D tensors (matrices, embedding), not norm gains.
+  * AdamW decays matrices and embeddings, not norm gains or the golf block's control tensors.
+
+tiny-golf exercises every option of the compact-model ("golf") block as the parameter-golf
+baseline (train_gpt.py) writes it: weightless RMSNorm (also on the embedding), relu^2 MLP
+(leaky here), q gain after qk-norm and RoPE, partial RoPE, U-Net skips with per-channel
+weights, resid_mix with x0, attention/MLP output scales, logit softcap; plus value residual
+and a hashed bigram embedding. Its forward is `golf_forward` below.
 
 Usage: python3 scripts/make_fixtures.py   (needs torch and safetensors; ~5 s on a CPU)
 """
@@ -41,6 +47,14 @@ CONFIGS = {
     "tiny-gqa": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=48,
                      vocab_size=64, max_seq_len=32, rope_theta=1e6, norm_eps=1e-6,
                      qk_norm=True, tie_embeddings=True),
+    "tiny-golf": dict(dim=32, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                      vocab_size=64, max_seq_len=32, rope_theta=10000.0, norm_eps=1e-6,
+                      qk_norm=True, tie_embeddings=True,
+                      arch=dict(mlp=dict(leaky_relu2=dict(slope=0.5)), norm_weights=False,
+                                embed_norm=True, q_gain=1.5, logit_softcap=30.0,
+                                unet_skips=True, resid_mix=True, branch_scales=True,
+                                zero_init_out=False, embed_init_std=0.005, rope_dims=4,
+                                value_residual=True, bigram_buckets=37)),
 }
 BATCH, SEQ = 2, 16
 ADAMW = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
@@ -48,7 +62,95 @@ ADAMW_STEPS = 10
 GREEDY_TOKENS = 12
 
 
+# The golf block's control tensors: (2-D or not) never weight-decayed.
+CONTROL = ("q_gain", "v_mix", "attn_scale", "mlp_scale", "resid_mix", "skip_weights")
+
+
+def golf_param_shapes(c):
+    a = c["arch"]
+    q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+    dim, hidden = c["dim"], c["hidden_dim"]
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], dim)}
+    if a["bigram_buckets"]:
+        shapes["model.bigram_embed.weight"] = (a["bigram_buckets"], dim)
+    for l in range(c["n_layers"]):
+        p = f"model.layers.{l}."
+        shapes[p + "self_attn.q_proj.weight"] = (q, dim)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, dim)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, dim)
+        shapes[p + "self_attn.o_proj.weight"] = (dim, q)
+        shapes[p + "self_attn.q_gain"] = (c["n_heads"],)
+        if a["value_residual"] and l > 0:
+            shapes[p + "self_attn.v_mix"] = (2,)
+        shapes[p + "attn_scale"] = (dim,)
+        shapes[p + "mlp.up_proj.weight"] = (hidden, dim)
+        shapes[p + "mlp.down_proj.weight"] = (dim, hidden)
+        shapes[p + "mlp_scale"] = (dim,)
+        shapes[p + "resid_mix"] = (2, dim)
+    shapes["model.skip_weights"] = (min(c["n_layers"] // 2, c["n_layers"] - c["n_layers"] // 2), dim)
+    return shapes
+
+
+def bigram_ids(tokens, buckets):
+    """((prev + 1) * 1000003 + cur) % buckets, prev + 1 = 0 at a sequence's first position."""
+    prev = torch.zeros_like(tokens)
+    prev[:, 1:] = tokens[:, :-1] + 1
+    return (prev * 1000003 + tokens) % buckets
+
+
+def golf_forward(c, w, tokens):
+    a = c["arch"]
+    b, t = tokens.shape
+    h, hkv, d = c["n_heads"], c["n_kv_heads"], c["head_dim"]
+    eps = c["norm_eps"]
+    norm = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    x = w["model.embed_tokens.weight"][tokens]
+    if a["bigram_buckets"]:
+        x = x + w["model.bigram_embed.weight"][bigram_ids(tokens, a["bigram_buckets"])]
+    x = norm(x)
+    x0 = x
+    mask = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
+    rot = a["rope_dims"] or d
+    slope = a["mlp"]["leaky_relu2"]["slope"] if isinstance(a["mlp"], dict) else 0.0
+    encoders = c["n_layers"] // 2
+    skips, v_first = [], None
+    for l in range(c["n_layers"]):
+        p = f"model.layers.{l}."
+        if l >= encoders and skips:
+            x = x + w["model.skip_weights"][l - encoders] * skips.pop()
+        mix = w[p + "resid_mix"]
+        x = mix[0] * x + mix[1] * x0
+        xn = norm(x)
+        q = norm((xn @ w[p + "self_attn.q_proj.weight"].T).view(b, t, h, d)).transpose(1, 2)
+        k = norm((xn @ w[p + "self_attn.k_proj.weight"].T).view(b, t, hkv, d)).transpose(1, 2)
+        v = (xn @ w[p + "self_attn.v_proj.weight"].T).view(b, t, hkv, d).transpose(1, 2)
+        q = torch.cat((rope(q[..., :rot], c["rope_theta"]), q[..., rot:]), dim=-1)
+        k = torch.cat((rope(k[..., :rot], c["rope_theta"]), k[..., rot:]), dim=-1)
+        q = q * w[p + "self_attn.q_gain"][None, :, None, None]
+        if l == 0:
+            v_first = v
+        elif a["value_residual"]:
+            lam = w[p + "self_attn.v_mix"]
+            v = lam[0] * v + lam[1] * v_first
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d) + mask
+        att = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, h * d)
+        x = x + w[p + "attn_scale"] * (att @ w[p + "self_attn.o_proj.weight"].T)
+        up = norm(x) @ w[p + "mlp.up_proj.weight"].T
+        hidden = torch.nn.functional.leaky_relu(up, slope).square()
+        x = x + w[p + "mlp_scale"] * (hidden @ w[p + "mlp.down_proj.weight"].T)
+        if l < encoders:
+            skips.append(x)
+    x = norm(x)
+    logits = (x @ w["model.embed_tokens.weight"].T).reshape(b * t, -1)
+    cap = a["logit_softcap"]
+    return cap * torch.tanh(logits / cap)
+
+
 def param_shapes(c):
+    if "arch" in c:
+        return golf_param_shapes(c)
     q, kv = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
     dim, hidden = c["dim"], c["hidden_dim"]
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], dim)}
@@ -122,11 +224,21 @@ def forward(c, w, tokens):
     return (x @ classifier.T).reshape(b * t, -1)
 
 
+def forward_any(c, w, tokens):
+    return golf_forward(c, w, tokens) if "arch" in c else forward(c, w, tokens)
+
+
 def make(name, c, seed):
     gen = torch.Generator().manual_seed(seed)
     weights32 = {}
     for pname, shape in param_shapes(c).items():
-        if len(shape) == 1:
+        if pname.endswith(CONTROL) or pname.endswith("resid_mix"):
+            # Control tensors near their initial values (1, or the mix's 1 and 0).
+            init = torch.ones(shape)
+            if pname.endswith("resid_mix"):
+                init[1] = 0.0
+            weights32[pname] = init + 0.3 * torch.randn(shape, generator=gen)
+        elif len(shape) == 1:
             # Gains near 1 but not 1, so a kernel that ignores or misapplies them is caught.
             weights32[pname] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
         else:
@@ -137,15 +249,16 @@ def make(name, c, seed):
     targets = torch.randint(0, c["vocab_size"], (BATCH, SEQ), generator=gen)
 
     params = {k: torch.nn.Parameter(v.double().clone()) for k, v in weights32.items()}
-    logits = forward(c, params, tokens)
+    logits = forward_any(c, params, tokens)
     loss = torch.nn.functional.cross_entropy(logits, targets.reshape(-1))
     loss.backward()
     grads = {f"grad.{k}": p.grad.detach().clone() for k, p in params.items()}
 
     # Ten AdamW steps on the same batch, from the same start.
     params = {k: torch.nn.Parameter(v.double().clone()) for k, v in weights32.items()}
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
+    decays = lambda k, p: p.dim() >= 2 and not k.endswith(CONTROL)
+    decay = [p for k, p in params.items() if decays(k, p)]
+    no_decay = [p for k, p in params.items() if not decays(k, p)]
     opt = torch.optim.AdamW(
         [dict(params=decay, weight_decay=ADAMW["weight_decay"]),
          dict(params=no_decay, weight_decay=0.0)],
@@ -153,7 +266,8 @@ def make(name, c, seed):
     adamw_losses = []
     for _ in range(ADAMW_STEPS):
         opt.zero_grad()
-        step_loss = torch.nn.functional.cross_entropy(forward(c, params, tokens), targets.reshape(-1))
+        step_loss = torch.nn.functional.cross_entropy(forward_any(c, params, tokens),
+                                                      targets.reshape(-1))
         step_loss.backward()
         opt.step()
         adamw_losses.append(step_loss.item())
@@ -165,7 +279,7 @@ def make(name, c, seed):
     context = prompt.clone()
     with torch.no_grad():
         for _ in range(GREEDY_TOKENS):
-            next_id = forward(c, initial, context.unsqueeze(0))[-1].argmax()
+            next_id = forward_any(c, initial, context.unsqueeze(0))[-1].argmax()
             context = torch.cat((context, next_id.reshape(1)))
 
     tensors = {k: v.contiguous() for k, v in weights32.items()}
@@ -191,7 +305,48 @@ def make(name, c, seed):
           f"adamw {adamw_losses[0]:.4f} -> {adamw_losses[-1]:.4f}")
 
 
+def zeropower_via_newtonschulz5(g, steps, eps=1e-7):
+    """parameter-golf train_gpt.py's Newton-Schulz orthogonalisation (in float64 here)."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    x = g / (g.norm() + eps)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        A = x @ x.T
+        B = b * A + c * A @ A
+        x = a * x + B @ x
+    return x.T if transposed else x
+
+
+def make_muon(seed):
+    """muon.safetensors: three Muon steps (train_gpt.py's Muon: Nesterov, 5 Newton-Schulz
+    iterations, update scaled by sqrt(max(1, rows/cols))) on matrices of three aspect ratios,
+    with a different gradient each step. lr 0.05 and momentum 0.9: tests/golf.rs uses them."""
+    gen = torch.Generator().manual_seed(seed)
+    lr, momentum, steps = 0.05, 0.9, 3
+    tensors = {}
+    for rows, cols in [(8, 8), (6, 10), (12, 5)]:
+        key = f"{rows}x{cols}"
+        p = torch.randn(rows, cols, generator=gen)
+        grads = torch.randn(steps, rows, cols, generator=gen)
+        tensors[f"param.{key}"] = p.clone()
+        tensors[f"grads.{key}"] = grads.clone()
+        p, buf = p.double(), torch.zeros(rows, cols, dtype=torch.float64)
+        for g in grads.double():
+            buf = momentum * buf + g
+            u = zeropower_via_newtonschulz5(g + momentum * buf, 5)
+            p = p - lr * max(1, rows / cols) ** 0.5 * u
+        tensors[f"want.{key}"] = p.float()  # f32 rounding (6e-8) is far below the test's 2e-5
+    metadata = {"lr": str(lr), "momentum": str(momentum),
+                "generator": f"scripts/make_fixtures.py, torch {torch.__version__}"}
+    path = OUT / "muon.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    print(f"{path.relative_to(OUT.parent.parent)}: {len(tensors) // 3} matrices")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     for i, (name, config) in enumerate(CONFIGS.items()):
         make(name, config, seed=1234 + i)
+    make_muon(seed=99)

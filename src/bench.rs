@@ -251,6 +251,7 @@ pub fn kernels<B: Backend>(
                 seq,
                 h,
                 hd,
+                hd,
                 config.rope_theta as f32,
                 0,
             )

@@ -156,6 +156,21 @@ pub fn save<B: Backend>(
         .iter()
         .map(|s| (s.name.clone(), s.shape.clone(), s.region))
         .collect();
+    if let Some((_, ema)) = &model.ema {
+        // The moving average of the weights, under the same names: what exports and
+        // `kiln eval` use (see `interop::import`).
+        write_tensors(
+            &tmp.join(EMA_FILE),
+            &model.backend,
+            ema,
+            model
+                .layout
+                .specs
+                .iter()
+                .map(|s| (s.name.clone(), s.shape.clone(), s.region))
+                .collect(),
+        )?;
+    }
     write_tensors(
         &tmp.join("model.safetensors"),
         &model.backend,
@@ -214,9 +229,13 @@ pub fn config_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
         serde_json::to_value(a).unwrap(),
         serde_json::to_value(b).unwrap(),
     );
+    let mut keys: Vec<&String> = a.as_object().unwrap().keys().collect();
+    keys.extend(b.as_object().unwrap().keys());
+    keys.sort();
+    keys.dedup();
     let mut out = Vec::new();
-    for (key, va) in a.as_object().unwrap() {
-        let vb = &b[key];
+    for key in keys {
+        let (va, vb) = (&a[key], &b[key]);
         if va != vb {
             out.push(format!("{key}: {va} vs {vb}"));
         }
@@ -224,8 +243,13 @@ pub fn config_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
     out
 }
 
+/// The moving average of the weights, beside `model.safetensors` in a checkpoint of a run
+/// trained with `--ema`.
+pub const EMA_FILE: &str = "ema.safetensors";
+
 /// Loads a checkpoint's weights (and optimizer state, if `with_optimizer`) into `model`,
-/// refusing one made for another model shape or tokenizer.
+/// refusing one made for another model shape or tokenizer. Without the optimizer (inference)
+/// the weights are the moving average when the checkpoint has one.
 pub fn load_into<B: Backend>(
     model: &mut Model<B>,
     dir: &Path,
@@ -249,7 +273,12 @@ pub fn load_into<B: Backend>(
             manifest.tokenizer_sha256
         );
     }
-    let weights = read_f32_tensors(&dir.join("model.safetensors"))?;
+    // For inference (no optimizer state) a run trained with --ema delivers its average.
+    let file = match dir.join(EMA_FILE) {
+        ema if !with_optimizer && ema.exists() => ema,
+        _ => dir.join("model.safetensors"),
+    };
+    let weights = read_f32_tensors(&file)?;
     let mut host = vec![0f32; model.param_count()];
     for spec in &model.layout.specs {
         let (shape, values) = weights.get(&spec.name).with_context(|| {
@@ -289,7 +318,38 @@ pub fn load_into<B: Backend>(
         }
         model.upload_optimizer(&host);
         model.step = manifest.optimizer_steps;
+        if let Some((_, ema)) = &model.ema {
+            let path = dir.join(EMA_FILE);
+            if path.exists() {
+                let tensors = read_f32_tensors(&path)?;
+                let mut host = vec![0f32; model.param_count()];
+                for spec in &model.layout.specs {
+                    let (_, values) = tensors.get(&spec.name).with_context(|| {
+                        format!("{}: {EMA_FILE} has no '{}'", dir.display(), spec.name)
+                    })?;
+                    ensure!(
+                        values.len() == spec.region.len,
+                        "{}: '{}' in {EMA_FILE} has the wrong size",
+                        dir.display(),
+                        spec.name
+                    );
+                    host[spec.region.offset..][..spec.region.len].copy_from_slice(values);
+                }
+                let n = model.param_count();
+                model
+                    .backend
+                    .upload(crate::backend::View::whole(ema, n), &host);
+            } else {
+                // A checkpoint from before --ema was used: the average starts here.
+                let n = model.param_count();
+                model.backend.copy(
+                    crate::backend::View::whole(ema, n),
+                    crate::backend::View::whole(&model.params, n),
+                );
+            }
+        }
     }
+    model.refresh_weights()?;
     Ok(manifest)
 }
 

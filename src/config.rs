@@ -40,6 +40,102 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     /// The classifier reuses the token embedding matrix.
     pub tie_embeddings: bool,
+    /// Departures from the Llama block (the compact-model "golf" family); absent from the
+    /// JSON of a plain Llama/Qwen3 model.
+    #[serde(default, skip_serializing_if = "Arch::is_llama")]
+    pub arch: Arch,
+}
+
+/// The MLP's nonlinearity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mlp {
+    /// `down(silu(gate(x)) ∘ up(x))`: Llama, Qwen3.
+    #[default]
+    Swiglu,
+    /// `down(relu(up(x))²)`: the parameter-golf baseline (no gate matrix).
+    Relu2,
+    /// `down(leaky_relu(up(x), slope)²)`.
+    LeakyRelu2 { slope: f64 },
+}
+
+/// Architecture options beyond the Llama block, all off by default. The `golf-baseline` preset
+/// turns on the set used by the OpenAI parameter-golf baseline (`train_gpt.py`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Arch {
+    pub mlp: Mlp,
+    /// RMSNorms carry learned gains (Llama). Off: every norm is a plain `x / rms(x)`.
+    pub norm_weights: bool,
+    /// RMSNorm on the embedding output; the normalised embedding is `x0`.
+    pub embed_norm: bool,
+    /// A learnable per-head gain on q after qk-norm and RoPE, initialised to this value.
+    pub q_gain: Option<f64>,
+    /// Logits become `cap · tanh(logits / cap)` before the cross-entropy.
+    pub logit_softcap: Option<f64>,
+    /// U-Net skips: the first ⌊L/2⌋ blocks' outputs are added, in reverse order and scaled by
+    /// learnable per-channel weights (init 1), to the inputs of the last blocks.
+    pub unet_skips: bool,
+    /// Each block's input is `mix₀ ⊙ x + mix₁ ⊙ x0` with learnable per-channel `mix`
+    /// (init 1 and 0).
+    pub resid_mix: bool,
+    /// Learnable per-channel scales (init 1) on the attention and MLP outputs.
+    pub branch_scales: bool,
+    /// The output projections (o_proj, down_proj) start at zero.
+    pub zero_init_out: bool,
+    /// Standard deviation of the embedding's initialisation (0.02 when unset).
+    pub embed_init_std: Option<f64>,
+    /// Partial RoPE: rotate only the first `rope_dims` dimensions of each head (all when unset).
+    pub rope_dims: Option<usize>,
+    /// Value residual (ResFormer): blocks after the first use `λ₀·v + λ₁·v_first`, with
+    /// learnable scalars λ (init 0.5, 0.5) and `v_first` the first block's values.
+    pub value_residual: bool,
+    /// A hashed bigram embedding `(buckets, C)` added to the token embedding (0: none).
+    pub bigram_buckets: usize,
+}
+
+impl Default for Arch {
+    fn default() -> Self {
+        Arch {
+            mlp: Mlp::Swiglu,
+            norm_weights: true,
+            embed_norm: false,
+            q_gain: None,
+            logit_softcap: None,
+            unet_skips: false,
+            resid_mix: false,
+            branch_scales: false,
+            zero_init_out: false,
+            embed_init_std: None,
+            rope_dims: None,
+            value_residual: false,
+            bigram_buckets: 0,
+        }
+    }
+}
+
+impl Arch {
+    /// The plain Llama/Qwen3 block, which Hugging Face and llama2.c formats can hold.
+    pub fn is_llama(&self) -> bool {
+        *self == Arch::default()
+    }
+
+    /// The parameter-golf baseline's block.
+    pub fn golf() -> Self {
+        Arch {
+            mlp: Mlp::Relu2,
+            norm_weights: false,
+            embed_norm: true,
+            q_gain: Some(1.5),
+            logit_softcap: Some(30.0),
+            unet_skips: true,
+            resid_mix: true,
+            branch_scales: true,
+            zero_init_out: true,
+            embed_init_std: Some(0.005),
+            ..Arch::default()
+        }
+    }
 }
 
 /// Names accepted by [`ModelConfig::preset`].
@@ -50,6 +146,8 @@ pub const PRESETS: &[&str] = &[
     "qwen3-0.6b",
     "tiny-mha",
     "tiny-gqa",
+    "golf-baseline",
+    "tiny-golf",
 ];
 
 impl ModelConfig {
@@ -69,6 +167,7 @@ impl ModelConfig {
             norm_eps: 1e-5,
             qk_norm: false,
             tie_embeddings: true,
+            arch: Arch::default(),
         };
         let config = match name {
             "stories15m" => llama2c(288, 6, 6, 768),
@@ -87,6 +186,7 @@ impl ModelConfig {
                 norm_eps: 1e-6,
                 qk_norm: true,
                 tie_embeddings: true,
+                arch: Arch::default(),
             },
             // Multi-head attention, untied classifier: the llama2.c shape in miniature.
             "tiny-mha" => ModelConfig {
@@ -102,6 +202,7 @@ impl ModelConfig {
                 norm_eps: 1e-5,
                 qk_norm: false,
                 tie_embeddings: false,
+                arch: Arch::default(),
             },
             // Grouped-query attention with qk-norm, head_dim ≠ dim / heads, tied: Qwen3 in miniature.
             "tiny-gqa" => ModelConfig {
@@ -117,6 +218,51 @@ impl ModelConfig {
                 norm_eps: 1e-6,
                 qk_norm: true,
                 tie_embeddings: true,
+                arch: Arch::default(),
+            },
+            // The OpenAI parameter-golf baseline (train_gpt.py): 17,059,912 parameters.
+            "golf-baseline" => ModelConfig {
+                dim: 512,
+                n_layers: 9,
+                n_heads: 8,
+                n_kv_heads: 4,
+                head_dim: 64,
+                hidden_dim: 1024,
+                vocab_size: 1024,
+                max_seq_len: 1024,
+                rope_theta: 10000.0,
+                // F.rms_norm's default: the float32 machine epsilon.
+                norm_eps: f32::EPSILON as f64,
+                qk_norm: true,
+                tie_embeddings: true,
+                arch: Arch::golf(),
+            },
+            // Every golf option at once, small enough for the PyTorch fixture and gradcheck:
+            // 5 layers (2 skips and an unpaired block), GQA, partial RoPE, leaky ReLU²,
+            // value residual and a hashed bigram embedding.
+            "tiny-golf" => ModelConfig {
+                dim: 32,
+                n_layers: 5,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                hidden_dim: 64,
+                vocab_size: 64,
+                max_seq_len: 32,
+                rope_theta: 10000.0,
+                norm_eps: 1e-6,
+                qk_norm: true,
+                tie_embeddings: true,
+                arch: Arch {
+                    mlp: Mlp::LeakyRelu2 { slope: 0.5 },
+                    rope_dims: Some(4),
+                    value_residual: true,
+                    bigram_buckets: 37,
+                    // Not zero: a zero output projection would make most gradients vanish
+                    // and the fixture test blind to them.
+                    zero_init_out: false,
+                    ..Arch::golf()
+                },
             },
             _ => bail!(
                 "unknown model preset '{name}'; known presets: {}",
@@ -197,6 +343,28 @@ impl ModelConfig {
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             bail!("norm_eps must be a positive number, got {}", self.norm_eps);
         }
+        let arch = &self.arch;
+        if let Some(k) = arch.rope_dims {
+            if k == 0 || k > self.head_dim || k % 2 != 0 {
+                bail!(
+                    "arch.rope_dims ({k}) must be even and between 2 and head_dim ({})",
+                    self.head_dim
+                );
+            }
+        }
+        if let Some(cap) = arch.logit_softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                bail!("arch.logit_softcap must be a positive number, got {cap}");
+            }
+        }
+        if let Mlp::LeakyRelu2 { slope } = arch.mlp {
+            if !(slope.is_finite() && (0.0..1.0).contains(&slope)) {
+                bail!("arch.mlp leaky_relu2 slope must be in [0, 1), got {slope}");
+            }
+        }
+        if arch.q_gain.is_some() && !self.qk_norm {
+            bail!("arch.q_gain needs qk_norm: the gain scales the normalised queries");
+        }
         Ok(())
     }
 
@@ -210,9 +378,22 @@ impl ModelConfig {
         self.n_kv_heads * self.head_dim
     }
 
+    /// Width of the rotated part of each head (partial RoPE), or the whole head.
+    pub fn rope_dims(&self) -> usize {
+        self.arch.rope_dims.unwrap_or(self.head_dim)
+    }
+
     /// Number of parameters, counting a tied embedding once.
     pub fn parameter_count(&self) -> usize {
         crate::model::ParamLayout::new(self).total_len()
+    }
+
+    /// Matrices in the MLP: gate, up and down for SwiGLU; up and down for ReLU².
+    pub fn mlp_matrices(&self) -> usize {
+        match self.arch.mlp {
+            Mlp::Swiglu => 3,
+            Mlp::Relu2 | Mlp::LeakyRelu2 { .. } => 2,
+        }
     }
 
     /// Forward + backward FLOPs to train on one token at context length `seq` (matmuls and
@@ -222,7 +403,7 @@ impl ModelConfig {
         let matmul_params = self.n_layers
             * (self.dim * (self.q_dim() + 2 * self.kv_dim())
                 + self.q_dim() * self.dim
-                + 3 * self.dim * self.hidden_dim)
+                + self.mlp_matrices() * self.dim * self.hidden_dim)
             + self.vocab_size * self.dim;
         let attention = self.n_layers * self.n_heads * self.head_dim * seq * 6;
         (6 * matmul_params + attention) as f64
@@ -240,6 +421,8 @@ mod tests {
             ("stories15m", 15_191_712),
             ("stories110m", 109_529_856),
             ("qwen3-0.6b", 596_049_920),
+            // The parameter-golf baseline's printed `model_params`.
+            ("golf-baseline", 17_059_912),
         ] {
             assert_eq!(
                 ModelConfig::preset(name).unwrap().parameter_count(),

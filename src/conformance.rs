@@ -18,7 +18,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::backend::reference::{adamw, attention, embed, matmul, rmsnorm, rope, swiglu, xent};
+use crate::backend::reference::{
+    activation, adamw, attention, embed, matmul, rmsnorm, rope, scale, swiglu, xent,
+};
 use crate::backend::{Accumulate, AdamWStep, Backend, Tolerance, View};
 use crate::config::ModelConfig;
 use crate::model::{AdamW, Model};
@@ -243,29 +245,36 @@ pub fn check_kernels<B: Backend>(backend: &B) -> Result<()> {
         assert_close("rmsnorm_backward dweight", &dev.get(dw), &want_dw, tol)?;
     }
 
-    // rope: forward and backward, at a large base as Qwen3 uses.
+    // rope: forward and backward, at a large base as Qwen3 uses; whole heads and partial.
     let (batch, seq, heads, head_dim, theta) = (2, 9, 3, 8, 1e6f32);
-    let inp = rounded(random(&mut rng, batch * seq * heads * head_dim, 1.0));
-    let mut want = vec![0.0; inp.len()];
-    // Rows start at position 3, as when decoding after a 3-token prompt.
-    rope::rope_forward(&mut want, &inp, 3, seq, heads, head_dim, theta as f64);
-    let mut want_back = vec![0.0; inp.len()];
-    rope::rope_backward(&mut want_back, &inp, seq, heads, head_dim, theta as f64);
-    let mut dev = Device::new(backend);
-    let (x, o) = (dev.put(&inp), dev.put(&want));
-    backend.rope_forward(
-        dev.view(o),
-        dev.view(x),
-        batch,
-        seq,
-        heads,
-        head_dim,
-        theta,
-        3,
-    );
-    assert_close("rope_forward", &dev.get(o), &want, tol)?;
-    backend.rope_backward(dev.view(o), dev.view(x), batch, seq, heads, head_dim, theta);
-    assert_close("rope_backward", &dev.get(o), &want_back, tol)?;
+    for rot in [head_dim, 4] {
+        let inp = rounded(random(&mut rng, batch * seq * heads * head_dim, 1.0));
+        let mut want = vec![0.0; inp.len()];
+        // Rows start at position 3, as when decoding after a 3-token prompt.
+        rope::rope_forward(&mut want, &inp, 3, seq, heads, head_dim, rot, theta as f64);
+        let mut want_back = vec![0.0; inp.len()];
+        rope::rope_backward(
+            &mut want_back,
+            &inp,
+            seq,
+            heads,
+            head_dim,
+            rot,
+            theta as f64,
+        );
+        let mut dev = Device::new(backend);
+        let (x, o) = (dev.put(&inp), dev.put(&want));
+        let (xv, ov) = (dev.view(x), dev.view(o));
+        backend.rope_forward(ov, xv, batch, seq, heads, head_dim, rot, theta, 3);
+        assert_close(&format!("rope_forward rot {rot}"), &dev.get(o), &want, tol)?;
+        backend.rope_backward(ov, xv, batch, seq, heads, head_dim, rot, theta);
+        assert_close(
+            &format!("rope_backward rot {rot}"),
+            &dev.get(o),
+            &want_back,
+            tol,
+        )?;
+    }
 
     // attention with grouped-query heads (4 query heads over 2 kv heads).
     let shape = attention::AttentionShape {
@@ -411,6 +420,95 @@ pub fn check_kernels<B: Backend>(backend: &B) -> Result<()> {
     assert_close("swiglu_backward dup", &dev.get(du), &want_du, tol)?;
     backend.residual_forward(dev.view(o), dev.view(g), dev.view(u), n);
     assert_close("residual_forward", &dev.get(o), &want_sum, tol)?;
+    let mut want_acc = want_sum.clone();
+    swiglu::accumulate(&mut want_acc, &up);
+    backend.accumulate(dev.view(o), dev.view(u));
+    assert_close("accumulate", &dev.get(o), &want_acc, tol)?;
+
+    // (leaky) ReLU² and the logit soft cap, on both sides of zero and into tanh's saturation.
+    for slope in [0.0, 0.5] {
+        let mut want = vec![0.0; n];
+        activation::relu2_forward(&mut want, &gate, slope);
+        let mut want_d = vec![0.0; n];
+        activation::relu2_backward(&mut want_d, &dout, &gate, slope);
+        let mut dev = Device::new(backend);
+        let (x, dy, o, dx) = (
+            dev.put(&gate),
+            dev.put(&dout),
+            dev.put(&want),
+            dev.put(&want),
+        );
+        backend.relu2_forward(dev.view(o), dev.view(x), n, slope as f32);
+        assert_close(
+            &format!("relu2_forward slope {slope}"),
+            &dev.get(o),
+            &want,
+            tol,
+        )?;
+        backend.relu2_backward(dev.view(dx), dev.view(dy), dev.view(x), n, slope as f32);
+        assert_close(
+            &format!("relu2_backward slope {slope}"),
+            &dev.get(dx),
+            &want_d,
+            tol,
+        )?;
+    }
+    let (cap, z) = (3.0, rounded(random(&mut rng, n, 12.0)));
+    let mut want = vec![0.0; n];
+    activation::softcap_forward(&mut want, &z, cap);
+    let mut dev = Device::new(backend);
+    let (x, dy, o, dx) = (dev.put(&z), dev.put(&dout), dev.put(&want), dev.put(&want));
+    backend.softcap_forward(dev.view(o), dev.view(x), n, cap as f32);
+    assert_close("softcap_forward", &dev.get(o), &want, tol)?;
+    // The backward reads the capped output the backend itself produced.
+    let capped: Vec<f64> = dev.get(o).iter().map(|&v| v as f64).collect();
+    let mut want_d = vec![0.0; n];
+    activation::softcap_backward(&mut want_d, &dout, &capped, cap);
+    backend.softcap_backward(dev.view(dx), dev.view(dy), dev.view(o), n, cap as f32);
+    assert_close("softcap_backward", &dev.get(dx), &want_d, tol)?;
+
+    // broadcast scale: per channel (inner 1) and per head (inner D), overwrite and add.
+    for (rows, groups, inner, mode) in [
+        (5, 7, 1, Accumulate::Overwrite),
+        (3, 4, 6, Accumulate::Add),
+        (9, 1, 5, Accumulate::Overwrite),
+    ] {
+        let len = rows * groups * inner;
+        let inp = rounded(random(&mut rng, len, 2.0));
+        let sv = rounded(random(&mut rng, groups, 1.5));
+        let dy = rounded(random(&mut rng, len, 1.0));
+        let start = rounded(random(&mut rng, len, 1.0));
+        let ds0 = rounded(random(&mut rng, groups, 1.0));
+        let mut want = start.clone();
+        scale::scale_forward(&mut want, &inp, &sv, inner, mode);
+        let (mut want_dx, mut want_ds) = (start.clone(), ds0.clone());
+        scale::scale_backward(&mut want_dx, &mut want_ds, &dy, &inp, &sv, inner, mode);
+        let mut dev = Device::new(backend);
+        let (x, sc, o, d, dx, ds) = (
+            dev.put(&inp),
+            dev.put(&sv),
+            dev.put(&start),
+            dev.put(&dy),
+            dev.put(&start),
+            dev.put(&ds0),
+        );
+        let what = format!("scale {rows}×{groups}×{inner} {mode:?}");
+        backend.scale_forward(
+            dev.view(o),
+            dev.view(x),
+            dev.view(sc),
+            rows,
+            groups,
+            inner,
+            mode,
+        );
+        assert_close(&format!("{what} forward"), &dev.get(o), &want, tol)?;
+        let (dxv, dsv) = (dev.view(dx), dev.view(ds));
+        let (dv, xv, sv) = (dev.view(d), dev.view(x), dev.view(sc));
+        backend.scale_backward(dxv, dsv, dv, xv, sv, rows, groups, inner, mode);
+        assert_close(&format!("{what} dinp"), &dev.get(dx), &want_dx, tol)?;
+        assert_close(&format!("{what} dscale"), &dev.get(ds), &want_ds, tol)?;
+    }
 
     // cross-entropy, with large logits so an unstabilised softmax would overflow.
     let (rows, vocab) = (4, 19);

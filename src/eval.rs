@@ -44,33 +44,84 @@ pub fn evaluate<B: Backend>(
     max_batches: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
-    let span = acts.layout.batch * acts.layout.seq;
+    let seq = acts.layout.seq;
+    evaluate_sliding(
+        model,
+        acts,
+        tokens,
+        tokenizer,
+        vocab_map,
+        seq,
+        max_batches,
+        progress,
+    )
+}
+
+/// Sliding-window scoring: windows of `seq` tokens start every `stride` tokens; the first
+/// window scores all its targets, each later one only its last `stride`, so every target is
+/// scored once, with at least `seq − stride` tokens of context (all but the first window's).
+/// `stride = seq` is plain consecutive windows. Windows go `batch` at a time (the last batch
+/// padded with repeats that are not scored); at most `max_batches` batches (0: all).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_sliding<B: Backend>(
+    model: &Model<B>,
+    acts: &Activations<B>,
+    tokens: &[u32],
+    tokenizer: &Tokenizer,
+    vocab_map: Option<&VocabMap>,
+    stride: usize,
+    max_batches: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
+    let (batch, seq) = (acts.layout.batch, acts.layout.seq);
     ensure!(
-        tokens.len() > span,
-        "the validation split has {} tokens, fewer than one evaluation batch of {span} (+1)",
+        stride > 0 && stride <= seq,
+        "the evaluation stride must be between 1 and the window length {seq}, got {stride}"
+    );
+    ensure!(
+        tokens.len() > seq,
+        "the validation split has {} tokens, fewer than one evaluation window of {seq} (+1)",
         tokens.len()
     );
-    let available = (tokens.len() - 1) / span;
+    let windows = (tokens.len() - 1 - seq) / stride + 1;
+    let batches = windows.div_ceil(batch);
     let batches = if max_batches == 0 {
-        available
+        batches
     } else {
-        available.min(max_batches)
+        batches.min(max_batches)
     };
     let (mut nats, mut bytes, mut scored) = (0f64, 0usize, 0usize);
+    let (mut x, mut y) = (
+        Vec::with_capacity(batch * seq),
+        Vec::with_capacity(batch * seq),
+    );
     for i in 0..batches {
-        let window = &tokens[i * span..i * span + span + 1];
-        let (inputs, targets) = (&window[..span], &window[1..]);
-        let (x, y) = match vocab_map {
-            Some(map) => (map.to_model(inputs)?, map.to_model(targets)?),
-            None => (inputs.to_vec(), targets.to_vec()),
+        let first = i * batch;
+        let count = batch.min(windows - first);
+        x.clear();
+        y.clear();
+        for w in first..first + batch {
+            // Padding rows repeat the last real window.
+            let start = w.min(first + count - 1) * stride;
+            x.extend_from_slice(&tokens[start..start + seq]);
+            y.extend_from_slice(&tokens[start + 1..start + seq + 1]);
+        }
+        let (mx, my) = match vocab_map {
+            Some(map) => (map.to_model(&x)?, map.to_model(&y)?),
+            None => (x.clone(), y.clone()),
         };
-        model.forward(acts, &x, Some(&y));
+        model.forward(acts, &mx, Some(&my));
         let losses = model.download_losses(acts);
-        nats += losses.iter().map(|&l| l as f64).sum::<f64>();
-        bytes += target_bytes(tokenizer, inputs, targets)
-            .iter()
-            .sum::<usize>();
-        scored += span;
+        for r in 0..count {
+            let from = if first + r == 0 { 0 } else { seq - stride };
+            let row = r * seq;
+            let span = row + from..row + seq;
+            nats += losses[span.clone()].iter().map(|&l| l as f64).sum::<f64>();
+            bytes += target_bytes(tokenizer, &x[span.clone()], &y[span.clone()])
+                .iter()
+                .sum::<usize>();
+            scored += seq - from;
+        }
         progress(i + 1, batches);
     }
     Ok(EvalResult {

@@ -10,11 +10,11 @@ use kiln::backend::reference::ReferenceBackend;
 use kiln::checkpoint;
 use kiln::config::ModelConfig;
 use kiln::data::{Dataset, Split, TokenizerSpec};
-use kiln::eval::evaluate;
+use kiln::eval::evaluate_sliding;
 use kiln::model::{Model, ParamLayout};
 use kiln::sample::SamplingParams;
 use kiln::tokenizer::Tokenizer;
-use kiln::train::{print_report, TrainConfig, Trainer};
+use kiln::train::{print_report, MuonConfig, OptimizerKind, Schedule, TrainConfig, Trainer};
 use kiln::vocab::VocabMap;
 
 #[derive(Parser)]
@@ -151,8 +151,40 @@ struct TrainArgs {
     #[arg(long)]
     tokens: Option<u64>,
     /// Stop after this much wall-clock time: 90s, 5m, 1h.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, alias = "time-budget", value_parser = parse_duration)]
     time: Option<f64>,
+    /// adamw, or muon: Muon for the blocks' matrices (--matrix-lr) and Adam for the
+    /// embeddings (--embed-lr), an untied classifier (--head-lr) and scalars (--scalar-lr).
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    #[arg(long, default_value_t = 0.04)]
+    matrix_lr: f32,
+    #[arg(long, default_value_t = 0.05)]
+    embed_lr: f32,
+    #[arg(long, default_value_t = 0.008)]
+    head_lr: f32,
+    #[arg(long, default_value_t = 0.04)]
+    scalar_lr: f32,
+    /// Steps over which Muon's momentum rises from 0.85 to 0.95.
+    #[arg(long, default_value_t = 500)]
+    momentum_warmup: u64,
+    /// cosine (to --min-lr-ratio), or warmdown: constant, then linear to zero over the last
+    /// --warmdown-steps (a time, from the measured step time, under --time).
+    #[arg(long, value_enum, default_value = "cosine")]
+    schedule: ScheduleArg,
+    #[arg(long, default_value_t = 1200)]
+    warmdown_steps: u64,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999);
+    /// validation and exports use it.
+    #[arg(long)]
+    ema: Option<f32>,
+    /// Quantization-aware training: compute with the block matrices quantized by this scheme
+    /// (straight-through gradients), as `kiln export --format packed --scheme` will.
+    #[arg(long, value_enum)]
+    qat: Option<QuantChoice>,
+    /// With --qat: the embedding's scheme.
+    #[arg(long, value_enum, default_value = "int8")]
+    qat_embedding: QuantChoice,
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
     /// The cosine decays to lr × this.
@@ -252,6 +284,11 @@ struct EvalArgs {
     /// Batches to score (0: the whole validation split).
     #[arg(long, default_value_t = 0)]
     batches: usize,
+    /// Sliding-window evaluation: a window starts every S tokens and scores only its last S
+    /// targets, so each is scored with at least seq − S tokens of context (default: seq,
+    /// plain consecutive windows).
+    #[arg(long)]
+    stride: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -320,6 +357,18 @@ impl FormatArg {
             FormatArg::Packed => unreachable!("packed export has its own arm"),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OptimizerArg {
+    Adamw,
+    Muon,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ScheduleArg {
+    Cosine,
+    Warmdown,
 }
 
 /// A quantization scheme on the command line.
@@ -546,6 +595,29 @@ fn train(args: TrainArgs) -> Result<()> {
             config.sample_tokens = args.sample_tokens;
             config.sample_prompt = args.sample_prompt.clone();
             config.compact_vocab = args.compact_vocab;
+            config.optimizer = match args.optimizer {
+                OptimizerArg::Adamw => OptimizerKind::Adamw,
+                OptimizerArg::Muon => OptimizerKind::Muon,
+            };
+            config.muon = MuonConfig {
+                matrix_lr: args.matrix_lr,
+                embed_lr: args.embed_lr,
+                head_lr: args.head_lr,
+                scalar_lr: args.scalar_lr,
+                momentum_warmup_steps: args.momentum_warmup,
+                ..MuonConfig::default()
+            };
+            config.schedule = match args.schedule {
+                ScheduleArg::Cosine => Schedule::Cosine,
+                ScheduleArg::Warmdown => Schedule::Warmdown,
+            };
+            config.warmdown_steps = args.warmdown_steps;
+            config.ema_decay = args.ema;
+            config.qat = args.qat.map(|scheme| kiln::packed::PackRule {
+                matrices: scheme.scheme(),
+                embedding: args.qat_embedding.scheme(),
+                small_max: 65536,
+            });
             Trainer::create(
                 ReferenceBackend,
                 config,
@@ -739,12 +811,13 @@ fn eval(args: EvalArgs) -> Result<()> {
             )
             .expect("valid template"),
         );
-        let result = evaluate(
+        let result = evaluate_sliding(
             &loaded.model,
             &acts,
             &tokens,
             &loaded.tokenizer,
             loaded.vocab_map.as_ref(),
+            args.stride.unwrap_or(seq),
             args.batches,
             &mut |done, total| {
                 bar.set_length(total as u64);
@@ -836,6 +909,12 @@ fn model_info(spec: &str, json: bool) -> Result<()> {
             "separate lm_head"
         }
     );
+    if !config.arch.is_llama() {
+        println!(
+            "  architecture options:      {}",
+            serde_json::to_string(&config.arch)?
+        );
+    }
     println!(
         "training FLOPs per token at seq {}: {:.3e}",
         config.max_seq_len.min(256),

@@ -33,11 +33,16 @@ pub struct PackRule {
 
 impl PackRule {
     pub fn scheme_for(&self, kind: ParamKind, len: usize) -> Scheme {
+        if kind == ParamKind::Control {
+            // The golf block's scales, mixes and gains: few values, large effect (the
+            // baseline keeps its "control tensors" in f32 too).
+            return Scheme::F32;
+        }
         if len <= self.small_max {
             return Scheme::F16;
         }
         match kind {
-            ParamKind::NormGain => Scheme::F16,
+            ParamKind::NormGain | ParamKind::Control => Scheme::F16,
             ParamKind::Embedding => self.embedding,
             ParamKind::Matrix | ParamKind::ResidualMatrix => self.matrices,
         }
@@ -97,6 +102,42 @@ fn group_of(name: &str) -> &'static str {
     }
 }
 
+/// The rows and columns a tensor is quantized as: a matrix's own, a vector as one row.
+fn quant_shape(spec: &crate::model::ParamSpec) -> (usize, usize) {
+    match spec.shape.as_slice() {
+        [r, c] => (*r, *c),
+        _ => (1, spec.region.len),
+    }
+}
+
+/// Replaces every tensor of `weights` by its quantize → dequantize round trip under `rule`:
+/// the weights quantization-aware training computes with, and exactly what
+/// `kiln eval --artifact` will reload from the export (same function, same scheme).
+pub fn fake_quantize(layout: &ParamLayout, rule: &PackRule, weights: &mut [f32]) -> Result<()> {
+    use rayon::prelude::*;
+    let regions: Vec<_> = layout
+        .specs
+        .iter()
+        .map(|spec| (spec, rule.scheme_for(spec.kind, spec.region.len)))
+        .filter(|(_, scheme)| *scheme != Scheme::F32)
+        .collect();
+    let rounded: Vec<(usize, Vec<f32>)> = regions
+        .par_iter()
+        .map(|(spec, scheme)| {
+            let (rows, cols) = quant_shape(spec);
+            let values = &weights[spec.region.offset..][..spec.region.len];
+            Ok((
+                spec.region.offset,
+                quantize(*scheme, values, rows, cols)?.dequantize(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    for (offset, values) in rounded {
+        weights[offset..][..values.len()].copy_from_slice(&values);
+    }
+    Ok(())
+}
+
 /// Quantizes, packs and compresses `weights` (kiln layout for `config`) into `path`.
 pub fn write(
     path: &Path,
@@ -112,10 +153,7 @@ pub fn write(
     let mut groups: Vec<SizeRow> = Vec::new();
     for spec in &layout.specs {
         let values = &weights[spec.region.offset..][..spec.region.len];
-        let (rows, cols) = match spec.shape.as_slice() {
-            [r, c] => (*r, *c),
-            _ => (1, spec.region.len),
-        };
+        let (rows, cols) = quant_shape(spec);
         let scheme = rule.scheme_for(spec.kind, spec.region.len);
         let bytes = quantize(scheme, values, rows, cols)?.pack();
         entries.push(Entry {

@@ -19,7 +19,8 @@ use crate::config::ModelConfig;
 use crate::data::{Dataset, Loader, Split};
 use crate::eval::{evaluate, EvalResult};
 use crate::fsutil::write_atomic;
-use crate::model::{AdamW, Model};
+use crate::model::{AdamW, Model, MuonAdam};
+use crate::packed::PackRule;
 use crate::runlog::StageMs;
 use crate::sample::{complete, SamplingParams};
 use crate::telemetry::{measure_matmul_peak, memory_mib, Telemetry};
@@ -88,9 +89,100 @@ pub struct TrainConfig {
     /// Also write TensorBoard event files into `RUN/tensorboard/`.
     #[serde(default)]
     pub tensorboard: bool,
+    /// AdamW for everything, or Muon for the blocks' matrices with Adam for the rest.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Muon's settings (used with `optimizer: muon`).
+    #[serde(default)]
+    pub muon: MuonConfig,
+    /// Cosine to a floor, or constant then a linear warmdown to zero.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Warmdown length in steps; under a time budget it becomes a time, from the measured
+    /// step time (the parameter-golf baseline's rule).
+    #[serde(default = "default_warmdown")]
+    pub warmdown_steps: u64,
+    /// Keep an exponential moving average of the weights with this decay; validation,
+    /// checkpoints' `ema.safetensors` and exports use the average.
+    #[serde(default)]
+    pub ema_decay: Option<f32>,
+    /// Quantization-aware training: the forward computes with the weights as this rule
+    /// quantizes them (straight-through gradients); export with the same rule.
+    #[serde(default)]
+    pub qat: Option<PackRule>,
     /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub poison_steps: Vec<u64>,
+}
+
+fn default_warmdown() -> u64 {
+    1200
+}
+
+/// The optimizer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Adamw,
+    /// Muon (blocks' matrices) + Adam (embeddings, classifier, gains, control tensors).
+    Muon,
+}
+
+/// The learning-rate schedule after warmup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Cosine from the peak to `min_lr_ratio` of it over the budget.
+    #[default]
+    Cosine,
+    /// Constant, then linear to zero over the last `warmdown_steps`.
+    Warmdown,
+}
+
+/// Muon + Adam settings; the defaults are the parameter-golf baseline's.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MuonConfig {
+    pub matrix_lr: f32,
+    pub momentum: f32,
+    /// Momentum starts here and rises linearly to `momentum` over `momentum_warmup_steps`.
+    pub momentum_warmup_start: f32,
+    pub momentum_warmup_steps: u64,
+    pub ns_steps: usize,
+    /// Adam's rate for the (tied) embedding and the bigram table.
+    pub embed_lr: f32,
+    /// Adam's rate for an untied classifier.
+    pub head_lr: f32,
+    /// Adam's rate for gains and control tensors.
+    pub scalar_lr: f32,
+}
+
+impl Default for MuonConfig {
+    fn default() -> Self {
+        MuonConfig {
+            matrix_lr: 0.04,
+            momentum: 0.95,
+            momentum_warmup_start: 0.85,
+            momentum_warmup_steps: 500,
+            ns_steps: 5,
+            embed_lr: 0.05,
+            head_lr: 0.008,
+            scalar_lr: 0.04,
+        }
+    }
+}
+
+impl MuonConfig {
+    /// Momentum at 0-based `step`.
+    pub fn momentum_at(&self, step: u64) -> f32 {
+        let frac = if self.momentum_warmup_steps == 0 {
+            1.0
+        } else {
+            (step as f32 / self.momentum_warmup_steps as f32).min(1.0)
+        };
+        (1.0 - frac) * self.momentum_warmup_start + frac * self.momentum
+    }
 }
 
 impl TrainConfig {
@@ -126,6 +218,12 @@ impl TrainConfig {
             init_from: None,
             vocab_size_override: None,
             tensorboard: false,
+            optimizer: OptimizerKind::Adamw,
+            muon: MuonConfig::default(),
+            schedule: Schedule::Cosine,
+            warmdown_steps: default_warmdown(),
+            ema_decay: None,
+            qat: None,
             poison_steps: Vec::new(),
         }
     }
@@ -183,6 +281,46 @@ impl TrainConfig {
         let floor = self.learning_rate * self.min_lr_ratio;
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos()) as f32;
         floor + (self.learning_rate - floor) * cosine
+    }
+
+    /// The schedule's multiplier of every peak rate at 0-based `step`, `elapsed` seconds in.
+    pub fn lr_multiplier(&self, step: u64, elapsed: f64) -> f32 {
+        match self.schedule {
+            Schedule::Cosine => {
+                self.learning_rate_at(step, self.progress(step, elapsed)) / self.learning_rate
+            }
+            Schedule::Warmdown => {
+                let warm = if step < self.warmup_steps {
+                    (step + 1) as f32 / self.warmup_steps as f32
+                } else {
+                    1.0
+                };
+                warm * self.warmdown(step, elapsed) as f32
+            }
+        }
+    }
+
+    /// 1 until the last `warmdown_steps` of the budget, then linearly to 0. Under a time
+    /// budget the warmdown lasts `warmdown_steps` × the mean step time so far.
+    fn warmdown(&self, step: u64, elapsed: f64) -> f64 {
+        let n = self.warmdown_steps as f64;
+        if n == 0.0 {
+            return 1.0;
+        }
+        let mut fraction: f64 = 1.0;
+        if let Some(budget) = self.time_budget_seconds {
+            let step_seconds = elapsed / step.max(1) as f64;
+            let window = n * step_seconds;
+            let remaining = (budget - elapsed).max(0.0);
+            if step > 0 && remaining <= window {
+                fraction = fraction.min(remaining / window);
+            }
+        }
+        if let Some(max) = self.max_steps {
+            let remaining = max.saturating_sub(step) as f64;
+            fraction = fraction.min((remaining / n).min(1.0));
+        }
+        fraction
     }
 }
 
@@ -348,6 +486,7 @@ impl<B: Backend> Trainer<B> {
             model.upload_params(&weights);
             eprintln!("initialised from {}", imported.source);
         }
+        Self::prepare_model(&mut model, &config)?;
         let loader = Loader::new(
             dataset.shard_paths(Split::Train),
             dataset.manifest.vocab_size,
@@ -411,6 +550,7 @@ impl<B: Backend> Trainer<B> {
         let dataset = Dataset::open(&config.data)?;
         let checkpoint_dir = checkpoint::resolve(run_dir)?;
         let mut model = Model::new(backend, config.model.clone())?;
+        Self::prepare_model(&mut model, &config)?;
         let manifest = checkpoint::load_into(
             &mut model,
             &checkpoint_dir,
@@ -484,12 +624,15 @@ impl<B: Backend> Trainer<B> {
         Ok(path)
     }
 
+    /// Validation of the weights the run will deliver: the moving average when there is one
+    /// (quantized under QAT).
     fn validate_now(
-        &self,
+        &mut self,
         val_acts: &crate::model::Activations<B>,
         val_tokens: &[u32],
     ) -> Result<EvalResult> {
-        evaluate(
+        self.model.swap_ema()?;
+        let result = evaluate(
             &self.model,
             val_acts,
             val_tokens,
@@ -497,7 +640,24 @@ impl<B: Backend> Trainer<B> {
             self.vocab_map.as_ref(),
             self.config.eval_batches,
             &mut |_, _| {},
-        )
+        );
+        self.model.swap_ema()?;
+        result
+    }
+
+    /// Turns on what the run's configuration asks of the model beyond its weights.
+    fn prepare_model(model: &mut Model<B>, config: &TrainConfig) -> Result<()> {
+        if let Some(decay) = config.ema_decay {
+            ensure!(
+                (0.0..1.0).contains(&decay),
+                "--ema decay must be in [0, 1), got {decay}"
+            );
+            model.enable_ema(decay);
+        }
+        if let Some(rule) = config.qat {
+            model.enable_qat(rule)?;
+        }
+        Ok(())
     }
 
     /// A text sample from the current weights, with the engine's own sampler.
@@ -609,7 +769,11 @@ impl<B: Backend> Trainer<B> {
                 );
             }
             let grad_norm = self.model.grad_norm();
-            let lr = cfg.learning_rate_at(self.step, cfg.progress(self.step, elapsed(self)));
+            let lr_mult = cfg.lr_multiplier(self.step, elapsed(self));
+            let lr = match cfg.optimizer {
+                OptimizerKind::Adamw => cfg.learning_rate * lr_mult,
+                OptimizerKind::Muon => cfg.muon.matrix_lr * lr_mult,
+            };
             let finite = loss.is_finite() && grad_norm.is_finite();
             if finite {
                 let scale = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip as f64 {
@@ -617,14 +781,36 @@ impl<B: Backend> Trainer<B> {
                 } else {
                     1.0
                 };
-                let hp = AdamW {
-                    learning_rate: lr,
-                    beta1: cfg.beta1,
-                    beta2: cfg.beta2,
-                    eps: cfg.adam_eps,
-                    weight_decay: cfg.weight_decay,
-                };
-                self.model.adamw_step(&hp, scale);
+                match cfg.optimizer {
+                    OptimizerKind::Adamw => {
+                        let hp = AdamW {
+                            learning_rate: lr,
+                            beta1: cfg.beta1,
+                            beta2: cfg.beta2,
+                            eps: cfg.adam_eps,
+                            weight_decay: cfg.weight_decay,
+                        };
+                        self.model.adamw_step(&hp, scale);
+                    }
+                    OptimizerKind::Muon => {
+                        let m = &cfg.muon;
+                        let hp = MuonAdam {
+                            matrix_lr: m.matrix_lr * lr_mult,
+                            momentum: m.momentum_at(self.step),
+                            ns_steps: m.ns_steps,
+                            weight_decay: cfg.weight_decay,
+                            embed_lr: m.embed_lr * lr_mult,
+                            head_lr: m.head_lr * lr_mult,
+                            scalar_lr: m.scalar_lr * lr_mult,
+                            beta1: cfg.beta1,
+                            beta2: cfg.beta2,
+                            eps: cfg.adam_eps,
+                        };
+                        self.model.muon_adam_step(&hp, scale);
+                    }
+                }
+                self.model.update_ema();
+                self.model.refresh_weights()?;
                 consecutive_bad = 0;
             } else {
                 self.skipped += 1;
@@ -656,8 +842,9 @@ impl<B: Backend> Trainer<B> {
             if !finite {
                 say!(self.echo, "step {}: non-finite loss {loss} or gradient norm {grad_norm}; step skipped ({} so far)", self.step, self.skipped);
             }
+            let step_now = self.step;
             let due =
-                |every: u64| !stop_for_bad_steps && (done || (every > 0 && self.step % every == 0));
+                |every: u64| !stop_for_bad_steps && (done || (every > 0 && step_now % every == 0));
             if due(cfg.eval_every) {
                 let t = Instant::now();
                 // The step's activations are spent: validation reuses the same arena.

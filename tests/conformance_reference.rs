@@ -40,8 +40,19 @@ fn tiny_gqa_with_qk_norm_matches_pytorch() {
 }
 
 #[test]
+fn tiny_golf_with_every_option_matches_pytorch() {
+    let backend = ReferenceBackend;
+    conformance::check_fixture(
+        backend,
+        &fixture("model_tiny-golf.safetensors"),
+        backend.tolerance(),
+    )
+    .unwrap();
+}
+
+#[test]
 fn twenty_training_steps_make_the_loss_fall() {
-    for preset in ["tiny-mha", "tiny-gqa"] {
+    for preset in ["tiny-mha", "tiny-gqa", "tiny-golf"] {
         let losses = conformance::check_training_smoke(ReferenceBackend, preset).unwrap();
         println!("{preset}: {losses:?}");
     }

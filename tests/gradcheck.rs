@@ -10,11 +10,15 @@
 //! The residual add has no backward kernel (its gradient is the identity, realised by the
 //! model's accumulation into the residual-stream gradient), so it has no check here.
 
+use kiln::backend::reference::activation::{
+    relu2_backward, relu2_forward, softcap_backward, softcap_forward,
+};
 use kiln::backend::reference::attention::{attention_backward, attention_forward, AttentionShape};
 use kiln::backend::reference::embed::{embedding_backward, embedding_forward};
 use kiln::backend::reference::matmul::{matmul_backward, matmul_forward};
 use kiln::backend::reference::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use kiln::backend::reference::rope::{rope_backward, rope_forward};
+use kiln::backend::reference::scale::{scale_backward, scale_forward};
 use kiln::backend::reference::swiglu::{swiglu_backward, swiglu_forward};
 use kiln::backend::reference::xent::{cross_entropy_backward, cross_entropy_forward};
 use kiln::backend::Accumulate;
@@ -131,12 +135,83 @@ fn rope_backward_matches_finite_differences() {
     let inp = random(&mut rng, batch * seq * heads * head_dim);
     let r = random(&mut rng, inp.len());
     let mut dinp = vec![0.0; inp.len()];
-    rope_backward(&mut dinp, &r, seq, heads, head_dim, theta);
-    check("rope dinp", &inp, &dinp, |x| {
-        let mut out = vec![0.0; x.len()];
-        rope_forward(&mut out, x, 0, seq, heads, head_dim, theta);
+    // Whole heads, and partial RoPE rotating only the first 4 of 6 dimensions.
+    for rot in [head_dim, 4] {
+        rope_backward(&mut dinp, &r, seq, heads, head_dim, rot, theta);
+        check(&format!("rope dinp rot {rot}"), &inp, &dinp, |x| {
+            let mut out = vec![0.0; x.len()];
+            rope_forward(&mut out, x, 0, seq, heads, head_dim, rot, theta);
+            dot(&out, &r)
+        });
+    }
+}
+
+#[test]
+fn partial_rope_leaves_the_unrotated_dimensions_alone() {
+    let (seq, heads, head_dim, rot) = (3, 2, 8, 4);
+    let inp: Vec<f64> = (0..seq * heads * head_dim)
+        .map(|i| i as f64 + 1.0)
+        .collect();
+    let mut out = vec![0.0; inp.len()];
+    rope_forward(&mut out, &inp, 5, seq, heads, head_dim, rot, 10000.0);
+    for (row_out, row_in) in out.chunks(head_dim).zip(inp.chunks(head_dim)) {
+        assert_eq!(row_out[rot..], row_in[rot..]);
+        assert_ne!(row_out[..rot], row_in[..rot]);
+    }
+}
+
+#[test]
+fn relu2_and_softcap_backward_match_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let n = 40;
+    let inp: Vec<f64> = random(&mut rng, n).iter().map(|x| x * 3.0).collect();
+    let r = random(&mut rng, n);
+    for slope in [0.0, 0.5] {
+        let mut dinp = vec![0.0; n];
+        relu2_backward(&mut dinp, &r, &inp, slope);
+        check(&format!("relu2 slope {slope}"), &inp, &dinp, |x| {
+            let mut out = vec![0.0; n];
+            relu2_forward(&mut out, x, slope);
+            dot(&out, &r)
+        });
+    }
+    let cap = 2.0;
+    let mut out = vec![0.0; n];
+    softcap_forward(&mut out, &inp, cap);
+    let mut dinp = vec![0.0; n];
+    softcap_backward(&mut dinp, &r, &out, cap);
+    check("softcap", &inp, &dinp, |x| {
+        let mut out = vec![0.0; n];
+        softcap_forward(&mut out, x, cap);
         dot(&out, &r)
     });
+}
+
+#[test]
+fn scale_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    for (rows, groups, inner) in [(4, 3, 1), (3, 2, 5)] {
+        let inp = random(&mut rng, rows * groups * inner);
+        let s = random(&mut rng, groups);
+        let r = random(&mut rng, inp.len());
+        let (mut dinp, mut ds) = (vec![0.0; inp.len()], vec![0.0; groups]);
+        scale_backward(
+            &mut dinp,
+            &mut ds,
+            &r,
+            &inp,
+            &s,
+            inner,
+            Accumulate::Overwrite,
+        );
+        let loss = |x: &[f64], s: &[f64]| {
+            let mut out = vec![0.0; x.len()];
+            scale_forward(&mut out, x, s, inner, Accumulate::Overwrite);
+            dot(&out, &r)
+        };
+        check("scale dinp", &inp, &dinp, |x| loss(x, &s));
+        check("scale ds", &s, &ds, |s| loss(&inp, s));
+    }
 }
 
 #[test]
@@ -147,7 +222,7 @@ fn rope_pairs_dimension_i_with_i_plus_half() {
     let mut inp = vec![0.0; seq * head_dim];
     inp[head_dim] = 1.0; // position 1, dimension 0
     let mut out = vec![0.0; inp.len()];
-    rope_forward(&mut out, &inp, 0, seq, heads, head_dim, 10000.0);
+    rope_forward(&mut out, &inp, 0, seq, heads, head_dim, head_dim, 10000.0);
     let angle: f64 = 1.0; // position 1 × frequency θ⁰
     assert!((out[head_dim] - angle.cos()).abs() < 1e-12);
     assert!((out[head_dim + head_dim / 2] - angle.sin()).abs() < 1e-12);

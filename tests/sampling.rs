@@ -19,7 +19,11 @@ fn fixture(name: &str) -> Fixture {
 
 #[test]
 fn cached_decoding_gives_the_logits_of_the_full_forward() {
-    for name in ["model_tiny-mha.safetensors", "model_tiny-gqa.safetensors"] {
+    for name in [
+        "model_tiny-mha.safetensors",
+        "model_tiny-gqa.safetensors",
+        "model_tiny-golf.safetensors",
+    ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();
         let tokens = &fixture.tokens("tokens").unwrap()[..fixture.seq];
@@ -51,7 +55,11 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
 
 #[test]
 fn greedy_decoding_matches_pytorch() {
-    for name in ["model_tiny-mha.safetensors", "model_tiny-gqa.safetensors"] {
+    for name in [
+        "model_tiny-mha.safetensors",
+        "model_tiny-gqa.safetensors",
+        "model_tiny-golf.safetensors",
+    ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();
         let prompt = fixture.tokens("greedy_prompt").unwrap();

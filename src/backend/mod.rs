@@ -39,9 +39,13 @@ pub enum Kernel {
     Rope,
     Attention,
     SwiGlu,
+    Relu2,
+    Softcap,
+    Scale,
     Residual,
     CrossEntropy,
     AdamW,
+    Muon,
 }
 
 /// Shape facts a backend may want to see before accepting a kernel.
@@ -73,6 +77,21 @@ pub struct AdamWStep {
     /// 1-based step count, for bias correction.
     pub step: u64,
     /// Multiplies the gradient before use: gradient clipping and loss-scale removal.
+    pub grad_scale: f32,
+}
+
+/// Hyper-parameters of one Muon update of one matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct MuonStep {
+    pub learning_rate: f32,
+    /// Momentum μ (the baseline warms it from 0.85 to 0.95).
+    pub momentum: f32,
+    pub nesterov: bool,
+    /// Newton–Schulz iterations (5).
+    pub ns_steps: usize,
+    /// Decoupled weight decay (0 in the baseline).
+    pub weight_decay: f32,
+    /// Multiplies the gradient first (clipping, loss-scale removal).
     pub grad_scale: f32,
 }
 
@@ -218,6 +237,8 @@ pub trait Backend: Send + Sync {
     /// `start_pos + t` (non-zero when decoding with a KV cache).
     /// Half-split pairing (dimension `i` with `i + D/2`), as Hugging Face Llama and Qwen3 do;
     /// llama2.c pairs neighbours (`2i`, `2i+1`), and its weights are permuted on import.
+    /// Only the first `rot_dims` (even, ≤ D) dimensions of a head rotate, as a head of that
+    /// width (partial RoPE); the rest are copied. `rot_dims = D` is ordinary RoPE.
     fn rope_forward(
         &self,
         out: View<Self>,
@@ -226,6 +247,7 @@ pub trait Backend: Send + Sync {
         seq: usize,
         heads: usize,
         head_dim: usize,
+        rot_dims: usize,
         theta: f32,
         start_pos: usize,
     );
@@ -238,6 +260,7 @@ pub trait Backend: Send + Sync {
         seq: usize,
         heads: usize,
         head_dim: usize,
+        rot_dims: usize,
         theta: f32,
     );
 
@@ -311,12 +334,68 @@ pub trait Backend: Send + Sync {
         n: usize,
     );
 
+    // ---- activation (golf family) ------------------------------------------------------
+
+    /// `out = r(x)²` elementwise over `n`, `r(x) = x > 0 ? x : slope·x` (slope 0: ReLU²).
+    fn relu2_forward(&self, out: View<Self>, inp: View<Self>, n: usize, slope: f32);
+    /// `dinp` (overwritten) from `dout` and the forward's input.
+    fn relu2_backward(
+        &self,
+        dinp: View<Self>,
+        dout: View<Self>,
+        inp: View<Self>,
+        n: usize,
+        slope: f32,
+    );
+    /// Logit soft cap `out = cap · tanh(inp / cap)` elementwise over `n`.
+    fn softcap_forward(&self, out: View<Self>, inp: View<Self>, n: usize, cap: f32);
+    /// `dinp = dout · (1 − (out/cap)²)` (overwritten), from the forward's output.
+    fn softcap_backward(
+        &self,
+        dinp: View<Self>,
+        dout: View<Self>,
+        out: View<Self>,
+        n: usize,
+        cap: f32,
+    );
+
+    // ---- scale -------------------------------------------------------------------------
+
+    /// `out (rows, G, inner) (=|+=) inp ⊙ s[g]` for a learnable `s (G)`: per-channel scales
+    /// (`inner` 1), the per-head q gain (`G` = H, `inner` = D), a scalar (`G` 1).
+    fn scale_forward(
+        &self,
+        out: View<Self>,
+        inp: View<Self>,
+        s: View<Self>,
+        rows: usize,
+        groups: usize,
+        inner: usize,
+        mode: Accumulate,
+    );
+    /// `dinp (=|+=) dout ⊙ s` (per `mode`), and `ds += Σ dout ⊙ inp` (a parameter gradient).
+    fn scale_backward(
+        &self,
+        dinp: View<Self>,
+        ds: View<Self>,
+        dout: View<Self>,
+        inp: View<Self>,
+        s: View<Self>,
+        rows: usize,
+        groups: usize,
+        inner: usize,
+        mode: Accumulate,
+    );
+
     // ---- residual ----------------------------------------------------------------------
 
     /// `out = a + b`, elementwise over `n`. Its backward is the identity on both inputs: the
     /// model passes the residual-stream gradient to the branch and adds the branch's input
     /// gradient back into it ([`Accumulate::Add`]), so no kernel is needed.
     fn residual_forward(&self, out: View<Self>, a: View<Self>, b: View<Self>, n: usize);
+    /// `out += inp`: where a gradient reaches the residual stream by a second path (a U-Net
+    /// skip, the golf block's `x0`).
+    fn accumulate(&self, out: View<Self>, inp: View<Self>);
 
     // ---- cross-entropy -----------------------------------------------------------------
 
@@ -355,5 +434,18 @@ pub trait Backend: Send + Sync {
         m: View<Self>,
         v: View<Self>,
         hp: &AdamWStep,
+    );
+    /// `ema ← decay·ema + (1 − decay)·params` (the moving average of the weights).
+    fn ema_update(&self, ema: View<Self>, params: View<Self>, decay: f32);
+    /// One Muon update of the matrix `params (rows, cols)` from `grads`, with momentum buffer
+    /// `momentum` (see `reference::muon` for the exact recurrence).
+    fn muon_step(
+        &self,
+        params: View<Self>,
+        grads: View<Self>,
+        momentum: View<Self>,
+        rows: usize,
+        cols: usize,
+        hp: &MuonStep,
     );
 }

@@ -101,6 +101,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
         norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         qk_norm: arch == QWEN3,
         tie_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
+        arch: Default::default(),
     };
     config
         .validate()

@@ -57,6 +57,9 @@ pub fn to_interleaved(w: &[f32], cols: usize, head_dim: usize) -> Vec<f32> {
 
 /// One tensor of every layer, in llama2.c's group order; `rotary` marks q and k, whose rows
 /// are permuted between RoPE conventions.
+/// Export refuses golf-family models (see `interop::export`) before these are read.
+const LLAMA: &str = "a Llama block has norm gains and a gate";
+
 #[derive(Clone, Copy)]
 struct Group {
     pick: fn(&LayerParams) -> Region,
@@ -67,7 +70,7 @@ struct Group {
 /// norm, w1 (gate), w2 (down), w3 (up).
 const GROUPS: [Group; 9] = [
     Group {
-        pick: |w| w.attn_norm,
+        pick: |w| w.attn_norm.expect(LLAMA),
         rotary: false,
     },
     Group {
@@ -87,11 +90,11 @@ const GROUPS: [Group; 9] = [
         rotary: false,
     },
     Group {
-        pick: |w| w.ffn_norm,
+        pick: |w| w.ffn_norm.expect(LLAMA),
         rotary: false,
     },
     Group {
-        pick: |w| w.w_gate,
+        pick: |w| w.w_gate.expect(LLAMA),
         rotary: false,
     },
     Group {
@@ -171,6 +174,7 @@ fn config_from_header(
         norm_eps: 1e-5,
         qk_norm: false,
         tie_embeddings: shared,
+        arch: Default::default(),
     };
     config
         .validate()
@@ -273,12 +277,12 @@ pub fn read(path: &Path) -> Result<Llama2cModel> {
         for group in g {
             read_group(&mut weights, &mut cursor, group);
         }
-        put(&mut weights, &mut cursor, layout.final_norm);
+        put(&mut weights, &mut cursor, layout.final_norm.expect(LLAMA));
         cursor.take(rope_tables);
     } else {
         read_group(&mut weights, &mut cursor, g[0]);
         read_group(&mut weights, &mut cursor, g[5]);
-        put(&mut weights, &mut cursor, layout.final_norm);
+        put(&mut weights, &mut cursor, layout.final_norm.expect(LLAMA));
         put(&mut weights, &mut cursor, layout.embedding);
         for group in [g[1], g[2], g[3], g[4], g[6], g[7], g[8]] {
             read_group(&mut weights, &mut cursor, group);
@@ -347,7 +351,7 @@ pub fn write_legacy(path: &Path, config: &ModelConfig, weights: &[f32]) -> Resul
             }
         }
     }
-    write(get(layout.final_norm));
+    write(get(layout.final_norm.expect(LLAMA)));
     // freq_cis_real and freq_cis_imag, as llama2.c's precompute_freqs_cis makes them (run.c
     // skips them and computes RoPE itself).
     let half = hd / 2;

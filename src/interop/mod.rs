@@ -88,7 +88,14 @@ pub fn import(path: &Path, tokenizer: Option<&Path>) -> Result<Imported> {
         let dir = checkpoint::resolve(path)?;
         let manifest = checkpoint::read_manifest(&dir)?;
         let layout = ParamLayout::new(&manifest.model);
-        let tensors = checkpoint::read_f32_tensors(&dir.join("model.safetensors"))?;
+        // A run trained with --ema delivers the moving average of its weights.
+        let ema = dir.join(checkpoint::EMA_FILE);
+        let file = if ema.exists() {
+            ema
+        } else {
+            dir.join("model.safetensors")
+        };
+        let tensors = checkpoint::read_f32_tensors(&file)?;
         let mut weights = vec![0f32; layout.total_len()];
         for spec in &layout.specs {
             let (_, values) = tensors
@@ -214,6 +221,16 @@ pub fn export(source: &Path, format: ExportFormat, out: &Path) -> Result<PathBuf
         }
         _ => (imported.config.clone(), imported.weights.clone()),
     };
+    ensure!(
+        config.arch.is_llama(),
+        "{}: this model uses golf-family architecture options ({}), which the {} format cannot hold; export it with --format packed",
+        source.display(),
+        serde_json::to_string(&config.arch)?,
+        match format {
+            ExportFormat::Hf => "Hugging Face",
+            ExportFormat::Llama2c => "llama2.c",
+        }
+    );
     match format {
         ExportFormat::Hf => {
             let bos = imported.tokenizer.as_ref().and_then(Tokenizer::bos);

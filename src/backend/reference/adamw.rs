@@ -47,3 +47,11 @@ pub fn sum_squares<T: Real>(x: &[T]) -> f64 {
         .collect();
     partial.iter().sum()
 }
+
+/// `ema ← decay·ema + (1 − decay)·params`, as `torch.lerp(ema, params, 1 − decay)`.
+pub fn ema_update<T: Real>(ema: &mut [T], params: &[T], decay: f32) {
+    let d = T::from_f32(decay).unwrap();
+    ema.par_iter_mut()
+        .zip(params.par_iter())
+        .for_each(|(e, &p)| *e = d * *e + (T::one() - d) * p);
+}

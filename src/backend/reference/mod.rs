@@ -6,12 +6,15 @@
 //! kernel family. [`ReferenceBackend`] runs them in f32 behind the [`Backend`] trait; the
 //! finite-difference tests run the very same functions in f64.
 
+pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod embed;
 pub mod matmul;
+pub mod muon;
 pub mod rmsnorm;
 pub mod rope;
+pub mod scale;
 pub mod swiglu;
 pub mod xent;
 
@@ -20,7 +23,7 @@ use std::fmt::Debug;
 
 use num_traits::{Float, FromPrimitive, NumAssign};
 
-use super::{Accumulate, AdamWStep, Backend, Kernel, ShapeHint, Tolerance, View};
+use super::{Accumulate, AdamWStep, Backend, Kernel, MuonStep, ShapeHint, Tolerance, View};
 use attention::AttentionShape;
 
 /// The float types the reference kernels run in: f32 for training, f64 for gradient checks.
@@ -313,6 +316,7 @@ impl Backend for ReferenceBackend {
         seq: usize,
         heads: usize,
         head_dim: usize,
+        rot_dims: usize,
         theta: f32,
         start_pos: usize,
     ) {
@@ -325,6 +329,7 @@ impl Backend for ReferenceBackend {
             seq,
             heads,
             head_dim,
+            rot_dims,
             theta as f64,
         );
     }
@@ -337,11 +342,13 @@ impl Backend for ReferenceBackend {
         seq: usize,
         heads: usize,
         head_dim: usize,
+        rot_dims: usize,
         theta: f32,
     ) {
         assert_eq!(dout.len, batch * seq * heads * head_dim);
         let d = self.write(dinp, &[dout]);
-        rope::rope_backward(d, self.read(dout), seq, heads, head_dim, theta as f64);
+        let dout = self.read(dout);
+        rope::rope_backward(d, dout, seq, heads, head_dim, rot_dims, theta as f64);
     }
 
     fn attention_saved_len(&self, batch: usize, seq: usize, heads: usize) -> usize {
@@ -448,10 +455,75 @@ impl Backend for ReferenceBackend {
         swiglu::swiglu_backward(dg, du, self.read(dout), self.read(gate), self.read(up));
     }
 
+    fn relu2_forward(&self, out: V, inp: V, n: usize, slope: f32) {
+        assert_eq!(inp.len, n);
+        let o = self.write(out, &[inp]);
+        activation::relu2_forward(o, self.read(inp), slope);
+    }
+
+    fn relu2_backward(&self, dinp: V, dout: V, inp: V, n: usize, slope: f32) {
+        assert_eq!(inp.len, n);
+        let d = self.write(dinp, &[dout, inp]);
+        activation::relu2_backward(d, self.read(dout), self.read(inp), slope);
+    }
+
+    fn softcap_forward(&self, out: V, inp: V, n: usize, cap: f32) {
+        assert_eq!(inp.len, n);
+        let o = self.write(out, &[inp]);
+        activation::softcap_forward(o, self.read(inp), cap);
+    }
+
+    fn softcap_backward(&self, dinp: V, dout: V, out: V, n: usize, cap: f32) {
+        assert_eq!(out.len, n);
+        let d = self.write(dinp, &[dout, out]);
+        activation::softcap_backward(d, self.read(dout), self.read(out), cap);
+    }
+
+    fn scale_forward(
+        &self,
+        out: V,
+        inp: V,
+        s: V,
+        rows: usize,
+        groups: usize,
+        inner: usize,
+        mode: Accumulate,
+    ) {
+        assert_eq!((inp.len, s.len), (rows * groups * inner, groups));
+        let o = self.write(out, &[inp, s]);
+        scale::scale_forward(o, self.read(inp), self.read(s), inner, mode);
+    }
+
+    fn scale_backward(
+        &self,
+        dinp: V,
+        ds: V,
+        dout: V,
+        inp: V,
+        s: V,
+        rows: usize,
+        groups: usize,
+        inner: usize,
+        mode: Accumulate,
+    ) {
+        assert_eq!((inp.len, s.len), (rows * groups * inner, groups));
+        let inputs = [dout, inp, s];
+        let di = self.write(dinp, &[&inputs[..], &[ds]].concat());
+        let g = self.write(ds, &inputs);
+        let (dout, inp, s) = (self.read(dout), self.read(inp), self.read(s));
+        scale::scale_backward(di, g, dout, inp, s, inner, mode);
+    }
+
     fn residual_forward(&self, out: V, a: V, b: V, n: usize) {
         assert_eq!(a.len, n);
         let o = self.write(out, &[a, b]);
         swiglu::residual_forward(o, self.read(a), self.read(b));
+    }
+
+    fn accumulate(&self, out: V, inp: V) {
+        assert_eq!(out.len, inp.len);
+        let o = self.write(out, &[inp]);
+        swiglu::accumulate(o, self.read(inp));
     }
 
     fn cross_entropy_forward(
@@ -496,5 +568,17 @@ impl Backend for ReferenceBackend {
         let mm = self.write(m, &[grads, v]);
         let vv = self.write(v, &[grads]);
         adamw::adamw_step(p, self.read(grads), mm, vv, hp);
+    }
+
+    fn ema_update(&self, ema: V, params: V, decay: f32) {
+        let e = self.write(ema, &[params]);
+        adamw::ema_update(e, self.read(params), decay);
+    }
+
+    fn muon_step(&self, params: V, grads: V, momentum: V, rows: usize, cols: usize, hp: &MuonStep) {
+        assert_eq!(params.len, rows * cols);
+        let p = self.write(params, &[grads, momentum]);
+        let m = self.write(momentum, &[grads]);
+        muon::muon_step(p, self.read(grads), m, rows, cols, hp);
     }
 }

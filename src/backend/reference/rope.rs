@@ -1,6 +1,9 @@
 //! Rotary position embedding, half-split pairing (Hugging Face `rotate_half`): dimension `i`
 //! of a head rotates with dimension `i + D/2` by angle `t · θ^(−2i/D)`. llama2.c pairs
 //! neighbours (`2i`, `2i+1`) instead; its q/k weights are permuted on import and export.
+//!
+//! Partial RoPE rotates only the first `R` (`rot_dims`) dimensions of each head, as a head of
+//! width `R` (pairs `i`, `i + R/2`, angle `t · θ^(−2i/R)`); dimensions `R..D` pass through.
 
 use rayon::prelude::*;
 
@@ -8,13 +11,13 @@ use super::Real;
 
 /// `(cos, sin)` tables of shape `(seq, D/2)` for positions `start_pos..start_pos + seq`,
 /// computed in f64.
-fn tables<T: Real>(start_pos: usize, seq: usize, head_dim: usize, theta: f64) -> (Vec<T>, Vec<T>) {
-    let half = head_dim / 2;
+fn tables<T: Real>(start_pos: usize, seq: usize, rot_dims: usize, theta: f64) -> (Vec<T>, Vec<T>) {
+    let half = rot_dims / 2;
     let mut cos = Vec::with_capacity(seq * half);
     let mut sin = Vec::with_capacity(seq * half);
     for t in start_pos..start_pos + seq {
         for i in 0..half {
-            let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            let inv_freq = 1.0 / theta.powf((2 * i) as f64 / rot_dims as f64);
             let angle = t as f64 * inv_freq;
             cos.push(T::from_f64(angle.cos()).unwrap());
             sin.push(T::from_f64(angle.sin()).unwrap());
@@ -33,12 +36,17 @@ fn rotate<T: Real>(
     seq: usize,
     heads: usize,
     head_dim: usize,
+    rot_dims: usize,
     theta: f64,
     direction: T,
 ) {
     assert_eq!(out.len(), inp.len());
-    let half = head_dim / 2;
-    let (cos, sin) = tables::<T>(start_pos, seq, head_dim, theta);
+    assert!(
+        rot_dims <= head_dim && rot_dims % 2 == 0,
+        "rope: bad rot_dims {rot_dims}"
+    );
+    let half = rot_dims / 2;
+    let (cos, sin) = tables::<T>(start_pos, seq, rot_dims, theta);
     let row = heads * head_dim;
     out.par_chunks_mut(row)
         .zip(inp.par_chunks(row))
@@ -55,6 +63,8 @@ fn rotate<T: Real>(
                     y[base + i] = a * c - b * s;
                     y[base + i + half] = b * c + a * s;
                 }
+                y[base + rot_dims..base + head_dim]
+                    .copy_from_slice(&x[base + rot_dims..base + head_dim]);
             }
         });
 }
@@ -66,9 +76,20 @@ pub fn rope_forward<T: Real>(
     seq: usize,
     heads: usize,
     head_dim: usize,
+    rot_dims: usize,
     theta: f64,
 ) {
-    rotate(out, inp, start_pos, seq, heads, head_dim, theta, T::one());
+    rotate(
+        out,
+        inp,
+        start_pos,
+        seq,
+        heads,
+        head_dim,
+        rot_dims,
+        theta,
+        T::one(),
+    );
 }
 
 pub fn rope_backward<T: Real>(
@@ -77,7 +98,18 @@ pub fn rope_backward<T: Real>(
     seq: usize,
     heads: usize,
     head_dim: usize,
+    rot_dims: usize,
     theta: f64,
 ) {
-    rotate(dinp, dout, 0, seq, heads, head_dim, theta, -T::one());
+    rotate(
+        dinp,
+        dout,
+        0,
+        seq,
+        heads,
+        head_dim,
+        rot_dims,
+        theta,
+        -T::one(),
+    );
 }

@@ -33,3 +33,10 @@ pub fn residual_forward<T: Real>(out: &mut [T], a: &[T], b: &[T]) {
         .zip(a.par_iter().zip(b.par_iter()))
         .for_each(|(y, (&a, &b))| *y = a + b);
 }
+
+/// `out += inp`.
+pub fn accumulate<T: Real>(out: &mut [T], inp: &[T]) {
+    out.par_iter_mut()
+        .zip(inp.par_iter())
+        .for_each(|(y, &x)| *y += x);
+}

@@ -1,0 +1,337 @@
+//! The compact-model ("golf") training path end to end on a tiny model: Muon against
+//! PyTorch, quantization-aware training through export and reload, the moving average,
+//! sliding-window evaluation, and the schedule.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kiln::backend::reference::muon::muon_step;
+use kiln::backend::reference::ReferenceBackend;
+use kiln::backend::MuonStep;
+use kiln::config::ModelConfig;
+use kiln::conformance::assert_close;
+use kiln::data::{prepare, Dataset, Split, TokenizerSpec};
+use kiln::model::Model;
+use kiln::packed::{self, PackRule};
+use kiln::quant::Scheme;
+use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-golf-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small corpus of repetitive text, prepared with a 320-token BPE.
+fn corpus(dir: &Path) -> PathBuf {
+    let words = [
+        "the", "king", "speaks", "to", "a", "fool", "in", "winter", "and", "sings",
+    ];
+    let mut state = 5u64;
+    let mut text = String::new();
+    for i in 0..3000 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(words[(state >> 33) as usize % words.len()]);
+        text.push(if i % 9 == 8 { '\n' } else { ' ' });
+    }
+    let input = dir.join("text");
+    fs::create_dir_all(&input).unwrap();
+    fs::write(input.join("a.txt"), &text).unwrap();
+    let out = dir.join("data");
+    prepare(&[input], &out, TokenizerSpec::TrainBpe(320), 0.1).unwrap();
+    out
+}
+
+/// tiny-golf (every golf option) trained with Muon and the warmdown schedule.
+fn golf_config(data: PathBuf, steps: u64) -> TrainConfig {
+    let mut config = TrainConfig::new(ModelConfig::preset("tiny-golf").unwrap(), data);
+    config.batch = 4;
+    config.seq = 16;
+    config.max_steps = Some(steps);
+    config.optimizer = OptimizerKind::Muon;
+    config.schedule = Schedule::Warmdown;
+    config.warmdown_steps = steps / 4;
+    config.warmup_steps = 0;
+    config.weight_decay = 0.0;
+    config.grad_clip = 0.0;
+    config.muon.matrix_lr = 0.02;
+    config.muon.embed_lr = 0.02;
+    config.muon.scalar_lr = 0.02;
+    config.eval_every = 0;
+    config.eval_batches = 0;
+    config.checkpoint_every = 0;
+    config
+}
+
+#[test]
+fn muon_matches_pytorch() {
+    // Written by scripts/make_fixtures.py (make_muon) with lr 0.05, momentum 0.9.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/muon.safetensors");
+    let fixture = kiln::checkpoint::read_f32_tensors(&path).unwrap();
+    let get = |name: String| fixture[&name].1.clone();
+    for (rows, cols) in [(8, 8), (6, 10), (12, 5)] {
+        let key = format!("{rows}x{cols}");
+        let mut p = get(format!("param.{key}"));
+        let grads = get(format!("grads.{key}"));
+        let want: Vec<f64> = get(format!("want.{key}"))
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let mut buf = vec![0.0; p.len()];
+        let hp = MuonStep {
+            learning_rate: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+            ns_steps: 5,
+            weight_decay: 0.0,
+            grad_scale: 1.0,
+        };
+        for g in grads.chunks(p.len()) {
+            muon_step(&mut p, g, &mut buf, rows, cols, &hp);
+        }
+        // Three f32 steps of five Newton–Schulz iterations each (products of up to 15
+        // matrices of entries ~1) against float64: agreement to ~1e-5 of the unit scale.
+        let tol = kiln::backend::Tolerance {
+            atol: 2e-5,
+            rtol: 1e-4,
+        };
+        assert_close(&format!("muon {key}"), &p, &want, tol).unwrap();
+    }
+}
+
+#[test]
+fn momentum_warms_up_and_the_warmdown_reaches_zero() {
+    let config = golf_config(PathBuf::from("unused"), 100);
+    let m = config.muon;
+    assert_eq!(m.momentum_at(0), 0.85);
+    assert!((m.momentum_at(250) - 0.90).abs() < 1e-6);
+    assert_eq!(m.momentum_at(5000), 0.95);
+    // 100 steps, warmdown over the last 25.
+    assert_eq!(config.lr_multiplier(0, 0.0), 1.0);
+    assert_eq!(config.lr_multiplier(75, 0.0), 1.0);
+    assert!((config.lr_multiplier(90, 0.0) - 0.4).abs() < 1e-6);
+    assert!((config.lr_multiplier(99, 0.0) - 0.04).abs() < 1e-6);
+    // Under a 100 s budget at 5 s/step, 25 steps of warmdown are the last 125 s: all of it
+    // from the start; with 50 s left, 50/125 of the rate.
+    let mut timed = config.clone();
+    timed.max_steps = None;
+    timed.time_budget_seconds = Some(100.0);
+    timed.warmdown_steps = 25;
+    assert!((timed.lr_multiplier(10, 50.0) - 0.4).abs() < 1e-6);
+    timed.warmdown_steps = 2;
+    assert_eq!(timed.lr_multiplier(10, 50.0), 1.0);
+}
+
+#[test]
+fn qat_trains_exports_and_reloads_without_a_gap() {
+    let dir = temp_dir("qat");
+    let data = corpus(&dir);
+    let int8 = Scheme::Int {
+        bits: 8,
+        percentile: 99.99984,
+    };
+    for (name, scheme) in [("ternary", Scheme::Ternary), ("int8", int8)] {
+        let rule = PackRule {
+            matrices: scheme,
+            embedding: int8,
+            small_max: 64,
+        };
+        let mut config = golf_config(data.clone(), 24);
+        config.qat = Some(rule);
+        let run = dir.join(name);
+        let mut trainer = Trainer::create(ReferenceBackend, config, &run).unwrap();
+        trainer.print_every = 0;
+        let report = trainer.run().unwrap();
+        let (first, last) = (report.losses[0], *report.losses.last().unwrap());
+        assert!(
+            last < first - 1.0,
+            "{name}: QAT loss must fall: {:?}",
+            report.losses
+        );
+
+        // The export, reloaded alone, holds exactly the weights QAT computed with.
+        let out = dir.join(format!("{name}-packed"));
+        let (path, _) = kiln::interop::export_packed(&run, &out, rule).unwrap();
+        let artifact = packed::read(&path).unwrap();
+        let trained = kiln::interop::import(&run, None).unwrap();
+        let mut seen = trained.weights.clone();
+        packed::fake_quantize(
+            &kiln::model::ParamLayout::new(&trained.config),
+            &rule,
+            &mut seen,
+        )
+        .unwrap();
+        assert_eq!(
+            artifact.weights, seen,
+            "{name}: export differs from the QAT forward"
+        );
+
+        // So the artifact scores what the QAT model scored in training.
+        let dataset = Dataset::open(&data).unwrap();
+        let tokens = dataset.read_all(Split::Val).unwrap();
+        let score = |model: &Model<ReferenceBackend>| {
+            let acts = model.activations(4, 16).unwrap();
+            kiln::eval::evaluate(
+                &model,
+                &acts,
+                &tokens,
+                &dataset.tokenizer,
+                None,
+                0,
+                &mut |_, _| {},
+            )
+            .unwrap()
+            .bits_per_byte
+        };
+        let reloaded = Model::new(ReferenceBackend, artifact.config.clone()).unwrap();
+        reloaded.upload_params(&artifact.weights);
+        let mut qat_model = Model::new(ReferenceBackend, trained.config.clone()).unwrap();
+        qat_model.upload_params(&trained.weights);
+        qat_model.enable_qat(rule).unwrap();
+        let gap = score(&reloaded) - score(&qat_model);
+        assert!(gap.abs() < 1e-4, "{name}: round-trip gap {gap} bits/byte");
+        // The trainer's own validation saw the quantized weights, not the f32 ones.
+        let trainer_bpb = report.val.unwrap().bits_per_byte;
+        assert!(
+            (trainer_bpb - score(&qat_model)).abs() < 1e-6,
+            "{name}: {trainer_bpb}"
+        );
+        let plain = Model::new(ReferenceBackend, trained.config.clone()).unwrap();
+        plain.upload_params(&trained.weights);
+        // (int8 moves the score only slightly on this tiny model; ternary by far more.)
+        let moved = (score(&plain) - trainer_bpb).abs();
+        let least = if name == "ternary" { 1e-3 } else { 0.0 };
+        assert!(
+            moved > least,
+            "{name}: QAT was not in the forward ({moved})"
+        );
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_moving_average_is_checkpointed_exported_and_resumed_exactly() {
+    let dir = temp_dir("ema");
+    let data = corpus(&dir);
+    let mut config = golf_config(data, 9);
+    config.ema_decay = Some(0.5);
+    config.checkpoint_every = 3;
+    let train = |run: &Path, stop: Option<u64>| {
+        let mut t = Trainer::create(ReferenceBackend, config.clone(), run).unwrap();
+        t.print_every = 0;
+        t.run_until(stop).unwrap()
+    };
+    let straight = train(&dir.join("straight"), None);
+    // Stopped after 6 steps, resumed to the end: the same losses and the same average.
+    train(&dir.join("split"), Some(6));
+    let mut resumed = Trainer::resume(ReferenceBackend, &dir.join("split"), None).unwrap();
+    resumed.print_every = 0;
+    let tail = resumed.run().unwrap();
+    assert_eq!(&straight.losses[6..], &tail.losses[..]);
+    let last = |run: &str| kiln::checkpoint::resolve(&dir.join(run)).unwrap();
+    let ema = |run: &str| {
+        kiln::checkpoint::read_f32_tensors(&last(run).join(kiln::checkpoint::EMA_FILE)).unwrap()
+    };
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    assert_eq!(ema("straight")[name].1, ema("split")[name].1);
+    let raw =
+        kiln::checkpoint::read_f32_tensors(&last("straight").join("model.safetensors")).unwrap();
+    assert_ne!(
+        raw[name].1,
+        ema("straight")[name].1,
+        "the average is not the last weights"
+    );
+    // Exports (and evaluation) take the average.
+    let imported = kiln::interop::import(&dir.join("straight"), None).unwrap();
+    let layout = kiln::model::ParamLayout::new(&imported.config);
+    let region = layout.find(name).unwrap().region;
+    assert_eq!(
+        &imported.weights[region.offset..][..region.len],
+        &ema("straight")[name].1[..]
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn sliding_windows_score_each_target_once_with_its_context() {
+    let dir = temp_dir("sliding");
+    let data = corpus(&dir);
+    let dataset = Dataset::open(&data).unwrap();
+    let tokens = &dataset.read_all(Split::Val).unwrap()[..200];
+    let mut config = ModelConfig::preset("tiny-golf").unwrap();
+    config.vocab_size = dataset.manifest.vocab_size;
+    let mut model = Model::new(ReferenceBackend, config).unwrap();
+    model.init_random(3);
+    let (seq, stride) = (16, 5);
+    // Independently: each window alone, its last `stride` targets (all of the first's).
+    let one = model.activations(1, seq).unwrap();
+    let (mut nats, mut count, mut bytes) = (0f64, 0usize, 0usize);
+    let mut start = 0;
+    while start + seq < tokens.len() {
+        let (x, y) = (
+            &tokens[start..start + seq],
+            &tokens[start + 1..start + seq + 1],
+        );
+        model.forward(&one, x, Some(y));
+        let losses = model.download_losses(&one);
+        let from = if start == 0 { 0 } else { seq - stride };
+        nats += losses[from..].iter().map(|&l| l as f64).sum::<f64>();
+        count += seq - from;
+        bytes += kiln::eval::target_bytes(&dataset.tokenizer, &x[from..], &y[from..])
+            .iter()
+            .sum::<usize>();
+        start += stride;
+    }
+    // Batched three windows at a time (the last batch padded).
+    let acts = model.activations(3, seq).unwrap();
+    let got = kiln::eval::evaluate_sliding(
+        &model,
+        &acts,
+        tokens,
+        &dataset.tokenizer,
+        None,
+        stride,
+        0,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(got.tokens, count);
+    assert_eq!(
+        got.tokens,
+        tokens.len() - 1 - (tokens.len() - 1 - seq) % stride
+    );
+    assert_eq!(got.bytes, bytes);
+    assert!(
+        (got.loss - nats / count as f64).abs() < 1e-5,
+        "{} vs {}",
+        got.loss,
+        nats / count as f64
+    );
+    // stride = seq is the plain evaluation.
+    let plain = kiln::eval::evaluate(
+        &model,
+        &acts,
+        tokens,
+        &dataset.tokenizer,
+        None,
+        0,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let same = kiln::eval::evaluate_sliding(
+        &model,
+        &acts,
+        tokens,
+        &dataset.tokenizer,
+        None,
+        seq,
+        0,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!((plain.tokens, plain.bytes), (same.tokens, same.bytes));
+    fs::remove_dir_all(dir).unwrap();
+}
