@@ -243,6 +243,38 @@ pub fn config_differences(a: &ModelConfig, b: &ModelConfig) -> Vec<String> {
     out
 }
 
+/// The weights a checkpoint delivers (to evaluation, sampling, export): the moving average
+/// when the run kept one (`--ema`), else `model.safetensors`.
+pub fn weights_file(dir: &Path) -> PathBuf {
+    let ema = dir.join(EMA_FILE);
+    if ema.exists() {
+        ema
+    } else {
+        dir.join("model.safetensors")
+    }
+}
+
+/// Every parameter of `layout` from a safetensors file, in arena order, refusing a missing
+/// tensor or a wrong shape by name.
+pub fn read_weights(path: &Path, layout: &crate::model::ParamLayout) -> Result<Vec<f32>> {
+    let tensors = read_f32_tensors(path)?;
+    let mut host = vec![0f32; layout.total_len()];
+    for spec in &layout.specs {
+        let (shape, values) = tensors
+            .get(&spec.name)
+            .with_context(|| format!("{}: no tensor '{}'", path.display(), spec.name))?;
+        ensure!(
+            shape == &spec.shape,
+            "{}: '{}' has shape {shape:?}, expected {:?}",
+            path.display(),
+            spec.name,
+            spec.shape
+        );
+        host[spec.region.offset..][..spec.region.len].copy_from_slice(values);
+    }
+    Ok(host)
+}
+
 /// The moving average of the weights, beside `model.safetensors` in a checkpoint of a run
 /// trained with `--ema`.
 pub const EMA_FILE: &str = "ema.safetensors";
@@ -273,30 +305,12 @@ pub fn load_into<B: Backend>(
             manifest.tokenizer_sha256
         );
     }
-    // For inference (no optimizer state) a run trained with --ema delivers its average.
-    let file = match dir.join(EMA_FILE) {
-        ema if !with_optimizer && ema.exists() => ema,
-        _ => dir.join("model.safetensors"),
+    let file = if with_optimizer {
+        dir.join("model.safetensors")
+    } else {
+        weights_file(dir)
     };
-    let weights = read_f32_tensors(&file)?;
-    let mut host = vec![0f32; model.param_count()];
-    for spec in &model.layout.specs {
-        let (shape, values) = weights.get(&spec.name).with_context(|| {
-            format!(
-                "{}: model.safetensors has no '{}'",
-                dir.display(),
-                spec.name
-            )
-        })?;
-        ensure!(
-            shape == &spec.shape,
-            "{}: '{}' has shape {shape:?}, expected {:?}",
-            dir.display(),
-            spec.name,
-            spec.shape
-        );
-        host[spec.region.offset..][..spec.region.len].copy_from_slice(values);
-    }
+    let host = read_weights(&file, &model.layout)?;
     model.upload_params(&host);
     if with_optimizer {
         let moments = read_f32_tensors(&dir.join("optimizer.safetensors"))?;
@@ -321,20 +335,7 @@ pub fn load_into<B: Backend>(
         if let Some((_, ema)) = &model.ema {
             let path = dir.join(EMA_FILE);
             if path.exists() {
-                let tensors = read_f32_tensors(&path)?;
-                let mut host = vec![0f32; model.param_count()];
-                for spec in &model.layout.specs {
-                    let (_, values) = tensors.get(&spec.name).with_context(|| {
-                        format!("{}: {EMA_FILE} has no '{}'", dir.display(), spec.name)
-                    })?;
-                    ensure!(
-                        values.len() == spec.region.len,
-                        "{}: '{}' in {EMA_FILE} has the wrong size",
-                        dir.display(),
-                        spec.name
-                    );
-                    host[spec.region.offset..][..spec.region.len].copy_from_slice(values);
-                }
+                let host = read_weights(&path, &model.layout)?;
                 let n = model.param_count();
                 model
                     .backend

@@ -33,16 +33,12 @@ pub struct PackRule {
 
 impl PackRule {
     pub fn scheme_for(&self, kind: ParamKind, len: usize) -> Scheme {
-        if kind == ParamKind::Control {
+        match kind {
             // The golf block's scales, mixes and gains: few values, large effect (the
             // baseline keeps its "control tensors" in f32 too).
-            return Scheme::F32;
-        }
-        if len <= self.small_max {
-            return Scheme::F16;
-        }
-        match kind {
-            ParamKind::NormGain | ParamKind::Control => Scheme::F16,
+            ParamKind::Control => Scheme::F32,
+            _ if len <= self.small_max => Scheme::F16,
+            ParamKind::NormGain => Scheme::F16,
             ParamKind::Embedding => self.embedding,
             ParamKind::Matrix | ParamKind::ResidualMatrix => self.matrices,
         }
@@ -91,14 +87,14 @@ pub struct PackReport {
 }
 
 fn group_of(name: &str) -> &'static str {
-    if name.contains("embed_tokens") || name.contains("lm_head") {
+    if name.contains("embed_tokens") || name.contains("bigram_embed") || name.contains("lm_head") {
         "embedding / classifier"
     } else if name.contains("self_attn") && name.ends_with("proj.weight") {
         "attention matrices"
     } else if name.contains("mlp.") {
         "MLP matrices"
     } else {
-        "norms"
+        "norms and control tensors"
     }
 }
 

@@ -88,27 +88,7 @@ pub fn import(path: &Path, tokenizer: Option<&Path>) -> Result<Imported> {
         let dir = checkpoint::resolve(path)?;
         let manifest = checkpoint::read_manifest(&dir)?;
         let layout = ParamLayout::new(&manifest.model);
-        // A run trained with --ema delivers the moving average of its weights.
-        let ema = dir.join(checkpoint::EMA_FILE);
-        let file = if ema.exists() {
-            ema
-        } else {
-            dir.join("model.safetensors")
-        };
-        let tensors = checkpoint::read_f32_tensors(&file)?;
-        let mut weights = vec![0f32; layout.total_len()];
-        for spec in &layout.specs {
-            let (_, values) = tensors
-                .get(&spec.name)
-                .with_context(|| format!("{}: no tensor '{}'", dir.display(), spec.name))?;
-            ensure!(
-                values.len() == spec.region.len,
-                "{}: '{}' has the wrong size",
-                dir.display(),
-                spec.name
-            );
-            weights[spec.region.offset..][..spec.region.len].copy_from_slice(values);
-        }
+        let weights = checkpoint::read_weights(&checkpoint::weights_file(&dir), &layout)?;
         let run_dir: PathBuf = dir
             .parent()
             .and_then(Path::parent)
