@@ -16,14 +16,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind};
-use ratatui::layout::{Constraint, Layout};
+use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::symbols::Marker;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Axis, Block, Borders, Chart, Dataset, Gauge, GraphType, Paragraph, Wrap};
 use ratatui::Frame;
 
-use crate::runlog::{RunLog, StageMs, StepRecord};
+use kiln_core::backend::Backend;
+use kiln_core::model::Model;
+use kiln_core::sample::{complete, SamplingParams};
+use kiln_formats::checkpoint;
+
+use crate::backends::BackendChoice;
+use crate::runlog::RunLog;
+use crate::telemetry::{PerStage, Stage, Step, StopReason};
 use crate::train::human_duration;
 
 const STAGE_COLORS: [Color; 6] = [
@@ -59,7 +66,7 @@ impl Curve {
             Curve::Throughput => "tokens/s",
         }
     }
-    fn value(self, s: &StepRecord) -> f64 {
+    fn value(self, s: &Step) -> f64 {
         match self {
             Curve::Loss => s.loss,
             Curve::LearningRate => s.lr,
@@ -146,7 +153,7 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn start(tokens: usize) -> Self {
+    fn start(tokens: usize, backend: BackendChoice) -> Self {
         let (req_tx, req_rx) = mpsc::channel::<PathBuf>();
         let (res_tx, res_rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -155,9 +162,9 @@ impl Sampler {
                 while let Ok(newer) = req_rx.try_recv() {
                     dir = newer;
                 }
-                let text =
-                    sample_checkpoint(&dir, tokens).unwrap_or_else(|e| format!("(no sample: {e})"));
-                let step = crate::checkpoint::read_manifest(&dir)
+                let text = sample_checkpoint(&dir, tokens, backend)
+                    .unwrap_or_else(|e| format!("(no sample: {e:#})"));
+                let step = checkpoint::read_manifest(&dir)
                     .map(|m| m.step)
                     .unwrap_or(0);
                 if res_tx.send((step, text)).is_err() {
@@ -173,7 +180,7 @@ impl Sampler {
     }
 
     fn check(&mut self, run_dir: &Path) {
-        let newest = crate::checkpoint::list(&run_dir.join("checkpoints"))
+        let newest = checkpoint::list(&run_dir.join("checkpoints"))
             .ok()
             .and_then(|mut l| l.pop())
             .map(|c| c.1);
@@ -184,27 +191,31 @@ impl Sampler {
     }
 }
 
-/// A sample of `tokens` tokens from a checkpoint, with the engine's sampler and KV cache.
-fn sample_checkpoint(dir: &Path, tokens: usize) -> Result<String> {
-    let imported = crate::interop::import(dir, None)?;
+/// A sample of `tokens` tokens from a checkpoint, with the engine's sampler and KV cache, on
+/// the backend the dashboard was given.
+fn sample_checkpoint(dir: &Path, tokens: usize, backend: BackendChoice) -> Result<String> {
+    crate::with_backend!(backend, |b| sample_checkpoint_on(b, dir, tokens))
+}
+
+fn sample_checkpoint_on<B: Backend>(backend: B, dir: &Path, tokens: usize) -> Result<String> {
+    let imported = crate::rundir::import(dir, None)?;
     let tokenizer = imported
         .tokenizer
         .ok_or_else(|| anyhow::anyhow!("no tokenizer beside the checkpoint"))?;
-    let model =
-        crate::model::Model::new(crate::backend::reference::ReferenceBackend, imported.config)?;
-    model.upload_params(&imported.weights);
+    let model = Model::new(backend, imported.config)?;
+    model.upload_params(&imported.weights)?;
     let prompt: Vec<u32> = tokenizer.bos().into_iter().collect();
     anyhow::ensure!(
         !prompt.is_empty(),
         "the tokenizer has no BOS token to start from"
     );
-    let params = crate::sample::SamplingParams {
+    let params = SamplingParams {
         temperature: 0.8,
         top_k: 0,
         top_p: 0.95,
         seed: 7,
     };
-    let (text, _) = crate::sample::complete(
+    let (text, _) = complete(
         &model,
         &tokenizer,
         imported.vocab_map.as_ref(),
@@ -229,7 +240,7 @@ struct App {
 }
 
 impl App {
-    fn x(&self, s: &StepRecord) -> f64 {
+    fn x(&self, s: &Step) -> f64 {
         match self.x_axis {
             XAxis::Steps => s.step as f64,
             XAxis::Tokens => s.tokens as f64 / 1e6,
@@ -352,20 +363,17 @@ fn chart<'a>(
         ]))
 }
 
-fn stage_bar(last: &StageMs, totals: &[f64; 6], width: usize) -> Vec<Line<'static>> {
-    let sum: f64 = totals.iter().sum();
+fn stage_bar(last: &PerStage, totals: &PerStage, width: usize) -> Vec<Line<'static>> {
+    let sum = totals.total();
     let mut bar = Vec::new();
     let mut legend = Vec::new();
-    for (i, name) in StageMs::NAMES.iter().enumerate() {
-        let share = if sum > 0.0 { totals[i] / sum } else { 0.0 };
+    for (stage, color) in Stage::ALL.into_iter().zip(STAGE_COLORS) {
+        let share = if sum > 0.0 { totals.get(stage) / sum } else { 0.0 };
         let cells = (share * width as f64).round() as usize;
-        bar.push(Span::styled(
-            "█".repeat(cells),
-            Style::default().fg(STAGE_COLORS[i]),
-        ));
+        bar.push(Span::styled("█".repeat(cells), Style::default().fg(color)));
         legend.push(Span::styled(
-            format!("■ {name} {:.0}% ", share * 100.0),
-            Style::default().fg(STAGE_COLORS[i]),
+            format!("■ {} {:.0}% ", stage.name(), share * 100.0),
+            Style::default().fg(color),
         ));
     }
     let last_line = format!(
@@ -375,11 +383,9 @@ fn stage_bar(last: &StageMs, totals: &[f64; 6], width: usize) -> Vec<Line<'stati
     vec![Line::from(bar), Line::from(legend), Line::from(last_line)]
 }
 
+/// The whole screen: header, main curve and throughput, learning rate / gradient norm /
+/// machine, the newest sample, the keys.
 fn draw(frame: &mut Frame, app: &App) {
-    let log = &app.log;
-    let last = log.steps.last();
-    let start = log.start.as_ref();
-    let area = frame.area();
     let rows = Layout::vertical([
         Constraint::Length(3),
         Constraint::Min(10),
@@ -387,9 +393,38 @@ fn draw(frame: &mut Frame, app: &App) {
         Constraint::Length(7),
         Constraint::Length(1),
     ])
-    .split(area);
+    .split(frame.area());
+    draw_header(frame, app, rows[0]);
+    let top =
+        Layout::horizontal([Constraint::Percentage(62), Constraint::Percentage(38)]).split(rows[1]);
+    draw_main_curve(frame, app, top[0]);
+    draw_throughput(frame, app, top[1]);
+    let mid = Layout::horizontal([
+        Constraint::Percentage(31),
+        Constraint::Percentage(31),
+        Constraint::Percentage(38),
+    ])
+    .split(rows[2]);
+    draw_schedule(frame, app, mid[0], mid[1]);
+    draw_machine(frame, app, mid[2]);
+    draw_sample(frame, app, rows[3]);
+    let keys = format!(
+        " q quit · p {} · x x-axis: {} · c curve: {} ",
+        if app.paused { "resume" } else { "pause" },
+        app.x_title(),
+        app.curve.name()
+    );
+    frame.render_widget(
+        Paragraph::new(keys).style(Style::default().fg(Color::DarkGray)),
+        rows[4],
+    );
+}
 
-    // Header: run, progress, ETA.
+/// Run, backend, parameters, budget; progress, elapsed time and ETA.
+fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
+    let log = &app.log;
+    let last = log.steps.last();
+    let start = log.start.as_ref();
     let progress = last.map_or(0.0, |s| s.progress.clamp(0.0, 1.0));
     let elapsed = last.map_or(0.0, |s| s.elapsed_s);
     let eta = if progress > 0.0 {
@@ -406,20 +441,20 @@ fn draw(frame: &mut Frame, app: &App) {
     };
     let budget = start.map_or(String::new(), |s| {
         [
-            ("max_steps", "steps"),
-            ("max_tokens", "tokens"),
-            ("time_budget_seconds", "s"),
+            (s.max_steps.map(|v| v as f64), "steps"),
+            (s.max_tokens.map(|v| v as f64), "tokens"),
+            (s.time_budget_seconds, "s"),
         ]
         .iter()
-        .filter_map(|(k, unit)| s[*k].as_f64().map(|v| format!("{v} {unit}")))
+        .filter_map(|(v, unit)| v.map(|v| format!("{v} {unit}")))
         .collect::<Vec<_>>()
         .join(" / ")
     });
     let title = format!(
         " kiln · {} · {} · {} parameters · budget {} ",
         log.name(),
-        start.and_then(|s| s["backend"].as_str()).unwrap_or("?"),
-        start.map_or("?".into(), |s| s["parameters"].to_string()),
+        start.map_or("?", |s| s.backend.as_str()),
+        start.map_or("?".into(), |s| s.parameters.to_string()),
         budget
     );
     let label = format!(
@@ -435,12 +470,13 @@ fn draw(frame: &mut Frame, app: &App) {
             .gauge_style(Style::default().fg(Color::Green))
             .ratio(progress)
             .label(label),
-        rows[0],
+        area,
     );
+}
 
-    // Main curve and throughput.
-    let top =
-        Layout::horizontal([Constraint::Percentage(62), Constraint::Percentage(38)]).split(rows[1]);
+/// The selected curve against the selected x axis, smoothed, with validation points.
+fn draw_main_curve(frame: &mut Frame, app: &App, area: Rect) {
+    let log = &app.log;
     let points: Vec<(f64, f64)> = log
         .steps
         .iter()
@@ -458,31 +494,28 @@ fn draw(frame: &mut Frame, app: &App) {
     let val = log.evals.last().map_or(String::new(), |e| {
         format!(" · val {:.4} · {:.4} bits/byte", e.val_loss, e.val_bpb)
     });
-    let main_title = format!(
+    let title = format!(
         " {} vs {} · last {}{val} ",
         app.curve.name(),
         app.x_title(),
-        last.map_or("-".into(), |s| format!("{:.4}", app.curve.value(s)))
+        log.steps
+            .last()
+            .map_or("-".into(), |s| format!("{:.4}", app.curve.value(s)))
     );
     let trend = if app.curve == Curve::Loss {
         smoothed(&points)
     } else {
         Vec::new()
     };
-    frame.render_widget(
-        chart(
-            main_title,
-            app.x_title(),
-            &points,
-            &trend,
-            &markers,
-            Color::Cyan,
-        ),
-        top[0],
-    );
+    let chart = chart(title, app.x_title(), &points, &trend, &markers, Color::Cyan);
+    frame.render_widget(chart, area);
+}
 
+/// Tokens/s, ms/step, TFLOP/s and MFU over the last steps, and the bar of time per stage.
+fn draw_throughput(frame: &mut Frame, app: &App, area: Rect) {
+    let log = &app.log;
     let mut lines = Vec::new();
-    if let Some(s) = last {
+    if let Some(s) = log.steps.last() {
         let n = log.steps.len().min(20);
         let recent = &log.steps[log.steps.len() - n..];
         let tps = recent.iter().map(|s| s.tokens_per_s).sum::<f64>() / n as f64;
@@ -498,66 +531,54 @@ fn draw(frame: &mut Frame, app: &App) {
         )));
         lines.push(Line::from(format!(
             "peak      {:>10.1} GFLOP/s (measured)",
-            start
-                .and_then(|s| s["peak_gflops"].as_f64())
-                .unwrap_or(f64::NAN)
+            log.start.as_ref().map_or(f64::NAN, |s| s.peak_gflops)
         )));
         lines.push(Line::from(""));
         lines.push(Line::styled(
             "time per stage (whole run)",
             Style::default().add_modifier(Modifier::BOLD),
         ));
-        lines.extend(stage_bar(
-            &s.ms,
-            &log.stage_totals(),
-            top[1].width.saturating_sub(4) as usize,
-        ));
+        let width = area.width.saturating_sub(4) as usize;
+        lines.extend(stage_bar(&s.ms, &log.stage_totals(), width));
     } else {
         lines.push(Line::from("waiting for the first step…"));
+    }
+    if log.bad_lines > 0 {
+        lines.push(Line::styled(
+            format!(
+                "{} unreadable telemetry lines: {}",
+                log.bad_lines,
+                log.first_error.as_deref().unwrap_or("")
+            ),
+            Style::default().fg(Color::Red),
+        ));
     }
     frame.render_widget(
         Paragraph::new(lines)
             .wrap(Wrap { trim: false })
             .block(Block::default().borders(Borders::ALL).title(" throughput ")),
-        top[1],
+        area,
     );
+}
 
-    // Learning rate, gradient norm, machine.
-    let mid = Layout::horizontal([
-        Constraint::Percentage(31),
-        Constraint::Percentage(31),
-        Constraint::Percentage(38),
-    ])
-    .split(rows[2]);
-    let lr: Vec<(f64, f64)> = log.steps.iter().map(|s| (app.x(s), s.lr)).collect();
-    let norm: Vec<(f64, f64)> = log
-        .steps
+/// The learning rate and the gradient norm against the x axis.
+fn draw_schedule(frame: &mut Frame, app: &App, lr_area: Rect, norm_area: Rect) {
+    let steps = &app.log.steps;
+    let lr: Vec<(f64, f64)> = steps.iter().map(|s| (app.x(s), s.lr)).collect();
+    let norm: Vec<(f64, f64)> = steps
         .iter()
         .filter(|s| s.grad_norm.is_finite())
         .map(|s| (app.x(s), s.grad_norm))
         .collect();
-    frame.render_widget(
-        chart(
-            " learning rate ".into(),
-            app.x_title(),
-            &lr,
-            &[],
-            &[],
-            Color::Yellow,
-        ),
-        mid[0],
-    );
-    frame.render_widget(
-        chart(
-            " gradient norm ".into(),
-            app.x_title(),
-            &norm,
-            &[],
-            &[],
-            Color::Magenta,
-        ),
-        mid[1],
-    );
+    let x = app.x_title();
+    let lr_chart = chart(" learning rate ".into(), x, &lr, &[], &[], Color::Yellow);
+    frame.render_widget(lr_chart, lr_area);
+    let norm_chart = chart(" gradient norm ".into(), x, &norm, &[], &[], Color::Magenta);
+    frame.render_widget(norm_chart, norm_area);
+}
+
+/// CPU use per core, the trainer's memory, package power, and a stop if there was one.
+fn draw_machine(frame: &mut Frame, app: &App, area: Rect) {
     let mut machine: Vec<Line> = app
         .cpu
         .usage
@@ -578,7 +599,10 @@ fn draw(frame: &mut Frame, app: &App) {
         .collect();
     machine.push(Line::from(format!(
         "trainer memory  {}",
-        last.and_then(|s| s.rss_mib)
+        app.log
+            .steps
+            .last()
+            .and_then(|s| s.rss_mib)
             .map_or("-".into(), |m| format!("{m:.0} MiB"))
     )));
     machine.push(Line::from(format!(
@@ -589,19 +613,24 @@ fn draw(frame: &mut Frame, app: &App) {
                 "{w:.1} W (RAPL package)"
             ))
     )));
-    if let Some(stop) = &log.stopped {
+    if let Some(reason) = &app.log.stopped {
+        let why = match reason {
+            StopReason::NonFinite => "non-finite loss or gradient",
+        };
         machine.push(Line::styled(
-            format!("stopped: {}", stop["reason"]),
+            format!("stopped: {why}"),
             Style::default().fg(Color::Red),
         ));
     }
     frame.render_widget(
         Paragraph::new(machine).block(Block::default().borders(Borders::ALL).title(" machine ")),
-        mid[2],
+        area,
     );
+}
 
-    // Newest sample: the dashboard's own (from the newest checkpoint) or the trainer's.
-    let trainer_sample = log.samples.last().cloned();
+/// The newest sample: the dashboard's own (from the newest checkpoint) or the trainer's.
+fn draw_sample(frame: &mut Frame, app: &App, area: Rect) {
+    let trainer_sample = app.log.samples.last().cloned();
     let shown = match (&app.sample, &trainer_sample) {
         (Some(a), Some(b)) => Some(if a.0 >= b.0 {
             (a.0, a.1.clone(), "checkpoint")
@@ -628,23 +657,14 @@ fn draw(frame: &mut Frame, app: &App) {
         Paragraph::new(text)
             .wrap(Wrap { trim: false })
             .block(Block::default().borders(Borders::ALL).title(title)),
-        rows[3],
-    );
-
-    let keys = format!(
-        " q quit · p {} · x x-axis: {} · c curve: {} ",
-        if app.paused { "resume" } else { "pause" },
-        app.x_title(),
-        app.curve.name()
-    );
-    frame.render_widget(
-        Paragraph::new(keys).style(Style::default().fg(Color::DarkGray)),
-        rows[4],
+        area,
     );
 }
 
 /// Options of the dashboard.
 pub struct Options {
+    /// The backend the checkpoint samples run on.
+    pub backend: BackendChoice,
     /// Tokens per checkpoint sample (0: no sampling).
     pub sample_tokens: usize,
     /// Leave once the run has finished (for scripts); otherwise wait for `q`.
@@ -660,7 +680,8 @@ pub fn run(run_dir: &Path, options: Options) -> Result<()> {
         paused: false,
         cpu: CpuMeter::default(),
         power: PowerMeter::default(),
-        sampler: (options.sample_tokens > 0).then(|| Sampler::start(options.sample_tokens)),
+        sampler: (options.sample_tokens > 0)
+            .then(|| Sampler::start(options.sample_tokens, options.backend)),
         sample: None,
     };
     let mut terminal = ratatui::init();

@@ -1,29 +1,35 @@
-//! kiln: train small Llama-family language models from scratch on the CPU's matrix engine
-//! and on GPUs.
+//! kiln, the application: the trainer, the one backend switch, the command line's commands,
+//! the dashboard, reports and benchmarks. It sits on the layers below it, each a crate:
 //!
-//! - [`config`]: model shapes and presets.
-//! - [`backend`]: the kernel trait and the reference CPU backend.
-//! - [`model`]: the transformer's forward and backward over a backend, and its arenas.
-//! - [`conformance`]: the test suite every backend must pass.
+//! ```text
+//!   kiln (this crate)   trainer · backend switch · CLI · dashboard · reports · bench · doctor
+//!        │
+//!   kiln-formats        checkpoints · Hugging Face · llama2.c · packed · shards · tokenizers
+//!        │              · TensorBoard
+//!   kiln-conformance    the suite and kernel-case table every backend runs on itself
+//!        │
+//!   kiln-reference      the reference backend (and, beside it, the fast backends to come)
+//!        │
+//!   kiln-core           config · layout · backend trait · model · optimizers · quantizers
+//!                       · sampling · evaluation   (no file I/O)
+//! ```
+//!
+//! Modules:
+//! - [`backends`]: `--backend` resolved in one place; [`doctor`], [`machine`]: what runs here.
+//! - [`train`]: the training loop; [`rundir`]: what a run directory holds.
+//! - [`telemetry`]: the typed events a run writes; [`runlog`]: reading them back, for the
+//!   [`dashboard`] and [`report`].
+//! - [`commands`]: `sample`, `eval`, `model logits` and `model info`, generic over the backend.
+//! - [`bench`]: `kiln bench kernels`.
 
-pub mod backend;
+pub mod backends;
 pub mod bench;
-pub mod checkpoint;
-pub mod config;
-pub mod conformance;
+pub mod commands;
 pub mod dashboard;
-pub mod data;
-pub mod eval;
-pub mod fsutil;
-pub mod interop;
-pub mod model;
-pub mod packed;
-pub mod quant;
+pub mod doctor;
+pub mod machine;
 pub mod report;
+pub mod rundir;
 pub mod runlog;
-pub mod sample;
 pub mod telemetry;
-pub mod tensorboard;
-pub mod tokenizer;
 pub mod train;
-pub mod vocab;

@@ -1,21 +1,22 @@
-//! The `kiln` command line: `data prepare`, `train`, `sample`, `eval`, `model info`.
+//! The `kiln` command line: argument parsing and dispatch. The commands themselves live in
+//! the library (`kiln::commands`, `kiln::train`, …); the backend is resolved once, by
+//! `kiln::backends`, from `--backend` or `KILN_BACKEND`.
 
-use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use kiln::backend::reference::ReferenceBackend;
-use kiln::checkpoint;
-use kiln::config::ModelConfig;
-use kiln::data::{Dataset, Split, TokenizerSpec};
-use kiln::eval::evaluate_sliding;
-use kiln::model::{Model, ParamLayout};
-use kiln::sample::SamplingParams;
-use kiln::tokenizer::Tokenizer;
+use kiln::backends::BackendChoice;
+use kiln::commands::{EvalOptions, SampleOptions, Source};
 use kiln::train::{print_report, MuonConfig, OptimizerKind, Schedule, TrainConfig, Trainer};
-use kiln::vocab::VocabMap;
+use kiln::with_backend;
+use kiln_core::backend::Backend;
+use kiln_core::quant::{PackRule, SchemeName};
+use kiln_core::sample::SamplingParams;
+use kiln_formats::data::TokenizerSpec;
+use kiln_formats::interop::ExportFormat;
+use kiln_formats::model_config::from_preset_or_file;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,10 @@ use kiln::vocab::VocabMap;
     about = "Train small language models from scratch, fast, on the CPU"
 )]
 struct Cli {
+    /// The backend that computes: auto (the fastest usable here), reference, cpu, cuda.
+    /// `kiln doctor` says which are usable on this machine.
+    #[arg(long, global = true, value_enum, env = "KILN_BACKEND", default_value = "auto")]
+    backend: BackendChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,17 +51,17 @@ enum Command {
         /// hf: config.json + model.safetensors + tokenizer; llama2c: model.bin (the legacy
         /// format run.c reads) + tokenizer.bin.
         #[arg(long, value_enum)]
-        format: FormatArg,
+        format: ExportFormat,
         /// A run directory, checkpoint directory, Hugging Face directory or llama2.c .bin.
         source: PathBuf,
         /// Output directory.
         out: PathBuf,
         /// packed: the scheme of the block matrices.
         #[arg(long, value_enum, default_value = "int8")]
-        scheme: QuantChoice,
+        scheme: SchemeName,
         /// packed: the scheme of the embedding (and an untied classifier).
         #[arg(long, value_enum, default_value = "int8")]
-        embedding_scheme: QuantChoice,
+        embedding_scheme: SchemeName,
         /// packed: tensors of at most this many values stay f16.
         #[arg(long, default_value_t = 65536)]
         small_max: usize,
@@ -92,6 +97,9 @@ enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// The machine as kiln sees it (CPU, ISA features, memory, GPU) and which backends can
+    /// run here.
+    Doctor,
 }
 
 #[derive(Subcommand)]
@@ -156,7 +164,7 @@ struct TrainArgs {
     /// adamw, or muon: Muon for the blocks' matrices (--matrix-lr) and Adam for the
     /// embeddings (--embed-lr), an untied classifier (--head-lr) and scalars (--scalar-lr).
     #[arg(long, value_enum, default_value = "adamw")]
-    optimizer: OptimizerArg,
+    optimizer: OptimizerKind,
     #[arg(long, default_value_t = 0.04)]
     matrix_lr: f32,
     #[arg(long, default_value_t = 0.05)]
@@ -171,7 +179,7 @@ struct TrainArgs {
     /// cosine (to --min-lr-ratio), or warmdown: constant, then linear to zero over the last
     /// --warmdown-steps (a time, from the measured step time, under --time).
     #[arg(long, value_enum, default_value = "cosine")]
-    schedule: ScheduleArg,
+    schedule: Schedule,
     #[arg(long, default_value_t = 1200)]
     warmdown_steps: u64,
     /// Keep an exponential moving average of the weights with this decay (e.g. 0.999);
@@ -181,10 +189,10 @@ struct TrainArgs {
     /// Quantization-aware training: compute with the block matrices quantized by this scheme
     /// (straight-through gradients), as `kiln export --format packed --scheme` will.
     #[arg(long, value_enum)]
-    qat: Option<QuantChoice>,
+    qat: Option<SchemeName>,
     /// With --qat: the embedding's scheme.
     #[arg(long, value_enum, default_value = "int8")]
-    qat_embedding: QuantChoice,
+    qat_embedding: SchemeName,
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
     /// The cosine decays to lr × this.
@@ -337,69 +345,6 @@ enum ModelCommand {
     },
 }
 
-/// `kiln export --format`.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum FormatArg {
-    /// A Hugging Face directory (`transformers.AutoModelForCausalLM.from_pretrained`).
-    Hf,
-    /// llama2.c's legacy `.bin` (what `run.c` runs) and its `tokenizer.bin`.
-    Llama2c,
-    /// A quantized, compressed kiln artifact (`model.kiln`) for size-budgeted models.
-    Packed,
-}
-
-impl FormatArg {
-    /// The library's format for the formats `kiln::interop::export` writes.
-    fn library(self) -> kiln::interop::ExportFormat {
-        match self {
-            FormatArg::Hf => kiln::interop::ExportFormat::Hf,
-            FormatArg::Llama2c => kiln::interop::ExportFormat::Llama2c,
-            FormatArg::Packed => unreachable!("packed export has its own arm"),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum OptimizerArg {
-    Adamw,
-    Muon,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum ScheduleArg {
-    Cosine,
-    Warmdown,
-}
-
-/// A quantization scheme on the command line.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum QuantChoice {
-    Ternary,
-    Int8,
-    Int6,
-    F16,
-}
-
-impl QuantChoice {
-    fn scheme(self) -> kiln::quant::Scheme {
-        use kiln::quant::Scheme;
-        // The clip percentile of parameter-golf's int8 baseline.
-        const CLIP_PERCENTILE: f32 = 99.99984;
-        match self {
-            QuantChoice::Ternary => Scheme::Ternary,
-            QuantChoice::Int8 => Scheme::Int {
-                bits: 8,
-                percentile: CLIP_PERCENTILE,
-            },
-            QuantChoice::Int6 => Scheme::Int {
-                bits: 6,
-                percentile: CLIP_PERCENTILE,
-            },
-            QuantChoice::F16 => Scheme::F16,
-        }
-    }
-}
-
 /// "16MB" (decimal, as the size challenge counts), "500KB", "1.5GB", or plain bytes.
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let upper = s.trim().to_ascii_uppercase();
@@ -436,8 +381,21 @@ fn parse_duration(s: &str) -> Result<f64, String> {
     Ok(value * scale)
 }
 
+impl ModelSource {
+    fn source(&self) -> Source {
+        Source {
+            run: self.run.clone(),
+            best: self.best,
+            model: self.model.clone(),
+            tokenizer: self.tokenizer.clone(),
+        }
+    }
+}
+
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let backend = cli.backend;
+    match cli.command {
         Command::Data {
             command:
                 DataCommand::Prepare {
@@ -447,7 +405,7 @@ fn main() -> Result<()> {
                     val_fraction,
                 },
         } => {
-            let manifest = kiln::data::prepare(
+            let manifest = kiln_formats::data::prepare(
                 &input,
                 &out,
                 tokenizer.parse::<TokenizerSpec>()?,
@@ -463,9 +421,33 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Train(args) => train(*args),
-        Command::Sample(args) => sample(args),
-        Command::Eval(args) => eval(args),
+        Command::Train(args) => with_backend!(backend, |b| train(b, backend, *args)),
+        Command::Sample(args) => {
+            let options = SampleOptions {
+                prompt: args.prompt.clone(),
+                max_tokens: args.max_tokens,
+                params: SamplingParams {
+                    temperature: args.temperature,
+                    top_k: args.top_k,
+                    top_p: args.top_p,
+                    seed: args.seed,
+                },
+            };
+            let source = args.source.source();
+            with_backend!(backend, |b| kiln::commands::sample(b, &source, &options))
+        }
+        Command::Eval(args) => {
+            let options = EvalOptions {
+                artifact: args.artifact.clone(),
+                source: args.source.source(),
+                data: args.data.clone(),
+                batch: args.batch,
+                seq: args.seq,
+                batches: args.batches,
+                stride: args.stride,
+            };
+            with_backend!(backend, |b| kiln::commands::eval(b, &options))
+        }
         Command::Bench {
             command:
                 BenchCommand::Kernels {
@@ -477,13 +459,15 @@ fn main() -> Result<()> {
                     json,
                 },
         } => {
-            let mut config = ModelConfig::from_preset_or_file(&preset)?;
+            let mut config = from_preset_or_file(&preset)?;
             if let Some(v) = vocab_size {
                 config.vocab_size = v;
             }
-            let figures = kiln::bench::kernels(&ReferenceBackend, &config, batch, seq, reps)?;
+            let figures =
+                with_backend!(backend, |b| kiln::bench::kernels(&b, &config, batch, seq, reps))?;
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&figures)?)?;
+                std::fs::write(&path, serde_json::to_string_pretty(&figures)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
                 println!("wrote {}", path.display());
             }
             Ok(())
@@ -495,6 +479,7 @@ fn main() -> Result<()> {
         } => kiln::dashboard::run(
             &run,
             kiln::dashboard::Options {
+                backend,
                 sample_tokens,
                 exit_when_finished,
             },
@@ -513,7 +498,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Export {
-            format: FormatArg::Packed,
+            format,
             source,
             out,
             scheme,
@@ -521,108 +506,100 @@ fn main() -> Result<()> {
             small_max,
             budget,
         } => {
-            let rule = kiln::packed::PackRule {
+            let imported = kiln::rundir::import(&source, None)?;
+            if format != ExportFormat::Packed {
+                let written = kiln_formats::interop::export(&imported, format, &out)?;
+                println!("wrote {}", written.display());
+                return Ok(());
+            }
+            let rule = PackRule {
                 matrices: scheme.scheme(),
                 embedding: embedding_scheme.scheme(),
                 small_max,
             };
-            let (path, report) = kiln::interop::export_packed(&source, &out, rule)?;
-            kiln::packed::print_table(&report);
+            let (path, report) = kiln_formats::interop::export_packed(&imported, &out, rule)?;
+            kiln_formats::packed::print_table(&report);
             println!("wrote {}", path.display());
             if let Some(limit) = budget {
-                let spare = kiln::packed::check_budget(&path, &report, limit)?;
+                let spare = kiln_formats::packed::check_budget(&path, &report, limit)?;
                 println!("within the budget of {limit} bytes ({spare} to spare)");
             }
             Ok(())
         }
-        Command::Export {
-            format,
-            source,
-            out,
-            ..
-        } => {
-            let written = kiln::interop::export(&source, format.library(), &out)?;
-            println!("wrote {}", written.display());
-            Ok(())
-        }
         Command::Model {
             command: ModelCommand::Info { model, json },
-        } => model_info(&model, json),
+        } => kiln::commands::model_info(&from_preset_or_file(&model)?, json),
         Command::Model {
             command: ModelCommand::Logits { model, tokens },
         } => {
-            let imported = kiln::interop::import(&model, None)?;
-            let m = Model::new(ReferenceBackend, imported.config)?;
-            m.upload_params(&imported.weights);
-            let acts = m.activations(1, tokens.len())?;
-            m.forward(&acts, &tokens, None);
-            println!("{}", serde_json::to_string(&m.download_logits(&acts))?);
+            let logits = with_backend!(backend, |b| kiln::commands::logits(b, &model, &tokens))?;
+            println!("{}", serde_json::to_string(&logits)?);
+            Ok(())
+        }
+        Command::Doctor => {
+            kiln::doctor::run();
             Ok(())
         }
     }
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+/// The run's configuration from the command line.
+fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let data = args.data.clone().context("--data is required")?;
+    let model = match &args.init_from {
+        Some(path) => kiln::rundir::import(path, None)?.config,
+        None => from_preset_or_file(&args.model)?,
+    };
+    let mut config = TrainConfig::new(model, data);
+    config.init_from = args.init_from.clone();
+    config.vocab_size_override = args.vocab_size;
+    config.tensorboard = args.tensorboard;
+    config.batch = args.batch;
+    config.seq = args.seq;
+    config.accumulation = args.accum;
+    config.max_steps = args.steps;
+    config.max_tokens = args.tokens;
+    config.time_budget_seconds = args.time;
+    config.learning_rate = args.lr;
+    config.min_lr_ratio = args.min_lr_ratio;
+    config.warmup_steps = args.warmup;
+    config.weight_decay = args.weight_decay;
+    config.grad_clip = args.grad_clip;
+    config.seed = args.seed;
+    config.eval_every = args.eval_every;
+    config.eval_batches = args.eval_batches;
+    config.checkpoint_every = args.checkpoint_every;
+    config.keep_last = args.keep_last;
+    config.sample_every = args.sample_every;
+    config.sample_tokens = args.sample_tokens;
+    config.sample_prompt = args.sample_prompt.clone();
+    config.compact_vocab = args.compact_vocab;
+    config.optimizer = args.optimizer;
+    config.muon = MuonConfig {
+        matrix_lr: args.matrix_lr,
+        embed_lr: args.embed_lr,
+        head_lr: args.head_lr,
+        scalar_lr: args.scalar_lr,
+        momentum_warmup_steps: args.momentum_warmup,
+        ..MuonConfig::default()
+    };
+    config.schedule = args.schedule;
+    config.warmdown_steps = args.warmdown_steps;
+    config.ema_decay = args.ema;
+    config.qat = args.qat.map(|scheme| PackRule {
+        matrices: scheme.scheme(),
+        embedding: args.qat_embedding.scheme(),
+        small_max: 65536,
+    });
+    Ok(config)
+}
+
+fn train<B: Backend + 'static>(backend: B, choice: BackendChoice, args: TrainArgs) -> Result<()> {
     let mut trainer = match &args.resume {
-        Some(run) => Trainer::resume(ReferenceBackend, run, args.steps)?,
+        Some(run) => Trainer::resume(backend, run, args.steps)?,
         None => {
-            let data = args.data.clone().context("--data is required")?;
-            let model = match &args.init_from {
-                Some(path) => kiln::interop::import(path, None)?.config,
-                None => ModelConfig::from_preset_or_file(&args.model)?,
-            };
-            let mut config = TrainConfig::new(model, data);
-            config.init_from = args.init_from.clone();
-            config.vocab_size_override = args.vocab_size;
-            config.tensorboard = args.tensorboard;
-            config.batch = args.batch;
-            config.seq = args.seq;
-            config.accumulation = args.accum;
-            config.max_steps = args.steps;
-            config.max_tokens = args.tokens;
-            config.time_budget_seconds = args.time;
-            config.learning_rate = args.lr;
-            config.min_lr_ratio = args.min_lr_ratio;
-            config.warmup_steps = args.warmup;
-            config.weight_decay = args.weight_decay;
-            config.grad_clip = args.grad_clip;
-            config.seed = args.seed;
-            config.eval_every = args.eval_every;
-            config.eval_batches = args.eval_batches;
-            config.checkpoint_every = args.checkpoint_every;
-            config.keep_last = args.keep_last;
-            config.sample_every = args.sample_every;
-            config.sample_tokens = args.sample_tokens;
-            config.sample_prompt = args.sample_prompt.clone();
-            config.compact_vocab = args.compact_vocab;
-            config.optimizer = match args.optimizer {
-                OptimizerArg::Adamw => OptimizerKind::Adamw,
-                OptimizerArg::Muon => OptimizerKind::Muon,
-            };
-            config.muon = MuonConfig {
-                matrix_lr: args.matrix_lr,
-                embed_lr: args.embed_lr,
-                head_lr: args.head_lr,
-                scalar_lr: args.scalar_lr,
-                momentum_warmup_steps: args.momentum_warmup,
-                ..MuonConfig::default()
-            };
-            config.schedule = match args.schedule {
-                ScheduleArg::Cosine => Schedule::Cosine,
-                ScheduleArg::Warmdown => Schedule::Warmdown,
-            };
-            config.warmdown_steps = args.warmdown_steps;
-            config.ema_decay = args.ema;
-            config.qat = args.qat.map(|scheme| kiln::packed::PackRule {
-                matrices: scheme.scheme(),
-                embedding: args.qat_embedding.scheme(),
-                small_max: 65536,
-            });
-            Trainer::create(
-                ReferenceBackend,
-                config,
-                args.out.as_deref().context("--out is required")?,
-            )?
+            let out = args.out.as_deref().context("--out is required")?;
+            Trainer::create(backend, train_config(&args)?, out)?
         }
     };
     trainer.print_every = args.print_every;
@@ -642,6 +619,7 @@ fn train(args: TrainArgs) -> Result<()> {
     kiln::dashboard::run(
         &run_dir,
         kiln::dashboard::Options {
+            backend: choice,
             sample_tokens: 48,
             exit_when_finished: false,
         },
@@ -654,271 +632,5 @@ fn train(args: TrainArgs) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
     print_report(&result?);
     eprintln!("run directory: {}", trainer.run_dir.display());
-    Ok(())
-}
-
-/// A trained model with what it needs to read and write text.
-struct Loaded {
-    model: Model<ReferenceBackend>,
-    tokenizer: Tokenizer,
-    vocab_map: Option<VocabMap>,
-    /// Present when loaded from a kiln checkpoint.
-    manifest: Option<checkpoint::Manifest>,
-}
-
-fn load(source: &ModelSource) -> Result<Loaded> {
-    let path = match (&source.run, &source.model) {
-        (Some(run), _) if source.best => checkpoint::best(run)?,
-        (Some(run), _) => checkpoint::resolve(run)?,
-        (None, Some(model)) => model.clone(),
-        (None, None) => bail!("give --run or --model"),
-    };
-    let imported = kiln::interop::import(&path, source.tokenizer.as_deref())?;
-    let tokenizer = imported.tokenizer.with_context(|| {
-        format!(
-            "no tokenizer found for {}; pass --tokenizer",
-            imported.source
-        )
-    })?;
-    let model = Model::new(ReferenceBackend, imported.config)?;
-    model.upload_params(&imported.weights);
-    let manifest = checkpoint::read_manifest(&path).ok();
-    eprintln!("loaded {}", imported.source);
-    Ok(Loaded {
-        model,
-        tokenizer,
-        vocab_map: imported.vocab_map,
-        manifest,
-    })
-}
-
-fn sample(args: SampleArgs) -> Result<()> {
-    let Loaded {
-        model,
-        tokenizer,
-        vocab_map,
-        ..
-    } = load(&args.source)?;
-    let mut prompt: Vec<u32> = tokenizer.bos().into_iter().collect();
-    prompt.extend(tokenizer.encode(&args.prompt)?);
-    if prompt.is_empty() {
-        bail!("give a --prompt: this tokenizer has no BOS token to start from");
-    }
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
-    let mut stdout = std::io::stdout();
-    print!("{}", args.prompt);
-    let started = std::time::Instant::now();
-    let (_, tokens) = kiln::sample::complete(
-        &model,
-        &tokenizer,
-        vocab_map.as_ref(),
-        &prompt,
-        args.max_tokens,
-        &params,
-        true,
-        |text| {
-            print!("{text}");
-            let _ = stdout.flush();
-        },
-    )?;
-    println!();
-    let seconds = started.elapsed().as_secs_f64();
-    eprintln!(
-        "{tokens} tokens in {seconds:.2} s ({:.1} tokens/s)",
-        tokens as f64 / seconds
-    );
-    Ok(())
-}
-
-/// A packed artifact, reloaded alone with the tokenizer saved beside it.
-fn load_artifact(path: &std::path::Path) -> Result<Loaded> {
-    let unpacked = kiln::packed::read(path)?;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let tokenizer = kiln::interop::find_tokenizer(&[dir])?.with_context(|| {
-        format!(
-            "no tokenizer.json or tokenizer.bin beside {}",
-            path.display()
-        )
-    })?;
-    if unpacked
-        .tokenizer_sha256
-        .as_deref()
-        .is_some_and(|h| h != tokenizer.hash())
-    {
-        bail!(
-            "the tokenizer beside {} is not the one it was made with",
-            path.display()
-        );
-    }
-    let model = Model::new(ReferenceBackend, unpacked.config)?;
-    model.upload_params(&unpacked.weights);
-    let vocab_map = unpacked
-        .vocab_map
-        .map(|full| VocabMap::from_full_ids(tokenizer.vocab_size(), full));
-    eprintln!("loaded artifact {}", path.display());
-    Ok(Loaded {
-        model,
-        tokenizer,
-        vocab_map,
-        manifest: None,
-    })
-}
-
-fn eval(args: EvalArgs) -> Result<()> {
-    let mut scored: Vec<(&str, Loaded)> = Vec::new();
-    if let Some(path) = &args.artifact {
-        scored.push(("artifact, reloaded alone", load_artifact(path)?));
-    }
-    if args.source.run.is_some() || args.source.model.is_some() {
-        scored.push(("model", load(&args.source)?));
-    }
-    anyhow::ensure!(!scored.is_empty(), "give --run, --model or --artifact");
-    let data_dir = match &args.data {
-        Some(d) => d.clone(),
-        None => PathBuf::from(
-            scored
-                .iter()
-                .find_map(|(_, l)| {
-                    l.manifest
-                        .as_ref()
-                        .and_then(|m| m.train["data"].as_str().map(String::from))
-                })
-                .context("the model does not name its data directory; pass --data")?,
-        ),
-    };
-    let dataset = Dataset::open(&data_dir)?;
-    let tokens = dataset.read_all(Split::Val)?;
-    let mut results = Vec::new();
-    for (what, loaded) in &scored {
-        if dataset.manifest.tokenizer_sha256 != loaded.tokenizer.hash() {
-            bail!(
-                "{} was tokenized with another tokenizer than the {what}'s",
-                data_dir.display()
-            );
-        }
-        let seq = args.seq.min(loaded.model.config.max_seq_len);
-        let acts = loaded.model.activations(args.batch, seq)?;
-        let started = std::time::Instant::now();
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "scoring {bar:40} {pos}/{len} batches, eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        let result = evaluate_sliding(
-            &loaded.model,
-            &acts,
-            &tokens,
-            &loaded.tokenizer,
-            loaded.vocab_map.as_ref(),
-            args.stride.unwrap_or(seq),
-            args.batches,
-            &mut |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            },
-        )?;
-        bar.finish_and_clear();
-        println!(
-            "{what}: val loss {:.4} | bits/byte {:.4} | {} tokens, {} bytes | {:.1} s",
-            result.loss,
-            result.bits_per_byte,
-            result.tokens,
-            result.bytes,
-            started.elapsed().as_secs_f64()
-        );
-        println!("{}", serde_json::json!({"what": what, "result": result}));
-        results.push(result);
-    }
-    if let [artifact, model] = results.as_slice() {
-        println!(
-            "round-trip gap: {:+.4} bits/byte ({:+.4} nats/token) from quantization and packing",
-            artifact.bits_per_byte - model.bits_per_byte,
-            artifact.loss - model.loss
-        );
-    }
-    Ok(())
-}
-
-/// Groups a number's digits in threes: 15191712 → "15,191,712".
-fn grouped(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-fn model_info(spec: &str, json: bool) -> Result<()> {
-    let config = ModelConfig::from_preset_or_file(spec)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&config)?);
-    }
-    let layout = ParamLayout::new(&config);
-    println!("{:<48} {:>16} {:>14}", "tensor", "shape", "parameters");
-    // Block 0 tensor by tensor, the other blocks summarised: 28 copies of the same lines help
-    // nobody.
-    for spec in &layout.specs {
-        if spec.name.starts_with("model.layers.") && !spec.name.starts_with("model.layers.0.") {
-            continue;
-        }
-        println!(
-            "{:<48} {:>16} {:>14}",
-            spec.name,
-            format!("{:?}", spec.shape),
-            grouped(spec.region.len)
-        );
-    }
-    let per_block: usize = layout
-        .specs
-        .iter()
-        .filter(|s| s.name.starts_with("model.layers.0."))
-        .map(|s| s.region.len)
-        .sum();
-    let others = config.n_layers - 1;
-    if others > 0 {
-        println!(
-            "{:<48} {:>16} {:>14}",
-            format!("model.layers.1..{} (as layer 0)", config.n_layers - 1),
-            format!("{others} × block"),
-            grouped(per_block * others)
-        );
-    }
-    let total = layout.total_len();
-    println!();
-    println!("parameters:                  {:>14}", grouped(total));
-    println!(
-        "  without the embedding:     {:>14}",
-        grouped(total - layout.embedding.len)
-    );
-    println!(
-        "  classifier:                {}",
-        if config.tie_embeddings {
-            "tied to the embedding (counted once)"
-        } else {
-            "separate lm_head"
-        }
-    );
-    if !config.arch.is_llama() {
-        println!(
-            "  architecture options:      {}",
-            serde_json::to_string(&config.arch)?
-        );
-    }
-    println!(
-        "training FLOPs per token at seq {}: {:.3e}",
-        config.max_seq_len.min(256),
-        config.train_flops_per_token(config.max_seq_len.min(256))
-    );
     Ok(())
 }

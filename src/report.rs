@@ -9,7 +9,8 @@ use anyhow::{anyhow, ensure, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::runlog::{RunLog, StageMs};
+use crate::runlog::RunLog;
+use crate::telemetry::{Stage, Step};
 
 /// DejaVu Sans (Bitstream Vera license, see assets/fonts/LICENSE-DejaVu.txt).
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
@@ -129,7 +130,7 @@ where
 
 fn plots(runs: &[RunLog]) -> Vec<Plot> {
     let series = |x: &dyn Fn(&RunLog, u64, f64, f64) -> f64,
-                  y: &dyn Fn(&crate::runlog::StepRecord) -> f64,
+                  y: &dyn Fn(&Step) -> f64,
                   with_val: bool|
      -> Vec<Series> {
         runs.iter()
@@ -158,7 +159,7 @@ fn plots(runs: &[RunLog]) -> Vec<Plot> {
     let by_step = |_: &RunLog, step: u64, _: f64, _: f64| step as f64;
     let by_tokens = |_: &RunLog, _: u64, tokens: f64, _: f64| tokens / 1e6;
     let by_time = |_: &RunLog, _: u64, _: f64, elapsed: f64| elapsed / 60.0;
-    let loss = |s: &crate::runlog::StepRecord| s.loss;
+    let loss = |s: &Step| s.loss;
     let title = |what: &str| {
         if runs.len() == 1 {
             format!("{what} — {}", runs[0].name())
@@ -224,32 +225,28 @@ fn summary(runs: &[RunLog], files: &[&str]) -> String {
             let _ = writeln!(
                 md,
                 "{} parameters on {}; {} tokens per step; measured matmul peak {:.1} GFLOP/s.\n",
-                start["parameters"],
-                start["backend"].as_str().unwrap_or("?"),
-                start["tokens_per_step"],
-                start["peak_gflops"].as_f64().unwrap_or(f64::NAN)
+                start.parameters, start.backend, start.tokens_per_step, start.peak_gflops
             );
         }
         let last = r.steps.last();
         let _ = writeln!(md, "| metric | value |\n| --- | --- |");
         if let Some(report) = &r.report {
-            let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
             let _ = writeln!(
                 md,
                 "| steps | {} ({} skipped) |",
-                report["steps"], report["skipped_steps"]
+                report.steps, report.skipped_steps
             );
-            let _ = writeln!(md, "| tokens | {} |", report["tokens"]);
-            let _ = writeln!(md, "| wall time | {:.1} s |", g("wall_seconds"));
-            let _ = writeln!(md, "| ms per step | {:.1} |", g("ms_per_step"));
-            let _ = writeln!(md, "| tokens per second | {:.0} |", g("tokens_per_second"));
-            let _ = writeln!(md, "| TFLOP/s | {:.4} |", g("tflops"));
+            let _ = writeln!(md, "| tokens | {} |", report.tokens);
+            let _ = writeln!(md, "| wall time | {:.1} s |", report.wall_seconds);
+            let _ = writeln!(md, "| ms per step | {:.1} |", report.ms_per_step);
+            let _ = writeln!(md, "| tokens per second | {:.0} |", report.tokens_per_second);
+            let _ = writeln!(md, "| TFLOP/s | {:.4} |", report.tflops);
             let _ = writeln!(
                 md,
                 "| MFU (of the measured peak) | {:.1}% |",
-                100.0 * g("mfu")
+                100.0 * report.mfu
             );
-            if let Some(mem) = report["peak_memory_mib"].as_f64() {
+            if let Some(mem) = report.peak_memory_mib {
                 let _ = writeln!(md, "| peak memory | {mem:.0} MiB |");
             }
         } else if let Some(s) = last {
@@ -267,13 +264,15 @@ fn summary(runs: &[RunLog], files: &[&str]) -> String {
             let _ = writeln!(md, "| validation bits per byte | {:.4} |", e.val_bpb);
         }
         let totals = r.stage_totals();
-        let sum: f64 = totals.iter().sum();
+        let sum = totals.total();
         if sum > 0.0 {
             let _ = writeln!(
                 md,
                 "\nTime per stage:\n\n| stage | seconds | share |\n| --- | ---: | ---: |"
             );
-            for (name, t) in StageMs::NAMES.iter().zip(totals) {
+            for stage in Stage::ALL {
+                let t = totals.get(stage);
+                let name = stage.name();
                 let _ = writeln!(md, "| {name} | {t:.1} | {:.1}% |", 100.0 * t / sum);
             }
         }
@@ -320,7 +319,7 @@ pub fn write(run_dirs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
     }
     let files: Vec<&str> = plots.iter().map(|p| p.file).collect();
     let md = out.join("report.md");
-    crate::fsutil::write_atomic(&md, summary(&runs, &files).as_bytes())?;
+    kiln_formats::fsutil::write_atomic(&md, summary(&runs, &files).as_bytes())?;
     written.push(md);
     Ok(written)
 }

@@ -1,93 +1,36 @@
-//! Reading a run's `telemetry.jsonl`: the one interface between the trainer and whatever
-//! watches it (the dashboard, `kiln report`). Reads incrementally, so a live run can be
-//! followed by polling; a line still being written is left for the next poll.
+//! Reading a run's `telemetry.jsonl` into the typed [`Event`]s the trainer wrote: the one
+//! interface between the trainer and whatever watches it (the dashboard, `kiln report`).
+//! Reads incrementally, so a live run can be followed by polling. Only complete lines are
+//! parsed: a poll that lands mid-line, or in the middle of a multi-byte character, keeps the
+//! partial bytes for the next poll. A complete line that is not a valid event is counted and
+//! its first error kept, never silently reinterpreted.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde_json::Value;
 
-/// Milliseconds per stage of one step.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StageMs {
-    pub data: f64,
-    pub forward: f64,
-    pub backward: f64,
-    pub optimizer: f64,
-    pub eval: f64,
-    pub checkpoint: f64,
-}
-
-impl StageMs {
-    pub const NAMES: [&'static str; 6] = [
-        "data",
-        "forward",
-        "backward",
-        "optimizer",
-        "eval",
-        "checkpoint",
-    ];
-
-    pub fn get(&self, name: &str) -> f64 {
-        match name {
-            "data" => self.data,
-            "forward" => self.forward,
-            "backward" => self.backward,
-            "optimizer" => self.optimizer,
-            "eval" => self.eval,
-            _ => self.checkpoint,
-        }
-    }
-}
-
-/// One `step` line.
-#[derive(Clone, Debug, Default)]
-pub struct StepRecord {
-    pub step: u64,
-    pub loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens: u64,
-    pub tokens_per_s: f64,
-    pub ms_per_step: f64,
-    pub tflops: f64,
-    pub mfu: f64,
-    pub rss_mib: Option<f64>,
-    pub elapsed_s: f64,
-    pub progress: f64,
-    pub skipped: bool,
-    pub ms: StageMs,
-}
-
-/// One `eval` line.
-#[derive(Clone, Debug, Default)]
-pub struct EvalRecord {
-    pub step: u64,
-    pub val_loss: f64,
-    pub val_bpb: f64,
-}
+use crate::telemetry::{Eval, Event, PerStage, Record, RunReport, Stage, Start, Step, StopReason};
 
 /// A run's telemetry so far.
 #[derive(Default)]
 pub struct RunLog {
     pub dir: PathBuf,
-    /// The `start` line (configs, parameter count, measured peak, budgets).
-    pub start: Option<Value>,
-    pub steps: Vec<StepRecord>,
-    pub evals: Vec<EvalRecord>,
-    /// `(step, text)` of each `sample` line.
+    /// The first `start` event (configs, parameter count, measured peak, budgets).
+    pub start: Option<Start>,
+    pub steps: Vec<Step>,
+    pub evals: Vec<Eval>,
+    /// `(step, text)` of each `sample` event.
     pub samples: Vec<(u64, String)>,
-    pub report: Option<Value>,
+    pub report: Option<RunReport>,
     /// Why the run stopped early, if it did.
-    pub stopped: Option<Value>,
+    pub stopped: Option<StopReason>,
+    /// Complete lines that were not valid events, and the first one's error.
+    pub bad_lines: usize,
+    pub first_error: Option<String>,
     offset: u64,
-    pending: String,
-}
-
-fn f(v: &Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or(f64::NAN)
+    pending: Vec<u8>,
 }
 
 impl RunLog {
@@ -135,91 +78,71 @@ impl RunLog {
             return Ok(false);
         }
         file.seek(SeekFrom::Start(self.offset))?;
-        let mut text = String::new();
-        file.read_to_string(&mut text)
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        self.offset += text.len() as u64;
-        self.pending.push_str(&text);
+        self.offset += bytes.len() as u64;
+        self.pending.extend_from_slice(&bytes);
         let mut any = false;
-        while let Some(end) = self.pending.find('\n') {
-            let line: String = self.pending.drain(..=end).collect();
-            if let Ok(v) = serde_json::from_str::<Value>(line.trim()) {
-                self.ingest(v);
-                any = true;
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            let parsed = std::str::from_utf8(&line)
+                .map_err(|e| e.to_string())
+                .and_then(|text| match text.trim() {
+                    "" => Ok(None),
+                    text => serde_json::from_str::<Record>(text)
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                });
+            match parsed {
+                Ok(Some(record)) => {
+                    self.ingest(record.event);
+                    any = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.bad_lines += 1;
+                    self.first_error.get_or_insert(e);
+                }
             }
         }
         Ok(any)
     }
 
-    fn ingest(&mut self, v: Value) {
-        match v["type"].as_str() {
-            Some("start") => {
+    fn ingest(&mut self, event: Event) {
+        match event {
+            Event::Start(start) => {
                 if self.start.is_none() {
-                    self.start = Some(v);
+                    self.start = Some(*start);
                 }
             }
-            Some("step") => {
-                let ms = &v["ms"];
-                self.steps.push(StepRecord {
-                    step: v["step"].as_u64().unwrap_or(0),
-                    loss: f(&v, "loss"),
-                    lr: f(&v, "lr"),
-                    grad_norm: f(&v, "grad_norm"),
-                    tokens: v["tokens"].as_u64().unwrap_or(0),
-                    tokens_per_s: f(&v, "tokens_per_s"),
-                    ms_per_step: f(&v, "ms_per_step"),
-                    tflops: f(&v, "tflops"),
-                    mfu: f(&v, "mfu"),
-                    rss_mib: v["rss_mib"].as_f64(),
-                    elapsed_s: f(&v, "elapsed_s"),
-                    progress: f(&v, "progress"),
-                    skipped: v["skipped"].as_bool().unwrap_or(false),
-                    ms: StageMs {
-                        data: f(ms, "data"),
-                        forward: f(ms, "forward"),
-                        backward: f(ms, "backward"),
-                        optimizer: f(ms, "optimizer"),
-                        eval: f(ms, "eval"),
-                        checkpoint: f(ms, "checkpoint"),
-                    },
-                });
-            }
-            Some("eval") => self.evals.push(EvalRecord {
-                step: v["step"].as_u64().unwrap_or(0),
-                val_loss: f(&v, "val_loss"),
-                val_bpb: f(&v, "val_bpb"),
-            }),
-            Some("sample") => self.samples.push((
-                v["step"].as_u64().unwrap_or(0),
-                v["text"].as_str().unwrap_or("").to_string(),
-            )),
-            Some("report") => self.report = Some(v),
-            Some("stopped") => self.stopped = Some(v),
-            _ => {}
+            Event::Step(step) => self.steps.push(step),
+            Event::Eval(eval) => self.evals.push(eval),
+            Event::Sample { step, text } => self.samples.push((step, text)),
+            Event::Report(report) => self.report = Some(*report),
+            Event::Stopped { reason, .. } => self.stopped = Some(reason),
+            Event::Checkpoint { .. } | Event::Resume { .. } => {}
         }
     }
 
-    /// Tokens per optimizer step, from the start line.
+    /// Tokens per optimizer step, from the start event.
     pub fn tokens_per_step(&self) -> u64 {
-        self.start
-            .as_ref()
-            .and_then(|s| s["tokens_per_step"].as_u64())
-            .unwrap_or(0)
+        self.start.as_ref().map_or(0, |s| s.tokens_per_step)
     }
 
-    /// The step record at `step`, if logged.
-    pub fn step_at(&self, step: u64) -> Option<&StepRecord> {
+    /// The step event at `step`, if logged.
+    pub fn step_at(&self, step: u64) -> Option<&Step> {
         self.steps.iter().rev().find(|s| s.step == step)
     }
 
-    /// Seconds per stage summed over all steps, in [`StageMs::NAMES`] order.
-    pub fn stage_totals(&self) -> [f64; 6] {
-        let mut totals = [0.0; 6];
+    /// Seconds per stage summed over all steps.
+    pub fn stage_totals(&self) -> PerStage {
+        let mut totals = PerStage::default();
         for s in &self.steps {
-            for (t, name) in totals.iter_mut().zip(StageMs::NAMES) {
-                let ms = s.ms.get(name);
+            for stage in Stage::ALL {
+                let ms = s.ms.get(stage);
                 if ms.is_finite() {
-                    *t += ms / 1e3;
+                    *totals.get_mut(stage) += ms / 1e3;
                 }
             }
         }
@@ -237,37 +160,69 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    fn step_line(step: u64, loss: f64) -> String {
+        let event = Event::Step(Step {
+            step,
+            loss,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            skipped: false,
+            skipped_total: 0,
+            tokens: step * 64,
+            tokens_per_s: 100.0,
+            ms_per_step: 10.0,
+            ms: PerStage {
+                forward: 3.0,
+                ..Default::default()
+            },
+            tflops: 0.0,
+            mfu: 0.0,
+            rss_mib: None,
+            elapsed_s: 1.0,
+            progress: 0.5,
+        });
+        serde_json::to_string(&Record { time: 0.0, event }).unwrap()
+    }
+
     #[test]
     fn polling_follows_a_growing_file_and_waits_for_whole_lines() {
         let dir = std::env::temp_dir().join(format!("kiln-runlog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("telemetry.jsonl");
         let mut file = File::create(&path).unwrap();
-        writeln!(file, r#"{{"type":"start","tokens_per_step":64}}"#).unwrap();
-        writeln!(
-            file,
-            r#"{{"type":"step","step":1,"loss":5.0,"ms":{{"forward":3.0}}}}"#
-        )
+        writeln!(file, "{}", step_line(1, 5.0)).unwrap();
+        // The next line stops inside the two-byte character of a sample's text.
+        let sample = Event::Sample {
+            step: 1,
+            text: "née".into(),
+        };
+        let sample = serde_json::to_string(&Record {
+            time: 0.0,
+            event: sample,
+        })
         .unwrap();
-        write!(file, r#"{{"type":"step","step":2,"lo"#).unwrap();
+        let cut = sample.find('é').unwrap() + 1;
+        file.write_all(&sample.as_bytes()[..cut]).unwrap();
         file.flush().unwrap();
         let mut log = RunLog::new(&dir);
         assert!(log.poll().unwrap());
         assert_eq!(log.steps.len(), 1);
-        assert_eq!(log.tokens_per_step(), 64);
-        writeln!(file, r#"ss":4.5,"ms":{{}}}}"#).unwrap();
-        writeln!(
-            file,
-            r#"{{"type":"eval","step":2,"val_loss":4.7,"val_bpb":2.1}}"#
-        )
-        .unwrap();
+        assert!(log.samples.is_empty());
+        file.write_all(&sample.as_bytes()[cut..]).unwrap();
+        writeln!(file).unwrap();
+        let half = step_line(2, 4.5);
+        file.write_all(&half.as_bytes()[..10]).unwrap();
         file.flush().unwrap();
         assert!(log.poll().unwrap());
-        assert_eq!(
-            log.steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
-            [5.0, 4.5]
-        );
-        assert_eq!(log.evals[0].val_bpb, 2.1);
+        assert_eq!(log.samples, [(1, "née".to_string())]);
+        writeln!(file, "{}", &half[10..]).unwrap();
+        writeln!(file, r#"{{"type":"step","step":3}}"#).unwrap();
+        file.flush().unwrap();
+        assert!(log.poll().unwrap());
+        assert_eq!(log.steps.iter().map(|s| s.loss).collect::<Vec<_>>(), [5.0, 4.5]);
+        // A line that is not a valid event is counted, not guessed at.
+        assert_eq!(log.bad_lines, 1);
+        assert!(log.first_error.as_deref().unwrap().contains("missing field"));
         assert!(!log.poll().unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use kiln::backend::reference::ReferenceBackend;
-use kiln::config::ModelConfig;
-use kiln::data::{prepare, TokenizerSpec};
-use kiln::packed::PackRule;
-use kiln::quant::Scheme;
+use kiln_reference::ReferenceBackend;
+use kiln_core::config::ModelConfig;
+use kiln_formats::data::{prepare, TokenizerSpec};
+use kiln_core::quant::PackRule;
+use kiln_core::quant::Scheme;
 use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -89,7 +89,7 @@ fn record(config: TrainConfig, run: &Path) -> serde_json::Value {
         .map(|l| format!("{:08x}", l.to_bits()))
         .collect();
     let mut hash = Sha256::new();
-    for w in trainer.model.download_params() {
+    for w in trainer.model.download_params().unwrap() {
         hash.update(w.to_le_bytes());
     }
     let weights: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();

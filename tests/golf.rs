@@ -5,15 +5,15 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kiln::backend::reference::muon::muon_step;
-use kiln::backend::reference::ReferenceBackend;
-use kiln::backend::MuonStep;
-use kiln::config::ModelConfig;
-use kiln::conformance::assert_close;
-use kiln::data::{prepare, Dataset, Split, TokenizerSpec};
-use kiln::model::Model;
-use kiln::packed::{self, PackRule};
-use kiln::quant::Scheme;
+use kiln_reference::muon::muon_step;
+use kiln_reference::ReferenceBackend;
+use kiln_core::backend::MuonStep;
+use kiln_core::config::ModelConfig;
+use kiln_conformance::assert_close;
+use kiln_formats::data::{prepare, Dataset, Split, TokenizerSpec};
+use kiln_core::model::Model;
+use kiln_formats::packed::{self, PackRule};
+use kiln_core::quant::Scheme;
 use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -70,7 +70,7 @@ fn golf_config(data: PathBuf, steps: u64) -> TrainConfig {
 fn muon_matches_pytorch() {
     // Written by scripts/make_fixtures.py (make_muon) with lr 0.05, momentum 0.9.
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/muon.safetensors");
-    let fixture = kiln::checkpoint::read_f32_tensors(&path).unwrap();
+    let fixture = kiln_formats::checkpoint::read_f32_tensors(&path).unwrap();
     let get = |name: String| fixture[&name].1.clone();
     for (rows, cols) in [(8, 8), (6, 10), (12, 5)] {
         let key = format!("{rows}x{cols}");
@@ -94,7 +94,7 @@ fn muon_matches_pytorch() {
         }
         // Three f32 steps of five Newton–Schulz iterations each (products of up to 15
         // matrices of entries ~1) against float64: agreement to ~1e-5 of the unit scale.
-        let tol = kiln::backend::Tolerance {
+        let tol = kiln_core::backend::Tolerance {
             atol: 2e-5,
             rtol: 1e-4,
         };
@@ -154,12 +154,13 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
 
         // The export, reloaded alone, holds exactly the weights QAT computed with.
         let out = dir.join(format!("{name}-packed"));
-        let (path, _) = kiln::interop::export_packed(&run, &out, rule).unwrap();
+        let imported = kiln::rundir::import(&run, None).unwrap();
+        let (path, _) = kiln_formats::interop::export_packed(&imported, &out, rule).unwrap();
         let artifact = packed::read(&path).unwrap();
-        let trained = kiln::interop::import(&run, None).unwrap();
+        let trained = kiln::rundir::import(&run, None).unwrap();
         let mut seen = trained.weights.clone();
-        packed::fake_quantize(
-            &kiln::model::ParamLayout::new(&trained.config),
+        kiln_core::quant::fake_quantize(
+            &kiln_core::model::ParamLayout::new(&trained.config),
             &rule,
             &mut seen,
         )
@@ -174,7 +175,7 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
         let tokens = dataset.read_all(Split::Val).unwrap();
         let score = |model: &Model<ReferenceBackend>| {
             let acts = model.activations(4, 16).unwrap();
-            kiln::eval::evaluate(
+            kiln_core::eval::evaluate(
                 &model,
                 &acts,
                 &tokens,
@@ -187,9 +188,9 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
             .bits_per_byte
         };
         let reloaded = Model::new(ReferenceBackend, artifact.config.clone()).unwrap();
-        reloaded.upload_params(&artifact.weights);
+        reloaded.upload_params(&artifact.weights).unwrap();
         let mut qat_model = Model::new(ReferenceBackend, trained.config.clone()).unwrap();
-        qat_model.upload_params(&trained.weights);
+        qat_model.upload_params(&trained.weights).unwrap();
         qat_model.enable_qat(rule).unwrap();
         let gap = score(&reloaded) - score(&qat_model);
         assert!(gap.abs() < 1e-4, "{name}: round-trip gap {gap} bits/byte");
@@ -200,7 +201,7 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
             "{name}: {trainer_bpb}"
         );
         let plain = Model::new(ReferenceBackend, trained.config.clone()).unwrap();
-        plain.upload_params(&trained.weights);
+        plain.upload_params(&trained.weights).unwrap();
         // (int8 moves the score only slightly on this tiny model; ternary by far more.)
         let moved = (score(&plain) - trainer_bpb).abs();
         let least = if name == "ternary" { 1e-3 } else { 0.0 };
@@ -231,22 +232,22 @@ fn the_moving_average_is_checkpointed_exported_and_resumed_exactly() {
     resumed.print_every = 0;
     let tail = resumed.run().unwrap();
     assert_eq!(&straight.losses[6..], &tail.losses[..]);
-    let last = |run: &str| kiln::checkpoint::resolve(&dir.join(run)).unwrap();
+    let last = |run: &str| kiln::rundir::resolve(&dir.join(run)).unwrap();
     let ema = |run: &str| {
-        kiln::checkpoint::read_f32_tensors(&last(run).join(kiln::checkpoint::EMA_FILE)).unwrap()
+        kiln_formats::checkpoint::read_f32_tensors(&last(run).join(kiln_formats::checkpoint::EMA_FILE)).unwrap()
     };
     let name = "model.layers.0.self_attn.q_proj.weight";
     assert_eq!(ema("straight")[name].1, ema("split")[name].1);
     let raw =
-        kiln::checkpoint::read_f32_tensors(&last("straight").join("model.safetensors")).unwrap();
+        kiln_formats::checkpoint::read_f32_tensors(&last("straight").join("model.safetensors")).unwrap();
     assert_ne!(
         raw[name].1,
         ema("straight")[name].1,
         "the average is not the last weights"
     );
     // Exports (and evaluation) take the average.
-    let imported = kiln::interop::import(&dir.join("straight"), None).unwrap();
-    let layout = kiln::model::ParamLayout::new(&imported.config);
+    let imported = kiln::rundir::import(&dir.join("straight"), None).unwrap();
+    let layout = kiln_core::model::ParamLayout::new(&imported.config);
     let region = layout.find(name).unwrap().region;
     assert_eq!(
         &imported.weights[region.offset..][..region.len],
@@ -264,7 +265,7 @@ fn sliding_windows_score_each_target_once_with_its_context() {
     let mut config = ModelConfig::preset("tiny-golf").unwrap();
     config.vocab_size = dataset.manifest.vocab_size;
     let mut model = Model::new(ReferenceBackend, config).unwrap();
-    model.init_random(3);
+    model.init_random(3).unwrap();
     let (seq, stride) = (16, 5);
     // Independently: each window alone, its last `stride` targets (all of the first's).
     let one = model.activations(1, seq).unwrap();
@@ -275,19 +276,19 @@ fn sliding_windows_score_each_target_once_with_its_context() {
             &tokens[start..start + seq],
             &tokens[start + 1..start + seq + 1],
         );
-        model.forward(&one, x, Some(y));
-        let losses = model.download_losses(&one);
+        model.forward(&one, x, Some(y)).unwrap();
+        let losses = model.download_losses(&one).unwrap();
         let from = if start == 0 { 0 } else { seq - stride };
         nats += losses[from..].iter().map(|&l| l as f64).sum::<f64>();
         count += seq - from;
-        bytes += kiln::eval::target_bytes(&dataset.tokenizer, &x[from..], &y[from..])
+        bytes += kiln_core::eval::target_bytes(&dataset.tokenizer, &x[from..], &y[from..])
             .iter()
             .sum::<usize>();
         start += stride;
     }
     // Batched three windows at a time (the last batch padded).
     let acts = model.activations(3, seq).unwrap();
-    let got = kiln::eval::evaluate_sliding(
+    let got = kiln_core::eval::evaluate_sliding(
         &model,
         &acts,
         tokens,
@@ -311,7 +312,7 @@ fn sliding_windows_score_each_target_once_with_its_context() {
         nats / count as f64
     );
     // stride = seq is the plain evaluation.
-    let plain = kiln::eval::evaluate(
+    let plain = kiln_core::eval::evaluate(
         &model,
         &acts,
         tokens,
@@ -321,7 +322,7 @@ fn sliding_windows_score_each_target_once_with_its_context() {
         &mut |_, _| {},
     )
     .unwrap();
-    let same = kiln::eval::evaluate_sliding(
+    let same = kiln_core::eval::evaluate_sliding(
         &model,
         &acts,
         tokens,

@@ -4,12 +4,22 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kiln::backend::reference::ReferenceBackend;
-use kiln::backend::Tolerance;
-use kiln::conformance::assert_close;
-use kiln::interop::{self, ExportFormat};
-use kiln::model::Model;
-use kiln::vocab::VocabMap;
+use kiln_reference::ReferenceBackend;
+use kiln_core::backend::Tolerance;
+use kiln_conformance::assert_close;
+use kiln_formats::interop::{self, ExportFormat};
+use kiln_core::model::Model;
+use kiln_core::vocab::VocabMap;
+
+/// A Hugging Face directory or llama2.c file, as the formats crate reads it.
+fn import(path: &Path) -> anyhow::Result<interop::Imported> {
+    interop::import(path, None, &[])
+}
+
+/// Reads `source` and writes it as `format` into `out`.
+fn export(source: &Path, format: ExportFormat, out: &Path) -> anyhow::Result<PathBuf> {
+    interop::export(&import(source)?, format, out)
+}
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
@@ -24,7 +34,7 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// transformers' logits for the fixture's input ids, and kiln's for the imported model.
 fn logits_match(model_path: &Path, expected_dir: &Path) {
-    let imported = interop::import(model_path, None).unwrap();
+    let imported = import(model_path).unwrap();
     // expected.safetensors: input_ids (1, T) int64 and logits (T, V) f32 from transformers.
     let bytes = fs::read(expected_dir.join("expected.safetensors")).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -43,9 +53,9 @@ fn logits_match(model_path: &Path, expected_dir: &Path) {
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
         .collect();
     let model = Model::new(ReferenceBackend, imported.config.clone()).unwrap();
-    model.upload_params(&imported.weights);
+    model.upload_params(&imported.weights).unwrap();
     let acts = model.activations(1, ids.len()).unwrap();
-    model.forward(&acts, &ids, None);
+    model.forward(&acts, &ids, None).unwrap();
     // Both sides compute in f32 with different summation orders over ~100-term dot products;
     // logits are O(10).
     let tol = Tolerance {
@@ -54,7 +64,7 @@ fn logits_match(model_path: &Path, expected_dir: &Path) {
     };
     assert_close(
         &format!("{} logits", model_path.display()),
-        &model.download_logits(&acts),
+        &model.download_logits(&acts).unwrap(),
         &want,
         tol,
     )
@@ -66,7 +76,7 @@ fn hugging_face_llama_and_qwen3_give_transformers_logits() {
     for name in ["llama", "llama-bf16", "qwen3"] {
         logits_match(&fixtures().join(name), &fixtures().join(name));
     }
-    let qwen = interop::import(&fixtures().join("qwen3"), None).unwrap();
+    let qwen = import(&fixtures().join("qwen3")).unwrap();
     assert!(qwen.config.qk_norm && qwen.config.tie_embeddings && qwen.config.head_dim == 16);
     assert_eq!(qwen.config.rope_theta, 1e6);
     assert!(qwen.tokenizer.is_some(), "tokenizer.json must come along");
@@ -83,10 +93,10 @@ fn llama2c_legacy_and_v1_checkpoints_give_the_same_logits() {
 fn export_then_import_is_bit_exact() {
     let dir = temp_dir("roundtrip");
     for source in ["llama", "qwen3"] {
-        let original = interop::import(&fixtures().join(source), None).unwrap();
+        let original = import(&fixtures().join(source)).unwrap();
         let out = dir.join(format!("{source}-hf"));
-        interop::export(&fixtures().join(source), ExportFormat::Hf, &out).unwrap();
-        let back = interop::import(&out, None).unwrap();
+        export(&fixtures().join(source), ExportFormat::Hf, &out).unwrap();
+        let back = import(&out).unwrap();
         assert_eq!(back.config, original.config, "{source}");
         assert!(
             back.weights
@@ -98,15 +108,15 @@ fn export_then_import_is_bit_exact() {
         assert!(out.join("tokenizer.json").exists());
     }
     // llama2.c: through the RoPE permutation and back.
-    let original = interop::import(&fixtures().join("llama2c/model_legacy.bin"), None).unwrap();
+    let original = import(&fixtures().join("llama2c/model_legacy.bin")).unwrap();
     let out = dir.join("llama2c");
-    let path = interop::export(
+    let path = export(
         &fixtures().join("llama2c/model_legacy.bin"),
         ExportFormat::Llama2c,
         &out,
     )
     .unwrap();
-    let back = interop::import(&path, None).unwrap();
+    let back = import(&path).unwrap();
     assert_eq!(back.config, original.config);
     assert_eq!(back.weights, original.weights);
     // The file is the one llama2.c's export writes (the fixture): byte for byte, except the
@@ -167,7 +177,7 @@ fn unsupported_models_are_refused_by_name() {
             serde_json::from_str(&fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
         config[field] = value;
         fs::write(case.join("config.json"), config.to_string()).unwrap();
-        let error = format!("{:#}", interop::import(&case, None).err().unwrap());
+        let error = format!("{:#}", import(&case).err().unwrap());
         assert!(
             error.contains(expected) && error.contains("config.json"),
             "{error}"
@@ -176,7 +186,7 @@ fn unsupported_models_are_refused_by_name() {
     // A llama2.c file cut short names the file and the problem.
     let bytes = fs::read(fixtures().join("llama2c/model_legacy.bin")).unwrap();
     fs::write(dir.join("short.bin"), &bytes[..bytes.len() - 8]).unwrap();
-    let error = interop::import(&dir.join("short.bin"), None)
+    let error = import(&dir.join("short.bin"))
         .err()
         .unwrap()
         .to_string();
@@ -185,7 +195,7 @@ fn unsupported_models_are_refused_by_name() {
         "{error}"
     );
     // Qwen3 (qk-norm) cannot go to llama2.c.
-    let error = interop::export(
+    let error = export(
         &fixtures().join("qwen3"),
         ExportFormat::Llama2c,
         &dir.join("x"),
@@ -199,7 +209,7 @@ fn unsupported_models_are_refused_by_name() {
 
 #[test]
 fn compaction_and_expansion_are_inverse_on_kept_rows() {
-    let imported = interop::import(&fixtures().join("llama"), None).unwrap();
+    let imported = import(&fixtures().join("llama")).unwrap();
     let map = VocabMap::from_full_ids(96, vec![1, 5, 7, 40, 95]);
     let (small, weights) = interop::compact(&imported.config, &imported.weights, &map);
     assert_eq!(small.vocab_size, 5);

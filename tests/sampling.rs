@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use kiln::backend::reference::ReferenceBackend;
-use kiln::backend::Tolerance;
-use kiln::conformance::{assert_close, Fixture};
-use kiln::sample::{generate, SamplingParams};
+use kiln_reference::ReferenceBackend;
+use kiln_core::backend::Tolerance;
+use kiln_conformance::{assert_close, Fixture};
+use kiln_core::sample::{generate, SamplingParams};
 
 fn fixture(name: &str) -> Fixture {
     Fixture::load(
@@ -28,8 +28,8 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
         let model = fixture.model(ReferenceBackend).unwrap();
         let tokens = &fixture.tokens("tokens").unwrap()[..fixture.seq];
         let acts = model.activations(1, tokens.len()).unwrap();
-        model.forward(&acts, tokens, None);
-        let full = model.download_logits(&acts);
+        model.forward(&acts, tokens, None).unwrap();
+        let full = model.download_logits(&acts).unwrap();
         let vocab = model.config.vocab_size;
         let mut cache = model.kv_cache(tokens.len()).unwrap();
         for (pos, &token) in tokens.iter().enumerate() {

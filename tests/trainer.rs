@@ -4,11 +4,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kiln::backend::reference::ReferenceBackend;
-use kiln::checkpoint;
-use kiln::config::ModelConfig;
-use kiln::data::{prepare, Dataset, Split, TokenizerSpec};
-use kiln::model::Model;
+use kiln_reference::ReferenceBackend;
+use kiln_formats::checkpoint;
+use kiln_core::config::ModelConfig;
+use kiln_formats::data::{prepare, Dataset, Split, TokenizerSpec};
+use kiln_core::model::Model;
 use kiln::train::{TrainConfig, Trainer};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -156,14 +156,14 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
         "{error}"
     );
     // Three skipped steps after the step-4 checkpoint: the weights equal the checkpoint's.
-    let latest = checkpoint::resolve(&dir.join("many")).unwrap();
+    let latest = kiln::rundir::resolve(&dir.join("many")).unwrap();
     assert!(latest.ends_with("step_00000004"), "{}", latest.display());
     let mut saved = Model::new(ReferenceBackend, trainer.model.config.clone()).unwrap();
     checkpoint::load_into(&mut saved, &latest, None, true).unwrap();
-    assert_eq!(saved.download_params(), trainer.model.download_params());
+    assert_eq!(saved.download_params().unwrap(), trainer.model.download_params().unwrap());
     assert!(trainer
         .model
-        .download_params()
+        .download_params().unwrap()
         .iter()
         .all(|x| x.is_finite()));
     fs::remove_dir_all(dir).unwrap();
@@ -179,7 +179,7 @@ fn checkpoints_survive_a_crash_mid_save_and_refuse_other_models() {
     let torn = checkpoints.join(".step_00000012.tmp-999999");
     fs::create_dir_all(&torn).unwrap();
     fs::write(torn.join("model.safetensors"), b"torn").unwrap();
-    let latest = checkpoint::resolve(&dir.join("run")).unwrap();
+    let latest = kiln::rundir::resolve(&dir.join("run")).unwrap();
     assert!(latest.ends_with("step_00000008"));
     let mut resumed = Trainer::resume(ReferenceBackend, &dir.join("run"), Some(12)).unwrap();
     resumed.print_every = 0;
@@ -195,7 +195,7 @@ fn checkpoints_survive_a_crash_mid_save_and_refuse_other_models() {
         .map(|c| c.0)
         .collect();
     assert_eq!(kept, [4, 8, 12]);
-    assert!(checkpoint::best(&dir.join("run")).unwrap().exists());
+    assert!(kiln::rundir::best(&dir.join("run")).unwrap().exists());
 
     // Another shape is refused, naming the field.
     let mut other = ModelConfig::preset("tiny-gqa").unwrap();
@@ -294,12 +294,13 @@ fn fine_tuning_starts_from_the_imported_weights() {
     let data = corpus(&dir);
     train(config(data.clone(), 4), &dir.join("base"));
     let export = dir.join("base-hf");
-    kiln::interop::export(&dir.join("base"), kiln::interop::ExportFormat::Hf, &export).unwrap();
+    let base_model = kiln::rundir::import(&dir.join("base"), None).unwrap();
+    kiln_formats::interop::export(&base_model, kiln_formats::interop::ExportFormat::Hf, &export).unwrap();
     let mut cfg = config(data, 4);
     cfg.init_from = Some(export.clone());
     let tuned = Trainer::create(ReferenceBackend, cfg, &dir.join("tuned")).unwrap();
-    let base = kiln::interop::import(&export, None).unwrap();
-    assert_eq!(tuned.model.download_params(), base.weights);
+    let base = kiln::rundir::import(&export, None).unwrap();
+    assert_eq!(tuned.model.download_params().unwrap(), base.weights);
     // A model of another shape is refused, saying what differs.
     let mut cfg = config(dir.join("data"), 4);
     cfg.model.hidden_dim = 40;
@@ -364,12 +365,12 @@ fn report_writes_legible_plots_and_a_summary() {
 
 #[test]
 fn packed_artifacts_reload_alone_with_exact_sizes() {
-    use kiln::packed::{self, PackRule};
-    use kiln::quant::{quantize, Scheme};
+    use kiln_formats::packed::{self, PackRule};
+    use kiln_core::quant::{quantize, Scheme};
     let dir = temp_dir("packed");
     let data = corpus(&dir);
     train(config(data.clone(), 8), &dir.join("run"));
-    let original = kiln::interop::import(&dir.join("run"), None).unwrap();
+    let original = kiln::rundir::import(&dir.join("run"), None).unwrap();
     let int8 = Scheme::Int {
         bits: 8,
         percentile: 99.99984,
@@ -396,7 +397,7 @@ fn packed_artifacts_reload_alone_with_exact_sizes() {
         // Reloaded alone, each tensor is exactly what its quantizer makes of the original.
         let back = packed::read(&path).unwrap();
         assert_eq!(back.config, original.config);
-        let layout = kiln::model::ParamLayout::new(&original.config);
+        let layout = kiln_core::model::ParamLayout::new(&original.config);
         for spec in &layout.specs {
             let w = &original.weights[spec.region.offset..][..spec.region.len];
             let (rows, cols) = if spec.shape.len() == 2 {
@@ -419,9 +420,9 @@ fn packed_artifacts_reload_alone_with_exact_sizes() {
         let tokens = dataset.read_all(Split::Val).unwrap();
         let score = |weights: &[f32]| {
             let model = Model::new(ReferenceBackend, original.config.clone()).unwrap();
-            model.upload_params(weights);
+            model.upload_params(weights).unwrap();
             let acts = model.activations(2, 16).unwrap();
-            kiln::eval::evaluate(
+            kiln_core::eval::evaluate(
                 &model,
                 &acts,
                 &tokens,

@@ -1,0 +1,415 @@
+//! The conformance suite: one set of checks, written against [`Backend`], that every backend
+//! must pass (the reference backend's own tests run it; a fast CPU or CUDA backend runs the
+//! very same functions on itself, with its own per-kernel tolerances).
+//!
+//! - [`check_kernels`]: every case of the kernel table ([`cases`], shared with
+//!   `kiln bench kernels`), forward and backward, against the reference kernels evaluated in
+//!   f64 on the same inputs;
+//! - [`check_memory`]: allocation, f32 and bf16 transfers, conversions, `synchronize`;
+//! - [`check_fixture`]: the whole model against PyTorch (`scripts/make_fixtures.py`): logits,
+//!   loss, every parameter gradient, and the losses of ten AdamW steps;
+//! - [`check_training_smoke`]: twenty training steps on a tiny model make the loss fall.
+//!
+//! Each check returns `Err` with a message naming the quantity, the worst element and the
+//! tolerance, so a failing backend says exactly where it strays.
+
+use std::path::Path;
+
+pub mod cases;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::{Dtype, SafeTensors};
+
+use kiln_core::backend::{Backend, DType, Kernel, Tolerance, View};
+use kiln_core::bytes::{le_values, FloatWidth};
+use kiln_core::config::ModelConfig;
+use kiln_core::model::Model;
+use kiln_core::optim::{adamw_step, AdamW};
+
+pub use cases::{cases, Case, Dims, Work};
+
+/// `|got - want| <= atol + rtol * |want|` for every element, else an error naming the worst.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: Tolerance) -> Result<()> {
+    ensure!(
+        got.len() == want.len(),
+        "{what}: {} values, expected {}",
+        got.len(),
+        want.len()
+    );
+    let mut worst: Option<(usize, f64)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g as f64 - w).abs() - (tol.atol + tol.rtol * w.abs());
+        if !(excess <= 0.0) && worst.is_none_or(|(_, e)| excess > e || excess.is_nan()) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        bail!(
+            "{what}: element {i} is {} but the reference is {} (|diff| {:.3e} > {:.1e} + {:.1e}·|ref|)",
+            got[i],
+            want[i],
+            (got[i] as f64 - want[i]).abs(),
+            tol.atol,
+            tol.rtol
+        );
+    }
+    Ok(())
+}
+
+fn to_f32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// The loosest of a backend's per-kernel tolerances: what a whole-model check (many kernels
+/// composed) starts from.
+pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
+    KERNELS.iter().fold(Tolerance { atol: 0.0, rtol: 0.0 }, |t, &k| {
+        let k = backend.tolerance(k);
+        Tolerance {
+            atol: t.atol.max(k.atol),
+            rtol: t.rtol.max(k.rtol),
+        }
+    })
+}
+
+/// Every kernel family.
+pub const KERNELS: [Kernel; 16] = [
+    Kernel::Memory,
+    Kernel::Matmul,
+    Kernel::Embedding,
+    Kernel::RmsNorm,
+    Kernel::Rope,
+    Kernel::Attention,
+    Kernel::SwiGlu,
+    Kernel::Relu2,
+    Kernel::Softcap,
+    Kernel::Scale,
+    Kernel::Residual,
+    Kernel::CrossEntropy,
+    Kernel::SumSquares,
+    Kernel::AdamW,
+    Kernel::Ema,
+    Kernel::Muon,
+];
+
+/// A case's buffers on a backend, uploaded from host values.
+pub struct Placed<B: Backend> {
+    memories: Vec<B::Memory>,
+}
+
+impl<B: Backend> Placed<B> {
+    /// Allocates every buffer of `case` (f32) and uploads `inputs` into those that have values.
+    pub fn new(backend: &B, case: &Case, inputs: &[Vec<f64>]) -> Result<Self> {
+        let mut memories = Vec::new();
+        for (len, values) in case.lengths(backend).into_iter().zip(inputs) {
+            let memory = backend.alloc(len, DType::F32)?;
+            if !values.is_empty() {
+                backend.upload(View::whole(&memory), &to_f32(values))?;
+            }
+            memories.push(memory);
+        }
+        Ok(Placed { memories })
+    }
+
+    pub fn views(&self) -> Vec<View<'_, B>> {
+        self.memories.iter().map(View::whole).collect()
+    }
+
+    pub fn download(&self, backend: &B, index: usize) -> Result<Vec<f32>> {
+        let view = View::whole(&self.memories[index]);
+        let mut host = vec![0.0; view.len()];
+        backend.download(view, &mut host)?;
+        Ok(host)
+    }
+}
+
+/// Runs one case on `backend` and compares every output with the reference in f64, within
+/// the backend's tolerance for the case's kernel (times the case's own factor, if it has one).
+pub fn check_case<B: Backend>(backend: &B, case: &Case, seed: u64) -> Result<()> {
+    let inputs = case.inputs(seed);
+    let placed = Placed::new(backend, case, &inputs)?;
+    let views = placed.views();
+    case.prepare(backend, &views);
+    case.run(backend, &views)?;
+    backend.synchronize()?;
+    let mut tol = backend.tolerance(case.kernel);
+    if let Some((factor, _why)) = case.tolerance_factor {
+        tol.atol *= factor;
+        tol.rtol *= factor;
+    }
+    for (i, want) in case.expected(&inputs).into_iter().enumerate() {
+        if let Some(want) = want {
+            let what = format!("{} · {}", case.name, case.buffers[i].name);
+            assert_close(&what, &placed.download(backend, i)?, &want, tol)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every case of the table at the conformance sizes ([`Dims::conformance`]): each trait
+/// method, forward and backward, with its accumulation modes, against the reference kernels
+/// in f64. Returns how many cases ran.
+pub fn check_kernels<B: Backend>(backend: &B) -> Result<usize> {
+    let table = cases(&Dims::conformance());
+    for (i, case) in table.iter().enumerate() {
+        check_case(backend, case, 7 + i as u64)?;
+    }
+    Ok(table.len())
+}
+
+/// The memory methods: zero-filled allocation, upload and download of f32 and bf16 (rounded
+/// to nearest even, as `half` rounds), `copy` converting both ways, `zero`, a transfer of the
+/// wrong length refused, `synchronize`.
+pub fn check_memory<B: Backend>(backend: &B) -> Result<()> {
+    let values: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.173_205_08).collect();
+    let n = values.len();
+    let f32_mem = backend.alloc(n, DType::F32)?;
+    let bf16_mem = backend.alloc(n, DType::BF16)?;
+    let (f, h) = (View::<B>::whole(&f32_mem), View::<B>::whole(&bf16_mem));
+    ensure!(h.dtype() == DType::BF16 && f.dtype() == DType::F32, "alloc: wrong dtype");
+    let download = |v: View<B>| -> Result<Vec<f32>> {
+        let mut host = vec![f32::NAN; v.len()];
+        backend.download(v, &mut host)?;
+        Ok(host)
+    };
+    ensure!(download(f)?.iter().all(|&x| x == 0.0), "alloc: f32 memory not zeroed");
+    ensure!(download(h)?.iter().all(|&x| x == 0.0), "alloc: bf16 memory not zeroed");
+    backend.upload(f, &values)?;
+    ensure!(download(f)? == values, "f32 upload/download is not exact");
+    let rounded: Vec<f32> = values.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    backend.upload(h, &values)?;
+    ensure!(download(h)? == rounded, "bf16 upload does not round to nearest even");
+    backend.zero(h);
+    backend.copy(h, f);
+    ensure!(download(h)? == rounded, "copy f32 → bf16 does not round to nearest even");
+    backend.zero(f);
+    ensure!(download(f)?.iter().all(|&x| x == 0.0), "zero left values");
+    backend.copy(f, h);
+    ensure!(download(f)? == rounded, "copy bf16 → f32 is not exact");
+    let tail = View::<B>::new(&f32_mem, 30, 7);
+    backend.upload(tail, &values[..7])?;
+    ensure!(download(tail)? == values[..7], "upload into a sub-view went astray");
+    ensure!(
+        backend.upload(tail, &values[..6]).is_err(),
+        "an upload of the wrong length must be refused"
+    );
+    backend.synchronize()?;
+    Ok(())
+}
+
+/// A PyTorch fixture written by `scripts/make_fixtures.py`.
+pub struct Fixture {
+    pub config: ModelConfig,
+    pub adamw: AdamW,
+    pub batch: usize,
+    pub seq: usize,
+    bytes: Vec<u8>,
+    path: String,
+}
+
+impl Fixture {
+    pub const VERSION: &'static str = "1";
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read fixture {}", path.display()))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+        let meta = meta
+            .metadata()
+            .clone()
+            .ok_or_else(|| anyhow!("{}: no metadata", path.display()))?;
+        let get = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| anyhow!("{}: metadata has no '{key}'", path.display()))
+        };
+        ensure!(
+            get("fixture_version")? == Self::VERSION,
+            "{}: fixture version {} (kiln reads {}); rerun scripts/make_fixtures.py",
+            path.display(),
+            get("fixture_version")?,
+            Self::VERSION
+        );
+        let config: ModelConfig = serde_json::from_str(get("config")?)?;
+        let adamw: serde_json::Value = serde_json::from_str(get("adamw")?)?;
+        let f = |k: &str| {
+            adamw[k]
+                .as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| anyhow!("adamw.{k} missing"))
+        };
+        let adamw = AdamW {
+            learning_rate: f("learning_rate")?,
+            beta1: f("beta1")?,
+            beta2: f("beta2")?,
+            eps: f("eps")?,
+            weight_decay: f("weight_decay")?,
+        };
+        let mut fixture = Fixture {
+            config,
+            adamw,
+            batch: 0,
+            seq: 0,
+            bytes,
+            path: path.display().to_string(),
+        };
+        let shape = fixture.tensors()?.tensor("tokens")?.shape().to_vec();
+        (fixture.batch, fixture.seq) = (shape[0], shape[1]);
+        Ok(fixture)
+    }
+
+    fn tensors(&self) -> Result<SafeTensors<'_>> {
+        Ok(SafeTensors::deserialize(&self.bytes)?)
+    }
+
+    /// A tensor as f64, whatever its stored float or integer type.
+    pub fn tensor(&self, name: &str) -> Result<Vec<f64>> {
+        let tensors = self.tensors()?;
+        let t = tensors
+            .tensor(name)
+            .with_context(|| format!("{}: no tensor '{name}'", self.path))?;
+        let data = t.data();
+        Ok(match t.dtype() {
+            Dtype::F32 => kiln_core::bytes::le_floats(data, FloatWidth::F32)
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            Dtype::F64 => le_values::<f64>(data),
+            Dtype::I64 => le_values::<i64>(data).into_iter().map(|x| x as f64).collect(),
+            other => bail!(
+                "{}: tensor '{name}' has unsupported dtype {other:?}",
+                self.path
+            ),
+        })
+    }
+
+    pub fn tokens(&self, name: &str) -> Result<Vec<u32>> {
+        Ok(self.tensor(name)?.into_iter().map(|x| x as u32).collect())
+    }
+
+    /// Loads the fixture's weights into a new model on `backend`.
+    pub fn model<B: Backend>(&self, backend: B) -> Result<Model<B>> {
+        let model = Model::new(backend, self.config.clone())?;
+        for spec in &model.layout.specs {
+            model.set_param(&spec.name, &to_f32(&self.tensor(&spec.name)?))?;
+        }
+        Ok(model)
+    }
+}
+
+/// The whole model against a PyTorch fixture: logits, loss, every gradient, ten AdamW steps.
+///
+/// The tolerance starts from the backend's loosest kernel tolerance; the gradients and the AdamW trajectory compound
+/// many kernels, so they get the looser tolerances given in the body.
+pub fn check_fixture<B: Backend>(backend: B, path: &Path) -> Result<()> {
+    let tol = model_tolerance(&backend);
+    let fixture = Fixture::load(path)?;
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    let preset_name = name
+        .trim_start_matches("model_")
+        .trim_end_matches(".safetensors");
+    ensure!(
+        ModelConfig::preset(preset_name)? == fixture.config,
+        "{name}: the fixture's config differs from kiln's preset '{preset_name}'"
+    );
+    let tokens = fixture.tokens("tokens")?;
+    let targets = fixture.tokens("targets")?;
+    let mut model = fixture.model(backend)?;
+    let acts = model.activations(fixture.batch, fixture.seq)?;
+
+    let loss = model.forward(&acts, &tokens, Some(&targets))?.context("a loss")?;
+    assert_close(
+        &format!("{name} logits"),
+        &model.download_logits(&acts)?,
+        &fixture.tensor("logits")?,
+        tol,
+    )?;
+    assert_close(
+        &format!("{name} loss"),
+        &[loss],
+        &fixture.tensor("loss")?,
+        tol,
+    )?;
+
+    model.zero_grad();
+    model.backward(&acts, &tokens, &targets, 1.0);
+    let grads = model.download_grads()?;
+    // Gradients are sums over all 32 positions of products of several kernels' outputs; their
+    // rounding error scales with the largest gradient, not each element, hence the atol.
+    let grad_tol = Tolerance {
+        atol: tol.atol * 10.0,
+        rtol: tol.rtol * 10.0,
+    };
+    for spec in &model.layout.specs {
+        let got = &grads[spec.region.offset..][..spec.region.len];
+        assert_close(
+            &format!("{name} grad.{}", spec.name),
+            got,
+            &fixture.tensor(&format!("grad.{}", spec.name))?,
+            grad_tol,
+        )?;
+    }
+
+    // Ten AdamW steps on the same batch. Adam divides by sqrt(v), so a gradient near zero
+    // turns f32 noise into a full-size step: the trajectory drifts further than one forward.
+    let want = fixture.tensor("adamw_losses")?;
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        model.zero_grad();
+        got.push(model.forward(&acts, &tokens, Some(&targets))?.context("a loss")?);
+        model.backward(&acts, &tokens, &targets, 1.0);
+        adamw_step(&mut model, &fixture.adamw, 1.0);
+    }
+    let trajectory_tol = Tolerance {
+        atol: tol.atol * 100.0,
+        rtol: tol.rtol * 10.0,
+    };
+    assert_close(&format!("{name} adamw losses"), &got, &want, trajectory_tol)?;
+    Ok(())
+}
+
+/// Twenty AdamW steps of a tiny model on a repeating token pattern: the loss must fall well
+/// below its starting value (ln V for a fresh model). Returns the losses.
+pub fn check_training_smoke<B: Backend>(backend: B, preset: &str) -> Result<Vec<f32>> {
+    let config = ModelConfig::preset(preset)?;
+    let vocab = config.vocab_size as u32;
+    let mut model = Model::new(backend, config)?;
+    model.init_random(42)?;
+    let (batch, seq) = (4, 16);
+    let acts = model.activations(batch, seq)?;
+    // Each sequence counts up from a random start: next token = previous + 1 (mod V), a rule
+    // the model can learn in a few steps, unlike noise.
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let hp = AdamW {
+        learning_rate: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut losses = Vec::new();
+    for _ in 0..20 {
+        let mut tokens = Vec::new();
+        let mut targets = Vec::new();
+        for _ in 0..batch {
+            let start: u32 = rng.random_range(0..vocab);
+            tokens.extend((0..seq as u32).map(|i| (start + i) % vocab));
+            targets.extend((0..seq as u32).map(|i| (start + i + 1) % vocab));
+        }
+        model.zero_grad();
+        let loss = model.forward(&acts, &tokens, Some(&targets))?.context("a loss")?;
+        ensure!(loss.is_finite(), "{preset}: loss became {loss}");
+        model.backward(&acts, &tokens, &targets, 1.0);
+        adamw_step(&mut model, &hp, 1.0);
+        losses.push(loss);
+    }
+    let first = losses[0];
+    let last_mean = losses[15..].iter().sum::<f32>() / 5.0;
+    ensure!(
+        last_mean < 0.7 * first,
+        "{preset}: loss did not fall enough in 20 steps: {first:.3} -> {last_mean:.3} (losses {losses:?})"
+    );
+    Ok(losses)
+}

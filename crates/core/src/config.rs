@@ -1,0 +1,450 @@
+//! Model configuration: the shape of a Llama-family transformer, named presets, validation,
+//! and the parameter count that follows from it.
+//!
+//! This is only the *shape* of a model; training settings (batch, learning rate, …) live with
+//! the trainer. A config is parsed from JSON text or taken from a preset by name; reading a
+//! config file is the formats crate's.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+macro_rules! bail {
+    ($($message:tt)*) => { $crate::fail!(Config, $($message)*) };
+}
+
+/// The architecture of a Llama-family decoder (Llama 2 / TinyStories, Qwen3).
+///
+/// Shape letters used across kiln: C = `dim`, L = `n_layers`, H = `n_heads`,
+/// Hkv = `n_kv_heads`, D = `head_dim`, F = `hidden_dim`, V = `vocab_size`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Width of the residual stream (C).
+    pub dim: usize,
+    /// Number of transformer blocks (L).
+    pub n_layers: usize,
+    /// Query heads (H).
+    pub n_heads: usize,
+    /// Key/value heads (Hkv); `n_heads` must be a multiple (grouped-query attention).
+    pub n_kv_heads: usize,
+    /// Width of one attention head (D). Not always `dim / n_heads` (Qwen3-0.6B: 1024 / 16 ≠ 128).
+    pub head_dim: usize,
+    /// Width of the SwiGLU hidden layer (F).
+    pub hidden_dim: usize,
+    /// Vocabulary size (V).
+    pub vocab_size: usize,
+    /// Longest sequence the model is trained or sampled at (RoPE table length).
+    pub max_seq_len: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    pub norm_eps: f64,
+    /// RMSNorm (with a learned D-wide gain) on each head's q and k before RoPE, as Qwen3 does.
+    pub qk_norm: bool,
+    /// The classifier reuses the token embedding matrix.
+    pub tie_embeddings: bool,
+    /// Departures from the Llama block (the compact-model "golf" family); absent from the
+    /// JSON of a plain Llama/Qwen3 model.
+    #[serde(default, skip_serializing_if = "Arch::is_llama")]
+    pub arch: Arch,
+}
+
+/// The MLP's nonlinearity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mlp {
+    /// `down(silu(gate(x)) ∘ up(x))`: Llama, Qwen3.
+    #[default]
+    Swiglu,
+    /// `down(relu(up(x))²)`: the parameter-golf baseline (no gate matrix).
+    Relu2,
+    /// `down(leaky_relu(up(x), slope)²)`.
+    LeakyRelu2 { slope: f64 },
+}
+
+/// Architecture options beyond the Llama block, all off by default. The `golf-baseline` preset
+/// turns on the set used by the OpenAI parameter-golf baseline (`train_gpt.py`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Arch {
+    pub mlp: Mlp,
+    /// RMSNorms carry learned gains (Llama). Off: every norm is a plain `x / rms(x)`.
+    pub norm_weights: bool,
+    /// RMSNorm on the embedding output; the normalised embedding is `x0`.
+    pub embed_norm: bool,
+    /// A learnable per-head gain on q after qk-norm and RoPE, initialised to this value.
+    pub q_gain: Option<f64>,
+    /// Logits become `cap · tanh(logits / cap)` before the cross-entropy.
+    pub logit_softcap: Option<f64>,
+    /// U-Net skips: the first ⌊L/2⌋ blocks' outputs are added, in reverse order and scaled by
+    /// learnable per-channel weights (init 1), to the inputs of the last blocks.
+    pub unet_skips: bool,
+    /// Each block's input is `mix₀ ⊙ x + mix₁ ⊙ x0` with learnable per-channel `mix`
+    /// (init 1 and 0).
+    pub resid_mix: bool,
+    /// Learnable per-channel scales (init 1) on the attention and MLP outputs.
+    pub branch_scales: bool,
+    /// The output projections (o_proj, down_proj) start at zero.
+    pub zero_init_out: bool,
+    /// Standard deviation of the embedding's initialisation (0.02 when unset).
+    pub embed_init_std: Option<f64>,
+    /// Partial RoPE: rotate only the first `rope_dims` dimensions of each head (all when unset).
+    pub rope_dims: Option<usize>,
+    /// Value residual (ResFormer): blocks after the first use `λ₀·v + λ₁·v_first`, with
+    /// learnable scalars λ (init 0.5, 0.5) and `v_first` the first block's values.
+    pub value_residual: bool,
+    /// A hashed bigram embedding `(buckets, C)` added to the token embedding (0: none).
+    pub bigram_buckets: usize,
+}
+
+impl Default for Arch {
+    fn default() -> Self {
+        Arch {
+            mlp: Mlp::Swiglu,
+            norm_weights: true,
+            embed_norm: false,
+            q_gain: None,
+            logit_softcap: None,
+            unet_skips: false,
+            resid_mix: false,
+            branch_scales: false,
+            zero_init_out: false,
+            embed_init_std: None,
+            rope_dims: None,
+            value_residual: false,
+            bigram_buckets: 0,
+        }
+    }
+}
+
+impl Arch {
+    /// The plain Llama/Qwen3 block, which Hugging Face and llama2.c formats can hold.
+    pub fn is_llama(&self) -> bool {
+        *self == Arch::default()
+    }
+
+    /// The parameter-golf baseline's block.
+    pub fn golf() -> Self {
+        Arch {
+            mlp: Mlp::Relu2,
+            norm_weights: false,
+            embed_norm: true,
+            q_gain: Some(1.5),
+            logit_softcap: Some(30.0),
+            unet_skips: true,
+            resid_mix: true,
+            branch_scales: true,
+            zero_init_out: true,
+            embed_init_std: Some(0.005),
+            ..Arch::default()
+        }
+    }
+}
+
+/// Names accepted by [`ModelConfig::preset`].
+pub const PRESETS: &[&str] = &[
+    "stories15m",
+    "stories42m",
+    "stories110m",
+    "qwen3-0.6b",
+    "tiny-mha",
+    "tiny-gqa",
+    "golf-baseline",
+    "tiny-golf",
+];
+
+impl ModelConfig {
+    /// A named preset. The `stories*` presets are llama2.c's TinyStories models; `tiny-*` are
+    /// the configurations the PyTorch fixtures and the tests use.
+    pub fn preset(name: &str) -> Result<Self> {
+        let llama2c = |dim, n_layers, n_heads, hidden_dim| ModelConfig {
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads: n_heads,
+            head_dim: dim / n_heads,
+            hidden_dim,
+            vocab_size: 32000,
+            max_seq_len: 1024,
+            rope_theta: 10000.0,
+            norm_eps: 1e-5,
+            qk_norm: false,
+            tie_embeddings: true,
+            arch: Arch::default(),
+        };
+        let config = match name {
+            "stories15m" => llama2c(288, 6, 6, 768),
+            "stories42m" => llama2c(512, 8, 8, 1376),
+            "stories110m" => llama2c(768, 12, 12, 2048),
+            "qwen3-0.6b" => ModelConfig {
+                dim: 1024,
+                n_layers: 28,
+                n_heads: 16,
+                n_kv_heads: 8,
+                head_dim: 128,
+                hidden_dim: 3072,
+                vocab_size: 151936,
+                max_seq_len: 40960,
+                rope_theta: 1e6,
+                norm_eps: 1e-6,
+                qk_norm: true,
+                tie_embeddings: true,
+                arch: Arch::default(),
+            },
+            // Multi-head attention, untied classifier: the llama2.c shape in miniature.
+            "tiny-mha" => ModelConfig {
+                dim: 32,
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 4,
+                head_dim: 8,
+                hidden_dim: 64,
+                vocab_size: 64,
+                max_seq_len: 32,
+                rope_theta: 10000.0,
+                norm_eps: 1e-5,
+                qk_norm: false,
+                tie_embeddings: false,
+                arch: Arch::default(),
+            },
+            // Grouped-query attention with qk-norm, head_dim ≠ dim / heads, tied: Qwen3 in miniature.
+            "tiny-gqa" => ModelConfig {
+                dim: 32,
+                n_layers: 2,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 16,
+                hidden_dim: 48,
+                vocab_size: 64,
+                max_seq_len: 32,
+                rope_theta: 1e6,
+                norm_eps: 1e-6,
+                qk_norm: true,
+                tie_embeddings: true,
+                arch: Arch::default(),
+            },
+            // The OpenAI parameter-golf baseline (train_gpt.py): 17,059,912 parameters.
+            "golf-baseline" => ModelConfig {
+                dim: 512,
+                n_layers: 9,
+                n_heads: 8,
+                n_kv_heads: 4,
+                head_dim: 64,
+                hidden_dim: 1024,
+                vocab_size: 1024,
+                max_seq_len: 1024,
+                rope_theta: 10000.0,
+                // F.rms_norm's default: the float32 machine epsilon.
+                norm_eps: f32::EPSILON as f64,
+                qk_norm: true,
+                tie_embeddings: true,
+                arch: Arch::golf(),
+            },
+            // Every golf option at once, small enough for the PyTorch fixture and gradcheck:
+            // 5 layers (2 skips and an unpaired block), GQA, partial RoPE, leaky ReLU²,
+            // value residual and a hashed bigram embedding.
+            "tiny-golf" => ModelConfig {
+                dim: 32,
+                n_layers: 5,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                hidden_dim: 64,
+                vocab_size: 64,
+                max_seq_len: 32,
+                rope_theta: 10000.0,
+                norm_eps: 1e-6,
+                qk_norm: true,
+                tie_embeddings: true,
+                arch: Arch {
+                    mlp: Mlp::LeakyRelu2 { slope: 0.5 },
+                    rope_dims: Some(4),
+                    value_residual: true,
+                    bigram_buckets: 37,
+                    // Not zero: a zero output projection would make most gradients vanish
+                    // and the fixture test blind to them.
+                    zero_init_out: false,
+                    ..Arch::golf()
+                },
+            },
+            _ => bail!(
+                "unknown model preset '{name}'; known presets: {}",
+                PRESETS.join(", ")
+            ),
+        };
+        Ok(config)
+    }
+
+    /// A config from JSON text (a `config.json` kiln wrote, or one a user wrote), validated.
+    /// The formats crate reads the file and adds its name to the error.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: ModelConfig = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("not a valid kiln model config: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the shape is one kiln can build; every message names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("dim", self.dim),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("hidden_dim", self.hidden_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_seq_len", self.max_seq_len),
+        ] {
+            if value == 0 {
+                bail!("{name} must be positive");
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            bail!(
+                "n_heads ({}) must be a multiple of n_kv_heads ({}) for grouped-query attention",
+                self.n_heads,
+                self.n_kv_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!(
+                "head_dim ({}) must be even: RoPE rotates pairs",
+                self.head_dim
+            );
+        }
+        if self.vocab_size > u32::MAX as usize {
+            bail!(
+                "vocab_size ({}) does not fit token ids in u32",
+                self.vocab_size
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "rope_theta must be a positive number, got {}",
+                self.rope_theta
+            );
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            bail!("norm_eps must be a positive number, got {}", self.norm_eps);
+        }
+        let arch = &self.arch;
+        if let Some(k) = arch.rope_dims {
+            if k == 0 || k > self.head_dim || k % 2 != 0 {
+                bail!(
+                    "arch.rope_dims ({k}) must be even and between 2 and head_dim ({})",
+                    self.head_dim
+                );
+            }
+        }
+        if let Some(cap) = arch.logit_softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                bail!("arch.logit_softcap must be a positive number, got {cap}");
+            }
+        }
+        if let Mlp::LeakyRelu2 { slope } = arch.mlp {
+            if !(slope.is_finite() && (0.0..1.0).contains(&slope)) {
+                bail!("arch.mlp leaky_relu2 slope must be in [0, 1), got {slope}");
+            }
+        }
+        if arch.q_gain.is_some() && !self.qk_norm {
+            bail!("arch.q_gain needs qk_norm: the gain scales the normalised queries");
+        }
+        Ok(())
+    }
+
+    /// Width of all query heads together (H · D).
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of all key (or value) heads together (Hkv · D).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Width of the rotated part of each head (partial RoPE), or the whole head.
+    pub fn rope_dims(&self) -> usize {
+        self.arch.rope_dims.unwrap_or(self.head_dim)
+    }
+
+    /// Matrices in the MLP: gate, up and down for SwiGLU; up and down for ReLU².
+    pub fn mlp_matrices(&self) -> usize {
+        match self.arch.mlp {
+            Mlp::Swiglu => 3,
+            Mlp::Relu2 | Mlp::LeakyRelu2 { .. } => 2,
+        }
+    }
+
+    /// Forward + backward FLOPs to train on one token at context length `seq` (matmuls and
+    /// attention; the elementwise work is noise). 6 per weight per token for the matmuls, plus
+    /// attention's QKᵀ and PV: 2·2·T·D per head forward, twice that backward, causal half.
+    pub fn train_flops_per_token(&self, seq: usize) -> f64 {
+        let matmul_params = self.n_layers
+            * (self.dim * (self.q_dim() + 2 * self.kv_dim())
+                + self.q_dim() * self.dim
+                + self.mlp_matrices() * self.dim * self.hidden_dim)
+            + self.vocab_size * self.dim;
+        let attention = self.n_layers * self.n_heads * self.head_dim * seq * 6;
+        (6 * matmul_params + attention) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_the_published_parameter_counts() {
+        // Counts published for these models (llama2.c README; Qwen3-0.6B model card, tied).
+        for (name, count) in [
+            ("stories15m", 15_191_712),
+            ("stories110m", 109_529_856),
+            ("qwen3-0.6b", 596_049_920),
+            // The parameter-golf baseline's printed `model_params`.
+            ("golf-baseline", 17_059_912),
+        ] {
+            assert_eq!(
+                crate::layout::parameter_count(&ModelConfig::preset(name).unwrap()),
+                count,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_preset_validates() {
+        for name in PRESETS {
+            ModelConfig::preset(name).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_naming_the_field() {
+        let mut config = ModelConfig::preset("tiny-gqa").unwrap();
+        config.n_kv_heads = 3;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("n_kv_heads"), "{message}");
+
+        let mut config = ModelConfig::preset("tiny-gqa").unwrap();
+        config.head_dim = 7;
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("head_dim"));
+
+        let mut config = ModelConfig::preset("tiny-gqa").unwrap();
+        config.dim = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("dim"));
+    }
+
+    #[test]
+    fn a_config_with_an_unknown_field_names_the_field() {
+        let mut value = serde_json::to_value(ModelConfig::preset("tiny-mha").unwrap()).unwrap();
+        value["n_experts"] = 8.into();
+        let message = ModelConfig::from_json(&value.to_string()).unwrap_err().to_string();
+        assert!(message.contains("n_experts"), "{message}");
+    }
+}

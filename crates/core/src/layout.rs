@@ -1,0 +1,608 @@
+//! Where each tensor lives in the arenas: named, shape-documented regions of one allocation
+//! (llm.c `malloc_and_point_parameters`). Parameters, their gradients and each optimizer
+//! moment share one [`ParamLayout`]; a step's activations have an [`ActivationLayout`].
+
+use crate::config::{Mlp, ModelConfig};
+
+/// A window of an arena: `len` values starting at `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Hands out consecutive regions of an arena.
+#[derive(Default)]
+struct Cursor {
+    next: usize,
+}
+
+impl Cursor {
+    fn take(&mut self, len: usize) -> Region {
+        let region = Region {
+            offset: self.next,
+            len,
+        };
+        self.next += len;
+        region
+    }
+}
+
+/// What a parameter tensor is: the one place that decides its optimizer group, its weight
+/// decay, its initialisation and its packing. Nothing else guesses this from tensor names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// The token embedding (V, C), also the classifier when tied; the hashed bigram embedding.
+    Embedding,
+    /// An untied classifier (`lm_head`, (V, C)).
+    Classifier,
+    /// A weight matrix of a block, read by a matmul. `output` marks the matrices whose result
+    /// is added into the residual stream (o_proj, down_proj): initialised smaller, GPT-2
+    /// style (or zero in the golf block).
+    BlockMatrix { branch: Branch, output: bool },
+    /// An RMSNorm gain (initialised to 1, never decayed).
+    NormGain,
+    /// A small learnable control tensor of the golf block: never decayed, kept in f32 when
+    /// packed.
+    Control(Control),
+}
+
+/// Which branch of a block a matrix belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Branch {
+    Attention,
+    Mlp,
+}
+
+/// The golf block's control tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Per-head gain on the normalised queries (H), initialised to `arch.q_gain`.
+    QGain,
+    /// Value-residual λ₀, λ₁ (2), initialised to 0.5, 0.5.
+    ValueMix,
+    /// Per-channel scale of a branch's output (C), initialised to 1.
+    BranchScale,
+    /// Mix of the block input with the embedding output x0 (2, C), initialised to 1 and 0.
+    ResidMix,
+    /// The U-Net skip weights (S, C), initialised to 1.
+    SkipWeights,
+}
+
+/// How a parameter tensor starts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Init {
+    /// N(0, std²).
+    Normal(f32),
+    /// Row `r` of the tensor filled with `rows[r]` (one value fills the whole tensor).
+    Rows(Vec<f32>),
+}
+
+/// One named parameter tensor.
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    /// Hugging Face's name for it (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub region: Region,
+    pub kind: ParamKind,
+    /// The block it belongs to (`None`: embeddings, final norm, classifier, skip weights).
+    pub layer: Option<usize>,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    /// Decoupled weight decay applies to matrices and embeddings, not to gains and controls.
+    pub fn decays(&self) -> bool {
+        !matches!(self.kind, ParamKind::NormGain | ParamKind::Control(_))
+    }
+}
+
+/// Regions of one transformer block's parameters (`None`: the architecture has no such
+/// tensor).
+#[derive(Clone, Copy, Debug)]
+pub struct LayerParams {
+    pub attn_norm: Option<Region>,  // (C), with arch.norm_weights
+    pub wq: Region,                 // (H·D, C)
+    pub wk: Region,                 // (Hkv·D, C)
+    pub wv: Region,                 // (Hkv·D, C)
+    pub wo: Region,                 // (C, H·D)
+    pub q_norm: Option<Region>,     // (D), with qk_norm and norm weights
+    pub k_norm: Option<Region>,     // (D), with qk_norm and norm weights
+    pub q_gain: Option<Region>,     // (H), arch.q_gain
+    pub v_mix: Option<Region>,      // (2) value-residual λ, blocks after the first
+    pub attn_scale: Option<Region>, // (C), arch.branch_scales
+    pub ffn_norm: Option<Region>,   // (C), with norm weights
+    pub w_gate: Option<Region>,     // (F, C), SwiGLU only
+    pub w_up: Region,               // (F, C)
+    pub w_down: Region,             // (C, F)
+    pub mlp_scale: Option<Region>,  // (C), arch.branch_scales
+    pub resid_mix: Option<Region>,  // (2, C), arch.resid_mix
+}
+
+/// Every parameter of a model, in arena order.
+#[derive(Clone, Debug)]
+pub struct ParamLayout {
+    pub specs: Vec<ParamSpec>,
+    pub embedding: Region,      // (V, C)
+    pub bigram: Option<Region>, // (buckets, C)
+    pub layers: Vec<LayerParams>,
+    pub skip_weights: Option<Region>, // (S, C), arch.unet_skips
+    pub final_norm: Option<Region>,   // (C)
+    /// The classifier (V, C): the embedding's region when tied.
+    pub classifier: Region,
+    total: usize,
+}
+
+/// Number of parameters, counting a tied embedding once.
+pub fn parameter_count(config: &ModelConfig) -> usize {
+    ParamLayout::new(config).total_len()
+}
+
+/// The U-Net wiring: block `l ≥ L/2` (decoder `i = l − ⌊L/2⌋`) adds, with skip weight row
+/// `i`, the output of encoder block `⌊L/2⌋ − 1 − i`, while there are encoder outputs left
+/// (the baseline's push/pop stack).
+pub fn skip_source(config: &ModelConfig, l: usize) -> Option<(usize, usize)> {
+    if !config.arch.unet_skips {
+        return None;
+    }
+    let encoders = config.n_layers / 2;
+    let i = l.checked_sub(encoders)?;
+    (i < skip_count(config)).then(|| (i, encoders - 1 - i))
+}
+
+/// How many U-Net skips (rows of `skip_weights`).
+pub fn skip_count(config: &ModelConfig) -> usize {
+    let encoders = config.n_layers / 2;
+    encoders.min(config.n_layers - encoders)
+}
+
+impl ParamLayout {
+    pub fn new(config: &ModelConfig) -> Self {
+        let (c, d, f, v) = (
+            config.dim,
+            config.head_dim,
+            config.hidden_dim,
+            config.vocab_size,
+        );
+        let arch = &config.arch;
+        let (q, kv) = (config.q_dim(), config.kv_dim());
+        let mut cursor = Cursor::default();
+        let mut specs = Vec::new();
+        let residual_std = if arch.zero_init_out {
+            0.0
+        } else {
+            0.02 / (2.0 * config.n_layers as f32).sqrt()
+        };
+        let mut add = |name: String, shape: Vec<usize>, kind: ParamKind, layer: Option<usize>| {
+            let region = cursor.take(shape.iter().product());
+            let init = match kind {
+                ParamKind::Embedding => Init::Normal(arch.embed_init_std.unwrap_or(0.02) as f32),
+                ParamKind::Classifier => Init::Normal(0.02),
+                ParamKind::BlockMatrix { output: false, .. } => Init::Normal(0.02),
+                ParamKind::BlockMatrix { output: true, .. } => Init::Normal(residual_std),
+                ParamKind::NormGain => Init::Rows(vec![1.0]),
+                ParamKind::Control(Control::QGain) => {
+                    Init::Rows(vec![arch.q_gain.unwrap_or(1.0) as f32])
+                }
+                ParamKind::Control(Control::ResidMix) => Init::Rows(vec![1.0, 0.0]),
+                ParamKind::Control(Control::ValueMix) => Init::Rows(vec![0.5, 0.5]),
+                ParamKind::Control(Control::BranchScale | Control::SkipWeights) => {
+                    Init::Rows(vec![1.0])
+                }
+            };
+            specs.push(ParamSpec {
+                name,
+                shape,
+                region,
+                kind,
+                layer,
+                init,
+            });
+            region
+        };
+        use ParamKind::{Classifier, Embedding, NormGain};
+        let attention = |output| ParamKind::BlockMatrix {
+            branch: Branch::Attention,
+            output,
+        };
+        let mlp = |output| ParamKind::BlockMatrix {
+            branch: Branch::Mlp,
+            output,
+        };
+        let control = ParamKind::Control;
+        let norms = arch.norm_weights;
+        let embedding = add("model.embed_tokens.weight".into(), vec![v, c], Embedding, None);
+        let bigram = (arch.bigram_buckets > 0).then(|| {
+            let shape = vec![arch.bigram_buckets, c];
+            add("model.bigram_embed.weight".into(), shape, Embedding, None)
+        });
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for l in 0..config.n_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+            let name = |s: &str| format!("model.layers.{l}.{s}");
+            let at = Some(l);
+            let attn_norm = norms.then(|| add(p("input_layernorm"), vec![c], NormGain, at));
+            let wq = add(p("self_attn.q_proj"), vec![q, c], attention(false), at);
+            let wk = add(p("self_attn.k_proj"), vec![kv, c], attention(false), at);
+            let wv = add(p("self_attn.v_proj"), vec![kv, c], attention(false), at);
+            let wo = add(p("self_attn.o_proj"), vec![c, q], attention(true), at);
+            let (q_norm, k_norm) = if config.qk_norm && norms {
+                (
+                    Some(add(p("self_attn.q_norm"), vec![d], NormGain, at)),
+                    Some(add(p("self_attn.k_norm"), vec![d], NormGain, at)),
+                )
+            } else {
+                (None, None)
+            };
+            let q_gain = arch.q_gain.map(|_| {
+                let shape = vec![config.n_heads];
+                add(name("self_attn.q_gain"), shape, control(Control::QGain), at)
+            });
+            let v_mix = (arch.value_residual && l > 0).then(|| {
+                add(name("self_attn.v_mix"), vec![2], control(Control::ValueMix), at)
+            });
+            let branch_scale = control(Control::BranchScale);
+            let attn_scale = arch
+                .branch_scales
+                .then(|| add(name("attn_scale"), vec![c], branch_scale, at));
+            let ffn_norm =
+                norms.then(|| add(p("post_attention_layernorm"), vec![c], NormGain, at));
+            let w_gate = (arch.mlp == Mlp::Swiglu)
+                .then(|| add(p("mlp.gate_proj"), vec![f, c], mlp(false), at));
+            let w_up = add(p("mlp.up_proj"), vec![f, c], mlp(false), at);
+            let w_down = add(p("mlp.down_proj"), vec![c, f], mlp(true), at);
+            let mlp_scale = arch
+                .branch_scales
+                .then(|| add(name("mlp_scale"), vec![c], branch_scale, at));
+            let resid_mix = arch
+                .resid_mix
+                .then(|| add(name("resid_mix"), vec![2, c], control(Control::ResidMix), at));
+            layers.push(LayerParams {
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                wo,
+                q_norm,
+                k_norm,
+                q_gain,
+                v_mix,
+                attn_scale,
+                ffn_norm,
+                w_gate,
+                w_up,
+                w_down,
+                mlp_scale,
+                resid_mix,
+            });
+        }
+        let skip_weights = arch.unet_skips.then(|| {
+            let shape = vec![skip_count(config), c];
+            add("model.skip_weights".into(), shape, control(Control::SkipWeights), None)
+        });
+        let final_norm = norms.then(|| add("model.norm.weight".into(), vec![c], NormGain, None));
+        let classifier = if config.tie_embeddings {
+            embedding
+        } else {
+            add("lm_head.weight".into(), vec![v, c], Classifier, None)
+        };
+        ParamLayout {
+            specs,
+            embedding,
+            bigram,
+            layers,
+            skip_weights,
+            final_norm,
+            classifier,
+            total: cursor.next,
+        }
+    }
+    /// Values in the arena (a tied embedding counted once).
+    pub fn total_len(&self) -> usize {
+        self.total
+    }
+
+    pub fn find(&self, name: &str) -> Option<&ParamSpec> {
+        self.specs.iter().find(|s| s.name == name)
+    }
+}
+
+/// Regions of one block's saved activations. `N = B·T` rows. A region that the architecture
+/// does not need is an alias of the one it would copy (noted `= …`), so the forward and
+/// backward passes read the same names either way.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerActivations {
+    pub x_in: Region,    // (N, C)   input plus the U-Net skip; = residual[l] without one
+    pub x_blk: Region,   // (N, C)   after resid_mix; = x_in without it
+    pub xn_attn: Region, // (N, C)   input_layernorm output
+    pub rstd_attn: Region, // (N)
+    pub q_lin: Region,   // (N, H·D) q_proj output
+    pub k_lin: Region,   // (N, Hkv·D)
+    pub v: Region,       // (N, Hkv·D)
+    /// q, k after qk-norm: the RoPE inputs (the `*_lin` regions themselves without qk-norm).
+    pub q_pre: Region, // (N, H·D)
+    pub k_pre: Region,   // (N, Hkv·D)
+    pub q_rstd: Option<Region>, // (N·H)
+    pub k_rstd: Option<Region>, // (N·Hkv)
+    pub q_rope: Region,  // (N, H·D)   after RoPE
+    pub q: Region,       // (N, H·D)   after the q gain; = q_rope without it
+    pub k: Region,       // (N, Hkv·D) after RoPE
+    pub v_used: Region,  // (N, Hkv·D) after the value residual; = v without it
+    pub attn_saved: Region, // backend-defined (attention_saved_len)
+    pub attn_out: Region, // (N, H·D)
+    pub attn_proj: Region, // (N, C)   o_proj output (saved with branch scales, else scratch)
+    pub x_mid: Region,   // (N, C)   residual after attention
+    pub xn_ffn: Region,  // (N, C)
+    pub rstd_ffn: Region, // (N)
+    pub gate: Region,    // (N, F)   SwiGLU only (empty otherwise)
+    pub up: Region,      // (N, F)
+    pub hidden: Region,  // (N, F)   silu(gate) * up, or relu(up)²
+    pub mlp_proj: Region, // (N, C)   down_proj output (saved with branch scales, else scratch)
+}
+
+/// Gradient scratch for one block, reused by every block during the backward pass.
+#[derive(Clone, Debug)]
+pub struct LayerGradients {
+    pub residual: Region, // (N, C)   dL/d(residual stream), accumulated into by every branch
+    pub xn: Region,       // (N, C)
+    pub attn_proj: Region, // (N, C)  = residual without branch scales
+    pub mlp_proj: Region, // (N, C)   = residual without branch scales
+    pub attn_out: Region, // (N, H·D)
+    pub q: Region,        // (N, H·D)
+    pub q_rope: Region,   // (N, H·D) = q without the q gain
+    pub k: Region,        // (N, Hkv·D)
+    pub v: Region,        // (N, Hkv·D) gradient of v_used
+    pub v_lin: Region,    // (N, Hkv·D) gradient of v_proj's output; = v without value residual
+    pub v_first: Region,  // (N, Hkv·D) accumulated gradient of the first block's values
+    pub q_pre: Region,    // (N, H·D)
+    pub k_pre: Region,    // (N, Hkv·D)
+    /// Gradients of q_proj/k_proj outputs: the `*_pre` regions themselves without qk-norm.
+    pub q_lin: Region, // (N, H·D)
+    pub k_lin: Region,    // (N, Hkv·D)
+    pub hidden: Region,   // (N, F)
+    pub gate: Region,     // (N, F)
+    pub up: Region,       // (N, F)
+    pub x0: Region,       // (N, C)   accumulated gradient of x0 (resid_mix)
+    /// Per U-Net skip: the gradient of encoder block j's output through the skip. (N, C) each.
+    pub skips: Vec<Region>,
+    pub embed: Region, // (N, C)   gradient of the raw embedding; = residual without embed_norm
+    pub logits: Region, // (N, V)
+    pub logits_raw: Region, // (N, V) before the soft cap; = logits without one
+}
+
+/// Every activation of one step at (batch, seq), in one arena.
+#[derive(Clone, Debug)]
+pub struct ActivationLayout {
+    pub batch: usize,
+    pub seq: usize,
+    pub emb_tok: Region, // (N, C) token embedding rows; = embed without a bigram table
+    pub emb_bigram: Region, // (N, C) bigram embedding rows (empty without one)
+    pub embed: Region,   // (N, C) raw embedding; = residual[0] without embed_norm
+    pub rstd_embed: Region, // (N)
+    /// Residual stream entering block l (`residual[L]` leaves the last block). (N, C) each.
+    /// `residual[0]` is `x0`, the (normalised) embedding.
+    pub residual: Vec<Region>,
+    pub layers: Vec<LayerActivations>,
+    pub xn_final: Region,   // (N, C)
+    pub rstd_final: Region, // (N)
+    pub logits_raw: Region, // (N, V) before the soft cap; = logits without one
+    pub logits: Region,     // (N, V)
+    pub losses: Region,     // (N)
+    pub logsumexp: Region,  // (N)
+    pub grads: LayerGradients,
+    total: usize,
+}
+
+impl ActivationLayout {
+    pub fn new(config: &ModelConfig, batch: usize, seq: usize, attention_saved_len: usize) -> Self {
+        let n = batch * seq;
+        let (c, f, v) = (config.dim, config.hidden_dim, config.vocab_size);
+        let (q, kv) = (n * config.q_dim(), n * config.kv_dim());
+        let arch = &config.arch;
+        let mut cur = Cursor::default();
+        let residual: Vec<Region> = (0..=config.n_layers).map(|_| cur.take(n * c)).collect();
+        let (embed, rstd_embed) = if arch.embed_norm {
+            (cur.take(n * c), cur.take(n))
+        } else {
+            (residual[0], cur.take(0))
+        };
+        let (emb_tok, emb_bigram) = if arch.bigram_buckets > 0 {
+            (cur.take(n * c), cur.take(n * c))
+        } else {
+            (embed, cur.take(0))
+        };
+        let scales = arch.branch_scales;
+        let layers: Vec<LayerActivations> = (0..config.n_layers)
+            .map(|l| {
+                let x_in = if skip_source(config, l).is_some() {
+                    cur.take(n * c)
+                } else {
+                    residual[l]
+                };
+                let x_blk = if arch.resid_mix {
+                    cur.take(n * c)
+                } else {
+                    x_in
+                };
+                let xn_attn = cur.take(n * c);
+                let rstd_attn = cur.take(n);
+                let q_lin = cur.take(q);
+                let k_lin = cur.take(kv);
+                let v_ = cur.take(kv);
+                let (q_pre, k_pre, q_rstd, k_rstd) = if config.qk_norm {
+                    (
+                        cur.take(q),
+                        cur.take(kv),
+                        Some(cur.take(n * config.n_heads)),
+                        Some(cur.take(n * config.n_kv_heads)),
+                    )
+                } else {
+                    (q_lin, k_lin, None, None)
+                };
+                let q_rope = cur.take(q);
+                let q_ = if arch.q_gain.is_some() {
+                    cur.take(q)
+                } else {
+                    q_rope
+                };
+                let k = cur.take(kv);
+                let v_used = if arch.value_residual && l > 0 {
+                    cur.take(kv)
+                } else {
+                    v_
+                };
+                let attn_saved = cur.take(attention_saved_len);
+                let attn_out = cur.take(q);
+                let x_mid = cur.take(n * c);
+                let xn_ffn = cur.take(n * c);
+                let rstd_ffn = cur.take(n);
+                let gate = cur.take(if config.arch.mlp == Mlp::Swiglu {
+                    n * f
+                } else {
+                    0
+                });
+                let up = cur.take(n * f);
+                let hidden = cur.take(n * f);
+                // Without branch scales the projections are consumed at once: o_proj's output
+                // goes through `xn_ffn` (free until the MLP norm) and down_proj's through the
+                // next block's `x_in` or `xn_final` scratch, as assigned below.
+                let (attn_proj, mlp_proj) = if scales {
+                    (cur.take(n * c), cur.take(n * c))
+                } else {
+                    (xn_ffn, Region { offset: 0, len: 0 })
+                };
+                LayerActivations {
+                    x_in,
+                    x_blk,
+                    xn_attn,
+                    rstd_attn,
+                    q_lin,
+                    k_lin,
+                    v: v_,
+                    q_pre,
+                    k_pre,
+                    q_rstd,
+                    k_rstd,
+                    q_rope,
+                    q: q_,
+                    k,
+                    v_used,
+                    attn_saved,
+                    attn_out,
+                    attn_proj,
+                    x_mid,
+                    xn_ffn,
+                    rstd_ffn,
+                    gate,
+                    up,
+                    hidden,
+                    mlp_proj,
+                }
+            })
+            .collect();
+        let xn_final = cur.take(n * c);
+        let rstd_final = cur.take(n);
+        let logits = cur.take(n * v);
+        let logits_raw = if arch.logit_softcap.is_some() {
+            cur.take(n * v)
+        } else {
+            logits
+        };
+        let losses = cur.take(n);
+        let logsumexp = cur.take(n);
+        // down_proj's output without branch scales: `xn_final` is free until the end.
+        let layers = layers
+            .into_iter()
+            .map(|mut s| {
+                if !scales {
+                    s.mlp_proj = xn_final;
+                }
+                s
+            })
+            .collect();
+        let (q_pre, k_pre) = (cur.take(q), cur.take(kv));
+        let (q_lin, k_lin) = if config.qk_norm {
+            (cur.take(q), cur.take(kv))
+        } else {
+            (q_pre, k_pre)
+        };
+        let residual_grad = cur.take(n * c);
+        let (attn_proj, mlp_proj) = if scales {
+            (cur.take(n * c), cur.take(n * c))
+        } else {
+            (residual_grad, residual_grad)
+        };
+        let dq = cur.take(q);
+        let dq_rope = if arch.q_gain.is_some() {
+            cur.take(q)
+        } else {
+            dq
+        };
+        let dv = cur.take(kv);
+        let (dv_lin, dv_first) = if arch.value_residual {
+            (cur.take(kv), cur.take(kv))
+        } else {
+            (dv, cur.take(0))
+        };
+        let dlogits = cur.take(n * v);
+        let grads = LayerGradients {
+            residual: residual_grad,
+            xn: cur.take(n * c),
+            attn_proj,
+            mlp_proj,
+            attn_out: cur.take(q),
+            q: dq,
+            q_rope: dq_rope,
+            k: cur.take(kv),
+            v: dv,
+            v_lin: dv_lin,
+            v_first: dv_first,
+            q_pre,
+            k_pre,
+            q_lin,
+            k_lin,
+            hidden: cur.take(n * f),
+            gate: cur.take(if arch.mlp == Mlp::Swiglu { n * f } else { 0 }),
+            up: cur.take(n * f),
+            x0: cur.take(if arch.resid_mix { n * c } else { 0 }),
+            skips: (0..config.n_layers)
+                .filter(|&l| skip_source(config, l).is_some())
+                .map(|_| cur.take(n * c))
+                .collect(),
+            embed: if arch.embed_norm {
+                cur.take(n * c)
+            } else {
+                residual_grad
+            },
+            logits: dlogits,
+            logits_raw: if arch.logit_softcap.is_some() {
+                cur.take(n * v)
+            } else {
+                dlogits
+            },
+        };
+        ActivationLayout {
+            batch,
+            seq,
+            emb_tok,
+            emb_bigram,
+            embed,
+            rstd_embed,
+            residual,
+            layers,
+            xn_final,
+            rstd_final,
+            logits_raw,
+            logits,
+            losses,
+            logsumexp,
+            grads,
+            total: cur.next,
+        }
+    }
+
+    pub fn total_len(&self) -> usize {
+        self.total
+    }
+}

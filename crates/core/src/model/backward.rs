@@ -1,0 +1,331 @@
+//! The backward pass: the forward's kernels in reverse, each with its backward twin.
+//!
+//! The accumulation rule: parameter gradients `+=` (micro-batches and a tied embedding add
+//! up), activation gradients `=`, except the residual stream's gradient `d.residual`, one
+//! buffer every branch adds its input gradient back into (that is the whole backward of the
+//! residual add).
+
+use super::{bigram_ids, mlp_slope, view, Activations, Model};
+use crate::backend::{
+    Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape,
+    View,
+};
+use crate::config::Mlp;
+use crate::layout::{skip_source, LayerActivations, LayerParams, Region};
+
+use Accumulate::{Add, Overwrite};
+
+/// Shape helpers for one backward call: every kernel of a step sees the same N = B·T rows.
+struct Shapes {
+    batch: usize,
+    seq: usize,
+    n: usize,
+    eps: f32,
+    rot_dims: usize,
+    theta: f32,
+    head_dim: usize,
+}
+
+impl Shapes {
+    fn mm(&self, in_dim: usize, out_dim: usize) -> MatmulShape {
+        MatmulShape {
+            rows: self.n,
+            in_dim,
+            out_dim,
+        }
+    }
+
+    fn norm(&self, rows: usize, dim: usize) -> NormShape {
+        NormShape {
+            rows,
+            dim,
+            eps: self.eps,
+        }
+    }
+
+    fn rope(&self, heads: usize) -> RopeShape {
+        RopeShape {
+            batch: self.batch,
+            seq: self.seq,
+            heads,
+            head_dim: self.head_dim,
+            rot_dims: self.rot_dims,
+            theta: self.theta,
+            start_pos: 0,
+        }
+    }
+
+    fn scale(&self, groups: usize, inner: usize) -> ScaleShape {
+        ScaleShape {
+            rows: self.n,
+            groups,
+            inner,
+        }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Accumulates (`+=`) into `grads` the gradient of `loss_weight · mean loss` of the last
+    /// [`Model::forward`] (which must have had targets). `loss_weight` is 1 for one micro-batch,
+    /// 1/accumulation steps to average several, or the fp16 loss scale.
+    pub fn backward(&self, acts: &Activations<B>, tokens: &[u32], targets: &[u32], loss_weight: f32) {
+        let cfg = &self.config;
+        let arch = &cfg.arch;
+        let be = &self.backend;
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let (al, d) = (&acts.layout, &acts.layout.grads);
+        let shapes = self.shapes(acts);
+        let encoders = cfg.n_layers / 2;
+
+        if arch.value_residual {
+            be.zero(a(d.v_first));
+        }
+        if arch.resid_mix {
+            be.zero(a(d.x0));
+        }
+        self.head_backward(acts, targets, loss_weight, &shapes);
+        for (l, (w, s)) in self.layout.layers.iter().zip(&al.layers).enumerate().rev() {
+            // An encoder block's output also fed a U-Net skip: add that gradient first.
+            if arch.unet_skips && l < encoders {
+                let i = encoders - 1 - l;
+                if i < d.skips.len() {
+                    be.accumulate(a(d.residual), a(d.skips[i]));
+                }
+            }
+            // d.residual holds dL/d(block output); each branch reads it and adds back.
+            self.mlp_backward(acts, w, s, &shapes);
+            self.attention_backward(acts, l, w, s, &shapes);
+            self.block_input_backward(acts, l, w, s, &shapes);
+        }
+        if arch.resid_mix {
+            be.accumulate(a(d.residual), a(d.x0));
+        }
+        if arch.embed_norm {
+            let c = cfg.dim;
+            be.rmsnorm_backward(
+                a(d.embed),
+                self.ones_sink(c),
+                a(d.residual),
+                a(al.embed),
+                self.ones(c),
+                a(al.rstd_embed),
+                shapes.norm(shapes.n, c),
+                Overwrite,
+            );
+        }
+        let g = |r: Region| view::<B>(&self.grads, r);
+        be.embedding_backward(g(self.layout.embedding), a(d.embed), tokens, cfg.dim);
+        if let Some(table) = self.layout.bigram {
+            let ids = bigram_ids(tokens, shapes.seq, None, arch.bigram_buckets);
+            be.embedding_backward(g(table), a(d.embed), &ids, cfg.dim);
+        }
+    }
+
+    fn shapes(&self, acts: &Activations<B>) -> Shapes {
+        let (batch, seq) = (acts.layout.batch, acts.layout.seq);
+        Shapes {
+            batch,
+            seq,
+            n: batch * seq,
+            eps: self.config.norm_eps as f32,
+            rot_dims: self.config.rope_dims(),
+            theta: self.config.rope_theta as f32,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// The gain of an RMSNorm (ones when weightless) and where its gradient goes.
+    fn gain_and_grad(&self, r: Option<Region>, len: usize) -> (View<'_, B>, View<'_, B>) {
+        match r {
+            Some(r) => (view::<B>(self.weights(), r), view::<B>(&self.grads, r)),
+            None => (self.ones(len), self.ones_sink(len)),
+        }
+    }
+
+    /// Cross-entropy, the soft cap, the classifier and the final norm: leaves dL/d(last
+    /// block's output) in `d.residual`.
+    fn head_backward(&self, acts: &Activations<B>, targets: &[u32], loss_weight: f32, sh: &Shapes) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let (al, d) = (&acts.layout, &acts.layout.grads);
+        let (n, c, vocab) = (sh.n, cfg.dim, cfg.vocab_size);
+        be.cross_entropy_backward(
+            a(d.logits),
+            a(al.logits),
+            a(al.logsumexp),
+            targets,
+            vocab,
+            loss_weight / n as f32,
+        );
+        if let Some(cap) = cfg.arch.logit_softcap {
+            be.softcap_backward(a(d.logits_raw), a(d.logits), a(al.logits), cap as f32);
+        }
+        let classifier = self.layout.classifier;
+        be.matmul_backward(
+            a(d.xn),
+            view::<B>(&self.grads, classifier),
+            a(d.logits_raw),
+            a(al.xn_final),
+            view::<B>(self.weights(), classifier),
+            sh.mm(c, vocab),
+            Overwrite,
+        );
+        let (gain, gain_grad) = self.gain_and_grad(self.layout.final_norm, c);
+        let last = a(al.residual[cfg.n_layers]);
+        let rstd = a(al.rstd_final);
+        let shape = sh.norm(n, c);
+        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), last, gain, rstd, shape, Overwrite);
+    }
+
+    /// The MLP branch of one block: from dL/d(block output) in `d.residual` to dL/d(x_mid).
+    fn mlp_backward(&self, acts: &Activations<B>, w: &LayerParams, s: &LayerActivations, sh: &Shapes) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let d = &acts.layout.grads;
+        let (c, f) = (cfg.dim, cfg.hidden_dim);
+        if let Some(sc) = w.mlp_scale {
+            let (dout, inp) = (a(d.residual), a(s.mlp_proj));
+            be.scale_backward(a(d.mlp_proj), g(sc), dout, inp, p(sc), sh.scale(c, 1), Overwrite);
+        }
+        let (dw_down, w_down) = (g(w.w_down), p(w.w_down));
+        let (dout, hidden) = (a(d.mlp_proj), a(s.hidden));
+        be.matmul_backward(a(d.hidden), dw_down, dout, hidden, w_down, sh.mm(f, c), Overwrite);
+        let mut up_mode = Overwrite;
+        match (cfg.arch.mlp, w.w_gate) {
+            (Mlp::Swiglu, Some(w_gate)) => {
+                be.swiglu_backward(a(d.gate), a(d.up), a(d.hidden), a(s.gate), a(s.up));
+                let (dgate, xn) = (a(d.gate), a(s.xn_ffn));
+                let shape = sh.mm(c, f);
+                be.matmul_backward(a(d.xn), g(w_gate), dgate, xn, p(w_gate), shape, Overwrite);
+                up_mode = Add;
+            }
+            (mlp, _) => be.relu2_backward(a(d.up), a(d.hidden), a(s.up), mlp_slope(mlp)),
+        }
+        let (dup, xn) = (a(d.up), a(s.xn_ffn));
+        be.matmul_backward(a(d.xn), g(w.w_up), dup, xn, p(w.w_up), sh.mm(c, f), up_mode);
+        let (gain, gain_grad) = self.gain_and_grad(w.ffn_norm, c);
+        let (x_mid, rstd) = (a(s.x_mid), a(s.rstd_ffn));
+        let shape = sh.norm(sh.n, c);
+        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x_mid, gain, rstd, shape, Add);
+    }
+
+    /// The attention branch of block `l`: from dL/d(x_mid) in `d.residual` to dL/d(x_blk).
+    fn attention_backward(
+        &self,
+        acts: &Activations<B>,
+        l: usize,
+        w: &LayerParams,
+        s: &LayerActivations,
+        sh: &Shapes,
+    ) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let (al, d) = (&acts.layout, &acts.layout.grads);
+        let (n, c, hd) = (sh.n, cfg.dim, cfg.head_dim);
+        let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
+        if let Some(sc) = w.attn_scale {
+            let (dout, inp) = (a(d.residual), a(s.attn_proj));
+            be.scale_backward(a(d.attn_proj), g(sc), dout, inp, p(sc), sh.scale(c, 1), Overwrite);
+        }
+        let (dout, out) = (a(d.attn_proj), a(s.attn_out));
+        be.matmul_backward(a(d.attn_out), g(w.wo), dout, out, p(w.wo), sh.mm(nh * hd, c), Overwrite);
+        let grads = Qkv {
+            q: a(d.q),
+            k: a(d.k),
+            v: a(d.v),
+        };
+        let inputs = Qkv {
+            q: a(s.q),
+            k: a(s.k),
+            v: a(s.v_used),
+        };
+        let shape = AttentionShape {
+            batch: sh.batch,
+            seq: sh.seq,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        be.attention_backward(grads, a(d.attn_out), inputs, a(s.attn_saved), shape);
+        if let Some(gn) = w.q_gain {
+            let (dq, q_rope) = (a(d.q), a(s.q_rope));
+            be.scale_backward(a(d.q_rope), g(gn), dq, q_rope, p(gn), sh.scale(nh, hd), Overwrite);
+        }
+        be.rope_backward(a(d.q_pre), a(d.q_rope), sh.rope(nh));
+        be.rope_backward(a(d.k_pre), a(d.k), sh.rope(nkv));
+        let kvd = nkv * hd;
+        if let Some(mix) = w.v_mix {
+            // v_used = λ₀·v + λ₁·v_first: λ₀ part to this block's v, λ₁ part saved for
+            // the first block.
+            let (l0, l1) = (p(mix).slice(0, 1), p(mix).slice(1, 1));
+            let (g0, g1) = (g(mix).slice(0, 1), g(mix).slice(1, 1));
+            let v_first = a(al.layers[0].v);
+            let shape = sh.scale(1, kvd);
+            be.scale_backward(a(d.v_lin), g0, a(d.v), a(s.v), l0, shape, Overwrite);
+            be.scale_backward(a(d.v_first), g1, a(d.v), v_first, l1, shape, Add);
+        } else if cfg.arch.value_residual {
+            // The first block: its values were also every later block's v_first.
+            debug_assert_eq!(l, 0);
+            be.residual_forward(a(d.v_lin), a(d.v), a(d.v_first));
+        }
+        if let (Some(qr), Some(kr)) = (s.q_rstd, s.k_rstd) {
+            let (q_gain, q_grad) = self.gain_and_grad(w.q_norm, hd);
+            let (k_gain, k_grad) = self.gain_and_grad(w.k_norm, hd);
+            let (dq, q_lin) = (a(d.q_pre), a(s.q_lin));
+            let (dk, k_lin) = (a(d.k_pre), a(s.k_lin));
+            let (q_shape, k_shape) = (sh.norm(n * nh, hd), sh.norm(n * nkv, hd));
+            be.rmsnorm_backward(a(d.q_lin), q_grad, dq, q_lin, q_gain, a(qr), q_shape, Overwrite);
+            be.rmsnorm_backward(a(d.k_lin), k_grad, dk, k_lin, k_gain, a(kr), k_shape, Overwrite);
+        }
+        let xn = a(s.xn_attn);
+        be.matmul_backward(a(d.xn), g(w.wq), a(d.q_lin), xn, p(w.wq), sh.mm(c, nh * hd), Overwrite);
+        be.matmul_backward(a(d.xn), g(w.wk), a(d.k_lin), xn, p(w.wk), sh.mm(c, kvd), Add);
+        be.matmul_backward(a(d.xn), g(w.wv), a(d.v_lin), xn, p(w.wv), sh.mm(c, kvd), Add);
+        let (gain, gain_grad) = self.gain_and_grad(w.attn_norm, c);
+        let (x_blk, rstd) = (a(s.x_blk), a(s.rstd_attn));
+        let shape = sh.norm(n, c);
+        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x_blk, gain, rstd, shape, Add);
+    }
+
+    /// From dL/d(x_blk) through resid_mix (to x_in, and to x0 collected in `d.x0`) and the
+    /// U-Net skip (to the encoder output); the identity to residual[l] stays in `d.residual`.
+    fn block_input_backward(
+        &self,
+        acts: &Activations<B>,
+        l: usize,
+        w: &LayerParams,
+        s: &LayerActivations,
+        sh: &Shapes,
+    ) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let (al, d) = (&acts.layout, &acts.layout.grads);
+        let c = cfg.dim;
+        let shape = sh.scale(c, 1);
+        if let Some(mix) = w.resid_mix {
+            let (m0, m1) = (p(mix).slice(0, c), p(mix).slice(c, c));
+            let (g0, g1) = (g(mix).slice(0, c), g(mix).slice(c, c));
+            let x0 = a(al.residual[0]);
+            be.scale_backward(a(d.xn), g0, a(d.residual), a(s.x_in), m0, shape, Overwrite);
+            be.scale_backward(a(d.x0), g1, a(d.residual), x0, m1, shape, Add);
+            be.copy(a(d.residual), a(d.xn));
+        }
+        if let Some((i, j)) = skip_source(cfg, l) {
+            be.scale_backward(
+                a(d.skips[i]),
+                self.skip_row(&self.grads, i),
+                a(d.residual),
+                a(al.residual[j + 1]),
+                self.skip_row(self.weights(), i),
+                shape,
+                Overwrite,
+            );
+        }
+    }
+}

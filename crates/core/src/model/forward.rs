@@ -1,0 +1,238 @@
+//! The forward pass (see the module docs of [`super`] for the block's equations), and the
+//! small helpers forward and backward share.
+
+use super::{bigram_ids, download, mlp_slope, view, Activations, CacheSlot, Model};
+use crate::backend::{
+    Accumulate, AttentionShape, Backend, DecodeShape, MatmulShape, NormShape, Qkv, RopeShape,
+    ScaleShape, View,
+};
+use crate::config::Mlp;
+use crate::layout::{skip_source, Region};
+use crate::Result;
+
+impl<B: Backend> Model<B> {
+    /// Runs the model on `tokens (B·T)`, leaving logits in the arena; with `targets`, also the
+    /// per-position losses, and returns their mean.
+    pub fn forward(
+        &self,
+        acts: &Activations<B>,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+    ) -> Result<Option<f32>> {
+        self.forward_with(acts, tokens, targets, None)
+    }
+
+    /// The forward pass; with a cache slot, `tokens` is one token at position `slot.pos`, its
+    /// keys and values are stored in the cache, and attention reads the cache.
+    pub(super) fn forward_with(
+        &self,
+        acts: &Activations<B>,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        slot: Option<CacheSlot<B>>,
+    ) -> Result<Option<f32>> {
+        let (b, t) = (acts.layout.batch, acts.layout.seq);
+        let n = b * t;
+        if tokens.len() != n {
+            crate::fail!(Shape, "forward: {} tokens for a {b}×{t} batch", tokens.len());
+        }
+        let cfg = &self.config;
+        let arch = &cfg.arch;
+        let (c, hd, f) = (cfg.dim, cfg.head_dim, cfg.hidden_dim);
+        let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
+        let be = &self.backend;
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let gain = |r: Option<Region>, len: usize| r.map_or(self.ones(len), p);
+        let al = &acts.layout;
+        let eps = cfg.norm_eps as f32;
+        let start_pos = slot.as_ref().map_or(0, |c| c.pos);
+        let mm = |rows, in_dim, out_dim| MatmulShape {
+            rows,
+            in_dim,
+            out_dim,
+        };
+        let norm = |rows, dim| NormShape { rows, dim, eps };
+        let rope = |heads| RopeShape {
+            batch: b,
+            seq: t,
+            heads,
+            head_dim: hd,
+            rot_dims: cfg.rope_dims(),
+            theta: cfg.rope_theta as f32,
+            start_pos,
+        };
+        let sc = |rows, groups, inner| ScaleShape {
+            rows,
+            groups,
+            inner,
+        };
+        use Accumulate::{Add, Overwrite};
+
+        be.embedding_forward(a(al.emb_tok), p(self.layout.embedding), tokens, c);
+        if let Some(table) = self.layout.bigram {
+            let prev = slot.as_ref().and_then(|s| s.cache.last_token);
+            let ids = bigram_ids(tokens, t, prev, arch.bigram_buckets);
+            be.embedding_forward(a(al.emb_bigram), p(table), &ids, c);
+            be.residual_forward(a(al.embed), a(al.emb_tok), a(al.emb_bigram));
+        }
+        if arch.embed_norm {
+            let x0 = a(al.residual[0]);
+            be.rmsnorm_forward(x0, a(al.rstd_embed), a(al.embed), self.ones(c), norm(n, c));
+        }
+        let x0 = a(al.residual[0]);
+        for (l, (w, s)) in self.layout.layers.iter().zip(&al.layers).enumerate() {
+            if let Some((i, j)) = skip_source(cfg, l) {
+                let weights = self.skip_row(self.weights(), i);
+                be.copy(a(s.x_in), a(al.residual[l]));
+                be.scale_forward(a(s.x_in), a(al.residual[j + 1]), weights, sc(n, c, 1), Add);
+            }
+            if let Some(mix) = w.resid_mix {
+                let (m0, m1) = (p(mix).slice(0, c), p(mix).slice(c, c));
+                be.scale_forward(a(s.x_blk), a(s.x_in), m0, sc(n, c, 1), Overwrite);
+                be.scale_forward(a(s.x_blk), x0, m1, sc(n, c, 1), Add);
+            }
+            let x = a(s.x_blk);
+            let attn_norm = gain(w.attn_norm, c);
+            be.rmsnorm_forward(a(s.xn_attn), a(s.rstd_attn), x, attn_norm, norm(n, c));
+            be.matmul_forward(a(s.q_lin), a(s.xn_attn), p(w.wq), mm(n, c, nh * hd));
+            be.matmul_forward(a(s.k_lin), a(s.xn_attn), p(w.wk), mm(n, c, nkv * hd));
+            be.matmul_forward(a(s.v), a(s.xn_attn), p(w.wv), mm(n, c, nkv * hd));
+            if let (Some(qr), Some(kr)) = (s.q_rstd, s.k_rstd) {
+                let (qn, kn) = (gain(w.q_norm, hd), gain(w.k_norm, hd));
+                be.rmsnorm_forward(a(s.q_pre), a(qr), a(s.q_lin), qn, norm(n * nh, hd));
+                be.rmsnorm_forward(a(s.k_pre), a(kr), a(s.k_lin), kn, norm(n * nkv, hd));
+            }
+            be.rope_forward(a(s.q_rope), a(s.q_pre), rope(nh));
+            be.rope_forward(a(s.k), a(s.k_pre), rope(nkv));
+            if let Some(g) = w.q_gain {
+                be.scale_forward(a(s.q), a(s.q_rope), p(g), sc(n, nh, hd), Overwrite);
+            }
+            if let Some(mix) = w.v_mix {
+                let v_first = a(al.layers[0].v);
+                let (l0, l1) = (p(mix).slice(0, 1), p(mix).slice(1, 1));
+                be.scale_forward(a(s.v_used), a(s.v), l0, sc(n, 1, nkv * hd), Overwrite);
+                be.scale_forward(a(s.v_used), v_first, l1, sc(n, 1, nkv * hd), Add);
+            }
+            let inputs = Qkv {
+                q: a(s.q),
+                k: a(s.k),
+                v: a(s.v_used),
+            };
+            match &slot {
+                None => {
+                    let shape = AttentionShape {
+                        batch: b,
+                        seq: t,
+                        heads: nh,
+                        kv_heads: nkv,
+                        head_dim: hd,
+                    };
+                    be.attention_forward(a(s.attn_out), a(s.attn_saved), inputs, shape);
+                }
+                Some(slot) => self.attend_cached(slot, l, a(s.attn_out), inputs),
+            }
+            be.matmul_forward(a(s.attn_proj), a(s.attn_out), p(w.wo), mm(n, nh * hd, c));
+            self.branch_add(a(s.x_mid), x, a(s.attn_proj), w.attn_scale, n);
+            let ffn_norm = gain(w.ffn_norm, c);
+            be.rmsnorm_forward(a(s.xn_ffn), a(s.rstd_ffn), a(s.x_mid), ffn_norm, norm(n, c));
+            be.matmul_forward(a(s.up), a(s.xn_ffn), p(w.w_up), mm(n, c, f));
+            match (arch.mlp, w.w_gate) {
+                (Mlp::Swiglu, Some(w_gate)) => {
+                    be.matmul_forward(a(s.gate), a(s.xn_ffn), p(w_gate), mm(n, c, f));
+                    be.swiglu_forward(a(s.hidden), a(s.gate), a(s.up));
+                }
+                (mlp, _) => be.relu2_forward(a(s.hidden), a(s.up), mlp_slope(mlp)),
+            }
+            be.matmul_forward(a(s.mlp_proj), a(s.hidden), p(w.w_down), mm(n, f, c));
+            let out = a(al.residual[l + 1]);
+            self.branch_add(out, a(s.x_mid), a(s.mlp_proj), w.mlp_scale, n);
+        }
+        let last = a(al.residual[cfg.n_layers]);
+        let final_norm = gain(self.layout.final_norm, c);
+        be.rmsnorm_forward(a(al.xn_final), a(al.rstd_final), last, final_norm, norm(n, c));
+        let vocab = cfg.vocab_size;
+        let classifier = p(self.layout.classifier);
+        be.matmul_forward(a(al.logits_raw), a(al.xn_final), classifier, mm(n, c, vocab));
+        if let Some(cap) = arch.logit_softcap {
+            be.softcap_forward(a(al.logits), a(al.logits_raw), cap as f32);
+        }
+        let Some(targets) = targets else {
+            return Ok(None);
+        };
+        if targets.len() != n {
+            crate::fail!(Shape, "forward: {} targets for a {b}×{t} batch", targets.len());
+        }
+        be.cross_entropy_forward(a(al.losses), a(al.logsumexp), a(al.logits), targets, vocab);
+        let losses = download(be, a(al.losses))?;
+        Ok(Some(
+            (losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32,
+        ))
+    }
+
+    /// Decoding: stores this position's keys and values in the cache's row `pos` of layer
+    /// `l`, then attends over the cache's first `pos + 1` rows.
+    fn attend_cached(&self, slot: &CacheSlot<B>, l: usize, out: View<B>, inputs: Qkv<B>) {
+        let cfg = &self.config;
+        let (cache, pos) = (slot.cache, slot.pos);
+        let row = cfg.n_kv_heads * cfg.head_dim;
+        let at = |r: Region| view::<B>(&cache.memory, r).slice(pos * row, row);
+        self.backend.copy(at(cache.keys[l]), inputs.k);
+        self.backend.copy(at(cache.values[l]), inputs.v);
+        let keys = view::<B>(&cache.memory, cache.keys[l]);
+        let values = view::<B>(&cache.memory, cache.values[l]);
+        let shape = DecodeShape {
+            batch: 1,
+            len: pos + 1,
+            capacity: cache.capacity,
+            heads: cfg.n_heads,
+            kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
+        self.backend
+            .attention_decode(out, inputs.q, keys, values, shape);
+    }
+
+    /// `out = x + branch`, or `x + scale ⊙ branch` with a branch scale.
+    pub(super) fn branch_add(
+        &self,
+        out: View<B>,
+        x: View<B>,
+        branch: View<B>,
+        scale: Option<Region>,
+        n: usize,
+    ) {
+        let c = self.config.dim;
+        match scale {
+            Some(sc) => {
+                self.backend.copy(out, x);
+                let sc = view::<B>(self.weights(), sc);
+                let shape = ScaleShape {
+                    rows: n,
+                    groups: c,
+                    inner: 1,
+                };
+                self.backend
+                    .scale_forward(out, branch, sc, shape, Accumulate::Add);
+            }
+            None => self.backend.residual_forward(out, x, branch),
+        }
+    }
+
+    /// The constant gain of a weightless RMSNorm: `len` ones.
+    pub(super) fn ones(&self, len: usize) -> View<'_, B> {
+        View::new(&self.ones, 0, len)
+    }
+
+    /// Where a weightless RMSNorm's (discarded) gain gradient goes.
+    pub(super) fn ones_sink(&self, len: usize) -> View<'_, B> {
+        View::new(&self.ones_grad, 0, len)
+    }
+
+    /// Row `i` of the U-Net skip weights in `memory` (parameters or gradients).
+    pub(super) fn skip_row<'m>(&self, memory: &'m B::Memory, i: usize) -> View<'m, B> {
+        let c = self.config.dim;
+        let r = self.layout.skip_weights.expect("a model with U-Net skips");
+        view::<B>(memory, r).slice(i * c, c)
+    }
+}

@@ -1,0 +1,364 @@
+//! The Llama-family transformer (Llama 2 / TinyStories, Qwen3), forward and backward written
+//! once against [`Backend`] as explicit kernel calls — no autograd tape.
+//!
+//! Block l, with N = B·T rows and the residual stream `x`:
+//! ```text
+//! xn = rmsnorm(x)                      q, k, v = xn·Wqᵀ, xn·Wkᵀ, xn·Wvᵀ
+//! q, k = rmsnorm_per_head(q, k)        (qk_norm only)
+//! q, k = rope(q), rope(k)              a = attention(q, k, v)
+//! x = x + a·Woᵀ
+//! xn = rmsnorm(x)                      x = x + (silu(xn·Wgateᵀ) ∘ xn·Wupᵀ)·Wdownᵀ
+//! ```
+//! then `logits = rmsnorm(x)·Wclsᵀ` and the mean cross-entropy.
+//!
+//! Parameters, gradients and the two AdamW moments are each one arena laid out by
+//! [`ParamLayout`]; a step's activations are one arena laid out by [`ActivationLayout`].
+//! The forward is in `forward.rs`, the backward in `backward.rs`; the optimizer steps that
+//! update these arenas are [`crate::optim`]'s.
+
+mod backward;
+mod forward;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::backend::{Backend, DType, View};
+use crate::config::{Mlp, ModelConfig};
+pub use crate::layout::{ActivationLayout, Init, ParamKind, ParamLayout, ParamSpec, Region};
+use crate::quant::PackRule;
+use crate::Result;
+
+macro_rules! bail {
+    ($($message:tt)*) => { $crate::fail!(Shape, $($message)*) };
+}
+
+/// A model's parameters, gradients and optimizer state on one backend.
+pub struct Model<B: Backend> {
+    pub backend: B,
+    pub config: ModelConfig,
+    pub layout: ParamLayout,
+    pub params: B::Memory,    // (P) every parameter, laid out by `layout`
+    pub grads: B::Memory,     // (P) same layout; accumulated (+=) by backward
+    pub optimizer: B::Memory, // (2P) AdamW first moments, then second moments
+    /// With quantization-aware training: the weights the forward and backward read, each
+    /// tensor quantized and dequantized by the rule's scheme (straight-through estimator:
+    /// gradients flow to `params` as if the rounding were the identity).
+    qat: Option<(PackRule, B::Memory)>,
+    /// Exponential moving average of the weights, with its decay.
+    pub ema: Option<(f32, B::Memory)>,
+    /// max(C, D) ones: the gain of a weightless RMSNorm.
+    ones: B::Memory,
+    /// Where the backward writes a weightless RMSNorm's gain gradient (discarded).
+    ones_grad: B::Memory,
+    /// AdamW steps taken (bias correction).
+    pub step: u64,
+}
+
+/// A step's activation arena at one (batch, seq).
+pub struct Activations<B: Backend> {
+    pub layout: ActivationLayout,
+    pub memory: B::Memory,
+}
+
+/// Keys and values of every position decoded so far (batch 1), for sampling one token at a
+/// time without recomputing the context.
+pub struct KvCache<B: Backend> {
+    /// Per layer: keys then values, each `(capacity, Hkv·D)`.
+    memory: B::Memory,
+    keys: Vec<Region>,
+    values: Vec<Region>,
+    capacity: usize,
+    /// Positions filled.
+    pub len: usize,
+    /// The last token fed (the hashed bigram embedding pairs it with the next).
+    last_token: Option<u32>,
+    /// Activations of one token.
+    acts: Activations<B>,
+}
+
+/// Where a forward pass reads and writes its keys and values when decoding.
+struct CacheSlot<'a, B: Backend> {
+    cache: &'a KvCache<B>,
+    pos: usize,
+}
+
+fn view<B: Backend>(memory: &B::Memory, region: Region) -> View<'_, B> {
+    View::new(memory, region.offset, region.len)
+}
+
+/// A view's values on the host.
+fn download<B: Backend>(backend: &B, src: View<B>) -> Result<Vec<f32>> {
+    let mut host = vec![0.0; src.len()];
+    backend.download(src, &mut host)?;
+    Ok(host)
+}
+
+impl<B: Backend> Model<B> {
+    /// A zero-initialised model (call [`Model::init_random`] or load weights).
+    pub fn new(backend: B, config: ModelConfig) -> Result<Self> {
+        config.validate()?;
+        let layout = ParamLayout::new(&config);
+        let n = layout.total_len();
+        let params = backend.alloc(n, DType::F32)?;
+        let grads = backend.alloc(n, DType::F32)?;
+        let optimizer = backend.alloc(2 * n, DType::F32)?;
+        let widest = config.dim.max(config.head_dim);
+        let ones = backend.alloc(widest, DType::F32)?;
+        backend.upload(View::whole(&ones), &vec![1.0; widest])?;
+        let ones_grad = backend.alloc(widest, DType::F32)?;
+        Ok(Model {
+            backend,
+            config,
+            layout,
+            params,
+            grads,
+            optimizer,
+            qat: None,
+            ema: None,
+            ones,
+            ones_grad,
+            step: 0,
+        })
+    }
+
+    /// Each tensor as its [`Init`] says: by default llama2.c / GPT-2's matrices N(0, 0.02),
+    /// residual-output matrices N(0, 0.02/√(2L)) so the residual stream's variance does not
+    /// grow with depth, gains 1; the golf block's own values (see [`ParamLayout::new`]).
+    pub fn init_random(&mut self, seed: u64) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut host = vec![0f32; self.layout.total_len()];
+        for spec in &self.layout.specs {
+            let values = &mut host[spec.region.offset..][..spec.region.len];
+            match &spec.init {
+                Init::Normal(std) if *std == 0.0 => values.fill(0.0),
+                Init::Normal(std) => {
+                    let normal = Normal::new(0.0, *std).expect("finite std");
+                    values.iter_mut().for_each(|v| *v = normal.sample(&mut rng));
+                }
+                Init::Rows(rows) => {
+                    let width = values.len() / rows.len();
+                    for (chunk, &value) in values.chunks_mut(width).zip(rows) {
+                        chunk.fill(value);
+                    }
+                }
+            }
+        }
+        self.upload_params(&host)
+    }
+
+    /// The weights the forward pass reads: the quantized shadow under QAT, else the parameters.
+    pub fn weights(&self) -> &B::Memory {
+        self.qat.as_ref().map_or(&self.params, |(_, shadow)| shadow)
+    }
+
+    /// Turns on quantization-aware training with `rule` (the export's rule, so training and
+    /// export quantize identically).
+    pub fn enable_qat(&mut self, rule: PackRule) -> Result<()> {
+        let shadow = self.backend.alloc(self.param_count(), DType::F32)?;
+        self.qat = Some((rule, shadow));
+        self.refresh_weights()
+    }
+
+    /// Re-quantizes the shadow weights from the parameters (after every optimizer step or
+    /// load). A no-op without QAT.
+    pub fn refresh_weights(&self) -> Result<()> {
+        let Some((rule, shadow)) = &self.qat else {
+            return Ok(());
+        };
+        let mut host = self.download_params()?;
+        crate::quant::fake_quantize(&self.layout, rule, &mut host)?;
+        self.backend.upload(View::whole(shadow), &host)?;
+        Ok(())
+    }
+
+    /// Keeps an exponential moving average of the weights, starting from the current ones.
+    pub fn enable_ema(&mut self, decay: f32) -> Result<()> {
+        let ema = self.backend.alloc(self.param_count(), DType::F32)?;
+        self.backend
+            .copy(View::whole(&ema), View::whole(&self.params));
+        self.ema = Some((decay, ema));
+        Ok(())
+    }
+
+    /// `ema ← d·ema + (1 − d)·params` (after an optimizer step).
+    pub fn update_ema(&self) {
+        if let Some((decay, ema)) = &self.ema {
+            self.backend
+                .ema_update(View::whole(ema), View::whole(&self.params), *decay);
+        }
+    }
+
+    /// Exchanges the parameters and their moving average (to evaluate or save the average;
+    /// call again to swap back). Re-quantizes under QAT.
+    pub fn swap_ema(&mut self) -> Result<()> {
+        if let Some((_, ema)) = &mut self.ema {
+            std::mem::swap(ema, &mut self.params);
+            self.refresh_weights()?;
+        }
+        Ok(())
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.layout.total_len()
+    }
+
+    pub fn upload_params(&self, host: &[f32]) -> Result<()> {
+        Ok(self.backend.upload(View::whole(&self.params), host)?)
+    }
+
+    pub fn download_params(&self) -> Result<Vec<f32>> {
+        download(&self.backend, View::whole(&self.params))
+    }
+
+    pub fn download_grads(&self) -> Result<Vec<f32>> {
+        download(&self.backend, View::whole(&self.grads))
+    }
+
+    /// Both moments (the first, then the second), as checkpoints store them.
+    pub fn download_optimizer(&self) -> Result<Vec<f32>> {
+        download(&self.backend, View::whole(&self.optimizer))
+    }
+
+    pub fn upload_optimizer(&self, host: &[f32]) -> Result<()> {
+        Ok(self.backend.upload(View::whole(&self.optimizer), host)?)
+    }
+
+    /// Writes one named tensor.
+    pub fn set_param(&self, name: &str, values: &[f32]) -> Result<()> {
+        let Some(spec) = self.layout.find(name) else {
+            bail!("model has no parameter named '{name}'");
+        };
+        if spec.region.len != values.len() {
+            bail!(
+                "parameter '{name}' has shape {:?} ({} values), got {} values",
+                spec.shape,
+                spec.region.len,
+                values.len()
+            );
+        }
+        self.backend
+            .upload(view::<B>(&self.params, spec.region), values)?;
+        Ok(())
+    }
+
+    /// An activation arena for steps of `batch` sequences of `seq` tokens.
+    pub fn activations(&self, batch: usize, seq: usize) -> Result<Activations<B>> {
+        if seq > self.config.max_seq_len {
+            bail!(
+                "sequence length {seq} exceeds the model's max_seq_len {}",
+                self.config.max_seq_len
+            );
+        }
+        let saved = self.backend.attention_saved_len(crate::backend::AttentionShape {
+            batch,
+            seq,
+            heads: self.config.n_heads,
+            kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+        });
+        let layout = ActivationLayout::new(&self.config, batch, seq, saved);
+        let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
+        Ok(Activations { layout, memory })
+    }
+
+    /// An empty KV cache for up to `capacity` positions (at most `max_seq_len`).
+    pub fn kv_cache(&self, capacity: usize) -> Result<KvCache<B>> {
+        let capacity = capacity.min(self.config.max_seq_len);
+        let row = capacity * self.config.kv_dim();
+        let l = self.config.n_layers;
+        let keys = (0..l)
+            .map(|i| Region {
+                offset: 2 * i * row,
+                len: row,
+            })
+            .collect();
+        let values = (0..l)
+            .map(|i| Region {
+                offset: (2 * i + 1) * row,
+                len: row,
+            })
+            .collect();
+        let layout = ActivationLayout::new(&self.config, 1, 1, 0);
+        let acts = Activations {
+            memory: self.backend.alloc(layout.total_len(), DType::F32)?,
+            layout,
+        };
+        Ok(KvCache {
+            memory: self.backend.alloc(2 * l * row, DType::F32)?,
+            keys,
+            values,
+            capacity,
+            len: 0,
+            last_token: None,
+            acts,
+        })
+    }
+
+    /// Feeds one token at the cache's next position; returns the logits `(V)` that predict the
+    /// token after it.
+    pub fn decode_step(&self, cache: &mut KvCache<B>, token: u32) -> Result<Vec<f32>> {
+        if cache.len >= cache.capacity {
+            bail!(
+                "the KV cache is full ({} positions; max_seq_len {})",
+                cache.capacity,
+                self.config.max_seq_len
+            );
+        }
+        let slot = CacheSlot {
+            cache,
+            pos: cache.len,
+        };
+        self.forward_with(&cache.acts, &[token], None, Some(slot))?;
+        cache.len += 1;
+        cache.last_token = Some(token);
+        self.download_logits(&cache.acts)
+    }
+
+    pub fn zero_grad(&self) {
+        self.backend.zero(View::whole(&self.grads));
+    }
+
+    /// The global L2 norm of the accumulated gradients.
+    pub fn grad_norm(&self) -> f64 {
+        self.backend.sum_squares(View::whole(&self.grads)).sqrt()
+    }
+
+    /// Per-position losses `(B·T)` of the last forward with targets, on the host.
+    pub fn download_losses(&self, acts: &Activations<B>) -> Result<Vec<f32>> {
+        download(&self.backend, view::<B>(&acts.memory, acts.layout.losses))
+    }
+
+    /// Logits `(B·T, V)` of the last forward, on the host.
+    pub fn download_logits(&self, acts: &Activations<B>) -> Result<Vec<f32>> {
+        download(&self.backend, view::<B>(&acts.memory, acts.layout.logits))
+    }
+}
+
+/// The slope of the MLP's (leaky) ReLU²; 0 for the plain one.
+fn mlp_slope(mlp: Mlp) -> f32 {
+    match mlp {
+        Mlp::LeakyRelu2 { slope } => slope as f32,
+        Mlp::Relu2 | Mlp::Swiglu => 0.0,
+    }
+}
+
+/// Bucket of each position's (previous, current) token pair in the hashed bigram embedding:
+/// `((prev + 1) · 1000003 + cur) mod buckets`, with `prev + 1 = 0` at a sequence's first
+/// position (`prev` is the token before `tokens[0]` when decoding one token at a time).
+/// `bench/peers/golf.py` computes the same.
+pub fn bigram_ids(tokens: &[u32], seq: usize, prev: Option<u32>, buckets: usize) -> Vec<u32> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &cur)| {
+            let before = if i % seq > 0 {
+                Some(tokens[i - 1])
+            } else {
+                prev
+            };
+            let code = before.map_or(0, |p| p as u64 + 1);
+            ((code * 1_000_003 + cur as u64) % buckets as u64) as u32
+        })
+        .collect()
+}

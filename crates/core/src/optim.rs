@@ -1,0 +1,122 @@
+//! Optimizer steps over a model's arenas: AdamW for every tensor, or the parameter-golf
+//! split (Muon for the blocks' matrices, Adam for the rest). Which group a tensor joins is
+//! decided by its typed [`ParamKind`], never by its name. The per-tensor arithmetic is the
+//! backend's (`adamw_step`, `muon_step`); this module only walks the layout.
+//!
+//! The optimizer arena holds the first moments (Muon: its momentum) in its first half and
+//! the second moments in its second half, each in the parameter layout.
+
+use crate::backend::{AdamWStep, Backend, MatrixShape, MuonStep, View};
+use crate::layout::{ParamKind, Region};
+use crate::model::Model;
+
+/// AdamW hyper-parameters for one optimizer step (the schedule lives with the trainer).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub learning_rate: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+/// Learning rates and constants of [`muon_adam_step`] for one step (the schedule's
+/// multiplier already applied to the rates).
+#[derive(Clone, Copy, Debug)]
+pub struct MuonAdam {
+    pub matrix_lr: f32,
+    pub momentum: f32,
+    pub ns_steps: usize,
+    pub weight_decay: f32,
+    pub embed_lr: f32,
+    pub head_lr: f32,
+    pub scalar_lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+}
+
+/// The views of one tensor's parameters, gradients and two moments.
+struct Slots<'m, B: Backend> {
+    params: View<'m, B>,
+    grads: View<'m, B>,
+    first: View<'m, B>,
+    second: View<'m, B>,
+}
+
+fn slots<B: Backend>(model: &Model<B>, r: Region) -> Slots<'_, B> {
+    let n = model.param_count();
+    Slots {
+        params: View::new(&model.params, r.offset, r.len),
+        grads: View::new(&model.grads, r.offset, r.len),
+        first: View::new(&model.optimizer, r.offset, r.len),
+        second: View::new(&model.optimizer, n + r.offset, r.len),
+    }
+}
+
+/// One AdamW step over every parameter; `grad_scale` multiplies the gradients first
+/// (clipping, loss-scale removal). Weight decay only where the tensor's kind decays.
+pub fn adamw_step<B: Backend>(model: &mut Model<B>, hp: &AdamW, grad_scale: f32) {
+    model.step += 1;
+    for spec in &model.layout.specs {
+        let step = AdamWStep {
+            learning_rate: hp.learning_rate,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            weight_decay: if spec.decays() { hp.weight_decay } else { 0.0 },
+            step: model.step,
+            grad_scale,
+        };
+        let s = slots(model, spec.region);
+        model
+            .backend
+            .adamw_step(s.params, s.grads, s.first, s.second, &step);
+    }
+}
+
+/// One step of the parameter-golf baseline's optimizer split: Muon for the blocks' 2-D
+/// matrices, Adam (no weight decay) for the embeddings (`embed_lr`), an untied classifier
+/// (`head_lr`) and the gains and control tensors (`scalar_lr`). Muon keeps its momentum in
+/// the first-moment half of the optimizer arena.
+pub fn muon_adam_step<B: Backend>(model: &mut Model<B>, hp: &MuonAdam, grad_scale: f32) {
+    model.step += 1;
+    for spec in &model.layout.specs {
+        let s = slots(model, spec.region);
+        let lr = match spec.kind {
+            ParamKind::BlockMatrix { .. } => {
+                let step = MuonStep {
+                    learning_rate: hp.matrix_lr,
+                    momentum: hp.momentum,
+                    nesterov: true,
+                    ns_steps: hp.ns_steps,
+                    weight_decay: hp.weight_decay,
+                    grad_scale,
+                };
+                let shape = MatrixShape {
+                    rows: spec.shape[0],
+                    cols: spec.shape[1],
+                };
+                model
+                    .backend
+                    .muon_step(s.params, s.grads, s.first, shape, &step);
+                continue;
+            }
+            ParamKind::Embedding => hp.embed_lr,
+            ParamKind::Classifier => hp.head_lr,
+            ParamKind::NormGain | ParamKind::Control(_) => hp.scalar_lr,
+        };
+        let step = AdamWStep {
+            learning_rate: lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            weight_decay: 0.0,
+            step: model.step,
+            grad_scale,
+        };
+        model
+            .backend
+            .adamw_step(s.params, s.grads, s.first, s.second, &step);
+    }
+}

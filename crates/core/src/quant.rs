@@ -1,0 +1,476 @@
+//! Low-bit quantizers and the packed byte formats of compact-model export (the "parameter
+//! golf" work). One quantizer per scheme, so training (fake quantization with a
+//! straight-through estimator) and export can never disagree about what a weight becomes.
+//!
+//! - **Ternary** (BitNet b1.58): per group of 128 consecutive values, the scale is the mean
+//!   absolute value (absmean) and each value becomes round(w / scale) clamped to {−1, 0, +1}.
+//!   Packed 5 values per byte in base 3 (3⁵ = 243 ≤ 256), scales as f16.
+//! - **Int8 / int6** per row: the row's clip is a percentile of |w| (outliers beyond it
+//!   saturate); scale = clip / qmax (127 or 31), values round(w / scale) clamped to ±qmax.
+//!   int8 is stored as bytes, int6 bit-packed 4 values per 3 bytes; scales as f16.
+//! - [`PackRule`] says which scheme each tensor gets; [`fake_quantize`] is QAT's forward.
+//!
+//! Compression of the packed bytes is the formats crate's (`kiln_formats::packed`).
+//!
+//! Scales are rounded to f16 *before* quantizing, so the dequantized weights are exactly what
+//! a reader of the packed bytes reconstructs.
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use crate::bytes::{le_floats, le_values, FloatWidth};
+use crate::layout::{ParamKind, ParamLayout, ParamSpec};
+use crate::Result;
+
+macro_rules! bail {
+    ($($message:tt)*) => { $crate::fail!(Quant, $($message)*) };
+}
+macro_rules! ensure {
+    ($cond:expr, $($message:tt)*) => { $crate::require!($cond, Quant, $($message)*) };
+}
+
+/// Values per ternary scale group.
+pub const TERNARY_GROUP: usize = 128;
+
+/// A quantization scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "lowercase")]
+pub enum Scheme {
+    /// {−1, 0, +1} × a per-128-value absmean scale.
+    Ternary,
+    /// Signed integers of `bits` (6 or 8) × a per-row scale; the clip is the `percentile`
+    /// (e.g. 99.99) of the row's absolute values.
+    Int { bits: u32, percentile: f32 },
+    /// Kept as f16.
+    F16,
+    /// Kept as f32.
+    F32,
+}
+
+/// The clip percentile of parameter-golf's int8 baseline.
+pub const CLIP_PERCENTILE: f32 = 99.99984;
+
+/// The schemes by name, as the command line takes them (`--scheme`, `--qat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum SchemeName {
+    Ternary,
+    Int8,
+    Int6,
+    F16,
+}
+
+impl SchemeName {
+    pub fn scheme(self) -> Scheme {
+        match self {
+            SchemeName::Ternary => Scheme::Ternary,
+            SchemeName::Int8 => Scheme::Int {
+                bits: 8,
+                percentile: CLIP_PERCENTILE,
+            },
+            SchemeName::Int6 => Scheme::Int {
+                bits: 6,
+                percentile: CLIP_PERCENTILE,
+            },
+            SchemeName::F16 => Scheme::F16,
+        }
+    }
+}
+
+/// A quantized tensor: integer codes and f16 scales (none for the float schemes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quantized {
+    pub scheme: Scheme,
+    pub rows: usize,
+    pub cols: usize,
+    /// Ternary: −1/0/1; int: ±qmax. Empty for the float schemes.
+    pub codes: Vec<i8>,
+    /// Ternary: one per group of 128 (in flat order); int: one per row.
+    pub scales: Vec<f16>,
+    /// The float schemes' values (rounded to f16 for F16).
+    pub floats: Vec<f32>,
+}
+
+fn qmax(bits: u32) -> i32 {
+    (1 << (bits - 1)) - 1
+}
+
+/// The `percentile` (0–100) of |row|, by rank (nearest-rank method).
+fn abs_percentile(row: &[f32], percentile: f32) -> f32 {
+    let mut a: Vec<f32> = row.iter().map(|x| x.abs()).collect();
+    a.sort_by(f32::total_cmp);
+    let rank = ((percentile / 100.0) * a.len() as f32).ceil() as usize;
+    a[rank.clamp(1, a.len()) - 1]
+}
+
+/// Quantizes `values`, a `(rows, cols)` row-major tensor.
+pub fn quantize(scheme: Scheme, values: &[f32], rows: usize, cols: usize) -> Result<Quantized> {
+    ensure!(
+        values.len() == rows * cols,
+        "quantize: {} values for a {rows}×{cols} tensor",
+        values.len()
+    );
+    let mut q = Quantized {
+        scheme,
+        rows,
+        cols,
+        codes: Vec::new(),
+        scales: Vec::new(),
+        floats: Vec::new(),
+    };
+    match scheme {
+        Scheme::Ternary => {
+            for group in values.chunks(TERNARY_GROUP) {
+                let absmean = group.iter().map(|x| x.abs()).sum::<f32>() / group.len() as f32;
+                let scale = f16::from_f32(absmean);
+                let s = scale.to_f32();
+                q.scales.push(scale);
+                q.codes.extend(group.iter().map(|&w| {
+                    if s > 0.0 {
+                        (w / s).round().clamp(-1.0, 1.0) as i8
+                    } else {
+                        0
+                    }
+                }));
+            }
+        }
+        Scheme::Int { bits, percentile } => {
+            ensure!(
+                bits == 6 || bits == 8,
+                "int quantization supports 6 or 8 bits, not {bits}"
+            );
+            ensure!(
+                (0.0..=100.0).contains(&percentile) && percentile > 0.0,
+                "the clip percentile must be in (0, 100]"
+            );
+            let m = qmax(bits) as f32;
+            for row in values.chunks(cols) {
+                let clip = abs_percentile(row, percentile);
+                let scale = f16::from_f32(clip / m);
+                let s = scale.to_f32();
+                q.scales.push(scale);
+                q.codes.extend(row.iter().map(|&w| {
+                    if s > 0.0 {
+                        (w / s).round().clamp(-m, m) as i8
+                    } else {
+                        0
+                    }
+                }));
+            }
+        }
+        Scheme::F16 => q.floats = values.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+        Scheme::F32 => q.floats = values.to_vec(),
+    }
+    Ok(q)
+}
+
+impl Quantized {
+    /// The weights a reader reconstructs.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self.scheme {
+            Scheme::Ternary => self
+                .codes
+                .chunks(TERNARY_GROUP)
+                .zip(&self.scales)
+                .flat_map(|(g, s)| g.iter().map(move |&c| c as f32 * s.to_f32()))
+                .collect(),
+            Scheme::Int { .. } => self
+                .codes
+                .chunks(self.cols)
+                .zip(&self.scales)
+                .flat_map(|(r, s)| r.iter().map(move |&c| c as f32 * s.to_f32()))
+                .collect(),
+            Scheme::F16 | Scheme::F32 => self.floats.clone(),
+        }
+    }
+
+    /// The packed bytes: codes then scales (f16, little-endian), or the floats.
+    pub fn pack(&self) -> Vec<u8> {
+        let mut out = match self.scheme {
+            Scheme::Ternary => pack_ternary(&self.codes),
+            Scheme::Int { bits: 6, .. } => pack_int6(&self.codes),
+            Scheme::Int { .. } => self.codes.iter().map(|&c| c as u8).collect(),
+            Scheme::F16 => self
+                .floats
+                .iter()
+                .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                .collect(),
+            Scheme::F32 => self.floats.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        };
+        out.extend(self.scales.iter().flat_map(|s| s.to_le_bytes()));
+        out
+    }
+
+    /// Reads bytes written by [`Quantized::pack`] for a tensor of this scheme and shape.
+    pub fn unpack(scheme: Scheme, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let n = rows * cols;
+        let (code_bytes, scale_count) = match scheme {
+            Scheme::Ternary => (n.div_ceil(5), n.div_ceil(TERNARY_GROUP)),
+            Scheme::Int { bits: 6, .. } => ((n * 6).div_ceil(8), rows),
+            Scheme::Int { .. } => (n, rows),
+            Scheme::F16 => (2 * n, 0),
+            Scheme::F32 => (4 * n, 0),
+        };
+        ensure!(
+            bytes.len() == code_bytes + 2 * scale_count,
+            "packed {scheme:?} {rows}×{cols} tensor: {} bytes, expected {}",
+            bytes.len(),
+            code_bytes + 2 * scale_count
+        );
+        let (body, scale_bytes) = bytes.split_at(code_bytes);
+        let scales = le_values::<f16>(scale_bytes);
+        let mut q = Quantized {
+            scheme,
+            rows,
+            cols,
+            codes: Vec::new(),
+            scales,
+            floats: Vec::new(),
+        };
+        match scheme {
+            Scheme::Ternary => q.codes = unpack_ternary(body, n)?,
+            Scheme::Int { bits: 6, .. } => q.codes = unpack_int6(body, n),
+            Scheme::Int { .. } => q.codes = body.iter().map(|&b| b as i8).collect(),
+            Scheme::F16 => q.floats = le_floats(body, FloatWidth::F16),
+            Scheme::F32 => q.floats = le_floats(body, FloatWidth::F32),
+        }
+        Ok(q)
+    }
+}
+
+/// Five trits per byte: `Σ (code_i + 1) · 3^i` for i = 0..5 (the last byte zero-padded).
+pub fn pack_ternary(codes: &[i8]) -> Vec<u8> {
+    codes
+        .chunks(5)
+        .map(|c| c.iter().rev().fold(0u8, |acc, &t| acc * 3 + (t + 1) as u8))
+        .collect()
+}
+
+/// The inverse of [`pack_ternary`] for `n` codes; refuses bytes over 242.
+pub fn unpack_ternary(bytes: &[u8], n: usize) -> Result<Vec<i8>> {
+    let mut out = Vec::with_capacity(n);
+    for &b in bytes {
+        if b > 242 {
+            bail!("byte {b} is not a base-3 pack of 5 trits (max 242)");
+        }
+        let mut v = b;
+        for _ in 0..5 {
+            out.push((v % 3) as i8 - 1);
+            v /= 3;
+        }
+    }
+    out.truncate(n);
+    Ok(out)
+}
+
+/// Signed 6-bit codes, 4 per 3 bytes, little-endian bit order (two's complement in 6 bits).
+pub fn pack_int6(codes: &[i8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity((codes.len() * 6).div_ceil(8));
+    let (mut acc, mut bits) = (0u32, 0);
+    for &c in codes {
+        acc |= ((c as u8 & 0x3f) as u32) << bits;
+        bits += 6;
+        while bits >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            bits -= 8;
+        }
+    }
+    if bits > 0 {
+        out.push(acc as u8);
+    }
+    out
+}
+
+/// The inverse of [`pack_int6`] for `n` codes.
+pub fn unpack_int6(bytes: &[u8], n: usize) -> Vec<i8> {
+    let mut out = Vec::with_capacity(n);
+    let (mut acc, mut bits) = (0u32, 0);
+    for &b in bytes {
+        acc |= (b as u32) << bits;
+        bits += 8;
+        while bits >= 6 && out.len() < n {
+            let v = (acc & 0x3f) as u8;
+            out.push(((v << 2) as i8) >> 2); // sign-extend 6 bits
+            acc >>= 6;
+            bits -= 6;
+        }
+    }
+    out
+}
+
+/// Which scheme each tensor gets: the one rule that quantization-aware training and packed
+/// export share, so a QAT run exports bit-identically to the weights its forward used.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PackRule {
+    /// Matrices of the blocks (attention and MLP projections), and an untied classifier.
+    pub matrices: Scheme,
+    /// The token and bigram embeddings: sensitive, often kept at 8 bits.
+    pub embedding: Scheme,
+    /// Tensors of at most this many values are kept in f16 (norm gains, tiny matrices).
+    pub small_max: usize,
+}
+
+impl PackRule {
+    pub fn scheme_for(&self, kind: ParamKind, len: usize) -> Scheme {
+        match kind {
+            // The golf block's scales, mixes and gains: few values, large effect (the
+            // baseline keeps its "control tensors" in f32 too).
+            ParamKind::Control(_) => Scheme::F32,
+            _ if len <= self.small_max => Scheme::F16,
+            ParamKind::NormGain => Scheme::F16,
+            ParamKind::Embedding => self.embedding,
+            ParamKind::Classifier | ParamKind::BlockMatrix { .. } => self.matrices,
+        }
+    }
+}
+
+/// The rows and columns a tensor is quantized as: a matrix's own, a vector as one row.
+pub fn quant_shape(spec: &ParamSpec) -> (usize, usize) {
+    match spec.shape.as_slice() {
+        [r, c] => (*r, *c),
+        _ => (1, spec.region.len),
+    }
+}
+
+/// Replaces every tensor of `weights` by its quantize → dequantize round trip under `rule`:
+/// the weights quantization-aware training computes with, and exactly what
+/// `kiln eval --artifact` will reload from the export (same function, same scheme).
+pub fn fake_quantize(layout: &ParamLayout, rule: &PackRule, weights: &mut [f32]) -> Result<()> {
+    use rayon::prelude::*;
+    let regions: Vec<_> = layout
+        .specs
+        .iter()
+        .map(|spec| (spec, rule.scheme_for(spec.kind, spec.region.len)))
+        .filter(|(_, scheme)| *scheme != Scheme::F32)
+        .collect();
+    let rounded: Vec<(usize, Vec<f32>)> = regions
+        .par_iter()
+        .map(|(spec, scheme)| {
+            let (rows, cols) = quant_shape(spec);
+            let values = &weights[spec.region.offset..][..spec.region.len];
+            Ok((
+                spec.region.offset,
+                quantize(*scheme, values, rows, cols)?.dequantize(),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    for (offset, values) in rounded {
+        weights[offset..][..values.len()].copy_from_slice(&values);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ternary_is_absmean_scaled_and_rounds_to_three_levels() {
+        // absmean of [0.1, -0.5, 0.9, 0.02] is 0.38: 0.1/0.38 → 0, −0.5/0.38 → −1,
+        // 0.9/0.38 → +1 (clamped from 2.4), 0.02 → 0.
+        let q = quantize(Scheme::Ternary, &[0.1, -0.5, 0.9, 0.02], 1, 4).unwrap();
+        assert_eq!(q.codes, [0, -1, 1, 0]);
+        assert_eq!(q.scales, [f16::from_f32(0.38)]);
+        let s = f16::from_f32(0.38).to_f32();
+        assert_eq!(q.dequantize(), [0.0, -s, s, 0.0]);
+        // Groups of 128: 300 values have three scales.
+        let v: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) / 100.0).collect();
+        assert_eq!(
+            quantize(Scheme::Ternary, &v, 3, 100).unwrap().scales.len(),
+            3
+        );
+    }
+
+    #[test]
+    fn int_quantization_clips_at_the_percentile_and_bounds_the_error() {
+        let mut row: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        row[7] = 50.0; // an outlier beyond the 99.9th percentile saturates
+        for (bits, m) in [(8, 127), (6, 31)] {
+            let q = quantize(
+                Scheme::Int {
+                    bits,
+                    percentile: 99.9,
+                },
+                &row,
+                1,
+                1000,
+            )
+            .unwrap();
+            assert!(q.codes.iter().all(|&c| (c as i32).abs() <= m));
+            assert_eq!(q.codes[7] as i32, m, "the outlier saturates at qmax");
+            let s = q.scales[0].to_f32();
+            let back = q.dequantize();
+            for (i, (&w, &d)) in row.iter().zip(&back).enumerate() {
+                if i != 7 {
+                    assert!(
+                        (w - d).abs() <= s / 2.0 + 1e-6,
+                        "{bits}-bit: {w} → {d} with scale {s}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_round_trips_every_scheme_exactly() {
+        let v: Vec<f32> = (0..777)
+            .map(|i| ((i * 7919 % 1000) as f32 / 300.0) - 1.6)
+            .collect();
+        for scheme in [
+            Scheme::Ternary,
+            Scheme::Int {
+                bits: 8,
+                percentile: 99.99,
+            },
+            Scheme::Int {
+                bits: 6,
+                percentile: 100.0,
+            },
+            Scheme::F16,
+            Scheme::F32,
+        ] {
+            let q = quantize(scheme, &v, 7, 111).unwrap();
+            let bytes = q.pack();
+            let back = Quantized::unpack(scheme, 7, 111, &bytes).unwrap();
+            assert_eq!(back, q, "{scheme:?}");
+            assert_eq!(back.dequantize(), q.dequantize());
+        }
+        // Sizes: ternary 5 codes per byte, int6 4 per 3 bytes, plus f16 scales.
+        assert_eq!(
+            quantize(Scheme::Ternary, &v, 7, 111).unwrap().pack().len(),
+            777usize.div_ceil(5) + 2 * 7
+        );
+        assert_eq!(
+            quantize(
+                Scheme::Int {
+                    bits: 6,
+                    percentile: 100.0
+                },
+                &v,
+                7,
+                111
+            )
+            .unwrap()
+            .pack()
+            .len(),
+            (777 * 6usize).div_ceil(8) + 2 * 7
+        );
+        assert!(Quantized::unpack(Scheme::Ternary, 7, 111, &[0; 3]).is_err());
+    }
+
+    #[test]
+    fn bit_packing_matches_hand_computed_bytes() {
+        // Trits (−1, 0, 1, 1, −1) → digits (0, 1, 2, 2, 0): 0 + 1·3 + 2·9 + 2·27 + 0·81 = 75.
+        assert_eq!(pack_ternary(&[-1, 0, 1, 1, -1]), [75]);
+        assert_eq!(unpack_ternary(&[75], 5).unwrap(), [-1, 0, 1, 1, -1]);
+        // Int6 codes 1, −1, 31, −32 are the 6-bit fields 0x01, 0x3f, 0x1f, 0x20, laid
+        // end to end from the lowest bit of a 24-bit little-endian word.
+        let bytes = pack_int6(&[1, -1, 31, -32]);
+        let word = bytes[0] as u32 | (bytes[1] as u32) << 8 | (bytes[2] as u32) << 16;
+        assert_eq!(word, 1 | 0x3f << 6 | 0x1f << 12 | 0x20 << 18);
+        assert_eq!(unpack_int6(&bytes, 4), [1, -1, 31, -32]);
+    }
+}

@@ -1,0 +1,567 @@
+//! The reference CPU backend: plain, readable Rust in f32, multithreaded over rows and heads
+//! with rayon, matmuls on `matrixmultiply`. It is the yardstick the fast backends (CPU tiers,
+//! CUDA) are held to by the conformance suite, so clarity wins over speed here.
+//!
+//! Its buffers hold f32 or bf16 ([`DType`]); the kernels compute in f32 only (a bf16 view
+//! given to a kernel is a bug and panics), while transfers and `copy` convert, rounding to
+//! nearest even, so the conformance suite can check a backend's bf16 staging against it.
+//!
+//! Every kernel is a generic function over [`Real`] (f32 or f64) on plain slices, one file per
+//! kernel family. [`ReferenceBackend`] runs them in f32 behind the [`Backend`] trait; the
+//! finite-difference tests run the very same functions in f64.
+
+pub mod activation;
+pub mod adamw;
+pub mod attention;
+pub mod embed;
+pub mod matmul;
+pub mod muon;
+pub mod rmsnorm;
+pub mod rope;
+pub mod scale;
+pub mod swiglu;
+pub mod xent;
+
+use std::cell::UnsafeCell;
+use std::fmt::Debug;
+
+use half::bf16;
+
+use num_traits::{Float, FromPrimitive, NumAssign};
+
+use kiln_core::backend::{
+    Accumulate, AdamWStep, AttentionShape, Backend, BackendError, DType, DecodeShape, DeviceMemory,
+    Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint,
+    Tolerance, View,
+};
+
+/// The float types the reference kernels run in: f32 for training, f64 for gradient checks.
+pub trait Real:
+    Float + FromPrimitive + NumAssign + Default + Debug + Send + Sync + 'static
+{
+    /// `c (m, n) = a (m, k) · b (k, n) + beta · c`, with row/column strides for each matrix
+    /// (so a transpose is a swap of strides). `c` need not be initialised when `beta` is 0.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        a_row_stride: usize,
+        a_col_stride: usize,
+        b: &[Self],
+        b_row_stride: usize,
+        b_col_stride: usize,
+        beta: Self,
+        c: &mut [Self],
+        c_row_stride: usize,
+    );
+}
+
+macro_rules! impl_real {
+    ($t:ty, $gemm:path) => {
+        impl Real for $t {
+            fn gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                a: &[Self],
+                a_row_stride: usize,
+                a_col_stride: usize,
+                b: &[Self],
+                b_row_stride: usize,
+                b_col_stride: usize,
+                beta: Self,
+                c: &mut [Self],
+                c_row_stride: usize,
+            ) {
+                let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
+                    if rows == 0 || cols == 0 {
+                        0
+                    } else {
+                        (rows - 1) * rs + (cols - 1) * cs + 1
+                    }
+                };
+                assert!(
+                    a.len() >= last(m, k, a_row_stride, a_col_stride),
+                    "gemm: a too short"
+                );
+                assert!(
+                    b.len() >= last(k, n, b_row_stride, b_col_stride),
+                    "gemm: b too short"
+                );
+                assert!(c.len() >= last(m, n, c_row_stride, 1), "gemm: c too short");
+                // SAFETY: the asserts above keep every strided access inside the slices, and
+                // `c` is borrowed mutably, so it aliases neither input.
+                unsafe {
+                    $gemm(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        a.as_ptr(),
+                        a_row_stride as isize,
+                        a_col_stride as isize,
+                        b.as_ptr(),
+                        b_row_stride as isize,
+                        b_col_stride as isize,
+                        beta,
+                        c.as_mut_ptr(),
+                        c_row_stride as isize,
+                        1,
+                    )
+                }
+            }
+        }
+    };
+}
+impl_real!(f32, matrixmultiply::sgemm);
+impl_real!(f64, matrixmultiply::dgemm);
+
+/// One host allocation, addressed through [`View`]s.
+///
+/// Views into one allocation are handed out freely (the model keeps every activation of a step
+/// in one arena), so the memory sits in `UnsafeCell`s and each kernel call checks that its
+/// outputs overlap none of its inputs before it borrows them. `UnsafeCell` makes this type
+/// `Send` but not `Sync`: views of it cannot reach another thread, so two calls can never
+/// touch it at once.
+pub struct HostMemory {
+    data: Storage,
+}
+
+enum Storage {
+    F32(Box<[UnsafeCell<f32>]>),
+    /// bf16 bit patterns.
+    BF16(Box<[UnsafeCell<u16>]>),
+}
+
+impl HostMemory {
+    fn new(len: usize, dtype: DType) -> Result<Self, BackendError> {
+        let out_of_memory = || BackendError::OutOfMemory {
+            backend: "reference".into(),
+            bytes: len.saturating_mul(dtype.size()),
+        };
+        // Reserve first, so an allocation that cannot be had is an error, not an abort.
+        fn zeroed<T: Default>(len: usize) -> Option<Box<[UnsafeCell<T>]>> {
+            let mut v: Vec<UnsafeCell<T>> = Vec::new();
+            v.try_reserve_exact(len).ok()?;
+            v.extend((0..len).map(|_| UnsafeCell::new(T::default())));
+            Some(v.into_boxed_slice())
+        }
+        let data = match dtype {
+            DType::F32 => Storage::F32(zeroed(len).ok_or_else(out_of_memory)?),
+            DType::BF16 => Storage::BF16(zeroed(len).ok_or_else(out_of_memory)?),
+        };
+        Ok(HostMemory { data })
+    }
+
+    /// A pointer to `len` f32 values at `offset`. Panics for a bf16 allocation: the reference
+    /// kernels compute in f32 only.
+    fn f32_window(&self, offset: usize, len: usize) -> *mut f32 {
+        match &self.data {
+            Storage::F32(data) => {
+                assert!(offset + len <= data.len(), "view {offset}+{len} out of {}", data.len());
+                // UnsafeCell<f32> has the layout of f32.
+                data[offset..].as_ptr() as *mut f32
+            }
+            Storage::BF16(_) => panic!("the reference kernels compute in f32; got a bf16 view"),
+        }
+    }
+}
+
+impl DeviceMemory for HostMemory {
+    fn len(&self) -> usize {
+        match &self.data {
+            Storage::F32(d) => d.len(),
+            Storage::BF16(d) => d.len(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self.data {
+            Storage::F32(_) => DType::F32,
+            Storage::BF16(_) => DType::BF16,
+        }
+    }
+}
+
+/// The reference backend (see the module docs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReferenceBackend;
+
+type V<'a> = View<'a, ReferenceBackend>;
+
+impl ReferenceBackend {
+    /// Read access to an f32 view.
+    fn read<'a>(&self, view: V<'a>) -> &'a [f32] {
+        let ptr = view.memory().f32_window(view.offset(), view.len());
+        // SAFETY: in bounds (checked by `f32_window`); a kernel's outputs were checked not to
+        // overlap it in `write`, and the memory is not `Sync`, so no other thread holds it.
+        unsafe { std::slice::from_raw_parts(ptr, view.len()) }
+    }
+
+    /// Write access to an f32 view that must not overlap any of `inputs` (the call's inputs
+    /// and its other outputs).
+    fn write<'a>(&self, view: V<'a>, inputs: &[V]) -> &'a mut [f32] {
+        for input in inputs {
+            assert!(!view.overlaps(input), "kernel output {view:?} overlaps {input:?}");
+        }
+        let ptr = view.memory().f32_window(view.offset(), view.len());
+        // SAFETY: in bounds (checked by `f32_window`) and disjoint from every other view this
+        // call touches (asserted above), so this is the only live reference to the window.
+        unsafe { std::slice::from_raw_parts_mut(ptr, view.len()) }
+    }
+
+    /// Reads any view as f32 (bf16 widened).
+    fn read_any(&self, view: V, out: &mut [f32]) {
+        match &view.memory().data {
+            Storage::F32(_) => out.copy_from_slice(self.read(view)),
+            Storage::BF16(data) => {
+                let cells = &data[view.offset()..view.offset() + view.len()];
+                for (o, cell) in out.iter_mut().zip(cells) {
+                    // SAFETY: no kernel holds a reference into this cell during the call (the
+                    // memory is not `Sync`, and this call is the only one running on it).
+                    *o = bf16::from_bits(unsafe { *cell.get() }).to_f32();
+                }
+            }
+        }
+    }
+
+    /// Writes f32 values into any view (rounded to nearest even for bf16).
+    fn write_any(&self, view: V, values: &[f32], inputs: &[V]) {
+        match &view.memory().data {
+            Storage::F32(_) => self.write(view, inputs).copy_from_slice(values),
+            Storage::BF16(data) => {
+                for input in inputs {
+                    assert!(!view.overlaps(input), "output {view:?} overlaps {input:?}");
+                }
+                let cells = &data[view.offset()..view.offset() + view.len()];
+                for (cell, v) in cells.iter().zip(values) {
+                    // SAFETY: as in `read_any`; the window does not overlap the inputs.
+                    unsafe { *cell.get() = bf16::from_f32(*v).to_bits() };
+                }
+            }
+        }
+    }
+}
+
+fn check_len(expected: usize, got: usize) -> Result<(), BackendError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(BackendError::LengthMismatch { expected, got })
+    }
+}
+
+impl Backend for ReferenceBackend {
+    type Memory = HostMemory;
+
+    fn name(&self) -> String {
+        "reference (f32, rayon, matrixmultiply)".into()
+    }
+
+    fn supports(&self, _kernel: Kernel, _shape: ShapeHint) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn tolerance(&self, _kernel: Kernel) -> Tolerance {
+        // f32 rounding through a few hundred-term dot products: a few ulps relative, plus an
+        // absolute floor for values that cancel to near zero. Every kernel computes in f32 the
+        // same way, so one bound serves them all.
+        Tolerance {
+            atol: 1e-5,
+            rtol: 1e-4,
+        }
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<HostMemory, BackendError> {
+        HostMemory::new(len, dtype)
+    }
+
+    fn upload(&self, dst: V, src: &[f32]) -> Result<(), BackendError> {
+        check_len(dst.len(), src.len())?;
+        self.write_any(dst, src, &[]);
+        Ok(())
+    }
+
+    fn download(&self, src: V, dst: &mut [f32]) -> Result<(), BackendError> {
+        check_len(src.len(), dst.len())?;
+        self.read_any(src, dst);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn zero(&self, dst: V) {
+        self.write_any(dst, &vec![0.0; dst.len()], &[]);
+    }
+
+    fn copy(&self, dst: V, src: V) {
+        assert_eq!(dst.len(), src.len(), "copy: lengths differ");
+        if dst.dtype() == DType::F32 && src.dtype() == DType::F32 {
+            self.write(dst, &[src]).copy_from_slice(self.read(src));
+        } else {
+            let mut values = vec![0.0; src.len()];
+            self.read_any(src, &mut values);
+            self.write_any(dst, &values, &[src]);
+        }
+    }
+
+    fn matmul_forward(&self, out: V, inp: V, weight: V, s: MatmulShape) {
+        let o = self.write(out, &[inp, weight]);
+        let (inp, weight) = (self.read(inp), self.read(weight));
+        matmul::matmul_forward(o, inp, weight, s.rows, s.in_dim, s.out_dim);
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: V,
+        dweight: V,
+        dout: V,
+        inp: V,
+        weight: V,
+        s: MatmulShape,
+        dinp_mode: Accumulate,
+    ) {
+        let inputs = [dout, inp, weight];
+        let di = self.write(dinp, &[&inputs[..], &[dweight]].concat());
+        let dw = self.write(dweight, &inputs);
+        let (dout, inp, weight) = (self.read(dout), self.read(inp), self.read(weight));
+        let (rows, in_dim, out_dim) = (s.rows, s.in_dim, s.out_dim);
+        matmul::matmul_backward(di, dw, dout, inp, weight, rows, in_dim, out_dim, dinp_mode);
+    }
+
+    fn embedding_forward(&self, out: V, table: V, tokens: &[u32], dim: usize) {
+        embed::embedding_forward(self.write(out, &[table]), self.read(table), tokens, dim);
+    }
+
+    fn embedding_backward(&self, dtable: V, dout: V, tokens: &[u32], dim: usize) {
+        embed::embedding_backward(self.write(dtable, &[dout]), self.read(dout), tokens, dim);
+    }
+
+    fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, weight: V, s: NormShape) {
+        let o = self.write(out, &[inp, weight, rstd]);
+        let r = self.write(rstd, &[inp, weight]);
+        assert_eq!(inp.len(), s.rows * s.dim);
+        rmsnorm::rmsnorm_forward(o, r, self.read(inp), self.read(weight), s.dim, s.eps);
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: V,
+        dweight: V,
+        dout: V,
+        inp: V,
+        weight: V,
+        rstd: V,
+        s: NormShape,
+        dinp_mode: Accumulate,
+    ) {
+        let inputs = [dout, inp, weight, rstd];
+        let di = self.write(dinp, &[&inputs[..], &[dweight]].concat());
+        let dw = self.write(dweight, &inputs);
+        assert_eq!(inp.len(), s.rows * s.dim);
+        let (dout, inp, weight, rstd) = (
+            self.read(dout),
+            self.read(inp),
+            self.read(weight),
+            self.read(rstd),
+        );
+        rmsnorm::rmsnorm_backward(di, dw, dout, inp, weight, rstd, s.dim, dinp_mode);
+    }
+
+    fn rope_forward(&self, out: V, inp: V, s: RopeShape) {
+        assert_eq!(inp.len(), s.batch * s.seq * s.heads * s.head_dim);
+        let o = self.write(out, &[inp]);
+        rope::rope_forward(
+            o,
+            self.read(inp),
+            s.start_pos,
+            s.seq,
+            s.heads,
+            s.head_dim,
+            s.rot_dims,
+            s.theta as f64,
+        );
+    }
+
+    fn rope_backward(&self, dinp: V, dout: V, s: RopeShape) {
+        assert_eq!(dout.len(), s.batch * s.seq * s.heads * s.head_dim);
+        assert_eq!(s.start_pos, 0, "rope_backward: training positions start at 0");
+        let d = self.write(dinp, &[dout]);
+        let dout = self.read(dout);
+        rope::rope_backward(d, dout, s.seq, s.heads, s.head_dim, s.rot_dims, s.theta as f64);
+    }
+
+    fn attention_saved_len(&self, s: AttentionShape) -> usize {
+        s.batch * s.heads * s.seq * s.seq
+    }
+
+    fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {
+        let Qkv { q, k, v } = inputs;
+        let o = self.write(out, &[q, k, v, saved]);
+        let p = self.write(saved, &[q, k, v]);
+        attention::attention_forward(o, p, self.read(q), self.read(k), self.read(v), s);
+    }
+
+    fn attention_backward(
+        &self,
+        grads: Qkv<Self>,
+        dout: V,
+        inputs: Qkv<Self>,
+        saved: V,
+        s: AttentionShape,
+    ) {
+        let Qkv { q, k, v } = inputs;
+        let all = [dout, q, k, v, saved];
+        let gq = self.write(grads.q, &[&all[..], &[grads.k, grads.v]].concat());
+        let gk = self.write(grads.k, &[&all[..], &[grads.v]].concat());
+        let gv = self.write(grads.v, &all);
+        let (dout, q, k, v, saved) = (
+            self.read(dout),
+            self.read(q),
+            self.read(k),
+            self.read(v),
+            self.read(saved),
+        );
+        attention::attention_backward(gq, gk, gv, dout, q, k, v, saved, s);
+    }
+
+    fn attention_decode(&self, out: V, q: V, k_cache: V, v_cache: V, s: DecodeShape) {
+        let shape = AttentionShape {
+            batch: s.batch,
+            seq: 1,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+        };
+        let o = self.write(out, &[q, k_cache, v_cache]);
+        let (q, k, v) = (self.read(q), self.read(k_cache), self.read(v_cache));
+        attention::attention_decode(o, q, k, v, s.len, s.capacity, shape);
+    }
+
+    fn swiglu_forward(&self, out: V, gate: V, up: V) {
+        assert_eq!(gate.len(), up.len());
+        let o = self.write(out, &[gate, up]);
+        swiglu::swiglu_forward(o, self.read(gate), self.read(up));
+    }
+
+    fn swiglu_backward(&self, dgate: V, dup: V, dout: V, gate: V, up: V) {
+        assert_eq!(gate.len(), up.len());
+        let dg = self.write(dgate, &[dout, gate, up, dup]);
+        let du = self.write(dup, &[dout, gate, up]);
+        swiglu::swiglu_backward(dg, du, self.read(dout), self.read(gate), self.read(up));
+    }
+
+    fn relu2_forward(&self, out: V, inp: V, slope: f32) {
+        assert_eq!(out.len(), inp.len());
+        let o = self.write(out, &[inp]);
+        activation::relu2_forward(o, self.read(inp), slope);
+    }
+
+    fn relu2_backward(&self, dinp: V, dout: V, inp: V, slope: f32) {
+        assert_eq!(dinp.len(), inp.len());
+        let d = self.write(dinp, &[dout, inp]);
+        activation::relu2_backward(d, self.read(dout), self.read(inp), slope);
+    }
+
+    fn softcap_forward(&self, out: V, inp: V, cap: f32) {
+        assert_eq!(out.len(), inp.len());
+        let o = self.write(out, &[inp]);
+        activation::softcap_forward(o, self.read(inp), cap);
+    }
+
+    fn softcap_backward(&self, dinp: V, dout: V, out: V, cap: f32) {
+        assert_eq!(dinp.len(), out.len());
+        let d = self.write(dinp, &[dout, out]);
+        activation::softcap_backward(d, self.read(dout), self.read(out), cap);
+    }
+
+    fn scale_forward(&self, out: V, inp: V, scale: V, s: ScaleShape, mode: Accumulate) {
+        assert_eq!((inp.len(), scale.len()), (s.rows * s.groups * s.inner, s.groups));
+        let o = self.write(out, &[inp, scale]);
+        scale::scale_forward(o, self.read(inp), self.read(scale), s.inner, mode);
+    }
+
+    fn scale_backward(
+        &self,
+        dinp: V,
+        dscale: V,
+        dout: V,
+        inp: V,
+        scale: V,
+        s: ScaleShape,
+        mode: Accumulate,
+    ) {
+        assert_eq!((inp.len(), scale.len()), (s.rows * s.groups * s.inner, s.groups));
+        let inputs = [dout, inp, scale];
+        let di = self.write(dinp, &[&inputs[..], &[dscale]].concat());
+        let g = self.write(dscale, &inputs);
+        let (dout, inp, scale) = (self.read(dout), self.read(inp), self.read(scale));
+        scale::scale_backward(di, g, dout, inp, scale, s.inner, mode);
+    }
+
+    fn residual_forward(&self, out: V, a: V, b: V) {
+        assert_eq!(a.len(), b.len());
+        let o = self.write(out, &[a, b]);
+        swiglu::residual_forward(o, self.read(a), self.read(b));
+    }
+
+    fn accumulate(&self, out: V, inp: V) {
+        assert_eq!(out.len(), inp.len());
+        let o = self.write(out, &[inp]);
+        swiglu::accumulate(o, self.read(inp));
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: V,
+        logsumexp: V,
+        logits: V,
+        targets: &[u32],
+        vocab: usize,
+    ) {
+        let l = self.write(losses, &[logits, logsumexp]);
+        let s = self.write(logsumexp, &[logits]);
+        xent::cross_entropy_forward(l, s, self.read(logits), targets, vocab);
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: V,
+        logits: V,
+        logsumexp: V,
+        targets: &[u32],
+        vocab: usize,
+        dloss: f32,
+    ) {
+        let d = self.write(dlogits, &[logits, logsumexp]);
+        let (logits, logsumexp) = (self.read(logits), self.read(logsumexp));
+        xent::cross_entropy_backward(d, logits, logsumexp, targets, vocab, dloss);
+    }
+
+    fn sum_squares(&self, x: V) -> f64 {
+        adamw::sum_squares(self.read(x))
+    }
+
+    fn adamw_step(&self, params: V, grads: V, m: V, v: V, hp: &AdamWStep) {
+        let p = self.write(params, &[grads, m, v]);
+        let mm = self.write(m, &[grads, v]);
+        let vv = self.write(v, &[grads]);
+        adamw::adamw_step(p, self.read(grads), mm, vv, hp);
+    }
+
+    fn ema_update(&self, ema: V, params: V, decay: f32) {
+        let e = self.write(ema, &[params]);
+        adamw::ema_update(e, self.read(params), decay);
+    }
+
+    fn muon_step(&self, params: V, grads: V, momentum: V, s: MatrixShape, hp: &MuonStep) {
+        assert_eq!(params.len(), s.rows * s.cols);
+        let p = self.write(params, &[grads, momentum]);
+        let m = self.write(momentum, &[grads]);
+        muon::muon_step(p, self.read(grads), m, s.rows, s.cols, hp);
+    }
+}

@@ -1,0 +1,50 @@
+//! The conformance suite (`kiln_conformance`) run on the reference backend: every case of the
+//! kernel table against the reference kernels in f64, the memory methods, the PyTorch
+//! whole-model fixtures, and a training smoke test.
+
+use std::path::PathBuf;
+
+use kiln_reference::ReferenceBackend;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn kernels_match_the_f64_reference() {
+    let cases = kiln_conformance::check_kernels(&ReferenceBackend).unwrap();
+    println!("{cases} kernel cases passed");
+}
+
+#[test]
+fn memory_transfers_and_conversions_are_exact() {
+    kiln_conformance::check_memory(&ReferenceBackend).unwrap();
+}
+
+#[test]
+fn tiny_mha_matches_pytorch() {
+    kiln_conformance::check_fixture(ReferenceBackend, &fixture("model_tiny-mha.safetensors"))
+        .unwrap();
+}
+
+#[test]
+fn tiny_gqa_with_qk_norm_matches_pytorch() {
+    kiln_conformance::check_fixture(ReferenceBackend, &fixture("model_tiny-gqa.safetensors"))
+        .unwrap();
+}
+
+#[test]
+fn tiny_golf_with_every_option_matches_pytorch() {
+    kiln_conformance::check_fixture(ReferenceBackend, &fixture("model_tiny-golf.safetensors"))
+        .unwrap();
+}
+
+#[test]
+fn twenty_training_steps_make_the_loss_fall() {
+    for preset in ["tiny-mha", "tiny-gqa", "tiny-golf"] {
+        let losses = kiln_conformance::check_training_smoke(ReferenceBackend, preset).unwrap();
+        println!("{preset}: {losses:?}");
+    }
+}

@@ -1,0 +1,324 @@
+//! The commands that compute with a trained model (`sample`, `eval`, `model logits`) and
+//! `model info`, written once over any backend; `main.rs` only parses arguments and resolves
+//! the backend (`crate::backends`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln_core::backend::Backend;
+use kiln_core::config::ModelConfig;
+use kiln_core::eval::evaluate_sliding;
+use kiln_core::layout::ParamLayout;
+use kiln_core::model::Model;
+use kiln_core::sample::SamplingParams;
+use kiln_core::vocab::VocabMap;
+use kiln_formats::checkpoint::{self, Manifest};
+use kiln_formats::data::{Dataset, Split};
+use kiln_formats::interop;
+use kiln_formats::tokenizer::Tokenizer;
+
+/// Where a trained model comes from.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    /// A run directory (its newest checkpoint) or a checkpoint directory.
+    pub run: Option<PathBuf>,
+    /// The run's best checkpoint by validation loss instead of its newest.
+    pub best: bool,
+    /// An imported model: a Hugging Face directory or a llama2.c `.bin`.
+    pub model: Option<PathBuf>,
+    /// The tokenizer, when it is not beside the model.
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// A trained model with what it needs to read and write text.
+pub struct Loaded<B: Backend> {
+    pub model: Model<B>,
+    pub tokenizer: Tokenizer,
+    pub vocab_map: Option<VocabMap>,
+    /// Present when loaded from a kiln checkpoint.
+    pub manifest: Option<Manifest>,
+}
+
+/// Loads a model from a run, checkpoint or imported model onto `backend`.
+pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
+    let path = match (&source.run, &source.model) {
+        (Some(run), _) if source.best => crate::rundir::best(run)?,
+        (Some(run), _) => crate::rundir::resolve(run)?,
+        (None, Some(model)) => model.clone(),
+        (None, None) => bail!("give --run or --model"),
+    };
+    let imported = crate::rundir::import(&path, source.tokenizer.as_deref())?;
+    let tokenizer = imported.tokenizer.with_context(|| {
+        format!(
+            "no tokenizer found for {}; pass --tokenizer",
+            imported.source
+        )
+    })?;
+    let model = Model::new(backend, imported.config)?;
+    model.upload_params(&imported.weights)?;
+    let manifest = checkpoint::read_manifest(&path).ok();
+    eprintln!("loaded {} on {}", imported.source, model.backend.name());
+    Ok(Loaded {
+        model,
+        tokenizer,
+        vocab_map: imported.vocab_map,
+        manifest,
+    })
+}
+
+/// A packed artifact, reloaded alone with the tokenizer saved beside it.
+pub fn load_artifact<B: Backend>(backend: B, path: &Path) -> Result<Loaded<B>> {
+    let unpacked = kiln_formats::packed::read(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tokenizer = interop::find_tokenizer(&[dir])?.with_context(|| {
+        format!(
+            "no tokenizer.json or tokenizer.bin beside {}",
+            path.display()
+        )
+    })?;
+    if unpacked
+        .tokenizer_sha256
+        .as_deref()
+        .is_some_and(|h| h != tokenizer.hash())
+    {
+        bail!(
+            "the tokenizer beside {} is not the one it was made with",
+            path.display()
+        );
+    }
+    let model = Model::new(backend, unpacked.config)?;
+    model.upload_params(&unpacked.weights)?;
+    let vocab_map = unpacked
+        .vocab_map
+        .map(|full| VocabMap::from_full_ids(tokenizer.vocab_size(), full));
+    eprintln!("loaded artifact {}", path.display());
+    Ok(Loaded {
+        model,
+        tokenizer,
+        vocab_map,
+        manifest: None,
+    })
+}
+
+/// What `kiln sample` generates.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    pub prompt: String,
+    pub max_tokens: usize,
+    pub params: SamplingParams,
+}
+
+/// `kiln sample`: streams a continuation of the prompt to standard output.
+pub fn sample<B: Backend>(backend: B, source: &Source, options: &SampleOptions) -> Result<()> {
+    let Loaded {
+        model,
+        tokenizer,
+        vocab_map,
+        ..
+    } = load(backend, source)?;
+    let mut prompt: Vec<u32> = tokenizer.bos().into_iter().collect();
+    prompt.extend(tokenizer.encode(&options.prompt)?);
+    if prompt.is_empty() {
+        bail!("give a --prompt: this tokenizer has no BOS token to start from");
+    }
+    let mut stdout = std::io::stdout();
+    print!("{}", options.prompt);
+    let started = std::time::Instant::now();
+    let (_, tokens) = kiln_core::sample::complete(
+        &model,
+        &tokenizer,
+        vocab_map.as_ref(),
+        &prompt,
+        options.max_tokens,
+        &options.params,
+        true,
+        |text| {
+            print!("{text}");
+            let _ = stdout.flush();
+        },
+    )?;
+    println!();
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{tokens} tokens in {seconds:.2} s ({:.1} tokens/s)",
+        tokens as f64 / seconds
+    );
+    Ok(())
+}
+
+/// What `kiln eval` scores.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    pub artifact: Option<PathBuf>,
+    pub source: Source,
+    pub data: Option<PathBuf>,
+    pub batch: usize,
+    pub seq: usize,
+    pub batches: usize,
+    pub stride: Option<usize>,
+}
+
+/// `kiln eval`: validation loss and bits per byte of a model and/or a packed artifact, and
+/// the round-trip gap between them.
+pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()> {
+    let source = &options.source;
+    let mut scored: Vec<(&str, Loaded<B>)> = Vec::new();
+    if let Some(path) = &options.artifact {
+        scored.push(("artifact, reloaded alone", load_artifact(backend.clone(), path)?));
+    }
+    if source.run.is_some() || source.model.is_some() {
+        scored.push(("model", load(backend, source)?));
+    }
+    ensure!(!scored.is_empty(), "give --run, --model or --artifact");
+    let data_dir = match &options.data {
+        Some(d) => d.clone(),
+        None => PathBuf::from(
+            scored
+                .iter()
+                .find_map(|(_, l)| {
+                    l.manifest
+                        .as_ref()
+                        .and_then(|m| m.train["data"].as_str().map(String::from))
+                })
+                .context("the model does not name its data directory; pass --data")?,
+        ),
+    };
+    let dataset = Dataset::open(&data_dir)?;
+    let tokens = dataset.read_all(Split::Val)?;
+    let mut results = Vec::new();
+    for (what, loaded) in &scored {
+        if dataset.manifest.tokenizer_sha256 != loaded.tokenizer.hash() {
+            bail!(
+                "{} was tokenized with another tokenizer than the {what}'s",
+                data_dir.display()
+            );
+        }
+        let seq = options.seq.min(loaded.model.config.max_seq_len);
+        let acts = loaded.model.activations(options.batch, seq)?;
+        let started = std::time::Instant::now();
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "scoring {bar:40} {pos}/{len} batches, eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        let result = evaluate_sliding(
+            &loaded.model,
+            &acts,
+            &tokens,
+            &loaded.tokenizer,
+            loaded.vocab_map.as_ref(),
+            options.stride.unwrap_or(seq),
+            options.batches,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )?;
+        bar.finish_and_clear();
+        println!(
+            "{what}: val loss {:.4} | bits/byte {:.4} | {} tokens, {} bytes | {:.1} s",
+            result.loss,
+            result.bits_per_byte,
+            result.tokens,
+            result.bytes,
+            started.elapsed().as_secs_f64()
+        );
+        println!("{}", serde_json::json!({"what": what, "result": result}));
+        results.push(result);
+    }
+    if let [artifact, model] = results.as_slice() {
+        println!(
+            "round-trip gap: {:+.4} bits/byte ({:+.4} nats/token) from quantization and packing",
+            artifact.bits_per_byte - model.bits_per_byte,
+            artifact.loss - model.loss
+        );
+    }
+    Ok(())
+}
+
+/// `kiln model logits`: the logits `(T, V)` of a model for token ids.
+pub fn logits<B: Backend>(backend: B, model: &Path, tokens: &[u32]) -> Result<Vec<f32>> {
+    let imported = crate::rundir::import(model, None)?;
+    let m = Model::new(backend, imported.config)?;
+    m.upload_params(&imported.weights)?;
+    let acts = m.activations(1, tokens.len())?;
+    m.forward(&acts, tokens, None)?;
+    Ok(m.download_logits(&acts)?)
+}
+
+/// Groups a number's digits in threes: 15191712 → "15,191,712".
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// `kiln model info`: parameter count with a per-tensor breakdown.
+pub fn model_info(config: &ModelConfig, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(config)?);
+    }
+    let layout = ParamLayout::new(config);
+    println!("{:<48} {:>16} {:>14}", "tensor", "shape", "parameters");
+    // Block 0 tensor by tensor, the other blocks summarised: 28 copies of the same lines help
+    // nobody.
+    for spec in layout.specs.iter().filter(|s| s.layer.is_none_or(|l| l == 0)) {
+        println!(
+            "{:<48} {:>16} {:>14}",
+            spec.name,
+            format!("{:?}", spec.shape),
+            grouped(spec.region.len)
+        );
+    }
+    let per_block: usize = layout
+        .specs
+        .iter()
+        .filter(|s| s.layer == Some(0))
+        .map(|s| s.region.len)
+        .sum();
+    let others = config.n_layers - 1;
+    if others > 0 {
+        println!(
+            "{:<48} {:>16} {:>14}",
+            format!("model.layers.1..{} (as layer 0)", config.n_layers - 1),
+            format!("{others} × block"),
+            grouped(per_block * others)
+        );
+    }
+    let total = layout.total_len();
+    println!();
+    println!("parameters:                  {:>14}", grouped(total));
+    println!(
+        "  without the embedding:     {:>14}",
+        grouped(total - layout.embedding.len)
+    );
+    println!(
+        "  classifier:                {}",
+        if config.tie_embeddings {
+            "tied to the embedding (counted once)"
+        } else {
+            "separate lm_head"
+        }
+    );
+    if !config.arch.is_llama() {
+        println!(
+            "  architecture options:      {}",
+            serde_json::to_string(&config.arch)?
+        );
+    }
+    println!(
+        "training FLOPs per token at seq {}: {:.3e}",
+        config.max_seq_len.min(256),
+        config.train_flops_per_token(config.max_seq_len.min(256))
+    );
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! What defines a run (`train.json`): the model, the data, budgets, the optimizer and its
+//! schedule.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Result};
+use kiln_core::config::ModelConfig;
+use kiln_core::quant::PackRule;
+use serde::{Deserialize, Serialize};
+
+/// Everything that defines a run (saved as `train.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The model's shape; `vocab_size` is the data's (or the compacted) vocabulary.
+    pub model: ModelConfig,
+    /// Prepared corpus directory (`kiln data prepare`).
+    pub data: PathBuf,
+    /// Sequences per micro-batch (B).
+    pub batch: usize,
+    /// Tokens per sequence (T).
+    pub seq: usize,
+    /// Micro-batches per optimizer step.
+    pub accumulation: usize,
+    /// Budgets: the run stops at the first one reached (at least one must be set).
+    pub max_steps: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub time_budget_seconds: Option<f64>,
+    pub learning_rate: f32,
+    /// The cosine decays to `learning_rate · min_lr_ratio`.
+    pub min_lr_ratio: f32,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub adam_eps: f32,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f32,
+    pub seed: u64,
+    /// Validate every N steps (0: only at the end), on at most `eval_batches` batches (0: all).
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    /// Checkpoint every N steps (0: only at the end); keep the newest `keep_last`.
+    pub checkpoint_every: u64,
+    pub keep_last: usize,
+    /// Generate a sample every N steps (0: only at the end) of `sample_tokens` tokens.
+    pub sample_every: u64,
+    pub sample_tokens: usize,
+    pub sample_prompt: String,
+    /// Train the embedding and classifier only over tokens that occur in the corpus.
+    pub compact_vocab: bool,
+    /// Stop after this many consecutive non-finite steps.
+    pub max_bad_steps: u64,
+    /// More vocabulary rows than the tokenizer has (the extra rows are never a target).
+    #[serde(default)]
+    pub vocab_size_override: Option<usize>,
+    /// Weights to start from instead of random ones (fine-tuning): anything
+    /// `kiln::rundir::import` reads.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Also write TensorBoard event files into `RUN/tensorboard/`.
+    #[serde(default)]
+    pub tensorboard: bool,
+    /// AdamW for everything, or Muon for the blocks' matrices with Adam for the rest.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Muon's settings (used with `optimizer: muon`).
+    #[serde(default)]
+    pub muon: MuonConfig,
+    /// Cosine to a floor, or constant then a linear warmdown to zero.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Warmdown length in steps; under a time budget it becomes a time, from the measured
+    /// step time (the parameter-golf baseline's rule).
+    #[serde(default = "default_warmdown")]
+    pub warmdown_steps: u64,
+    /// Keep an exponential moving average of the weights with this decay; validation,
+    /// checkpoints' `ema.safetensors` and exports use the average.
+    #[serde(default)]
+    pub ema_decay: Option<f32>,
+    /// Quantization-aware training: the forward computes with the weights as this rule
+    /// quantizes them (straight-through gradients); export with the same rule.
+    #[serde(default)]
+    pub qat: Option<PackRule>,
+    /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub poison_steps: Vec<u64>,
+}
+
+fn default_warmdown() -> u64 {
+    1200
+}
+
+/// The optimizer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Adamw,
+    /// Muon (blocks' matrices) + Adam (embeddings, classifier, gains, control tensors).
+    Muon,
+}
+
+/// The learning-rate schedule after warmup.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Cosine from the peak to `min_lr_ratio` of it over the budget.
+    #[default]
+    Cosine,
+    /// Constant, then linear to zero over the last `warmdown_steps`.
+    Warmdown,
+}
+
+/// Muon + Adam settings; the defaults are the parameter-golf baseline's.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MuonConfig {
+    pub matrix_lr: f32,
+    pub momentum: f32,
+    /// Momentum starts here and rises linearly to `momentum` over `momentum_warmup_steps`.
+    pub momentum_warmup_start: f32,
+    pub momentum_warmup_steps: u64,
+    pub ns_steps: usize,
+    /// Adam's rate for the (tied) embedding and the bigram table.
+    pub embed_lr: f32,
+    /// Adam's rate for an untied classifier.
+    pub head_lr: f32,
+    /// Adam's rate for gains and control tensors.
+    pub scalar_lr: f32,
+}
+
+impl Default for MuonConfig {
+    fn default() -> Self {
+        MuonConfig {
+            matrix_lr: 0.04,
+            momentum: 0.95,
+            momentum_warmup_start: 0.85,
+            momentum_warmup_steps: 500,
+            ns_steps: 5,
+            embed_lr: 0.05,
+            head_lr: 0.008,
+            scalar_lr: 0.04,
+        }
+    }
+}
+
+impl MuonConfig {
+    /// Momentum at 0-based `step`.
+    pub fn momentum_at(&self, step: u64) -> f32 {
+        let frac = if self.momentum_warmup_steps == 0 {
+            1.0
+        } else {
+            (step as f32 / self.momentum_warmup_steps as f32).min(1.0)
+        };
+        (1.0 - frac) * self.momentum_warmup_start + frac * self.momentum
+    }
+}
+
+impl TrainConfig {
+    /// Defaults for a model and a corpus; callers then override what they set.
+    pub fn new(model: ModelConfig, data: PathBuf) -> Self {
+        TrainConfig {
+            model,
+            data,
+            batch: 8,
+            seq: 256,
+            accumulation: 1,
+            max_steps: None,
+            max_tokens: None,
+            time_budget_seconds: None,
+            learning_rate: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            adam_eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1337,
+            eval_every: 100,
+            eval_batches: 20,
+            checkpoint_every: 100,
+            keep_last: 2,
+            sample_every: 0,
+            sample_tokens: 64,
+            sample_prompt: String::new(),
+            compact_vocab: false,
+            max_bad_steps: 5,
+            init_from: None,
+            vocab_size_override: None,
+            tensorboard: false,
+            optimizer: OptimizerKind::Adamw,
+            muon: MuonConfig::default(),
+            schedule: Schedule::Cosine,
+            warmdown_steps: default_warmdown(),
+            ema_decay: None,
+            qat: None,
+            poison_steps: Vec::new(),
+        }
+    }
+
+    pub fn tokens_per_step(&self) -> u64 {
+        (self.batch * self.seq * self.accumulation) as u64
+    }
+
+    pub(super) fn validate(&self) -> Result<()> {
+        ensure!(
+            self.batch > 0 && self.seq > 0 && self.accumulation > 0,
+            "batch, seq and accumulation must be positive"
+        );
+        ensure!(
+            self.max_steps.is_some()
+                || self.max_tokens.is_some()
+                || self.time_budget_seconds.is_some(),
+            "give a budget: --steps, --tokens or --time"
+        );
+        ensure!(
+            self.seq <= self.model.max_seq_len,
+            "--seq {} exceeds the model's max_seq_len {}",
+            self.seq,
+            self.model.max_seq_len
+        );
+        ensure!(
+            self.learning_rate > 0.0 && self.learning_rate.is_finite(),
+            "the learning rate must be positive"
+        );
+        Ok(())
+    }
+
+    /// Fraction of the budget spent after `step` steps and `elapsed` seconds (the furthest
+    /// along of the budgets set).
+    pub(super) fn progress(&self, step: u64, elapsed: f64) -> f64 {
+        let mut p: f64 = 0.0;
+        if let Some(max) = self.max_steps {
+            p = p.max(step as f64 / max as f64);
+        }
+        if let Some(max) = self.max_tokens {
+            p = p.max((step * self.tokens_per_step()) as f64 / max as f64);
+        }
+        if let Some(budget) = self.time_budget_seconds {
+            p = p.max(elapsed / budget);
+        }
+        p
+    }
+
+    /// Linear warmup over `warmup_steps`, then cosine from the peak to the floor over the rest
+    /// of the budget. `step` is 0-based (the step about to be taken).
+    pub fn learning_rate_at(&self, step: u64, progress: f64) -> f32 {
+        if step < self.warmup_steps {
+            return self.learning_rate * (step + 1) as f32 / self.warmup_steps as f32;
+        }
+        let floor = self.learning_rate * self.min_lr_ratio;
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress.clamp(0.0, 1.0)).cos()) as f32;
+        floor + (self.learning_rate - floor) * cosine
+    }
+
+    /// The schedule's multiplier of every peak rate at 0-based `step`, `elapsed` seconds in.
+    pub fn lr_multiplier(&self, step: u64, elapsed: f64) -> f32 {
+        match self.schedule {
+            Schedule::Cosine => {
+                self.learning_rate_at(step, self.progress(step, elapsed)) / self.learning_rate
+            }
+            Schedule::Warmdown => {
+                let warm = if step < self.warmup_steps {
+                    (step + 1) as f32 / self.warmup_steps as f32
+                } else {
+                    1.0
+                };
+                warm * self.warmdown(step, elapsed) as f32
+            }
+        }
+    }
+
+    /// 1 until the last `warmdown_steps` of the budget, then linearly to 0. Under a time
+    /// budget the warmdown lasts `warmdown_steps` × the mean step time so far.
+    fn warmdown(&self, step: u64, elapsed: f64) -> f64 {
+        let n = self.warmdown_steps as f64;
+        if n == 0.0 {
+            return 1.0;
+        }
+        let mut fraction: f64 = 1.0;
+        if let Some(budget) = self.time_budget_seconds {
+            let step_seconds = elapsed / step.max(1) as f64;
+            let window = n * step_seconds;
+            let remaining = (budget - elapsed).max(0.0);
+            if step > 0 && remaining <= window {
+                fraction = fraction.min(remaining / window);
+            }
+        }
+        if let Some(max) = self.max_steps {
+            let remaining = max.saturating_sub(step) as f64;
+            fraction = fraction.min((remaining / n).min(1.0));
+        }
+        fraction
+    }
+}

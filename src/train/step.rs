@@ -1,0 +1,467 @@
+//! The training loop, one step at a time: data, forward and backward over the micro-batches,
+//! the all-reduce, the optimizer step (or a skip when the loss or gradient is not finite),
+//! then the periodic work (validation, a sample, a checkpoint), the step's telemetry, and at
+//! the end the efficiency report.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use kiln_core::backend::{Backend, View};
+use kiln_core::eval::EvalResult;
+use kiln_core::model::Activations;
+use kiln_core::optim::{adamw_step, muon_adam_step, AdamW, MuonAdam};
+use kiln_formats::data::Split;
+use kiln_formats::fsutil::write_atomic;
+
+use super::{human_duration, say, OptimizerKind, TrainConfig, Trainer};
+use crate::telemetry::{
+    memory_mib, Eval, Event, PerStage, RunReport, Stage, Start, Step, StopReason,
+};
+
+fn seconds_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// The state of one `run_until` call.
+struct Progress {
+    started: Instant,
+    /// Seconds spent per stage so far in this call.
+    stages: PerStage,
+    losses: Vec<f32>,
+    consecutive_bad: u64,
+    last_val: Option<EvalResult>,
+    last_loss: f32,
+    last_step_seconds: f64,
+    steps_at_start: u64,
+}
+
+impl Progress {
+    /// Adds the time since `t` to `stage`.
+    fn charge(&mut self, stage: Stage, t: Instant) {
+        *self.stages.get_mut(stage) += seconds_since(t);
+    }
+}
+
+/// What the optimizer part of a step found.
+struct Update {
+    grad_norm: f64,
+    lr: f32,
+    finite: bool,
+}
+
+/// The run's constant rates: FLOPs per step and the matmul peak MFU is measured against.
+struct Rates {
+    flops_per_step: f64,
+    peak_gflops: f64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Trains until a budget is reached. Returns the run's report.
+    pub fn run(&mut self) -> Result<RunReport> {
+        self.run_until(None)
+    }
+
+    /// Trains until a budget is reached or, if given, until step `stop_at`, as if the process
+    /// were stopped there (the budget and schedule stay those of the whole run).
+    pub fn run_until(&mut self, stop_at: Option<u64>) -> Result<RunReport> {
+        let cfg = self.config.clone();
+        let rates = Rates {
+            flops_per_step: cfg.model.train_flops_per_token(cfg.seq) * cfg.tokens_per_step() as f64,
+            peak_gflops: crate::bench::measure_matmul_peak(&self.model.backend, 512)?,
+        };
+        self.start(&cfg, &rates)?;
+        let acts = self.model.activations(cfg.batch, cfg.seq)?;
+        let val_tokens = self.dataset.read_all(Split::Val)?;
+        let mut run = Progress {
+            started: Instant::now(),
+            stages: PerStage::default(),
+            losses: Vec::new(),
+            consecutive_bad: 0,
+            last_val: None,
+            last_loss: f32::NAN,
+            last_step_seconds: 0.0,
+            steps_at_start: self.step,
+        };
+        while !self.finished(&cfg, stop_at, self.elapsed(&run), run.last_step_seconds) {
+            let step_started = Instant::now();
+            let before = run.stages;
+            let loss = self.forward_backward(&cfg, &acts, &mut run)?;
+            let update = self.update(&cfg, loss, &mut run)?;
+            let step_seconds = seconds_since(step_started);
+            let done = self.finished(&cfg, stop_at, self.elapsed(&run), step_seconds);
+            run.last_step_seconds = step_seconds;
+            self.print_step(&cfg, &run, &update, loss, step_seconds, &rates, done);
+            let stop_for_bad_steps = !update.finite && run.consecutive_bad >= cfg.max_bad_steps;
+            if !update.finite {
+                say!(self.echo, "step {}: non-finite loss {loss} or gradient norm {}; step skipped ({} so far)", self.step, update.grad_norm, self.skipped);
+            }
+            if !stop_for_bad_steps {
+                self.periodic(&cfg, &acts, &val_tokens, done, &mut run)?;
+            }
+            self.emit_step(&cfg, &run, &update, loss, step_seconds, &rates, &before)?;
+            if stop_for_bad_steps {
+                self.telemetry.emit(Event::Stopped {
+                    step: self.step,
+                    reason: StopReason::NonFinite,
+                    consecutive: run.consecutive_bad,
+                })?;
+                bail!(
+                    "stopping: {} consecutive steps had a non-finite loss or gradient; the weights were not updated by them, and the last good checkpoint in {} is intact",
+                    run.consecutive_bad,
+                    self.run_dir.join("checkpoints").display()
+                );
+            }
+        }
+        self.report(&cfg, run, &rates)
+    }
+
+    fn elapsed(&self, run: &Progress) -> f64 {
+        self.elapsed_before + seconds_since(run.started)
+    }
+
+    /// Whether to stop: a budget is spent, the next step would overrun the time budget, or
+    /// `stop_at` is reached.
+    fn finished(&self, cfg: &TrainConfig, stop_at: Option<u64>, elapsed: f64, step_seconds: f64) -> bool {
+        cfg.progress(self.step, elapsed) >= 1.0
+            || cfg
+                .time_budget_seconds
+                .is_some_and(|b| elapsed + step_seconds > b)
+            || stop_at.is_some_and(|s| self.step >= s)
+    }
+
+    fn start(&mut self, cfg: &TrainConfig, rates: &Rates) -> Result<()> {
+        self.telemetry.emit(Event::Start(Box::new(Start {
+            step: self.step,
+            backend: self.model.backend.name(),
+            parameters: self.model.param_count(),
+            model: cfg.model.clone(),
+            train: cfg.clone(),
+            peak_gflops: rates.peak_gflops,
+            flops_per_step: rates.flops_per_step,
+            tokens_per_step: cfg.tokens_per_step(),
+            max_steps: cfg.max_steps,
+            max_tokens: cfg.max_tokens,
+            time_budget_seconds: cfg.time_budget_seconds,
+        })))?;
+        say!(
+            self.echo,
+            "training {} parameters on {} | {} tokens/step | measured matmul peak {:.1} GFLOP/s",
+            self.model.param_count(),
+            self.model.backend.name(),
+            cfg.tokens_per_step(),
+            rates.peak_gflops
+        );
+        Ok(())
+    }
+
+    /// Zeroes the gradients, runs every micro-batch forward and backward (the gradients
+    /// averaged over micro-batches and processes), and all-reduces them. Returns this
+    /// process's mean loss.
+    fn forward_backward(&mut self, cfg: &TrainConfig, acts: &Activations<B>, run: &mut Progress) -> Result<f32> {
+        self.model.zero_grad();
+        let world = self.communicator.world_size();
+        let mut loss_sum = 0f32;
+        for _ in 0..cfg.accumulation {
+            let t = Instant::now();
+            let (x, y) = self.loader.next_batch()?;
+            let (x, y) = match &self.vocab_map {
+                Some(m) => (m.to_model(&x)?, m.to_model(&y)?),
+                None => (x, y),
+            };
+            run.charge(Stage::Data, t);
+            let t = Instant::now();
+            let loss = self.model.forward(acts, &x, Some(&y))?;
+            loss_sum += loss.expect("targets were given");
+            run.charge(Stage::Forward, t);
+            let t = Instant::now();
+            let weight = 1.0 / (cfg.accumulation * world) as f32;
+            self.model.backward(acts, &x, &y, weight);
+            run.charge(Stage::Backward, t);
+        }
+        if world > 1 {
+            let t = Instant::now();
+            let grads = View::whole(&self.model.grads);
+            self.communicator.all_reduce_sum(&self.model.backend, grads)?;
+            run.charge(Stage::Backward, t);
+        }
+        Ok(loss_sum / cfg.accumulation as f32)
+    }
+
+    /// The optimizer step: clipping, AdamW or Muon + Adam, the moving average and the QAT
+    /// shadow; skipped (weights untouched) when the loss or the gradient is not finite.
+    fn update(&mut self, cfg: &TrainConfig, loss: f32, run: &mut Progress) -> Result<Update> {
+        let t = Instant::now();
+        if cfg.poison_steps.contains(&self.step) {
+            let n = self.model.param_count();
+            let grads = View::whole(&self.model.grads);
+            self.model.backend.upload(grads, &vec![f32::NAN; n])?;
+        }
+        let grad_norm = self.model.grad_norm();
+        let lr_mult = cfg.lr_multiplier(self.step, self.elapsed(run));
+        let lr = match cfg.optimizer {
+            OptimizerKind::Adamw => cfg.learning_rate * lr_mult,
+            OptimizerKind::Muon => cfg.muon.matrix_lr * lr_mult,
+        };
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        if finite {
+            let scale = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip as f64 {
+                (cfg.grad_clip as f64 / grad_norm) as f32
+            } else {
+                1.0
+            };
+            self.optimizer_step(cfg, lr, lr_mult, scale);
+            self.model.update_ema();
+            self.model.refresh_weights()?;
+            run.consecutive_bad = 0;
+        } else {
+            self.skipped += 1;
+            run.consecutive_bad += 1;
+        }
+        run.charge(Stage::Optimizer, t);
+        self.step += 1;
+        run.last_loss = loss;
+        run.losses.push(loss);
+        Ok(Update {
+            grad_norm,
+            lr,
+            finite,
+        })
+    }
+
+    fn optimizer_step(&mut self, cfg: &TrainConfig, lr: f32, lr_mult: f32, grad_scale: f32) {
+        match cfg.optimizer {
+            OptimizerKind::Adamw => {
+                let hp = AdamW {
+                    learning_rate: lr,
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    eps: cfg.adam_eps,
+                    weight_decay: cfg.weight_decay,
+                };
+                adamw_step(&mut self.model, &hp, grad_scale);
+            }
+            OptimizerKind::Muon => {
+                let m = &cfg.muon;
+                let hp = MuonAdam {
+                    matrix_lr: m.matrix_lr * lr_mult,
+                    momentum: m.momentum_at(self.step),
+                    ns_steps: m.ns_steps,
+                    weight_decay: cfg.weight_decay,
+                    embed_lr: m.embed_lr * lr_mult,
+                    head_lr: m.head_lr * lr_mult,
+                    scalar_lr: m.scalar_lr * lr_mult,
+                    beta1: cfg.beta1,
+                    beta2: cfg.beta2,
+                    eps: cfg.adam_eps,
+                };
+                muon_adam_step(&mut self.model, &hp, grad_scale);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn print_step(
+        &self,
+        cfg: &TrainConfig,
+        run: &Progress,
+        update: &Update,
+        loss: f32,
+        step_seconds: f64,
+        rates: &Rates,
+        done: bool,
+    ) {
+        if self.print_every == 0 || (self.step % self.print_every != 0 && !done) {
+            return;
+        }
+        let elapsed = self.elapsed(run);
+        let progress = cfg.progress(self.step, elapsed);
+        let eta = if progress > 0.0 {
+            elapsed * (1.0 - progress) / progress
+        } else {
+            0.0
+        };
+        say!(self.echo,
+            "step {:>6} | loss {:.4} | lr {:.2e} | norm {:.3} | {:.0} tok/s | {:.0} ms/step | {:.3} TFLOP/s | {:.0}% eta {}",
+            self.step, loss, update.lr, update.grad_norm, cfg.tokens_per_step() as f64 / step_seconds,
+            step_seconds * 1e3, rates.flops_per_step / step_seconds / 1e12, progress * 100.0, human_duration(eta)
+        );
+    }
+
+    /// Validation, a sample and a checkpoint, each when due (every N steps, and at the end).
+    fn periodic(
+        &mut self,
+        cfg: &TrainConfig,
+        acts: &Activations<B>,
+        val_tokens: &[u32],
+        done: bool,
+        run: &mut Progress,
+    ) -> Result<()> {
+        let step = self.step;
+        let due = |every: u64| done || (every > 0 && step % every == 0);
+        if due(cfg.eval_every) {
+            let t = Instant::now();
+            // The step's activations are spent: validation reuses the same arena.
+            let result = self.validate_now(acts, val_tokens)?;
+            run.charge(Stage::Eval, t);
+            self.telemetry.emit(Event::Eval(Eval {
+                step,
+                val_loss: result.loss,
+                val_bpb: result.bits_per_byte,
+                tokens: result.tokens,
+                bytes: result.bytes,
+                ms: seconds_since(t) * 1e3,
+            }))?;
+            say!(
+                self.echo,
+                "step {:>6} | val loss {:.4} | val bits/byte {:.4}",
+                step,
+                result.loss,
+                result.bits_per_byte
+            );
+            run.last_val = Some(result);
+        }
+        if due(cfg.sample_every) && cfg.sample_tokens > 0 {
+            let t = Instant::now();
+            let text = self.sample_text(cfg.seed + step)?;
+            run.charge(Stage::Eval, t);
+            self.telemetry.emit(Event::Sample { step, text })?;
+        }
+        if due(cfg.checkpoint_every) {
+            let t = Instant::now();
+            let val_here = if due(cfg.eval_every) { run.last_val } else { None };
+            let path = self.save_checkpoint(self.elapsed(run), val_here)?;
+            run.charge(Stage::Checkpoint, t);
+            self.telemetry.emit(Event::Checkpoint {
+                step,
+                path,
+                ms: seconds_since(t) * 1e3,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One telemetry line per step, with every stage this step spent time in (eval, sampling
+    /// and checkpointing only on the steps that do them).
+    #[allow(clippy::too_many_arguments)]
+    fn emit_step(
+        &mut self,
+        cfg: &TrainConfig,
+        run: &Progress,
+        update: &Update,
+        loss: f32,
+        step_seconds: f64,
+        rates: &Rates,
+        before: &PerStage,
+    ) -> Result<()> {
+        let tflops = rates.flops_per_step / step_seconds / 1e12;
+        let elapsed = self.elapsed(run);
+        let event = Event::Step(Step {
+            step: self.step,
+            loss: loss as f64,
+            lr: update.lr as f64,
+            grad_norm: update.grad_norm,
+            skipped: !update.finite,
+            skipped_total: self.skipped,
+            tokens: self.step * cfg.tokens_per_step(),
+            tokens_per_s: cfg.tokens_per_step() as f64 / step_seconds,
+            ms_per_step: step_seconds * 1e3,
+            ms: run.stages.since(before).to_ms(),
+            tflops,
+            mfu: tflops * 1e3 / rates.peak_gflops,
+            rss_mib: memory_mib().map(|m| m.0),
+            elapsed_s: elapsed,
+            progress: cfg.progress(self.step, elapsed),
+        });
+        self.telemetry.emit(event)
+    }
+
+    /// The end-of-run report: written to the telemetry and `report.json`.
+    fn report(&mut self, cfg: &TrainConfig, run: Progress, rates: &Rates) -> Result<RunReport> {
+        let wall = seconds_since(run.started);
+        let steps = self.step - run.steps_at_start;
+        let stages = run.stages;
+        let compute = stages.total() - stages.eval - stages.checkpoint;
+        let tokens = steps * cfg.tokens_per_step();
+        let tflops = if compute > 0.0 {
+            rates.flops_per_step * steps as f64 / compute / 1e12
+        } else {
+            0.0
+        };
+        let report = RunReport {
+            steps: self.step,
+            skipped_steps: self.skipped,
+            tokens: self.step * cfg.tokens_per_step(),
+            wall_seconds: wall,
+            ms_per_step: if steps > 0 {
+                compute / steps as f64 * 1e3
+            } else {
+                0.0
+            },
+            tokens_per_second: if compute > 0.0 {
+                tokens as f64 / compute
+            } else {
+                0.0
+            },
+            tflops,
+            mfu: tflops * 1e3 / rates.peak_gflops,
+            peak_gflops: rates.peak_gflops,
+            stage_seconds: stages,
+            final_loss: run.last_loss,
+            val: run.last_val,
+            peak_memory_mib: memory_mib().map(|m| m.1),
+            losses: run.losses,
+        };
+        self.telemetry.emit(Event::Report(Box::new(report.clone())))?;
+        write_atomic(
+            &self.run_dir.join("report.json"),
+            serde_json::to_string_pretty(&report)?.as_bytes(),
+        )?;
+        Ok(report)
+    }
+}
+
+/// Prints the end-of-run efficiency report.
+pub fn print_report(report: &RunReport) {
+    let stages = &report.stage_seconds;
+    let total = stages.total();
+    eprintln!();
+    eprintln!("=== efficiency report ===");
+    eprintln!(
+        "wall time        {:>10}",
+        human_duration(report.wall_seconds)
+    );
+    eprintln!(
+        "steps            {:>10} ({} skipped)",
+        report.steps, report.skipped_steps
+    );
+    eprintln!(
+        "ms/step          {:>10.1}   (training stages only)",
+        report.ms_per_step
+    );
+    eprintln!("tokens/s         {:>10.0}", report.tokens_per_second);
+    eprintln!(
+        "TFLOP/s          {:>10.4}   MFU {:.1}% of the measured {:.1} GFLOP/s matmul peak",
+        report.tflops,
+        report.mfu * 100.0,
+        report.peak_gflops
+    );
+    if let Some(mem) = report.peak_memory_mib {
+        eprintln!("peak memory      {:>10.0} MiB", mem);
+    }
+    for stage in Stage::ALL {
+        let s = stages.get(stage);
+        eprintln!(
+            "  {:<12} {:>9.1} s  {:>5.1}%",
+            stage.name(),
+            s,
+            if total > 0.0 { 100.0 * s / total } else { 0.0 }
+        );
+    }
+    eprintln!("final loss       {:>10.4}", report.final_loss);
+    if let Some(val) = report.val {
+        eprintln!(
+            "val loss         {:>10.4}   bits/byte {:.4}",
+            val.loss, val.bits_per_byte
+        );
+    }
+}
