@@ -30,8 +30,7 @@ use kiln_formats::checkpoint;
 
 use crate::backends::BackendChoice;
 use crate::runlog::RunLog;
-use crate::telemetry::{PerStage, Stage, Step, StopReason};
-use crate::train::human_duration;
+use crate::telemetry::{human_duration, PerStage, Stage, Step, StopReason};
 
 const STAGE_COLORS: [Color; 6] = [
     Color::Gray,
@@ -184,9 +183,9 @@ impl Sampler {
             .ok()
             .and_then(|mut l| l.pop())
             .map(|c| c.1);
-        if newest.is_some() && newest != self.last_checkpoint {
-            self.last_checkpoint = newest.clone();
-            let _ = self.requests.send(newest.unwrap());
+        if let Some(dir) = newest.filter(|n| Some(n) != self.last_checkpoint.as_ref()) {
+            self.last_checkpoint = Some(dir.clone());
+            let _ = self.requests.send(dir);
         }
     }
 }

@@ -16,7 +16,8 @@
 //!
 //! Modules:
 //! - [`backends`]: `--backend` resolved in one place; [`doctor`], [`machine`]: what runs here.
-//! - [`train`]: the training loop; [`rundir`]: what a run directory holds.
+//! - [`train`]: the training loop; [`run_config`]: what defines a run; [`rundir`]: what a run
+//!   directory holds.
 //! - [`telemetry`]: the typed events a run writes; [`runlog`]: reading them back, for the
 //!   [`dashboard`] and [`report`].
 //! - [`commands`]: `sample`, `eval`, `model logits` and `model info`, generic over the backend.
@@ -30,6 +31,7 @@ pub mod doctor;
 pub mod machine;
 pub mod report;
 pub mod rundir;
+pub mod run_config;
 pub mod runlog;
 pub mod telemetry;
 pub mod train;

@@ -16,7 +16,7 @@ use kiln_core::eval::EvalResult;
 use kiln_formats::tensorboard::EventWriter;
 use serde::{Deserialize, Serialize};
 
-use crate::train::TrainConfig;
+use crate::run_config::TrainConfig;
 
 /// The stages a step's time is split into.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,6 +286,16 @@ pub fn tensorboard_scalars(event: &Event) -> (u64, Vec<(&'static str, f32)>) {
         .map(|(tag, v)| (tag, v as f32))
         .collect();
     (step, scalars)
+}
+
+/// Human form of a duration: "1h02m", "3m05s", "12s".
+pub fn human_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 /// Resident and peak resident memory of this process, in MiB (Linux; `None` elsewhere).

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use kiln_reference::ReferenceBackend;
 use kiln_core::backend::Tolerance;
+use kiln_core::bytes::le_values;
 use kiln_conformance::assert_close;
 use kiln_formats::interop::{self, ExportFormat};
 use kiln_core::model::Model;
@@ -38,19 +39,13 @@ fn logits_match(model_path: &Path, expected_dir: &Path) {
     // expected.safetensors: input_ids (1, T) int64 and logits (T, V) f32 from transformers.
     let bytes = fs::read(expected_dir.join("expected.safetensors")).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let ids: Vec<u32> = tensors
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+    let ids: Vec<u32> = le_values::<i64>(tensors.tensor("input_ids").unwrap().data())
+        .into_iter()
+        .map(|id| id as u32)
         .collect();
-    let want: Vec<f64> = tensors
-        .tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+    let want: Vec<f64> = le_values::<f32>(tensors.tensor("logits").unwrap().data())
+        .into_iter()
+        .map(f64::from)
         .collect();
     let model = Model::new(ReferenceBackend, imported.config.clone()).unwrap();
     model.upload_params(&imported.weights).unwrap();
@@ -136,14 +131,8 @@ fn export_then_import_is_bit_exact() {
         (ours.len() - classifier - c.max_seq_len * c.head_dim * 4)..(ours.len() - classifier);
     assert_eq!(ours[..tables.start], theirs[..tables.start]);
     assert_eq!(ours[tables.end..], theirs[tables.end..]);
-    for (a, b) in ours[tables.clone()]
-        .chunks_exact(4)
-        .zip(theirs[tables].chunks_exact(4))
-    {
-        let (a, b) = (
-            f32::from_le_bytes(a.try_into().unwrap()),
-            f32::from_le_bytes(b.try_into().unwrap()),
-        );
+    let ours = le_values::<f32>(&ours[tables.clone()]);
+    for (a, b) in ours.into_iter().zip(le_values::<f32>(&theirs[tables])) {
         assert!((a - b).abs() <= 1e-6, "RoPE table {a} vs {b}");
     }
     fs::remove_dir_all(dir).unwrap();

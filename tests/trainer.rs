@@ -271,12 +271,11 @@ fn token_byte_counts_sum_to_the_validation_text() {
     assert_byte_counts_sum_to_text_length(&corpus(&dir));
     // Llama 2's SentencePiece vocabulary: leading spaces, byte fallback for newlines, tabs,
     // and characters outside the vocabulary, and a dummy prefix after each document's BOS.
-    let llama2 =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama2/tokenizer.bin");
-    if !llama2.exists() {
-        eprintln!("skipped the Llama 2 half: {} not present", llama2.display());
+    let start = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let Some(llama2) = kiln_conformance::shared_file(start, "tokenizers/llama2/tokenizer.bin")
+    else {
         return;
-    }
+    };
     let input = dir.join("llama-text");
     fs::create_dir_all(&input).unwrap();
     let text = "Once upon a time,\n\tthere was a ünïcödé 🦙 named Ǆ.\n  Two  spaces.\n".repeat(40);

@@ -3,13 +3,12 @@
 //! bits per byte), samples and checkpoints, non-finite step skipping, exact resume, and
 //! telemetry with an end-of-run efficiency report.
 //!
-//! - `config.rs`: what defines a run (`train.json`) and its schedule;
+//! - `crate::run_config`: what defines a run (`train.json`) and its schedule;
 //! - this file: a run's assembly (create, resume, checkpoints, validation, samples);
 //! - `step.rs`: the loop, one step at a time, and the report.
 //!
 //! A run directory's layout is `crate::rundir`'s.
 
-mod config;
 mod step;
 
 use std::path::{Path, PathBuf};
@@ -27,8 +26,9 @@ use kiln_formats::interop;
 use kiln_formats::tokenizer::Tokenizer;
 
 pub use crate::telemetry::RunReport;
+pub use crate::telemetry::human_duration;
 use crate::telemetry::{Event, Telemetry};
-pub use config::{MuonConfig, OptimizerKind, Schedule, TrainConfig};
+pub use crate::run_config::{MuonConfig, OptimizerKind, Schedule, TrainConfig};
 pub use step::print_report;
 
 /// `eprintln!` unless the terminal belongs to someone else (a dashboard).
@@ -41,15 +41,6 @@ macro_rules! say {
 }
 use say;
 
-/// Human form of a duration: "1h02m", "3m05s", "12s".
-pub fn human_duration(seconds: f64) -> String {
-    let s = seconds.max(0.0).round() as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
 
 /// A run being trained: model, data, run directory, telemetry.
 pub struct Trainer<B: Backend> {

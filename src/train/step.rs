@@ -270,7 +270,7 @@ impl<B: Backend> Trainer<B> {
         rates: &Rates,
         done: bool,
     ) {
-        if self.print_every == 0 || (self.step % self.print_every != 0 && !done) {
+        if self.print_every == 0 || (!self.step.is_multiple_of(self.print_every) && !done) {
             return;
         }
         let elapsed = self.elapsed(run);
@@ -297,7 +297,7 @@ impl<B: Backend> Trainer<B> {
         run: &mut Progress,
     ) -> Result<()> {
         let step = self.step;
-        let due = |every: u64| done || (every > 0 && step % every == 0);
+        let due = |every: u64| done || (every > 0 && step.is_multiple_of(every));
         if due(cfg.eval_every) {
             let t = Instant::now();
             // The step's activations are spent: validation reuses the same arena.

@@ -9,7 +9,7 @@
 
 use kiln_core::backend::{
     Accumulate, AdamWStep, AttentionShape, Backend, DecodeShape, Kernel, MatmulShape,
-    MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, View,
+    MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint, View,
 };
 use kiln_core::config::ModelConfig;
 use kiln_reference::{
@@ -200,6 +200,39 @@ impl Case {
     fn ids(mut self, ids: Vec<u32>) -> Self {
         self.ids = ids;
         self
+    }
+
+    /// The shape facts a backend sees in [`Backend::supports`] for this case.
+    pub fn hint(&self) -> ShapeHint {
+        let first = self.buffers.first().map_or(0, |b| b.len);
+        match self.op {
+            Op::MatmulForward(s) | Op::MatmulBackward(s, _) => ShapeHint {
+                rows: s.rows,
+                cols: s.in_dim,
+                ..Default::default()
+            },
+            Op::AttentionForward(s) | Op::AttentionBackward(s) => ShapeHint {
+                rows: s.batch * s.seq,
+                head_dim: s.head_dim,
+                seq_len: s.seq,
+                ..Default::default()
+            },
+            Op::AttentionDecode(s) => ShapeHint {
+                rows: s.batch,
+                head_dim: s.head_dim,
+                seq_len: s.len,
+                ..Default::default()
+            },
+            Op::Muon(s, _) => ShapeHint {
+                rows: s.rows,
+                cols: s.cols,
+                ..Default::default()
+            },
+            _ => ShapeHint {
+                rows: first,
+                ..Default::default()
+            },
+        }
     }
 
     /// Each buffer's length on `backend` (a saved-state buffer's is the backend's to say).

@@ -148,15 +148,33 @@ pub fn check_case<B: Backend>(backend: &B, case: &Case, seed: u64) -> Result<()>
     Ok(())
 }
 
+/// What [`check_kernels`] ran.
+#[derive(Debug)]
+pub struct KernelReport {
+    /// Cases run and matched.
+    pub passed: usize,
+    /// Cases the backend declined through `supports`, with its reason (a fast backend hands
+    /// those shapes to a slower path; its own tests say which it may decline).
+    pub declined: Vec<(String, String)>,
+}
+
 /// Every case of the table at the conformance sizes ([`Dims::conformance`]): each trait
 /// method, forward and backward, with its accumulation modes, against the reference kernels
-/// in f64. Returns how many cases ran.
-pub fn check_kernels<B: Backend>(backend: &B) -> Result<usize> {
-    let table = cases(&Dims::conformance());
-    for (i, case) in table.iter().enumerate() {
+/// in f64. A case the backend declines through `supports` is reported, not run.
+pub fn check_kernels<B: Backend>(backend: &B) -> Result<KernelReport> {
+    let mut report = KernelReport {
+        passed: 0,
+        declined: Vec::new(),
+    };
+    for (i, case) in cases(&Dims::conformance()).iter().enumerate() {
+        if let Err(why) = backend.supports(case.kernel, case.hint()) {
+            report.declined.push((case.name.clone(), why));
+            continue;
+        }
         check_case(backend, case, 7 + i as u64)?;
+        report.passed += 1;
     }
-    Ok(table.len())
+    Ok(report)
 }
 
 /// The memory methods: zero-filled allocation, upload and download of f32 and bf16 (rounded
@@ -412,4 +430,32 @@ pub fn check_training_smoke<B: Backend>(backend: B, preset: &str) -> Result<Vec<
         "{preset}: loss did not fall enough in 20 steps: {first:.3} -> {last_mean:.3} (losses {losses:?})"
     );
     Ok(losses)
+}
+
+/// A file of the project's `shared/` directory (beside the checkout; `KILN_SHARED_DIR`
+/// overrides), found by walking up from `start`. A test that needs one must not pass silently
+/// without it: this panics with what is missing and how to provide it, unless
+/// `KILN_ALLOW_MISSING_SHARED=1` says to skip, in which case it returns `None` and the caller
+/// prints that it skipped.
+pub fn shared_file(start: &Path, relative: &str) -> Option<std::path::PathBuf> {
+    let candidates: Vec<std::path::PathBuf> = match std::env::var_os("KILN_SHARED_DIR") {
+        Some(dir) => vec![std::path::PathBuf::from(dir).join(relative)],
+        None => start
+            .ancestors()
+            .map(|dir| dir.join("shared").join(relative))
+            .collect(),
+    };
+    if let Some(found) = candidates.iter().find(|p| p.exists()) {
+        return Some(found.clone());
+    }
+    if std::env::var_os("KILN_ALLOW_MISSING_SHARED").is_some_and(|v| v == "1") {
+        eprintln!("skipped: shared/{relative} not found (KILN_ALLOW_MISSING_SHARED=1)");
+        return None;
+    }
+    panic!(
+        "this test needs shared/{relative}, the project's shared directory beside the checkout \
+         (looked in every parent of {}); set KILN_SHARED_DIR to the directory that holds it, or \
+         KILN_ALLOW_MISSING_SHARED=1 to skip this test knowingly",
+        start.display()
+    );
 }

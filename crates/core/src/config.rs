@@ -301,14 +301,14 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!(
                 "n_heads ({}) must be a multiple of n_kv_heads ({}) for grouped-query attention",
                 self.n_heads,
                 self.n_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!(
                 "head_dim ({}) must be even: RoPE rotates pairs",
                 self.head_dim

@@ -157,51 +157,60 @@ pub fn skip_count(config: &ModelConfig) -> usize {
     encoders.min(config.n_layers - encoders)
 }
 
-impl ParamLayout {
-    pub fn new(config: &ModelConfig) -> Self {
-        let (c, d, f, v) = (
-            config.dim,
-            config.head_dim,
-            config.hidden_dim,
-            config.vocab_size,
-        );
+/// Appends parameter specs in arena order, each with its initial values.
+struct SpecBuilder<'c> {
+    config: &'c ModelConfig,
+    cursor: Cursor,
+    specs: Vec<ParamSpec>,
+}
+
+impl SpecBuilder<'_> {
+    /// How a tensor of `kind` starts: llama2.c / GPT-2's N(0, 0.02) for matrices; residual-
+    /// output matrices N(0, 0.02/√(2L)) (or zero in the golf block); the golf block's
+    /// embedding std; gains 1; the control tensors' own values.
+    fn init(&self, kind: ParamKind) -> Init {
+        let arch = &self.config.arch;
+        match kind {
+            ParamKind::Embedding => Init::Normal(arch.embed_init_std.unwrap_or(0.02) as f32),
+            ParamKind::Classifier => Init::Normal(0.02),
+            ParamKind::BlockMatrix { output: false, .. } => Init::Normal(0.02),
+            ParamKind::BlockMatrix { output: true, .. } if arch.zero_init_out => Init::Normal(0.0),
+            ParamKind::BlockMatrix { output: true, .. } => {
+                Init::Normal(0.02 / (2.0 * self.config.n_layers as f32).sqrt())
+            }
+            ParamKind::NormGain => Init::Rows(vec![1.0]),
+            ParamKind::Control(Control::QGain) => {
+                Init::Rows(vec![arch.q_gain.unwrap_or(1.0) as f32])
+            }
+            ParamKind::Control(Control::ResidMix) => Init::Rows(vec![1.0, 0.0]),
+            ParamKind::Control(Control::ValueMix) => Init::Rows(vec![0.5, 0.5]),
+            ParamKind::Control(Control::BranchScale | Control::SkipWeights) => {
+                Init::Rows(vec![1.0])
+            }
+        }
+    }
+
+    fn add(&mut self, name: String, shape: Vec<usize>, kind: ParamKind, layer: Option<usize>) -> Region {
+        let region = self.cursor.take(shape.iter().product());
+        let init = self.init(kind);
+        self.specs.push(ParamSpec {
+            name,
+            shape,
+            region,
+            kind,
+            layer,
+            init,
+        });
+        region
+    }
+
+    /// Block `l`'s tensors, in Hugging Face's order.
+    fn block(&mut self, l: usize) -> LayerParams {
+        let config = self.config;
         let arch = &config.arch;
+        let (c, d, f) = (config.dim, config.head_dim, config.hidden_dim);
         let (q, kv) = (config.q_dim(), config.kv_dim());
-        let mut cursor = Cursor::default();
-        let mut specs = Vec::new();
-        let residual_std = if arch.zero_init_out {
-            0.0
-        } else {
-            0.02 / (2.0 * config.n_layers as f32).sqrt()
-        };
-        let mut add = |name: String, shape: Vec<usize>, kind: ParamKind, layer: Option<usize>| {
-            let region = cursor.take(shape.iter().product());
-            let init = match kind {
-                ParamKind::Embedding => Init::Normal(arch.embed_init_std.unwrap_or(0.02) as f32),
-                ParamKind::Classifier => Init::Normal(0.02),
-                ParamKind::BlockMatrix { output: false, .. } => Init::Normal(0.02),
-                ParamKind::BlockMatrix { output: true, .. } => Init::Normal(residual_std),
-                ParamKind::NormGain => Init::Rows(vec![1.0]),
-                ParamKind::Control(Control::QGain) => {
-                    Init::Rows(vec![arch.q_gain.unwrap_or(1.0) as f32])
-                }
-                ParamKind::Control(Control::ResidMix) => Init::Rows(vec![1.0, 0.0]),
-                ParamKind::Control(Control::ValueMix) => Init::Rows(vec![0.5, 0.5]),
-                ParamKind::Control(Control::BranchScale | Control::SkipWeights) => {
-                    Init::Rows(vec![1.0])
-                }
-            };
-            specs.push(ParamSpec {
-                name,
-                shape,
-                region,
-                kind,
-                layer,
-                init,
-            });
-            region
-        };
-        use ParamKind::{Classifier, Embedding, NormGain};
+        let norms = arch.norm_weights;
         let attention = |output| ParamKind::BlockMatrix {
             branch: Branch::Attention,
             output,
@@ -210,94 +219,107 @@ impl ParamLayout {
             branch: Branch::Mlp,
             output,
         };
-        let control = ParamKind::Control;
-        let norms = arch.norm_weights;
-        let embedding = add("model.embed_tokens.weight".into(), vec![v, c], Embedding, None);
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        let name = |s: &str| format!("model.layers.{l}.{s}");
+        let (gain, control, at) = (ParamKind::NormGain, ParamKind::Control, Some(l));
+        let attn_norm = norms.then(|| self.add(p("input_layernorm"), vec![c], gain, at));
+        let wq = self.add(p("self_attn.q_proj"), vec![q, c], attention(false), at);
+        let wk = self.add(p("self_attn.k_proj"), vec![kv, c], attention(false), at);
+        let wv = self.add(p("self_attn.v_proj"), vec![kv, c], attention(false), at);
+        let wo = self.add(p("self_attn.o_proj"), vec![c, q], attention(true), at);
+        let (q_norm, k_norm) = if config.qk_norm && norms {
+            (
+                Some(self.add(p("self_attn.q_norm"), vec![d], gain, at)),
+                Some(self.add(p("self_attn.k_norm"), vec![d], gain, at)),
+            )
+        } else {
+            (None, None)
+        };
+        let q_gain = arch.q_gain.map(|_| {
+            let shape = vec![config.n_heads];
+            self.add(name("self_attn.q_gain"), shape, control(Control::QGain), at)
+        });
+        let v_mix = (arch.value_residual && l > 0)
+            .then(|| self.add(name("self_attn.v_mix"), vec![2], control(Control::ValueMix), at));
+        let scale = control(Control::BranchScale);
+        let attn_scale = arch
+            .branch_scales
+            .then(|| self.add(name("attn_scale"), vec![c], scale, at));
+        let ffn_norm = norms.then(|| self.add(p("post_attention_layernorm"), vec![c], gain, at));
+        let w_gate = (arch.mlp == Mlp::Swiglu)
+            .then(|| self.add(p("mlp.gate_proj"), vec![f, c], mlp(false), at));
+        let w_up = self.add(p("mlp.up_proj"), vec![f, c], mlp(false), at);
+        let w_down = self.add(p("mlp.down_proj"), vec![c, f], mlp(true), at);
+        let mlp_scale = arch
+            .branch_scales
+            .then(|| self.add(name("mlp_scale"), vec![c], scale, at));
+        let resid_mix = arch
+            .resid_mix
+            .then(|| self.add(name("resid_mix"), vec![2, c], control(Control::ResidMix), at));
+        LayerParams {
+            attn_norm,
+            wq,
+            wk,
+            wv,
+            wo,
+            q_norm,
+            k_norm,
+            q_gain,
+            v_mix,
+            attn_scale,
+            ffn_norm,
+            w_gate,
+            w_up,
+            w_down,
+            mlp_scale,
+            resid_mix,
+        }
+    }
+}
+
+impl ParamLayout {
+    /// Every parameter of `config`'s model, in the order of Hugging Face's checkpoints:
+    /// embeddings, the blocks, the skip weights, the final norm, an untied classifier.
+    pub fn new(config: &ModelConfig) -> Self {
+        let (c, v) = (config.dim, config.vocab_size);
+        let arch = &config.arch;
+        let mut b = SpecBuilder {
+            config,
+            cursor: Cursor::default(),
+            specs: Vec::new(),
+        };
+        use ParamKind::{Classifier, Embedding, NormGain};
+        let embedding = b.add("model.embed_tokens.weight".into(), vec![v, c], Embedding, None);
         let bigram = (arch.bigram_buckets > 0).then(|| {
             let shape = vec![arch.bigram_buckets, c];
-            add("model.bigram_embed.weight".into(), shape, Embedding, None)
+            b.add("model.bigram_embed.weight".into(), shape, Embedding, None)
         });
-        let mut layers = Vec::with_capacity(config.n_layers);
-        for l in 0..config.n_layers {
-            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
-            let name = |s: &str| format!("model.layers.{l}.{s}");
-            let at = Some(l);
-            let attn_norm = norms.then(|| add(p("input_layernorm"), vec![c], NormGain, at));
-            let wq = add(p("self_attn.q_proj"), vec![q, c], attention(false), at);
-            let wk = add(p("self_attn.k_proj"), vec![kv, c], attention(false), at);
-            let wv = add(p("self_attn.v_proj"), vec![kv, c], attention(false), at);
-            let wo = add(p("self_attn.o_proj"), vec![c, q], attention(true), at);
-            let (q_norm, k_norm) = if config.qk_norm && norms {
-                (
-                    Some(add(p("self_attn.q_norm"), vec![d], NormGain, at)),
-                    Some(add(p("self_attn.k_norm"), vec![d], NormGain, at)),
-                )
-            } else {
-                (None, None)
-            };
-            let q_gain = arch.q_gain.map(|_| {
-                let shape = vec![config.n_heads];
-                add(name("self_attn.q_gain"), shape, control(Control::QGain), at)
-            });
-            let v_mix = (arch.value_residual && l > 0).then(|| {
-                add(name("self_attn.v_mix"), vec![2], control(Control::ValueMix), at)
-            });
-            let branch_scale = control(Control::BranchScale);
-            let attn_scale = arch
-                .branch_scales
-                .then(|| add(name("attn_scale"), vec![c], branch_scale, at));
-            let ffn_norm =
-                norms.then(|| add(p("post_attention_layernorm"), vec![c], NormGain, at));
-            let w_gate = (arch.mlp == Mlp::Swiglu)
-                .then(|| add(p("mlp.gate_proj"), vec![f, c], mlp(false), at));
-            let w_up = add(p("mlp.up_proj"), vec![f, c], mlp(false), at);
-            let w_down = add(p("mlp.down_proj"), vec![c, f], mlp(true), at);
-            let mlp_scale = arch
-                .branch_scales
-                .then(|| add(name("mlp_scale"), vec![c], branch_scale, at));
-            let resid_mix = arch
-                .resid_mix
-                .then(|| add(name("resid_mix"), vec![2, c], control(Control::ResidMix), at));
-            layers.push(LayerParams {
-                attn_norm,
-                wq,
-                wk,
-                wv,
-                wo,
-                q_norm,
-                k_norm,
-                q_gain,
-                v_mix,
-                attn_scale,
-                ffn_norm,
-                w_gate,
-                w_up,
-                w_down,
-                mlp_scale,
-                resid_mix,
-            });
-        }
+        let layers = (0..config.n_layers).map(|l| b.block(l)).collect();
         let skip_weights = arch.unet_skips.then(|| {
             let shape = vec![skip_count(config), c];
-            add("model.skip_weights".into(), shape, control(Control::SkipWeights), None)
+            let kind = ParamKind::Control(Control::SkipWeights);
+            b.add("model.skip_weights".into(), shape, kind, None)
         });
-        let final_norm = norms.then(|| add("model.norm.weight".into(), vec![c], NormGain, None));
+        let final_norm = arch
+            .norm_weights
+            .then(|| b.add("model.norm.weight".into(), vec![c], NormGain, None));
         let classifier = if config.tie_embeddings {
             embedding
         } else {
-            add("lm_head.weight".into(), vec![v, c], Classifier, None)
+            b.add("lm_head.weight".into(), vec![v, c], Classifier, None)
         };
         ParamLayout {
-            specs,
+            specs: b.specs,
             embedding,
             bigram,
             layers,
             skip_weights,
             final_norm,
             classifier,
-            total: cursor.next,
+            total: b.cursor.next,
         }
     }
+
     /// Values in the arena (a tied embedding counted once).
     pub fn total_len(&self) -> usize {
         self.total

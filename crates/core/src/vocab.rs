@@ -73,6 +73,20 @@ impl VocabMap {
     }
 }
 
+/// What the core needs of a tokenizer: the text of ids, the bytes each token stands for (bits
+/// per byte), and the boundary token. The formats crate's `Tokenizer` implements it; the core
+/// never reads a tokenizer file.
+pub trait TokenText {
+    /// The UTF-8 text of `ids` (full-vocabulary ids), invalid sequences replaced by U+FFFD.
+    fn decode(&self, ids: &[u32]) -> String;
+    /// Bytes of text that `token` stands for when it follows `prev`: its own piece, a
+    /// SentencePiece leading space counted unless it is the dummy prefix after a boundary
+    /// token, a byte-fallback token one byte, a control token none.
+    fn token_bytes(&self, token: u32, prev: Option<u32>) -> usize;
+    /// The beginning-of-sequence token, if the vocabulary has one.
+    fn bos(&self) -> Option<u32>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,18 +102,4 @@ mod tests {
         assert!(e.contains("token 7"), "{e}");
         assert_eq!(VocabMap::from_full_ids(10, map.full_ids().to_vec()), map);
     }
-}
-
-/// What the core needs of a tokenizer: the text of ids, the bytes each token stands for (bits
-/// per byte), and the boundary token. The formats crate's `Tokenizer` implements it; the core
-/// never reads a tokenizer file.
-pub trait TokenText {
-    /// The UTF-8 text of `ids` (full-vocabulary ids), invalid sequences replaced by U+FFFD.
-    fn decode(&self, ids: &[u32]) -> String;
-    /// Bytes of text that `token` stands for when it follows `prev`: its own piece, a
-    /// SentencePiece leading space counted unless it is the dummy prefix after a boundary
-    /// token, a byte-fallback token one byte, a control token none.
-    fn token_bytes(&self, token: u32, prev: Option<u32>) -> usize;
-    /// The beginning-of-sequence token, if the vocabulary has one.
-    fn bos(&self) -> Option<u32>;
 }

@@ -115,8 +115,11 @@ fn write_tensors<B: Backend>(
         .with_context(|| format!("cannot flush {}", path.display()))
 }
 
+/// Tensors by name: each one's shape and values.
+pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Reads every f32 tensor of a safetensors file into a map.
-pub fn read_f32_tensors(path: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_f32_tensors(path: &Path) -> Result<Tensors> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let tensors = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;

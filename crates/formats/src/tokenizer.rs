@@ -491,12 +491,8 @@ mod tests {
     use super::*;
 
     fn llama2() -> Option<Tokenizer> {
-        let path =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tokenizers/llama2/tokenizer.bin");
-        if !path.exists() {
-            eprintln!("skipped: {} not present", path.display());
-            return None;
-        }
+        let start = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let path = kiln_conformance::shared_file(start, "tokenizers/llama2/tokenizer.bin")?;
         Some(Tokenizer::load(&path).unwrap())
     }
 

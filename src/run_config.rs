@@ -1,5 +1,5 @@
 //! What defines a run (`train.json`): the model, the data, budgets, the optimizer and its
-//! schedule.
+//! schedule. The trainer reads it, and the telemetry's `start` event carries it.
 
 use std::path::PathBuf;
 
@@ -204,7 +204,7 @@ impl TrainConfig {
         (self.batch * self.seq * self.accumulation) as u64
     }
 
-    pub(super) fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         ensure!(
             self.batch > 0 && self.seq > 0 && self.accumulation > 0,
             "batch, seq and accumulation must be positive"
@@ -230,7 +230,7 @@ impl TrainConfig {
 
     /// Fraction of the budget spent after `step` steps and `elapsed` seconds (the furthest
     /// along of the budgets set).
-    pub(super) fn progress(&self, step: u64, elapsed: f64) -> f64 {
+    pub fn progress(&self, step: u64, elapsed: f64) -> f64 {
         let mut p: f64 = 0.0;
         if let Some(max) = self.max_steps {
             p = p.max(step as f64 / max as f64);

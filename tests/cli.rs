@@ -1,0 +1,76 @@
+//! The command line's backend switch end to end: `--backend` and `KILN_BACKEND` reach the
+//! commands that compute, a backend that is not in this build is refused with the reason,
+//! and `kiln doctor` reports the machine and the backends.
+
+use std::path::Path;
+use std::process::Command;
+
+fn kiln(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("KILN_BACKEND")
+        .env("RUST_BACKTRACE", "0");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn logits_args(backend: &str) -> Vec<String> {
+    let model = Path::new("tests/fixtures/hf/llama").display().to_string();
+    ["--backend", backend, "model", "logits", "--model", &model, "--tokens", "1,2,3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+#[test]
+fn the_reference_backend_and_auto_give_the_same_logits() {
+    let args = logits_args("reference");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, reference, err) = kiln(&args, &[]);
+    assert!(ok, "{err}");
+    let logits: Vec<f32> = serde_json::from_str(&reference).unwrap();
+    assert!(!logits.is_empty());
+    let (ok, auto, err) = kiln(&args[2..], &[("KILN_BACKEND", "auto")]);
+    assert!(ok, "{err}");
+    assert_eq!(auto, reference);
+}
+
+#[test]
+fn a_backend_not_in_this_build_is_refused_with_the_reason() {
+    for backend in ["cuda", "cpu"] {
+        let args = logits_args(backend);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = kiln(&args, &[]);
+        assert!(!ok);
+        assert!(
+            err.contains(&format!("backend '{backend}' is not usable")) && err.contains("not compiled"),
+            "{err}"
+        );
+        // The environment variable is the same switch.
+        let (ok, _, err) = kiln(&args[2..], &[("KILN_BACKEND", backend)]);
+        assert!(!ok && err.contains(&format!("backend '{backend}'")), "{err}");
+    }
+    let (ok, _, err) = kiln(&["--backend", "tpu", "doctor"], &[]);
+    assert!(!ok && err.contains("possible values"), "{err}");
+}
+
+#[test]
+fn doctor_reports_the_machine_and_the_backends() {
+    let (ok, out, err) = kiln(&["doctor"], &[]);
+    assert!(ok, "{err}");
+    for needle in ["machine", "cpu ", "avx2 + fma", "amx-bf16", "memory", "backends", "reference  usable", "auto       picks"] {
+        assert!(out.contains(needle), "no '{needle}' in:\n{out}");
+    }
+    // The tier cap shows, whatever this CPU is.
+    let (ok, out, _) = kiln(&["doctor"], &[("KILN_ISA", "nonsense")]);
+    assert!(ok && out.contains("KILN_ISA=nonsense is not a tier"), "{out}");
+}
