@@ -18,6 +18,8 @@ use kiln_formats::data::{Dataset, Split};
 use kiln_formats::interop;
 use kiln_formats::tokenizer::Tokenizer;
 
+use crate::run_config::TrainConfig;
+
 /// Where a trained model comes from.
 #[derive(Clone, Debug, Default)]
 pub struct Source {
@@ -173,16 +175,13 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
     ensure!(!scored.is_empty(), "give --run, --model or --artifact");
     let data_dir = match &options.data {
         Some(d) => d.clone(),
-        None => PathBuf::from(
-            scored
-                .iter()
-                .find_map(|(_, l)| {
-                    l.manifest
-                        .as_ref()
-                        .and_then(|m| m.train["data"].as_str().map(String::from))
-                })
-                .context("the model does not name its data directory; pass --data")?,
-        ),
+        None => scored
+            .iter()
+            .find_map(|(_, l)| {
+                let train = l.manifest.as_ref()?.train.clone();
+                serde_json::from_value::<TrainConfig>(train).ok().map(|t| t.data)
+            })
+            .context("the model does not name its data directory; pass --data")?,
     };
     let dataset = Dataset::open(&data_dir)?;
     let tokens = dataset.read_all(Split::Val)?;
