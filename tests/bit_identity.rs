@@ -11,6 +11,8 @@
 //! Regenerate (only when a change of numerics is intended, and say so in the commit) with
 //! `KILN_WRITE_GOLDEN=1 cargo test --test bit_identity`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -19,16 +21,12 @@ use sha2::{Digest, Sha256};
 
 use kiln_reference::ReferenceBackend;
 use kiln_core::config::ModelConfig;
-use kiln_formats::data::{prepare, TokenizerSpec};
 use kiln_core::quant::PackRule;
 use kiln_core::quant::Scheme;
 use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-bits-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("bits", name)
 }
 
 /// A small corpus of pseudo-random words, prepared with a 320-token BPE.
@@ -36,21 +34,7 @@ fn corpus(dir: &Path) -> PathBuf {
     let words = [
         "the", "king", "queen", "speaks", "to", "a", "fool", "in", "winter", "and", "sings",
     ];
-    let mut state = 11u64;
-    let mut text = String::new();
-    for i in 0..4000 {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        text.push_str(words[(state >> 33) as usize % words.len()]);
-        text.push(if i % 9 == 8 { '\n' } else { ' ' });
-    }
-    let input = dir.join("text");
-    fs::create_dir_all(&input).unwrap();
-    fs::write(input.join("a.txt"), &text).unwrap();
-    let out = dir.join("data");
-    prepare(&[input], &out, TokenizerSpec::TrainBpe(320), 0.1).unwrap();
-    out
+    common::word_corpus(dir, &words, 11, 4000)
 }
 
 fn base(preset: &str, data: PathBuf, steps: u64) -> TrainConfig {

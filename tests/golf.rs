@@ -2,6 +2,8 @@
 //! PyTorch, quantization-aware training through export and reload, the moving average,
 //! sliding-window evaluation, and the schedule.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -10,17 +12,14 @@ use kiln_reference::ReferenceBackend;
 use kiln_core::backend::MuonStep;
 use kiln_core::config::ModelConfig;
 use kiln_conformance::assert_close;
-use kiln_formats::data::{prepare, Dataset, Split, TokenizerSpec};
+use kiln_formats::data::{Dataset, Split};
 use kiln_core::model::Model;
 use kiln_formats::packed::{self, PackRule};
 use kiln_core::quant::Scheme;
 use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-golf-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
+    common::temp_dir("golf", name)
 }
 
 /// A small corpus of repetitive text, prepared with a 320-token BPE.
@@ -28,21 +27,7 @@ fn corpus(dir: &Path) -> PathBuf {
     let words = [
         "the", "king", "speaks", "to", "a", "fool", "in", "winter", "and", "sings",
     ];
-    let mut state = 5u64;
-    let mut text = String::new();
-    for i in 0..3000 {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        text.push_str(words[(state >> 33) as usize % words.len()]);
-        text.push(if i % 9 == 8 { '\n' } else { ' ' });
-    }
-    let input = dir.join("text");
-    fs::create_dir_all(&input).unwrap();
-    fs::write(input.join("a.txt"), &text).unwrap();
-    let out = dir.join("data");
-    prepare(&[input], &out, TokenizerSpec::TrainBpe(320), 0.1).unwrap();
-    out
+    common::word_corpus(dir, &words, 5, 3000)
 }
 
 /// tiny-golf (every golf option) trained with Muon and the warmdown schedule.

@@ -42,11 +42,13 @@ impl Progress {
     }
 }
 
-/// What the optimizer part of a step found.
+/// What a step did: its loss, what the optimizer part found, and how long it took.
 struct Update {
+    loss: f32,
     grad_norm: f64,
     lr: f32,
     finite: bool,
+    seconds: f64,
 }
 
 /// The run's constant rates: FLOPs per step and the matmul peak MFU is measured against.
@@ -86,11 +88,11 @@ impl<B: Backend> Trainer<B> {
             let step_started = Instant::now();
             let before = run.stages;
             let loss = self.forward_backward(&cfg, &acts, &mut run)?;
-            let update = self.update(&cfg, loss, &mut run)?;
-            let step_seconds = seconds_since(step_started);
-            let done = self.finished(&cfg, stop_at, self.elapsed(&run), step_seconds);
-            run.last_step_seconds = step_seconds;
-            self.print_step(&cfg, &run, &update, loss, step_seconds, &rates, done);
+            let mut update = self.update(&cfg, loss, &mut run)?;
+            update.seconds = seconds_since(step_started);
+            let done = self.finished(&cfg, stop_at, self.elapsed(&run), update.seconds);
+            run.last_step_seconds = update.seconds;
+            self.print_step(&cfg, &run, &update, &rates, done);
             let stop_for_bad_steps = !update.finite && run.consecutive_bad >= cfg.max_bad_steps;
             if !update.finite {
                 say!(self.echo, "step {}: non-finite loss {loss} or gradient norm {}; step skipped ({} so far)", self.step, update.grad_norm, self.skipped);
@@ -98,7 +100,7 @@ impl<B: Backend> Trainer<B> {
             if !stop_for_bad_steps {
                 self.periodic(&cfg, &acts, &val_tokens, done, &mut run)?;
             }
-            self.emit_step(&cfg, &run, &update, loss, step_seconds, &rates, &before)?;
+            self.emit_step(&cfg, &run, &update, &rates, &before)?;
             if stop_for_bad_steps {
                 self.telemetry.emit(Event::Stopped {
                     step: self.step,
@@ -222,9 +224,11 @@ impl<B: Backend> Trainer<B> {
         run.last_loss = loss;
         run.losses.push(loss);
         Ok(Update {
+            loss,
             grad_norm,
             lr,
             finite,
+            seconds: 0.0,
         })
     }
 
@@ -259,17 +263,7 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn print_step(
-        &self,
-        cfg: &TrainConfig,
-        run: &Progress,
-        update: &Update,
-        loss: f32,
-        step_seconds: f64,
-        rates: &Rates,
-        done: bool,
-    ) {
+    fn print_step(&self, cfg: &TrainConfig, run: &Progress, update: &Update, rates: &Rates, done: bool) {
         if self.print_every == 0 || (!self.step.is_multiple_of(self.print_every) && !done) {
             return;
         }
@@ -282,8 +276,8 @@ impl<B: Backend> Trainer<B> {
         };
         say!(self.echo,
             "step {:>6} | loss {:.4} | lr {:.2e} | norm {:.3} | {:.0} tok/s | {:.0} ms/step | {:.3} TFLOP/s | {:.0}% eta {}",
-            self.step, loss, update.lr, update.grad_norm, cfg.tokens_per_step() as f64 / step_seconds,
-            step_seconds * 1e3, rates.flops_per_step / step_seconds / 1e12, progress * 100.0, human_duration(eta)
+            self.step, update.loss, update.lr, update.grad_norm, cfg.tokens_per_step() as f64 / update.seconds,
+            update.seconds * 1e3, rates.flops_per_step / update.seconds / 1e12, progress * 100.0, human_duration(eta)
         );
     }
 
@@ -342,22 +336,20 @@ impl<B: Backend> Trainer<B> {
 
     /// One telemetry line per step, with every stage this step spent time in (eval, sampling
     /// and checkpointing only on the steps that do them).
-    #[allow(clippy::too_many_arguments)]
     fn emit_step(
         &mut self,
         cfg: &TrainConfig,
         run: &Progress,
         update: &Update,
-        loss: f32,
-        step_seconds: f64,
         rates: &Rates,
         before: &PerStage,
     ) -> Result<()> {
+        let step_seconds = update.seconds;
         let tflops = rates.flops_per_step / step_seconds / 1e12;
         let elapsed = self.elapsed(run);
         let event = Event::Step(Step {
             step: self.step,
-            loss: loss as f64,
+            loss: update.loss as f64,
             lr: update.lr as f64,
             grad_norm: update.grad_norm,
             skipped: !update.finite,
