@@ -74,10 +74,14 @@ pub enum Resolved {
 
 /// The backend `auto` picks: the first usable one, fastest first.
 pub fn auto() -> BackendChoice {
-    [BackendChoice::Cuda, BackendChoice::Cpu, BackendChoice::Reference]
-        .into_iter()
-        .find(|&b| availability(b).is_ok())
-        .unwrap_or(BackendChoice::Reference)
+    [
+        BackendChoice::Cuda,
+        BackendChoice::Cpu,
+        BackendChoice::Reference,
+    ]
+    .into_iter()
+    .find(|&b| availability(b).is_ok())
+    .unwrap_or(BackendChoice::Reference)
 }
 
 /// Resolves `choice` into a backend, or says why it cannot run here.
@@ -115,7 +119,10 @@ mod tests {
         assert!(resolve(BackendChoice::Auto).is_ok());
         assert!(resolve(BackendChoice::Reference).is_ok());
         let err = resolve(BackendChoice::Cuda).err().unwrap().to_string();
-        assert!(err.contains("cuda") && err.contains("not compiled"), "{err}");
+        assert!(
+            err.contains("cuda") && err.contains("not compiled"),
+            "{err}"
+        );
         let err = resolve(BackendChoice::Cpu).err().unwrap().to_string();
         assert!(err.contains("cpu") && err.contains("not compiled"), "{err}");
     }

@@ -88,7 +88,10 @@ pub fn kernels<B: Backend>(
         "backend {} · matmul peak (512³, measured now) {peak:.1} GFLOP/s",
         backend.name()
     );
-    println!("{:<58} {:>10} {:>14} {:>9}", "kernel", "ms", "rate", "of peak");
+    println!(
+        "{:<58} {:>10} {:>14} {:>9}",
+        "kernel", "ms", "rate", "of peak"
+    );
     let dims = Dims::of_model(config, batch, seq);
     let mut rows = Vec::new();
     for (i, case) in cases(&dims).into_iter().filter(|c| c.bench).enumerate() {
@@ -118,7 +121,10 @@ pub fn kernels<B: Backend>(
                 (format!("{rate:.1} GB/s"), String::new(), (None, Some(rate)))
             }
         };
-        println!("{:<58} {:>10.3} {:>14} {:>9}", case.name, ms, rate_text, share);
+        println!(
+            "{:<58} {:>10.3} {:>14} {:>9}",
+            case.name, ms, rate_text, share
+        );
         rows.push(Row {
             kernel: case.name.clone(),
             ms,

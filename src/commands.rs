@@ -167,7 +167,10 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
     let source = &options.source;
     let mut scored: Vec<(&str, Loaded<B>)> = Vec::new();
     if let Some(path) = &options.artifact {
-        scored.push(("artifact, reloaded alone", load_artifact(backend.clone(), path)?));
+        scored.push((
+            "artifact, reloaded alone",
+            load_artifact(backend.clone(), path)?,
+        ));
     }
     if source.run.is_some() || source.model.is_some() {
         scored.push(("model", load(backend, source)?));
@@ -179,7 +182,9 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
             .iter()
             .find_map(|(_, l)| {
                 let train = l.manifest.as_ref()?.train.clone();
-                serde_json::from_value::<TrainConfig>(train).ok().map(|t| t.data)
+                serde_json::from_value::<TrainConfig>(train)
+                    .ok()
+                    .map(|t| t.data)
             })
             .context("the model does not name its data directory; pass --data")?,
     };
@@ -270,7 +275,11 @@ pub fn model_info(config: &ModelConfig, json: bool) -> Result<()> {
     println!("{:<48} {:>16} {:>14}", "tensor", "shape", "parameters");
     // Block 0 tensor by tensor, the other blocks summarised: 28 copies of the same lines help
     // nobody.
-    for spec in layout.specs.iter().filter(|s| s.layer.is_none_or(|l| l == 0)) {
+    for spec in layout
+        .specs
+        .iter()
+        .filter(|s| s.layer.is_none_or(|l| l == 0))
+    {
         println!(
             "{:<48} {:>16} {:>14}",
             spec.name,

@@ -163,9 +163,7 @@ impl Sampler {
                 }
                 let text = sample_checkpoint(&dir, tokens, backend)
                     .unwrap_or_else(|e| format!("(no sample: {e:#})"));
-                let step = checkpoint::read_manifest(&dir)
-                    .map(|m| m.step)
-                    .unwrap_or(0);
+                let step = checkpoint::read_manifest(&dir).map(|m| m.step).unwrap_or(0);
                 if res_tx.send((step, text)).is_err() {
                     break;
                 }
@@ -367,7 +365,11 @@ fn stage_bar(last: &PerStage, totals: &PerStage, width: usize) -> Vec<Line<'stat
     let mut bar = Vec::new();
     let mut legend = Vec::new();
     for (stage, color) in Stage::ALL.into_iter().zip(STAGE_COLORS) {
-        let share = if sum > 0.0 { totals.get(stage) / sum } else { 0.0 };
+        let share = if sum > 0.0 {
+            totals.get(stage) / sum
+        } else {
+            0.0
+        };
         let cells = (share * width as f64).round() as usize;
         bar.push(Span::styled("█".repeat(cells), Style::default().fg(color)));
         legend.push(Span::styled(

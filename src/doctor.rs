@@ -17,20 +17,31 @@ pub fn report(m: &Machine) -> String {
     line(format!("kiln {}", m.kiln_version));
     line(String::new());
     line("machine".into());
-    line(format!("  cpu              {} ({}, family {}, model {})", m.cpu, m.vendor,
+    line(format!(
+        "  cpu              {} ({}, family {}, model {})",
+        m.cpu,
+        m.vendor,
         m.family.map_or("?".into(), |v| v.to_string()),
-        m.model.map_or("?".into(), |v| v.to_string())));
+        m.model.map_or("?".into(), |v| v.to_string())
+    ));
     line(format!("  logical cpus     {}", m.logical_cpus));
     line(format!(
         "  smt siblings     cpu0 shares its core with cpus {}",
-        m.cpu0_smt_siblings.as_deref().unwrap_or("? (no sysfs topology)")
+        m.cpu0_smt_siblings
+            .as_deref()
+            .unwrap_or("? (no sysfs topology)")
     ));
     line(format!(
         "  memory           {} total, {} available",
-        m.memory_total_mib.map_or("?".into(), |v| format!("{:.1} GiB", v / 1024.0)),
-        m.memory_available_mib.map_or("?".into(), |v| format!("{:.1} GiB", v / 1024.0))
+        m.memory_total_mib
+            .map_or("?".into(), |v| format!("{:.1} GiB", v / 1024.0)),
+        m.memory_available_mib
+            .map_or("?".into(), |v| format!("{:.1} GiB", v / 1024.0))
     ));
-    line(format!("  avx2 + fma       {}", yes_no(has("avx2") && has("fma"))));
+    line(format!(
+        "  avx2 + fma       {}",
+        yes_no(has("avx2") && has("fma"))
+    ));
     line(format!(
         "  avx-512          {} (F {}, BW {}, VL {})",
         yes_no(has("avx512f") && has("avx512bw") && has("avx512vl")),
@@ -58,7 +69,11 @@ pub fn report(m: &Machine) -> String {
         match &m.selected_isa {
             Ok(Some(isa)) => format!(
                 "{isa}{}",
-                if std::env::var_os("KILN_ISA").is_some() { " (capped by KILN_ISA)" } else { "" }
+                if std::env::var_os("KILN_ISA").is_some() {
+                    " (capped by KILN_ISA)"
+                } else {
+                    ""
+                }
             ),
             Ok(None) => "none".into(),
             Err(e) => e.clone(),
@@ -68,7 +83,10 @@ pub fn report(m: &Machine) -> String {
         "  gpu              {}",
         match (&m.nvidia_driver, m.nvidia_devices.is_empty()) {
             (Some(driver), _) => format!("{} ({})", m.nvidia_devices.join(", "), driver),
-            (None, false) => format!("{} (no driver version readable)", m.nvidia_devices.join(", ")),
+            (None, false) => format!(
+                "{} (no driver version readable)",
+                m.nvidia_devices.join(", ")
+            ),
             (None, true) => "none (no NVIDIA driver loaded)".into(),
         }
     ));

@@ -27,7 +27,13 @@ use kiln_formats::model_config::from_preset_or_file;
 struct Cli {
     /// The backend that computes: auto (the fastest usable here), reference, cpu, cuda.
     /// `kiln doctor` says which are usable on this machine.
-    #[arg(long, global = true, value_enum, env = "KILN_BACKEND", default_value = "auto")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "KILN_BACKEND",
+        default_value = "auto"
+    )]
     backend: BackendChoice,
     #[command(subcommand)]
     command: Command,
@@ -463,8 +469,9 @@ fn main() -> Result<()> {
             if let Some(v) = vocab_size {
                 config.vocab_size = v;
             }
-            let figures =
-                with_backend!(backend, |b| kiln::bench::kernels(&b, &config, batch, seq, reps))?;
+            let figures = with_backend!(backend, |b| kiln::bench::kernels(
+                &b, &config, batch, seq, reps
+            ))?;
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&figures)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
@@ -506,25 +513,12 @@ fn main() -> Result<()> {
             small_max,
             budget,
         } => {
-            let imported = kiln::rundir::import(&source, None)?;
-            if format != ExportFormat::Packed {
-                let written = kiln_formats::interop::export(&imported, format, &out)?;
-                println!("wrote {}", written.display());
-                return Ok(());
-            }
             let rule = PackRule {
                 matrices: scheme.scheme(),
                 embedding: embedding_scheme.scheme(),
                 small_max,
             };
-            let (path, report) = kiln_formats::interop::export_packed(&imported, &out, rule)?;
-            kiln_formats::packed::print_table(&report);
-            println!("wrote {}", path.display());
-            if let Some(limit) = budget {
-                let spare = kiln_formats::packed::check_budget(&path, &report, limit)?;
-                println!("within the budget of {limit} bytes ({spare} to spare)");
-            }
-            Ok(())
+            export(format, &source, &out, rule, budget)
         }
         Command::Model {
             command: ModelCommand::Info { model, json },
@@ -632,5 +626,30 @@ fn train<B: Backend + 'static>(backend: B, choice: BackendChoice, args: TrainArg
         .map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
     print_report(&result?);
     eprintln!("run directory: {}", trainer.run_dir.display());
+    Ok(())
+}
+
+/// `kiln export`: a Hugging Face directory, a llama2.c file, or a packed artifact by `rule`
+/// (refused and removed when over `budget` bytes).
+fn export(
+    format: ExportFormat,
+    source: &std::path::Path,
+    out: &std::path::Path,
+    rule: PackRule,
+    budget: Option<u64>,
+) -> Result<()> {
+    let imported = kiln::rundir::import(source, None)?;
+    if format != ExportFormat::Packed {
+        let written = kiln_formats::interop::export(&imported, format, out)?;
+        println!("wrote {}", written.display());
+        return Ok(());
+    }
+    let (path, report) = kiln_formats::interop::export_packed(&imported, out, rule)?;
+    kiln_formats::packed::print_table(&report);
+    println!("wrote {}", path.display());
+    if let Some(limit) = budget {
+        let spare = kiln_formats::packed::check_budget(&path, &report, limit)?;
+        println!("within the budget of {limit} bytes ({spare} to spare)");
+    }
     Ok(())
 }

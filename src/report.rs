@@ -239,7 +239,11 @@ fn summary(runs: &[RunLog], files: &[&str]) -> String {
             let _ = writeln!(md, "| tokens | {} |", report.tokens);
             let _ = writeln!(md, "| wall time | {:.1} s |", report.wall_seconds);
             let _ = writeln!(md, "| ms per step | {:.1} |", report.ms_per_step);
-            let _ = writeln!(md, "| tokens per second | {:.0} |", report.tokens_per_second);
+            let _ = writeln!(
+                md,
+                "| tokens per second | {:.0} |",
+                report.tokens_per_second
+            );
             let _ = writeln!(md, "| TFLOP/s | {:.4} |", report.tflops);
             let _ = writeln!(
                 md,

@@ -88,9 +88,8 @@ pub fn rotate(checkpoints_dir: &Path, keep_last: usize, newest: &Manifest) -> Re
 /// Reads a model from anything kiln can read: a Hugging Face directory, a llama2.c `.bin`, a
 /// checkpoint directory, or a run directory (its newest checkpoint, with the run's tokenizer).
 pub fn import(path: &Path, tokenizer: Option<&Path>) -> Result<Imported> {
-    let is_run = path.is_dir()
-        && !path.join("config.json").exists()
-        && !path.join("manifest.json").exists();
+    let is_run =
+        path.is_dir() && !path.join("config.json").exists() && !path.join("manifest.json").exists();
     let path = if is_run {
         resolve(path)?
     } else {

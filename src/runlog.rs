@@ -219,10 +219,17 @@ mod tests {
         writeln!(file, r#"{{"type":"step","step":3}}"#).unwrap();
         file.flush().unwrap();
         assert!(log.poll().unwrap());
-        assert_eq!(log.steps.iter().map(|s| s.loss).collect::<Vec<_>>(), [5.0, 4.5]);
+        assert_eq!(
+            log.steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
+            [5.0, 4.5]
+        );
         // A line that is not a valid event is counted, not guessed at.
         assert_eq!(log.bad_lines, 1);
-        assert!(log.first_error.as_deref().unwrap().contains("missing field"));
+        assert!(log
+            .first_error
+            .as_deref()
+            .unwrap()
+            .contains("missing field"));
         assert!(!log.poll().unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -200,10 +200,24 @@ pub enum Event {
     Start(Box<Start>),
     Step(Step),
     Eval(Eval),
-    Sample { step: u64, text: String },
-    Checkpoint { step: u64, path: PathBuf, ms: f64 },
-    Resume { step: u64, checkpoint: PathBuf },
-    Stopped { step: u64, reason: StopReason, consecutive: u64 },
+    Sample {
+        step: u64,
+        text: String,
+    },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+        ms: f64,
+    },
+    Resume {
+        step: u64,
+        checkpoint: PathBuf,
+    },
+    Stopped {
+        step: u64,
+        reason: StopReason,
+        consecutive: u64,
+    },
     Report(Box<RunReport>),
 }
 
@@ -382,7 +396,10 @@ mod tests {
             progress: 0.25,
         });
         let line = serde_json::to_string(&Record { time: 1.0, event }).unwrap();
-        assert!(line.contains(r#""type":"step""#) && line.contains(r#""loss":null"#), "{line}");
+        assert!(
+            line.contains(r#""type":"step""#) && line.contains(r#""loss":null"#),
+            "{line}"
+        );
         let back: Record = serde_json::from_str(&line).unwrap();
         let Event::Step(s) = back.event else {
             panic!("not a step: {line}")
@@ -394,7 +411,9 @@ mod tests {
     #[test]
     fn an_unknown_stage_is_refused_not_renamed() {
         let line = r#"{"data":1,"forward":2,"backward":3,"optimizer":4,"eval":0,"checkpoint":0,"warmup":9}"#;
-        let err = serde_json::from_str::<PerStage>(line).unwrap_err().to_string();
+        let err = serde_json::from_str::<PerStage>(line)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("warmup"), "{err}");
     }
 }

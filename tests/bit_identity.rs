@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use kiln_reference::ReferenceBackend;
+use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
 use kiln_core::config::ModelConfig;
 use kiln_core::quant::PackRule;
 use kiln_core::quant::Scheme;
-use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
+use kiln_reference::ReferenceBackend;
 
 fn temp_dir(name: &str) -> PathBuf {
     common::temp_dir("bits", name)
@@ -117,6 +117,9 @@ fn reference_training_is_bit_identical_to_before_the_refactor() {
     let want: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&golden).unwrap()).unwrap();
     // Exact equality: the refactor moves code, it must not change one bit of arithmetic.
-    assert_eq!(got, want, "training is no longer bit-identical to the golden run");
+    assert_eq!(
+        got, want,
+        "training is no longer bit-identical to the golden run"
+    );
     let _ = fs::remove_dir_all(&dir);
 }

@@ -25,10 +25,19 @@ fn kiln(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
 
 fn logits_args(backend: &str) -> Vec<String> {
     let model = Path::new("tests/fixtures/hf/llama").display().to_string();
-    ["--backend", backend, "model", "logits", "--model", &model, "--tokens", "1,2,3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "--backend",
+        backend,
+        "model",
+        "logits",
+        "--model",
+        &model,
+        "--tokens",
+        "1,2,3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 #[test]
@@ -52,12 +61,16 @@ fn a_backend_not_in_this_build_is_refused_with_the_reason() {
         let (ok, _, err) = kiln(&args, &[]);
         assert!(!ok);
         assert!(
-            err.contains(&format!("backend '{backend}' is not usable")) && err.contains("not compiled"),
+            err.contains(&format!("backend '{backend}' is not usable"))
+                && err.contains("not compiled"),
             "{err}"
         );
         // The environment variable is the same switch.
         let (ok, _, err) = kiln(&args[2..], &[("KILN_BACKEND", backend)]);
-        assert!(!ok && err.contains(&format!("backend '{backend}'")), "{err}");
+        assert!(
+            !ok && err.contains(&format!("backend '{backend}'")),
+            "{err}"
+        );
     }
     let (ok, _, err) = kiln(&["--backend", "tpu", "doctor"], &[]);
     assert!(!ok && err.contains("possible values"), "{err}");
@@ -67,10 +80,22 @@ fn a_backend_not_in_this_build_is_refused_with_the_reason() {
 fn doctor_reports_the_machine_and_the_backends() {
     let (ok, out, err) = kiln(&["doctor"], &[]);
     assert!(ok, "{err}");
-    for needle in ["machine", "cpu ", "avx2 + fma", "amx-bf16", "memory", "backends", "reference  usable", "auto       picks"] {
+    for needle in [
+        "machine",
+        "cpu ",
+        "avx2 + fma",
+        "amx-bf16",
+        "memory",
+        "backends",
+        "reference  usable",
+        "auto       picks",
+    ] {
         assert!(out.contains(needle), "no '{needle}' in:\n{out}");
     }
     // The tier cap shows, whatever this CPU is.
     let (ok, out, _) = kiln(&["doctor"], &[("KILN_ISA", "nonsense")]);
-    assert!(ok && out.contains("KILN_ISA=nonsense is not a tier"), "{out}");
+    assert!(
+        ok && out.contains("KILN_ISA=nonsense is not a tier"),
+        "{out}"
+    );
 }

@@ -7,16 +7,16 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kiln_reference::muon::muon_step;
-use kiln_reference::ReferenceBackend;
+use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
+use kiln_conformance::assert_close;
 use kiln_core::backend::MuonStep;
 use kiln_core::config::ModelConfig;
-use kiln_conformance::assert_close;
-use kiln_formats::data::{Dataset, Split};
 use kiln_core::model::Model;
-use kiln_formats::packed::{self, PackRule};
 use kiln_core::quant::Scheme;
-use kiln::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
+use kiln_formats::data::{Dataset, Split};
+use kiln_formats::packed::{self, PackRule};
+use kiln_reference::muon::muon_step;
+use kiln_reference::ReferenceBackend;
 
 fn temp_dir(name: &str) -> PathBuf {
     common::temp_dir("golf", name)
@@ -219,12 +219,16 @@ fn the_moving_average_is_checkpointed_exported_and_resumed_exactly() {
     assert_eq!(&straight.losses[6..], &tail.losses[..]);
     let last = |run: &str| kiln::rundir::resolve(&dir.join(run)).unwrap();
     let ema = |run: &str| {
-        kiln_formats::checkpoint::read_f32_tensors(&last(run).join(kiln_formats::checkpoint::EMA_FILE)).unwrap()
+        kiln_formats::checkpoint::read_f32_tensors(
+            &last(run).join(kiln_formats::checkpoint::EMA_FILE),
+        )
+        .unwrap()
     };
     let name = "model.layers.0.self_attn.q_proj.weight";
     assert_eq!(ema("straight")[name].1, ema("split")[name].1);
     let raw =
-        kiln_formats::checkpoint::read_f32_tensors(&last("straight").join("model.safetensors")).unwrap();
+        kiln_formats::checkpoint::read_f32_tensors(&last("straight").join("model.safetensors"))
+            .unwrap();
     assert_ne!(
         raw[name].1,
         ema("straight")[name].1,

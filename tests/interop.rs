@@ -4,13 +4,13 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kiln_reference::ReferenceBackend;
+use kiln_conformance::assert_close;
 use kiln_core::backend::Tolerance;
 use kiln_core::bytes::le_values;
-use kiln_conformance::assert_close;
-use kiln_formats::interop::{self, ExportFormat};
 use kiln_core::model::Model;
 use kiln_core::vocab::VocabMap;
+use kiln_formats::interop::{self, ExportFormat};
+use kiln_reference::ReferenceBackend;
 
 /// A Hugging Face directory or llama2.c file, as the formats crate reads it.
 fn import(path: &Path) -> anyhow::Result<interop::Imported> {
@@ -175,10 +175,7 @@ fn unsupported_models_are_refused_by_name() {
     // A llama2.c file cut short names the file and the problem.
     let bytes = fs::read(fixtures().join("llama2c/model_legacy.bin")).unwrap();
     fs::write(dir.join("short.bin"), &bytes[..bytes.len() - 8]).unwrap();
-    let error = import(&dir.join("short.bin"))
-        .err()
-        .unwrap()
-        .to_string();
+    let error = import(&dir.join("short.bin")).err().unwrap().to_string();
     assert!(
         error.contains("short.bin") && error.contains("truncated"),
         "{error}"

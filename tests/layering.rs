@@ -26,11 +26,19 @@ fn imports(path: &Path) -> Vec<String> {
         if let Some(stripped) = rest.strip_prefix('{') {
             let inner = &stripped[..stripped.find('}').unwrap()];
             for item in inner.split(',') {
-                let name: String = item.trim().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let name: String = item
+                    .trim()
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
                 found.push(name);
             }
         } else {
-            found.push(rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect());
+            found.push(
+                rest.chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect(),
+            );
         }
     }
     found
@@ -70,7 +78,10 @@ fn check(dir: &Path, order: &[&str], roots: &[&str]) {
             continue;
         }
         let Some(mine) = rank(&module) else {
-            violations.push(format!("{}: module '{module}' is not in the declared order", path.display()));
+            violations.push(format!(
+                "{}: module '{module}' is not in the declared order",
+                path.display()
+            ));
             continue;
         };
         for name in imports(&path) {
@@ -91,15 +102,19 @@ fn check(dir: &Path, order: &[&str], roots: &[&str]) {
             }
         }
     }
-    assert!(violations.is_empty(), "layering violations:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "layering violations:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[test]
 fn core_modules_import_only_modules_below_them() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/core/src");
     let order = [
-        "backend", "bytes", "cpu", "error", "config", "layout", "quant", "vocab", "model",
-        "optim", "sample", "eval",
+        "backend", "bytes", "cpu", "error", "config", "layout", "quant", "vocab", "model", "optim",
+        "sample", "eval",
     ];
     check(&dir, &order, &["lib"]);
 }
@@ -109,8 +124,18 @@ fn application_modules_import_only_modules_below_them() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     // The dashboard and reports read telemetry; they never reach the trainer.
     let order = [
-        "machine", "backends", "run_config", "telemetry", "runlog", "rundir", "bench",
-        "commands", "train", "dashboard", "report", "doctor",
+        "machine",
+        "backends",
+        "run_config",
+        "telemetry",
+        "runlog",
+        "rundir",
+        "bench",
+        "commands",
+        "train",
+        "dashboard",
+        "report",
+        "doctor",
     ];
     check(&dir, &order, &["lib", "main"]);
 }

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use kiln_reference::ReferenceBackend;
-use kiln_core::backend::Tolerance;
 use kiln_conformance::{assert_close, Fixture};
+use kiln_core::backend::Tolerance;
 use kiln_core::sample::{generate, SamplingParams};
+use kiln_reference::ReferenceBackend;
 
 fn fixture(name: &str) -> Fixture {
     Fixture::load(

@@ -4,12 +4,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use kiln_reference::ReferenceBackend;
-use kiln_formats::checkpoint;
-use kiln_core::config::ModelConfig;
-use kiln_formats::data::{prepare, Dataset, Split, TokenizerSpec};
-use kiln_core::model::Model;
 use kiln::train::{TrainConfig, Trainer};
+use kiln_core::config::ModelConfig;
+use kiln_core::model::Model;
+use kiln_formats::checkpoint;
+use kiln_formats::data::{prepare, Dataset, Split, TokenizerSpec};
+use kiln_reference::ReferenceBackend;
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-trainer-{name}-{}", std::process::id()));
@@ -160,10 +160,14 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     assert!(latest.ends_with("step_00000004"), "{}", latest.display());
     let mut saved = Model::new(ReferenceBackend, trainer.model.config.clone()).unwrap();
     checkpoint::load_into(&mut saved, &latest, None, true).unwrap();
-    assert_eq!(saved.download_params().unwrap(), trainer.model.download_params().unwrap());
+    assert_eq!(
+        saved.download_params().unwrap(),
+        trainer.model.download_params().unwrap()
+    );
     assert!(trainer
         .model
-        .download_params().unwrap()
+        .download_params()
+        .unwrap()
         .iter()
         .all(|x| x.is_finite()));
     fs::remove_dir_all(dir).unwrap();
@@ -294,7 +298,12 @@ fn fine_tuning_starts_from_the_imported_weights() {
     train(config(data.clone(), 4), &dir.join("base"));
     let export = dir.join("base-hf");
     let base_model = kiln::rundir::import(&dir.join("base"), None).unwrap();
-    kiln_formats::interop::export(&base_model, kiln_formats::interop::ExportFormat::Hf, &export).unwrap();
+    kiln_formats::interop::export(
+        &base_model,
+        kiln_formats::interop::ExportFormat::Hf,
+        &export,
+    )
+    .unwrap();
     let mut cfg = config(data, 4);
     cfg.init_from = Some(export.clone());
     let tuned = Trainer::create(ReferenceBackend, cfg, &dir.join("tuned")).unwrap();
@@ -364,8 +373,8 @@ fn report_writes_legible_plots_and_a_summary() {
 
 #[test]
 fn packed_artifacts_reload_alone_with_exact_sizes() {
-    use kiln_formats::packed::{self, PackRule};
     use kiln_core::quant::{quantize, Scheme};
+    use kiln_formats::packed::{self, PackRule};
     let dir = temp_dir("packed");
     let data = corpus(&dir);
     train(config(data.clone(), 8), &dir.join("run"));

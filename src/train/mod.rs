@@ -25,10 +25,10 @@ use kiln_formats::fsutil::write_atomic;
 use kiln_formats::interop;
 use kiln_formats::tokenizer::Tokenizer;
 
-pub use crate::telemetry::RunReport;
-pub use crate::telemetry::human_duration;
-use crate::telemetry::{Event, Telemetry};
 pub use crate::run_config::{MuonConfig, OptimizerKind, Schedule, TrainConfig};
+pub use crate::telemetry::human_duration;
+pub use crate::telemetry::RunReport;
+use crate::telemetry::{Event, Telemetry};
 pub use step::print_report;
 
 /// `eprintln!` unless the terminal belongs to someone else (a dashboard).
@@ -40,7 +40,6 @@ macro_rules! say {
     };
 }
 use say;
-
 
 /// A run being trained: model, data, run directory, telemetry.
 pub struct Trainer<B: Backend> {

@@ -95,7 +95,13 @@ impl<B: Backend> Trainer<B> {
             self.print_step(&cfg, &run, &update, &rates, done);
             let stop_for_bad_steps = !update.finite && run.consecutive_bad >= cfg.max_bad_steps;
             if !update.finite {
-                say!(self.echo, "step {}: non-finite loss {loss} or gradient norm {}; step skipped ({} so far)", self.step, update.grad_norm, self.skipped);
+                say!(
+                    self.echo,
+                    "step {}: non-finite loss {loss} or gradient norm {}; step skipped ({} so far)",
+                    self.step,
+                    update.grad_norm,
+                    self.skipped
+                );
             }
             if !stop_for_bad_steps {
                 self.periodic(&cfg, &acts, &val_tokens, done, &mut run)?;
@@ -123,7 +129,13 @@ impl<B: Backend> Trainer<B> {
 
     /// Whether to stop: a budget is spent, the next step would overrun the time budget, or
     /// `stop_at` is reached.
-    fn finished(&self, cfg: &TrainConfig, stop_at: Option<u64>, elapsed: f64, step_seconds: f64) -> bool {
+    fn finished(
+        &self,
+        cfg: &TrainConfig,
+        stop_at: Option<u64>,
+        elapsed: f64,
+        step_seconds: f64,
+    ) -> bool {
         cfg.progress(self.step, elapsed) >= 1.0
             || cfg
                 .time_budget_seconds
@@ -159,7 +171,12 @@ impl<B: Backend> Trainer<B> {
     /// Zeroes the gradients, runs every micro-batch forward and backward (the gradients
     /// averaged over micro-batches and processes), and all-reduces them. Returns this
     /// process's mean loss.
-    fn forward_backward(&mut self, cfg: &TrainConfig, acts: &Activations<B>, run: &mut Progress) -> Result<f32> {
+    fn forward_backward(
+        &mut self,
+        cfg: &TrainConfig,
+        acts: &Activations<B>,
+        run: &mut Progress,
+    ) -> Result<f32> {
         self.model.zero_grad();
         let world = self.communicator.world_size();
         let mut loss_sum = 0f32;
@@ -183,7 +200,8 @@ impl<B: Backend> Trainer<B> {
         if world > 1 {
             let t = Instant::now();
             let grads = View::whole(&self.model.grads);
-            self.communicator.all_reduce_sum(&self.model.backend, grads)?;
+            self.communicator
+                .all_reduce_sum(&self.model.backend, grads)?;
             run.charge(Stage::Backward, t);
         }
         Ok(loss_sum / cfg.accumulation as f32)
@@ -263,7 +281,14 @@ impl<B: Backend> Trainer<B> {
         }
     }
 
-    fn print_step(&self, cfg: &TrainConfig, run: &Progress, update: &Update, rates: &Rates, done: bool) {
+    fn print_step(
+        &self,
+        cfg: &TrainConfig,
+        run: &Progress,
+        update: &Update,
+        rates: &Rates,
+        done: bool,
+    ) {
         if self.print_every == 0 || (!self.step.is_multiple_of(self.print_every) && !done) {
             return;
         }
@@ -322,7 +347,11 @@ impl<B: Backend> Trainer<B> {
         }
         if due(cfg.checkpoint_every) {
             let t = Instant::now();
-            let val_here = if due(cfg.eval_every) { run.last_val } else { None };
+            let val_here = if due(cfg.eval_every) {
+                run.last_val
+            } else {
+                None
+            };
             let path = self.save_checkpoint(self.elapsed(run), val_here)?;
             run.charge(Stage::Checkpoint, t);
             self.telemetry.emit(Event::Checkpoint {
@@ -403,7 +432,8 @@ impl<B: Backend> Trainer<B> {
             peak_memory_mib: memory_mib().map(|m| m.1),
             losses: run.losses,
         };
-        self.telemetry.emit(Event::Report(Box::new(report.clone())))?;
+        self.telemetry
+            .emit(Event::Report(Box::new(report.clone())))?;
         write_atomic(
             &self.run_dir.join("report.json"),
             serde_json::to_string_pretty(&report)?.as_bytes(),

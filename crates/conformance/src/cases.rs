@@ -8,8 +8,8 @@
 //! random values, so a backend that overwrites instead fails.
 
 use kiln_core::backend::{
-    Accumulate, AdamWStep, AttentionShape, Backend, DecodeShape, Kernel, MatmulShape,
-    MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint, View,
+    Accumulate, AdamWStep, AttentionShape, Backend, DecodeShape, Kernel, MatmulShape, MatrixShape,
+    MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint, View,
 };
 use kiln_core::config::ModelConfig;
 use kiln_reference::{
@@ -288,7 +288,9 @@ impl Case {
             }
             Op::AdamW(_) => {
                 // [params, grads, m, v]: a second moment is never negative.
-                values[3].iter_mut().for_each(|v| *v = (*v * *v) as f32 as f64);
+                values[3]
+                    .iter_mut()
+                    .for_each(|v| *v = (*v * *v) as f32 as f64);
             }
             _ => {}
         }
@@ -308,7 +310,9 @@ impl Case {
             Op::MatmulBackward(s, mode) => {
                 let (mut di, mut dw) = (take(0), take(1));
                 let (dy, x, w) = (&inputs[2], &inputs[3], &inputs[4]);
-                matmul::matmul_backward(&mut di, &mut dw, dy, x, w, s.rows, s.in_dim, s.out_dim, mode);
+                matmul::matmul_backward(
+                    &mut di, &mut dw, dy, x, w, s.rows, s.in_dim, s.out_dim, mode,
+                );
                 (out[0], out[1]) = (Some(di), Some(dw));
             }
             Op::EmbeddingForward { dim } => {
@@ -343,7 +347,9 @@ impl Case {
             Op::RopeBackward(s) => {
                 let mut d = vec![0.0; inputs[0].len()];
                 let theta = s.theta as f64;
-                rope::rope_backward(&mut d, &inputs[0], s.seq, s.heads, s.head_dim, s.rot_dims, theta);
+                rope::rope_backward(
+                    &mut d, &inputs[0], s.seq, s.heads, s.head_dim, s.rot_dims, theta,
+                );
                 out[1] = Some(d);
             }
             Op::AttentionForward(s) => {
@@ -477,9 +483,7 @@ impl Case {
                 backend.matmul_backward(v[0], v[1], v[2], v[3], v[4], s, mode)
             }
             Op::EmbeddingForward { dim } => backend.embedding_forward(v[1], v[0], &self.ids, dim),
-            Op::EmbeddingBackward { dim } => {
-                backend.embedding_backward(v[0], v[1], &self.ids, dim)
-            }
+            Op::EmbeddingBackward { dim } => backend.embedding_backward(v[0], v[1], &self.ids, dim),
             Op::RmsNormForward(s) => backend.rmsnorm_forward(v[2], v[3], v[0], v[1], s),
             Op::RmsNormBackward(s, mode) => {
                 backend.rmsnorm_backward(v[0], v[1], v[2], v[3], v[4], v[5], s, mode)
@@ -586,7 +590,11 @@ fn matmul_cases(d: &Dims) -> Vec<Case> {
             format!("matmul {name} forward ({n}×{in_dim} · {in_dim}×{out_dim})"),
             Kernel::Matmul,
             Op::MatmulForward(s),
-            vec![input("inp", n * in_dim), input("weight", out_dim * in_dim), output("out", n * out_dim)],
+            vec![
+                input("inp", n * in_dim),
+                input("weight", out_dim * in_dim),
+                output("out", n * out_dim),
+            ],
             Work::Flops(flops),
         ));
         for mode in [Overwrite, Add] {
@@ -663,7 +671,11 @@ fn norm_and_embedding_cases(d: &Dims) -> Vec<Case> {
             ],
             Work::Bytes((16 * n * c) as f64),
         );
-        all.push(if mode == Overwrite { case.variant() } else { case });
+        all.push(if mode == Overwrite {
+            case.variant()
+        } else {
+            case
+        });
     }
     all
 }
@@ -699,7 +711,11 @@ fn rope_cases(d: &Dims) -> Vec<Case> {
             vec![input("dout", n * q), output("dinp", n * q)],
             Work::Bytes((8 * n * q) as f64),
         );
-        all.extend(if partial { [fwd.variant(), bwd.variant()] } else { [fwd, bwd] });
+        all.extend(if partial {
+            [fwd.variant(), bwd.variant()]
+        } else {
+            [fwd, bwd]
+        });
     }
     all
 }
@@ -772,7 +788,11 @@ fn elementwise_cases(d: &Dims) -> Vec<Case> {
             format!("swiglu forward ({nf} values)"),
             Kernel::SwiGlu,
             Op::SwiGluForward,
-            vec![buf("gate", nf, Role::Input(4.0)), input("up", nf), output("out", nf)],
+            vec![
+                buf("gate", nf, Role::Input(4.0)),
+                input("up", nf),
+                output("out", nf),
+            ],
             Work::Bytes((12 * nf) as f64),
         ),
         Case::new(
@@ -802,10 +822,18 @@ fn elementwise_cases(d: &Dims) -> Vec<Case> {
             format!("relu2 backward (slope {slope})"),
             Kernel::Relu2,
             Op::Relu2Backward { slope },
-            vec![output("dinp", nf), input("dout", nf), buf("inp", nf, Role::Input(3.0))],
+            vec![
+                output("dinp", nf),
+                input("dout", nf),
+                buf("inp", nf, Role::Input(3.0)),
+            ],
             Work::Bytes((12 * nf) as f64),
         );
-        all.extend(if slope > 0.0 { [fwd.variant(), bwd.variant()] } else { [fwd, bwd] });
+        all.extend(if slope > 0.0 {
+            [fwd.variant(), bwd.variant()]
+        } else {
+            [fwd, bwd]
+        });
     }
     // The logit soft cap, well into tanh's saturation (|z| up to 4× the cap).
     let cap = 3.0;
@@ -821,7 +849,11 @@ fn elementwise_cases(d: &Dims) -> Vec<Case> {
             "softcap backward".into(),
             Kernel::Softcap,
             Op::SoftcapBackward { cap },
-            vec![output("dinp", nv), input("dout", nv), buf("out", nv, Role::Input(12.0))],
+            vec![
+                output("dinp", nv),
+                input("dout", nv),
+                buf("out", nv, Role::Input(12.0)),
+            ],
             Work::Bytes((12 * nv) as f64),
         ),
         Case::new(
@@ -862,7 +894,11 @@ fn scale_cases(d: &Dims) -> Vec<Case> {
             format!("scale {label} forward ({mode:?}, {n}×{groups}×{inner})"),
             Kernel::Scale,
             Op::ScaleForward(s, mode),
-            vec![input("inp", len), input("scale", groups), output("out", len)],
+            vec![
+                input("inp", len),
+                input("scale", groups),
+                output("out", len),
+            ],
             Work::Bytes((12 * len) as f64),
         );
         let bwd = Case::new(
@@ -878,7 +914,11 @@ fn scale_cases(d: &Dims) -> Vec<Case> {
             ],
             Work::Bytes((16 * len) as f64),
         );
-        all.extend(if bench { [fwd, bwd] } else { [fwd.variant(), bwd.variant()] });
+        all.extend(if bench {
+            [fwd, bwd]
+        } else {
+            [fwd.variant(), bwd.variant()]
+        });
     }
     all
 }
@@ -943,7 +983,11 @@ fn optimizer_cases(d: &Dims) -> Vec<Case> {
         format!("muon ({rows}×{cols} matrix)"),
         Kernel::Muon,
         Op::Muon(m, muon),
-        vec![output("params", rows * cols), input("grads", rows * cols), output("momentum", rows * cols)],
+        vec![
+            output("params", rows * cols),
+            input("grads", rows * cols),
+            output("momentum", rows * cols),
+        ],
         Work::Flops(ns_flops),
     );
     vec![
@@ -958,7 +1002,12 @@ fn optimizer_cases(d: &Dims) -> Vec<Case> {
             format!("adamw ({p} parameters)"),
             Kernel::AdamW,
             Op::AdamW(adamw),
-            vec![output("params", p), input("grads", p), output("m", p), output("v", p)],
+            vec![
+                output("params", p),
+                input("grads", p),
+                output("m", p),
+                output("v", p),
+            ],
             Work::Bytes((28 * p) as f64),
         ),
         Case::new(

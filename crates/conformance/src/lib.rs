@@ -65,13 +65,19 @@ fn to_f32(x: &[f64]) -> Vec<f32> {
 /// The loosest of a backend's per-kernel tolerances: what a whole-model check (many kernels
 /// composed) starts from.
 pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
-    KERNELS.iter().fold(Tolerance { atol: 0.0, rtol: 0.0 }, |t, &k| {
-        let k = backend.tolerance(k);
+    KERNELS.iter().fold(
         Tolerance {
-            atol: t.atol.max(k.atol),
-            rtol: t.rtol.max(k.rtol),
-        }
-    })
+            atol: 0.0,
+            rtol: 0.0,
+        },
+        |t, &k| {
+            let k = backend.tolerance(k);
+            Tolerance {
+                atol: t.atol.max(k.atol),
+                rtol: t.rtol.max(k.rtol),
+            }
+        },
+    )
 }
 
 /// Every kernel family.
@@ -186,29 +192,50 @@ pub fn check_memory<B: Backend>(backend: &B) -> Result<()> {
     let f32_mem = backend.alloc(n, DType::F32)?;
     let bf16_mem = backend.alloc(n, DType::BF16)?;
     let (f, h) = (View::<B>::whole(&f32_mem), View::<B>::whole(&bf16_mem));
-    ensure!(h.dtype() == DType::BF16 && f.dtype() == DType::F32, "alloc: wrong dtype");
+    ensure!(
+        h.dtype() == DType::BF16 && f.dtype() == DType::F32,
+        "alloc: wrong dtype"
+    );
     let download = |v: View<B>| -> Result<Vec<f32>> {
         let mut host = vec![f32::NAN; v.len()];
         backend.download(v, &mut host)?;
         Ok(host)
     };
-    ensure!(download(f)?.iter().all(|&x| x == 0.0), "alloc: f32 memory not zeroed");
-    ensure!(download(h)?.iter().all(|&x| x == 0.0), "alloc: bf16 memory not zeroed");
+    ensure!(
+        download(f)?.iter().all(|&x| x == 0.0),
+        "alloc: f32 memory not zeroed"
+    );
+    ensure!(
+        download(h)?.iter().all(|&x| x == 0.0),
+        "alloc: bf16 memory not zeroed"
+    );
     backend.upload(f, &values)?;
     ensure!(download(f)? == values, "f32 upload/download is not exact");
-    let rounded: Vec<f32> = values.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    let rounded: Vec<f32> = values
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect();
     backend.upload(h, &values)?;
-    ensure!(download(h)? == rounded, "bf16 upload does not round to nearest even");
+    ensure!(
+        download(h)? == rounded,
+        "bf16 upload does not round to nearest even"
+    );
     backend.zero(h);
     backend.copy(h, f);
-    ensure!(download(h)? == rounded, "copy f32 → bf16 does not round to nearest even");
+    ensure!(
+        download(h)? == rounded,
+        "copy f32 → bf16 does not round to nearest even"
+    );
     backend.zero(f);
     ensure!(download(f)?.iter().all(|&x| x == 0.0), "zero left values");
     backend.copy(f, h);
     ensure!(download(f)? == rounded, "copy bf16 → f32 is not exact");
     let tail = View::<B>::new(&f32_mem, 30, 7);
     backend.upload(tail, &values[..7])?;
-    ensure!(download(tail)? == values[..7], "upload into a sub-view went astray");
+    ensure!(
+        download(tail)? == values[..7],
+        "upload into a sub-view went astray"
+    );
     ensure!(
         backend.upload(tail, &values[..6]).is_err(),
         "an upload of the wrong length must be refused"
@@ -295,7 +322,10 @@ impl Fixture {
                 .map(f64::from)
                 .collect(),
             Dtype::F64 => le_values::<f64>(data),
-            Dtype::I64 => le_values::<i64>(data).into_iter().map(|x| x as f64).collect(),
+            Dtype::I64 => le_values::<i64>(data)
+                .into_iter()
+                .map(|x| x as f64)
+                .collect(),
             other => bail!(
                 "{}: tensor '{name}' has unsupported dtype {other:?}",
                 self.path
@@ -337,7 +367,9 @@ pub fn check_fixture<B: Backend>(backend: B, path: &Path) -> Result<()> {
     let mut model = fixture.model(backend)?;
     let acts = model.activations(fixture.batch, fixture.seq)?;
 
-    let loss = model.forward(&acts, &tokens, Some(&targets))?.context("a loss")?;
+    let loss = model
+        .forward(&acts, &tokens, Some(&targets))?
+        .context("a loss")?;
     assert_close(
         &format!("{name} logits"),
         &model.download_logits(&acts)?,
@@ -376,7 +408,11 @@ pub fn check_fixture<B: Backend>(backend: B, path: &Path) -> Result<()> {
     let mut got = Vec::new();
     for _ in 0..want.len() {
         model.zero_grad();
-        got.push(model.forward(&acts, &tokens, Some(&targets))?.context("a loss")?);
+        got.push(
+            model
+                .forward(&acts, &tokens, Some(&targets))?
+                .context("a loss")?,
+        );
         model.backward(&acts, &tokens, &targets, 1.0);
         adamw_step(&mut model, &fixture.adamw, 1.0);
     }
@@ -417,7 +453,9 @@ pub fn check_training_smoke<B: Backend>(backend: B, preset: &str) -> Result<Vec<
             targets.extend((0..seq as u32).map(|i| (start + i + 1) % vocab));
         }
         model.zero_grad();
-        let loss = model.forward(&acts, &tokens, Some(&targets))?.context("a loss")?;
+        let loss = model
+            .forward(&acts, &tokens, Some(&targets))?
+            .context("a loss")?;
         ensure!(loss.is_finite(), "{preset}: loss became {loss}");
         model.backward(&acts, &tokens, &targets, 1.0);
         adamw_step(&mut model, &hp, 1.0);

@@ -242,7 +242,9 @@ impl<'a, B: Backend + ?Sized> View<'a, B> {
     /// views come from layouts computed for that allocation, so that is a bug, not bad input.
     pub fn new(memory: &'a B::Memory, offset: usize, len: usize) -> Self {
         assert!(
-            offset.checked_add(len).is_some_and(|end| end <= memory.len()),
+            offset
+                .checked_add(len)
+                .is_some_and(|end| end <= memory.len()),
             "view {offset}+{len} out of an allocation of {}",
             memory.len()
         );

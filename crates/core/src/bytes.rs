@@ -50,8 +50,14 @@ pub fn le_at<T: LeValue>(bytes: &[u8], at: usize) -> Option<T> {
 pub fn le_floats(bytes: &[u8], width: FloatWidth) -> Vec<f32> {
     match width {
         FloatWidth::F32 => le_values::<f32>(bytes),
-        FloatWidth::F16 => le_values::<f16>(bytes).into_iter().map(f16::to_f32).collect(),
-        FloatWidth::BF16 => le_values::<bf16>(bytes).into_iter().map(bf16::to_f32).collect(),
+        FloatWidth::F16 => le_values::<f16>(bytes)
+            .into_iter()
+            .map(f16::to_f32)
+            .collect(),
+        FloatWidth::BF16 => le_values::<bf16>(bytes)
+            .into_iter()
+            .map(bf16::to_f32)
+            .collect(),
     }
 }
 

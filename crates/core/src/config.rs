@@ -444,7 +444,9 @@ mod tests {
     fn a_config_with_an_unknown_field_names_the_field() {
         let mut value = serde_json::to_value(ModelConfig::preset("tiny-mha").unwrap()).unwrap();
         value["n_experts"] = 8.into();
-        let message = ModelConfig::from_json(&value.to_string()).unwrap_err().to_string();
+        let message = ModelConfig::from_json(&value.to_string())
+            .unwrap_err()
+            .to_string();
         assert!(message.contains("n_experts"), "{message}");
     }
 }

@@ -80,9 +80,7 @@ impl CpuFeatures {
             Isa::Avx2 => self.avx2 && self.fma,
             Isa::Avx512 => avx512,
             Isa::Avx512bf16 => avx512 && self.avx512_bf16,
-            Isa::Amx => {
-                avx512 && self.amx_bf16 && matches!(self.amx_permission, Some(Ok(())))
-            }
+            Isa::Amx => avx512 && self.amx_bf16 && matches!(self.amx_permission, Some(Ok(()))),
         }
     }
 
@@ -142,7 +140,11 @@ impl CpuFeatures {
             (self.amx_bf16, "amx_bf16"),
             (self.amx_int8, "amx_int8"),
         ];
-        flags.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect()
+        flags
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect()
     }
 }
 
@@ -239,7 +241,13 @@ fn request_amx_permission() -> Result<(), String> {
     const XFEATURE_XTILEDATA: libc::c_long = 18;
     // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integers and changes only this
     // process's permitted xsave state.
-    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {

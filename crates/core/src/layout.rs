@@ -190,7 +190,13 @@ impl SpecBuilder<'_> {
         }
     }
 
-    fn add(&mut self, name: String, shape: Vec<usize>, kind: ParamKind, layer: Option<usize>) -> Region {
+    fn add(
+        &mut self,
+        name: String,
+        shape: Vec<usize>,
+        kind: ParamKind,
+        layer: Option<usize>,
+    ) -> Region {
         let region = self.cursor.take(shape.iter().product());
         let init = self.init(kind);
         self.specs.push(ParamSpec {
@@ -239,8 +245,14 @@ impl SpecBuilder<'_> {
             let shape = vec![config.n_heads];
             self.add(name("self_attn.q_gain"), shape, control(Control::QGain), at)
         });
-        let v_mix = (arch.value_residual && l > 0)
-            .then(|| self.add(name("self_attn.v_mix"), vec![2], control(Control::ValueMix), at));
+        let v_mix = (arch.value_residual && l > 0).then(|| {
+            self.add(
+                name("self_attn.v_mix"),
+                vec![2],
+                control(Control::ValueMix),
+                at,
+            )
+        });
         let scale = control(Control::BranchScale);
         let attn_scale = arch
             .branch_scales
@@ -253,9 +265,14 @@ impl SpecBuilder<'_> {
         let mlp_scale = arch
             .branch_scales
             .then(|| self.add(name("mlp_scale"), vec![c], scale, at));
-        let resid_mix = arch
-            .resid_mix
-            .then(|| self.add(name("resid_mix"), vec![2, c], control(Control::ResidMix), at));
+        let resid_mix = arch.resid_mix.then(|| {
+            self.add(
+                name("resid_mix"),
+                vec![2, c],
+                control(Control::ResidMix),
+                at,
+            )
+        });
         LayerParams {
             attn_norm,
             wq,
@@ -289,7 +306,12 @@ impl ParamLayout {
             specs: Vec::new(),
         };
         use ParamKind::{Classifier, Embedding, NormGain};
-        let embedding = b.add("model.embed_tokens.weight".into(), vec![v, c], Embedding, None);
+        let embedding = b.add(
+            "model.embed_tokens.weight".into(),
+            vec![v, c],
+            Embedding,
+            None,
+        );
         let bigram = (arch.bigram_buckets > 0).then(|| {
             let shape = vec![arch.bigram_buckets, c];
             b.add("model.bigram_embed.weight".into(), shape, Embedding, None)
@@ -436,92 +458,7 @@ impl ActivationLayout {
         };
         let scales = arch.branch_scales;
         let layers: Vec<LayerActivations> = (0..config.n_layers)
-            .map(|l| {
-                let x_in = if skip_source(config, l).is_some() {
-                    cur.take(n * c)
-                } else {
-                    residual[l]
-                };
-                let x_blk = if arch.resid_mix {
-                    cur.take(n * c)
-                } else {
-                    x_in
-                };
-                let xn_attn = cur.take(n * c);
-                let rstd_attn = cur.take(n);
-                let q_lin = cur.take(q);
-                let k_lin = cur.take(kv);
-                let v_ = cur.take(kv);
-                let (q_pre, k_pre, q_rstd, k_rstd) = if config.qk_norm {
-                    (
-                        cur.take(q),
-                        cur.take(kv),
-                        Some(cur.take(n * config.n_heads)),
-                        Some(cur.take(n * config.n_kv_heads)),
-                    )
-                } else {
-                    (q_lin, k_lin, None, None)
-                };
-                let q_rope = cur.take(q);
-                let q_ = if arch.q_gain.is_some() {
-                    cur.take(q)
-                } else {
-                    q_rope
-                };
-                let k = cur.take(kv);
-                let v_used = if arch.value_residual && l > 0 {
-                    cur.take(kv)
-                } else {
-                    v_
-                };
-                let attn_saved = cur.take(attention_saved_len);
-                let attn_out = cur.take(q);
-                let x_mid = cur.take(n * c);
-                let xn_ffn = cur.take(n * c);
-                let rstd_ffn = cur.take(n);
-                let gate = cur.take(if config.arch.mlp == Mlp::Swiglu {
-                    n * f
-                } else {
-                    0
-                });
-                let up = cur.take(n * f);
-                let hidden = cur.take(n * f);
-                // Without branch scales the projections are consumed at once: o_proj's output
-                // goes through `xn_ffn` (free until the MLP norm) and down_proj's through the
-                // next block's `x_in` or `xn_final` scratch, as assigned below.
-                let (attn_proj, mlp_proj) = if scales {
-                    (cur.take(n * c), cur.take(n * c))
-                } else {
-                    (xn_ffn, Region { offset: 0, len: 0 })
-                };
-                LayerActivations {
-                    x_in,
-                    x_blk,
-                    xn_attn,
-                    rstd_attn,
-                    q_lin,
-                    k_lin,
-                    v: v_,
-                    q_pre,
-                    k_pre,
-                    q_rstd,
-                    k_rstd,
-                    q_rope,
-                    q: q_,
-                    k,
-                    v_used,
-                    attn_saved,
-                    attn_out,
-                    attn_proj,
-                    x_mid,
-                    xn_ffn,
-                    rstd_ffn,
-                    gate,
-                    up,
-                    hidden,
-                    mlp_proj,
-                }
-            })
+            .map(|l| block_activations(config, &mut cur, &residual, l, n, attention_saved_len))
             .collect();
         let xn_final = cur.take(n * c);
         let rstd_final = cur.take(n);
@@ -626,5 +563,104 @@ impl ActivationLayout {
 
     pub fn total_len(&self) -> usize {
         self.total
+    }
+}
+
+/// Block `l`'s activations for `n` rows (one step's B·T), taken from `cur` in arena order.
+fn block_activations(
+    config: &ModelConfig,
+    cur: &mut Cursor,
+    residual: &[Region],
+    l: usize,
+    n: usize,
+    attention_saved_len: usize,
+) -> LayerActivations {
+    let (c, f) = (config.dim, config.hidden_dim);
+    let (q, kv) = (n * config.q_dim(), n * config.kv_dim());
+    let arch = &config.arch;
+    let scales = arch.branch_scales;
+    let x_in = if skip_source(config, l).is_some() {
+        cur.take(n * c)
+    } else {
+        residual[l]
+    };
+    let x_blk = if arch.resid_mix {
+        cur.take(n * c)
+    } else {
+        x_in
+    };
+    let xn_attn = cur.take(n * c);
+    let rstd_attn = cur.take(n);
+    let q_lin = cur.take(q);
+    let k_lin = cur.take(kv);
+    let v_ = cur.take(kv);
+    let (q_pre, k_pre, q_rstd, k_rstd) = if config.qk_norm {
+        (
+            cur.take(q),
+            cur.take(kv),
+            Some(cur.take(n * config.n_heads)),
+            Some(cur.take(n * config.n_kv_heads)),
+        )
+    } else {
+        (q_lin, k_lin, None, None)
+    };
+    let q_rope = cur.take(q);
+    let q_ = if arch.q_gain.is_some() {
+        cur.take(q)
+    } else {
+        q_rope
+    };
+    let k = cur.take(kv);
+    let v_used = if arch.value_residual && l > 0 {
+        cur.take(kv)
+    } else {
+        v_
+    };
+    let attn_saved = cur.take(attention_saved_len);
+    let attn_out = cur.take(q);
+    let x_mid = cur.take(n * c);
+    let xn_ffn = cur.take(n * c);
+    let rstd_ffn = cur.take(n);
+    let gate = cur.take(if config.arch.mlp == Mlp::Swiglu {
+        n * f
+    } else {
+        0
+    });
+    let up = cur.take(n * f);
+    let hidden = cur.take(n * f);
+    // Without branch scales the projections are consumed at once: o_proj's output
+    // goes through `xn_ffn` (free until the MLP norm) and down_proj's through the
+    // next block's `x_in` or `xn_final` scratch, as assigned below.
+    let (attn_proj, mlp_proj) = if scales {
+        (cur.take(n * c), cur.take(n * c))
+    } else {
+        (xn_ffn, Region { offset: 0, len: 0 })
+    };
+    LayerActivations {
+        x_in,
+        x_blk,
+        xn_attn,
+        rstd_attn,
+        q_lin,
+        k_lin,
+        v: v_,
+        q_pre,
+        k_pre,
+        q_rstd,
+        k_rstd,
+        q_rope,
+        q: q_,
+        k,
+        v_used,
+        attn_saved,
+        attn_out,
+        attn_proj,
+        x_mid,
+        xn_ffn,
+        rstd_ffn,
+        gate,
+        up,
+        hidden,
+        mlp_proj,
     }
 }

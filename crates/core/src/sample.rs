@@ -104,7 +104,10 @@ pub fn generate<B: Backend>(
     );
     let vocab = model.config.vocab_size as u32;
     if let Some(&bad) = prompt.iter().find(|&&t| t >= vocab) {
-        crate::fail!(Shape, "prompt token {bad} is outside the model's vocabulary of {vocab}");
+        crate::fail!(
+            Shape,
+            "prompt token {bad} is outside the model's vocabulary of {vocab}"
+        );
     }
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let mut cache = model.kv_cache(prompt.len() + max_new)?;

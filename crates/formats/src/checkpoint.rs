@@ -381,4 +381,3 @@ pub fn list(checkpoints_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     found.sort();
     Ok(found)
 }
-

@@ -84,7 +84,10 @@ pub fn read_shard(path: &Path, vocab_size: usize) -> Result<Vec<u32>> {
     );
     let payload = &bytes[HEADER_INTS * 4..];
     let tokens: Vec<u32> = if width == 2 {
-        le_values::<u16>(payload).into_iter().map(u32::from).collect()
+        le_values::<u16>(payload)
+            .into_iter()
+            .map(u32::from)
+            .collect()
     } else {
         le_values::<u32>(payload)
     };

@@ -133,7 +133,8 @@ impl Llama2cVocab {
             *at += n;
             Ok(s)
         };
-        let u32_at = |at: &mut usize| -> Result<u32> { Ok(le_at::<u32>(take(at, 4)?, 0).unwrap_or(0)) };
+        let u32_at =
+            |at: &mut usize| -> Result<u32> { Ok(le_at::<u32>(take(at, 4)?, 0).unwrap_or(0)) };
         let max_token_length = u32_at(&mut at)?;
         let (mut pieces, mut scores) = (Vec::new(), Vec::new());
         while at < bytes.len() {

@@ -160,7 +160,11 @@ impl HostMemory {
     fn f32_window(&self, offset: usize, len: usize) -> *mut f32 {
         match &self.data {
             Storage::F32(data) => {
-                assert!(offset + len <= data.len(), "view {offset}+{len} out of {}", data.len());
+                assert!(
+                    offset + len <= data.len(),
+                    "view {offset}+{len} out of {}",
+                    data.len()
+                );
                 // UnsafeCell<f32> has the layout of f32.
                 data[offset..].as_ptr() as *mut f32
             }
@@ -204,7 +208,10 @@ impl ReferenceBackend {
     /// and its other outputs).
     fn write<'a>(&self, view: V<'a>, inputs: &[V]) -> &'a mut [f32] {
         for input in inputs {
-            assert!(!view.overlaps(input), "kernel output {view:?} overlaps {input:?}");
+            assert!(
+                !view.overlaps(input),
+                "kernel output {view:?} overlaps {input:?}"
+            );
         }
         let ptr = view.memory().f32_window(view.offset(), view.len());
         // SAFETY: in bounds (checked by `f32_window`) and disjoint from every other view this
@@ -389,10 +396,21 @@ impl Backend for ReferenceBackend {
 
     fn rope_backward(&self, dinp: V, dout: V, s: RopeShape) {
         assert_eq!(dout.len(), s.batch * s.seq * s.heads * s.head_dim);
-        assert_eq!(s.start_pos, 0, "rope_backward: training positions start at 0");
+        assert_eq!(
+            s.start_pos, 0,
+            "rope_backward: training positions start at 0"
+        );
         let d = self.write(dinp, &[dout]);
         let dout = self.read(dout);
-        rope::rope_backward(d, dout, s.seq, s.heads, s.head_dim, s.rot_dims, s.theta as f64);
+        rope::rope_backward(
+            d,
+            dout,
+            s.seq,
+            s.heads,
+            s.head_dim,
+            s.rot_dims,
+            s.theta as f64,
+        );
     }
 
     fn attention_saved_len(&self, s: AttentionShape) -> usize {
@@ -480,7 +498,10 @@ impl Backend for ReferenceBackend {
     }
 
     fn scale_forward(&self, out: V, inp: V, scale: V, s: ScaleShape, mode: Accumulate) {
-        assert_eq!((inp.len(), scale.len()), (s.rows * s.groups * s.inner, s.groups));
+        assert_eq!(
+            (inp.len(), scale.len()),
+            (s.rows * s.groups * s.inner, s.groups)
+        );
         let o = self.write(out, &[inp, scale]);
         scale::scale_forward(o, self.read(inp), self.read(scale), s.inner, mode);
     }
@@ -495,7 +516,10 @@ impl Backend for ReferenceBackend {
         s: ScaleShape,
         mode: Accumulate,
     ) {
-        assert_eq!((inp.len(), scale.len()), (s.rows * s.groups * s.inner, s.groups));
+        assert_eq!(
+            (inp.len(), scale.len()),
+            (s.rows * s.groups * s.inner, s.groups)
+        );
         let inputs = [dout, inp, scale];
         let di = self.write(dinp, &[&inputs[..], &[dscale]].concat());
         let g = self.write(dscale, &inputs);

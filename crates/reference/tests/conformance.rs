@@ -17,7 +17,11 @@ fn kernels_match_the_f64_reference() {
     let report = kiln_conformance::check_kernels(&ReferenceBackend).unwrap();
     println!("{} kernel cases passed", report.passed);
     // The reference backend runs every shape: it is what the others fall back to.
-    assert!(report.declined.is_empty(), "declined: {:?}", report.declined);
+    assert!(
+        report.declined.is_empty(),
+        "declined: {:?}",
+        report.declined
+    );
     // Every trait method that computes has at least one case (27 ops, plus variants).
     assert!(report.passed >= 40, "only {} cases", report.passed);
 }

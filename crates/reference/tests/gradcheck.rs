@@ -10,6 +10,7 @@
 //! The residual add has no backward kernel (its gradient is the identity, realised by the
 //! model's accumulation into the residual-stream gradient), so it has no check here.
 
+use kiln_core::backend::Accumulate;
 use kiln_reference::activation::{
     relu2_backward, relu2_forward, softcap_backward, softcap_forward,
 };
@@ -21,7 +22,6 @@ use kiln_reference::rope::{rope_backward, rope_forward};
 use kiln_reference::scale::{scale_backward, scale_forward};
 use kiln_reference::swiglu::{swiglu_backward, swiglu_forward};
 use kiln_reference::xent::{cross_entropy_backward, cross_entropy_forward};
-use kiln_core::backend::Accumulate;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

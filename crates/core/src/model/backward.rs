@@ -7,8 +7,7 @@
 
 use super::{bigram_ids, mlp_slope, view, Activations, Model};
 use crate::backend::{
-    Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape,
-    View,
+    Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape, View,
 };
 use crate::config::Mlp;
 use crate::layout::{skip_source, LayerActivations, LayerParams, Region};
@@ -68,7 +67,13 @@ impl<B: Backend> Model<B> {
     /// Accumulates (`+=`) into `grads` the gradient of `loss_weight · mean loss` of the last
     /// [`Model::forward`] (which must have had targets). `loss_weight` is 1 for one micro-batch,
     /// 1/accumulation steps to average several, or the fp16 loss scale.
-    pub fn backward(&self, acts: &Activations<B>, tokens: &[u32], targets: &[u32], loss_weight: f32) {
+    pub fn backward(
+        &self,
+        acts: &Activations<B>,
+        tokens: &[u32],
+        targets: &[u32],
+        loss_weight: f32,
+    ) {
         let cfg = &self.config;
         let arch = &cfg.arch;
         let be = &self.backend;
@@ -174,11 +179,26 @@ impl<B: Backend> Model<B> {
         let last = a(al.residual[cfg.n_layers]);
         let rstd = a(al.rstd_final);
         let shape = sh.norm(n, c);
-        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), last, gain, rstd, shape, Overwrite);
+        be.rmsnorm_backward(
+            a(d.residual),
+            gain_grad,
+            a(d.xn),
+            last,
+            gain,
+            rstd,
+            shape,
+            Overwrite,
+        );
     }
 
     /// The MLP branch of one block: from dL/d(block output) in `d.residual` to dL/d(x_mid).
-    fn mlp_backward(&self, acts: &Activations<B>, w: &LayerParams, s: &LayerActivations, sh: &Shapes) {
+    fn mlp_backward(
+        &self,
+        acts: &Activations<B>,
+        w: &LayerParams,
+        s: &LayerActivations,
+        sh: &Shapes,
+    ) {
         let (cfg, be) = (&self.config, &self.backend);
         let a = |r: Region| view::<B>(&acts.memory, r);
         let p = |r: Region| view::<B>(self.weights(), r);
@@ -187,11 +207,27 @@ impl<B: Backend> Model<B> {
         let (c, f) = (cfg.dim, cfg.hidden_dim);
         if let Some(sc) = w.mlp_scale {
             let (dout, inp) = (a(d.residual), a(s.mlp_proj));
-            be.scale_backward(a(d.mlp_proj), g(sc), dout, inp, p(sc), sh.scale(c, 1), Overwrite);
+            be.scale_backward(
+                a(d.mlp_proj),
+                g(sc),
+                dout,
+                inp,
+                p(sc),
+                sh.scale(c, 1),
+                Overwrite,
+            );
         }
         let (dw_down, w_down) = (g(w.w_down), p(w.w_down));
         let (dout, hidden) = (a(d.mlp_proj), a(s.hidden));
-        be.matmul_backward(a(d.hidden), dw_down, dout, hidden, w_down, sh.mm(f, c), Overwrite);
+        be.matmul_backward(
+            a(d.hidden),
+            dw_down,
+            dout,
+            hidden,
+            w_down,
+            sh.mm(f, c),
+            Overwrite,
+        );
         let mut up_mode = Overwrite;
         match (cfg.arch.mlp, w.w_gate) {
             (Mlp::Swiglu, Some(w_gate)) => {
@@ -208,7 +244,16 @@ impl<B: Backend> Model<B> {
         let (gain, gain_grad) = self.gain_and_grad(w.ffn_norm, c);
         let (x_mid, rstd) = (a(s.x_mid), a(s.rstd_ffn));
         let shape = sh.norm(sh.n, c);
-        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x_mid, gain, rstd, shape, Add);
+        be.rmsnorm_backward(
+            a(d.residual),
+            gain_grad,
+            a(d.xn),
+            x_mid,
+            gain,
+            rstd,
+            shape,
+            Add,
+        );
     }
 
     /// The attention branch of block `l`: from dL/d(x_mid) in `d.residual` to dL/d(x_blk).
@@ -225,14 +270,30 @@ impl<B: Backend> Model<B> {
         let p = |r: Region| view::<B>(self.weights(), r);
         let g = |r: Region| view::<B>(&self.grads, r);
         let (al, d) = (&acts.layout, &acts.layout.grads);
-        let (n, c, hd) = (sh.n, cfg.dim, cfg.head_dim);
+        let (c, hd) = (cfg.dim, cfg.head_dim);
         let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
         if let Some(sc) = w.attn_scale {
             let (dout, inp) = (a(d.residual), a(s.attn_proj));
-            be.scale_backward(a(d.attn_proj), g(sc), dout, inp, p(sc), sh.scale(c, 1), Overwrite);
+            be.scale_backward(
+                a(d.attn_proj),
+                g(sc),
+                dout,
+                inp,
+                p(sc),
+                sh.scale(c, 1),
+                Overwrite,
+            );
         }
         let (dout, out) = (a(d.attn_proj), a(s.attn_out));
-        be.matmul_backward(a(d.attn_out), g(w.wo), dout, out, p(w.wo), sh.mm(nh * hd, c), Overwrite);
+        be.matmul_backward(
+            a(d.attn_out),
+            g(w.wo),
+            dout,
+            out,
+            p(w.wo),
+            sh.mm(nh * hd, c),
+            Overwrite,
+        );
         let grads = Qkv {
             q: a(d.q),
             k: a(d.k),
@@ -253,7 +314,15 @@ impl<B: Backend> Model<B> {
         be.attention_backward(grads, a(d.attn_out), inputs, a(s.attn_saved), shape);
         if let Some(gn) = w.q_gain {
             let (dq, q_rope) = (a(d.q), a(s.q_rope));
-            be.scale_backward(a(d.q_rope), g(gn), dq, q_rope, p(gn), sh.scale(nh, hd), Overwrite);
+            be.scale_backward(
+                a(d.q_rope),
+                g(gn),
+                dq,
+                q_rope,
+                p(gn),
+                sh.scale(nh, hd),
+                Overwrite,
+            );
         }
         be.rope_backward(a(d.q_pre), a(d.q_rope), sh.rope(nh));
         be.rope_backward(a(d.k_pre), a(d.k), sh.rope(nkv));
@@ -272,23 +341,94 @@ impl<B: Backend> Model<B> {
             debug_assert_eq!(l, 0);
             be.residual_forward(a(d.v_lin), a(d.v), a(d.v_first));
         }
+        self.qkv_backward(acts, w, s, sh);
+    }
+
+    /// The q/k norms, the q, k, v projections and the attention norm, back to dL/d(x_blk)
+    /// (added into `d.residual`).
+    fn qkv_backward(
+        &self,
+        acts: &Activations<B>,
+        w: &LayerParams,
+        s: &LayerActivations,
+        sh: &Shapes,
+    ) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let d = &acts.layout.grads;
+        let (n, c, hd) = (sh.n, cfg.dim, cfg.head_dim);
+        let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
+        let kvd = nkv * hd;
         if let (Some(qr), Some(kr)) = (s.q_rstd, s.k_rstd) {
             let (q_gain, q_grad) = self.gain_and_grad(w.q_norm, hd);
             let (k_gain, k_grad) = self.gain_and_grad(w.k_norm, hd);
             let (dq, q_lin) = (a(d.q_pre), a(s.q_lin));
             let (dk, k_lin) = (a(d.k_pre), a(s.k_lin));
             let (q_shape, k_shape) = (sh.norm(n * nh, hd), sh.norm(n * nkv, hd));
-            be.rmsnorm_backward(a(d.q_lin), q_grad, dq, q_lin, q_gain, a(qr), q_shape, Overwrite);
-            be.rmsnorm_backward(a(d.k_lin), k_grad, dk, k_lin, k_gain, a(kr), k_shape, Overwrite);
+            be.rmsnorm_backward(
+                a(d.q_lin),
+                q_grad,
+                dq,
+                q_lin,
+                q_gain,
+                a(qr),
+                q_shape,
+                Overwrite,
+            );
+            be.rmsnorm_backward(
+                a(d.k_lin),
+                k_grad,
+                dk,
+                k_lin,
+                k_gain,
+                a(kr),
+                k_shape,
+                Overwrite,
+            );
         }
         let xn = a(s.xn_attn);
-        be.matmul_backward(a(d.xn), g(w.wq), a(d.q_lin), xn, p(w.wq), sh.mm(c, nh * hd), Overwrite);
-        be.matmul_backward(a(d.xn), g(w.wk), a(d.k_lin), xn, p(w.wk), sh.mm(c, kvd), Add);
-        be.matmul_backward(a(d.xn), g(w.wv), a(d.v_lin), xn, p(w.wv), sh.mm(c, kvd), Add);
+        be.matmul_backward(
+            a(d.xn),
+            g(w.wq),
+            a(d.q_lin),
+            xn,
+            p(w.wq),
+            sh.mm(c, nh * hd),
+            Overwrite,
+        );
+        be.matmul_backward(
+            a(d.xn),
+            g(w.wk),
+            a(d.k_lin),
+            xn,
+            p(w.wk),
+            sh.mm(c, kvd),
+            Add,
+        );
+        be.matmul_backward(
+            a(d.xn),
+            g(w.wv),
+            a(d.v_lin),
+            xn,
+            p(w.wv),
+            sh.mm(c, kvd),
+            Add,
+        );
         let (gain, gain_grad) = self.gain_and_grad(w.attn_norm, c);
         let (x_blk, rstd) = (a(s.x_blk), a(s.rstd_attn));
         let shape = sh.norm(n, c);
-        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x_blk, gain, rstd, shape, Add);
+        be.rmsnorm_backward(
+            a(d.residual),
+            gain_grad,
+            a(d.xn),
+            x_blk,
+            gain,
+            rstd,
+            shape,
+            Add,
+        );
     }
 
     /// From dL/d(x_blk) through resid_mix (to x_in, and to x0 collected in `d.x0`) and the

@@ -7,7 +7,7 @@ use crate::backend::{
     ScaleShape, View,
 };
 use crate::config::Mlp;
-use crate::layout::{skip_source, Region};
+use crate::layout::{skip_source, LayerActivations, LayerParams, Region};
 use crate::Result;
 
 impl<B: Backend> Model<B> {
@@ -34,8 +34,86 @@ impl<B: Backend> Model<B> {
         let (b, t) = (acts.layout.batch, acts.layout.seq);
         let n = b * t;
         if tokens.len() != n {
-            crate::fail!(Shape, "forward: {} tokens for a {b}×{t} batch", tokens.len());
+            crate::fail!(
+                Shape,
+                "forward: {} tokens for a {b}×{t} batch",
+                tokens.len()
+            );
         }
+        let cfg = &self.config;
+        let arch = &cfg.arch;
+        let c = cfg.dim;
+        let be = &self.backend;
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let gain = |r: Option<Region>, len: usize| r.map_or(self.ones(len), p);
+        let al = &acts.layout;
+        let eps = cfg.norm_eps as f32;
+        let norm = |rows, dim| NormShape { rows, dim, eps };
+
+        be.embedding_forward(a(al.emb_tok), p(self.layout.embedding), tokens, c);
+        if let Some(table) = self.layout.bigram {
+            let prev = slot.as_ref().and_then(|s| s.cache.last_token);
+            let ids = bigram_ids(tokens, t, prev, arch.bigram_buckets);
+            be.embedding_forward(a(al.emb_bigram), p(table), &ids, c);
+            be.residual_forward(a(al.embed), a(al.emb_tok), a(al.emb_bigram));
+        }
+        if arch.embed_norm {
+            let x0 = a(al.residual[0]);
+            be.rmsnorm_forward(x0, a(al.rstd_embed), a(al.embed), self.ones(c), norm(n, c));
+        }
+        for (l, (w, s)) in self.layout.layers.iter().zip(&al.layers).enumerate() {
+            self.block_forward(acts, l, w, s, slot.as_ref());
+        }
+        let last = a(al.residual[cfg.n_layers]);
+        let final_norm = gain(self.layout.final_norm, c);
+        be.rmsnorm_forward(
+            a(al.xn_final),
+            a(al.rstd_final),
+            last,
+            final_norm,
+            norm(n, c),
+        );
+        let vocab = cfg.vocab_size;
+        let classifier = p(self.layout.classifier);
+        let shape = MatmulShape {
+            rows: n,
+            in_dim: c,
+            out_dim: vocab,
+        };
+        be.matmul_forward(a(al.logits_raw), a(al.xn_final), classifier, shape);
+        if let Some(cap) = arch.logit_softcap {
+            be.softcap_forward(a(al.logits), a(al.logits_raw), cap as f32);
+        }
+        let Some(targets) = targets else {
+            return Ok(None);
+        };
+        if targets.len() != n {
+            crate::fail!(
+                Shape,
+                "forward: {} targets for a {b}×{t} batch",
+                targets.len()
+            );
+        }
+        be.cross_entropy_forward(a(al.losses), a(al.logsumexp), a(al.logits), targets, vocab);
+        let losses = download(be, a(al.losses))?;
+        Ok(Some(
+            (losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32,
+        ))
+    }
+
+    /// Block `l`: the U-Net skip and resid_mix into its input, then attention and the MLP,
+    /// each added back into the residual stream.
+    fn block_forward(
+        &self,
+        acts: &Activations<B>,
+        l: usize,
+        w: &LayerParams,
+        s: &LayerActivations,
+        slot: Option<&CacheSlot<B>>,
+    ) {
+        let (b, t) = (acts.layout.batch, acts.layout.seq);
+        let n = b * t;
         let cfg = &self.config;
         let arch = &cfg.arch;
         let (c, hd, f) = (cfg.dim, cfg.head_dim, cfg.hidden_dim);
@@ -46,7 +124,6 @@ impl<B: Backend> Model<B> {
         let gain = |r: Option<Region>, len: usize| r.map_or(self.ones(len), p);
         let al = &acts.layout;
         let eps = cfg.norm_eps as f32;
-        let start_pos = slot.as_ref().map_or(0, |c| c.pos);
         let mm = |rows, in_dim, out_dim| MatmulShape {
             rows,
             in_dim,
@@ -60,7 +137,7 @@ impl<B: Backend> Model<B> {
             head_dim: hd,
             rot_dims: cfg.rope_dims(),
             theta: cfg.rope_theta as f32,
-            start_pos,
+            start_pos: slot.map_or(0, |c| c.pos),
         };
         let sc = |rows, groups, inner| ScaleShape {
             rows,
@@ -68,106 +145,72 @@ impl<B: Backend> Model<B> {
             inner,
         };
         use Accumulate::{Add, Overwrite};
-
-        be.embedding_forward(a(al.emb_tok), p(self.layout.embedding), tokens, c);
-        if let Some(table) = self.layout.bigram {
-            let prev = slot.as_ref().and_then(|s| s.cache.last_token);
-            let ids = bigram_ids(tokens, t, prev, arch.bigram_buckets);
-            be.embedding_forward(a(al.emb_bigram), p(table), &ids, c);
-            be.residual_forward(a(al.embed), a(al.emb_tok), a(al.emb_bigram));
-        }
-        if arch.embed_norm {
-            let x0 = a(al.residual[0]);
-            be.rmsnorm_forward(x0, a(al.rstd_embed), a(al.embed), self.ones(c), norm(n, c));
-        }
         let x0 = a(al.residual[0]);
-        for (l, (w, s)) in self.layout.layers.iter().zip(&al.layers).enumerate() {
-            if let Some((i, j)) = skip_source(cfg, l) {
-                let weights = self.skip_row(self.weights(), i);
-                be.copy(a(s.x_in), a(al.residual[l]));
-                be.scale_forward(a(s.x_in), a(al.residual[j + 1]), weights, sc(n, c, 1), Add);
-            }
-            if let Some(mix) = w.resid_mix {
-                let (m0, m1) = (p(mix).slice(0, c), p(mix).slice(c, c));
-                be.scale_forward(a(s.x_blk), a(s.x_in), m0, sc(n, c, 1), Overwrite);
-                be.scale_forward(a(s.x_blk), x0, m1, sc(n, c, 1), Add);
-            }
-            let x = a(s.x_blk);
-            let attn_norm = gain(w.attn_norm, c);
-            be.rmsnorm_forward(a(s.xn_attn), a(s.rstd_attn), x, attn_norm, norm(n, c));
-            be.matmul_forward(a(s.q_lin), a(s.xn_attn), p(w.wq), mm(n, c, nh * hd));
-            be.matmul_forward(a(s.k_lin), a(s.xn_attn), p(w.wk), mm(n, c, nkv * hd));
-            be.matmul_forward(a(s.v), a(s.xn_attn), p(w.wv), mm(n, c, nkv * hd));
-            if let (Some(qr), Some(kr)) = (s.q_rstd, s.k_rstd) {
-                let (qn, kn) = (gain(w.q_norm, hd), gain(w.k_norm, hd));
-                be.rmsnorm_forward(a(s.q_pre), a(qr), a(s.q_lin), qn, norm(n * nh, hd));
-                be.rmsnorm_forward(a(s.k_pre), a(kr), a(s.k_lin), kn, norm(n * nkv, hd));
-            }
-            be.rope_forward(a(s.q_rope), a(s.q_pre), rope(nh));
-            be.rope_forward(a(s.k), a(s.k_pre), rope(nkv));
-            if let Some(g) = w.q_gain {
-                be.scale_forward(a(s.q), a(s.q_rope), p(g), sc(n, nh, hd), Overwrite);
-            }
-            if let Some(mix) = w.v_mix {
-                let v_first = a(al.layers[0].v);
-                let (l0, l1) = (p(mix).slice(0, 1), p(mix).slice(1, 1));
-                be.scale_forward(a(s.v_used), a(s.v), l0, sc(n, 1, nkv * hd), Overwrite);
-                be.scale_forward(a(s.v_used), v_first, l1, sc(n, 1, nkv * hd), Add);
-            }
-            let inputs = Qkv {
-                q: a(s.q),
-                k: a(s.k),
-                v: a(s.v_used),
-            };
-            match &slot {
-                None => {
-                    let shape = AttentionShape {
-                        batch: b,
-                        seq: t,
-                        heads: nh,
-                        kv_heads: nkv,
-                        head_dim: hd,
-                    };
-                    be.attention_forward(a(s.attn_out), a(s.attn_saved), inputs, shape);
-                }
-                Some(slot) => self.attend_cached(slot, l, a(s.attn_out), inputs),
-            }
-            be.matmul_forward(a(s.attn_proj), a(s.attn_out), p(w.wo), mm(n, nh * hd, c));
-            self.branch_add(a(s.x_mid), x, a(s.attn_proj), w.attn_scale, n);
-            let ffn_norm = gain(w.ffn_norm, c);
-            be.rmsnorm_forward(a(s.xn_ffn), a(s.rstd_ffn), a(s.x_mid), ffn_norm, norm(n, c));
-            be.matmul_forward(a(s.up), a(s.xn_ffn), p(w.w_up), mm(n, c, f));
-            match (arch.mlp, w.w_gate) {
-                (Mlp::Swiglu, Some(w_gate)) => {
-                    be.matmul_forward(a(s.gate), a(s.xn_ffn), p(w_gate), mm(n, c, f));
-                    be.swiglu_forward(a(s.hidden), a(s.gate), a(s.up));
-                }
-                (mlp, _) => be.relu2_forward(a(s.hidden), a(s.up), mlp_slope(mlp)),
-            }
-            be.matmul_forward(a(s.mlp_proj), a(s.hidden), p(w.w_down), mm(n, f, c));
-            let out = a(al.residual[l + 1]);
-            self.branch_add(out, a(s.x_mid), a(s.mlp_proj), w.mlp_scale, n);
+        if let Some((i, j)) = skip_source(cfg, l) {
+            let weights = self.skip_row(self.weights(), i);
+            be.copy(a(s.x_in), a(al.residual[l]));
+            be.scale_forward(a(s.x_in), a(al.residual[j + 1]), weights, sc(n, c, 1), Add);
         }
-        let last = a(al.residual[cfg.n_layers]);
-        let final_norm = gain(self.layout.final_norm, c);
-        be.rmsnorm_forward(a(al.xn_final), a(al.rstd_final), last, final_norm, norm(n, c));
-        let vocab = cfg.vocab_size;
-        let classifier = p(self.layout.classifier);
-        be.matmul_forward(a(al.logits_raw), a(al.xn_final), classifier, mm(n, c, vocab));
-        if let Some(cap) = arch.logit_softcap {
-            be.softcap_forward(a(al.logits), a(al.logits_raw), cap as f32);
+        if let Some(mix) = w.resid_mix {
+            let (m0, m1) = (p(mix).slice(0, c), p(mix).slice(c, c));
+            be.scale_forward(a(s.x_blk), a(s.x_in), m0, sc(n, c, 1), Overwrite);
+            be.scale_forward(a(s.x_blk), x0, m1, sc(n, c, 1), Add);
         }
-        let Some(targets) = targets else {
-            return Ok(None);
+        let x = a(s.x_blk);
+        let attn_norm = gain(w.attn_norm, c);
+        be.rmsnorm_forward(a(s.xn_attn), a(s.rstd_attn), x, attn_norm, norm(n, c));
+        be.matmul_forward(a(s.q_lin), a(s.xn_attn), p(w.wq), mm(n, c, nh * hd));
+        be.matmul_forward(a(s.k_lin), a(s.xn_attn), p(w.wk), mm(n, c, nkv * hd));
+        be.matmul_forward(a(s.v), a(s.xn_attn), p(w.wv), mm(n, c, nkv * hd));
+        if let (Some(qr), Some(kr)) = (s.q_rstd, s.k_rstd) {
+            let (qn, kn) = (gain(w.q_norm, hd), gain(w.k_norm, hd));
+            be.rmsnorm_forward(a(s.q_pre), a(qr), a(s.q_lin), qn, norm(n * nh, hd));
+            be.rmsnorm_forward(a(s.k_pre), a(kr), a(s.k_lin), kn, norm(n * nkv, hd));
+        }
+        be.rope_forward(a(s.q_rope), a(s.q_pre), rope(nh));
+        be.rope_forward(a(s.k), a(s.k_pre), rope(nkv));
+        if let Some(g) = w.q_gain {
+            be.scale_forward(a(s.q), a(s.q_rope), p(g), sc(n, nh, hd), Overwrite);
+        }
+        if let Some(mix) = w.v_mix {
+            let v_first = a(al.layers[0].v);
+            let (l0, l1) = (p(mix).slice(0, 1), p(mix).slice(1, 1));
+            be.scale_forward(a(s.v_used), a(s.v), l0, sc(n, 1, nkv * hd), Overwrite);
+            be.scale_forward(a(s.v_used), v_first, l1, sc(n, 1, nkv * hd), Add);
+        }
+        let inputs = Qkv {
+            q: a(s.q),
+            k: a(s.k),
+            v: a(s.v_used),
         };
-        if targets.len() != n {
-            crate::fail!(Shape, "forward: {} targets for a {b}×{t} batch", targets.len());
+        match &slot {
+            None => {
+                let shape = AttentionShape {
+                    batch: b,
+                    seq: t,
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                };
+                be.attention_forward(a(s.attn_out), a(s.attn_saved), inputs, shape);
+            }
+            Some(slot) => self.attend_cached(slot, l, a(s.attn_out), inputs),
         }
-        be.cross_entropy_forward(a(al.losses), a(al.logsumexp), a(al.logits), targets, vocab);
-        let losses = download(be, a(al.losses))?;
-        Ok(Some(
-            (losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32,
-        ))
+        be.matmul_forward(a(s.attn_proj), a(s.attn_out), p(w.wo), mm(n, nh * hd, c));
+        self.branch_add(a(s.x_mid), x, a(s.attn_proj), w.attn_scale, n);
+        let ffn_norm = gain(w.ffn_norm, c);
+        be.rmsnorm_forward(a(s.xn_ffn), a(s.rstd_ffn), a(s.x_mid), ffn_norm, norm(n, c));
+        be.matmul_forward(a(s.up), a(s.xn_ffn), p(w.w_up), mm(n, c, f));
+        match (arch.mlp, w.w_gate) {
+            (Mlp::Swiglu, Some(w_gate)) => {
+                be.matmul_forward(a(s.gate), a(s.xn_ffn), p(w_gate), mm(n, c, f));
+                be.swiglu_forward(a(s.hidden), a(s.gate), a(s.up));
+            }
+            (mlp, _) => be.relu2_forward(a(s.hidden), a(s.up), mlp_slope(mlp)),
+        }
+        be.matmul_forward(a(s.mlp_proj), a(s.hidden), p(w.w_down), mm(n, f, c));
+        let out = a(al.residual[l + 1]);
+        self.branch_add(out, a(s.x_mid), a(s.mlp_proj), w.mlp_scale, n);
     }
 
     /// Decoding: stores this position's keys and values in the cache's row `pos` of layer

@@ -250,13 +250,15 @@ impl<B: Backend> Model<B> {
                 self.config.max_seq_len
             );
         }
-        let saved = self.backend.attention_saved_len(crate::backend::AttentionShape {
-            batch,
-            seq,
-            heads: self.config.n_heads,
-            kv_heads: self.config.n_kv_heads,
-            head_dim: self.config.head_dim,
-        });
+        let saved = self
+            .backend
+            .attention_saved_len(crate::backend::AttentionShape {
+                batch,
+                seq,
+                heads: self.config.n_heads,
+                kv_heads: self.config.n_kv_heads,
+                head_dim: self.config.head_dim,
+            });
         let layout = ActivationLayout::new(&self.config, batch, seq, saved);
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
         Ok(Activations { layout, memory })

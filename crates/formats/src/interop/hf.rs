@@ -15,9 +15,9 @@ use anyhow::{bail, ensure, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 
+use crate::fsutil::write_atomic;
 use kiln_core::bytes::{le_floats, FloatWidth};
 use kiln_core::config::ModelConfig;
-use crate::fsutil::write_atomic;
 use kiln_core::layout::ParamLayout;
 
 /// The architectures kiln reads and writes.
