@@ -1,12 +1,14 @@
-//! The one backend switch. `--backend auto|reference|cpu|cuda` (or `KILN_BACKEND`) on every
-//! command that computes is resolved here, and only here, into a concrete backend; the
-//! commands are generic over `Backend` and run through [`with_backend!`](crate::with_backend).
+//! The one backend switch. `--backend auto|reference|cpu|cuda` (or `KILN_BACKEND`) and
+//! `--precision bf16|f32` (or `KILN_PRECISION`) on every command that computes are resolved
+//! here, and only here, into a concrete backend; the commands are generic over `Backend` and
+//! run through [`with_backend!`](crate::with_backend).
 //!
 //! `auto` picks the fastest backend usable on this machine. A backend that is not compiled
 //! into this build, or not usable here, is refused with the reason, as candle's stand-in CUDA
 //! backend does; nothing falls back silently to another backend than the one asked for.
 
 use anyhow::{bail, Result};
+use kiln_cpu::{CpuBackend, Precision};
 use kiln_reference::ReferenceBackend;
 
 /// The backends `--backend` names.
@@ -45,13 +47,10 @@ pub fn availability(choice: BackendChoice) -> Result<(), String> {
     match choice {
         BackendChoice::Auto => Ok(()),
         BackendChoice::Reference => Ok(()),
-        BackendChoice::Cpu => Err(format!(
-            "not compiled into this kiln {}: the fast CPU backend is not written yet (this CPU's best tier would be {})",
-            env!("CARGO_PKG_VERSION"),
-            kiln_core::cpu::features()
-                .best()
-                .map_or("none (no AVX2+FMA)".to_string(), |i| i.to_string())
-        )),
+        BackendChoice::Cpu => kiln_core::cpu::selected_isa().and_then(|isa| match isa {
+            Some(_) => Ok(()),
+            None => Err("this CPU has no AVX2+FMA, the lowest tier of the fast CPU backend".into()),
+        }),
         BackendChoice::Cuda => {
             let driver = std::path::Path::new("/proc/driver/nvidia/version").exists();
             Err(format!(
@@ -67,9 +66,28 @@ pub fn availability(choice: BackendChoice) -> Result<(), String> {
     }
 }
 
-/// A backend resolved from a [`BackendChoice`]: one variant per backend compiled in.
+/// What `--backend` and `--precision` (or `KILN_BACKEND`, `KILN_PRECISION`) ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub backend: BackendChoice,
+    /// The matmuls' precision on the CPU backend; `None`: bf16 where the tier has a native
+    /// bf16 dot product, f32 elsewhere. The reference backend is f32 only.
+    pub precision: Option<Precision>,
+}
+
+impl From<BackendChoice> for Selection {
+    fn from(backend: BackendChoice) -> Self {
+        Selection {
+            backend,
+            precision: None,
+        }
+    }
+}
+
+/// A backend resolved from a [`Selection`]: one variant per backend compiled in.
 pub enum Resolved {
     Reference(ReferenceBackend),
+    Cpu(CpuBackend),
 }
 
 /// The backend `auto` picks: the first usable one, fastest first.
@@ -84,18 +102,34 @@ pub fn auto() -> BackendChoice {
     .unwrap_or(BackendChoice::Reference)
 }
 
-/// Resolves `choice` into a backend, or says why it cannot run here.
-pub fn resolve(choice: BackendChoice) -> Result<Resolved> {
-    let choice = match choice {
+/// Resolves a selection into a backend, or says why it cannot run here.
+pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
+    let selection = selection.into();
+    let choice = match selection.backend {
         BackendChoice::Auto => auto(),
         other => other,
     };
     if let Err(why) = availability(choice) {
         bail!("backend '{}' is not usable: {why}", choice.name());
     }
-    match choice {
-        BackendChoice::Reference => Ok(Resolved::Reference(ReferenceBackend)),
-        other => bail!("backend '{}' is not compiled into this kiln", other.name()),
+    match (choice, selection.precision) {
+        (BackendChoice::Reference, None | Some(Precision::F32)) => {
+            Ok(Resolved::Reference(ReferenceBackend))
+        }
+        (BackendChoice::Reference, Some(Precision::Bf16)) => {
+            bail!(
+                "the reference backend computes in f32 only: use --precision f32 or --backend cpu"
+            )
+        }
+        (BackendChoice::Cpu, precision) => {
+            let mut backend = CpuBackend::new().map_err(anyhow::Error::msg)?;
+            if let Some(precision) = precision {
+                backend = CpuBackend::with(backend.isa(), precision, backend.threads())
+                    .map_err(anyhow::Error::msg)?;
+            }
+            Ok(Resolved::Cpu(backend))
+        }
+        (other, _) => bail!("backend '{}' is not compiled into this kiln", other.name()),
     }
 }
 
@@ -106,6 +140,7 @@ macro_rules! with_backend {
     ($choice:expr, |$backend:ident| $body:expr) => {
         match $crate::backends::resolve($choice)? {
             $crate::backends::Resolved::Reference($backend) => $body,
+            $crate::backends::Resolved::Cpu($backend) => $body,
         }
     };
 }
@@ -115,7 +150,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_resolves_and_a_missing_backend_says_why() {
+    fn auto_resolves_and_a_missing_backend_says_why() -> Result<()> {
         assert!(resolve(BackendChoice::Auto).is_ok());
         assert!(resolve(BackendChoice::Reference).is_ok());
         let err = resolve(BackendChoice::Cuda).err().unwrap().to_string();
@@ -123,7 +158,15 @@ mod tests {
             err.contains("cuda") && err.contains("not compiled"),
             "{err}"
         );
-        let err = resolve(BackendChoice::Cpu).err().unwrap().to_string();
-        assert!(err.contains("cpu") && err.contains("not compiled"), "{err}");
+        if kiln_core::cpu::features().best().is_some() {
+            assert!(matches!(resolve(BackendChoice::Auto)?, Resolved::Cpu(_)));
+        }
+        let reference_bf16 = Selection {
+            backend: BackendChoice::Reference,
+            precision: Some(Precision::Bf16),
+        };
+        let err = resolve(reference_bf16).err().unwrap().to_string();
+        assert!(err.contains("f32 only"), "{err}");
+        Ok(())
     }
 }

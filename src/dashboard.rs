@@ -28,7 +28,7 @@ use kiln_core::model::Model;
 use kiln_core::sample::{complete, SamplingParams};
 use kiln_formats::checkpoint;
 
-use crate::backends::BackendChoice;
+use crate::backends::Selection;
 use crate::runlog::RunLog;
 use crate::telemetry::{human_duration, PerStage, Stage, Step, StopReason};
 
@@ -152,7 +152,7 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn start(tokens: usize, backend: BackendChoice) -> Self {
+    fn start(tokens: usize, backend: Selection) -> Self {
         let (req_tx, req_rx) = mpsc::channel::<PathBuf>();
         let (res_tx, res_rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -190,7 +190,7 @@ impl Sampler {
 
 /// A sample of `tokens` tokens from a checkpoint, with the engine's sampler and KV cache, on
 /// the backend the dashboard was given.
-fn sample_checkpoint(dir: &Path, tokens: usize, backend: BackendChoice) -> Result<String> {
+fn sample_checkpoint(dir: &Path, tokens: usize, backend: Selection) -> Result<String> {
     crate::with_backend!(backend, |b| sample_checkpoint_on(b, dir, tokens))
 }
 
@@ -665,7 +665,7 @@ fn draw_sample(frame: &mut Frame, app: &App, area: Rect) {
 /// Options of the dashboard.
 pub struct Options {
     /// The backend the checkpoint samples run on.
-    pub backend: BackendChoice,
+    pub backend: Selection,
     /// Tokens per checkpoint sample (0: no sampling).
     pub sample_tokens: usize,
     /// Leave once the run has finished (for scripts); otherwise wait for `q`.

@@ -93,9 +93,13 @@ pub fn report(m: &Machine) -> String {
     line(String::new());
     line("backends".into());
     for choice in BackendChoice::ALL {
-        let status = match backends::availability(choice) {
-            Ok(()) => "usable".to_string(),
-            Err(why) => format!("not usable: {why}"),
+        let status = match (backends::availability(choice), choice) {
+            (Ok(()), BackendChoice::Cpu) => match kiln_cpu::CpuBackend::new() {
+                Ok(cpu) => format!("usable: {}", kiln_core::backend::Backend::name(&cpu)),
+                Err(why) => format!("not usable: {why}"),
+            },
+            (Ok(()), _) => "usable".to_string(),
+            (Err(why), _) => format!("not usable: {why}"),
         };
         line(format!("  {:<10} {status}", choice.name()));
     }

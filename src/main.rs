@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use kiln::backends::BackendChoice;
+use kiln::backends::{BackendChoice, Selection};
 use kiln::commands::{EvalOptions, SampleOptions, Source};
 use kiln::train::{print_report, MuonConfig, OptimizerKind, Schedule, TrainConfig, Trainer};
 use kiln::with_backend;
 use kiln_core::backend::Backend;
 use kiln_core::quant::{PackRule, SchemeName};
 use kiln_core::sample::SamplingParams;
+use kiln_cpu::Precision;
 use kiln_formats::data::TokenizerSpec;
 use kiln_formats::interop::ExportFormat;
 use kiln_formats::model_config::from_preset_or_file;
@@ -35,6 +36,10 @@ struct Cli {
         default_value = "auto"
     )]
     backend: BackendChoice,
+    /// The matmuls' precision on the cpu backend: bf16 (f32 accumulation) or f32. Default:
+    /// bf16 where the CPU has a native bf16 dot product, f32 elsewhere.
+    #[arg(long, global = true, value_enum, env = "KILN_PRECISION")]
+    precision: Option<Precision>,
     #[command(subcommand)]
     command: Command,
 }
@@ -400,7 +405,10 @@ impl ModelSource {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let backend = cli.backend;
+    let backend = Selection {
+        backend: cli.backend,
+        precision: cli.precision,
+    };
     match cli.command {
         Command::Data {
             command:
@@ -588,7 +596,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     Ok(config)
 }
 
-fn train<B: Backend + 'static>(backend: B, choice: BackendChoice, args: TrainArgs) -> Result<()> {
+fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -> Result<()> {
     let mut trainer = match &args.resume {
         Some(run) => Trainer::resume(backend, run, args.steps)?,
         None => {

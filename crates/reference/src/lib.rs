@@ -252,6 +252,29 @@ impl ReferenceBackend {
     }
 }
 
+/// Access to this backend's memory for a backend that shares it (the fast CPU backend keeps
+/// its buffers in [`HostMemory`] so it can hand any kernel it does not accelerate to this
+/// one, on the same buffers).
+impl ReferenceBackend {
+    /// The f32 values of `view`.
+    ///
+    /// # Safety
+    /// No mutable slice overlapping the window may be alive while the returned one is, and
+    /// the slice must not outlive the kernel call it serves.
+    pub unsafe fn host_slice<'a>(view: V<'a>) -> &'a [f32] {
+        ReferenceBackend.read(view)
+    }
+
+    /// The f32 values of `view`, mutable; panics when it overlaps any of `inputs`.
+    ///
+    /// # Safety
+    /// `inputs` must list every other view the caller holds a slice of during the call, and
+    /// the slice must not outlive the kernel call it serves.
+    pub unsafe fn host_slice_mut<'a>(view: V<'a>, inputs: &[V]) -> &'a mut [f32] {
+        ReferenceBackend.write(view, inputs)
+    }
+}
+
 fn check_len(expected: usize, got: usize) -> Result<(), BackendError> {
     if expected == got {
         Ok(())

@@ -1,0 +1,62 @@
+//! The AVX-512F f32 micro-kernel: an 8 × 32 block of C in 16 zmm accumulators. Per k it
+//! loads two 16-wide rows of the B panel and broadcasts eight A values (folded into the FMA
+//! as `{1to16}` memory operands), 16 FMAs for 2 loads. Two FMA ports need at least 8
+//! independent accumulators to hide a 4-cycle latency; 16 leave room.
+
+use std::arch::x86_64::*;
+
+use super::merge_edge;
+
+pub const MR: usize = 8;
+pub const NR: usize = 32;
+
+/// `C[..rows, ..cols] (=|+=) A_strip · B_panel` over `kc` k.
+///
+/// # Safety
+/// The CPU has AVX-512F; `a` holds `kc · MR` and `b` `kc · NR` values; `c` is a `rows` ×
+/// `cols` block (rows ≤ MR, cols ≤ NR) with row stride `ldc`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn kernel(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    overwrite: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kc {
+        let b0 = _mm512_loadu_ps(b.add(p * NR));
+        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+        let ap = a.add(p * MR);
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*ap.add(i));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+    if rows == MR && cols == NR {
+        for (i, row) in acc.iter().enumerate() {
+            let dst = c.add(i * ldc);
+            for (h, v) in row.iter().enumerate() {
+                let d = dst.add(16 * h);
+                let v = if overwrite {
+                    *v
+                } else {
+                    _mm512_add_ps(*v, _mm512_loadu_ps(d))
+                };
+                _mm512_storeu_ps(d, v);
+            }
+        }
+    } else {
+        let mut tile = [0f32; MR * NR];
+        for (i, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
+            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), row[1]);
+        }
+        merge_edge(&tile, NR, c, ldc, rows, cols, overwrite);
+    }
+}

@@ -1,0 +1,433 @@
+//! The fast CPU backend: run-time ISA dispatch over four tiers (AVX2+FMA, AVX-512F,
+//! AVX512-BF16, AMX-BF16; `kiln_core::cpu`), packed register-blocked GEMMs for every tier
+//! ([`gemm`]), and a persistent thread pool ([`pool`]).
+//!
+//! Its buffers are the reference backend's [`HostMemory`], so a kernel this backend does not
+//! (yet) accelerate is handed to the reference backend on the very same buffers: fallback
+//! happens inside the backend, where the memory type is shared (as ggml's AMX backend hands
+//! a shape it cannot tile to the CPU path). Today the matmuls are this backend's own; the
+//! other kernel families run the reference kernels.
+//!
+//! Precision: master weights, gradients and optimizer state are f32. With `Precision::Bf16`
+//! (the default where the tier has a native bf16 dot product) the matmuls round their inputs
+//! to bf16 while packing and accumulate in f32; on the f32 tiers everything is f32. The AMX
+//! tier runs the AVX512-BF16 micro-kernel until its tile kernel lands.
+//!
+//! What it is not, yet: fused memory-bound kernels, flash attention, AdamW that writes bf16
+//! weight copies, a small-shape path without packing.
+
+pub mod gemm;
+pub mod pool;
+
+use std::sync::Arc;
+
+use kiln_core::backend::{
+    Accumulate, AdamWStep, AttentionShape, Backend, BackendError, DType, DecodeShape, Kernel,
+    MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint,
+    Tolerance, View,
+};
+use kiln_core::cpu::{self, Isa};
+pub use kiln_reference::HostMemory;
+use kiln_reference::ReferenceBackend;
+
+use gemm::{Mat, Microkernel};
+use pool::ThreadPool;
+
+/// The precision of the matmuls (everything else computes in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Precision {
+    /// bf16 inputs, f32 accumulation: only on tiers with a native bf16 dot product.
+    Bf16,
+    F32,
+}
+
+impl Precision {
+    /// bf16 where the tier has a native bf16 dot product; f32 elsewhere, where widening bf16
+    /// costs more than it saves (FACTS: PyTorch's bf16 ran 3× slower than its f32 there).
+    pub fn default_for(isa: Isa) -> Self {
+        match isa {
+            Isa::Avx512bf16 | Isa::Amx => Precision::Bf16,
+            Isa::Avx2 | Isa::Avx512 => Precision::F32,
+        }
+    }
+}
+
+/// The fast CPU backend (see the module docs).
+#[derive(Clone)]
+pub struct CpuBackend {
+    isa: Isa,
+    precision: Precision,
+    microkernel: Microkernel,
+    pool: Arc<ThreadPool>,
+}
+
+type V<'a> = View<'a, CpuBackend>;
+
+/// The same window as a view of the reference backend, which shares the memory type.
+fn r(view: V) -> View<ReferenceBackend> {
+    View::new(view.memory(), view.offset(), view.len())
+}
+
+fn rq(qkv: Qkv<CpuBackend>) -> Qkv<ReferenceBackend> {
+    Qkv {
+        q: r(qkv.q),
+        k: r(qkv.k),
+        v: r(qkv.v),
+    }
+}
+
+/// Threads for the pool: `KILN_THREADS`, or every CPU this process may use.
+fn default_threads() -> usize {
+    std::env::var("KILN_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+impl CpuBackend {
+    /// The backend at the best tier this machine allows (lowered to `KILN_ISA`), at that
+    /// tier's default precision, on all CPUs (or `KILN_THREADS`).
+    pub fn new() -> Result<Self, String> {
+        let isa = cpu::selected_isa()?
+            .ok_or("this CPU has no AVX2+FMA, the lowest tier of the fast CPU backend")?;
+        Self::with(isa, Precision::default_for(isa), default_threads())
+    }
+
+    /// The backend at an explicit tier and precision (the tests run every tier this way).
+    pub fn with(isa: Isa, precision: Precision, threads: usize) -> Result<Self, String> {
+        if let Some(why) = cpu::features().missing(isa) {
+            return Err(format!("tier {isa} is not usable here: {why}"));
+        }
+        if precision == Precision::Bf16 && Precision::default_for(isa) != Precision::Bf16 {
+            return Err(format!(
+                "tier {isa} has no native bf16 dot product: use f32"
+            ));
+        }
+        Ok(CpuBackend {
+            isa,
+            precision,
+            microkernel: Microkernel::for_isa(isa, precision == Precision::Bf16),
+            pool: Arc::new(ThreadPool::new(threads)),
+        })
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// `C = A·B` or `C += A·B` on this backend's micro-kernel and pool.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(&self, m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+        gemm::gemm(
+            &self.pool,
+            self.microkernel,
+            m,
+            n,
+            k,
+            a,
+            b,
+            c,
+            n,
+            accumulate,
+        );
+    }
+}
+
+/// f32 slices of a call's views: outputs checked disjoint from the inputs.
+macro_rules! slices {
+    (read $v:expr) => {
+        // SAFETY: the slice lives only for this kernel call, and every output of the call is
+        // checked against it by `host_slice_mut`.
+        unsafe { ReferenceBackend::host_slice(r($v)) }
+    };
+    (write $v:expr, [$($input:expr),*]) => {
+        // SAFETY: as above; the inputs listed are every other view of the call.
+        unsafe { ReferenceBackend::host_slice_mut(r($v), &[$(r($input)),*]) }
+    };
+}
+
+impl Backend for CpuBackend {
+    type Memory = HostMemory;
+
+    fn name(&self) -> String {
+        let precision = match self.precision {
+            Precision::Bf16 => "bf16 matmuls",
+            Precision::F32 => "f32",
+        };
+        format!(
+            "cpu ({}, {precision}, {} threads)",
+            self.isa,
+            self.threads()
+        )
+    }
+
+    fn supports(&self, _kernel: Kernel, _shape: ShapeHint) -> Result<(), String> {
+        // Every shape runs: what this backend does not tile goes to the reference kernels.
+        Ok(())
+    }
+
+    fn tolerance(&self, kernel: Kernel) -> Tolerance {
+        match (kernel, self.precision) {
+            // bf16 inputs carry 8 significant bits (relative error ≤ 2⁻⁹ each), so a product
+            // is within 2⁻⁸ of exact and a dot product within 2⁻⁸·Σ|aᵢbᵢ|. The conformance
+            // cases have k ≤ 32 and inputs within ±1 (Σ|aᵢbᵢ| ≈ k/4 ≤ 8): 0.03 absolute,
+            // and 1% of the value where it does not cancel.
+            (Kernel::Matmul, Precision::Bf16) => Tolerance {
+                atol: 3e-2,
+                rtol: 1e-2,
+            },
+            // f32 throughout, summed in another order than the reference: as the reference.
+            _ => ReferenceBackend.tolerance(kernel),
+        }
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<HostMemory, BackendError> {
+        ReferenceBackend.alloc(len, dtype)
+    }
+
+    fn upload(&self, dst: V, src: &[f32]) -> Result<(), BackendError> {
+        ReferenceBackend.upload(r(dst), src)
+    }
+
+    fn download(&self, src: V, dst: &mut [f32]) -> Result<(), BackendError> {
+        ReferenceBackend.download(r(src), dst)
+    }
+
+    fn synchronize(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn zero(&self, dst: V) {
+        ReferenceBackend.zero(r(dst))
+    }
+
+    fn copy(&self, dst: V, src: V) {
+        ReferenceBackend.copy(r(dst), r(src))
+    }
+
+    fn matmul_forward(&self, out: V, inp: V, weight: V, s: MatmulShape) {
+        assert_eq!(inp.len(), s.rows * s.in_dim, "matmul_forward: inp");
+        assert_eq!(weight.len(), s.out_dim * s.in_dim, "matmul_forward: weight");
+        assert_eq!(out.len(), s.rows * s.out_dim, "matmul_forward: out");
+        let o = slices!(write out, [inp, weight]);
+        let (x, w) = (slices!(read inp), slices!(read weight));
+        // out (rows, out) = inp (rows, in) · Wᵀ: B(k, j) = W[j, k].
+        let a = Mat {
+            data: x,
+            rs: s.in_dim,
+            cs: 1,
+        };
+        let b = Mat {
+            data: w,
+            rs: 1,
+            cs: s.in_dim,
+        };
+        self.gemm(s.rows, s.out_dim, s.in_dim, a, b, o, false);
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: V,
+        dweight: V,
+        dout: V,
+        inp: V,
+        weight: V,
+        s: MatmulShape,
+        dinp_mode: Accumulate,
+    ) {
+        assert_eq!(dout.len(), s.rows * s.out_dim, "matmul_backward: dout");
+        assert_eq!(dinp.len(), s.rows * s.in_dim, "matmul_backward: dinp");
+        assert_eq!(
+            dweight.len(),
+            s.out_dim * s.in_dim,
+            "matmul_backward: dweight"
+        );
+        let di = slices!(write dinp, [dout, inp, weight, dweight]);
+        let dw = slices!(write dweight, [dout, inp, weight]);
+        let (dy, x, w) = (slices!(read dout), slices!(read inp), slices!(read weight));
+        // dinp (rows, in) =/+= dout (rows, out) · W (out, in).
+        let a = Mat {
+            data: dy,
+            rs: s.out_dim,
+            cs: 1,
+        };
+        let b = Mat {
+            data: w,
+            rs: s.in_dim,
+            cs: 1,
+        };
+        let add = dinp_mode == Accumulate::Add;
+        self.gemm(s.rows, s.in_dim, s.out_dim, a, b, di, add);
+        // dweight (out, in) += doutᵀ (out, rows) · inp (rows, in).
+        let a = Mat {
+            data: dy,
+            rs: 1,
+            cs: s.out_dim,
+        };
+        let b = Mat {
+            data: x,
+            rs: s.in_dim,
+            cs: 1,
+        };
+        self.gemm(s.out_dim, s.in_dim, s.rows, a, b, dw, true);
+    }
+
+    fn embedding_forward(&self, out: V, table: V, tokens: &[u32], dim: usize) {
+        ReferenceBackend.embedding_forward(r(out), r(table), tokens, dim)
+    }
+
+    fn embedding_backward(&self, dtable: V, dout: V, tokens: &[u32], dim: usize) {
+        ReferenceBackend.embedding_backward(r(dtable), r(dout), tokens, dim)
+    }
+
+    fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, weight: V, s: NormShape) {
+        ReferenceBackend.rmsnorm_forward(r(out), r(rstd), r(inp), r(weight), s)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: V,
+        dweight: V,
+        dout: V,
+        inp: V,
+        weight: V,
+        rstd: V,
+        s: NormShape,
+        dinp_mode: Accumulate,
+    ) {
+        let (di, dw, dy) = (r(dinp), r(dweight), r(dout));
+        ReferenceBackend.rmsnorm_backward(di, dw, dy, r(inp), r(weight), r(rstd), s, dinp_mode)
+    }
+
+    fn rope_forward(&self, out: V, inp: V, s: RopeShape) {
+        ReferenceBackend.rope_forward(r(out), r(inp), s)
+    }
+
+    fn rope_backward(&self, dinp: V, dout: V, s: RopeShape) {
+        ReferenceBackend.rope_backward(r(dinp), r(dout), s)
+    }
+
+    fn attention_saved_len(&self, s: AttentionShape) -> usize {
+        ReferenceBackend.attention_saved_len(s)
+    }
+
+    fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {
+        ReferenceBackend.attention_forward(r(out), r(saved), rq(inputs), s)
+    }
+
+    fn attention_backward(
+        &self,
+        grads: Qkv<Self>,
+        dout: V,
+        inputs: Qkv<Self>,
+        saved: V,
+        s: AttentionShape,
+    ) {
+        ReferenceBackend.attention_backward(rq(grads), r(dout), rq(inputs), r(saved), s)
+    }
+
+    fn attention_decode(&self, out: V, q: V, k_cache: V, v_cache: V, s: DecodeShape) {
+        ReferenceBackend.attention_decode(r(out), r(q), r(k_cache), r(v_cache), s)
+    }
+
+    fn swiglu_forward(&self, out: V, gate: V, up: V) {
+        ReferenceBackend.swiglu_forward(r(out), r(gate), r(up))
+    }
+
+    fn swiglu_backward(&self, dgate: V, dup: V, dout: V, gate: V, up: V) {
+        ReferenceBackend.swiglu_backward(r(dgate), r(dup), r(dout), r(gate), r(up))
+    }
+
+    fn relu2_forward(&self, out: V, inp: V, slope: f32) {
+        ReferenceBackend.relu2_forward(r(out), r(inp), slope)
+    }
+
+    fn relu2_backward(&self, dinp: V, dout: V, inp: V, slope: f32) {
+        ReferenceBackend.relu2_backward(r(dinp), r(dout), r(inp), slope)
+    }
+
+    fn softcap_forward(&self, out: V, inp: V, cap: f32) {
+        ReferenceBackend.softcap_forward(r(out), r(inp), cap)
+    }
+
+    fn softcap_backward(&self, dinp: V, dout: V, out: V, cap: f32) {
+        ReferenceBackend.softcap_backward(r(dinp), r(dout), r(out), cap)
+    }
+
+    fn residual_forward(&self, out: V, a: V, b: V) {
+        ReferenceBackend.residual_forward(r(out), r(a), r(b))
+    }
+
+    fn accumulate(&self, out: V, inp: V) {
+        ReferenceBackend.accumulate(r(out), r(inp))
+    }
+
+    fn scale_forward(&self, out: V, inp: V, scale: V, s: ScaleShape, mode: Accumulate) {
+        ReferenceBackend.scale_forward(r(out), r(inp), r(scale), s, mode)
+    }
+
+    fn scale_backward(
+        &self,
+        dinp: V,
+        dscale: V,
+        dout: V,
+        inp: V,
+        scale: V,
+        s: ScaleShape,
+        mode: Accumulate,
+    ) {
+        let (di, ds, dy) = (r(dinp), r(dscale), r(dout));
+        ReferenceBackend.scale_backward(di, ds, dy, r(inp), r(scale), s, mode)
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: V,
+        logsumexp: V,
+        logits: V,
+        targets: &[u32],
+        vocab: usize,
+    ) {
+        let (l, s) = (r(losses), r(logsumexp));
+        ReferenceBackend.cross_entropy_forward(l, s, r(logits), targets, vocab)
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: V,
+        logits: V,
+        logsumexp: V,
+        targets: &[u32],
+        vocab: usize,
+        dloss: f32,
+    ) {
+        let (d, z, s) = (r(dlogits), r(logits), r(logsumexp));
+        ReferenceBackend.cross_entropy_backward(d, z, s, targets, vocab, dloss)
+    }
+
+    fn sum_squares(&self, x: V) -> f64 {
+        ReferenceBackend.sum_squares(r(x))
+    }
+
+    fn adamw_step(&self, params: V, grads: V, m: V, v: V, hp: &AdamWStep) {
+        ReferenceBackend.adamw_step(r(params), r(grads), r(m), r(v), hp)
+    }
+
+    fn ema_update(&self, ema: V, params: V, decay: f32) {
+        ReferenceBackend.ema_update(r(ema), r(params), decay)
+    }
+
+    fn muon_step(&self, params: V, grads: V, momentum: V, s: MatrixShape, hp: &MuonStep) {
+        ReferenceBackend.muon_step(r(params), r(grads), r(momentum), s, hp)
+    }
+}
