@@ -19,7 +19,7 @@
 pub mod gemm;
 pub mod pool;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kiln_core::backend::{
     Accumulate, AdamWStep, AttentionShape, Backend, BackendError, DType, DecodeShape, Kernel,
@@ -60,6 +60,8 @@ pub struct CpuBackend {
     precision: Precision,
     microkernel: Microkernel,
     pool: Arc<ThreadPool>,
+    /// The GEMMs' packing buffers, reused from call to call.
+    scratch: Arc<Mutex<gemm::Scratch>>,
 }
 
 type V<'a> = View<'a, CpuBackend>;
@@ -110,6 +112,7 @@ impl CpuBackend {
             precision,
             microkernel: Microkernel::for_isa(isa, precision == Precision::Bf16),
             pool: Arc::new(ThreadPool::new(threads)),
+            scratch: Arc::default(),
         })
     }
 
@@ -128,9 +131,12 @@ impl CpuBackend {
     /// `C = A·B` or `C += A·B` on this backend's micro-kernel and pool.
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let kernel = self.microkernel;
         gemm::gemm(
             &self.pool,
-            self.microkernel,
+            &mut scratch,
+            kernel,
             m,
             n,
             k,

@@ -73,8 +73,8 @@ pub struct Mat<'a> {
     pub cs: usize,
 }
 
+#[cfg(test)]
 impl Mat<'_> {
-    #[inline(always)]
     fn at(&self, i: usize, j: usize) -> f32 {
         self.data[i * self.rs + j * self.cs]
     }
@@ -88,8 +88,14 @@ const TILE_STRIPS: usize = 8;
 const TILE_PANELS: usize = 8;
 
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
 struct Shared<T>(*mut T);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
 // SAFETY: tasks write disjoint ranges (each proves it in its comment), and the pool's `run`
 // does not return before they are done.
 unsafe impl<T> Send for Shared<T> {}
@@ -103,9 +109,28 @@ impl<T> Shared<T> {
 }
 
 /// Packed operands: f32 or bf16 bit patterns.
-enum Packed {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
+#[derive(Clone, Copy)]
+enum PackedRef<'s> {
+    F32(&'s [f32]),
+    Bf16(&'s [u16]),
+}
+
+/// Packing buffers kept between calls: a training step's GEMMs reuse them instead of
+/// allocating (and page-faulting in) tens of megabytes per call.
+#[derive(Default)]
+pub struct Scratch {
+    a_f32: Vec<f32>,
+    b_f32: Vec<f32>,
+    a_bf16: Vec<u16>,
+    b_bf16: Vec<u16>,
+}
+
+/// `buffer` grown to at least `len` elements; its first `len` returned.
+fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
 }
 
 /// `C (m, n) = A · B` (or `C += A · B` with `accumulate`); C is row-major with row stride
@@ -113,6 +138,7 @@ enum Packed {
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     pool: &ThreadPool,
+    scratch: &mut Scratch,
     kernel: Microkernel,
     m: usize,
     n: usize,
@@ -141,29 +167,59 @@ pub fn gemm(
         k
     };
     let (strips, panels) = (m.div_ceil(mr), n.div_ceil(nr));
-    let a_packed = pack(pool, kernel, strips, mr, kp, |s, kk, r| {
-        let i = s * mr + r;
-        if i < m && kk < k {
-            a.at(i, kk)
-        } else {
-            0.0
-        }
-    });
-    let b_packed = pack(pool, kernel, panels, nr, kp, |p, kk, col| {
-        let j = p * nr + col;
-        if j < n && kk < k {
-            b.at(kk, j)
-        } else {
-            0.0
-        }
-    });
+    // A's strips run along its rows (lane stride rs), B's panels along its columns.
+    let (a_packed, b_packed) = if kernel.is_bf16() {
+        let a_buf = grown(&mut scratch.a_bf16, strips * kp * mr);
+        let b_buf = grown(&mut scratch.b_bf16, panels * kp * nr);
+        pack(
+            pool,
+            a_buf,
+            Source::new(a.data, a.rs, a.cs, m, k),
+            mr,
+            kp,
+            pack_bf16,
+        );
+        pack(
+            pool,
+            b_buf,
+            Source::new(b.data, b.cs, b.rs, n, k),
+            nr,
+            kp,
+            pack_bf16,
+        );
+        (PackedRef::Bf16(a_buf), PackedRef::Bf16(b_buf))
+    } else {
+        let a_buf = grown(&mut scratch.a_f32, strips * kp * mr);
+        let b_buf = grown(&mut scratch.b_f32, panels * kp * nr);
+        pack(
+            pool,
+            a_buf,
+            Source::new(a.data, a.rs, a.cs, m, k),
+            mr,
+            kp,
+            pack_f32,
+        );
+        pack(
+            pool,
+            b_buf,
+            Source::new(b.data, b.cs, b.rs, n, k),
+            nr,
+            kp,
+            pack_f32,
+        );
+        (PackedRef::F32(a_buf), PackedRef::F32(b_buf))
+    };
+    // Tiles of at most TILE_STRIPS × TILE_PANELS, the counts split evenly (9 panels make
+    // tiles of 5 and 4, not 8 and 1), so the tasks are of one size.
     let tiles_m = strips.div_ceil(TILE_STRIPS);
     let tiles_n = panels.div_ceil(TILE_PANELS);
+    let (tile_strips, tile_panels) = (strips.div_ceil(tiles_m), panels.div_ceil(tiles_n));
+    let (tiles_m, tiles_n) = (strips.div_ceil(tile_strips), panels.div_ceil(tile_panels));
     let c_ptr = Shared(c.as_mut_ptr());
     let task = |t: usize| {
         let (tm, tn) = (t / tiles_n, t % tiles_n);
-        let strip_range = tm * TILE_STRIPS..((tm + 1) * TILE_STRIPS).min(strips);
-        let panel_range = tn * TILE_PANELS..((tn + 1) * TILE_PANELS).min(panels);
+        let strip_range = tm * tile_strips..((tm + 1) * tile_strips).min(strips);
+        let panel_range = tn * tile_panels..((tn + 1) * tile_panels).min(panels);
         for pc in (0..kp).step_by(KC) {
             let kc = KC.min(kp - pc);
             let overwrite = pc == 0 && !accumulate;
@@ -178,8 +234,8 @@ pub fn gemm(
                     unsafe {
                         let c_tile = c_ptr.get().add(i0 * ldc + j0);
                         run_kernel(
-                            kernel, &a_packed, &b_packed, s, p, pc, kc, kp, c_tile, ldc, rows,
-                            cols, overwrite,
+                            kernel, a_packed, b_packed, s, p, pc, kc, kp, c_tile, ldc, rows, cols,
+                            overwrite,
                         );
                     }
                 }
@@ -197,8 +253,8 @@ pub fn gemm(
 #[allow(clippy::too_many_arguments)]
 unsafe fn run_kernel(
     kernel: Microkernel,
-    a: &Packed,
-    b: &Packed,
+    a: PackedRef,
+    b: PackedRef,
     s: usize,
     p: usize,
     pc: usize,
@@ -212,17 +268,17 @@ unsafe fn run_kernel(
 ) {
     let (mr, nr) = (kernel.mr(), kernel.nr());
     match (kernel, a, b) {
-        (Microkernel::Avx2F32, Packed::F32(a), Packed::F32(b)) => {
+        (Microkernel::Avx2F32, PackedRef::F32(a), PackedRef::F32(b)) => {
             let ap = a.as_ptr().add(s * kp * mr + pc * mr);
             let bp = b.as_ptr().add(p * kp * nr + pc * nr);
             avx2::kernel(kc, ap, bp, c, ldc, rows, cols, overwrite)
         }
-        (Microkernel::Avx512F32, Packed::F32(a), Packed::F32(b)) => {
+        (Microkernel::Avx512F32, PackedRef::F32(a), PackedRef::F32(b)) => {
             let ap = a.as_ptr().add(s * kp * mr + pc * mr);
             let bp = b.as_ptr().add(p * kp * nr + pc * nr);
             avx512::kernel(kc, ap, bp, c, ldc, rows, cols, overwrite)
         }
-        (Microkernel::Avx512Bf16, Packed::Bf16(a), Packed::Bf16(b)) => {
+        (Microkernel::Avx512Bf16, PackedRef::Bf16(a), PackedRef::Bf16(b)) => {
             let ap = a.as_ptr().add(s * kp * mr + pc * mr);
             let bp = b.as_ptr().add(p * kp * nr + pc * nr);
             bf16::kernel(kc / 2, ap, bp, c, ldc, rows, cols, overwrite)
@@ -231,48 +287,134 @@ unsafe fn run_kernel(
     }
 }
 
-/// Packs `groups` groups of `width` rows (A strips) or columns (B panels) over `kp` k values:
-/// f32 as `[group][k][width]`, bf16 as `[group][k / 2][width][2]` (the pair layout of
-/// `vdpbf16ps`). `value(group, k, lane)` gives each element (zero past the matrix's edge).
-fn pack(
+/// The matrix an operand is packed from, seen as `lanes` lanes (A's rows, B's columns) of
+/// `k` values: element (lane, kk) is `data[lane * lane_stride + kk * k_stride]`.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    data: &'a [f32],
+    lane_stride: usize,
+    k_stride: usize,
+    lanes: usize,
+    k: usize,
+}
+
+impl<'a> Source<'a> {
+    fn new(data: &'a [f32], lane_stride: usize, k_stride: usize, lanes: usize, k: usize) -> Self {
+        Source {
+            data,
+            lane_stride,
+            k_stride,
+            lanes,
+            k,
+        }
+    }
+}
+
+/// Packs `src` in groups of `width` lanes, one task per group, with `pack_group(dst, src,
+/// first lane, width, kp)` writing one group: f32 as `[k][width]`, bf16 as
+/// `[k / 2][width][2]` (the pair layout of `vdpbf16ps`); lanes and k past the edges are zero.
+fn pack<T: Send>(
     pool: &ThreadPool,
-    kernel: Microkernel,
-    groups: usize,
+    out: &mut [T],
+    src: Source,
     width: usize,
     kp: usize,
-    value: impl Fn(usize, usize, usize) -> f32 + Sync,
-) -> Packed {
+    pack_group: fn(&mut [T], Source, usize, usize, usize),
+) {
     let per_group = kp * width;
-    if kernel.is_bf16() {
-        let mut out = vec![0u16; groups * per_group];
-        let ptr = Shared(out.as_mut_ptr());
-        pool.run(groups, &|g| {
-            // SAFETY: group g writes only its own `per_group` elements.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(g * per_group), per_group) };
-            for kk in (0..kp).step_by(2) {
-                let row = &mut dst[kk * width..(kk + 2) * width];
-                for lane in 0..width {
-                    row[2 * lane] = half::bf16::from_f32(value(g, kk, lane)).to_bits();
-                    row[2 * lane + 1] = half::bf16::from_f32(value(g, kk + 1, lane)).to_bits();
-                }
+    let groups = src.lanes.div_ceil(width);
+    let ptr = Shared(out.as_mut_ptr());
+    pool.run(groups, &|g| {
+        // SAFETY: group g writes only its own `per_group` elements of `out`.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(ptr.get().add(g * per_group), per_group) };
+        pack_group(dst, src, g * width, width, kp);
+    });
+}
+
+/// One f32 group (see [`pack`]).
+fn pack_f32(dst: &mut [f32], src: Source, first: usize, width: usize, kp: usize) {
+    let lanes = width.min(src.lanes - first);
+    if lanes < width || kp > src.k {
+        dst.fill(0.0);
+    }
+    let base = first * src.lane_stride;
+    if src.k_stride == 1 {
+        // Each lane's k values are contiguous: read a lane at a time.
+        for lane in 0..lanes {
+            let row = &src.data[base + lane * src.lane_stride..][..src.k];
+            for (kk, &v) in row.iter().enumerate() {
+                dst[kk * width + lane] = v;
             }
-        });
-        Packed::Bf16(out)
+        }
     } else {
-        let mut out = vec![0f32; groups * per_group];
-        let ptr = Shared(out.as_mut_ptr());
-        pool.run(groups, &|g| {
-            // SAFETY: group g writes only its own `per_group` elements.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(g * per_group), per_group) };
-            for kk in 0..kp {
-                for lane in 0..width {
-                    dst[kk * width + lane] = value(g, kk, lane);
+        for kk in 0..src.k {
+            let at = base + kk * src.k_stride;
+            let out = &mut dst[kk * width..kk * width + lanes];
+            if src.lane_stride == 1 {
+                out.copy_from_slice(&src.data[at..at + lanes]);
+            } else {
+                for (lane, o) in out.iter_mut().enumerate() {
+                    *o = src.data[at + lane * src.lane_stride];
                 }
             }
-        });
-        Packed::F32(out)
+        }
+    }
+}
+
+/// f32 to bf16, rounding to nearest even (as `half` and `vcvtne2ps2bf16` do); NaN stays NaN.
+#[inline(always)]
+fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// One bf16 group (see [`pack`]): k in pairs, `[k / 2][width][2]`. The bulk goes through
+/// the AVX512-BF16 packers (only bf16 kernels pack bf16, and they need that tier); edges
+/// and strided operands take the scalar path, which rounds identically.
+fn pack_bf16(dst: &mut [u16], src: Source, first: usize, width: usize, kp: usize) {
+    let lanes = width.min(src.lanes - first);
+    if lanes < width || kp > src.k {
+        dst.fill(0);
+    }
+    let base = first * src.lane_stride;
+    let pair_at = |kk: usize, lane: usize| ((kk / 2) * width + lane) * 2 + kk % 2;
+    if src.k_stride == 1 {
+        // SAFETY: bf16 packing runs only for the AVX512-BF16 micro-kernel, whose tier
+        // requires the feature; each lane's first `k` values lie in `src`.
+        let done = unsafe {
+            bf16::pack_k_contiguous(dst, src.data, base, src.lane_stride, lanes, width, src.k)
+        };
+        for lane in 0..lanes {
+            let row = &src.data[base + lane * src.lane_stride..][..src.k];
+            for (kk, &v) in row.iter().enumerate().skip(done) {
+                dst[pair_at(kk, lane)] = to_bf16(v);
+            }
+        }
+    } else {
+        let done = if src.lane_stride == 1 {
+            // SAFETY: as above; row kk holds `lanes` contiguous values from `base + kk·k_stride`.
+            unsafe {
+                bf16::pack_lanes_contiguous(dst, src.data, base, src.k_stride, lanes, width, src.k)
+            }
+        } else {
+            0
+        };
+        for kk in 0..src.k {
+            let row = base + kk * src.k_stride;
+            // Lanes the vector path packed, except in an odd last k, which it leaves.
+            let from = if kk + 1 < src.k || kk % 2 == 1 {
+                done
+            } else {
+                0
+            };
+            for lane in from..lanes {
+                dst[pair_at(kk, lane)] = to_bf16(src.data[row + lane * src.lane_stride]);
+            }
+        }
     }
 }
 
@@ -390,7 +532,20 @@ mod tests {
                     let start = rand(m * n);
                     for accumulate in [false, true] {
                         let mut c = start.clone();
-                        gemm(&pool, kernel, m, n, k, a, b, &mut c, n, accumulate);
+                        let mut scratch = Scratch::default();
+                        gemm(
+                            &pool,
+                            &mut scratch,
+                            kernel,
+                            m,
+                            n,
+                            k,
+                            a,
+                            b,
+                            &mut c,
+                            n,
+                            accumulate,
+                        );
                         for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
                             let w = w + if accumulate { start[idx] as f64 } else { 0.0 };
                             assert!(
