@@ -133,6 +133,20 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
     }
 }
 
+/// The register-only probe whose peak a backend's matmuls are measured against for MFU:
+/// the CPU backend's own tier and precision; the reference backend computes in f32, so the
+/// best f32 FMA this CPU has.
+pub fn peak_probe(resolved: &Resolved) -> kiln_cpu::probe::Probe {
+    use kiln_cpu::probe::Probe;
+    match resolved {
+        Resolved::Cpu(cpu) => cpu.peak_probe(),
+        Resolved::Reference(_) => match kiln_core::cpu::features().best() {
+            Some(isa) if isa >= kiln_core::cpu::Isa::Avx512 => Probe::FmaZmm,
+            _ => Probe::FmaYmm,
+        },
+    }
+}
+
 /// Runs `$body` with `$backend` bound to the backend `$choice` resolves to (one expansion per
 /// compiled-in backend, so `$body` may be generic code over `Backend`).
 #[macro_export]

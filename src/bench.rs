@@ -142,3 +142,195 @@ pub fn kernels<B: Backend>(
         kernels: rows,
     })
 }
+
+/// One `kiln bench peak` row.
+#[derive(Serialize)]
+pub struct PeakRow {
+    pub probe: &'static str,
+    pub tier: String,
+    pub per_core_gflops: f64,
+    pub all_threads_gflops: f64,
+    pub threads: usize,
+}
+
+/// `kiln bench peak`: each usable tier's arithmetic peak from a register-only probe, on one
+/// core and on every thread.
+pub fn peak(threads: usize) -> Vec<PeakRow> {
+    use kiln_cpu::probe::{peak_gflops, Probe};
+    let mut rows = Vec::new();
+    println!("{:<42} {:>12} {:>16}", "probe", "per core", format!("{threads} threads"));
+    for probe in [Probe::FmaYmm, Probe::FmaZmm, Probe::Bf16Dot] {
+        let (Some(one), Some(all)) = (peak_gflops(probe, 1, 0.3), peak_gflops(probe, threads, 0.3))
+        else {
+            println!("{:<42} {:>12} {:>16}", probe.name(), "-", "not on this CPU");
+            continue;
+        };
+        println!(
+            "{:<42} {:>7.1} GFLOP/s {:>9.1} GFLOP/s",
+            probe.name(),
+            one,
+            all
+        );
+        rows.push(PeakRow {
+            probe: probe.name(),
+            tier: probe.tier().to_string(),
+            per_core_gflops: one,
+            all_threads_gflops: all,
+            threads,
+        });
+    }
+    rows
+}
+
+/// What `kiln bench train --json` writes.
+#[derive(Serialize)]
+pub struct TrainFigures {
+    pub machine: Machine,
+    pub commit: String,
+    pub backend: String,
+    pub model: ModelConfig,
+    pub batch: usize,
+    pub seq: usize,
+    pub accumulation: usize,
+    pub steps: usize,
+    /// Median and best milliseconds per optimizer step.
+    pub ms_per_step: f64,
+    pub ms_per_step_best: f64,
+    pub tokens_per_s: f64,
+    pub tflops: f64,
+    /// The hardware peak of the precision in use, from the register-only probe.
+    pub peak_gflops: f64,
+    pub peak_probe: String,
+    pub mfu: f64,
+    /// Median milliseconds per stage of a step.
+    pub ms_forward: f64,
+    pub ms_backward: f64,
+    pub ms_optimizer: f64,
+    pub peak_rss_mib: Option<f64>,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// `kiln bench train`: whole training steps (forward, backward, AdamW) of `config` at (batch,
+/// seq) × `accumulation` on random tokens, after one warm-up step; ms per step, tokens/s,
+/// TFLOP/s, MFU against `peak` (GFLOP/s of the precision in use), time per stage, peak RSS.
+#[allow(clippy::too_many_arguments)]
+pub fn train<B: Backend>(
+    backend: B,
+    config: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    accumulation: usize,
+    steps: usize,
+    peak: (f64, String),
+) -> Result<TrainFigures> {
+    use kiln_core::model::Model;
+    use kiln_core::optim::{adamw_step, AdamW};
+    let mut model = Model::new(backend, config.clone())?;
+    model.init_random(1)?;
+    let acts = model.activations(batch, seq)?;
+    let hp = AdamW {
+        learning_rate: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let vocab = config.vocab_size as u64;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut token = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % vocab) as u32
+    };
+    let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    println!(
+        "{} · {} · batch {batch} × seq {seq} × accum {accumulation}",
+        model.backend.name(),
+        format!("{} parameters", kiln_core::layout::parameter_count(config))
+    );
+    for step in 0..=steps {
+        let (mut f, mut b) = (0.0, 0.0);
+        let started = Instant::now();
+        model.zero_grad();
+        for _ in 0..accumulation {
+            let tokens: Vec<u32> = (0..batch * seq).map(|_| token()).collect();
+            let targets: Vec<u32> = (0..batch * seq).map(|_| token()).collect();
+            let t = Instant::now();
+            model.forward(&acts, &tokens, Some(&targets))?;
+            f += t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
+            model.backward(&acts, &tokens, &targets, 1.0 / accumulation as f32);
+            b += t.elapsed().as_secs_f64() * 1e3;
+        }
+        let t = Instant::now();
+        adamw_step(&mut model, &hp, 1.0);
+        model.backend.synchronize()?;
+        let o = t.elapsed().as_secs_f64() * 1e3;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if step == 0 {
+            println!("warm-up step {ms:.1} ms");
+            continue;
+        }
+        println!("step {step}: {ms:.1} ms (forward {f:.1}, backward {b:.1}, optimizer {o:.1})");
+        total.push(ms);
+        fwd.push(f);
+        bwd.push(b);
+        opt.push(o);
+    }
+    let ms_per_step = median(&mut total);
+    let tokens = (batch * seq * accumulation) as f64;
+    let flops = config.train_flops_per_token(seq) * tokens;
+    let tflops = flops / (ms_per_step / 1e3) / 1e12;
+    let figures = TrainFigures {
+        machine: describe(),
+        commit: commit(),
+        backend: model.backend.name(),
+        model: config.clone(),
+        batch,
+        seq,
+        accumulation,
+        steps,
+        ms_per_step,
+        ms_per_step_best: total[0],
+        tokens_per_s: tokens / (ms_per_step / 1e3),
+        tflops,
+        peak_gflops: peak.0,
+        peak_probe: peak.1,
+        mfu: tflops * 1e3 / peak.0,
+        ms_forward: median(&mut fwd),
+        ms_backward: median(&mut bwd),
+        ms_optimizer: median(&mut opt),
+        peak_rss_mib: crate::telemetry::memory_mib().map(|m| m.1),
+    };
+    println!(
+        "median {:.1} ms/step (best {:.1}) · {:.0} tokens/s · {:.3} TFLOP/s · MFU {:.1}% of {:.0} GFLOP/s ({}) · forward {:.1} · backward {:.1} · optimizer {:.1} ms · peak RSS {}",
+        figures.ms_per_step,
+        figures.ms_per_step_best,
+        figures.tokens_per_s,
+        figures.tflops,
+        figures.mfu * 100.0,
+        figures.peak_gflops,
+        figures.peak_probe,
+        figures.ms_forward,
+        figures.ms_backward,
+        figures.ms_optimizer,
+        figures.peak_rss_mib.map_or("?".into(), |m| format!("{m:.0} MiB"))
+    );
+    Ok(figures)
+}
+
+/// The commit kiln was built from, when run inside its checkout.
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -312,6 +312,40 @@ struct EvalArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Each usable tier's arithmetic peak from a register-only probe (f32 FMA, bf16 dot),
+    /// per core and on every thread.
+    Peak {
+        /// Threads for the all-threads figure (default: every CPU this process may use).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Whole training steps on random tokens: ms per step, tokens/s, TFLOP/s, MFU against the
+    /// hardware peak of the precision in use, time per stage, peak RSS (release builds).
+    Train {
+        #[arg(long, default_value = "stories15m")]
+        preset: String,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 1)]
+        accum: usize,
+        /// Timed steps after one warm-up step (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Override the vocabulary size (default: the preset's, 32000 for stories*).
+        #[arg(long)]
+        vocab_size: Option<usize>,
+        /// The peak (GFLOP/s) to report MFU against, instead of probing it now (e.g. a
+        /// figure from `kiln bench peak` on a quiet machine).
+        #[arg(long)]
+        peak: Option<f64>,
+        /// Also write the figures, with the machine, tier and commit, as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Each kernel of a training step on a model's shapes: ms and GFLOP/s or GB/s, against
     /// the matmul peak measured in the same run.
     Kernels {
@@ -487,6 +521,46 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench {
+            command: BenchCommand::Peak { threads, json },
+        } => {
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            });
+            let rows = kiln::bench::peak(threads);
+            write_json(json, &(kiln::machine::describe(), rows))
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Train {
+                    preset,
+                    batch,
+                    seq,
+                    accum,
+                    steps,
+                    vocab_size,
+                    peak,
+                    json,
+                },
+        } => {
+            let mut config = from_preset_or_file(&preset)?;
+            if let Some(v) = vocab_size {
+                config.vocab_size = v;
+            }
+            let probe = kiln::backends::peak_probe(&kiln::backends::resolve(backend)?);
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let peak = match peak {
+                Some(p) => p,
+                None => kiln_cpu::probe::peak_gflops(probe, threads, 0.3)
+                    .context("the peak probe cannot run on this CPU")?,
+            };
+            println!("peak of the precision in use: {peak:.1} GFLOP/s ({}, {threads} threads)", probe.name());
+            let peak = (peak, probe.name().to_string());
+            let figures = with_backend!(backend, |b| {
+                kiln::bench::train(b, &config, batch, seq, accum, steps, peak.clone())
+            })?;
+            write_json(json, &figures)
+        }
         Command::Dashboard {
             run,
             sample_tokens,
@@ -658,6 +732,16 @@ fn export(
     if let Some(limit) = budget {
         let spare = kiln_formats::packed::check_budget(&path, &report, limit)?;
         println!("within the budget of {limit} bytes ({spare} to spare)");
+    }
+    Ok(())
+}
+
+/// Writes `value` as pretty JSON to `path`, if given.
+fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(&path, serde_json::to_string_pretty(value)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

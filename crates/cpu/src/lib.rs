@@ -18,6 +18,9 @@
 
 pub mod gemm;
 pub mod pool;
+pub mod probe;
+pub mod simd;
+pub mod xent;
 
 use std::sync::{Arc, Mutex};
 
@@ -128,6 +131,11 @@ impl CpuBackend {
         self.pool.threads()
     }
 
+    /// The probe whose peak this backend's matmuls are measured against (MFU).
+    pub fn peak_probe(&self) -> probe::Probe {
+        probe::Probe::for_matmuls(self.isa, self.precision == Precision::Bf16)
+    }
+
     /// `C = A·B` or `C += A·B` on this backend's micro-kernel and pool.
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
@@ -146,6 +154,40 @@ impl CpuBackend {
             n,
             accumulate,
         );
+    }
+}
+
+/// An output slice that pool tasks write in disjoint parts.
+struct Disjoint {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (each call site says which), and `ThreadPool::run`
+// returns only when every task is done.
+unsafe impl Sync for Disjoint {}
+
+impl Disjoint {
+    fn new(slice: &mut [f32]) -> Self {
+        Disjoint {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other task writes element `i`.
+    unsafe fn set(&self, i: usize, value: f32) {
+        assert!(i < self.len);
+        *self.ptr.add(i) = value;
+    }
+
+    /// # Safety
+    /// No other task touches `start..start + len`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
 }
 
@@ -404,8 +446,24 @@ impl Backend for CpuBackend {
         targets: &[u32],
         vocab: usize,
     ) {
-        let (l, s) = (r(losses), r(logsumexp));
-        ReferenceBackend.cross_entropy_forward(l, s, r(logits), targets, vocab)
+        let rows = targets.len();
+        assert_eq!(logits.len(), rows * vocab, "cross_entropy_forward: logits");
+        assert!(targets.iter().all(|&t| (t as usize) < vocab), "target out of vocabulary");
+        let l = slices!(write losses, [logits, logsumexp]);
+        let s = slices!(write logsumexp, [logits]);
+        let z = slices!(read logits);
+        let (l, s) = (Disjoint::new(l), Disjoint::new(s));
+        let isa = self.isa;
+        self.pool.run(rows, &|row| {
+            let zr = &z[row * vocab..(row + 1) * vocab];
+            let (max, sum) = xent::max_and_sum(isa, zr);
+            let lse = max + sum.ln();
+            // SAFETY: each task writes only its own row's element.
+            unsafe {
+                s.set(row, lse);
+                l.set(row, lse - zr[targets[row] as usize]);
+            }
+        });
     }
 
     fn cross_entropy_backward(
@@ -417,8 +475,18 @@ impl Backend for CpuBackend {
         vocab: usize,
         dloss: f32,
     ) {
-        let (d, z, s) = (r(dlogits), r(logits), r(logsumexp));
-        ReferenceBackend.cross_entropy_backward(d, z, s, targets, vocab, dloss)
+        let rows = targets.len();
+        assert_eq!(logits.len(), rows * vocab, "cross_entropy_backward: logits");
+        assert!(targets.iter().all(|&t| (t as usize) < vocab), "target out of vocabulary");
+        let d = Disjoint::new(slices!(write dlogits, [logits, logsumexp]));
+        let (z, s) = (slices!(read logits), slices!(read logsumexp));
+        let isa = self.isa;
+        self.pool.run(rows, &|row| {
+            // SAFETY: each task writes only its own row.
+            let dr = unsafe { d.range(row * vocab, vocab) };
+            xent::exp_scaled(isa, dr, &z[row * vocab..(row + 1) * vocab], s[row], dloss);
+            dr[targets[row] as usize] -= dloss;
+        });
     }
 
     fn sum_squares(&self, x: V) -> f64 {
