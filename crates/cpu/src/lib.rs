@@ -16,6 +16,7 @@
 //! What it is not, yet: fused memory-bound kernels, flash attention, AdamW that writes bf16
 //! weight copies, a small-shape path without packing.
 
+pub mod attention;
 pub mod gemm;
 pub mod pool;
 pub mod probe;
@@ -74,13 +75,6 @@ fn r(view: V) -> View<ReferenceBackend> {
     View::new(view.memory(), view.offset(), view.len())
 }
 
-fn rq(qkv: Qkv<CpuBackend>) -> Qkv<ReferenceBackend> {
-    Qkv {
-        q: r(qkv.q),
-        k: r(qkv.k),
-        v: r(qkv.v),
-    }
-}
 
 /// Threads for the pool: `KILN_THREADS`, or every CPU this process may use.
 fn default_threads() -> usize {
@@ -366,11 +360,19 @@ impl Backend for CpuBackend {
     }
 
     fn attention_saved_len(&self, s: AttentionShape) -> usize {
-        ReferenceBackend.attention_saved_len(s)
+        attention::saved_len(s)
     }
 
     fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {
-        ReferenceBackend.attention_forward(r(out), r(saved), rq(inputs), s)
+        let Qkv { q, k, v } = inputs;
+        assert_eq!(q.len(), s.batch * s.seq * s.heads * s.head_dim, "attention: q");
+        assert_eq!(k.len(), s.batch * s.seq * s.kv_heads * s.head_dim, "attention: k");
+        assert_eq!(v.len(), k.len(), "attention: v");
+        assert_eq!(saved.len(), attention::saved_len(s), "attention: saved");
+        let o = slices!(write out, [q, k, v, saved]);
+        let l = slices!(write saved, [q, k, v]);
+        let (q, k, v) = (slices!(read q), slices!(read k), slices!(read v));
+        attention::forward(self.isa, &self.pool, o, l, q, k, v, s);
     }
 
     fn attention_backward(
@@ -381,7 +383,19 @@ impl Backend for CpuBackend {
         saved: V,
         s: AttentionShape,
     ) {
-        ReferenceBackend.attention_backward(rq(grads), r(dout), rq(inputs), r(saved), s)
+        let Qkv { q, k, v } = inputs;
+        let gq = slices!(write grads.q, [dout, q, k, v, saved, grads.k, grads.v]);
+        let gk = slices!(write grads.k, [dout, q, k, v, saved, grads.v]);
+        let gv = slices!(write grads.v, [dout, q, k, v, saved]);
+        let (dy, q, k, v, lse) = (
+            slices!(read dout),
+            slices!(read q),
+            slices!(read k),
+            slices!(read v),
+            slices!(read saved),
+        );
+        assert_eq!(lse.len(), attention::saved_len(s), "attention: saved");
+        attention::backward(self.isa, &self.pool, (gq, gk, gv), dy, q, k, v, lse, s);
     }
 
     fn attention_decode(&self, out: V, q: V, k_cache: V, v_cache: V, s: DecodeShape) {

@@ -24,11 +24,22 @@ pub fn max_and_sum(isa: Isa, row: &[f32]) -> (f32, f32) {
 pub fn exp_scaled(isa: Isa, out: &mut [f32], z: &[f32], shift: f32, scale: f32) {
     assert_eq!(out.len(), z.len());
     // SAFETY: as above; the lengths match.
-    unsafe {
-        match isa {
-            Isa::Avx2 => exp_scaled_ymm(out, z, shift, scale),
-            _ => exp_scaled_zmm(out, z, shift, scale),
-        }
+    unsafe { exp_scaled_raw(isa, out.as_mut_ptr(), z.as_ptr(), z.len(), shift, scale) }
+}
+
+/// `row[j] = e^(row[j] − shift) · scale`, in place.
+pub fn exp_scaled_in_place(isa: Isa, row: &mut [f32], shift: f32, scale: f32) {
+    let p = row.as_mut_ptr();
+    // SAFETY: as above; each element is read before it is written, lane by lane.
+    unsafe { exp_scaled_raw(isa, p, p, row.len(), shift, scale) }
+}
+
+/// # Safety
+/// The tier was checked; `out` and `z` hold `n` values (they may be the same buffer).
+unsafe fn exp_scaled_raw(isa: Isa, out: *mut f32, z: *const f32, n: usize, shift: f32, scale: f32) {
+    match isa {
+        Isa::Avx2 => exp_scaled_ymm(out, z, n, shift, scale),
+        _ => exp_scaled_zmm(out, z, n, shift, scale),
     }
 }
 
@@ -54,9 +65,7 @@ unsafe fn max_and_sum_zmm(row: &[f32]) -> (f32, f32) {
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn exp_scaled_zmm(out: &mut [f32], z: &[f32], shift: f32, scale: f32) {
-    let n = z.len();
-    let (zp, op) = (z.as_ptr(), out.as_mut_ptr());
+unsafe fn exp_scaled_zmm(op: *mut f32, zp: *const f32, n: usize, shift: f32, scale: f32) {
     let (shift, scale) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
     for i in (0..n / 16 * 16).step_by(16) {
         let e = exp_zmm(_mm512_sub_ps(_mm512_loadu_ps(zp.add(i)), shift));
@@ -95,16 +104,14 @@ unsafe fn max_and_sum_ymm(row: &[f32]) -> (f32, f32) {
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp_scaled_ymm(out: &mut [f32], z: &[f32], shift: f32, scale: f32) {
-    let n = z.len();
+unsafe fn exp_scaled_ymm(op: *mut f32, zp: *const f32, n: usize, shift: f32, scale: f32) {
     let full = n / 8 * 8;
-    let (zp, op) = (z.as_ptr(), out.as_mut_ptr());
     let (vs, vk) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
     for i in (0..full).step_by(8) {
         let e = exp_ymm(_mm256_sub_ps(_mm256_loadu_ps(zp.add(i)), vs));
         _mm256_storeu_ps(op.add(i), _mm256_mul_ps(e, vk));
     }
-    for (o, &v) in out[full..].iter_mut().zip(&z[full..]) {
-        *o = (v - shift).exp() * scale;
+    for i in full..n {
+        *op.add(i) = (*zp.add(i) - shift).exp() * scale;
     }
 }
