@@ -21,6 +21,7 @@ pub mod gemm;
 pub mod pool;
 pub mod probe;
 pub mod simd;
+pub mod swiglu;
 pub mod xent;
 
 use std::sync::{Arc, Mutex};
@@ -403,11 +404,16 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu_forward(&self, out: V, gate: V, up: V) {
-        ReferenceBackend.swiglu_forward(r(out), r(gate), r(up))
+        let o = slices!(write out, [gate, up]);
+        let (g, u) = (slices!(read gate), slices!(read up));
+        swiglu::forward(self.isa, &self.pool, o, g, u);
     }
 
     fn swiglu_backward(&self, dgate: V, dup: V, dout: V, gate: V, up: V) {
-        ReferenceBackend.swiglu_backward(r(dgate), r(dup), r(dout), r(gate), r(up))
+        let dg = slices!(write dgate, [dout, gate, up, dup]);
+        let du = slices!(write dup, [dout, gate, up]);
+        let (dy, g, u) = (slices!(read dout), slices!(read gate), slices!(read up));
+        swiglu::backward(self.isa, &self.pool, dg, du, dy, g, u);
     }
 
     fn relu2_forward(&self, out: V, inp: V, slope: f32) {

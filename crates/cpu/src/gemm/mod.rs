@@ -80,8 +80,16 @@ impl Mat<'_> {
     }
 }
 
-/// K elements per block: a 32-column B panel of 256 k is 32 KiB of f32 (L1 is 32–48 KiB).
-const KC: usize = 256;
+/// The most k per block: a 32-column B panel of 256 k is 32 KiB of f32, of 384 k 24 KiB of
+/// bf16 (L1 is 32–48 KiB). k is cut into equal blocks under this, so 288 is one block, not
+/// 256 + 32 (a block's C tile is loaded and stored once per block).
+fn kc_max(kernel: Microkernel) -> usize {
+    if kernel.is_bf16() {
+        384
+    } else {
+        256
+    }
+}
 /// MR-strips per tile (rows of C per task ≈ 48–64) and NR-panels per tile (columns ≈ 256):
 /// small enough that a step's GEMMs give each thread many tiles to balance with.
 const TILE_STRIPS: usize = 8;
@@ -215,13 +223,15 @@ pub fn gemm(
     let tiles_n = panels.div_ceil(TILE_PANELS);
     let (tile_strips, tile_panels) = (strips.div_ceil(tiles_m), panels.div_ceil(tiles_n));
     let (tiles_m, tiles_n) = (strips.div_ceil(tile_strips), panels.div_ceil(tile_panels));
+    let blocks = kp.div_ceil(kc_max(kernel));
+    let kc_block = kp.div_ceil(blocks).next_multiple_of(if kernel.is_bf16() { 2 } else { 1 });
     let c_ptr = Shared(c.as_mut_ptr());
     let task = |t: usize| {
         let (tm, tn) = (t / tiles_n, t % tiles_n);
         let strip_range = tm * tile_strips..((tm + 1) * tile_strips).min(strips);
         let panel_range = tn * tile_panels..((tn + 1) * tile_panels).min(panels);
-        for pc in (0..kp).step_by(KC) {
-            let kc = KC.min(kp - pc);
+        for pc in (0..kp).step_by(kc_block) {
+            let kc = kc_block.min(kp - pc);
             let overwrite = pc == 0 && !accumulate;
             for p in panel_range.clone() {
                 for s in strip_range.clone() {
