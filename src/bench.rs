@@ -158,7 +158,12 @@ pub struct PeakRow {
 pub fn peak(threads: usize) -> Vec<PeakRow> {
     use kiln_cpu::probe::{peak_gflops, Probe};
     let mut rows = Vec::new();
-    println!("{:<42} {:>12} {:>16}", "probe", "per core", format!("{threads} threads"));
+    println!(
+        "{:<42} {:>12} {:>16}",
+        "probe",
+        "per core",
+        format!("{threads} threads")
+    );
     for probe in [Probe::FmaYmm, Probe::FmaZmm, Probe::Bf16Dot] {
         let (Some(one), Some(all)) = (peak_gflops(probe, 1, 0.3), peak_gflops(probe, threads, 0.3))
         else {

@@ -524,9 +524,8 @@ fn main() -> Result<()> {
         Command::Bench {
             command: BenchCommand::Peak { threads, json },
         } => {
-            let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            });
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let rows = kiln::bench::peak(threads);
             write_json(json, &(kiln::machine::describe(), rows))
         }
@@ -554,7 +553,10 @@ fn main() -> Result<()> {
                 None => kiln_cpu::probe::peak_gflops(probe, threads, 0.3)
                     .context("the peak probe cannot run on this CPU")?,
             };
-            println!("peak of the precision in use: {peak:.1} GFLOP/s ({}, {threads} threads)", probe.name());
+            println!(
+                "peak of the precision in use: {peak:.1} GFLOP/s ({}, {threads} threads)",
+                probe.name()
+            );
             let peak = (peak, probe.name().to_string());
             let figures = with_backend!(backend, |b| {
                 kiln::bench::train(b, &config, batch, seq, accum, steps, peak.clone())

@@ -4,9 +4,11 @@
 //! Algorithms 1 and 2, here one query row at a time, since T ≤ a few thousand fits in cache).
 //!
 //! One task per (batch, kv head) takes every query head of its group, so the gradients of
-//! the shared keys and values are summed by one thread. Inner loops are written as axpys
-//! over contiguous rows (keys transposed per task), which the compiler vectorizes; they are
-//! compiled once per tier (`multiversion`) and dispatched at run time.
+//! the shared keys and values are summed by one thread. Within a task each product is one of
+//! the backend's packed GEMMs (the tier's f32 micro-kernel, on a one-thread pool) over the
+//! whole T × T block: S = Q·Kᵀ, O = P·V forward; S, dP = dO·Vᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q,
+//! dQ = dS·K backward. The causal upper half is computed and masked, twice the FLOPs of a
+//! row-by-row kernel but at GEMM speed, which wins at the sequence lengths kiln trains at.
 //!
 //! Layouts as the trait: `q, out (B, T, H·D)`, `k, v (B, T, Hkv·D)`; query head `h` reads kv
 //! head `h / (H / Hkv)`; scores scaled by `1/√D`. Accumulation rule: dq, dk, dv are
@@ -15,6 +17,7 @@
 use kiln_core::backend::AttentionShape;
 use kiln_core::cpu::Isa;
 
+use crate::gemm::{gemm, gemm_into, Mat, Microkernel, Scratch};
 use crate::pool::ThreadPool;
 
 /// Values the forward saves per call: one log-sum-exp per (batch, head, row).
@@ -42,17 +45,8 @@ fn at(s: AttentionShape, b: usize, t: usize, heads: usize, h: usize) -> usize {
     ((b * s.seq + t) * heads + h) * s.head_dim
 }
 
-/// Copies head `kvh` of batch `b` of `x (B, T, Hkv·D)` transposed into `xt (D, T)`.
-fn transpose_head(xt: &mut [f32], x: &[f32], s: AttentionShape, b: usize, kvh: usize) {
-    for t in 0..s.seq {
-        let row = &x[at(s, b, t, s.kv_heads, kvh)..][..s.head_dim];
-        for (d, &v) in row.iter().enumerate() {
-            xt[d * s.seq + t] = v;
-        }
-    }
-}
-
 /// `out (B, T, H·D)` and `lse (B, H, T)` from q, k, v.
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     isa: Isa,
     pool: &ThreadPool,
@@ -63,11 +57,36 @@ pub fn forward(
     v: &[f32],
     s: AttentionShape,
 ) {
+    assert_eq!(
+        out.len(),
+        s.batch * s.seq * s.heads * s.head_dim,
+        "attention: out"
+    );
     let (o_ptr, l_ptr) = (Out(out.as_mut_ptr()), Out(lse.as_mut_ptr()));
     pool.run(s.batch * s.kv_heads, &|task| {
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);
-        // SAFETY: this task writes rows of its own group's query heads only.
-        unsafe { dispatch_forward(isa, o_ptr, l_ptr, q, k, v, s, b, kvh) };
+        let mut ctx = Context::new(isa, s);
+        for h in kvh * s.group()..(kvh + 1) * s.group() {
+            let (qh, kh, vh) = (
+                ctx.head(q, b, h, s.heads),
+                ctx.head(k, b, kvh, s.kv_heads),
+                ctx.head(v, b, kvh, s.kv_heads),
+            );
+            ctx.probabilities_from_scores(qh, kh, None);
+            // SAFETY: rows of head h of batch b (and their log-sum-exps) belong to this task;
+            // O = P·V writes the strided rows of head h only.
+            unsafe {
+                let l = std::slice::from_raw_parts_mut(
+                    l_ptr.get().add((b * s.heads + h) * s.seq),
+                    s.seq,
+                );
+                l.copy_from_slice(&ctx.lse);
+                let o = o_ptr.get().add(at(s, b, 0, s.heads, h));
+                let p = std::mem::take(&mut ctx.p);
+                ctx.product(&p, s.seq, 1, vh, o, s.heads * s.head_dim, s.seq, false);
+                ctx.p = p;
+            }
+        }
     });
 }
 
@@ -84,218 +103,200 @@ pub fn backward(
     lse: &[f32],
     s: AttentionShape,
 ) {
-    let ptrs = (Out(grads.0.as_mut_ptr()), Out(grads.1.as_mut_ptr()), Out(grads.2.as_mut_ptr()));
+    let ptrs = (
+        Out(grads.0.as_mut_ptr()),
+        Out(grads.1.as_mut_ptr()),
+        Out(grads.2.as_mut_ptr()),
+    );
     pool.run(s.batch * s.kv_heads, &|task| {
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);
-        // SAFETY: this task writes dq rows of its group's query heads and the dk, dv rows of
-        // its own kv head only.
-        unsafe { dispatch_backward(isa, ptrs, dout, q, k, v, lse, s, b, kvh) };
+        let (seq, dim) = (s.seq, s.head_dim);
+        let scale = 1.0 / (dim as f32).sqrt();
+        let mut ctx = Context::new(isa, s);
+        let (kh, vh) = (
+            ctx.head(k, b, kvh, s.kv_heads),
+            ctx.head(v, b, kvh, s.kv_heads),
+        );
+        let kv_at = at(s, b, 0, s.kv_heads, kvh);
+        let ldkv = s.kv_heads * dim;
+        let (dq, dk, dv) = (ptrs.0.get(), ptrs.1.get(), ptrs.2.get());
+        for (first, h) in (kvh * s.group()..(kvh + 1) * s.group()).enumerate() {
+            let (qh, doh) = (ctx.head(q, b, h, s.heads), ctx.head(dout, b, h, s.heads));
+            let row_lse = &lse[(b * s.heads + h) * seq..][..seq];
+            ctx.probabilities_from_scores(qh, kh, Some(row_lse));
+            // dP = dO·Vᵀ (T, T).
+            let mut dp = std::mem::take(&mut ctx.dp);
+            ctx.product_t(doh, vh, &mut dp);
+            // δ_t = Σ_j P·dP; dS = P∘(dP − δ)·scale (zero above the diagonal, where P is).
+            for t in 0..seq {
+                let (p_row, dp_row) = (
+                    &ctx.p[t * seq..(t + 1) * seq],
+                    &mut dp[t * seq..(t + 1) * seq],
+                );
+                let delta: f32 = p_row[..=t]
+                    .iter()
+                    .zip(&dp_row[..=t])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                for (d, &pv) in dp_row.iter_mut().zip(p_row) {
+                    *d = pv * (*d - delta) * scale;
+                }
+            }
+            let p = std::mem::take(&mut ctx.p);
+            let accumulate = first > 0;
+            let q_at = at(s, b, 0, s.heads, h);
+            // SAFETY: dq rows of the group's query heads, and dk, dv rows of kv head kvh of
+            // batch b, belong to this task alone.
+            unsafe {
+                // dV (=|+=) Pᵀ·dO, dK (=|+=) dSᵀ·Q: the group's heads add into one kv head.
+                ctx.product(&p, 1, seq, doh, dv.add(kv_at), ldkv, seq, accumulate);
+                ctx.product(&dp, 1, seq, qh, dk.add(kv_at), ldkv, seq, accumulate);
+                // dQ = dS·K into head h's rows.
+                ctx.product(&dp, seq, 1, kh, dq.add(q_at), s.heads * dim, seq, false);
+            }
+            ctx.p = p;
+            ctx.dp = dp;
+        }
     });
 }
 
-/// Compiles `$body` (a generic function) once per tier, with that tier's target features
-/// enabled so its loops vectorize to that width, and calls the one for `isa`.
-macro_rules! multiversion {
-    ($isa:expr, $generic:ident($($arg:expr),*)) => {{
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-        unsafe fn avx512(f: impl FnOnce()) { f() }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(f: impl FnOnce()) { f() }
-        match $isa {
-            Isa::Avx2 => avx2(|| $generic($($arg),*)),
-            _ => avx512(|| $generic($($arg),*)),
-        }
-    }};
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn dispatch_forward(
-    isa: Isa,
-    out: Out,
-    lse: Out,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// One task's workspace: a one-thread pool (the task already runs on the backend's pool),
+/// GEMM packing buffers, and the T × T probabilities and their gradient.
+struct Context {
+    kernel: Microkernel,
+    pool: ThreadPool,
+    scratch: Scratch,
     s: AttentionShape,
-    b: usize,
-    kvh: usize,
-) {
-    multiversion!(isa, forward_group(isa, out, lse, q, k, v, s, b, kvh))
+    /// `(T, T)` probabilities, zero above the diagonal.
+    p: Vec<f32>,
+    /// `(T, T)` gradient of the scores.
+    dp: Vec<f32>,
+    /// `(T)` each row's log-sum-exp.
+    lse: Vec<f32>,
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn dispatch_backward(
-    isa: Isa,
-    grads: (Out, Out, Out),
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    lse: &[f32],
-    s: AttentionShape,
-    b: usize,
-    kvh: usize,
-) {
-    multiversion!(isa, backward_group(isa, grads, dout, q, k, v, lse, s, b, kvh))
+/// One head's rows of a `(B, T, heads·D)` tensor: data from the head's first element, row
+/// stride heads·D.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    data: &'a [f32],
+    stride: usize,
 }
 
-/// `row[j] = scale · Σ_d x[d] · yt[d][j]` for `j < n` (scores of one query against keys
-/// stored transposed, `yt (D, T)`), 16 keys at a time in a register-sized accumulator.
-#[inline(always)]
-fn scores(row: &mut [f32], x: &[f32], yt: &[f32], seq: usize, n: usize, scale: f32) {
-    const LANES: usize = 16;
-    let mut j0 = 0;
-    while j0 < n {
-        let width = LANES.min(n - j0);
-        let mut acc = [0f32; LANES];
-        for (d, &xd) in x.iter().enumerate() {
-            let col = &yt[d * seq + j0..][..width];
-            if width == LANES {
-                for (a, &y) in acc.iter_mut().zip(col) {
-                    *a += xd * y;
-                }
-            } else {
-                for (a, &y) in acc[..width].iter_mut().zip(col) {
-                    *a += xd * y;
-                }
-            }
+impl Context {
+    fn new(isa: Isa, s: AttentionShape) -> Self {
+        Context {
+            kernel: Microkernel::for_isa(isa, false),
+            pool: ThreadPool::new(1),
+            scratch: Scratch::default(),
+            s,
+            p: vec![0.0; s.seq * s.seq],
+            dp: vec![0.0; s.seq * s.seq],
+            lse: vec![0.0; s.seq],
         }
-        for (r, a) in row[j0..j0 + width].iter_mut().zip(acc) {
-            *r = a * scale;
+    }
+
+    fn head<'a>(&self, x: &'a [f32], b: usize, h: usize, heads: usize) -> Head<'a> {
+        Head {
+            data: &x[at(self.s, b, 0, heads, h)..],
+            stride: heads * self.s.head_dim,
         }
-        j0 += width;
     }
-}
 
-/// `out = Σ_j w[j] · x[row(j)..][..out.len()]`, 16 columns at a time in a register-sized
-/// accumulator (so the sum over j stays in registers instead of a load and store per j).
-#[inline(always)]
-fn weighted_sum(out: &mut [f32], w: &[f32], x: &[f32], row: impl Fn(usize) -> usize) {
-    const LANES: usize = 16;
-    let dim = out.len();
-    let mut c0 = 0;
-    while c0 < dim {
-        let width = LANES.min(dim - c0);
-        let mut acc = [0f32; LANES];
-        for (j, &wj) in w.iter().enumerate() {
-            let xr = &x[row(j) + c0..][..width];
-            if width == LANES {
-                for (a, &xv) in acc.iter_mut().zip(xr) {
-                    *a += wj * xv;
-                }
-            } else {
-                for (a, &xv) in acc[..width].iter_mut().zip(xr) {
-                    *a += wj * xv;
-                }
-            }
-        }
-        out[c0..c0 + width].copy_from_slice(&acc[..width]);
-        c0 += width;
+    /// `c (T, D) (=|+=) A (T, T) · x (T, D)`, with `A` read through strides (`(seq, 1)`: as
+    /// stored; `(1, seq)`: transposed), into rows of stride `ldc`.
+    ///
+    /// # Safety
+    /// `c` points to T rows of `D` writable values at stride `ldc` that no one else touches.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(
+        &mut self,
+        a: &[f32],
+        rs: usize,
+        cs: usize,
+        x: Head,
+        c: *mut f32,
+        ldc: usize,
+        k: usize,
+        accumulate: bool,
+    ) {
+        let (seq, dim) = (self.s.seq, self.s.head_dim);
+        let a = Mat { data: a, rs, cs };
+        let x = Mat {
+            data: x.data,
+            rs: x.stride,
+            cs: 1,
+        };
+        let kernel = self.kernel;
+        gemm_into(
+            &self.pool,
+            &mut self.scratch,
+            kernel,
+            seq,
+            dim,
+            k,
+            a,
+            x,
+            c,
+            ldc,
+            accumulate,
+        );
     }
-}
 
-/// `acc += c · x`.
-#[inline(always)]
-fn axpy(acc: &mut [f32], c: f32, x: &[f32]) {
-    for (a, &xv) in acc.iter_mut().zip(x) {
-        *a += c * xv;
+    /// `out (T, T) = x (T, D) · yᵀ`.
+    fn product_t(&mut self, x: Head, y: Head, out: &mut [f32]) {
+        let (seq, dim) = (self.s.seq, self.s.head_dim);
+        let a = Mat {
+            data: x.data,
+            rs: x.stride,
+            cs: 1,
+        };
+        let b = Mat {
+            data: y.data,
+            rs: 1,
+            cs: y.stride,
+        };
+        gemm(
+            &self.pool,
+            &mut self.scratch,
+            self.kernel,
+            seq,
+            seq,
+            dim,
+            a,
+            b,
+            out,
+            seq,
+            false,
+        );
     }
-}
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn forward_group(
-    isa: Isa,
-    out: Out,
-    lse: Out,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: AttentionShape,
-    b: usize,
-    kvh: usize,
-) {
-    let (seq, dim) = (s.seq, s.head_dim);
-    let scale = 1.0 / (dim as f32).sqrt();
-    let mut kt = vec![0f32; dim * seq];
-    transpose_head(&mut kt, k, s, b, kvh);
-    let mut p = vec![0f32; seq];
-    let mut o = vec![0f32; dim];
-    for h in kvh * s.group()..(kvh + 1) * s.group() {
+    /// `p = softmax(q·kᵀ / √D)` causally (zero above the diagonal), with each row's
+    /// log-sum-exp in `self.lse`, or, given `lse`, `p = e^(q·kᵀ/√D − lse)` (the backward's
+    /// recomputation).
+    fn probabilities_from_scores(&mut self, q: Head, k: Head, lse: Option<&[f32]>) {
+        let seq = self.s.seq;
+        let scale = 1.0 / (self.s.head_dim as f32).sqrt();
+        let isa = match self.kernel {
+            Microkernel::Avx2F32 => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        let mut p = std::mem::take(&mut self.p);
+        self.product_t(q, k, &mut p);
         for t in 0..seq {
-            let n = t + 1;
-            let qt = &q[at(s, b, t, s.heads, h)..][..dim];
-            scores(&mut p, qt, &kt, seq, n, scale);
-            let (max, sum) = crate::xent::max_and_sum(isa, &p[..n]);
-            let row_lse = max + sum.ln();
-            crate::xent::exp_scaled_in_place(isa, &mut p[..n], row_lse, 1.0);
-            weighted_sum(&mut o, &p[..n], v, |j| at(s, b, j, s.kv_heads, kvh));
-            // SAFETY: row t of head h belongs to this task alone.
-            unsafe {
-                let dst = out.get().add(at(s, b, t, s.heads, h));
-                std::ptr::copy_nonoverlapping(o.as_ptr(), dst, dim);
-                *lse.get().add((b * s.heads + h) * seq + t) = row_lse;
-            }
+            let row = &mut p[t * seq..(t + 1) * seq];
+            row[..=t].iter_mut().for_each(|x| *x *= scale);
+            let row_lse = match lse {
+                Some(l) => l[t],
+                None => {
+                    let (max, sum) = crate::xent::max_and_sum(isa, &row[..=t]);
+                    max + sum.ln()
+                }
+            };
+            self.lse[t] = row_lse;
+            crate::xent::exp_scaled_in_place(isa, &mut row[..=t], row_lse, 1.0);
+            row[t + 1..].fill(0.0);
         }
-    }
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn backward_group(
-    isa: Isa,
-    (dq_out, dk_out, dv_out): (Out, Out, Out),
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    lse: &[f32],
-    s: AttentionShape,
-    b: usize,
-    kvh: usize,
-) {
-    let (seq, dim) = (s.seq, s.head_dim);
-    let scale = 1.0 / (dim as f32).sqrt();
-    let (mut kt, mut vt) = (vec![0f32; dim * seq], vec![0f32; dim * seq]);
-    transpose_head(&mut kt, k, s, b, kvh);
-    transpose_head(&mut vt, v, s, b, kvh);
-    // This kv head's key and value gradients, summed over the group's query heads.
-    let (mut dk, mut dv) = (vec![0f32; seq * dim], vec![0f32; seq * dim]);
-    let (mut p, mut dp) = (vec![0f32; seq], vec![0f32; seq]);
-    let mut row = vec![0f32; dim];
-    for h in kvh * s.group()..(kvh + 1) * s.group() {
-        let q_row = |t: usize| at(s, b, t, s.heads, h);
-        for t in 0..seq {
-            let n = t + 1;
-            let qt = &q[q_row(t)..][..dim];
-            let dot = &dout[q_row(t)..][..dim];
-            // P recomputed from the saved log-sum-exp.
-            scores(&mut p, qt, &kt, seq, n, scale);
-            let row_lse = lse[(b * s.heads + h) * seq + t];
-            crate::xent::exp_scaled_in_place(isa, &mut p[..n], row_lse, 1.0);
-            // dP = dO·Vᵀ, δ = Σ P∘dP, dS = P∘(dP − δ)·scale; dV_j += P_j·dO, dK_j += dS_j·Q.
-            scores(&mut dp, dot, &vt, seq, n, 1.0);
-            let delta: f32 = p[..n].iter().zip(&dp[..n]).map(|(a, b)| a * b).sum();
-            for j in 0..n {
-                let ds = p[j] * (dp[j] - delta) * scale;
-                axpy(&mut dv[j * dim..(j + 1) * dim], p[j], dot);
-                axpy(&mut dk[j * dim..(j + 1) * dim], ds, qt);
-                dp[j] = ds;
-            }
-            weighted_sum(&mut row, &dp[..n], k, |j| at(s, b, j, s.kv_heads, kvh));
-            // SAFETY: dq row t of head h belongs to this task alone.
-            unsafe {
-                let dst_row = dq_out.get().add(q_row(t));
-                std::ptr::copy_nonoverlapping(row.as_ptr(), dst_row, dim);
-            }
-        }
-    }
-    for t in 0..seq {
-        // SAFETY: rows of kv head kvh of batch b belong to this task alone.
-        unsafe {
-            let at_kv = at(s, b, t, s.kv_heads, kvh);
-            std::ptr::copy_nonoverlapping(dk[t * dim..].as_ptr(), dk_out.get().add(at_kv), dim);
-            std::ptr::copy_nonoverlapping(dv[t * dim..].as_ptr(), dv_out.get().add(at_kv), dim);
-        }
+        self.p = p;
     }
 }

@@ -76,7 +76,6 @@ fn r(view: V) -> View<ReferenceBackend> {
     View::new(view.memory(), view.offset(), view.len())
 }
 
-
 /// Threads for the pool: `KILN_THREADS`, or every CPU this process may use.
 fn default_threads() -> usize {
     std::env::var("KILN_THREADS")
@@ -366,8 +365,16 @@ impl Backend for CpuBackend {
 
     fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {
         let Qkv { q, k, v } = inputs;
-        assert_eq!(q.len(), s.batch * s.seq * s.heads * s.head_dim, "attention: q");
-        assert_eq!(k.len(), s.batch * s.seq * s.kv_heads * s.head_dim, "attention: k");
+        assert_eq!(
+            q.len(),
+            s.batch * s.seq * s.heads * s.head_dim,
+            "attention: q"
+        );
+        assert_eq!(
+            k.len(),
+            s.batch * s.seq * s.kv_heads * s.head_dim,
+            "attention: k"
+        );
         assert_eq!(v.len(), k.len(), "attention: v");
         assert_eq!(saved.len(), attention::saved_len(s), "attention: saved");
         let o = slices!(write out, [q, k, v, saved]);
@@ -468,7 +475,10 @@ impl Backend for CpuBackend {
     ) {
         let rows = targets.len();
         assert_eq!(logits.len(), rows * vocab, "cross_entropy_forward: logits");
-        assert!(targets.iter().all(|&t| (t as usize) < vocab), "target out of vocabulary");
+        assert!(
+            targets.iter().all(|&t| (t as usize) < vocab),
+            "target out of vocabulary"
+        );
         let l = slices!(write losses, [logits, logsumexp]);
         let s = slices!(write logsumexp, [logits]);
         let z = slices!(read logits);
@@ -497,7 +507,10 @@ impl Backend for CpuBackend {
     ) {
         let rows = targets.len();
         assert_eq!(logits.len(), rows * vocab, "cross_entropy_backward: logits");
-        assert!(targets.iter().all(|&t| (t as usize) < vocab), "target out of vocabulary");
+        assert!(
+            targets.iter().all(|&t| (t as usize) < vocab),
+            "target out of vocabulary"
+        );
         let d = Disjoint::new(slices!(write dlogits, [logits, logsumexp]));
         let (z, s) = (slices!(read logits), slices!(read logsumexp));
         let isa = self.isa;

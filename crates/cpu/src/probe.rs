@@ -117,7 +117,9 @@ unsafe fn fma_ymm(iters: u64) -> f32 {
     for _ in 0..iters {
         sixteen_chains!(acc, |a| _mm256_fmadd_ps(a, x, y));
     }
-    let sum = acc.iter().fold(_mm256_setzero_ps(), |s, &a| _mm256_add_ps(s, a));
+    let sum = acc
+        .iter()
+        .fold(_mm256_setzero_ps(), |s, &a| _mm256_add_ps(s, a));
     _mm256_cvtss_f32(sum)
 }
 
@@ -128,7 +130,10 @@ unsafe fn fma_zmm(iters: u64) -> f32 {
     for _ in 0..iters {
         sixteen_chains!(acc, |a| _mm512_fmadd_ps(a, x, y));
     }
-    _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a)))
+    _mm512_reduce_add_ps(
+        acc.iter()
+            .fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a)),
+    )
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -139,5 +144,8 @@ unsafe fn dot_bf16(iters: u64) -> f32 {
     for _ in 0..iters {
         sixteen_chains!(acc, |a| _mm512_dpbf16_ps(a, x, y));
     }
-    _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a)))
+    _mm512_reduce_add_ps(
+        acc.iter()
+            .fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a)),
+    )
 }

@@ -58,7 +58,10 @@ pub unsafe fn exp_ymm(x: __m256) -> __m256 {
     let r2 = _mm256_mul_ps(r, r);
     let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
     // 2ⁿ built in the exponent field: n ∈ [−126, 128] after the clamp.
-    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
     _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
 }
 
@@ -74,7 +77,9 @@ mod tests {
             let mut got = [0f32; 16];
             if f.supports(kiln_core::cpu::Isa::Avx512) {
                 // SAFETY: the tier is present.
-                unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp_zmm(_mm512_loadu_ps(chunk.as_ptr()))) };
+                unsafe {
+                    _mm512_storeu_ps(got.as_mut_ptr(), exp_zmm(_mm512_loadu_ps(chunk.as_ptr())))
+                };
                 check(chunk, &got);
             }
             if f.supports(kiln_core::cpu::Isa::Avx2) {
@@ -95,7 +100,10 @@ mod tests {
         for (&x, &g) in xs.iter().zip(got) {
             let want = (x as f64).exp();
             let rel = ((g as f64 - want) / want).abs();
-            assert!(rel <= 4e-7, "exp({x}) = {g}, want {want} (relative {rel:.2e})");
+            assert!(
+                rel <= 4e-7,
+                "exp({x}) = {g}, want {want} (relative {rel:.2e})"
+            );
         }
     }
 }

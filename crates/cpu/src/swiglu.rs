@@ -34,7 +34,11 @@ pub fn forward(isa: Isa, pool: &ThreadPool, out: &mut [f32], gate: &[f32], up: &
         let (start, len) = (c * CHUNK, CHUNK.min(n - c * CHUNK));
         // SAFETY: the tier was checked when the backend was made; chunk c is this task's.
         unsafe {
-            let (g, u, o) = (gate.as_ptr().add(start), up.as_ptr().add(start), o.get().add(start));
+            let (g, u, o) = (
+                gate.as_ptr().add(start),
+                up.as_ptr().add(start),
+                o.get().add(start),
+            );
             match isa {
                 Isa::Avx2 => forward_ymm(o, g, u, len),
                 _ => forward_zmm(o, g, u, len),
@@ -60,7 +64,11 @@ pub fn backward(
         let (start, len) = (c * CHUNK, CHUNK.min(n - c * CHUNK));
         // SAFETY: as in `forward`.
         unsafe {
-            let ins = (dout.as_ptr().add(start), gate.as_ptr().add(start), up.as_ptr().add(start));
+            let ins = (
+                dout.as_ptr().add(start),
+                gate.as_ptr().add(start),
+                up.as_ptr().add(start),
+            );
             let outs = (dg.get().add(start), du.get().add(start));
             match isa {
                 Isa::Avx2 => backward_ymm(outs, ins, len),
@@ -77,20 +85,30 @@ fn sigmoid(g: f32) -> f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn sigmoid_zmm(g: __m512) -> __m512 {
     let one = _mm512_set1_ps(1.0);
-    _mm512_div_ps(one, _mm512_add_ps(one, exp_zmm(_mm512_sub_ps(_mm512_setzero_ps(), g))))
+    _mm512_div_ps(
+        one,
+        _mm512_add_ps(one, exp_zmm(_mm512_sub_ps(_mm512_setzero_ps(), g))),
+    )
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sigmoid_ymm(g: __m256) -> __m256 {
     let one = _mm256_set1_ps(1.0);
-    _mm256_div_ps(one, _mm256_add_ps(one, exp_ymm(_mm256_sub_ps(_mm256_setzero_ps(), g))))
+    _mm256_div_ps(
+        one,
+        _mm256_add_ps(one, exp_ymm(_mm256_sub_ps(_mm256_setzero_ps(), g))),
+    )
 }
 
 #[target_feature(enable = "avx512f")]
 unsafe fn forward_zmm(o: *mut f32, g: *const f32, u: *const f32, n: usize) {
     let mut i = 0;
     while i < n {
-        let mask = if n - i >= 16 { 0xffff } else { (1u32 << (n - i)) as u16 - 1 };
+        let mask = if n - i >= 16 {
+            0xffff
+        } else {
+            (1u32 << (n - i)) as u16 - 1
+        };
         let gv = _mm512_maskz_loadu_ps(mask, g.add(i));
         let uv = _mm512_maskz_loadu_ps(mask, u.add(i));
         let y = _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid_zmm(gv)), uv);
@@ -104,7 +122,10 @@ unsafe fn forward_ymm(o: *mut f32, g: *const f32, u: *const f32, n: usize) {
     let full = n / 8 * 8;
     for i in (0..full).step_by(8) {
         let gv = _mm256_loadu_ps(g.add(i));
-        let y = _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid_ymm(gv)), _mm256_loadu_ps(u.add(i)));
+        let y = _mm256_mul_ps(
+            _mm256_mul_ps(gv, sigmoid_ymm(gv)),
+            _mm256_loadu_ps(u.add(i)),
+        );
         _mm256_storeu_ps(o.add(i), y);
     }
     for i in full..n {
@@ -121,7 +142,11 @@ unsafe fn backward_zmm((dg, du): Outs, (dy, g, u): Ins, n: usize) {
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let mask = if n - i >= 16 { 0xffff } else { (1u32 << (n - i)) as u16 - 1 };
+        let mask = if n - i >= 16 {
+            0xffff
+        } else {
+            (1u32 << (n - i)) as u16 - 1
+        };
         let dyv = _mm512_maskz_loadu_ps(mask, dy.add(i));
         let gv = _mm512_maskz_loadu_ps(mask, g.add(i));
         let uv = _mm512_maskz_loadu_ps(mask, u.add(i));

@@ -59,7 +59,10 @@ unsafe fn max_and_sum_zmm(row: &[f32]) -> (f32, f32) {
     for i in (0..n / 16 * 16).step_by(16) {
         s = _mm512_add_ps(s, exp_zmm(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), shift)));
     }
-    let last = exp_zmm(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, p.add(n / 16 * 16)), shift));
+    let last = exp_zmm(_mm512_sub_ps(
+        _mm512_maskz_loadu_ps(tail, p.add(n / 16 * 16)),
+        shift,
+    ));
     s = _mm512_mask_add_ps(s, tail, s, last);
     (max, _mm512_reduce_add_ps(s))
 }
@@ -73,7 +76,10 @@ unsafe fn exp_scaled_zmm(op: *mut f32, zp: *const f32, n: usize, shift: f32, sca
     }
     let tail = (1u32 << (n % 16)) as u16 - 1;
     let at = n / 16 * 16;
-    let e = exp_zmm(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, zp.add(at)), shift));
+    let e = exp_zmm(_mm512_sub_ps(
+        _mm512_maskz_loadu_ps(tail, zp.add(at)),
+        shift,
+    ));
     _mm512_mask_storeu_ps(op.add(at), tail, _mm512_mul_ps(e, scale));
 }
 

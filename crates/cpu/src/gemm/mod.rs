@@ -157,13 +157,54 @@ pub fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
+    if m > 0 && n > 0 {
+        assert!(c.len() >= (m - 1) * ldc + n, "gemm: C too short");
+    }
+    // SAFETY: C is a unique borrow covering every element the product writes (checked).
+    unsafe {
+        gemm_into(
+            pool,
+            scratch,
+            kernel,
+            m,
+            n,
+            k,
+            a,
+            b,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+/// [`gemm`] into a raw C, for callers whose threads write disjoint parts of one buffer (the
+/// attention's heads).
+///
+/// # Safety
+/// `c` points to `(m − 1) · ldc + n` writable f32 (when m, n > 0) that nothing else reads or
+/// writes during the call, except other threads at other elements.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_into(
+    pool: &ThreadPool,
+    scratch: &mut Scratch,
+    kernel: Microkernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm: C too short");
     if k == 0 {
         if !accumulate {
-            (0..m).for_each(|i| c[i * ldc..i * ldc + n].fill(0.0));
+            // SAFETY: rows of C within the caller's guarantee.
+            (0..m).for_each(|i| std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0));
         }
         return;
     }
@@ -224,8 +265,10 @@ pub fn gemm(
     let (tile_strips, tile_panels) = (strips.div_ceil(tiles_m), panels.div_ceil(tiles_n));
     let (tiles_m, tiles_n) = (strips.div_ceil(tile_strips), panels.div_ceil(tile_panels));
     let blocks = kp.div_ceil(kc_max(kernel));
-    let kc_block = kp.div_ceil(blocks).next_multiple_of(if kernel.is_bf16() { 2 } else { 1 });
-    let c_ptr = Shared(c.as_mut_ptr());
+    let kc_block = kp
+        .div_ceil(blocks)
+        .next_multiple_of(if kernel.is_bf16() { 2 } else { 1 });
+    let c_ptr = Shared(c);
     let task = |t: usize| {
         let (tm, tn) = (t / tiles_n, t % tiles_n);
         let strip_range = tm * tile_strips..((tm + 1) * tile_strips).min(strips);
