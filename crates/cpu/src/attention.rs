@@ -65,7 +65,7 @@ pub fn forward(
     let (o_ptr, l_ptr) = (Out(out.as_mut_ptr()), Out(lse.as_mut_ptr()));
     pool.run(s.batch * s.kv_heads, &|task| {
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);
-        let mut ctx = Context::new(isa, s);
+        let mut ctx = Context::take(isa, s);
         for h in kvh * s.group()..(kvh + 1) * s.group() {
             let (qh, kh, vh) = (
                 ctx.head(q, b, h, s.heads),
@@ -87,6 +87,7 @@ pub fn forward(
                 ctx.p = p;
             }
         }
+        ctx.give_back();
     });
 }
 
@@ -112,7 +113,7 @@ pub fn backward(
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);
         let (seq, dim) = (s.seq, s.head_dim);
         let scale = 1.0 / (dim as f32).sqrt();
-        let mut ctx = Context::new(isa, s);
+        let mut ctx = Context::take(isa, s);
         let (kh, vh) = (
             ctx.head(k, b, kvh, s.kv_heads),
             ctx.head(v, b, kvh, s.kv_heads),
@@ -157,6 +158,7 @@ pub fn backward(
             ctx.p = p;
             ctx.dp = dp;
         }
+        ctx.give_back();
     });
 }
 
@@ -183,7 +185,27 @@ struct Head<'a> {
     stride: usize,
 }
 
+thread_local! {
+    /// The last workspace this thread used: a step calls attention with the same shape layer
+    /// after layer, and fresh T × T buffers would be mapped and faulted in every time.
+    static CACHED: std::cell::RefCell<Option<Context>> = const { std::cell::RefCell::new(None) };
+}
+
 impl Context {
+    /// This thread's cached workspace if it fits, else a new one.
+    fn take(isa: Isa, s: AttentionShape) -> Self {
+        let kernel = Microkernel::for_isa(isa, false);
+        CACHED
+            .with(|c| c.borrow_mut().take())
+            .filter(|c| c.s == s && c.kernel == kernel)
+            .unwrap_or_else(|| Context::new(isa, s))
+    }
+
+    /// Keeps the workspace for this thread's next call.
+    fn give_back(self) {
+        CACHED.with(|c| *c.borrow_mut() = Some(self));
+    }
+
     fn new(isa: Isa, s: AttentionShape) -> Self {
         Context {
             kernel: Microkernel::for_isa(isa, false),
