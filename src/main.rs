@@ -681,6 +681,10 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
         }
     };
     trainer.print_every = args.print_every;
+    // MFU against the hardware's peak for the precision in use (a register-only probe, ~0.5 s).
+    let probe = kiln::backends::peak_probe(&kiln::backends::resolve(choice)?);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    trainer.peak_gflops = kiln_cpu::probe::peak_gflops(probe, threads, 0.15);
     if !args.dashboard {
         let report = trainer.run()?;
         print_report(&report);

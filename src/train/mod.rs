@@ -59,6 +59,9 @@ pub struct Trainer<B: Backend> {
     pub print_every: u64,
     /// Print anything on the terminal (off when a dashboard owns it; telemetry is unaffected).
     pub echo: bool,
+    /// The hardware peak (GFLOP/s) of the precision in use that MFU is reported against, from
+    /// `kiln bench peak`'s probes; `None`: the backend's own matmul, measured at start.
+    pub peak_gflops: Option<f64>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -193,6 +196,7 @@ impl<B: Backend> Trainer<B> {
             elapsed_before,
             print_every: 1,
             echo: true,
+            peak_gflops: None,
         })
     }
 

@@ -69,7 +69,10 @@ impl<B: Backend> Trainer<B> {
         let cfg = self.config.clone();
         let rates = Rates {
             flops_per_step: cfg.model.train_flops_per_token(cfg.seq) * cfg.tokens_per_step() as f64,
-            peak_gflops: crate::bench::measure_matmul_peak(&self.model.backend, 512)?,
+            peak_gflops: match self.peak_gflops {
+                Some(peak) => peak,
+                None => crate::bench::measure_matmul_peak(&self.model.backend, 512)?,
+            },
         };
         self.start(&cfg, &rates)?;
         let acts = self.model.activations(cfg.batch, cfg.seq)?;
@@ -159,7 +162,7 @@ impl<B: Backend> Trainer<B> {
         })))?;
         say!(
             self.echo,
-            "training {} parameters on {} | {} tokens/step | measured matmul peak {:.1} GFLOP/s",
+            "training {} parameters on {} | {} tokens/step | peak {:.1} GFLOP/s (MFU is against it)",
             self.model.param_count(),
             self.model.backend.name(),
             cfg.tokens_per_step(),
@@ -462,7 +465,7 @@ pub fn print_report(report: &RunReport) {
     );
     eprintln!("tokens/s         {:>10.0}", report.tokens_per_second);
     eprintln!(
-        "TFLOP/s          {:>10.4}   MFU {:.1}% of the measured {:.1} GFLOP/s matmul peak",
+        "TFLOP/s          {:>10.4}   MFU {:.1}% of the {:.1} GFLOP/s peak (the probe of the precision in use)",
         report.tflops,
         report.mfu * 100.0,
         report.peak_gflops
