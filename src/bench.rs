@@ -254,9 +254,9 @@ pub fn train<B: Backend>(
     };
     let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     println!(
-        "{} · {} · batch {batch} × seq {seq} × accum {accumulation}",
+        "{} · {} parameters · batch {batch} × seq {seq} × accum {accumulation}",
         model.backend.name(),
-        format!("{} parameters", kiln_core::layout::parameter_count(config))
+        kiln_core::layout::parameter_count(config)
     );
     for step in 0..=steps {
         let (mut f, mut b) = (0.0, 0.0);

@@ -15,12 +15,15 @@ const P: [f32; 6] = [
     8.333_452e-3,
     4.166_579_6e-2,
     1.666_666_5e-1,
-    5.000_000_1e-1,
+    5.000_000_1e-1_f64 as f32,
 ];
 const HI: f32 = 88.7;
 const LO: f32 = -87.3;
 
 /// e^x on 16 lanes.
+///
+/// # Safety
+/// The CPU has AVX-512F.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn exp_zmm(x: __m512) -> __m512 {
@@ -41,6 +44,9 @@ pub unsafe fn exp_zmm(x: __m512) -> __m512 {
 }
 
 /// e^x on 8 lanes.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn exp_ymm(x: __m256) -> __m256 {
