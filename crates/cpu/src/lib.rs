@@ -20,6 +20,7 @@ pub mod attention;
 pub mod gemm;
 pub mod pool;
 pub mod probe;
+pub mod rope;
 pub mod simd;
 pub mod swiglu;
 pub mod xent;
@@ -67,6 +68,8 @@ pub struct CpuBackend {
     pool: Arc<ThreadPool>,
     /// The GEMMs' packing buffers, reused from call to call.
     scratch: Arc<Mutex<gemm::Scratch>>,
+    /// RoPE's cos/sin tables for the last shape.
+    rope_tables: Arc<Mutex<Option<rope::Tables>>>,
 }
 
 type V<'a> = View<'a, CpuBackend>;
@@ -110,6 +113,7 @@ impl CpuBackend {
             microkernel: Microkernel::for_isa(isa, precision == Precision::Bf16),
             pool: Arc::new(ThreadPool::new(threads)),
             scratch: Arc::default(),
+            rope_tables: Arc::default(),
         })
     }
 
@@ -352,11 +356,16 @@ impl Backend for CpuBackend {
     }
 
     fn rope_forward(&self, out: V, inp: V, s: RopeShape) {
-        ReferenceBackend.rope_forward(r(out), r(inp), s)
+        let o = slices!(write out, [inp]);
+        let x = slices!(read inp);
+        rope::rotate(self.isa, &self.pool, &self.rope_tables, o, x, s, 1.0);
     }
 
     fn rope_backward(&self, dinp: V, dout: V, s: RopeShape) {
-        ReferenceBackend.rope_backward(r(dinp), r(dout), s)
+        assert_eq!(s.start_pos, 0, "rope_backward: training positions start at 0");
+        let d = slices!(write dinp, [dout]);
+        let dy = slices!(read dout);
+        rope::rotate(self.isa, &self.pool, &self.rope_tables, d, dy, s, -1.0);
     }
 
     fn attention_saved_len(&self, s: AttentionShape) -> usize {
