@@ -1,7 +1,7 @@
 //! `kiln bench kernels`: the conformance suite's table of kernel cases
 //! (`kiln_conformance::cases`), instantiated at a model's real shapes and timed, with each
-//! case's GFLOP/s (compute-bound kernels) or GB/s (memory-bound ones) beside the matmul peak
-//! measured in the same run. The same table is what the conformance suite checks, so every
+//! case's GFLOP/s (compute-bound kernels, as a share of the hardware peak of the precision in
+//! use, from `kiln bench peak`'s register-only probe) or GB/s (memory-bound ones). The same table is what the conformance suite checks, so every
 //! timed kernel is a validated one. Release builds only give meaningful figures.
 //!
 //! Figures are printed and, with `--json`, written with the machine's description (CPU model,
@@ -71,21 +71,24 @@ pub struct KernelFigures {
     pub model: ModelConfig,
     pub batch: usize,
     pub seq: usize,
-    pub matmul_peak_gflops: f64,
+    /// The hardware peak of the precision in use, from a register-only probe.
+    pub peak_gflops: f64,
+    pub peak_probe: String,
     pub kernels: Vec<Row>,
 }
 
-/// Times every benchmarked case of the table at (batch, seq) for `config`.
+/// Times every benchmarked case of the table at (batch, seq) for `config`; compute-bound
+/// cases are given as a share of `peak` (GFLOP/s), the hardware peak of the precision in use
+/// from a register-only probe, named by `peak_probe`.
 pub fn kernels<B: Backend>(
     backend: &B,
     config: &ModelConfig,
-    batch: usize,
-    seq: usize,
+    (batch, seq): (usize, usize),
     reps: usize,
+    (peak, peak_probe): (f64, &str),
 ) -> Result<KernelFigures> {
-    let peak = measure_matmul_peak(backend, 512)?;
     println!(
-        "backend {} · matmul peak (512³, measured now) {peak:.1} GFLOP/s",
+        "backend {} · peak {peak:.1} GFLOP/s ({peak_probe}, probed now)",
         backend.name()
     );
     println!(
@@ -138,7 +141,8 @@ pub fn kernels<B: Backend>(
         model: config.clone(),
         batch,
         seq,
-        matmul_peak_gflops: peak,
+        peak_gflops: peak,
+        peak_probe: peak_probe.to_string(),
         kernels: rows,
     })
 }

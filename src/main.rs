@@ -511,8 +511,16 @@ fn main() -> Result<()> {
             if let Some(v) = vocab_size {
                 config.vocab_size = v;
             }
+            let probe = kiln::backends::peak_probe(&kiln::backends::resolve(backend)?);
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let peak = kiln_cpu::probe::peak_gflops(probe, threads, 0.3)
+                .context("the peak probe cannot run on this CPU")?;
             let figures = with_backend!(backend, |b| kiln::bench::kernels(
-                &b, &config, batch, seq, reps
+                &b,
+                &config,
+                (batch, seq),
+                reps,
+                (peak, probe.name())
             ))?;
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&figures)?)

@@ -1,6 +1,6 @@
 //! Register-only throughput probes: the peak of each arithmetic the CPU tiers use, measured
 //! on this machine now rather than taken from a datasheet (`kiln bench peak`). Each probe
-//! keeps 16 independent accumulators in registers (enough to cover the latency of the
+//! keeps independent accumulators in registers (enough to cover the latency of the
 //! instruction on every core kiln has met: FMA 4 cycles, `vdpbf16ps` 6–7) and never touches
 //! memory in its loop, so it measures the execution units alone.
 
@@ -57,8 +57,11 @@ impl Probe {
     }
 }
 
-/// Instructions per loop iteration: 16 accumulators.
+/// Instructions per loop iteration: 16 accumulators on zmm (32 registers); 12 on ymm, where
+/// AVX2 has only 16 registers and 16 accumulators plus two constants would spill (12 still
+/// cover two FMA ports × a 4-cycle latency).
 const PER_ITER: u64 = 16;
+const PER_ITER_YMM: u64 = 12;
 
 /// GFLOP/s of `probe` on `threads` threads at once (each spinning ~`seconds`), best of three
 /// runs. `None` when the CPU lacks the instruction.
@@ -85,7 +88,8 @@ pub fn peak_gflops(probe: Probe, threads: usize, seconds: f64) -> Option<f64> {
                 s.spawn(|| std::hint::black_box(run(probe, iters)));
             }
         });
-        let flops = (iters * PER_ITER) as f64 * probe.flops_per_op() * threads as f64;
+        let per_iter = if probe == Probe::FmaYmm { PER_ITER_YMM } else { PER_ITER };
+        let flops = (iters * per_iter) as f64 * probe.flops_per_op() * threads as f64;
         best = best.max(flops / t.elapsed().as_secs_f64() / 1e9);
     }
     Some(best)
@@ -113,7 +117,7 @@ macro_rules! sixteen_chains {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fma_ymm(iters: u64) -> f32 {
     let (x, y) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-    let mut acc = [_mm256_set1_ps(1.0); PER_ITER as usize];
+    let mut acc = [_mm256_set1_ps(1.0); PER_ITER_YMM as usize];
     for _ in 0..iters {
         sixteen_chains!(acc, |a| _mm256_fmadd_ps(a, x, y));
     }
