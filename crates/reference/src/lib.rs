@@ -325,7 +325,15 @@ impl Backend for ReferenceBackend {
     }
 
     fn zero(&self, dst: V) {
-        self.write_any(dst, &vec![0.0; dst.len()], &[]);
+        use rayon::prelude::*;
+        match dst.dtype() {
+            // In place, in parallel: the gradient arena is zeroed every step.
+            DType::F32 => self
+                .write(dst, &[])
+                .par_chunks_mut(1 << 16)
+                .for_each(|c| c.fill(0.0)),
+            DType::BF16 => self.write_any(dst, &vec![0.0; dst.len()], &[]),
+        }
     }
 
     fn copy(&self, dst: V, src: V) {
