@@ -362,7 +362,10 @@ impl Backend for CpuBackend {
     }
 
     fn rope_backward(&self, dinp: V, dout: V, s: RopeShape) {
-        assert_eq!(s.start_pos, 0, "rope_backward: training positions start at 0");
+        assert_eq!(
+            s.start_pos, 0,
+            "rope_backward: training positions start at 0"
+        );
         let d = slices!(write dinp, [dout]);
         let dy = slices!(read dout);
         rope::rotate(self.isa, &self.pool, &self.rope_tables, d, dy, s, -1.0);

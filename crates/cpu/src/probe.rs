@@ -88,7 +88,11 @@ pub fn peak_gflops(probe: Probe, threads: usize, seconds: f64) -> Option<f64> {
                 s.spawn(|| std::hint::black_box(run(probe, iters)));
             }
         });
-        let per_iter = if probe == Probe::FmaYmm { PER_ITER_YMM } else { PER_ITER };
+        let per_iter = if probe == Probe::FmaYmm {
+            PER_ITER_YMM
+        } else {
+            PER_ITER
+        };
         let flops = (iters * per_iter) as f64 * probe.flops_per_op() * threads as f64;
         best = best.max(flops / t.elapsed().as_secs_f64() / 1e9);
     }

@@ -21,7 +21,10 @@ pub struct Tables {
 fn tables(s: &RopeShape) -> Tables {
     let half = s.rot_dims / 2;
     let theta = s.theta as f64;
-    let (mut cos, mut sin) = (Vec::with_capacity(s.seq * half), Vec::with_capacity(s.seq * half));
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(s.seq * half),
+        Vec::with_capacity(s.seq * half),
+    );
     for t in s.start_pos..s.start_pos + s.seq {
         for i in 0..half {
             let inv_freq = 1.0 / theta.powf((2 * i) as f64 / s.rot_dims as f64);
@@ -63,7 +66,10 @@ pub fn rotate(
     let row = s.heads * s.head_dim;
     assert_eq!(inp.len(), s.batch * s.seq * row, "rope: inp");
     assert_eq!(out.len(), inp.len(), "rope: out");
-    assert!(s.rot_dims <= s.head_dim && s.rot_dims % 2 == 0, "rope: rot_dims");
+    assert!(
+        s.rot_dims <= s.head_dim && s.rot_dims.is_multiple_of(2),
+        "rope: rot_dims"
+    );
     let mut cached = cache.lock().unwrap_or_else(|e| e.into_inner());
     let key = (s.start_pos, s.seq, s.rot_dims, s.theta.to_bits());
     if cached.as_ref().is_none_or(|t| t.key != key) {
@@ -76,31 +82,63 @@ pub fn rotate(
         unsafe {
             let y = std::slice::from_raw_parts_mut(o.get().add(bt * row), row);
             let x = &inp[bt * row..(bt + 1) * row];
+            let (pos, dir) = (bt % s.seq, direction);
+            let job = RowJob {
+                y,
+                x,
+                t,
+                s,
+                pos,
+                dir,
+            };
             match isa {
-                Isa::Avx2 => rotate_row_avx2(y, x, t, s, bt % s.seq, direction),
-                _ => rotate_row_avx512(y, x, t, s, bt % s.seq, direction),
+                Isa::Avx2 => rotate_row_avx2(job),
+                _ => rotate_row_avx512(job),
             }
         }
     });
 }
 
+/// One row's rotation: the output and input row, the tables, the shape, the position and
+/// the direction.
+struct RowJob<'a> {
+    y: &'a mut [f32],
+    x: &'a [f32],
+    t: &'a Tables,
+    s: RopeShape,
+    pos: usize,
+    dir: f32,
+}
+
 #[target_feature(enable = "avx512f,avx512vl,fma")]
-unsafe fn rotate_row_avx512(y: &mut [f32], x: &[f32], t: &Tables, s: RopeShape, pos: usize, dir: f32) {
-    rotate_row(y, x, t, s, pos, dir)
+unsafe fn rotate_row_avx512(job: RowJob) {
+    rotate_row(job)
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rotate_row_avx2(y: &mut [f32], x: &[f32], t: &Tables, s: RopeShape, pos: usize, dir: f32) {
-    rotate_row(y, x, t, s, pos, dir)
+unsafe fn rotate_row_avx2(job: RowJob) {
+    rotate_row(job)
 }
 
 /// One (batch, position) row of every head; inlined into the tier's wrapper, whose target
 /// features let the pair loop vectorize.
 #[inline(always)]
-fn rotate_row(y: &mut [f32], x: &[f32], t: &Tables, s: RopeShape, pos: usize, dir: f32) {
+fn rotate_row(
+    RowJob {
+        y,
+        x,
+        t,
+        s,
+        pos,
+        dir,
+    }: RowJob,
+) {
     let half = s.rot_dims / 2;
     let (cos, sin) = (&t.cos[pos * half..][..half], &t.sin[pos * half..][..half]);
-    for (yh, xh) in y.chunks_exact_mut(s.head_dim).zip(x.chunks_exact(s.head_dim)) {
+    for (yh, xh) in y
+        .chunks_exact_mut(s.head_dim)
+        .zip(x.chunks_exact(s.head_dim))
+    {
         let (ya, rest) = yh.split_at_mut(half);
         let (yb, ypass) = rest.split_at_mut(half);
         let (xa, xb) = (&xh[..half], &xh[half..s.rot_dims]);
