@@ -147,6 +147,17 @@ pub fn peak_probe(resolved: &Resolved) -> kiln_cpu::probe::Probe {
     }
 }
 
+/// The hardware peak (GFLOP/s) of the precision `selection` computes in, on every thread,
+/// from a register-only probe spinning about `seconds`, with the probe's name.
+pub fn hardware_peak(selection: Selection, seconds: f64) -> Result<(f64, &'static str)> {
+    let probe = peak_probe(&resolve(selection)?);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match kiln_cpu::probe::peak_gflops(probe, threads, seconds) {
+        Some(peak) => Ok((peak, probe.name())),
+        None => bail!("the {} probe cannot run on this CPU", probe.name()),
+    }
+}
+
 /// Runs `$body` with `$backend` bound to the backend `$choice` resolves to (one expansion per
 /// compiled-in backend, so `$body` may be generic code over `Backend`).
 #[macro_export]

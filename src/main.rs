@@ -511,16 +511,13 @@ fn main() -> Result<()> {
             if let Some(v) = vocab_size {
                 config.vocab_size = v;
             }
-            let probe = kiln::backends::peak_probe(&kiln::backends::resolve(backend)?);
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let peak = kiln_cpu::probe::peak_gflops(probe, threads, 0.3)
-                .context("the peak probe cannot run on this CPU")?;
+            let peak = kiln::backends::hardware_peak(backend, 0.3)?;
             let figures = with_backend!(backend, |b| kiln::bench::kernels(
                 &b,
                 &config,
                 (batch, seq),
                 reps,
-                (peak, probe.name())
+                peak
             ))?;
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&figures)?)
@@ -554,18 +551,10 @@ fn main() -> Result<()> {
             if let Some(v) = vocab_size {
                 config.vocab_size = v;
             }
-            let probe = kiln::backends::peak_probe(&kiln::backends::resolve(backend)?);
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let peak = match peak {
-                Some(p) => p,
-                None => kiln_cpu::probe::peak_gflops(probe, threads, 0.3)
-                    .context("the peak probe cannot run on this CPU")?,
-            };
-            println!(
-                "peak of the precision in use: {peak:.1} GFLOP/s ({}, {threads} threads)",
-                probe.name()
-            );
-            let peak = (peak, probe.name().to_string());
+            let (probed, probe) = kiln::backends::hardware_peak(backend, 0.3)?;
+            let peak = peak.unwrap_or(probed);
+            println!("peak of the precision in use: {peak:.1} GFLOP/s ({probe}, all threads)");
+            let peak = (peak, probe.to_string());
             let figures = with_backend!(backend, |b| {
                 kiln::bench::train(b, &config, batch, seq, accum, steps, peak.clone())
             })?;
@@ -690,9 +679,9 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
     };
     trainer.print_every = args.print_every;
     // MFU against the hardware's peak for the precision in use (a register-only probe, ~0.5 s).
-    let probe = kiln::backends::peak_probe(&kiln::backends::resolve(choice)?);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    trainer.peak_gflops = kiln_cpu::probe::peak_gflops(probe, threads, 0.15);
+    trainer.peak_gflops = kiln::backends::hardware_peak(choice, 0.15)
+        .ok()
+        .map(|p| p.0);
     if !args.dashboard {
         let report = trainer.run()?;
         print_report(&report);

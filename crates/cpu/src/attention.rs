@@ -19,24 +19,11 @@ use kiln_core::cpu::Isa;
 
 use crate::gemm::{gemm, gemm_into, Mat, Microkernel, Scratch};
 use crate::pool::ThreadPool;
+use crate::shared::SharedMut;
 
 /// Values the forward saves per call: one log-sum-exp per (batch, head, row).
 pub fn saved_len(s: AttentionShape) -> usize {
     s.batch * s.heads * s.seq
-}
-
-/// A buffer that tasks write in disjoint parts.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only the rows of its own (batch, head group); `ThreadPool::run`
-// returns after every task has finished.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Row `t` of head `h` of batch `b` in a `(B, T, heads·D)` tensor.
@@ -62,7 +49,7 @@ pub fn forward(
         s.batch * s.seq * s.heads * s.head_dim,
         "attention: out"
     );
-    let (o_ptr, l_ptr) = (Out(out.as_mut_ptr()), Out(lse.as_mut_ptr()));
+    let (o_ptr, l_ptr) = (SharedMut::new(out), SharedMut::new(lse));
     pool.run(s.batch * s.kv_heads, &|task| {
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);
         let mut ctx = Context::take(isa, s);
@@ -76,10 +63,7 @@ pub fn forward(
             // SAFETY: rows of head h of batch b (and their log-sum-exps) belong to this task;
             // O = P·V writes the strided rows of head h only.
             unsafe {
-                let l = std::slice::from_raw_parts_mut(
-                    l_ptr.get().add((b * s.heads + h) * s.seq),
-                    s.seq,
-                );
+                let l = l_ptr.slice((b * s.heads + h) * s.seq, s.seq);
                 l.copy_from_slice(&ctx.lse);
                 let o = o_ptr.get().add(at(s, b, 0, s.heads, h));
                 let p = std::mem::take(&mut ctx.p);
@@ -105,9 +89,9 @@ pub fn backward(
     s: AttentionShape,
 ) {
     let ptrs = (
-        Out(grads.0.as_mut_ptr()),
-        Out(grads.1.as_mut_ptr()),
-        Out(grads.2.as_mut_ptr()),
+        SharedMut::new(grads.0),
+        SharedMut::new(grads.1),
+        SharedMut::new(grads.2),
     );
     pool.run(s.batch * s.kv_heads, &|task| {
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);

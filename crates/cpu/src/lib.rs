@@ -21,6 +21,7 @@ pub mod gemm;
 pub mod pool;
 pub mod probe;
 pub mod rope;
+mod shared;
 pub mod simd;
 pub mod swiglu;
 pub mod xent;
@@ -38,6 +39,7 @@ use kiln_reference::ReferenceBackend;
 
 use gemm::{Mat, Microkernel};
 use pool::ThreadPool;
+use shared::SharedMut;
 
 /// The precision of the matmuls (everything else computes in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,40 +154,6 @@ impl CpuBackend {
             n,
             accumulate,
         );
-    }
-}
-
-/// An output slice that pool tasks write in disjoint parts.
-struct Disjoint {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: tasks write disjoint elements (each call site says which), and `ThreadPool::run`
-// returns only when every task is done.
-unsafe impl Sync for Disjoint {}
-
-impl Disjoint {
-    fn new(slice: &mut [f32]) -> Self {
-        Disjoint {
-            ptr: slice.as_mut_ptr(),
-            len: slice.len(),
-        }
-    }
-
-    /// # Safety
-    /// No other task writes element `i`.
-    unsafe fn set(&self, i: usize, value: f32) {
-        assert!(i < self.len);
-        *self.ptr.add(i) = value;
-    }
-
-    /// # Safety
-    /// No other task touches `start..start + len`.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
     }
 }
 
@@ -494,7 +462,7 @@ impl Backend for CpuBackend {
         let l = slices!(write losses, [logits, logsumexp]);
         let s = slices!(write logsumexp, [logits]);
         let z = slices!(read logits);
-        let (l, s) = (Disjoint::new(l), Disjoint::new(s));
+        let (l, s) = (SharedMut::new(l), SharedMut::new(s));
         let isa = self.isa;
         self.pool.run(rows, &|row| {
             let zr = &z[row * vocab..(row + 1) * vocab];
@@ -523,12 +491,12 @@ impl Backend for CpuBackend {
             targets.iter().all(|&t| (t as usize) < vocab),
             "target out of vocabulary"
         );
-        let d = Disjoint::new(slices!(write dlogits, [logits, logsumexp]));
+        let d = SharedMut::new(slices!(write dlogits, [logits, logsumexp]));
         let (z, s) = (slices!(read logits), slices!(read logsumexp));
         let isa = self.isa;
         self.pool.run(rows, &|row| {
             // SAFETY: each task writes only its own row.
-            let dr = unsafe { d.range(row * vocab, vocab) };
+            let dr = unsafe { d.slice(row * vocab, vocab) };
             xent::exp_scaled(isa, dr, &z[row * vocab..(row + 1) * vocab], s[row], dloss);
             dr[targets[row] as usize] -= dloss;
         });

@@ -10,6 +10,7 @@ use kiln_core::backend::RopeShape;
 use kiln_core::cpu::Isa;
 
 use crate::pool::ThreadPool;
+use crate::shared::SharedMut;
 
 /// cos/sin tables `(seq, R/2)` for one (start position, length, R, θ).
 pub struct Tables {
@@ -40,19 +41,6 @@ fn tables(s: &RopeShape) -> Tables {
     }
 }
 
-/// A destination that row tasks write in disjoint rows.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only its own row; `run` returns after all tasks are done.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Rotates `inp (B, T, heads, D)` into `out`; `direction` 1 is the forward, −1 the inverse.
 pub fn rotate(
     isa: Isa,
@@ -76,11 +64,11 @@ pub fn rotate(
         *cached = Some(tables(&s));
     }
     let t = cached.as_ref().expect("tables just made");
-    let o = Out(out.as_mut_ptr());
+    let o = SharedMut::new(out);
     pool.run(s.batch * s.seq, &|bt| {
         // SAFETY: row bt of `out` is this task's alone; the tier was checked at start-up.
         unsafe {
-            let y = std::slice::from_raw_parts_mut(o.get().add(bt * row), row);
+            let y = o.slice(bt * row, row);
             let x = &inp[bt * row..(bt + 1) * row];
             let (pos, dir) = (bt % s.seq, direction);
             let job = RowJob {

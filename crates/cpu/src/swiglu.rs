@@ -8,28 +8,16 @@ use std::arch::x86_64::*;
 use kiln_core::cpu::Isa;
 
 use crate::pool::ThreadPool;
+use crate::shared::SharedMut;
 use crate::simd::{exp_ymm, exp_zmm};
 
 /// Values per task: big enough that a task outlasts its hand-out, small enough to balance.
 const CHUNK: usize = 1 << 14;
 
-/// A slice that tasks write in disjoint chunks.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only its own chunk; `run` returns after all tasks are done.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 pub fn forward(isa: Isa, pool: &ThreadPool, out: &mut [f32], gate: &[f32], up: &[f32]) {
     let n = out.len();
     assert!(gate.len() == n && up.len() == n, "swiglu: lengths");
-    let o = Out(out.as_mut_ptr());
+    let o = SharedMut::new(out);
     pool.run(n.div_ceil(CHUNK), &|c| {
         let (start, len) = (c * CHUNK, CHUNK.min(n - c * CHUNK));
         // SAFETY: the tier was checked when the backend was made; chunk c is this task's.
@@ -59,7 +47,7 @@ pub fn backward(
 ) {
     let n = dgate.len();
     assert!(dup.len() == n && dout.len() == n && gate.len() == n && up.len() == n);
-    let (dg, du) = (Out(dgate.as_mut_ptr()), Out(dup.as_mut_ptr()));
+    let (dg, du) = (SharedMut::new(dgate), SharedMut::new(dup));
     pool.run(n.div_ceil(CHUNK), &|c| {
         let (start, len) = (c * CHUNK, CHUNK.min(n - c * CHUNK));
         // SAFETY: as in `forward`.

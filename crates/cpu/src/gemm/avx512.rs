@@ -38,6 +38,25 @@ pub unsafe fn kernel(
             row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
         }
     }
+    store_tile(&acc, c, ldc, rows, cols, overwrite);
+}
+
+/// Adds (or, with `overwrite`, writes) an 8 × 32 block of zmm accumulators into C: whole
+/// rows with vector stores, an edge block through [`merge_edge`]. The bf16 kernel's
+/// accumulators are f32 zmm too and end here as well.
+///
+/// # Safety
+/// The CPU has AVX-512F; `c` is a `rows` × `cols` block (rows ≤ MR, cols ≤ NR) with row
+/// stride `ldc`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn store_tile(
+    acc: &[[__m512; 2]; MR],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    overwrite: bool,
+) {
     if rows == MR && cols == NR {
         for (i, row) in acc.iter().enumerate() {
             let dst = c.add(i * ldc);

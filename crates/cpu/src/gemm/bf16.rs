@@ -7,8 +7,6 @@
 
 use std::arch::x86_64::*;
 
-use super::merge_edge;
-
 pub const MR: usize = 8;
 pub const NR: usize = 32;
 
@@ -43,27 +41,7 @@ pub unsafe fn kernel(
             row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
         }
     }
-    if rows == MR && cols == NR {
-        for (i, row) in acc.iter().enumerate() {
-            let dst = c.add(i * ldc);
-            for (h, v) in row.iter().enumerate() {
-                let d = dst.add(16 * h);
-                let v = if overwrite {
-                    *v
-                } else {
-                    _mm512_add_ps(*v, _mm512_loadu_ps(d))
-                };
-                _mm512_storeu_ps(d, v);
-            }
-        }
-    } else {
-        let mut tile = [0f32; MR * NR];
-        for (i, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), row[1]);
-        }
-        merge_edge(&tile, NR, c, ldc, rows, cols, overwrite);
-    }
+    super::avx512::store_tile(&acc, c, ldc, rows, cols, overwrite);
 }
 
 /// Packs `lanes` lanes whose k values are contiguous (`src[lane * lane_stride + kk]`) into

@@ -20,6 +20,7 @@ mod bf16;
 use kiln_core::cpu::Isa;
 
 use crate::pool::ThreadPool;
+use crate::shared::SharedMut;
 
 /// Which micro-kernel computes: a tier and a precision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,27 +95,6 @@ fn kc_max(kernel: Microkernel) -> usize {
 /// small enough that a step's GEMMs give each thread many tiles to balance with.
 const TILE_STRIPS: usize = 8;
 const TILE_PANELS: usize = 8;
-
-/// A raw pointer shared by tasks that write disjoint parts of one buffer.
-struct Shared<T>(*mut T);
-
-impl<T> Clone for Shared<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<T> Copy for Shared<T> {}
-// SAFETY: tasks write disjoint ranges (each proves it in its comment), and the pool's `run`
-// does not return before they are done.
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not the raw field).
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
 
 /// Packed operands: f32 or bf16 bit patterns.
 #[derive(Clone, Copy)]
@@ -268,7 +248,7 @@ pub unsafe fn gemm_into(
     let kc_block = kp
         .div_ceil(blocks)
         .next_multiple_of(if kernel.is_bf16() { 2 } else { 1 });
-    let c_ptr = Shared(c);
+    let c_ptr = SharedMut::from_raw(c);
     let task = |t: usize| {
         let (tm, tn) = (t / tiles_n, t % tiles_n);
         let strip_range = tm * tile_strips..((tm + 1) * tile_strips).min(strips);
@@ -376,11 +356,10 @@ fn pack<T: Send>(
 ) {
     let per_group = kp * width;
     let groups = src.lanes.div_ceil(width);
-    let ptr = Shared(out.as_mut_ptr());
+    let ptr = SharedMut::new(out);
     pool.run(groups, &|g| {
         // SAFETY: group g writes only its own `per_group` elements of `out`.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(ptr.get().add(g * per_group), per_group) };
+        let dst = unsafe { ptr.slice(g * per_group, per_group) };
         pack_group(dst, src, g * width, width, kp);
     });
 }
