@@ -95,12 +95,14 @@ fn qmax(bits: u32) -> i32 {
     (1 << (bits - 1)) - 1
 }
 
-/// The `percentile` (0–100) of |row|, by rank (nearest-rank method).
+/// The `percentile` (0–100) of |row|, by rank (nearest-rank method): the element a full
+/// sort would put at that rank, found by selection in linear time (QAT re-quantizes every
+/// tensor after every step, so this runs over all the weights each step).
 fn abs_percentile(row: &[f32], percentile: f32) -> f32 {
     let mut a: Vec<f32> = row.iter().map(|x| x.abs()).collect();
-    a.sort_by(f32::total_cmp);
     let rank = ((percentile / 100.0) * a.len() as f32).ceil() as usize;
-    a[rank.clamp(1, a.len()) - 1]
+    let index = rank.clamp(1, a.len()) - 1;
+    *a.select_nth_unstable_by(index, f32::total_cmp).1
 }
 
 /// Quantizes `values`, a `(rows, cols)` row-major tensor.
