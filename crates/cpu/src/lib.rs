@@ -21,6 +21,7 @@ pub mod gemm;
 mod muon;
 pub mod pool;
 pub mod probe;
+pub mod rmsnorm;
 pub mod rope;
 mod shared;
 pub mod simd;
@@ -324,7 +325,10 @@ impl Backend for CpuBackend {
     }
 
     fn rmsnorm_forward(&self, out: V, rstd: V, inp: V, weight: V, s: NormShape) {
-        ReferenceBackend.rmsnorm_forward(r(out), r(rstd), r(inp), r(weight), s)
+        let o = slices!(write out, [inp, weight, rstd]);
+        let rs = slices!(write rstd, [inp, weight]);
+        let (x, w) = (slices!(read inp), slices!(read weight));
+        rmsnorm::forward(self.isa, &self.pool, o, rs, x, w, s);
     }
 
     fn rmsnorm_backward(
@@ -338,8 +342,15 @@ impl Backend for CpuBackend {
         s: NormShape,
         dinp_mode: Accumulate,
     ) {
-        let (di, dw, dy) = (r(dinp), r(dweight), r(dout));
-        ReferenceBackend.rmsnorm_backward(di, dw, dy, r(inp), r(weight), r(rstd), s, dinp_mode)
+        let di = slices!(write dinp, [dout, inp, weight, rstd, dweight]);
+        let dw = slices!(write dweight, [dout, inp, weight, rstd]);
+        let ins = (
+            slices!(read dout),
+            slices!(read inp),
+            slices!(read weight),
+            slices!(read rstd),
+        );
+        rmsnorm::backward(self.isa, &self.pool, di, dw, ins, s, dinp_mode);
     }
 
     fn rope_forward(&self, out: V, inp: V, s: RopeShape) {
