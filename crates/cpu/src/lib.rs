@@ -16,7 +16,32 @@
 //! What it is not, yet: fused memory-bound kernels, flash attention, AdamW that writes bf16
 //! weight copies, a small-shape path without packing.
 
+/// Runs a closure compiled with the tier's target features (so the compiler vectorizes its
+/// loops for that width) and picks the one for `$isa`: element-wise SIMD written once,
+/// dispatched at run time.
+macro_rules! tiers {
+    ($isa:expr, $body:expr) => {{
+        #[target_feature(enable = "avx512f,avx512vl,fma")]
+        unsafe fn avx512(f: impl FnOnce()) {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(f: impl FnOnce()) {
+            f()
+        }
+        let body = $body;
+        // SAFETY: the tier was checked when the backend was made.
+        unsafe {
+            match $isa {
+                kiln_core::cpu::Isa::Avx2 => avx2(body),
+                _ => avx512(body),
+            }
+        }
+    }};
+}
+
 pub mod attention;
+mod elementwise;
 pub mod gemm;
 mod muon;
 pub mod pool;
@@ -434,11 +459,14 @@ impl Backend for CpuBackend {
     }
 
     fn relu2_forward(&self, out: V, inp: V, slope: f32) {
-        ReferenceBackend.relu2_forward(r(out), r(inp), slope)
+        let o = slices!(write out, [inp]);
+        elementwise::relu2_forward(self.isa, &self.pool, o, slices!(read inp), slope);
     }
 
     fn relu2_backward(&self, dinp: V, dout: V, inp: V, slope: f32) {
-        ReferenceBackend.relu2_backward(r(dinp), r(dout), r(inp), slope)
+        let d = slices!(write dinp, [dout, inp]);
+        let (dy, x) = (slices!(read dout), slices!(read inp));
+        elementwise::relu2_backward(self.isa, &self.pool, d, dy, x, slope);
     }
 
     fn softcap_forward(&self, out: V, inp: V, cap: f32) {
@@ -450,15 +478,25 @@ impl Backend for CpuBackend {
     }
 
     fn residual_forward(&self, out: V, a: V, b: V) {
-        ReferenceBackend.residual_forward(r(out), r(a), r(b))
+        let o = slices!(write out, [a, b]);
+        let (a, b) = (slices!(read a), slices!(read b));
+        elementwise::add(self.isa, &self.pool, o, Some(a), b);
     }
 
     fn accumulate(&self, out: V, inp: V) {
-        ReferenceBackend.accumulate(r(out), r(inp))
+        let o = slices!(write out, [inp]);
+        elementwise::add(self.isa, &self.pool, o, None, slices!(read inp));
     }
 
     fn scale_forward(&self, out: V, inp: V, scale: V, s: ScaleShape, mode: Accumulate) {
-        ReferenceBackend.scale_forward(r(out), r(inp), r(scale), s, mode)
+        assert_eq!(
+            (inp.len(), scale.len()),
+            (s.rows * s.groups * s.inner, s.groups)
+        );
+        let o = slices!(write out, [inp, scale]);
+        let (x, sc) = (slices!(read inp), slices!(read scale));
+        let add = mode == Accumulate::Add;
+        elementwise::scale_forward(self.isa, &self.pool, o, x, sc, s.inner, add);
     }
 
     fn scale_backward(
@@ -471,8 +509,15 @@ impl Backend for CpuBackend {
         s: ScaleShape,
         mode: Accumulate,
     ) {
-        let (di, ds, dy) = (r(dinp), r(dscale), r(dout));
-        ReferenceBackend.scale_backward(di, ds, dy, r(inp), r(scale), s, mode)
+        assert_eq!(
+            (inp.len(), scale.len()),
+            (s.rows * s.groups * s.inner, s.groups)
+        );
+        let di = slices!(write dinp, [dout, inp, scale, dscale]);
+        let ds = slices!(write dscale, [dout, inp, scale]);
+        let ins = (slices!(read dout), slices!(read inp), slices!(read scale));
+        let add = mode == Accumulate::Add;
+        elementwise::scale_backward(self.isa, &self.pool, di, ds, ins, s.inner, add);
     }
 
     fn cross_entropy_forward(

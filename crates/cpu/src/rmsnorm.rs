@@ -28,27 +28,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
 }
 
-macro_rules! tiers {
-    ($isa:expr, $body:expr) => {{
-        #[target_feature(enable = "avx512f,avx512vl,fma")]
-        unsafe fn avx512(f: impl FnOnce()) {
-            f()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(f: impl FnOnce()) {
-            f()
-        }
-        let body = $body;
-        // SAFETY: the tier was checked when the backend was made.
-        unsafe {
-            match $isa {
-                Isa::Avx2 => avx2(body),
-                _ => avx512(body),
-            }
-        }
-    }};
-}
-
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     isa: Isa,
