@@ -470,7 +470,16 @@ impl Backend for CpuBackend {
     }
 
     fn softcap_forward(&self, out: V, inp: V, cap: f32) {
-        ReferenceBackend.softcap_forward(r(out), r(inp), cap)
+        let o = SharedMut::new(slices!(write out, [inp]));
+        let z = slices!(read inp);
+        let (n, isa) = (z.len(), self.isa);
+        const CHUNK: usize = 1 << 14;
+        self.pool.run(n.div_ceil(CHUNK), &|c| {
+            let (start, len) = (c * CHUNK, CHUNK.min(n - c * CHUNK));
+            // SAFETY: chunk c of `out` is this task's alone.
+            let y = unsafe { o.slice(start, len) };
+            xent::softcap(isa, y, &z[start..start + len], cap);
+        });
     }
 
     fn softcap_backward(&self, dinp: V, dout: V, out: V, cap: f32) {

@@ -121,3 +121,71 @@ unsafe fn exp_scaled_ymm(op: *mut f32, zp: *const f32, n: usize, shift: f32, sca
         *op.add(i) = (*zp.add(i) - shift).exp() * scale;
     }
 }
+
+/// The logit soft cap `out = cap · tanh(z / cap)`, with `tanh(y) = sign(y) · (1 − 2 / (e^(2|y|)
+/// + 1))` (no cancellation for large |y|, and e^(2|y|) saturates to infinity cleanly, giving
+/// ±cap), on the tier's vector `exp`.
+pub fn softcap(isa: Isa, out: &mut [f32], z: &[f32], cap: f32) {
+    assert_eq!(out.len(), z.len());
+    // SAFETY: the tier was checked when the backend was made; the lengths match.
+    unsafe {
+        match isa {
+            Isa::Avx2 => softcap_ymm(out, z, cap),
+            _ => softcap_zmm(out, z, cap),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn softcap_zmm(out: &mut [f32], z: &[f32], cap: f32) {
+    let n = z.len();
+    let (zp, op) = (z.as_ptr(), out.as_mut_ptr());
+    let (inv2, capv, one, two) = (
+        _mm512_set1_ps(2.0 / cap),
+        _mm512_set1_ps(cap),
+        _mm512_set1_ps(1.0),
+        _mm512_set1_ps(2.0),
+    );
+    let sign_bit = _mm512_set1_epi32(i32::MIN);
+    let mut i = 0;
+    while i < n {
+        let mask = if n - i >= 16 {
+            0xffff
+        } else {
+            (1u32 << (n - i)) as u16 - 1
+        };
+        let x = _mm512_maskz_loadu_ps(mask, zp.add(i));
+        let sign = _mm512_and_si512(_mm512_castps_si512(x), sign_bit);
+        let ax = _mm512_abs_ps(x);
+        let e = exp_zmm(_mm512_mul_ps(ax, inv2));
+        let t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(e, one)));
+        let t = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+        _mm512_mask_storeu_ps(op.add(i), mask, _mm512_mul_ps(capv, t));
+        i += 16;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softcap_ymm(out: &mut [f32], z: &[f32], cap: f32) {
+    let n = z.len();
+    let full = n / 8 * 8;
+    let (zp, op) = (z.as_ptr(), out.as_mut_ptr());
+    let (inv2, capv, one, two) = (
+        _mm256_set1_ps(2.0 / cap),
+        _mm256_set1_ps(cap),
+        _mm256_set1_ps(1.0),
+        _mm256_set1_ps(2.0),
+    );
+    let sign_bit = _mm256_set1_ps(-0.0);
+    for i in (0..full).step_by(8) {
+        let x = _mm256_loadu_ps(zp.add(i));
+        let sign = _mm256_and_ps(x, sign_bit);
+        let ax = _mm256_andnot_ps(sign_bit, x);
+        let e = exp_ymm(_mm256_mul_ps(ax, inv2));
+        let t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(e, one)));
+        _mm256_storeu_ps(op.add(i), _mm256_mul_ps(capv, _mm256_or_ps(t, sign)));
+    }
+    for i in full..n {
+        *op.add(i) = cap * (*zp.add(i) / cap).tanh();
+    }
+}
