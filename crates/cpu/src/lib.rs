@@ -5,16 +5,19 @@
 //! Its buffers are the reference backend's [`HostMemory`], so a kernel this backend does not
 //! (yet) accelerate is handed to the reference backend on the very same buffers: fallback
 //! happens inside the backend, where the memory type is shared (as ggml's AMX backend hands
-//! a shape it cannot tile to the CPU path). Today the matmuls are this backend's own; the
-//! other kernel families run the reference kernels.
+//! a shape it cannot tile to the CPU path). Its own: the matmuls, attention ([`attention`],
+//! flash-style), cross-entropy and the soft cap ([`xent`]), SwiGLU, RMSNorm, RoPE, the
+//! element-wise kernels and broadcast scales, Muon ([`muon`]). The reference's: the
+//! embedding, AdamW, the EMA, the sum of squares and the KV-cache decode.
 //!
 //! Precision: master weights, gradients and optimizer state are f32. With `Precision::Bf16`
 //! (the default where the tier has a native bf16 dot product) the matmuls round their inputs
 //! to bf16 while packing and accumulate in f32; on the f32 tiers everything is f32. The AMX
 //! tier runs the AVX512-BF16 micro-kernel until its tile kernel lands.
 //!
-//! What it is not, yet: fused memory-bound kernels, flash attention, AdamW that writes bf16
-//! weight copies, a small-shape path without packing.
+//! What it is not, yet: an AMX tile kernel, a fused chunked classifier + cross-entropy, AdamW
+//! that writes bf16 weight copies in the micro-kernel's layout, a small-shape path without
+//! packing.
 
 /// Runs a closure compiled with the tier's target features (so the compiler vectorizes its
 /// loops for that width) and picks the one for `$isa`: element-wise SIMD written once,
@@ -43,7 +46,7 @@ macro_rules! tiers {
 pub mod attention;
 mod elementwise;
 pub mod gemm;
-mod muon;
+pub mod muon;
 pub mod pool;
 pub mod probe;
 pub mod rmsnorm;
