@@ -247,7 +247,7 @@ fn summary(runs: &[RunLog], files: &[&str]) -> String {
             let _ = writeln!(md, "| TFLOP/s | {:.4} |", report.tflops);
             let _ = writeln!(
                 md,
-                "| MFU (of the measured peak) | {:.1}% |",
+                "| MFU (of the run's peak) | {:.1}% |",
                 100.0 * report.mfu
             );
             if let Some(mem) = report.peak_memory_mib {
