@@ -531,7 +531,7 @@ fn draw_throughput(frame: &mut Frame, app: &App, area: Rect) {
             s.mfu * 100.0
         )));
         lines.push(Line::from(format!(
-            "peak      {:>10.1} GFLOP/s (measured)",
+            "peak      {:>10.1} GFLOP/s (MFU is against it)",
             log.start.as_ref().map_or(f64::NAN, |s| s.peak_gflops)
         )));
         lines.push(Line::from(""));
