@@ -2,7 +2,9 @@
 //! lower tier through an explicit cap, as `KILN_ISA` does), in each precision the tier
 //! offers: the kernel-case table against the f64 reference kernels, memory, the PyTorch
 //! whole-model fixtures and the training smoke test. Tiers the machine lacks are named as
-//! skipped, so the log says what was covered.
+//! skipped, so the log says what was covered. With `KILN_ISA` set, only the tier that cap
+//! selects runs, the one `kiln train` would use under it:
+//! `KILN_ISA=avx2 cargo test -p kiln-cpu --test conformance -- --nocapture`.
 
 use std::path::PathBuf;
 
@@ -16,12 +18,18 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Every (tier, precision) this machine can run.
+/// Every (tier, precision) this machine can run, or under `KILN_ISA` the tier it selects.
 fn backends() -> Vec<CpuBackend> {
+    let capped = cpu::isa_cap().unwrap_or_else(|e| panic!("{e}")).is_some();
+    let selected = cpu::selected_isa().unwrap_or_else(|e| panic!("{e}"));
     let mut out = Vec::new();
     for isa in Isa::ALL {
         if let Some(why) = cpu::features().missing(isa) {
             println!("tier {isa}: skipped ({why})");
+            continue;
+        }
+        if capped && Some(isa) != selected {
+            println!("tier {isa}: skipped (KILN_ISA selects another tier)");
             continue;
         }
         for precision in [Precision::F32, Precision::Bf16] {
