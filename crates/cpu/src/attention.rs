@@ -148,13 +148,13 @@ pub fn backward(
     });
 }
 
-/// One task's workspace: a one-thread pool (the task already runs on the backend's pool),
-/// GEMM packing buffers, and the T × T probabilities and their gradient.
 /// Rows per block of the causal products: the products skip the blocks above the diagonal.
 const BLOCK: usize = 64;
 
+/// One task's workspace: a one-thread pool (the task already runs on the backend's pool),
+/// GEMM packing buffers, and the T × T probabilities and their gradient.
 struct Context {
-    kernel: Microkernel,
+    isa: Isa,
     pool: ThreadPool,
     scratch: Scratch,
     s: AttentionShape,
@@ -183,10 +183,9 @@ thread_local! {
 impl Context {
     /// This thread's cached workspace if it fits, else a new one.
     fn take(isa: Isa, s: AttentionShape) -> Self {
-        let kernel = Microkernel::for_isa(isa, false);
         CACHED
             .with(|c| c.borrow_mut().take())
-            .filter(|c| c.s == s && c.kernel == kernel)
+            .filter(|c| c.s == s && c.isa == isa)
             .unwrap_or_else(|| Context::new(isa, s))
     }
 
@@ -197,7 +196,7 @@ impl Context {
 
     fn new(isa: Isa, s: AttentionShape) -> Self {
         Context {
-            kernel: Microkernel::for_isa(isa, false),
+            isa,
             pool: ThreadPool::new(1),
             scratch: Scratch::default(),
             s,
@@ -205,6 +204,40 @@ impl Context {
             dp: vec![0.0; s.seq * s.seq],
             lse: vec![0.0; s.seq],
         }
+    }
+
+    /// The tier's f32 micro-kernel: attention runs in f32 at every precision.
+    fn kernel(&self) -> Microkernel {
+        Microkernel::for_isa(self.isa, false)
+    }
+
+    /// `c (m, n) (=|+=) a (m, k) · b (k, n)` on this context's one-thread pool.
+    ///
+    /// # Safety
+    /// As [`gemm_into`].
+    unsafe fn product(
+        &mut self,
+        (m, n, k): (usize, usize, usize),
+        a: Mat,
+        b: Mat,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let kernel = self.kernel();
+        gemm_into(
+            &self.pool,
+            &mut self.scratch,
+            kernel,
+            m,
+            n,
+            k,
+            a,
+            b,
+            c,
+            ldc,
+            accumulate,
+        );
     }
 
     fn head<'a>(&self, x: &'a [f32], b: usize, h: usize, heads: usize) -> Head<'a> {
@@ -240,21 +273,7 @@ impl Context {
                 rs: x.stride,
                 cs: 1,
             };
-            let (pool, scratch, kernel) = (&self.pool, &mut self.scratch, self.kernel);
-            let cr = c.add(r0 * ldc);
-            gemm_into(
-                pool,
-                scratch,
-                kernel,
-                r1 - r0,
-                dim,
-                r1,
-                am,
-                xm,
-                cr,
-                ldc,
-                accumulate,
-            );
+            self.product((r1 - r0, dim, r1), am, xm, c.add(r0 * ldc), ldc, accumulate);
         }
     }
 
@@ -284,18 +303,11 @@ impl Context {
                 rs: x.stride,
                 cs: 1,
             };
-            let (pool, scratch, kernel) = (&self.pool, &mut self.scratch, self.kernel);
-            let cr = c.add(j0 * ldc);
-            gemm_into(
-                pool,
-                scratch,
-                kernel,
-                j1 - j0,
-                dim,
-                seq - j0,
+            self.product(
+                (j1 - j0, dim, seq - j0),
                 am,
                 xm,
-                cr,
+                c.add(j0 * ldc),
                 ldc,
                 accumulate,
             );
@@ -319,10 +331,11 @@ impl Context {
                 cs: y.stride,
             };
             let c = &mut out[r0 * seq..];
+            let kernel = self.kernel();
             gemm(
                 &self.pool,
                 &mut self.scratch,
-                self.kernel,
+                kernel,
                 r1 - r0,
                 r1,
                 dim,
@@ -341,10 +354,7 @@ impl Context {
     fn probabilities_from_scores(&mut self, q: Head, k: Head, lse: Option<&[f32]>) {
         let seq = self.s.seq;
         let scale = 1.0 / (self.s.head_dim as f32).sqrt();
-        let isa = match self.kernel {
-            Microkernel::Avx2F32 => Isa::Avx2,
-            _ => Isa::Avx512,
-        };
+        let isa = self.isa;
         let mut p = std::mem::take(&mut self.p);
         self.lower_scores(q, k, &mut p);
         for t in 0..seq {

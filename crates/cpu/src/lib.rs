@@ -96,7 +96,6 @@ impl Precision {
 pub struct CpuBackend {
     isa: Isa,
     precision: Precision,
-    microkernel: Microkernel,
     pool: Arc<ThreadPool>,
     /// The GEMMs' packing buffers, reused from call to call.
     scratch: Arc<Mutex<gemm::Scratch>>,
@@ -142,7 +141,6 @@ impl CpuBackend {
         Ok(CpuBackend {
             isa,
             precision,
-            microkernel: Microkernel::for_isa(isa, precision == Precision::Bf16),
             pool: Arc::new(ThreadPool::new(threads)),
             scratch: Arc::default(),
             rope_tables: Arc::default(),
@@ -180,7 +178,7 @@ impl CpuBackend {
         accumulate: bool,
     ) {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let kernel = self.microkernel;
+        let kernel = Microkernel::for_isa(self.isa, self.precision == Precision::Bf16);
         gemm::gemm(
             &self.pool,
             &mut scratch,

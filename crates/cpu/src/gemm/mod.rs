@@ -197,46 +197,18 @@ pub unsafe fn gemm_into(
     };
     let (strips, panels) = (m.div_ceil(mr), n.div_ceil(nr));
     // A's strips run along its rows (lane stride rs), B's panels along its columns.
+    let a_src = Source::new(a.data, a.rs, a.cs, m, k);
+    let b_src = Source::new(b.data, b.cs, b.rs, n, k);
     let (a_packed, b_packed) = if kernel.is_bf16() {
-        let a_buf = grown(&mut scratch.a_bf16, strips * kp * mr);
-        let b_buf = grown(&mut scratch.b_bf16, panels * kp * nr);
-        pack(
-            pool,
-            a_buf,
-            Source::new(a.data, a.rs, a.cs, m, k),
-            mr,
-            kp,
-            pack_bf16,
-        );
-        pack(
-            pool,
-            b_buf,
-            Source::new(b.data, b.cs, b.rs, n, k),
-            nr,
-            kp,
-            pack_bf16,
-        );
-        (PackedRef::Bf16(a_buf), PackedRef::Bf16(b_buf))
+        (
+            PackedRef::Bf16(pack(pool, &mut scratch.a_bf16, a_src, mr, kp, pack_bf16)),
+            PackedRef::Bf16(pack(pool, &mut scratch.b_bf16, b_src, nr, kp, pack_bf16)),
+        )
     } else {
-        let a_buf = grown(&mut scratch.a_f32, strips * kp * mr);
-        let b_buf = grown(&mut scratch.b_f32, panels * kp * nr);
-        pack(
-            pool,
-            a_buf,
-            Source::new(a.data, a.rs, a.cs, m, k),
-            mr,
-            kp,
-            pack_f32,
-        );
-        pack(
-            pool,
-            b_buf,
-            Source::new(b.data, b.cs, b.rs, n, k),
-            nr,
-            kp,
-            pack_f32,
-        );
-        (PackedRef::F32(a_buf), PackedRef::F32(b_buf))
+        (
+            PackedRef::F32(pack(pool, &mut scratch.a_f32, a_src, mr, kp, pack_f32)),
+            PackedRef::F32(pack(pool, &mut scratch.b_f32, b_src, nr, kp, pack_f32)),
+        )
     };
     // Tiles of at most TILE_STRIPS × TILE_PANELS, the counts split evenly (9 panels make
     // tiles of 5 and 4, not 8 and 1), so the tasks are of one size.
@@ -343,25 +315,28 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Packs `src` in groups of `width` lanes, one task per group, with `pack_group(dst, src,
-/// first lane, width, kp)` writing one group: f32 as `[k][width]`, bf16 as
-/// `[k / 2][width][2]` (the pair layout of `vdpbf16ps`); lanes and k past the edges are zero.
-fn pack<T: Send>(
+/// Packs `src` into `buffer` (grown as needed) in groups of `width` lanes, one task per
+/// group, with `pack_group(dst, src, first lane, width, kp)` writing one group: f32 as
+/// `[k][width]`, bf16 as `[k / 2][width][2]` (the pair layout of `vdpbf16ps`); lanes and k
+/// past the edges are zero. Returns the packed groups.
+fn pack<'s, T: Copy + Default + Send>(
     pool: &ThreadPool,
-    out: &mut [T],
+    buffer: &'s mut Vec<T>,
     src: Source,
     width: usize,
     kp: usize,
     pack_group: fn(&mut [T], Source, usize, usize, usize),
-) {
+) -> &'s [T] {
     let per_group = kp * width;
     let groups = src.lanes.div_ceil(width);
+    let out = grown(buffer, groups * per_group);
     let ptr = SharedMut::new(out);
     pool.run(groups, &|g| {
         // SAFETY: group g writes only its own `per_group` elements of `out`.
         let dst = unsafe { ptr.slice(g * per_group, per_group) };
         pack_group(dst, src, g * width, width, kp);
     });
+    out
 }
 
 /// One f32 group (see [`pack`]).
