@@ -240,7 +240,7 @@ pub fn train<B: Backend>(
     use kiln_core::optim::{adamw_step, AdamW};
     let mut model = Model::new(backend, config.clone())?;
     model.init_random(1)?;
-    let acts = model.activations(batch, seq)?;
+    let acts = model.loss_activations(batch, seq)?;
     let hp = AdamW {
         learning_rate: 1e-4,
         beta1: 0.9,

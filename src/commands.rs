@@ -199,7 +199,7 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
             );
         }
         let seq = options.seq.min(loaded.model.config.max_seq_len);
-        let acts = loaded.model.activations(options.batch, seq)?;
+        let acts = loaded.model.loss_activations(options.batch, seq)?;
         let started = std::time::Instant::now();
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(

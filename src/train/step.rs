@@ -75,7 +75,7 @@ impl<B: Backend> Trainer<B> {
             },
         };
         self.start(&cfg, &rates)?;
-        let acts = self.model.activations(cfg.batch, cfg.seq)?;
+        let acts = self.model.loss_activations(cfg.batch, cfg.seq)?;
         let val_tokens = self.dataset.read_all(Split::Val)?;
         let mut run = Progress {
             started: Instant::now(),

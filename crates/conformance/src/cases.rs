@@ -8,12 +8,13 @@
 //! random values, so a backend that overwrites instead fails.
 
 use kiln_core::backend::{
-    Accumulate, AdamWStep, AttentionShape, Backend, DecodeShape, Kernel, MatmulShape, MatrixShape,
-    MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint, View,
+    Accumulate, AdamWStep, AttentionShape, Backend, ClassifierShape, DecodeShape, Kernel,
+    MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint, View,
 };
 use kiln_core::config::ModelConfig;
 use kiln_reference::{
-    activation, adamw, attention, embed, matmul, muon, rmsnorm, rope, scale, swiglu, xent,
+    activation, adamw, attention, classifier, embed, matmul, muon, rmsnorm, rope, scale, swiglu,
+    xent,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -143,6 +144,8 @@ pub enum Op {
     Accumulate,
     CrossEntropyForward { vocab: usize },
     CrossEntropyBackward { vocab: usize, dloss: f32 },
+    ClassifierLossForward(ClassifierShape),
+    ClassifierLossBackward(ClassifierShape, f32, Accumulate),
     SumSquares,
     AdamW(AdamWStep),
     Ema { decay: f32 },
@@ -279,6 +282,22 @@ impl Case {
                 let (mut losses, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
                 xent::cross_entropy_forward(&mut losses, &mut lse, &values[1], &self.ids, vocab);
                 values[2] = round(lse);
+            }
+            Op::ClassifierLossBackward(s, _, _) => {
+                // [dinp, dweight, inp, weight, logsumexp]
+                let (mut losses, mut lse) = (vec![0.0; s.rows], vec![0.0; s.rows]);
+                let (x, w, cap) = (&values[2], &values[3], s.softcap.map(f64::from));
+                classifier::classifier_loss_forward(
+                    &mut losses,
+                    &mut lse,
+                    x,
+                    w,
+                    &self.ids,
+                    s.dim,
+                    s.vocab,
+                    cap,
+                );
+                values[4] = round(lse);
             }
             Op::SoftcapBackward { cap } => {
                 // [dinp, dout, out]: the forward's output, cap·tanh(z/cap).
@@ -440,6 +459,24 @@ impl Case {
                 xent::cross_entropy_backward(&mut d, z, lse, &self.ids, vocab, dloss as f64);
                 out[0] = Some(d);
             }
+            Op::ClassifierLossForward(s) => {
+                let (mut l, mut lse) = (vec![0.0; s.rows], vec![0.0; s.rows]);
+                let (x, w, cap) = (&inputs[0], &inputs[1], s.softcap.map(f64::from));
+                classifier::classifier_loss_forward(
+                    &mut l, &mut lse, x, w, &self.ids, s.dim, s.vocab, cap,
+                );
+                (out[2], out[3]) = (Some(l), Some(lse));
+            }
+            Op::ClassifierLossBackward(s, dloss, mode) => {
+                let (mut di, mut dw) = (take(0), take(1));
+                let (x, w, lse, cap) =
+                    (&inputs[2], &inputs[3], &inputs[4], s.softcap.map(f64::from));
+                let (ids, dloss) = (&self.ids, dloss as f64);
+                classifier::classifier_loss_backward(
+                    &mut di, &mut dw, x, w, lse, ids, s.dim, s.vocab, cap, dloss, mode,
+                );
+                (out[0], out[1]) = (Some(di), Some(dw));
+            }
             Op::SumSquares => out[1] = Some(vec![adamw::sum_squares(&inputs[0])]),
             Op::AdamW(hp) => {
                 let (mut p, mut m, mut v) = (take(0), take(2), take(3));
@@ -530,6 +567,11 @@ impl Case {
             Op::CrossEntropyBackward { vocab, dloss } => {
                 backend.cross_entropy_backward(v[0], v[1], v[2], &self.ids, vocab, dloss)
             }
+            Op::ClassifierLossForward(s) => {
+                backend.classifier_loss_forward(v[2], v[3], v[0], v[1], &self.ids, s)
+            }
+            Op::ClassifierLossBackward(s, dloss, mode) => backend
+                .classifier_loss_backward(v[0], v[1], v[2], v[3], v[4], &self.ids, s, dloss, mode),
             Op::SumSquares => {
                 let sum = backend.sum_squares(v[0]);
                 backend.upload(v[1], &[sum as f32])?;
@@ -564,6 +606,7 @@ pub fn cases(d: &Dims) -> Vec<Case> {
     all.extend(elementwise_cases(d));
     all.extend(scale_cases(d));
     all.extend(cross_entropy_cases(d));
+    all.extend(classifier_loss_cases(d));
     all.extend(optimizer_cases(d));
     all
 }
@@ -949,6 +992,73 @@ fn cross_entropy_cases(d: &Dims) -> Vec<Case> {
         )
         .ids(targets),
     ]
+}
+
+/// The fused classifier + cross-entropy, plain and soft-capped (Gemma 2's cap of 30), its
+/// backward overwriting and adding into `dinp`. Work is counted as the unfused products'
+/// FLOPs (2·N·C·V forward, 4·N·C·V backward): the backward's recomputation of the logits is
+/// the kernel's own cost, not work done.
+fn classifier_loss_cases(d: &Dims) -> Vec<Case> {
+    let (n, c, v) = (d.rows(), d.dim, d.vocab);
+    let targets: Vec<u32> = (0..n).map(|i| ((i * 5 + 1) % v) as u32).collect();
+    let flops = 2.0 * (n * c * v) as f64;
+    let mut all = Vec::new();
+    for softcap in [None, Some(30.0)] {
+        let s = ClassifierShape {
+            rows: n,
+            dim: c,
+            vocab: v,
+            softcap,
+        };
+        let label = if softcap.is_some() {
+            " soft-capped"
+        } else {
+            ""
+        };
+        // Inputs of ±3 and weights of ±1 make logits of several units, so the softmax is
+        // far from uniform and a wrong log-sum-exp shows.
+        let x = || buf("inp", n * c, Role::Input(3.0));
+        let fwd = Case::new(
+            format!("classifier loss{label} forward ({n}×{c} · {c}×{v})"),
+            Kernel::ClassifierLoss,
+            Op::ClassifierLossForward(s),
+            vec![
+                x(),
+                input("weight", v * c),
+                output("losses", n),
+                output("logsumexp", n),
+            ],
+            Work::Flops(flops),
+        )
+        .ids(targets.clone());
+        all.push(if softcap.is_some() {
+            fwd.variant()
+        } else {
+            fwd
+        });
+        for mode in [Overwrite, Add] {
+            let bwd = Case::new(
+                format!("classifier loss{label} backward (dinp {mode:?})"),
+                Kernel::ClassifierLoss,
+                Op::ClassifierLossBackward(s, 1.0 / n as f32, mode),
+                vec![
+                    output("dinp", n * c),
+                    output("dweight", v * c),
+                    x(),
+                    input("weight", v * c),
+                    input("logsumexp", n),
+                ],
+                Work::Flops(2.0 * flops),
+            )
+            .ids(targets.clone());
+            all.push(if softcap.is_none() && mode == Overwrite {
+                bwd
+            } else {
+                bwd.variant()
+            });
+        }
+    }
+    all
 }
 
 fn optimizer_cases(d: &Dims) -> Vec<Case> {

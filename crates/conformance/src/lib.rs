@@ -81,7 +81,7 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 }
 
 /// Every kernel family.
-pub const KERNELS: [Kernel; 16] = [
+pub const KERNELS: [Kernel; 17] = [
     Kernel::Memory,
     Kernel::Matmul,
     Kernel::Embedding,
@@ -94,6 +94,7 @@ pub const KERNELS: [Kernel; 16] = [
     Kernel::Scale,
     Kernel::Residual,
     Kernel::CrossEntropy,
+    Kernel::ClassifierLoss,
     Kernel::SumSquares,
     Kernel::AdamW,
     Kernel::Ema,
@@ -412,7 +413,8 @@ fn compare_nmse(what: &str, got: &[f32], want: &[f64], bound: f64) -> Result<()>
     Ok(())
 }
 
-/// The whole model against a PyTorch fixture: logits, loss, every gradient, ten AdamW steps,
+/// The whole model against a PyTorch fixture: logits, loss, every gradient (through the head
+/// that keeps the logits and through the fused one), ten AdamW steps (fused head),
 /// element-wise within the backend's loosest kernel tolerance (see [`ModelTolerance`]).
 pub fn check_fixture<B: Backend>(backend: B, path: &Path) -> Result<()> {
     let tol = ModelTolerance::Elementwise(model_tolerance(&backend));
@@ -473,14 +475,29 @@ pub fn check_fixture_within<B: Backend>(
         0,
     )?;
 
-    model.zero_grad();
-    model.backward(&acts, &tokens, &targets, 1.0);
-    let grads = model.download_grads()?;
-    for spec in &model.layout.specs {
-        let got = &grads[spec.region.offset..][..spec.region.len];
-        let want = fixture.tensor(&format!("grad.{}", spec.name))?;
-        check(&format!("{name} grad.{}", spec.name), got, &want, 1)?;
+    // The gradients through the head that keeps the logits, then through the fused one
+    // (classifier and cross-entropy a vocabulary chunk at a time), as training runs it.
+    let fused = model.loss_activations(fixture.batch, fixture.seq)?;
+    for (head, acts) in [("", &acts), (" (fused head)", &fused)] {
+        let loss = model
+            .forward(acts, &tokens, Some(&targets))?
+            .context("a loss")?;
+        check(
+            &format!("{name} loss{head}"),
+            &[loss],
+            &fixture.tensor("loss")?,
+            0,
+        )?;
+        model.zero_grad();
+        model.backward(acts, &tokens, &targets, 1.0);
+        let grads = model.download_grads()?;
+        for spec in &model.layout.specs {
+            let got = &grads[spec.region.offset..][..spec.region.len];
+            let want = fixture.tensor(&format!("grad.{}", spec.name))?;
+            check(&format!("{name} grad.{}{head}", spec.name), got, &want, 1)?;
+        }
     }
+    let acts = fused;
 
     // Ten AdamW steps on the same batch.
     let want = fixture.tensor("adamw_losses")?;
@@ -506,7 +523,7 @@ pub fn check_training_smoke<B: Backend>(backend: B, preset: &str) -> Result<Vec<
     let mut model = Model::new(backend, config)?;
     model.init_random(42)?;
     let (batch, seq) = (4, 16);
-    let acts = model.activations(batch, seq)?;
+    let acts = model.loss_activations(batch, seq)?;
     // Each sequence counts up from a random start: next token = previous + 1 (mod V), a rule
     // the model can learn in a few steps, unlike noise.
     let mut rng = ChaCha8Rng::seed_from_u64(3);

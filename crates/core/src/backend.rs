@@ -50,6 +50,8 @@ pub enum Kernel {
     Scale,
     Residual,
     CrossEntropy,
+    /// The classifier fused with the softmax cross-entropy.
+    ClassifierLoss,
     SumSquares,
     AdamW,
     Ema,
@@ -109,6 +111,18 @@ pub struct MatmulShape {
     pub rows: usize,
     pub in_dim: usize,
     pub out_dim: usize,
+}
+
+/// The classifier fused with the softmax cross-entropy: `logits = softcap(inp (rows, dim) ·
+/// weight (vocab, dim)ᵀ)` and each row's loss against its target, without the `(rows, vocab)`
+/// logits ever held in memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClassifierShape {
+    pub rows: usize,
+    pub dim: usize,
+    pub vocab: usize,
+    /// `cap·tanh(z / cap)` on the logits before the softmax (none: the logits as they are).
+    pub softcap: Option<f32>,
 }
 
 /// RMSNorm over `rows` rows of `dim` values.
@@ -528,6 +542,38 @@ pub trait Backend: Send + Sync {
         targets: &[u32],
         vocab: usize,
         dloss: f32,
+    );
+
+    /// The classifier and the cross-entropy in one (training's and evaluation's head, where
+    /// only the losses are wanted): `losses (rows)` and the saved `logsumexp (rows)` of
+    /// `softcap(inp · weightᵀ)`, as [`Backend::matmul_forward`], [`Backend::softcap_forward`]
+    /// and [`Backend::cross_entropy_forward`] would give, without the `(rows, vocab)` logits
+    /// (a backend may recompute them a vocabulary chunk at a time).
+    fn classifier_loss_forward(
+        &self,
+        losses: View<Self>,
+        logsumexp: View<Self>,
+        inp: View<Self>,
+        weight: View<Self>,
+        targets: &[u32],
+        s: ClassifierShape,
+    );
+    /// The backward of [`Backend::classifier_loss_forward`] with each row's loss weighted by
+    /// `dloss`: `dinp (rows, dim) =/+= dlogits · weight` and `dweight (vocab, dim) +=
+    /// dlogitsᵀ · inp`, where `dlogits` are the soft cap's and the cross-entropy's backward
+    /// (recomputed from `inp`, `weight` and the saved `logsumexp`).
+    #[allow(clippy::too_many_arguments)]
+    fn classifier_loss_backward(
+        &self,
+        dinp: View<Self>,
+        dweight: View<Self>,
+        inp: View<Self>,
+        weight: View<Self>,
+        logsumexp: View<Self>,
+        targets: &[u32],
+        s: ClassifierShape,
+        dloss: f32,
+        dinp_mode: Accumulate,
     );
 
     // ---- optimizer ---------------------------------------------------------------------

@@ -415,11 +415,24 @@ pub struct LayerGradients {
     pub logits_raw: Region, // (N, V) before the soft cap; = logits without one
 }
 
+/// What the model's head leaves in an activation arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// The `(N, V)` logits, and room for their gradient: sampling, `kiln model logits`, the
+    /// PyTorch fixtures' logits check.
+    Logits,
+    /// Only each position's loss: the classifier and the cross-entropy run fused
+    /// ([`crate::backend::Backend::classifier_loss_forward`]), a backend holds at most a
+    /// vocabulary chunk of logits at a time. Training and evaluation.
+    Loss,
+}
+
 /// Every activation of one step at (batch, seq), in one arena.
 #[derive(Clone, Debug)]
 pub struct ActivationLayout {
     pub batch: usize,
     pub seq: usize,
+    pub head: Head,
     pub emb_tok: Region, // (N, C) token embedding rows; = embed without a bigram table
     pub emb_bigram: Region, // (N, C) bigram embedding rows (empty without one)
     pub embed: Region,   // (N, C) raw embedding; = residual[0] without embed_norm
@@ -439,9 +452,20 @@ pub struct ActivationLayout {
 }
 
 impl ActivationLayout {
-    pub fn new(config: &ModelConfig, batch: usize, seq: usize, attention_saved_len: usize) -> Self {
+    pub fn new(
+        config: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        attention_saved_len: usize,
+        head: Head,
+    ) -> Self {
         let n = batch * seq;
-        let (c, f, v) = (config.dim, config.hidden_dim, config.vocab_size);
+        let (c, f) = (config.dim, config.hidden_dim);
+        // The logits and their gradients: none when the head runs fused.
+        let v = match head {
+            Head::Logits => config.vocab_size,
+            Head::Loss => 0,
+        };
         let (q, kv) = (n * config.q_dim(), n * config.kv_dim());
         let arch = &config.arch;
         let mut cur = Cursor::default();
@@ -544,6 +568,7 @@ impl ActivationLayout {
         ActivationLayout {
             batch,
             seq,
+            head,
             emb_tok,
             emb_bigram,
             embed,

@@ -6,7 +6,8 @@
 //! (yet) accelerate is handed to the reference backend on the very same buffers: fallback
 //! happens inside the backend, where the memory type is shared (as ggml's AMX backend hands
 //! a shape it cannot tile to the CPU path). Its own: the matmuls, attention ([`attention`],
-//! flash-style), cross-entropy and the soft cap ([`xent`]), SwiGLU, RMSNorm, RoPE, the
+//! flash-style), the classifier fused with the cross-entropy ([`classifier`]), cross-entropy
+//! and the soft cap ([`xent`]), SwiGLU, RMSNorm, RoPE, the
 //! element-wise kernels and broadcast scales, Muon ([`muon`]). The reference's: the
 //! embedding, AdamW, the EMA, the sum of squares and the KV-cache decode.
 //!
@@ -15,9 +16,8 @@
 //! to bf16 while packing and accumulate in f32; on the f32 tiers everything is f32. The AMX
 //! tier runs the AVX512-BF16 micro-kernel until its tile kernel lands.
 //!
-//! What it is not, yet: an AMX tile kernel, a fused chunked classifier + cross-entropy, AdamW
-//! that writes bf16 weight copies in the micro-kernel's layout, a small-shape path without
-//! packing.
+//! What it is not, yet: an AMX tile kernel, AdamW that writes bf16 weight copies in the
+//! micro-kernel's layout, a small-shape path without packing.
 
 /// Runs a closure compiled with the tier's target features (so the compiler vectorizes its
 /// loops for that width) and picks the one for `$isa`: element-wise SIMD written once,
@@ -44,6 +44,7 @@ macro_rules! tiers {
 }
 
 pub mod attention;
+pub mod classifier;
 mod elementwise;
 pub mod gemm;
 pub mod muon;
@@ -59,9 +60,9 @@ pub mod xent;
 use std::sync::{Arc, Mutex};
 
 use kiln_core::backend::{
-    Accumulate, AdamWStep, AttentionShape, Backend, BackendError, DType, DecodeShape, Kernel,
-    MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint,
-    Tolerance, View,
+    Accumulate, AdamWStep, AttentionShape, Backend, BackendError, ClassifierShape, DType,
+    DecodeShape, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape,
+    ShapeHint, Tolerance, View,
 };
 use kiln_core::cpu::{self, Isa};
 pub use kiln_reference::HostMemory;
@@ -167,6 +168,11 @@ impl CpuBackend {
     /// `C = A·B` or `C += A·B` on this backend's micro-kernel and pool (`C` is `m × n`,
     /// row-major, dense).
     #[allow(clippy::too_many_arguments)]
+    /// The micro-kernel of the matmuls: the tier's, at the backend's precision.
+    fn kernel(&self) -> Microkernel {
+        Microkernel::for_isa(self.isa, self.precision == Precision::Bf16)
+    }
+
     pub(crate) fn gemm(
         &self,
         m: usize,
@@ -178,7 +184,7 @@ impl CpuBackend {
         accumulate: bool,
     ) {
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let kernel = Microkernel::for_isa(self.isa, self.precision == Precision::Bf16);
+        let kernel = self.kernel();
         gemm::gemm(
             &self.pool,
             &mut scratch,
@@ -234,7 +240,12 @@ impl Backend for CpuBackend {
             // is within 2⁻⁸ of exact and a dot product within 2⁻⁸·Σ|aᵢbᵢ|. The conformance
             // cases have k ≤ 32 and inputs within ±1 (Σ|aᵢbᵢ| ≈ k/4 ≤ 8): 0.03 absolute,
             // and 1% of the value where it does not cancel.
-            (Kernel::Matmul, Precision::Bf16) => Tolerance {
+            //
+            // The fused classifier's logits are such products (k = C), and the loss and
+            // gradients move with them: a logit off by δ moves the loss by at most δ and a
+            // probability by a factor e^δ ≈ 1 + δ, and its gradient products are bf16 products
+            // again: the same bound.
+            (Kernel::Matmul | Kernel::ClassifierLoss, Precision::Bf16) => Tolerance {
                 atol: 3e-2,
                 rtol: 1e-2,
             },
@@ -585,6 +596,58 @@ impl Backend for CpuBackend {
             xent::exp_scaled(isa, dr, &z[row * vocab..(row + 1) * vocab], s[row], dloss);
             dr[targets[row] as usize] -= dloss;
         });
+    }
+
+    fn classifier_loss_forward(
+        &self,
+        losses: V,
+        logsumexp: V,
+        inp: V,
+        weight: V,
+        targets: &[u32],
+        s: ClassifierShape,
+    ) {
+        assert_eq!(losses.len(), s.rows, "classifier_loss_forward: losses");
+        assert_eq!(
+            logsumexp.len(),
+            s.rows,
+            "classifier_loss_forward: logsumexp"
+        );
+        let l = slices!(write losses, [logsumexp, inp, weight]);
+        let lse = slices!(write logsumexp, [inp, weight]);
+        let (x, w) = (slices!(read inp), slices!(read weight));
+        let kernel = self.kernel();
+        classifier::forward(self.isa, kernel, &self.pool, l, lse, x, w, targets, s);
+    }
+
+    fn classifier_loss_backward(
+        &self,
+        dinp: V,
+        dweight: V,
+        inp: V,
+        weight: V,
+        logsumexp: V,
+        targets: &[u32],
+        s: ClassifierShape,
+        dloss: f32,
+        dinp_mode: Accumulate,
+    ) {
+        assert_eq!(
+            logsumexp.len(),
+            s.rows,
+            "classifier_loss_backward: logsumexp"
+        );
+        let di = slices!(write dinp, [dweight, inp, weight, logsumexp]);
+        let dw = slices!(write dweight, [inp, weight, logsumexp]);
+        let (x, w, lse) = (
+            slices!(read inp),
+            slices!(read weight),
+            slices!(read logsumexp),
+        );
+        let kernel = self.kernel();
+        classifier::backward(
+            self.isa, kernel, &self.pool, di, dw, x, w, lse, targets, s, dloss, dinp_mode,
+        );
     }
 
     fn sum_squares(&self, x: V) -> f64 {

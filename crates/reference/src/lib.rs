@@ -13,6 +13,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod classifier;
 pub mod embed;
 pub mod matmul;
 pub mod muon;
@@ -30,9 +31,9 @@ use half::bf16;
 use num_traits::{Float, FromPrimitive, NumAssign};
 
 use kiln_core::backend::{
-    Accumulate, AdamWStep, AttentionShape, Backend, BackendError, DType, DecodeShape, DeviceMemory,
-    Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint,
-    Tolerance, View,
+    Accumulate, AdamWStep, AttentionShape, Backend, BackendError, ClassifierShape, DType,
+    DecodeShape, DeviceMemory, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv,
+    RopeShape, ScaleShape, ShapeHint, Tolerance, View,
 };
 
 /// The float types the reference kernels run in: f32 for training, f64 for gradient checks.
@@ -595,6 +596,42 @@ impl Backend for ReferenceBackend {
         let d = self.write(dlogits, &[logits, logsumexp]);
         let (logits, logsumexp) = (self.read(logits), self.read(logsumexp));
         xent::cross_entropy_backward(d, logits, logsumexp, targets, vocab, dloss);
+    }
+
+    fn classifier_loss_forward(
+        &self,
+        losses: V,
+        logsumexp: V,
+        inp: V,
+        weight: V,
+        targets: &[u32],
+        s: ClassifierShape,
+    ) {
+        let l = self.write(losses, &[logsumexp, inp, weight]);
+        let lse = self.write(logsumexp, &[inp, weight]);
+        let (x, w) = (self.read(inp), self.read(weight));
+        classifier::classifier_loss_forward(l, lse, x, w, targets, s.dim, s.vocab, s.softcap);
+    }
+
+    fn classifier_loss_backward(
+        &self,
+        dinp: V,
+        dweight: V,
+        inp: V,
+        weight: V,
+        logsumexp: V,
+        targets: &[u32],
+        s: ClassifierShape,
+        dloss: f32,
+        dinp_mode: Accumulate,
+    ) {
+        let di = self.write(dinp, &[dweight, inp, weight, logsumexp]);
+        let dw = self.write(dweight, &[inp, weight, logsumexp]);
+        let (x, w, lse) = (self.read(inp), self.read(weight), self.read(logsumexp));
+        let (dim, vocab, cap) = (s.dim, s.vocab, s.softcap);
+        classifier::classifier_loss_backward(
+            di, dw, x, w, lse, targets, dim, vocab, cap, dloss, dinp_mode,
+        );
     }
 
     fn sum_squares(&self, x: V) -> f64 {

@@ -7,10 +7,11 @@
 
 use super::{bigram_ids, mlp_slope, view, Activations, Model};
 use crate::backend::{
-    Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape, View,
+    Accumulate, AttentionShape, Backend, ClassifierShape, MatmulShape, NormShape, Qkv, RopeShape,
+    ScaleShape, View,
 };
 use crate::config::Mlp;
-use crate::layout::{skip_source, LayerActivations, LayerParams, Region};
+use crate::layout::{skip_source, Head, LayerActivations, LayerParams, Region};
 
 use Accumulate::{Add, Overwrite};
 
@@ -154,27 +155,36 @@ impl<B: Backend> Model<B> {
         let a = |r: Region| view::<B>(&acts.memory, r);
         let (al, d) = (&acts.layout, &acts.layout.grads);
         let (n, c, vocab) = (sh.n, cfg.dim, cfg.vocab_size);
-        be.cross_entropy_backward(
-            a(d.logits),
-            a(al.logits),
-            a(al.logsumexp),
-            targets,
-            vocab,
-            loss_weight / n as f32,
-        );
-        if let Some(cap) = cfg.arch.logit_softcap {
-            be.softcap_backward(a(d.logits_raw), a(d.logits), a(al.logits), cap as f32);
-        }
         let classifier = self.layout.classifier;
-        be.matmul_backward(
-            a(d.xn),
+        let (dw, w) = (
             view::<B>(&self.grads, classifier),
-            a(d.logits_raw),
-            a(al.xn_final),
             view::<B>(self.weights(), classifier),
-            sh.mm(c, vocab),
-            Overwrite,
         );
+        if al.head == Head::Loss {
+            let shape = ClassifierShape {
+                rows: n,
+                dim: c,
+                vocab,
+                softcap: cfg.arch.logit_softcap.map(|cap| cap as f32),
+            };
+            let (xn, lse) = (a(al.xn_final), a(al.logsumexp));
+            let dloss = loss_weight / n as f32;
+            be.classifier_loss_backward(a(d.xn), dw, xn, w, lse, targets, shape, dloss, Overwrite);
+        } else {
+            be.cross_entropy_backward(
+                a(d.logits),
+                a(al.logits),
+                a(al.logsumexp),
+                targets,
+                vocab,
+                loss_weight / n as f32,
+            );
+            if let Some(cap) = cfg.arch.logit_softcap {
+                be.softcap_backward(a(d.logits_raw), a(d.logits), a(al.logits), cap as f32);
+            }
+            let (dx, dy, x) = (a(d.xn), a(d.logits_raw), a(al.xn_final));
+            be.matmul_backward(dx, dw, dy, x, w, sh.mm(c, vocab), Overwrite);
+        }
         let (gain, gain_grad) = self.gain_and_grad(self.layout.final_norm, c);
         let last = a(al.residual[cfg.n_layers]);
         let rstd = a(al.rstd_final);

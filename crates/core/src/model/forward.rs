@@ -3,16 +3,17 @@
 
 use super::{bigram_ids, download, mlp_slope, view, Activations, CacheSlot, Model};
 use crate::backend::{
-    Accumulate, AttentionShape, Backend, DecodeShape, MatmulShape, NormShape, Qkv, RopeShape,
-    ScaleShape, View,
+    Accumulate, AttentionShape, Backend, ClassifierShape, DecodeShape, MatmulShape, NormShape, Qkv,
+    RopeShape, ScaleShape, View,
 };
 use crate::config::Mlp;
-use crate::layout::{skip_source, LayerActivations, LayerParams, Region};
+use crate::layout::{skip_source, Head, LayerActivations, LayerParams, Region};
 use crate::Result;
 
 impl<B: Backend> Model<B> {
     /// Runs the model on `tokens (B·T)`, leaving logits in the arena; with `targets`, also the
-    /// per-position losses, and returns their mean.
+    /// per-position losses, and returns their mean. A loss-only arena ([`Head::Loss`]) needs
+    /// targets and leaves only the losses.
     pub fn forward(
         &self,
         acts: &Activations<B>,
@@ -76,18 +77,42 @@ impl<B: Backend> Model<B> {
         );
         let vocab = cfg.vocab_size;
         let classifier = p(self.layout.classifier);
-        let shape = MatmulShape {
-            rows: n,
-            in_dim: c,
-            out_dim: vocab,
-        };
-        be.matmul_forward(a(al.logits_raw), a(al.xn_final), classifier, shape);
-        if let Some(cap) = arch.logit_softcap {
-            be.softcap_forward(a(al.logits), a(al.logits_raw), cap as f32);
+        if al.head == Head::Loss {
+            let Some(targets) = targets else {
+                crate::fail!(Shape, "forward: a loss-only arena needs targets");
+            };
+            self.check_targets(targets, n, b, t)?;
+            let shape = ClassifierShape {
+                rows: n,
+                dim: c,
+                vocab,
+                softcap: arch.logit_softcap.map(|cap| cap as f32),
+            };
+            let (losses, lse, xn) = (a(al.losses), a(al.logsumexp), a(al.xn_final));
+            be.classifier_loss_forward(losses, lse, xn, classifier, targets, shape);
+        } else {
+            let shape = MatmulShape {
+                rows: n,
+                in_dim: c,
+                out_dim: vocab,
+            };
+            be.matmul_forward(a(al.logits_raw), a(al.xn_final), classifier, shape);
+            if let Some(cap) = arch.logit_softcap {
+                be.softcap_forward(a(al.logits), a(al.logits_raw), cap as f32);
+            }
+            let Some(targets) = targets else {
+                return Ok(None);
+            };
+            self.check_targets(targets, n, b, t)?;
+            be.cross_entropy_forward(a(al.losses), a(al.logsumexp), a(al.logits), targets, vocab);
         }
-        let Some(targets) = targets else {
-            return Ok(None);
-        };
+        let losses = download(be, a(al.losses))?;
+        Ok(Some(
+            (losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32,
+        ))
+    }
+
+    fn check_targets(&self, targets: &[u32], n: usize, b: usize, t: usize) -> Result<()> {
         if targets.len() != n {
             crate::fail!(
                 Shape,
@@ -95,11 +120,7 @@ impl<B: Backend> Model<B> {
                 targets.len()
             );
         }
-        be.cross_entropy_forward(a(al.losses), a(al.logsumexp), a(al.logits), targets, vocab);
-        let losses = download(be, a(al.losses))?;
-        Ok(Some(
-            (losses.iter().map(|&x| x as f64).sum::<f64>() / n as f64) as f32,
-        ))
+        Ok(())
     }
 
     /// Block `l`: the U-Net skip and resid_mix into its input, then attention and the MLP,

@@ -25,7 +25,7 @@ use rand_distr::{Distribution, Normal};
 
 use crate::backend::{Backend, DType, View};
 use crate::config::{Mlp, ModelConfig};
-pub use crate::layout::{ActivationLayout, Init, ParamKind, ParamLayout, ParamSpec, Region};
+pub use crate::layout::{ActivationLayout, Head, Init, ParamKind, ParamLayout, ParamSpec, Region};
 use crate::quant::PackRule;
 use crate::Result;
 
@@ -242,8 +242,19 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// An activation arena for steps of `batch` sequences of `seq` tokens.
+    /// An activation arena for steps of `batch` sequences of `seq` tokens that keeps the
+    /// logits (see [`Head`]).
     pub fn activations(&self, batch: usize, seq: usize) -> Result<Activations<B>> {
+        self.activations_with(batch, seq, Head::Logits)
+    }
+
+    /// An activation arena whose head leaves only the losses: the classifier and the
+    /// cross-entropy run fused, without the `(B·T, V)` logits (training and evaluation).
+    pub fn loss_activations(&self, batch: usize, seq: usize) -> Result<Activations<B>> {
+        self.activations_with(batch, seq, Head::Loss)
+    }
+
+    fn activations_with(&self, batch: usize, seq: usize, head: Head) -> Result<Activations<B>> {
         if seq > self.config.max_seq_len {
             bail!(
                 "sequence length {seq} exceeds the model's max_seq_len {}",
@@ -259,7 +270,7 @@ impl<B: Backend> Model<B> {
                 kv_heads: self.config.n_kv_heads,
                 head_dim: self.config.head_dim,
             });
-        let layout = ActivationLayout::new(&self.config, batch, seq, saved);
+        let layout = ActivationLayout::new(&self.config, batch, seq, saved, head);
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
         Ok(Activations { layout, memory })
     }
@@ -281,7 +292,7 @@ impl<B: Backend> Model<B> {
                 len: row,
             })
             .collect();
-        let layout = ActivationLayout::new(&self.config, 1, 1, 0);
+        let layout = ActivationLayout::new(&self.config, 1, 1, 0, Head::Logits);
         let acts = Activations {
             memory: self.backend.alloc(layout.total_len(), DType::F32)?,
             layout,
@@ -333,6 +344,9 @@ impl<B: Backend> Model<B> {
 
     /// Logits `(B·T, V)` of the last forward, on the host.
     pub fn download_logits(&self, acts: &Activations<B>) -> Result<Vec<f32>> {
+        if acts.layout.head == Head::Loss {
+            bail!("these activations keep only the losses (the head runs fused): no logits");
+        }
         download(&self.backend, view::<B>(&acts.memory, acts.layout.logits))
     }
 }

@@ -103,14 +103,58 @@ enum PackedRef<'s> {
     Bf16(&'s [u16]),
 }
 
-/// Packing buffers kept between calls: a training step's GEMMs reuse them instead of
-/// allocating (and page-faulting in) tens of megabytes per call.
+/// An operand packed for one micro-kernel: `lanes` lanes (A's rows or B's columns) of `k`
+/// values, k padded to `kp`, in groups of the kernel's MR (A) or NR (B) lanes (see [`pack`]).
+/// Its buffers are kept from one packing to the next, so a step's GEMMs reuse them instead
+/// of allocating (and page-faulting in) tens of megabytes per call. Callers that use one
+/// operand in many products (the fused classifier's inputs) pack it once and call
+/// [`multiply`].
 #[derive(Default)]
-pub struct Scratch {
-    a_f32: Vec<f32>,
-    b_f32: Vec<f32>,
-    a_bf16: Vec<u16>,
-    b_bf16: Vec<u16>,
+pub struct Packed {
+    f32: Vec<f32>,
+    bf16: Vec<u16>,
+    kernel: Option<Microkernel>,
+    /// Whether the lanes are A's rows (groups of MR) or B's columns (groups of NR).
+    left: bool,
+    lanes: usize,
+    k: usize,
+    kp: usize,
+}
+
+impl Packed {
+    /// Packs `a (m, k)` as the left operand of `kernel`.
+    pub fn pack_a(&mut self, pool: &ThreadPool, kernel: Microkernel, a: Mat, m: usize, k: usize) {
+        self.pack(pool, kernel, Source::new(a.data, a.rs, a.cs, m, k), true);
+    }
+
+    /// Packs `b (k, n)` as the right operand of `kernel`.
+    pub fn pack_b(&mut self, pool: &ThreadPool, kernel: Microkernel, b: Mat, k: usize, n: usize) {
+        self.pack(pool, kernel, Source::new(b.data, b.cs, b.rs, n, k), false);
+    }
+
+    fn pack(&mut self, pool: &ThreadPool, kernel: Microkernel, src: Source, left: bool) {
+        // bf16 packs k in pairs: pad k to even with zeros.
+        let kp = if kernel.is_bf16() {
+            src.k.next_multiple_of(2)
+        } else {
+            src.k
+        };
+        let width = if left { kernel.mr() } else { kernel.nr() };
+        if kernel.is_bf16() {
+            pack(pool, &mut self.bf16, src, width, kp, pack_bf16);
+        } else {
+            pack(pool, &mut self.f32, src, width, kp, pack_f32);
+        }
+        (self.kernel, self.left) = (Some(kernel), left);
+        (self.lanes, self.k, self.kp) = (src.lanes, src.k, kp);
+    }
+
+    fn data(&self) -> PackedRef<'_> {
+        match self.kernel {
+            Some(k) if k.is_bf16() => PackedRef::Bf16(&self.bf16),
+            _ => PackedRef::F32(&self.f32),
+        }
+    }
 }
 
 /// `buffer` grown to at least `len` elements; its first `len` returned.
@@ -119,6 +163,13 @@ fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
         buffer.resize(len, T::default());
     }
     &mut buffer[..len]
+}
+
+/// The packing buffers of one caller's GEMMs (see [`Packed`]).
+#[derive(Default)]
+pub struct Scratch {
+    a: Packed,
+    b: Packed,
 }
 
 /// `C (m, n) = A · B` (or `C += A · B` with `accumulate`); C is row-major with row stride
@@ -181,7 +232,36 @@ pub unsafe fn gemm_into(
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
+    scratch.a.pack_a(pool, kernel, a, m, k);
+    scratch.b.pack_b(pool, kernel, b, k, n);
+    multiply(pool, &scratch.a, &scratch.b, c, ldc, accumulate);
+}
+
+/// `C (m, n) (=|+=) A · B` from operands packed for one micro-kernel ([`Packed::pack_a`]
+/// of `A (m, k)`, [`Packed::pack_b`] of `B (k, n)`); work goes out over `pool`.
+///
+/// # Safety
+/// As [`gemm_into`].
+pub unsafe fn multiply(
+    pool: &ThreadPool,
+    a: &Packed,
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(a.left && !b.left, "multiply: operands packed as A and B");
+    assert_eq!(
+        a.kernel, b.kernel,
+        "multiply: operands packed for one kernel"
+    );
+    assert_eq!(a.k, b.k, "multiply: inner dimensions differ");
+    let (m, n, kp) = (a.lanes, b.lanes, a.kp);
+    let Some(kernel) = a.kernel else { return };
+    if m == 0 || n == 0 {
+        return;
+    }
+    if a.k == 0 {
         if !accumulate {
             // SAFETY: rows of C within the caller's guarantee.
             (0..m).for_each(|i| std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0));
@@ -189,27 +269,8 @@ pub unsafe fn gemm_into(
         return;
     }
     let (mr, nr) = (kernel.mr(), kernel.nr());
-    // bf16 packs k in pairs: pad k to even with zeros.
-    let kp = if kernel.is_bf16() {
-        k.next_multiple_of(2)
-    } else {
-        k
-    };
     let (strips, panels) = (m.div_ceil(mr), n.div_ceil(nr));
-    // A's strips run along its rows (lane stride rs), B's panels along its columns.
-    let a_src = Source::new(a.data, a.rs, a.cs, m, k);
-    let b_src = Source::new(b.data, b.cs, b.rs, n, k);
-    let (a_packed, b_packed) = if kernel.is_bf16() {
-        (
-            PackedRef::Bf16(pack(pool, &mut scratch.a_bf16, a_src, mr, kp, pack_bf16)),
-            PackedRef::Bf16(pack(pool, &mut scratch.b_bf16, b_src, nr, kp, pack_bf16)),
-        )
-    } else {
-        (
-            PackedRef::F32(pack(pool, &mut scratch.a_f32, a_src, mr, kp, pack_f32)),
-            PackedRef::F32(pack(pool, &mut scratch.b_f32, b_src, nr, kp, pack_f32)),
-        )
-    };
+    let (a_packed, b_packed) = (a.data(), b.data());
     // Tiles of at most TILE_STRIPS × TILE_PANELS, the counts split evenly (9 panels make
     // tiles of 5 and 4, not 8 and 1), so the tasks are of one size.
     let tiles_m = strips.div_ceil(TILE_STRIPS);
@@ -318,15 +379,15 @@ impl<'a> Source<'a> {
 /// Packs `src` into `buffer` (grown as needed) in groups of `width` lanes, one task per
 /// group, with `pack_group(dst, src, first lane, width, kp)` writing one group: f32 as
 /// `[k][width]`, bf16 as `[k / 2][width][2]` (the pair layout of `vdpbf16ps`); lanes and k
-/// past the edges are zero. Returns the packed groups.
-fn pack<'s, T: Copy + Default + Send>(
+/// past the edges are zero.
+fn pack<T: Copy + Default + Send>(
     pool: &ThreadPool,
-    buffer: &'s mut Vec<T>,
+    buffer: &mut Vec<T>,
     src: Source,
     width: usize,
     kp: usize,
     pack_group: fn(&mut [T], Source, usize, usize, usize),
-) -> &'s [T] {
+) {
     let per_group = kp * width;
     let groups = src.lanes.div_ceil(width);
     let out = grown(buffer, groups * per_group);
@@ -336,7 +397,6 @@ fn pack<'s, T: Copy + Default + Send>(
         let dst = unsafe { ptr.slice(g * per_group, per_group) };
         pack_group(dst, src, g * width, width, kp);
     });
-    out
 }
 
 /// One f32 group (see [`pack`]).

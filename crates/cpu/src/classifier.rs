@@ -1,0 +1,537 @@
+//! The classifier fused with the softmax cross-entropy, a vocabulary chunk at a time: the
+//! `(rows, vocab)` logits are never held (the reference backend's `classifier.rs` is the
+//! composition it must equal: matmul, soft cap, cross-entropy).
+//!
+//! The pattern is the one of Liger-Kernel's fused linear cross-entropy and Apple's "Cut Your
+//! Losses in Large-Vocabulary Language Models" (Wijmans et al., 2024): the forward keeps, per
+//! row and chunk, the chunk's maximum and its sum of exponentials, and combines them into the
+//! log-sum-exp (the online softmax of Milakov and Gimelshein, 2018); the backward recomputes
+//! each chunk's logits from the saved log-sum-exp and turns them into their gradient while the
+//! chunk is in cache, then feeds it straight into the two products of the classifier's
+//! backward. One extra product (the recomputation) buys away four passes over `rows × vocab`
+//! f32 values in memory (write the logits, read them for the loss, write their gradient, read
+//! it twice to pack it).
+//!
+//! Work goes out one chunk per task. The inputs are packed once per call and shared; a task
+//! packs its chunk of the weight and of the gradient on its own thread. The weight gradient
+//! of a chunk belongs to its task alone; the input gradient is summed in one accumulator per
+//! thread (a task takes whichever is free) and the accumulators are added up at the end.
+
+use std::sync::Mutex;
+
+use kiln_core::backend::{Accumulate, ClassifierShape};
+use kiln_core::cpu::Isa;
+
+use crate::gemm::{multiply, Mat, Microkernel, Packed};
+use crate::pool::ThreadPool;
+use crate::shared::SharedMut;
+use crate::xent;
+
+/// Vocabulary entries per chunk for `rows` rows: a chunk's f32 logits stay near 1 MiB, between
+/// 64 and 512 entries, a multiple of 32 (the panel width of the AVX-512 micro-kernels, twice
+/// the AVX2 one's). Measured on stories15m's head (1024 rows, Zen 5): budgets of 256 KiB to
+/// 4 MiB of logits were within 10% of each other, 1 MiB the fastest backward.
+fn chunk_len(rows: usize, vocab: usize) -> usize {
+    let by_cache = ((256 << 10) / rows.max(1)).clamp(64, 512) / 32 * 32;
+    by_cache.min(vocab.max(1))
+}
+
+/// One task's workspace: a one-thread pool (the task already runs on the backend's pool),
+/// its chunk's packed operands and its logits.
+struct Context {
+    pool: ThreadPool,
+    /// The chunk of the weight as the logits product's B (`dim × chunk`).
+    weight: Packed,
+    /// The chunk of the weight as the input gradient's B (`chunk × dim`).
+    weight_t: Packed,
+    /// The chunk's logit gradients as the input gradient's A (`rows × chunk`).
+    grad: Packed,
+    /// Their transpose as the weight gradient's A (`chunk × rows`).
+    grad_t: Packed,
+    /// `(rows, chunk)` logits, then their gradient.
+    logits: Vec<f32>,
+    /// `(rows, chunk)` soft-capped logits (with a cap only).
+    capped: Vec<f32>,
+}
+
+thread_local! {
+    /// This thread's workspace, kept between calls: a step calls the classifier twice with
+    /// the same shapes, and its buffers would be faulted in again every time.
+    static CACHED: std::cell::RefCell<Option<Context>> = const { std::cell::RefCell::new(None) };
+}
+
+impl Context {
+    fn take() -> Self {
+        CACHED
+            .with(|c| c.borrow_mut().take())
+            .unwrap_or_else(|| Context {
+                pool: ThreadPool::new(1),
+                weight: Packed::default(),
+                weight_t: Packed::default(),
+                grad: Packed::default(),
+                grad_t: Packed::default(),
+                logits: Vec::new(),
+                capped: Vec::new(),
+            })
+    }
+
+    fn give_back(self) {
+        CACHED.with(|c| *c.borrow_mut() = Some(self));
+    }
+
+    /// The logits of vocabulary entries `entries` for every row, soft-capped when the shape
+    /// has a cap: `(rows, len)` in `self.capped` with a cap, else in `self.logits`.
+    fn logits(
+        &mut self,
+        (isa, kernel): (Isa, Microkernel),
+        inp: &Packed,
+        weight: &[f32],
+        entries: std::ops::Range<usize>,
+        s: ClassifierShape,
+    ) {
+        let (rows, dim) = (s.rows, s.dim);
+        let (v0, len) = (entries.start, entries.len());
+        // B (k, j) = W[v0 + j, k].
+        let b = Mat {
+            data: &weight[v0 * dim..(v0 + len) * dim],
+            rs: 1,
+            cs: dim,
+        };
+        self.weight.pack_b(&self.pool, kernel, b, dim, len);
+        grow(&mut self.logits, rows * len);
+        // SAFETY: `logits` holds rows × len values, this thread's alone.
+        unsafe {
+            multiply(
+                &self.pool,
+                inp,
+                &self.weight,
+                self.logits.as_mut_ptr(),
+                len,
+                false,
+            )
+        };
+        if let Some(cap) = s.softcap {
+            grow(&mut self.capped, rows * len);
+            let n = rows * len;
+            xent::softcap(isa, &mut self.capped[..n], &self.logits[..n], cap);
+        }
+    }
+
+    /// The logits the softmax reads (see [`Context::logits`]).
+    fn softmax_input(&self, s: ClassifierShape, n: usize) -> &[f32] {
+        if s.softcap.is_some() {
+            &self.capped[..n]
+        } else {
+            &self.logits[..n]
+        }
+    }
+}
+
+fn grow(buffer: &mut Vec<f32>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+}
+
+/// `inp (rows, dim)` packed as the logits product's A.
+fn pack_input(pool: &ThreadPool, kernel: Microkernel, inp: &[f32], s: ClassifierShape) -> Packed {
+    let mut packed = Packed::default();
+    let a = Mat {
+        data: inp,
+        rs: s.dim,
+        cs: 1,
+    };
+    packed.pack_a(pool, kernel, a, s.rows, s.dim);
+    packed
+}
+
+fn check(s: ClassifierShape, inp: &[f32], weight: &[f32], targets: &[u32]) {
+    assert_eq!(targets.len(), s.rows, "classifier: targets");
+    assert_eq!(inp.len(), s.rows * s.dim, "classifier: inp");
+    assert_eq!(weight.len(), s.vocab * s.dim, "classifier: weight");
+    assert!(
+        targets.iter().all(|&t| (t as usize) < s.vocab),
+        "target out of vocabulary"
+    );
+}
+
+/// `losses (rows)` and `logsumexp (rows)` (see `Backend::classifier_loss_forward`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    isa: Isa,
+    kernel: Microkernel,
+    pool: &ThreadPool,
+    losses: &mut [f32],
+    logsumexp: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    targets: &[u32],
+    s: ClassifierShape,
+) {
+    let chunk = chunk_len(s.rows, s.vocab);
+    forward_in_chunks(
+        isa, kernel, pool, losses, logsumexp, inp, weight, targets, s, chunk,
+    )
+}
+
+/// [`forward`] with vocabulary chunks of `chunk` entries.
+#[allow(clippy::too_many_arguments)]
+fn forward_in_chunks(
+    isa: Isa,
+    kernel: Microkernel,
+    pool: &ThreadPool,
+    losses: &mut [f32],
+    logsumexp: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    targets: &[u32],
+    s: ClassifierShape,
+    chunk: usize,
+) {
+    check(s, inp, weight, targets);
+    let rows = s.rows;
+    let chunks = s.vocab.div_ceil(chunk);
+    let packed = pack_input(pool, kernel, inp, s);
+    // Per (row, chunk): the chunk's maximum and Σ e^(z − max); per row: its target's logit.
+    let mut partial = vec![(0f32, 0f32); rows * chunks];
+    let mut target_logit = vec![0f32; rows];
+    let (part, tl) = (
+        SharedMut::new(&mut partial),
+        SharedMut::new(&mut target_logit),
+    );
+    pool.run(chunks, &|c| {
+        let (v0, len) = (c * chunk, chunk.min(s.vocab - c * chunk));
+        let mut ctx = Context::take();
+        ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s);
+        let z = ctx.softmax_input(s, rows * len);
+        for (r, row) in z.chunks_exact(len).enumerate() {
+            // SAFETY: (row, chunk) pairs are this task's alone; a row's target lies in one
+            // chunk, so one task writes its target logit.
+            unsafe {
+                part.set(r * chunks + c, xent::max_and_sum(isa, row));
+                let t = targets[r] as usize;
+                if (v0..v0 + len).contains(&t) {
+                    tl.set(r, row[t - v0]);
+                }
+            }
+        }
+        ctx.give_back();
+    });
+    for r in 0..rows {
+        let parts = &partial[r * chunks..(r + 1) * chunks];
+        let max = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.0));
+        let sum: f32 = parts.iter().map(|&(m, s)| s * (m - max).exp()).sum();
+        logsumexp[r] = max + sum.ln();
+        losses[r] = logsumexp[r] - target_logit[r];
+    }
+}
+
+/// One thread's sum of the input gradient over the chunks it took; `used` says whether this
+/// call has written it yet (its first chunk overwrites instead of adding).
+struct Accumulator {
+    used: bool,
+    dinp: Vec<f32>,
+}
+
+/// `dinp =/+= dlogits · weight`, `dweight += dlogitsᵀ · inp` (see
+/// `Backend::classifier_loss_backward`).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    isa: Isa,
+    kernel: Microkernel,
+    pool: &ThreadPool,
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    logsumexp: &[f32],
+    targets: &[u32],
+    s: ClassifierShape,
+    dloss: f32,
+    dinp_mode: Accumulate,
+) {
+    let chunk = chunk_len(s.rows, s.vocab);
+    let (d, mode) = (dloss, dinp_mode);
+    backward_in_chunks(
+        isa, kernel, pool, dinp, dweight, inp, weight, logsumexp, targets, s, d, mode, chunk,
+    )
+}
+
+/// [`backward`] with vocabulary chunks of `chunk` entries.
+#[allow(clippy::too_many_arguments)]
+fn backward_in_chunks(
+    isa: Isa,
+    kernel: Microkernel,
+    pool: &ThreadPool,
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    logsumexp: &[f32],
+    targets: &[u32],
+    s: ClassifierShape,
+    dloss: f32,
+    dinp_mode: Accumulate,
+    chunk: usize,
+) {
+    check(s, inp, weight, targets);
+    assert_eq!(dinp.len(), inp.len(), "classifier: dinp");
+    assert_eq!(dweight.len(), weight.len(), "classifier: dweight");
+    let (rows, dim) = (s.rows, s.dim);
+    let chunks = s.vocab.div_ceil(chunk);
+    let packed = pack_input(pool, kernel, inp, s);
+    // inp as the weight gradient's B (k = rows, n = dim).
+    let mut packed_t = Packed::default();
+    let b = Mat {
+        data: inp,
+        rs: dim,
+        cs: 1,
+    };
+    packed_t.pack_b(pool, kernel, b, rows, dim);
+    let accumulators: Vec<Mutex<Accumulator>> = (0..pool.threads())
+        .map(|_| {
+            Mutex::new(Accumulator {
+                used: false,
+                dinp: vec![0.0; rows * dim],
+            })
+        })
+        .collect();
+    let dw = SharedMut::new(dweight);
+    pool.run(chunks, &|c| {
+        let (v0, len) = (c * chunk, chunk.min(s.vocab - c * chunk));
+        let mut ctx = Context::take();
+        ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s);
+        logit_gradients(&mut ctx, isa, logsumexp, targets, v0, len, s, dloss);
+        let g = &ctx.logits[..rows * len];
+        // The input gradient: A = g (rows, len), B (k, j) = W[v0 + k, j].
+        let a = Mat {
+            data: g,
+            rs: len,
+            cs: 1,
+        };
+        ctx.grad.pack_a(&ctx.pool, kernel, a, rows, len);
+        let b = Mat {
+            data: &weight[v0 * dim..(v0 + len) * dim],
+            rs: dim,
+            cs: 1,
+        };
+        ctx.weight_t.pack_b(&ctx.pool, kernel, b, len, dim);
+        // At most `threads` tasks run at once, so one of the accumulators is free.
+        let mut acc = accumulators
+            .iter()
+            .find_map(|m| m.try_lock().ok())
+            .expect("a free accumulator");
+        let first = !acc.used;
+        acc.used = true;
+        // SAFETY: the accumulator is locked by this task; rows × dim values.
+        unsafe {
+            let p = acc.dinp.as_mut_ptr();
+            multiply(&ctx.pool, &ctx.grad, &ctx.weight_t, p, dim, !first);
+        }
+        drop(acc);
+        // The weight gradient of the chunk: A (i, k) = g[k, i], B = inp.
+        let a = Mat {
+            data: g,
+            rs: 1,
+            cs: len,
+        };
+        ctx.grad_t.pack_a(&ctx.pool, kernel, a, len, rows);
+        // SAFETY: rows v0..v0 + len of dweight are this chunk's alone.
+        unsafe {
+            let p = dw.slice(v0 * dim, len * dim).as_mut_ptr();
+            multiply(&ctx.pool, &ctx.grad_t, &packed_t, p, dim, true);
+        }
+        ctx.give_back();
+    });
+    let sums: Vec<Vec<f32>> = accumulators
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .filter(|a| a.used)
+        .map(|a| a.dinp)
+        .collect();
+    let out = SharedMut::new(dinp);
+    const SPAN: usize = 1 << 14;
+    let n = rows * dim;
+    pool.run(n.div_ceil(SPAN), &|t| {
+        let (start, len) = (t * SPAN, SPAN.min(n - t * SPAN));
+        // SAFETY: span t of dinp is this task's alone.
+        let o = unsafe { out.slice(start, len) };
+        if dinp_mode == Accumulate::Overwrite {
+            o.fill(0.0);
+        }
+        for sum in &sums {
+            o.iter_mut()
+                .zip(&sum[start..start + len])
+                .for_each(|(o, &v)| *o += v);
+        }
+    });
+}
+
+/// Turns the chunk's logits in `ctx` into their gradient, in `ctx.logits`:
+/// `(e^(z − lse) − [j = target]) · dloss`, times the soft cap's derivative `1 − (z / cap)²`.
+#[allow(clippy::too_many_arguments)]
+fn logit_gradients(
+    ctx: &mut Context,
+    isa: Isa,
+    logsumexp: &[f32],
+    targets: &[u32],
+    v0: usize,
+    len: usize,
+    s: ClassifierShape,
+    dloss: f32,
+) {
+    let n = s.rows * len;
+    let Context { logits, capped, .. } = ctx;
+    let g = &mut logits[..n];
+    match s.softcap {
+        Some(cap) => {
+            let z = &capped[..n];
+            for (r, (gr, zr)) in g.chunks_exact_mut(len).zip(z.chunks_exact(len)).enumerate() {
+                xent::exp_scaled(isa, gr, zr, logsumexp[r], dloss);
+                subtract_target(gr, targets[r], v0, dloss);
+                let inv = 1.0 / cap;
+                gr.iter_mut().zip(zr).for_each(|(g, &z)| {
+                    let t = z * inv;
+                    *g *= 1.0 - t * t;
+                });
+            }
+        }
+        None => {
+            for (r, gr) in g.chunks_exact_mut(len).enumerate() {
+                xent::exp_scaled_in_place(isa, gr, logsumexp[r], dloss);
+                subtract_target(gr, targets[r], v0, dloss);
+            }
+        }
+    }
+}
+
+fn subtract_target(row: &mut [f32], target: u32, v0: usize, dloss: f32) {
+    let t = target as usize;
+    if (v0..v0 + row.len()).contains(&t) {
+        row[t - v0] -= dloss;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_reference::classifier as reference;
+
+    fn kernels() -> Vec<(Isa, Microkernel)> {
+        let f = kiln_core::cpu::features();
+        let mut out = Vec::new();
+        for isa in [Isa::Avx2, Isa::Avx512, Isa::Avx512bf16] {
+            if f.supports(isa) {
+                out.push((isa, Microkernel::for_isa(isa, false)));
+                if isa == Isa::Avx512bf16 {
+                    out.push((isa, Microkernel::for_isa(isa, true)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Many chunks, the last one short, and rows across several micro-kernel strips: the
+    /// combination of the chunks' partial sums, the per-thread input-gradient accumulators
+    /// and the chunk offsets into the weight gradient are all exercised, against the
+    /// reference composition in f64.
+    #[test]
+    fn chunked_loss_and_gradients_match_the_f64_reference() {
+        let pool = ThreadPool::new(2);
+        let mut state = 7u32;
+        let mut rand = |len: usize, scale: f32| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                    ((state >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 2.0 * scale
+                })
+                .collect()
+        };
+        let (rows, dim, vocab, chunk) = (37, 40, 203, 32);
+        let x = rand(rows * dim, 1.0);
+        let w = rand(vocab * dim, 0.5);
+        let targets: Vec<u32> = (0..rows).map(|r| ((r * 53 + 11) % vocab) as u32).collect();
+        let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let (x64, w64) = (f64s(&x), f64s(&w));
+        let dloss = 1.0 / rows as f32;
+        let start_dx = rand(rows * dim, 1.0);
+        let start_dw = rand(vocab * dim, 1.0);
+        for softcap in [None, Some(3.0f32)] {
+            let s = ClassifierShape {
+                rows,
+                dim,
+                vocab,
+                softcap,
+            };
+            let cap = softcap.map(f64::from);
+            let (mut want_loss, mut want_lse) = (vec![0.0; rows], vec![0.0; rows]);
+            reference::classifier_loss_forward(
+                &mut want_loss,
+                &mut want_lse,
+                &x64,
+                &w64,
+                &targets,
+                dim,
+                vocab,
+                cap,
+            );
+            let lse32: Vec<f32> = want_lse.iter().map(|&v| v as f32).collect();
+            let lse64 = f64s(&lse32);
+            let (mut want_dx, mut want_dw) = (f64s(&start_dx), f64s(&start_dw));
+            reference::classifier_loss_backward(
+                &mut want_dx,
+                &mut want_dw,
+                &x64,
+                &w64,
+                &lse64,
+                &targets,
+                dim,
+                vocab,
+                cap,
+                dloss as f64,
+                Accumulate::Add,
+            );
+            for (isa, kernel) in kernels() {
+                // f32: sums of 40-term products in another order, a few ulps; bf16: each
+                // logit within 2⁻⁸·Σ|x·w| ≈ 2⁻⁸·5 of exact (see the backend's tolerance).
+                let (atol, rtol) = if kernel.is_bf16() {
+                    (3e-2, 1e-2)
+                } else {
+                    (2e-5, 1e-4)
+                };
+                let close = |what: &str, got: &[f32], want: &[f64]| {
+                    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (g as f64 - w).abs() <= atol + rtol * w.abs(),
+                            "{kernel:?} cap {softcap:?} {what}[{i}]: {g} vs {w}"
+                        );
+                    }
+                };
+                let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
+                forward_in_chunks(
+                    isa, kernel, &pool, &mut loss, &mut lse, &x, &w, &targets, s, chunk,
+                );
+                close("loss", &loss, &want_loss);
+                close("logsumexp", &lse, &want_lse);
+                let (mut dx, mut dw) = (start_dx.clone(), start_dw.clone());
+                backward_in_chunks(
+                    isa,
+                    kernel,
+                    &pool,
+                    &mut dx,
+                    &mut dw,
+                    &x,
+                    &w,
+                    &lse32,
+                    &targets,
+                    s,
+                    dloss,
+                    Accumulate::Add,
+                    chunk,
+                );
+                close("dinp", &dx, &want_dx);
+                close("dweight", &dw, &want_dw);
+            }
+        }
+    }
+}
