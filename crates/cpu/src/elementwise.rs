@@ -1,5 +1,5 @@
 //! Element-wise kernels over flat tensors, in chunks over the pool, each loop compiled per
-//! tier (`tiers!`): the golf MLP's (leaky) ReLU² and its backward (the reference backend's
+//! tier (`tiered!`): the golf MLP's (leaky) ReLU² and its backward (the reference backend's
 //! `activation.rs` is the formula), the residual add and `accumulate`. Accumulation rule:
 //! outputs are overwritten, except `accumulate`'s (`+=`).
 
@@ -25,13 +25,18 @@ pub fn relu2_forward(isa: Isa, pool: &ThreadPool, out: &mut [f32], inp: &[f32], 
     chunks(pool, inp.len(), &|start, len| {
         // SAFETY: this chunk of `out` is this task's alone.
         let y = unsafe { o.slice(start, len) };
-        let x = &inp[start..start + len];
-        tiers!(isa, || for (y, &x) in y.iter_mut().zip(x) {
-            let r = if x > 0.0 { x } else { slope * x };
-            *y = r * r;
-        });
+        relu2_span(isa, y, &inp[start..start + len], slope);
     });
 }
+
+tiered!(
+    fn relu2_span(y: &mut [f32], x: &[f32], slope: f32) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            let r = if x > 0.0 { x } else { slope * x };
+            *y = r * r;
+        }
+    }
+);
 
 /// `dinp = dout · 2r · r'`, `r` the (leaky) ReLU of the input, `r'` its slope there.
 pub fn relu2_backward(
@@ -48,18 +53,21 @@ pub fn relu2_backward(
         // SAFETY: as above.
         let dx = unsafe { d.slice(start, len) };
         let (dy, x) = (&dout[start..start + len], &inp[start..start + len]);
-        tiers!(
-            isa,
-            || for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
-                *dx = if x > 0.0 {
-                    dy * 2.0 * x
-                } else {
-                    dy * 2.0 * slope * slope * x
-                };
-            }
-        );
+        relu2_backward_span(isa, dx, dy, x, slope);
     });
 }
+
+tiered!(
+    fn relu2_backward_span(dx: &mut [f32], dy: &[f32], x: &[f32], slope: f32) {
+        for ((dx, &dy), &x) in dx.iter_mut().zip(dy).zip(x) {
+            *dx = if x > 0.0 {
+                dy * 2.0 * x
+            } else {
+                dy * 2.0 * slope * slope * x
+            };
+        }
+    }
+);
 
 /// `out = a + b`, or with `a` absent, `out += b`.
 pub fn add(isa: Isa, pool: &ThreadPool, out: &mut [f32], a: Option<&[f32]>, b: &[f32]) {
@@ -70,18 +78,27 @@ pub fn add(isa: Isa, pool: &ThreadPool, out: &mut [f32], a: Option<&[f32]>, b: &
         let y = unsafe { o.slice(start, len) };
         let bs = &b[start..start + len];
         match a {
-            Some(a) => {
-                let a = &a[start..start + len];
-                tiers!(isa, || for ((y, &a), &b) in y.iter_mut().zip(a).zip(bs) {
-                    *y = a + b;
-                })
-            }
-            None => tiers!(isa, || for (y, &b) in y.iter_mut().zip(bs) {
-                *y += b;
-            }),
+            Some(a) => sum_span(isa, y, &a[start..start + len], bs),
+            None => add_span(isa, y, bs),
         }
     });
 }
+
+tiered!(
+    fn sum_span(y: &mut [f32], a: &[f32], b: &[f32]) {
+        for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+            *y = a + b;
+        }
+    }
+);
+
+tiered!(
+    fn add_span(y: &mut [f32], b: &[f32]) {
+        for (y, &b) in y.iter_mut().zip(b) {
+            *y += b;
+        }
+    }
+);
 
 /// Rows per task of the broadcast scale.
 const SCALE_ROWS: usize = 32;
@@ -126,15 +143,19 @@ pub fn scale_forward(
         let (r0, r1) = (block * SCALE_ROWS, ((block + 1) * SCALE_ROWS).min(rows));
         // SAFETY: this block's rows of `out` are this task's alone.
         let y = unsafe { o.slice(r0 * row, (r1 - r0) * row) };
-        let x = &inp[r0 * row..r1 * row];
-        tiers!(
-            isa,
-            || for (y, x) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
-                scale_row(y, x, s, inner, add);
-            }
-        );
+        scale_rows(isa, y, &inp[r0 * row..r1 * row], s, inner, add);
     });
 }
+
+tiered!(
+    /// `y (=|+=) x ⊙ s` over whole rows of `(G, inner)`.
+    fn scale_rows(y: &mut [f32], x: &[f32], s: &[f32], inner: usize, add: bool) {
+        let row = s.len() * inner;
+        for (y, x) in y.chunks_exact_mut(row).zip(x.chunks_exact(row)) {
+            scale_row(y, x, s, inner, add);
+        }
+    }
+);
 
 /// `dinp (=|+=) dout ⊙ s`, `ds += Σ dout ⊙ inp`: the input gradient by blocks of rows, each
 /// block's partial `ds` summed in block order at the end.
@@ -160,25 +181,7 @@ pub fn scale_backward(
         // SAFETY: this block's partial sums are this task's alone.
         let acc = unsafe { p.slice(block * groups, groups) };
         let (dy, x) = (&dout[r0 * row..r1 * row], &inp[r0 * row..r1 * row]);
-        tiers!(
-            isa,
-            || for (dy, x) in dy.chunks_exact(row).zip(x.chunks_exact(row)) {
-                if inner == 1 {
-                    for ((a, &d), &v) in acc.iter_mut().zip(dy).zip(x) {
-                        *a += d * v;
-                    }
-                } else {
-                    for (g, a) in acc.iter_mut().enumerate() {
-                        let span = g * inner..(g + 1) * inner;
-                        *a += dy[span.clone()]
-                            .iter()
-                            .zip(&x[span])
-                            .map(|(d, v)| d * v)
-                            .sum::<f32>();
-                    }
-                }
-            }
-        );
+        scale_grad_rows(isa, acc, dy, x, inner);
     });
     for block in partial.chunks_exact(groups) {
         for (d, &v) in ds.iter_mut().zip(block) {
@@ -186,6 +189,29 @@ pub fn scale_backward(
         }
     }
 }
+
+tiered!(
+    /// `acc[g] += Σ dy ⊙ x` over group g of whole rows of `(G, inner)`.
+    fn scale_grad_rows(acc: &mut [f32], dy: &[f32], x: &[f32], inner: usize) {
+        let row = acc.len() * inner;
+        for (dy, x) in dy.chunks_exact(row).zip(x.chunks_exact(row)) {
+            if inner == 1 {
+                for ((a, &d), &v) in acc.iter_mut().zip(dy).zip(x) {
+                    *a += d * v;
+                }
+            } else {
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let span = g * inner..(g + 1) * inner;
+                    *a += dy[span.clone()]
+                        .iter()
+                        .zip(&x[span])
+                        .map(|(d, v)| d * v)
+                        .sum::<f32>();
+                }
+            }
+        }
+    }
+);
 
 #[cfg(test)]
 mod tests {

@@ -8,8 +8,8 @@
 //! a shape it cannot tile to the CPU path). Its own: the matmuls, attention ([`attention`],
 //! flash-style), the classifier fused with the cross-entropy ([`classifier`]), cross-entropy
 //! and the soft cap ([`xent`]), SwiGLU, RMSNorm, RoPE, the
-//! element-wise kernels and broadcast scales, Muon ([`muon`]). The reference's: the
-//! embedding, AdamW, the EMA, the sum of squares and the KV-cache decode.
+//! element-wise kernels and broadcast scales, Muon ([`muon`]), AdamW, the EMA and the sum of
+//! squares ([`optim`]). The reference's: the embedding and the KV-cache decode.
 //!
 //! Precision: master weights, gradients and optimizer state are f32. With `Precision::Bf16`
 //! (the default where the tier has a native bf16 dot product) the matmuls round their inputs
@@ -19,28 +19,35 @@
 //! What it is not, yet: an AMX tile kernel, AdamW that writes bf16 weight copies in the
 //! micro-kernel's layout, a small-shape path without packing.
 
-/// Runs a closure compiled with the tier's target features (so the compiler vectorizes its
-/// loops for that width) and picks the one for `$isa`: element-wise SIMD written once,
-/// dispatched at run time.
-macro_rules! tiers {
-    ($isa:expr, $body:expr) => {{
-        #[target_feature(enable = "avx512f,avx512vl,fma")]
-        unsafe fn avx512(f: impl FnOnce()) {
-            f()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(f: impl FnOnce()) {
-            f()
-        }
-        let body = $body;
-        // SAFETY: the tier was checked when the backend was made.
-        unsafe {
-            match $isa {
-                kiln_core::cpu::Isa::Avx2 => avx2(body),
-                _ => avx512(body),
+/// Defines `fn $name(isa: Isa, args…)` whose body is compiled once per tier and picked at run
+/// time: element-wise SIMD written once. The body is an `#[inline(always)]` function called
+/// from one `#[target_feature]` function per tier, so the compiler vectorizes a copy of it for
+/// each width. (A closure handed to a `#[target_feature]` function is not enough: when the
+/// compiler declines to inline it, both tiers call one copy compiled without the features;
+/// the disassembly showed AdamW, RMSNorm and the scales running SSE2 that way.)
+macro_rules! tiered {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name(isa: kiln_core::cpu::Isa, $($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[target_feature(enable = "avx512f,avx512vl,fma")]
+            unsafe fn avx512($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            // SAFETY: the tier was checked when the backend was made.
+            unsafe {
+                match isa {
+                    kiln_core::cpu::Isa::Avx2 => avx2($($arg),*),
+                    _ => avx512($($arg),*),
+                }
             }
         }
-    }};
+    };
 }
 
 pub mod attention;
@@ -48,6 +55,7 @@ pub mod classifier;
 mod elementwise;
 pub mod gemm;
 pub mod muon;
+pub mod optim;
 pub mod pool;
 pub mod probe;
 pub mod rmsnorm;
@@ -651,15 +659,19 @@ impl Backend for CpuBackend {
     }
 
     fn sum_squares(&self, x: V) -> f64 {
-        ReferenceBackend.sum_squares(r(x))
+        optim::sum_squares(self.isa, &self.pool, slices!(read x))
     }
 
     fn adamw_step(&self, params: V, grads: V, m: V, v: V, hp: &AdamWStep) {
-        ReferenceBackend.adamw_step(r(params), r(grads), r(m), r(v), hp)
+        let p = slices!(write params, [grads, m, v]);
+        let mm = slices!(write m, [grads, v]);
+        let vv = slices!(write v, [grads]);
+        optim::adamw(self.isa, &self.pool, p, slices!(read grads), mm, vv, hp);
     }
 
     fn ema_update(&self, ema: V, params: V, decay: f32) {
-        ReferenceBackend.ema_update(r(ema), r(params), decay)
+        let e = slices!(write ema, [params]);
+        optim::ema(self.isa, &self.pool, e, slices!(read params), decay);
     }
 
     fn muon_step(&self, params: V, grads: V, momentum: V, s: MatrixShape, hp: &MuonStep) {

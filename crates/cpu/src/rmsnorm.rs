@@ -43,19 +43,27 @@ pub fn forward(
     assert_eq!(weight.len(), dim);
     let (o, r) = (SharedMut::new(out), SharedMut::new(rstd));
     pool.run(s.rows.div_ceil(ROWS), &|block| {
-        let rows = block * ROWS..((block + 1) * ROWS).min(s.rows);
-        tiers!(isa, || for row in rows {
-            let x = &inp[row * dim..(row + 1) * dim];
-            let scale = 1.0 / (dot(x, x) / dim as f32 + s.eps).sqrt();
-            // SAFETY: row `row` of out and rstd belong to this block's task.
-            let y = unsafe { o.slice(row * dim, dim) };
-            unsafe { r.set(row, scale) };
+        let (r0, r1) = (block * ROWS, ((block + 1) * ROWS).min(s.rows));
+        // SAFETY: this block's rows of out and rstd belong to this task.
+        let (y, rs) = unsafe { (o.slice(r0 * dim, (r1 - r0) * dim), r.slice(r0, r1 - r0)) };
+        forward_rows(isa, y, rs, &inp[r0 * dim..r1 * dim], weight, s.eps);
+    });
+}
+
+tiered!(
+    /// Whole rows of the forward.
+    fn forward_rows(out: &mut [f32], rstd: &mut [f32], inp: &[f32], weight: &[f32], eps: f32) {
+        let dim = weight.len();
+        let rows = out.chunks_exact_mut(dim).zip(inp.chunks_exact(dim));
+        for ((y, x), r) in rows.zip(rstd.iter_mut()) {
+            let scale = 1.0 / (dot(x, x) / dim as f32 + eps).sqrt();
+            *r = scale;
             for ((y, &x), &w) in y.iter_mut().zip(x).zip(weight) {
                 *y = x * scale * w;
             }
-        });
-    });
-}
+        }
+    }
+);
 
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -74,32 +82,17 @@ pub fn backward(
     let mut partial = vec![0f32; blocks * dim];
     let (dx_out, dw_out) = (SharedMut::new(dinp), SharedMut::new(&mut partial));
     pool.run(blocks, &|block| {
-        let rows = block * ROWS..((block + 1) * ROWS).min(s.rows);
-        tiers!(isa, || {
-            let mut g = vec![0f32; dim];
-            // SAFETY: this block's rows of dx and its own partial dw belong to this task.
-            let dw = unsafe { dw_out.slice(block * dim, dim) };
-            for row in rows {
-                let (x, dy) = (
-                    &inp[row * dim..(row + 1) * dim],
-                    &dout[row * dim..(row + 1) * dim],
-                );
-                let scale = rstd[row];
-                for ((gi, &d), &w) in g.iter_mut().zip(dy).zip(weight) {
-                    *gi = d * w;
-                }
-                let mean = dot(&g, x) * scale / dim as f32;
-                let dx = unsafe { dx_out.slice(row * dim, dim) };
-                for i in 0..dim {
-                    let v = g[i] * scale - x[i] * scale * scale * mean;
-                    match mode {
-                        Accumulate::Overwrite => dx[i] = v,
-                        Accumulate::Add => dx[i] += v,
-                    }
-                    dw[i] += dy[i] * x[i] * scale;
-                }
-            }
-        });
+        let (r0, r1) = (block * ROWS, ((block + 1) * ROWS).min(s.rows));
+        let span = r0 * dim..r1 * dim;
+        // SAFETY: this block's rows of dx and its own partial dw belong to this task.
+        let (dx, dw) = unsafe {
+            (
+                dx_out.slice(r0 * dim, (r1 - r0) * dim),
+                dw_out.slice(block * dim, dim),
+            )
+        };
+        let inputs = (&dout[span.clone()], &inp[span], weight, &rstd[r0..r1]);
+        backward_rows(isa, dx, dw, inputs, mode);
     });
     for block in partial.chunks_exact(dim) {
         for (d, &p) in dweight.iter_mut().zip(block) {
@@ -107,6 +100,35 @@ pub fn backward(
         }
     }
 }
+
+tiered!(
+    /// Whole rows of the backward: `dx` per `mode`, `dw +=`.
+    fn backward_rows(
+        dx: &mut [f32],
+        dw: &mut [f32],
+        inputs: (&[f32], &[f32], &[f32], &[f32]),
+        mode: Accumulate,
+    ) {
+        let (dout, inp, weight, rstd) = inputs;
+        let dim = weight.len();
+        let mut g = vec![0f32; dim];
+        let rows = dx.chunks_exact_mut(dim).zip(dout.chunks_exact(dim));
+        for (((dx, dy), x), &scale) in rows.zip(inp.chunks_exact(dim)).zip(rstd) {
+            for ((gi, &d), &w) in g.iter_mut().zip(dy).zip(weight) {
+                *gi = d * w;
+            }
+            let mean = dot(&g, x) * scale / dim as f32;
+            for i in 0..dim {
+                let v = g[i] * scale - x[i] * scale * scale * mean;
+                match mode {
+                    Accumulate::Overwrite => dx[i] = v,
+                    Accumulate::Add => dx[i] += v,
+                }
+                dw[i] += dy[i] * x[i] * scale;
+            }
+        }
+    }
+);
 
 #[cfg(test)]
 mod tests {
