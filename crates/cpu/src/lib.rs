@@ -63,6 +63,7 @@ pub mod rope;
 mod shared;
 pub mod simd;
 pub mod swiglu;
+pub mod weights;
 pub mod xent;
 
 use std::sync::{Arc, Mutex};
@@ -79,6 +80,7 @@ use kiln_reference::ReferenceBackend;
 use gemm::{Mat, Microkernel};
 use pool::ThreadPool;
 use shared::SharedMut;
+use weights::{Orientation, PackedWeight};
 
 /// The precision of the matmuls (everything else computes in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +178,61 @@ impl CpuBackend {
     /// `C = A·B` or `C += A·B` on this backend's micro-kernel and pool (`C` is `m × n`,
     /// row-major, dense).
     #[allow(clippy::too_many_arguments)]
+    /// `c (m, n) (=|+=) a (m, k) · W'`, W' the weight matrix of shape `s` in `orientation`
+    /// (`Wᵀ` forward, `W` backward; `weight` its view, `w` its values): with bf16 matmuls
+    /// from the weight's packed copy ([`weights`]), else packed for this product.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_weight(
+        &self,
+        m: usize,
+        a: Mat,
+        (weight, w): (V, &[f32]),
+        s: MatmulShape,
+        orientation: Orientation,
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (k, n, b) = match orientation {
+            // B (k, j) = W[j, k].
+            Orientation::Forward => (
+                s.in_dim,
+                s.out_dim,
+                Mat {
+                    data: w,
+                    rs: 1,
+                    cs: s.in_dim,
+                },
+            ),
+            // B (k, j) = W[k, j].
+            Orientation::Backward => (
+                s.out_dim,
+                s.in_dim,
+                Mat {
+                    data: w,
+                    rs: s.in_dim,
+                    cs: 1,
+                },
+            ),
+        };
+        let kernel = self.kernel();
+        if !kernel.is_bf16() {
+            return self.gemm(m, n, k, a, b, c, accumulate);
+        }
+        assert!(c.len() >= m * n, "gemm: C too short");
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        scratch.a.pack_a(&self.pool, kernel, a, m, k);
+        let memory = weight.memory();
+        memory.with_derived(
+            weight.offset(),
+            weight.len(),
+            |copy: &mut PackedWeight, stale| {
+                let b = copy.get(&self.pool, kernel, w, s, orientation, stale);
+                // SAFETY: C is a unique borrow of at least m × n values (checked).
+                unsafe { gemm::multiply(&self.pool, &scratch.a, b, c.as_mut_ptr(), n, accumulate) }
+            },
+        );
+    }
+
     /// The micro-kernel of the matmuls: the tier's, at the backend's precision.
     fn kernel(&self) -> Microkernel {
         Microkernel::for_isa(self.isa, self.precision == Precision::Bf16)
@@ -300,18 +357,13 @@ impl Backend for CpuBackend {
         assert_eq!(out.len(), s.rows * s.out_dim, "matmul_forward: out");
         let o = slices!(write out, [inp, weight]);
         let (x, w) = (slices!(read inp), slices!(read weight));
-        // out (rows, out) = inp (rows, in) · Wᵀ: B(k, j) = W[j, k].
+        // out (rows, out) = inp (rows, in) · Wᵀ.
         let a = Mat {
             data: x,
             rs: s.in_dim,
             cs: 1,
         };
-        let b = Mat {
-            data: w,
-            rs: 1,
-            cs: s.in_dim,
-        };
-        self.gemm(s.rows, s.out_dim, s.in_dim, a, b, o, false);
+        self.gemm_weight(s.rows, a, (weight, w), s, Orientation::Forward, o, false);
     }
 
     fn matmul_backward(
@@ -340,13 +392,8 @@ impl Backend for CpuBackend {
             rs: s.out_dim,
             cs: 1,
         };
-        let b = Mat {
-            data: w,
-            rs: s.in_dim,
-            cs: 1,
-        };
         let add = dinp_mode == Accumulate::Add;
-        self.gemm(s.rows, s.in_dim, s.out_dim, a, b, di, add);
+        self.gemm_weight(s.rows, a, (weight, w), s, Orientation::Backward, di, add);
         // dweight (out, in) += doutᵀ (out, rows) · inp (rows, in).
         let a = Mat {
             data: dy,
@@ -667,6 +714,8 @@ impl Backend for CpuBackend {
         let mm = slices!(write m, [grads, v]);
         let vv = slices!(write v, [grads]);
         optim::adamw(self.isa, &self.pool, p, slices!(read grads), mm, vv, hp);
+        // The weight's packed copies, if products use it: written by the optimizer step.
+        weights::refresh(&self.pool, params.memory(), params.offset(), p);
     }
 
     fn ema_update(&self, ema: V, params: V, decay: f32) {

@@ -23,7 +23,8 @@ pub mod scale;
 pub mod swiglu;
 pub mod xent;
 
-use std::cell::UnsafeCell;
+use std::any::Any;
+use std::cell::{RefCell, UnsafeCell};
 use std::fmt::Debug;
 
 use half::bf16;
@@ -128,6 +129,19 @@ impl_real!(f64, matrixmultiply::dgemm);
 /// touch it at once.
 pub struct HostMemory {
     data: Storage,
+    /// What backends derive from windows of this memory and keep with it (see
+    /// [`HostMemory::with_derived`]).
+    derived: RefCell<Vec<Derived>>,
+}
+
+/// Data derived from a window of a [`HostMemory`] (the CPU backend's weights packed for its
+/// micro-kernels): dropped with the memory, and marked stale by any write that overlaps the
+/// window, through whichever kernel or transfer makes it.
+struct Derived {
+    offset: usize,
+    len: usize,
+    stale: bool,
+    data: Box<dyn Any + Send>,
 }
 
 enum Storage {
@@ -153,7 +167,66 @@ impl HostMemory {
             DType::F32 => Storage::F32(zeroed(len).ok_or_else(out_of_memory)?),
             DType::BF16 => Storage::BF16(zeroed(len).ok_or_else(out_of_memory)?),
         };
-        Ok(HostMemory { data })
+        Ok(HostMemory {
+            data,
+            derived: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Runs `f` on the data of type `T` derived from the window `offset..offset + len` (a
+    /// default `T` the first time), with whether the window was written since `f` last ran
+    /// on it (always on the first time): `f` brings the data up to date. Windows are matched
+    /// exactly; other types and windows keep their own data.
+    ///
+    /// Panics if called from inside `f`, or while the caller holds a slice of this memory
+    /// it has yet to write (writes are noted when a kernel takes its output slice).
+    pub fn with_derived<T: Any + Send + Default, R>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(&mut T, bool) -> R,
+    ) -> R {
+        let mut derived = self.derived.borrow_mut();
+        let at = derived
+            .iter()
+            .position(|d| d.offset == offset && d.len == len && d.data.is::<T>());
+        let at = at.unwrap_or_else(|| {
+            derived.push(Derived {
+                offset,
+                len,
+                stale: true,
+                data: Box::new(T::default()),
+            });
+            derived.len() - 1
+        });
+        let entry = &mut derived[at];
+        let stale = std::mem::replace(&mut entry.stale, false);
+        let data = entry.data.downcast_mut::<T>().expect("matched by type");
+        f(data, stale)
+    }
+
+    /// Runs `f` on the data of type `T` derived from exactly the window `offset..offset +
+    /// len`, if there is any, and marks it current: `f` has brought it up to date (the CPU
+    /// backend's optimizer repacks the weights it has just written).
+    pub fn update_derived<T: Any + Send>(&self, offset: usize, len: usize, f: impl FnOnce(&mut T)) {
+        let mut derived = self.derived.borrow_mut();
+        let found = derived
+            .iter_mut()
+            .find(|d| d.offset == offset && d.len == len && d.data.is::<T>());
+        if let Some(entry) = found {
+            f(entry.data.downcast_mut::<T>().expect("matched by type"));
+            entry.stale = false;
+        }
+    }
+
+    /// Marks the derived data of every window that overlaps `offset..offset + len` stale.
+    fn note_write(&self, offset: usize, len: usize) {
+        let mut derived = self.derived.borrow_mut();
+        for d in derived.iter_mut() {
+            if offset < d.offset + d.len && d.offset < offset + len {
+                d.stale = true;
+            }
+        }
     }
 
     /// A pointer to `len` f32 values at `offset`. Panics for a bf16 allocation: the reference
@@ -215,6 +288,7 @@ impl ReferenceBackend {
             );
         }
         let ptr = view.memory().f32_window(view.offset(), view.len());
+        view.memory().note_write(view.offset(), view.len());
         // SAFETY: in bounds (checked by `f32_window`) and disjoint from every other view this
         // call touches (asserted above), so this is the only live reference to the window.
         unsafe { std::slice::from_raw_parts_mut(ptr, view.len()) }
@@ -243,6 +317,7 @@ impl ReferenceBackend {
                 for input in inputs {
                     assert!(!view.overlaps(input), "output {view:?} overlaps {input:?}");
                 }
+                view.memory().note_write(view.offset(), view.len());
                 let cells = &data[view.offset()..view.offset() + view.len()];
                 for (cell, v) in cells.iter().zip(values) {
                     // SAFETY: as in `read_any`; the window does not overlap the inputs.

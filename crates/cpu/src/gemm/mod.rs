@@ -168,8 +168,8 @@ fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
 /// The packing buffers of one caller's GEMMs (see [`Packed`]).
 #[derive(Default)]
 pub struct Scratch {
-    a: Packed,
-    b: Packed,
+    pub(crate) a: Packed,
+    pub(crate) b: Packed,
 }
 
 /// `C (m, n) = A · B` (or `C += A · B` with `accumulate`); C is row-major with row stride

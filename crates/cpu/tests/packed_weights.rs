@@ -1,0 +1,114 @@
+//! The packed bf16 weight copies (`weights.rs`) must follow every write to the weight: each
+//! product read through a copy must equal, bit for bit, the same product on a fresh buffer
+//! holding the same values (which has no copy yet, so it packs from the values), after an
+//! upload, a copy, a zeroing of the whole memory, a write to part of the window, and AdamW
+//! (which repacks the copies itself). Runs on the AVX512-BF16 tier (the only one that keeps
+//! copies) and says so when the machine lacks it.
+
+use kiln_core::backend::{Accumulate, AdamWStep, Backend, DType, DeviceMemory, MatmulShape, View};
+use kiln_core::cpu::{self, Isa};
+use kiln_cpu::{CpuBackend, HostMemory, Precision};
+
+const S: MatmulShape = MatmulShape {
+    rows: 13,
+    in_dim: 40,
+    out_dim: 70,
+};
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// The forward product and the input gradient through `weight`, as host values.
+fn products(be: &CpuBackend, weight: View<CpuBackend>) -> (Vec<f32>, Vec<f32>) {
+    let x = be.alloc(S.rows * S.in_dim, DType::F32).unwrap();
+    let dy = be.alloc(S.rows * S.out_dim, DType::F32).unwrap();
+    be.upload(View::whole(&x), &values(S.rows * S.in_dim, 1)).unwrap();
+    be.upload(View::whole(&dy), &values(S.rows * S.out_dim, 2)).unwrap();
+    let out = be.alloc(S.rows * S.out_dim, DType::F32).unwrap();
+    let dx = be.alloc(S.rows * S.in_dim, DType::F32).unwrap();
+    let dw = be.alloc(S.out_dim * S.in_dim, DType::F32).unwrap();
+    be.matmul_forward(View::whole(&out), View::whole(&x), weight, S);
+    let (dx_v, dw_v, dy_v, x_v) = (
+        View::whole(&dx),
+        View::whole(&dw),
+        View::whole(&dy),
+        View::whole(&x),
+    );
+    be.matmul_backward(dx_v, dw_v, dy_v, x_v, weight, S, Accumulate::Overwrite);
+    let download = |m: &HostMemory| {
+        let mut host = vec![0.0; m.len()];
+        be.download(View::whole(m), &mut host).unwrap();
+        host
+    };
+    (download(&out), download(&dx))
+}
+
+/// The products through `weight` equal those through a fresh buffer holding its values.
+fn check(be: &CpuBackend, weight: View<CpuBackend>, when: &str) {
+    let mut host = vec![0.0; weight.len()];
+    be.download(weight, &mut host).unwrap();
+    let fresh = be.alloc(host.len(), DType::F32).unwrap();
+    be.upload(View::whole(&fresh), &host).unwrap();
+    let want = products(be, View::whole(&fresh));
+    let got = products(be, weight);
+    for (what, got, want) in [
+        ("forward product", &got.0, &want.0),
+        ("input gradient", &got.1, &want.1),
+    ] {
+        let differs = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits());
+        if let Some(i) = differs {
+            panic!("{when}: {what}[{i}] is {} but {} on a fresh buffer", got[i], want[i]);
+        }
+    }
+}
+
+#[test]
+fn packed_copies_follow_every_write() {
+    if let Some(why) = cpu::features().missing(Isa::Avx512bf16) {
+        println!("skipped: bf16 weight copies need the AVX512-BF16 tier ({why})");
+        return;
+    }
+    let be = CpuBackend::with(Isa::Avx512bf16, Precision::Bf16, 2).unwrap();
+    let n = S.out_dim * S.in_dim;
+    // The weight sits at an offset inside a larger arena, as in a model.
+    let arena = be.alloc(n + 50, DType::F32).unwrap();
+    let weight = View::new(&arena, 25, n);
+    be.upload(weight, &values(n, 3)).unwrap();
+    check(&be, weight, "first use");
+    // The copies are now made; each write below must reach the products.
+    be.upload(weight, &values(n, 4)).unwrap();
+    check(&be, weight, "after an upload");
+    let other = be.alloc(n, DType::F32).unwrap();
+    be.upload(View::whole(&other), &values(n, 5)).unwrap();
+    be.copy(weight, View::whole(&other));
+    check(&be, weight, "after a copy");
+    be.upload(View::new(&arena, 30, 7), &[9.0; 7]).unwrap();
+    check(&be, weight, "after a write to part of the window");
+    be.zero(View::whole(&arena));
+    be.upload(weight, &values(n, 6)).unwrap();
+    check(&be, weight, "after zeroing the memory");
+    let grads = be.alloc(n, DType::F32).unwrap();
+    let moments = be.alloc(2 * n, DType::F32).unwrap();
+    be.upload(View::whole(&grads), &values(n, 7)).unwrap();
+    let hp = AdamWStep {
+        learning_rate: 0.1,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    for step in 1..=2 {
+        let (m, v) = (View::new(&moments, 0, n), View::new(&moments, n, n));
+        be.adamw_step(weight, View::whole(&grads), m, v, &AdamWStep { step, ..hp });
+        check(&be, weight, &format!("after AdamW step {step}"));
+    }
+}
