@@ -22,10 +22,33 @@ use std::sync::Mutex;
 use kiln_core::backend::{Accumulate, ClassifierShape};
 use kiln_core::cpu::Isa;
 
-use crate::gemm::{multiply, Mat, Microkernel, Packed};
+use crate::gemm::{multiply, multiply_window, Mat, Microkernel, Packed};
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
 use crate::xent;
+
+/// The classifier weight `(vocab, dim)` as the products read it: its values, and its packed
+/// copies when the backend keeps them (`weights.rs`: bf16, both orientations), from which a
+/// chunk is a window instead of a packing.
+#[derive(Clone, Copy)]
+pub struct Weight<'a> {
+    pub values: &'a [f32],
+    /// As the logits product's B (`k = dim`, `n = vocab`).
+    pub forward: Option<&'a Packed>,
+    /// As the input gradient's B (`k = vocab`, `n = dim`).
+    pub backward: Option<&'a Packed>,
+}
+
+impl<'a> Weight<'a> {
+    /// The values alone: every chunk is packed when it is used.
+    pub fn unpacked(values: &'a [f32]) -> Self {
+        Weight {
+            values,
+            forward: None,
+            backward: None,
+        }
+    }
+}
 
 /// Vocabulary entries per chunk for `rows` rows: a chunk's f32 logits stay near 1 MiB, between
 /// 64 and 512 entries, a multiple of 32 (the panel width of the AVX-512 micro-kernels, twice
@@ -85,20 +108,29 @@ impl Context {
         &mut self,
         (isa, kernel): (Isa, Microkernel),
         inp: &Packed,
-        weight: &[f32],
+        weight: Weight,
         entries: std::ops::Range<usize>,
         s: ClassifierShape,
     ) {
         let (rows, dim) = (s.rows, s.dim);
         let (v0, len) = (entries.start, entries.len());
+        grow(&mut self.logits, rows * len);
+        if let Some(copy) = weight.forward {
+            // SAFETY: `logits` holds rows × len values, this thread's alone.
+            unsafe {
+                let c = self.logits.as_mut_ptr();
+                multiply_window(&self.pool, inp, copy, entries, 0, c, len, false);
+            }
+            self.cap(isa, s, rows * len);
+            return;
+        }
         // B (k, j) = W[v0 + j, k].
         let b = Mat {
-            data: &weight[v0 * dim..(v0 + len) * dim],
+            data: &weight.values[v0 * dim..(v0 + len) * dim],
             rs: 1,
             cs: dim,
         };
         self.weight.pack_b(&self.pool, kernel, b, dim, len);
-        grow(&mut self.logits, rows * len);
         // SAFETY: `logits` holds rows × len values, this thread's alone.
         unsafe {
             multiply(
@@ -110,9 +142,13 @@ impl Context {
                 false,
             )
         };
+        self.cap(isa, s, rows * len);
+    }
+
+    /// The soft cap of the first `n` logits into `self.capped`, when the shape has one.
+    fn cap(&mut self, isa: Isa, s: ClassifierShape, n: usize) {
         if let Some(cap) = s.softcap {
-            grow(&mut self.capped, rows * len);
-            let n = rows * len;
+            grow(&mut self.capped, n);
             xent::softcap(isa, &mut self.capped[..n], &self.logits[..n], cap);
         }
     }
@@ -164,7 +200,7 @@ pub fn forward(
     losses: &mut [f32],
     logsumexp: &mut [f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: Weight,
     targets: &[u32],
     s: ClassifierShape,
 ) {
@@ -183,12 +219,12 @@ fn forward_in_chunks(
     losses: &mut [f32],
     logsumexp: &mut [f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: Weight,
     targets: &[u32],
     s: ClassifierShape,
     chunk: usize,
 ) {
-    check(s, inp, weight, targets);
+    check(s, inp, weight.values, targets);
     let rows = s.rows;
     let chunks = s.vocab.div_ceil(chunk);
     let packed = pack_input(pool, kernel, inp, s);
@@ -243,7 +279,7 @@ pub fn backward(
     dinp: &mut [f32],
     dweight: &mut [f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: Weight,
     logsumexp: &[f32],
     targets: &[u32],
     s: ClassifierShape,
@@ -266,7 +302,7 @@ fn backward_in_chunks(
     dinp: &mut [f32],
     dweight: &mut [f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: Weight,
     logsumexp: &[f32],
     targets: &[u32],
     s: ClassifierShape,
@@ -274,9 +310,9 @@ fn backward_in_chunks(
     dinp_mode: Accumulate,
     chunk: usize,
 ) {
-    check(s, inp, weight, targets);
+    check(s, inp, weight.values, targets);
     assert_eq!(dinp.len(), inp.len(), "classifier: dinp");
-    assert_eq!(dweight.len(), weight.len(), "classifier: dweight");
+    assert_eq!(dweight.len(), weight.values.len(), "classifier: dweight");
     let (rows, dim) = (s.rows, s.dim);
     let chunks = s.vocab.div_ceil(chunk);
     let packed = pack_input(pool, kernel, inp, s);
@@ -310,12 +346,14 @@ fn backward_in_chunks(
             cs: 1,
         };
         ctx.grad.pack_a(&ctx.pool, kernel, a, rows, len);
-        let b = Mat {
-            data: &weight[v0 * dim..(v0 + len) * dim],
-            rs: dim,
-            cs: 1,
-        };
-        ctx.weight_t.pack_b(&ctx.pool, kernel, b, len, dim);
+        if weight.backward.is_none() {
+            let b = Mat {
+                data: &weight.values[v0 * dim..(v0 + len) * dim],
+                rs: dim,
+                cs: 1,
+            };
+            ctx.weight_t.pack_b(&ctx.pool, kernel, b, len, dim);
+        }
         // At most `threads` tasks run at once, so one of the accumulators is free.
         let mut acc = accumulators
             .iter()
@@ -326,7 +364,12 @@ fn backward_in_chunks(
         // SAFETY: the accumulator is locked by this task; rows × dim values.
         unsafe {
             let p = acc.dinp.as_mut_ptr();
-            multiply(&ctx.pool, &ctx.grad, &ctx.weight_t, p, dim, !first);
+            match weight.backward {
+                Some(copy) => {
+                    multiply_window(&ctx.pool, &ctx.grad, copy, 0..dim, v0, p, dim, !first)
+                }
+                None => multiply(&ctx.pool, &ctx.grad, &ctx.weight_t, p, dim, !first),
+            }
         }
         drop(acc);
         // The weight gradient of the chunk: A (i, k) = g[k, i], B = inp.
@@ -507,30 +550,41 @@ mod tests {
                         );
                     }
                 };
-                let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
-                forward_in_chunks(
-                    isa, kernel, &pool, &mut loss, &mut lse, &x, &w, &targets, s, chunk,
-                );
-                close("loss", &loss, &want_loss);
-                close("logsumexp", &lse, &want_lse);
-                let (mut dx, mut dw) = (start_dx.clone(), start_dw.clone());
-                backward_in_chunks(
-                    isa,
-                    kernel,
-                    &pool,
-                    &mut dx,
-                    &mut dw,
-                    &x,
-                    &w,
-                    &lse32,
-                    &targets,
-                    s,
-                    dloss,
-                    Accumulate::Add,
-                    chunk,
-                );
-                close("dinp", &dx, &want_dx);
-                close("dweight", &dw, &want_dw);
+                // The weight packed whole in both orientations, as the backend keeps it:
+                // each chunk is then a window of it.
+                let (mut fwd, mut bwd) = (Packed::default(), Packed::default());
+                let b = Mat {
+                    data: &w,
+                    rs: 1,
+                    cs: dim,
+                };
+                fwd.pack_b(&pool, kernel, b, dim, vocab);
+                let b = Mat {
+                    data: &w,
+                    rs: dim,
+                    cs: 1,
+                };
+                bwd.pack_b(&pool, kernel, b, vocab, dim);
+                let packed = Weight {
+                    values: &w,
+                    forward: Some(&fwd),
+                    backward: Some(&bwd),
+                };
+                for weight in [Weight::unpacked(&w), packed] {
+                    let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
+                    let (l, ls) = (&mut loss, &mut lse);
+                    forward_in_chunks(isa, kernel, &pool, l, ls, &x, weight, &targets, s, chunk);
+                    close("loss", &loss, &want_loss);
+                    close("logsumexp", &lse, &want_lse);
+                    let (mut dx, mut dw) = (start_dx.clone(), start_dw.clone());
+                    let (dxr, dwr, t) = (&mut dx, &mut dw, &targets);
+                    let mode = Accumulate::Add;
+                    backward_in_chunks(
+                        isa, kernel, &pool, dxr, dwr, &x, weight, &lse32, t, s, dloss, mode, chunk,
+                    );
+                    close("dinp", &dx, &want_dx);
+                    close("dweight", &dw, &want_dw);
+                }
             }
         }
     }

@@ -116,6 +116,15 @@ pub struct CpuBackend {
 
 type V<'a> = View<'a, CpuBackend>;
 
+/// The classifier weight `(vocab, dim)` as a linear layer's matrix.
+fn classifier_matrix(s: ClassifierShape) -> MatmulShape {
+    MatmulShape {
+        rows: s.rows,
+        in_dim: s.dim,
+        out_dim: s.vocab,
+    }
+}
+
 /// The same window as a view of the reference backend, which shares the memory type.
 fn r(view: V) -> View<ReferenceBackend> {
     View::new(view.memory(), view.offset(), view.len())
@@ -672,7 +681,27 @@ impl Backend for CpuBackend {
         let lse = slices!(write logsumexp, [inp, weight]);
         let (x, w) = (slices!(read inp), slices!(read weight));
         let kernel = self.kernel();
-        classifier::forward(self.isa, kernel, &self.pool, l, lse, x, w, targets, s);
+        let (isa, pool) = (self.isa, &*self.pool);
+        if !kernel.is_bf16() {
+            let w = classifier::Weight::unpacked(w);
+            return classifier::forward(isa, kernel, pool, l, lse, x, w, targets, s);
+        }
+        // With bf16 matmuls, the chunks are windows of the weight's packed copy.
+        let shape = classifier_matrix(s);
+        let memory = weight.memory();
+        memory.with_derived(
+            weight.offset(),
+            weight.len(),
+            |copy: &mut PackedWeight, stale| {
+                let forward = copy.get(pool, kernel, w, shape, Orientation::Forward, stale);
+                let w = classifier::Weight {
+                    values: w,
+                    forward: Some(forward),
+                    backward: None,
+                };
+                classifier::forward(isa, kernel, pool, l, lse, x, w, targets, s);
+            },
+        );
     }
 
     fn classifier_loss_backward(
@@ -700,8 +729,26 @@ impl Backend for CpuBackend {
             slices!(read logsumexp),
         );
         let kernel = self.kernel();
-        classifier::backward(
-            self.isa, kernel, &self.pool, di, dw, x, w, lse, targets, s, dloss, dinp_mode,
+        let (isa, pool) = (self.isa, &*self.pool);
+        let (d, mode) = (dloss, dinp_mode);
+        if !kernel.is_bf16() {
+            let w = classifier::Weight::unpacked(w);
+            return classifier::backward(isa, kernel, pool, di, dw, x, w, lse, targets, s, d, mode);
+        }
+        let shape = classifier_matrix(s);
+        let memory = weight.memory();
+        memory.with_derived(
+            weight.offset(),
+            weight.len(),
+            |copy: &mut PackedWeight, stale| {
+                let (forward, backward) = copy.both(pool, kernel, w, shape, stale);
+                let w = classifier::Weight {
+                    values: w,
+                    forward: Some(forward),
+                    backward: Some(backward),
+                };
+                classifier::backward(isa, kernel, pool, di, dw, x, w, lse, targets, s, d, mode);
+            },
         );
     }
 

@@ -70,6 +70,23 @@ impl PackedWeight {
         slot.get_or_insert_with(|| pack(pool, kernel, w, out_dim, in_dim, orientation))
     }
 
+    /// Both copies (see [`PackedWeight::get`]).
+    pub fn both(
+        &mut self,
+        pool: &ThreadPool,
+        kernel: Microkernel,
+        w: &[f32],
+        s: MatmulShape,
+        stale: bool,
+    ) -> (&Packed, &Packed) {
+        self.get(pool, kernel, w, s, Orientation::Forward, stale);
+        self.get(pool, kernel, w, s, Orientation::Backward, false);
+        match (&self.forward, &self.backward) {
+            (Some(f), Some(b)) => (f, b),
+            _ => unreachable!("both orientations were just packed"),
+        }
+    }
+
     /// Repacks the copies in use from `w`.
     fn repack(&mut self, pool: &ThreadPool, w: &[f32]) {
         let Some(kernel) = self.kernel else { return };

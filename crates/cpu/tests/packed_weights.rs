@@ -1,11 +1,14 @@
 //! The packed bf16 weight copies (`weights.rs`) must follow every write to the weight: each
-//! product read through a copy must equal, bit for bit, the same product on a fresh buffer
+//! product read through a copy (a linear layer's forward and input gradient, the fused
+//! classifier's losses and input gradient) must equal, bit for bit, the same product on a fresh buffer
 //! holding the same values (which has no copy yet, so it packs from the values), after an
 //! upload, a copy, a zeroing of the whole memory, a write to part of the window, and AdamW
 //! (which repacks the copies itself). Runs on the AVX512-BF16 tier (the only one that keeps
 //! copies) and says so when the machine lacks it.
 
-use kiln_core::backend::{Accumulate, AdamWStep, Backend, DType, DeviceMemory, MatmulShape, View};
+use kiln_core::backend::{
+    Accumulate, AdamWStep, Backend, ClassifierShape, DType, DeviceMemory, MatmulShape, View,
+};
 use kiln_core::cpu::{self, Isa};
 use kiln_cpu::{CpuBackend, HostMemory, Precision};
 
@@ -25,12 +28,15 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// The forward product and the input gradient through `weight`, as host values.
-fn products(be: &CpuBackend, weight: View<CpuBackend>) -> (Vec<f32>, Vec<f32>) {
+/// The forward product, the input gradient, and the fused classifier's losses and input
+/// gradient through `weight`, as host values.
+fn products(be: &CpuBackend, weight: View<CpuBackend>) -> Vec<Vec<f32>> {
     let x = be.alloc(S.rows * S.in_dim, DType::F32).unwrap();
     let dy = be.alloc(S.rows * S.out_dim, DType::F32).unwrap();
-    be.upload(View::whole(&x), &values(S.rows * S.in_dim, 1)).unwrap();
-    be.upload(View::whole(&dy), &values(S.rows * S.out_dim, 2)).unwrap();
+    be.upload(View::whole(&x), &values(S.rows * S.in_dim, 1))
+        .unwrap();
+    be.upload(View::whole(&dy), &values(S.rows * S.out_dim, 2))
+        .unwrap();
     let out = be.alloc(S.rows * S.out_dim, DType::F32).unwrap();
     let dx = be.alloc(S.rows * S.in_dim, DType::F32).unwrap();
     let dw = be.alloc(S.out_dim * S.in_dim, DType::F32).unwrap();
@@ -42,12 +48,32 @@ fn products(be: &CpuBackend, weight: View<CpuBackend>) -> (Vec<f32>, Vec<f32>) {
         View::whole(&x),
     );
     be.matmul_backward(dx_v, dw_v, dy_v, x_v, weight, S, Accumulate::Overwrite);
+    let matmul_dx = {
+        let mut host = vec![0.0; dx.len()];
+        be.download(View::whole(&dx), &mut host).unwrap();
+        host
+    };
     let download = |m: &HostMemory| {
         let mut host = vec![0.0; m.len()];
         be.download(View::whole(m), &mut host).unwrap();
         host
     };
-    (download(&out), download(&dx))
+    let c = ClassifierShape {
+        rows: S.rows,
+        dim: S.in_dim,
+        vocab: S.out_dim,
+        softcap: None,
+    };
+    let targets: Vec<u32> = (0..S.rows as u32)
+        .map(|r| r * 5 % S.out_dim as u32)
+        .collect();
+    let losses = be.alloc(S.rows, DType::F32).unwrap();
+    let lse = be.alloc(S.rows, DType::F32).unwrap();
+    let (l_v, lse_v) = (View::whole(&losses), View::whole(&lse));
+    be.classifier_loss_forward(l_v, lse_v, x_v, weight, &targets, c);
+    let mode = Accumulate::Overwrite;
+    be.classifier_loss_backward(dx_v, dw_v, x_v, weight, lse_v, &targets, c, 0.1, mode);
+    vec![download(&out), matmul_dx, download(&losses), download(&dx)]
 }
 
 /// The products through `weight` equal those through a fresh buffer holding its values.
@@ -58,13 +84,22 @@ fn check(be: &CpuBackend, weight: View<CpuBackend>, when: &str) {
     be.upload(View::whole(&fresh), &host).unwrap();
     let want = products(be, View::whole(&fresh));
     let got = products(be, weight);
-    for (what, got, want) in [
-        ("forward product", &got.0, &want.0),
-        ("input gradient", &got.1, &want.1),
-    ] {
-        let differs = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits());
+    let names = [
+        "forward product",
+        "input gradient",
+        "classifier losses",
+        "classifier dinp",
+    ];
+    for ((what, got), want) in names.iter().zip(&got).zip(&want) {
+        let differs = got
+            .iter()
+            .zip(want)
+            .position(|(g, w)| g.to_bits() != w.to_bits());
         if let Some(i) = differs {
-            panic!("{when}: {what}[{i}] is {} but {} on a fresh buffer", got[i], want[i]);
+            panic!(
+                "{when}: {what}[{i}] is {} but {} on a fresh buffer",
+                got[i], want[i]
+            );
         }
     }
 }
