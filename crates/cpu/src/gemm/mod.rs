@@ -279,12 +279,12 @@ pub unsafe fn multiply_window(
     let Some(kernel) = a.kernel else { return };
     let (mr, nr) = (kernel.mr(), kernel.nr());
     assert!(
-        columns.start % nr == 0 && columns.end <= b.lanes,
+        columns.start.is_multiple_of(nr) && columns.end <= b.lanes,
         "multiply: B's columns {columns:?} of {} (panels of {nr})",
         b.lanes
     );
     assert!(
-        k0 + a.k <= b.k && (!kernel.is_bf16() || k0 % 2 == 0),
+        k0 + a.k <= b.k && (!kernel.is_bf16() || k0.is_multiple_of(2)),
         "multiply: B's k window {k0}+{} of {}",
         a.k,
         b.k
