@@ -5,8 +5,6 @@
 
 use std::arch::x86_64::*;
 
-use super::merge_edge;
-
 pub const MR: usize = 8;
 pub const NR: usize = 32;
 
@@ -42,7 +40,7 @@ pub unsafe fn kernel(
 }
 
 /// Adds (or, with `overwrite`, writes) an 8 × 32 block of zmm accumulators into C: whole
-/// rows with vector stores, an edge block through [`merge_edge`]. The bf16 kernel's
+/// rows with vector stores, an edge block with masked ones. The bf16 kernel's
 /// accumulators are f32 zmm too and end here as well.
 ///
 /// # Safety
@@ -71,11 +69,21 @@ pub unsafe fn store_tile(
             }
         }
     } else {
-        let mut tile = [0f32; MR * NR];
-        for (i, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR), row[0]);
-            _mm512_storeu_ps(tile.as_mut_ptr().add(i * NR + 16), row[1]);
+        // The edge: the first `rows` rows, `cols` columns through masked loads and stores
+        // (masked-off lanes neither fault nor write).
+        let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+        let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            let dst = c.add(i * ldc);
+            for (h, (v, &mask)) in row.iter().zip(&masks).enumerate() {
+                let d = dst.add(16 * h);
+                let v = if overwrite {
+                    *v
+                } else {
+                    _mm512_add_ps(*v, _mm512_maskz_loadu_ps(mask, d))
+                };
+                _mm512_mask_storeu_ps(d, mask, v);
+            }
         }
-        merge_edge(&tile, NR, c, ldc, rows, cols, overwrite);
     }
 }
