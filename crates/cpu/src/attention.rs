@@ -5,7 +5,7 @@
 //!
 //! One task per (batch, kv head) takes every query head of its group, so the gradients of
 //! the shared keys and values are summed by one thread. Within a task each product is one of
-//! the backend's packed GEMMs (the tier's f32 micro-kernel, on a one-thread pool) over the
+//! the backend's packed GEMMs (its micro-kernel, bf16 or f32, on a one-thread pool) over the
 //! whole T × T block: S = Q·Kᵀ, O = P·V forward; S, dP = dO·Vᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q,
 //! dQ = dS·K backward. The causal upper half is computed and masked, twice the FLOPs of a
 //! row-by-row kernel but at GEMM speed, which wins at the sequence lengths kiln trains at.
@@ -35,7 +35,7 @@ fn at(s: AttentionShape, b: usize, t: usize, heads: usize, h: usize) -> usize {
 /// `out (B, T, H·D)` and `lse (B, H, T)` from q, k, v.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
-    isa: Isa,
+    (isa, kernel): (Isa, Microkernel),
     pool: &ThreadPool,
     out: &mut [f32],
     lse: &mut [f32],
@@ -52,7 +52,7 @@ pub fn forward(
     let (o_ptr, l_ptr) = (SharedMut::new(out), SharedMut::new(lse));
     pool.run(s.batch * s.kv_heads, &|task| {
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);
-        let mut ctx = Context::take(isa, s);
+        let mut ctx = Context::take(isa, kernel, s);
         for h in kvh * s.group()..(kvh + 1) * s.group() {
             let (qh, kh, vh) = (
                 ctx.head(q, b, h, s.heads),
@@ -78,7 +78,7 @@ pub fn forward(
 /// `dq, dk, dv` from `dout`, the forward's inputs and its saved log-sum-exps.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    isa: Isa,
+    (isa, kernel): (Isa, Microkernel),
     pool: &ThreadPool,
     grads: (&mut [f32], &mut [f32], &mut [f32]),
     dout: &[f32],
@@ -97,7 +97,7 @@ pub fn backward(
         let (b, kvh) = (task / s.kv_heads, task % s.kv_heads);
         let (seq, dim) = (s.seq, s.head_dim);
         let scale = 1.0 / (dim as f32).sqrt();
-        let mut ctx = Context::take(isa, s);
+        let mut ctx = Context::take(isa, kernel, s);
         let (kh, vh) = (
             ctx.head(k, b, kvh, s.kv_heads),
             ctx.head(v, b, kvh, s.kv_heads),
@@ -155,6 +155,9 @@ const BLOCK: usize = 64;
 /// GEMM packing buffers, and the T × T probabilities and their gradient.
 struct Context {
     isa: Isa,
+    /// The products' micro-kernel: the backend's, so bf16 inputs where its matmuls are bf16
+    /// (as PyTorch's autocast runs attention), f32 otherwise.
+    kernel: Microkernel,
     pool: ThreadPool,
     scratch: Scratch,
     s: AttentionShape,
@@ -182,11 +185,11 @@ thread_local! {
 
 impl Context {
     /// This thread's cached workspace if it fits, else a new one.
-    fn take(isa: Isa, s: AttentionShape) -> Self {
+    fn take(isa: Isa, kernel: Microkernel, s: AttentionShape) -> Self {
         CACHED
             .with(|c| c.borrow_mut().take())
-            .filter(|c| c.s == s && c.isa == isa)
-            .unwrap_or_else(|| Context::new(isa, s))
+            .filter(|c| c.s == s && c.isa == isa && c.kernel == kernel)
+            .unwrap_or_else(|| Context::new(isa, kernel, s))
     }
 
     /// Keeps the workspace for this thread's next call.
@@ -194,9 +197,10 @@ impl Context {
         CACHED.with(|c| *c.borrow_mut() = Some(self));
     }
 
-    fn new(isa: Isa, s: AttentionShape) -> Self {
+    fn new(isa: Isa, kernel: Microkernel, s: AttentionShape) -> Self {
         Context {
             isa,
+            kernel,
             pool: ThreadPool::new(1),
             scratch: Scratch::default(),
             s,
@@ -204,11 +208,6 @@ impl Context {
             dp: vec![0.0; s.seq * s.seq],
             lse: vec![0.0; s.seq],
         }
-    }
-
-    /// The tier's f32 micro-kernel: attention runs in f32 at every precision.
-    fn kernel(&self) -> Microkernel {
-        Microkernel::for_isa(self.isa, false)
     }
 
     /// `c (m, n) (=|+=) a (m, k) · b (k, n)` on this context's one-thread pool.
@@ -224,7 +223,7 @@ impl Context {
         ldc: usize,
         accumulate: bool,
     ) {
-        let kernel = self.kernel();
+        let kernel = self.kernel;
         gemm_into(
             &self.pool,
             &mut self.scratch,
@@ -331,7 +330,7 @@ impl Context {
                 cs: y.stride,
             };
             let c = &mut out[r0 * seq..];
-            let kernel = self.kernel();
+            let kernel = self.kernel;
             gemm(
                 &self.pool,
                 &mut self.scratch,
@@ -426,10 +425,11 @@ mod tests {
             }
             let pool = ThreadPool::new(2);
             let (mut out, mut lse) = (vec![0f32; nq], vec![0f32; saved_len(s)]);
-            forward(isa, &pool, &mut out, &mut lse, &q, &k, &v, s);
+            let tier = (isa, Microkernel::for_isa(isa, false));
+            forward(tier, &pool, &mut out, &mut lse, &q, &k, &v, s);
             let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nkv], vec![0f32; nkv]);
             backward(
-                isa,
+                tier,
                 &pool,
                 (&mut dq, &mut dk, &mut dv),
                 &dout,
