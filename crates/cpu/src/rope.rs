@@ -1,7 +1,7 @@
 //! Rotary position embedding, vectorized (the reference backend's `rope.rs` is the formula:
 //! half-split pairs `i`, `i + R/2` of the first R = `rot_dims` dimensions of each head, angle
 //! `t · θ^(−2i/R)`, the rest copied). The cos/sin tables are computed in f64 as the
-//! reference computes them, once per shape, and kept; rows go out over the thread pool.
+//! reference computes them, once per shape, and kept; rows go out over the thread pool in blocks.
 //! The backward is the inverse rotation. Accumulation rule: the output is overwritten.
 
 use std::sync::Mutex;
@@ -65,27 +65,34 @@ pub fn rotate(
     }
     let t = cached.as_ref().expect("tables just made");
     let o = SharedMut::new(out);
-    pool.run(s.batch * s.seq, &|bt| {
-        // SAFETY: row bt of `out` is this task's alone; the tier was checked at start-up.
-        unsafe {
-            let y = o.slice(bt * row, row);
-            let x = &inp[bt * row..(bt + 1) * row];
-            let (pos, dir) = (bt % s.seq, direction);
-            let job = RowJob {
-                y,
-                x,
-                t,
-                s,
-                pos,
-                dir,
-            };
-            match isa {
-                Isa::Avx2 => rotate_row_avx2(job),
-                _ => rotate_row_avx512(job),
+    let rows = s.batch * s.seq;
+    pool.run(rows.div_ceil(ROWS), &|block| {
+        for bt in block * ROWS..((block + 1) * ROWS).min(rows) {
+            // SAFETY: row bt of `out` is this task's alone; the tier was checked at start-up.
+            unsafe {
+                let y = o.slice(bt * row, row);
+                let x = &inp[bt * row..(bt + 1) * row];
+                let (pos, dir) = (bt % s.seq, direction);
+                let job = RowJob {
+                    y,
+                    x,
+                    t,
+                    s,
+                    pos,
+                    dir,
+                };
+                match isa {
+                    Isa::Avx2 => rotate_row_avx2(job),
+                    _ => rotate_row_avx512(job),
+                }
             }
         }
     });
 }
+
+/// Rows (positions) per task: one row of a small model is a few hundred values, too little
+/// work to hand out alone.
+const ROWS: usize = 16;
 
 /// One row's rotation: the output and input row, the tables, the shape, the position and
 /// the direction.
