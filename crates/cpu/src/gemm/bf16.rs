@@ -45,14 +45,17 @@ pub unsafe fn kernel(
 }
 
 /// Packs `lanes` lanes whose k values are contiguous (`src[lane * lane_stride + kk]`) into
-/// the pair layout `[k / 2][width][2]`, 32 k of one lane at a time: two f32 vectors rounded
-/// to 32 bf16 by `vcvtne2ps2bf16` (round to nearest even, as the scalar path), which are
-/// already 16 pairs in order, scattered to their 16 rows of the packed block. k past the last
-/// full 32 is left to the caller.
+/// the pair layout `[kp / 2][width][2]` (`kp` = k rounded up to even), all of k: per group
+/// of 8 lanes and 32 k, each lane's two f32 vectors are rounded to 16 bf16 pairs by
+/// `vcvtne2ps2bf16` (round to nearest even, as the scalar path), and the 8 × 16 block of
+/// pairs is transposed in registers (the classic unpack-32, unpack-64, 128-bit shuffle
+/// sequence) into 16 rows of 8 pairs, each one 256-bit store. The last partial 32 k are read
+/// with a mask (zeros past k, which is also the odd k's padding); missing lanes of the last
+/// group are zeros. Returns k (everything is packed).
 ///
 /// # Safety
-/// The CPU has AVX512-BF16; `dst` holds `(k / 2) · width` pairs; every lane's 32-k chunks
-/// read below lie inside `src`.
+/// The CPU has AVX512-BF16; `width` is a multiple of 8; `dst` holds `(kp / 2) · width`
+/// pairs; every lane's k values lie inside `src`.
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub unsafe fn pack_k_contiguous(
     dst: &mut [u16],
@@ -63,23 +66,86 @@ pub unsafe fn pack_k_contiguous(
     width: usize,
     k: usize,
 ) -> usize {
-    let full = k / 32 * 32;
-    let index = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(width as i32),
+    debug_assert!(width.is_multiple_of(8) && lanes <= width);
+    let pair_rows = k.div_ceil(2);
+    assert!(
+        dst.len() >= pair_rows * width * 2,
+        "pack: destination too short"
     );
     let out = dst.as_mut_ptr() as *mut i32;
-    for lane in 0..lanes {
-        let row = src.as_ptr().add(base + lane * lane_stride);
-        for k0 in (0..full).step_by(32) {
-            let lo = _mm512_loadu_ps(row.add(k0));
-            let hi = _mm512_loadu_ps(row.add(k0 + 16));
-            let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            let at = out.add((k0 / 2) * width + lane);
-            _mm512_i32scatter_epi32::<4>(at, index, pairs);
+    let s = src.as_ptr();
+    for g in (0..lanes).step_by(8) {
+        let in_group = 8.min(lanes - g);
+        for k0 in (0..k).step_by(32) {
+            let left = k - k0;
+            // 16 pairs of each of the group's lanes (zeros past k and past the lanes).
+            let mut r = [_mm512_setzero_si512(); 8];
+            for (i, ri) in r.iter_mut().enumerate().take(in_group) {
+                let row = s.add(base + (g + i) * lane_stride + k0);
+                let (lo, hi) = if left >= 32 {
+                    (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)))
+                } else {
+                    let mask = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+                    (
+                        _mm512_maskz_loadu_ps(mask(left), row),
+                        _mm512_maskz_loadu_ps(mask(left.saturating_sub(16)), row.add(16)),
+                    )
+                };
+                *ri = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            let rows = transpose_8x16(&r);
+            // Pair row p of this block goes to row k0/2 + p, lanes g..g + 8.
+            let count = 16.min(pair_rows - k0 / 2);
+            for (p, v) in rows.iter().enumerate().take(count) {
+                let at = out.add((k0 / 2 + p) * width + g);
+                _mm256_storeu_si256(at as *mut __m256i, *v);
+            }
         }
     }
-    full
+    k
+}
+
+/// `r[i]` holds 16 i32 (element p of lane i); returns 16 vectors of 8 i32, vector p holding
+/// element p of lanes 0..8.
+#[inline(always)]
+unsafe fn transpose_8x16(r: &[__m512i; 8]) -> [__m256i; 16] {
+    // Within each 128-bit block: pairs of lanes interleaved, then quadruples.
+    let t: [__m512i; 8] = [
+        _mm512_unpacklo_epi32(r[0], r[1]),
+        _mm512_unpackhi_epi32(r[0], r[1]),
+        _mm512_unpacklo_epi32(r[2], r[3]),
+        _mm512_unpackhi_epi32(r[2], r[3]),
+        _mm512_unpacklo_epi32(r[4], r[5]),
+        _mm512_unpackhi_epi32(r[4], r[5]),
+        _mm512_unpacklo_epi32(r[6], r[7]),
+        _mm512_unpackhi_epi32(r[6], r[7]),
+    ];
+    // u[j] (j = 0..4) holds elements j, j+4, j+8, j+12 of lanes 0..4 in its four blocks;
+    // u[4 + j] the same of lanes 4..8.
+    let u: [__m512i; 8] = [
+        _mm512_unpacklo_epi64(t[0], t[2]),
+        _mm512_unpackhi_epi64(t[0], t[2]),
+        _mm512_unpacklo_epi64(t[1], t[3]),
+        _mm512_unpackhi_epi64(t[1], t[3]),
+        _mm512_unpacklo_epi64(t[4], t[6]),
+        _mm512_unpackhi_epi64(t[4], t[6]),
+        _mm512_unpacklo_epi64(t[5], t[7]),
+        _mm512_unpackhi_epi64(t[5], t[7]),
+    ];
+    let mut out = [_mm256_setzero_si256(); 16];
+    for j in 0..4 {
+        let (lo4, hi4) = (u[j], u[4 + j]);
+        // [lo.b0, lo.b1, hi.b0, hi.b1] then reordered to [lo.b0, hi.b0, lo.b1, hi.b1].
+        let a = _mm512_shuffle_i32x4::<0b01_00_01_00>(lo4, hi4);
+        let a = _mm512_shuffle_i32x4::<0b11_01_10_00>(a, a);
+        let b = _mm512_shuffle_i32x4::<0b11_10_11_10>(lo4, hi4);
+        let b = _mm512_shuffle_i32x4::<0b11_01_10_00>(b, b);
+        out[j] = _mm512_castsi512_si256(a);
+        out[j + 4] = _mm512_extracti64x4_epi64::<1>(a);
+        out[j + 8] = _mm512_castsi512_si256(b);
+        out[j + 12] = _mm512_extracti64x4_epi64::<1>(b);
+    }
+    out
 }
 
 /// Packs `lanes` contiguous lanes (`src[lane + kk * k_stride]`) into the pair layout, two k

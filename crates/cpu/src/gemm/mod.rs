@@ -498,16 +498,11 @@ fn pack_bf16(dst: &mut [u16], src: Source, first: usize, width: usize, kp: usize
     let pair_at = |kk: usize, lane: usize| ((kk / 2) * width + lane) * 2 + kk % 2;
     if src.k_stride == 1 {
         // SAFETY: bf16 packing runs only for the AVX512-BF16 micro-kernel, whose tier
-        // requires the feature; each lane's first `k` values lie in `src`.
-        let done = unsafe {
+        // requires the feature; each lane's first `k` values lie in `src`; `dst` holds the
+        // group's kp / 2 rows of `width` pairs.
+        unsafe {
             bf16::pack_k_contiguous(dst, src.data, base, src.lane_stride, lanes, width, src.k)
         };
-        for lane in 0..lanes {
-            let row = &src.data[base + lane * src.lane_stride..][..src.k];
-            for (kk, &v) in row.iter().enumerate().skip(done) {
-                dst[pair_at(kk, lane)] = to_bf16(v);
-            }
-        }
     } else {
         let done = if src.lane_stride == 1 {
             // SAFETY: as above; row kk holds `lanes` contiguous values from `base + kk·k_stride`.
