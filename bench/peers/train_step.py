@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The PyTorch peer of `kiln bench train`: the same Llama-family model (llama2.c's TinyStories
-shapes: RMSNorm, RoPE, causal attention, SwiGLU, a tied classifier), the same batch, sequence
-length and vocabulary, random tokens, AdamW; prints ms per training step (median of the timed
-steps after warm-up) and peak RSS as one JSON line.
+shapes: RMSNorm, RoPE, causal attention, SwiGLU, a tied classifier; Qwen3-0.6B's adds grouped
+query heads, a head width apart from dim/heads, RMSNorm on each head of q and k, and RoPE base
+1e6), the same batch, sequence length and vocabulary (the preset's unless --vocab), random
+tokens, AdamW; prints ms per training step (median of the timed steps after warm-up) and peak
+RSS as one JSON line.
 
 Modes: f32 (eager), bf16 (eager under torch.autocast on the CPU), compile (torch.compile, f32).
 
@@ -20,11 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# llama2.c's TinyStories models (kiln's presets of the same names).
+# llama2.c's TinyStories models and Qwen3-0.6B (kiln's presets of the same names).
 PRESETS = {
     "stories15m": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768),
     "stories42m": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376),
     "stories110m": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
+    "qwen3-0.6b": dict(dim=1024, n_layers=28, n_heads=16, hidden_dim=3072, n_kv_heads=8,
+                       head_dim=128, qk_norm=True, rope_theta=1e6, eps=1e-6, vocab=151936),
 }
 
 
@@ -46,14 +50,16 @@ def rope(x, cos, sin):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, n_heads, hidden_dim):
+    def __init__(self, dim, n_heads, hidden_dim, n_kv_heads, head_dim, qk_norm, eps):
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.attn_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wk = nn.Linear(dim, dim, bias=False)
-        self.wv = nn.Linear(dim, dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.attn_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.w_gate = nn.Linear(dim, hidden_dim, bias=False)
         self.w_up = nn.Linear(dim, hidden_dim, bias=False)
         self.w_down = nn.Linear(hidden_dim, dim, bias=False)
@@ -61,24 +67,30 @@ class Block(nn.Module):
     def forward(self, x, cos, sin):
         b, t, c = x.shape
         h = self.attn_norm(x)
-        shape = (b, t, self.n_heads, self.head_dim)
-        q = rope(self.wq(h).view(shape).transpose(1, 2), cos, sin)
-        k = rope(self.wk(h).view(shape).transpose(1, 2), cos, sin)
-        v = self.wv(h).view(shape).transpose(1, 2)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.wo(a.transpose(1, 2).reshape(b, t, c))
+        q_shape = (b, t, self.n_heads, self.head_dim)
+        kv_shape = (b, t, self.n_kv_heads, self.head_dim)
+        q = rope(self.q_norm(self.wq(h).view(q_shape)).transpose(1, 2), cos, sin)
+        k = rope(self.k_norm(self.wk(h).view(kv_shape)).transpose(1, 2), cos, sin)
+        v = self.wv(h).view(kv_shape).transpose(1, 2)
+        gqa = self.n_heads != self.n_kv_heads
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        x = x + self.wo(a.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         h = self.ffn_norm(x)
         return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
 
 
 class Model(nn.Module):
-    def __init__(self, dim, n_layers, n_heads, hidden_dim, vocab, seq):
+    def __init__(self, dim, n_layers, n_heads, hidden_dim, vocab, seq, n_kv_heads=None,
+                 head_dim=None, qk_norm=False, rope_theta=10000.0, eps=1e-5):
         super().__init__()
+        n_kv_heads = n_kv_heads or n_heads
+        head_dim = head_dim or dim // n_heads
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, n_heads, hidden_dim) for _ in range(n_layers))
-        self.norm = RMSNorm(dim)
-        head_dim = dim // n_heads
-        inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        self.blocks = nn.ModuleList(
+            Block(dim, n_heads, hidden_dim, n_kv_heads, head_dim, qk_norm, eps)
+            for _ in range(n_layers))
+        self.norm = RMSNorm(dim, eps)
+        inv = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
         angles = torch.outer(torch.arange(seq).float(), inv)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
@@ -101,12 +113,16 @@ def main():
     ap.add_argument("--preset", default="stories15m", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="vocabulary size (default: the preset's, 32000 for the stories models)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--mode", default="f32", choices=["f32", "bf16", "compile"])
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = Model(**PRESETS[args.preset], vocab=args.vocab, seq=args.seq)
+    shape = dict(PRESETS[args.preset])
+    preset_vocab = shape.pop("vocab", 32000)
+    args.vocab = args.vocab or preset_vocab
+    model = Model(**shape, vocab=args.vocab, seq=args.seq)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     step_fn = model
     if args.mode == "compile":
