@@ -2,7 +2,7 @@
 # kiln against the PyTorch peer on one training step, back to back on this machine:
 # `kiln bench train` at every CPU tier the machine has (each lower tier through KILN_ISA) in
 # each precision the tier offers, and the reference backend; then bench/peers/train_step.py
-# (the same model, batch, sequence and 32000-token vocabulary) in f32 eager, bf16 autocast
+# (the same model, batch, sequence and vocabulary: 32000 tokens, or the preset's) in f32 eager, bf16 autocast
 # eager and torch.compile. Prints ms per step, tokens/s, peak RSS, and each kiln figure's
 # speed-up over PyTorch's best, with the CPU.
 #

@@ -574,7 +574,7 @@ pub fn training_curve<B: Backend>(backend: B, preset: &str, steps: usize) -> Res
     let (batch, seq) = (4, 32);
     let acts = model.loss_activations(batch, seq)?;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let mut next = |t: usize, rng: &mut ChaCha8Rng| -> usize {
+    let next = |t: usize, rng: &mut ChaCha8Rng| -> usize {
         let u: f64 = rng.random();
         if u < 0.5 {
             (t * 7 + 1) % vocab

@@ -224,7 +224,7 @@ impl CpuBackend {
             ),
         };
         let kernel = self.kernel();
-        if !kernel.is_bf16() {
+        if !kernel.is_bf16() || !weights::KEPT.contains(&orientation) {
             return self.gemm(m, n, k, a, b, c, accumulate);
         }
         assert!(c.len() >= m * n, "gemm: C too short");
@@ -752,11 +752,11 @@ impl Backend for CpuBackend {
             weight.offset(),
             weight.len(),
             |copy: &mut PackedWeight, stale| {
-                let (forward, backward) = copy.both(pool, kernel, w, shape, stale);
+                let forward = copy.get(pool, kernel, w, shape, Orientation::Forward, stale);
                 let w = classifier::Weight {
                     values: w,
                     forward: Some(forward),
-                    backward: Some(backward),
+                    backward: None,
                 };
                 classifier::backward(isa, kernel, pool, di, dw, x, w, lse, targets, s, d, mode);
             },
