@@ -7,7 +7,7 @@
 //! ([`KEPT`]): keeping it too measured no faster (Zen 5: stories15m 181–194 against 180–184
 //! ms/step; Qwen3-0.6B 2.63–2.68 against 2.30–2.48 s, its repacking doubling the optimizer
 //! step) and cost 2 more bytes per parameter, which put Qwen3-0.6B's peak memory above
-//! PyTorch's (12.4 GiB against 11.9; 11.1 GiB without it).
+//! PyTorch's (12.1 GiB against 11.9; 11.1 GiB without it).
 //!
 //! A copy lives with the weight's memory ([`HostMemory::with_derived`]), so it is dropped with
 //! it, and any write to the weight's window (an upload, a copy, the EMA swap, QAT's
