@@ -771,9 +771,10 @@ impl Backend for CpuBackend {
         let p = slices!(write params, [grads, m, v]);
         let mm = slices!(write m, [grads, v]);
         let vv = slices!(write v, [grads]);
-        optim::adamw(self.isa, &self.pool, p, slices!(read grads), mm, vv, hp);
-        // The weight's packed copies, if products use it: written by the optimizer step.
-        weights::refresh(&self.pool, params.memory(), params.offset(), p);
+        let bufs = (p, slices!(read grads), mm, vv);
+        // A weight whose products keep a packed copy has it written by this step.
+        let (memory, offset) = (params.memory(), params.offset());
+        weights::adamw_step(self.isa, &self.pool, memory, offset, bufs, hp);
     }
 
     fn ema_update(&self, ema: V, params: V, decay: f32) {

@@ -9,6 +9,7 @@
 use kiln_core::backend::AdamWStep;
 use kiln_core::cpu::Isa;
 
+use crate::gemm::{Microkernel, Packed};
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
 
@@ -30,12 +31,7 @@ pub fn adamw(
         grads.len() == n && m.len() == n && v.len() == n,
         "adamw: lengths"
     );
-    let (lr, beta1, beta2, eps) = (hp.learning_rate, hp.beta1, hp.beta2, hp.eps);
-    let scale = hp.grad_scale;
-    let bias1 = 1.0 - beta1.powi(hp.step as i32);
-    let bias2_sqrt = (1.0 - beta2.powi(hp.step as i32)).sqrt();
-    let decay = 1.0 - lr * hp.weight_decay;
-    let (one_m_b1, one_m_b2, step_size) = (1.0 - beta1, 1.0 - beta2, lr / bias1);
+    let k = Adam::new(hp);
     let (p_ptr, m_ptr, v_ptr) = (SharedMut::new(params), SharedMut::new(m), SharedMut::new(v));
     pool.run(n.div_ceil(CHUNK), &|c| {
         let (start, len) = (c * CHUNK, CHUNK.min(n - c * CHUNK));
@@ -47,19 +43,46 @@ pub fn adamw(
                 v_ptr.slice(start, len),
             )
         };
-        let k = Adam {
-            beta1,
-            beta2,
-            one_m_b1,
-            one_m_b2,
-            eps,
-            scale,
-            decay,
-            step_size,
-            bias2_sqrt,
-        };
         adamw_span(isa, p, &grads[start..start + len], m, v, &k);
     });
+}
+
+/// [`adamw`] of a weight matrix `params (out, in)` fused with packing it as the forward
+/// product's operand into `packed` (for `kernel`): each group of the micro-kernel's NR rows
+/// is updated and packed by one task while it is in cache, instead of the whole matrix
+/// being read again to pack it.
+pub fn adamw_packing(
+    isa: Isa,
+    pool: &ThreadPool,
+    (params, grads, m, v): (&mut [f32], &[f32], &mut [f32], &mut [f32]),
+    hp: &AdamWStep,
+    (packed, kernel): (&mut Packed, Microkernel),
+    (out_dim, in_dim): (usize, usize),
+) {
+    let n = params.len();
+    assert!(
+        grads.len() == n && m.len() == n && v.len() == n,
+        "adamw: lengths"
+    );
+    assert_eq!(n, out_dim * in_dim, "adamw: shape");
+    let k = Adam::new(hp);
+    let (p_ptr, m_ptr, v_ptr) = (SharedMut::new(params), SharedMut::new(m), SharedMut::new(v));
+    let update = |row: usize, rows: usize| {
+        let (start, len) = (row * in_dim, rows * in_dim);
+        // SAFETY: these rows are this task's alone (one group per task).
+        let (p, m, v) = unsafe {
+            (
+                p_ptr.slice(start, len),
+                m_ptr.slice(start, len),
+                v_ptr.slice(start, len),
+            )
+        };
+        adamw_span(isa, p, &grads[start..start + len], m, v, &k);
+    };
+    // SAFETY: `params` is this call's unique borrow; `update` writes only the rows it gets.
+    unsafe {
+        packed.pack_rows_after(pool, kernel, p_ptr.get(), (out_dim, in_dim), &update);
+    }
 }
 
 /// The constants of one AdamW step, in the reference's terms.
@@ -73,6 +96,24 @@ struct Adam {
     decay: f32,
     step_size: f32,
     bias2_sqrt: f32,
+}
+
+impl Adam {
+    fn new(hp: &AdamWStep) -> Self {
+        let (lr, beta1, beta2) = (hp.learning_rate, hp.beta1, hp.beta2);
+        let bias1 = 1.0 - beta1.powi(hp.step as i32);
+        Adam {
+            beta1,
+            beta2,
+            one_m_b1: 1.0 - beta1,
+            one_m_b2: 1.0 - beta2,
+            eps: hp.eps,
+            scale: hp.grad_scale,
+            decay: 1.0 - lr * hp.weight_decay,
+            step_size: lr / bias1,
+            bias2_sqrt: (1.0 - beta2.powi(hp.step as i32)).sqrt(),
+        }
+    }
 }
 
 tiered!(

@@ -11,16 +11,19 @@
 //!
 //! A copy lives with the weight's memory ([`HostMemory::with_derived`]), so it is dropped with
 //! it, and any write to the weight's window (an upload, a copy, the EMA swap, QAT's
-//! re-quantization, Muon) marks it stale; the next product repacks it. AdamW repacks the
-//! copies right after its update ([`refresh`]), so the optimizer step itself writes them,
-//! as PyTorch's autocast cache and llm.c's bf16 master-weight copies do.
+//! re-quantization, Muon) marks it stale; the next product repacks it. AdamW packs each group
+//! of rows as soon as it has updated them, while they are in cache ([`adamw_step`]), so the
+//! optimizer step itself writes the copies, as llm.c's bf16 master-weight copies are
+//! written.
 //!
 //! Only the bf16 precision keeps copies: f32 copies would double the weights' memory for a
 //! packing pass that costs a few percent of a step.
 
-use kiln_core::backend::MatmulShape;
+use kiln_core::backend::{AdamWStep, MatmulShape};
+use kiln_core::cpu::Isa;
 
 use crate::gemm::{Mat, Microkernel, Packed};
+use crate::optim;
 use crate::pool::ThreadPool;
 use crate::HostMemory;
 
@@ -79,27 +82,32 @@ impl PackedWeight {
         slot.get_or_insert_with(|| pack(pool, kernel, w, out_dim, in_dim, orientation))
     }
 
-    /// Repacks the copies in use from `w`.
-    fn repack(&mut self, pool: &ThreadPool, w: &[f32]) {
-        let Some(kernel) = self.kernel else { return };
+    /// AdamW on the weight, repacking the forward copy group by group as it goes, and the
+    /// input gradient's copy (if kept) after; `false` (and the copies dropped, to be packed
+    /// again on next use) when there is no forward copy to fuse with.
+    fn adamw(
+        &mut self,
+        isa: Isa,
+        pool: &ThreadPool,
+        (p, g, m, v): (&mut [f32], &[f32], &mut [f32], &mut [f32]),
+        hp: &AdamWStep,
+    ) -> bool {
         let (out_dim, in_dim) = (self.out_dim, self.in_dim);
-        if w.len() != out_dim * in_dim {
+        let (Some(kernel), Some(forward)) = (self.kernel, self.forward.as_mut()) else {
             *self = PackedWeight::default();
-            return;
+            return false;
+        };
+        if p.len() != out_dim * in_dim {
+            *self = PackedWeight::default();
+            return false;
         }
-        if self.forward.is_some() {
-            self.forward = Some(pack(pool, kernel, w, out_dim, in_dim, Orientation::Forward));
-        }
+        let shape = (out_dim, in_dim);
+        optim::adamw_packing(isa, pool, (&mut *p, g, m, v), hp, (forward, kernel), shape);
         if self.backward.is_some() {
-            self.backward = Some(pack(
-                pool,
-                kernel,
-                w,
-                out_dim,
-                in_dim,
-                Orientation::Backward,
-            ));
+            let backward = pack(pool, kernel, p, out_dim, in_dim, Orientation::Backward);
+            self.backward = Some(backward);
         }
+        true
     }
 }
 
@@ -135,11 +143,21 @@ fn pack(
     packed
 }
 
-/// After the optimizer wrote `w`, the window `offset..offset + w.len()` of `memory`: repacks
-/// the copies of that window that products use (none are made for windows that never fed a
-/// product).
-pub fn refresh(pool: &ThreadPool, memory: &HostMemory, offset: usize, w: &[f32]) {
-    memory.update_derived(offset, w.len(), |copy: &mut PackedWeight| {
-        copy.repack(pool, w)
+/// One AdamW step of the weight at `offset..offset + len` of `memory` (`bufs`: its params,
+/// gradients and two moments): fused with repacking its copy ([`optim::adamw_packing`]) when
+/// products keep one, else the plain update.
+pub fn adamw_step(
+    isa: Isa,
+    pool: &ThreadPool,
+    memory: &HostMemory,
+    offset: usize,
+    (p, g, m, v): (&mut [f32], &[f32], &mut [f32], &mut [f32]),
+    hp: &AdamWStep,
+) {
+    let fused = memory.update_derived(offset, p.len(), |copy: &mut PackedWeight| {
+        copy.adamw(isa, pool, (&mut *p, g, &mut *m, &mut *v), hp)
     });
+    if fused != Some(true) {
+        optim::adamw(isa, pool, p, g, m, v, hp);
+    }
 }

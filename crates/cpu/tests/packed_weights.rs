@@ -141,9 +141,22 @@ fn packed_copies_follow_every_write() {
         step: 1,
         grad_scale: 1.0,
     };
+    // AdamW packs the copy as it updates (fused): the weights it writes must still be the
+    // reference's AdamW, bit for bit, and the copy must match them.
+    let host = |view: View<CpuBackend>| {
+        let mut values = vec![0.0; view.len()];
+        be.download(view, &mut values).unwrap();
+        values
+    };
+    let (mut want_p, mut want_m, mut want_v) = (host(weight), vec![0.0; n], vec![0.0; n]);
+    let g = host(View::whole(&grads));
     for step in 1..=2 {
         let (m, v) = (View::new(&moments, 0, n), View::new(&moments, n, n));
-        be.adamw_step(weight, View::whole(&grads), m, v, &AdamWStep { step, ..hp });
+        let hp = AdamWStep { step, ..hp };
+        be.adamw_step(weight, View::whole(&grads), m, v, &hp);
+        kiln_reference::adamw::adamw_step(&mut want_p, &g, &mut want_m, &mut want_v, &hp);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&host(weight)), bits(&want_p), "AdamW step {step}: params");
         check(&be, weight, &format!("after AdamW step {step}"));
     }
 }

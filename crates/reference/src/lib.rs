@@ -206,17 +206,21 @@ impl HostMemory {
     }
 
     /// Runs `f` on the data of type `T` derived from exactly the window `offset..offset +
-    /// len`, if there is any, and marks it current: `f` has brought it up to date (the CPU
-    /// backend's optimizer repacks the weights it has just written).
-    pub fn update_derived<T: Any + Send>(&self, offset: usize, len: usize, f: impl FnOnce(&mut T)) {
+    /// len`, if there is any (`None` if not), and marks it current: `f` has brought it up to
+    /// date (the CPU backend's optimizer repacks the weights it writes).
+    pub fn update_derived<T: Any + Send, R>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Option<R> {
         let mut derived = self.derived.borrow_mut();
-        let found = derived
+        let entry = derived
             .iter_mut()
-            .find(|d| d.offset == offset && d.len == len && d.data.is::<T>());
-        if let Some(entry) = found {
-            f(entry.data.downcast_mut::<T>().expect("matched by type"));
-            entry.stale = false;
-        }
+            .find(|d| d.offset == offset && d.len == len && d.data.is::<T>())?;
+        let result = f(entry.data.downcast_mut::<T>().expect("matched by type"));
+        entry.stale = false;
+        Some(result)
     }
 
     /// Marks the derived data of every window that overlaps `offset..offset + len` stale.

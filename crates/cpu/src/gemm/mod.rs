@@ -149,12 +149,76 @@ impl Packed {
         (self.lanes, self.k, self.kp) = (src.lanes, src.k, kp);
     }
 
+    /// Packs `w (n, k)`, row-major, as the right operand of `kernel` for products X·Wᵀ
+    /// (`B (k, j) = w[j, k]`), a group of NR rows per task; on each group's thread,
+    /// `update(first_row, rows)` runs just before the group is packed (the optimizer writes
+    /// those rows there, so they are packed while still in cache).
+    ///
+    /// # Safety
+    /// `w` points to `n · k` f32 that only `update` writes during the call, each call only
+    /// the rows it is given.
+    pub unsafe fn pack_rows_after(
+        &mut self,
+        pool: &ThreadPool,
+        kernel: Microkernel,
+        w: *const f32,
+        (n, k): (usize, usize),
+        update: &(dyn Fn(usize, usize) + Sync),
+    ) {
+        let kp = if kernel.is_bf16() {
+            k.next_multiple_of(2)
+        } else {
+            k
+        };
+        let (width, shape) = (kernel.nr(), (n, k, kp));
+        if kernel.is_bf16() {
+            pack_rows_after(pool, &mut self.bf16, w, shape, width, update, pack_bf16);
+        } else {
+            pack_rows_after(pool, &mut self.f32, w, shape, width, update, pack_f32);
+        }
+        (self.kernel, self.left) = (Some(kernel), false);
+        (self.lanes, self.k, self.kp) = (n, k, kp);
+    }
+
     fn data(&self) -> PackedRef<'_> {
         match self.kernel {
             Some(k) if k.is_bf16() => PackedRef::Bf16(&self.bf16),
             _ => PackedRef::F32(&self.f32),
         }
     }
+}
+
+/// See [`Packed::pack_rows_after`]: groups of `width` rows of `w (n, k)` into `buffer`.
+///
+/// # Safety
+/// As [`Packed::pack_rows_after`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_rows_after<T: Copy + Default + Send>(
+    pool: &ThreadPool,
+    buffer: &mut Vec<T>,
+    w: *const f32,
+    (n, k, kp): (usize, usize, usize),
+    width: usize,
+    update: &(dyn Fn(usize, usize) + Sync),
+    pack_group: fn(&mut [T], Source, usize, usize, usize),
+) {
+    let per_group = kp * width;
+    let groups = n.div_ceil(width);
+    let dst = SharedMut::new(grown(buffer, groups * per_group));
+    let w = SharedMut::from_raw(w as *mut f32);
+    pool.run(groups, &|g| {
+        let rows = width.min(n - g * width);
+        update(g * width, rows);
+        // SAFETY: `update` has finished with these rows and nothing writes them now; group g
+        // of the buffer is this task's alone.
+        let (src, out) = unsafe {
+            (
+                std::slice::from_raw_parts(w.get().add(g * width * k), rows * k),
+                dst.slice(g * per_group, per_group),
+            )
+        };
+        pack_group(out, Source::new(src, k, 1, rows, k), 0, width, kp);
+    });
 }
 
 /// `buffer` grown to at least `len` elements; its first `len` returned.
