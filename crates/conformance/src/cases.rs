@@ -640,6 +640,24 @@ fn matmul_cases(d: &Dims) -> Vec<Case> {
             ],
             Work::Flops(flops),
         ));
+        if name == "q_proj" {
+            // One row, as decoding runs it (a backend may skip packing for a few rows).
+            let one = MatmulShape { rows: 1, ..s };
+            all.push(
+                Case::new(
+                    format!("matmul {name} forward (1 row)"),
+                    Kernel::Matmul,
+                    Op::MatmulForward(one),
+                    vec![
+                        input("inp", in_dim),
+                        input("weight", out_dim * in_dim),
+                        output("out", out_dim),
+                    ],
+                    Work::Flops(2.0 * (in_dim * out_dim) as f64),
+                )
+                .variant(),
+            );
+        }
         for mode in [Overwrite, Add] {
             let case = Case::new(
                 format!("matmul {name} backward (dinp {mode:?})"),

@@ -54,6 +54,7 @@ pub mod attention;
 pub mod classifier;
 mod elementwise;
 pub mod gemm;
+pub mod gemv;
 pub mod muon;
 pub mod optim;
 pub mod pool;
@@ -247,6 +248,7 @@ impl CpuBackend {
         Microkernel::for_isa(self.isa, self.precision == Precision::Bf16)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm(
         &self,
         m: usize,
@@ -376,6 +378,12 @@ impl Backend for CpuBackend {
         assert_eq!(out.len(), s.rows * s.out_dim, "matmul_forward: out");
         let o = slices!(write out, [inp, weight]);
         let (x, w) = (slices!(read inp), slices!(read weight));
+        if s.rows <= gemv::MAX_ROWS && self.precision == Precision::F32 {
+            // A few rows (decoding): dot products on the weight in place, no packing. With
+            // bf16 matmuls the weight's packed copy is read instead, half the bytes.
+            let shape = (s.rows, s.in_dim, s.out_dim);
+            return gemv::forward(self.isa, &self.pool, o, x, w, shape);
+        }
         // out (rows, out) = inp (rows, in) · Wᵀ.
         let a = Mat {
             data: x,

@@ -156,7 +156,11 @@ fn packed_copies_follow_every_write() {
         be.adamw_step(weight, View::whole(&grads), m, v, &hp);
         kiln_reference::adamw::adamw_step(&mut want_p, &g, &mut want_m, &mut want_v, &hp);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&host(weight)), bits(&want_p), "AdamW step {step}: params");
+        assert_eq!(
+            bits(&host(weight)),
+            bits(&want_p),
+            "AdamW step {step}: params"
+        );
         check(&be, weight, &format!("after AdamW step {step}"));
     }
 }
