@@ -16,8 +16,11 @@
 //! to bf16 while packing and accumulate in f32; on the f32 tiers everything is f32. The AMX
 //! tier runs the AVX512-BF16 micro-kernel until its tile kernel lands.
 //!
-//! What it is not, yet: an AMX tile kernel, AdamW that writes bf16 weight copies in the
-//! micro-kernel's layout, a small-shape path without packing.
+//! With bf16 matmuls each weight keeps a bf16 copy packed for the forward product
+//! ([`weights`]), written by AdamW as it updates the weight. A few rows of an f32 forward
+//! product skip packing ([`gemv`]).
+//!
+//! What it is not, yet: an AMX tile kernel (the AMX tier runs the AVX512-BF16 kernel).
 
 /// Defines `fn $name(isa: Isa, args…)` whose body is compiled once per tier and picked at run
 /// time: element-wise SIMD written once. The body is an `#[inline(always)]` function called
