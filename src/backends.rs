@@ -125,7 +125,8 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
             let mut backend = CpuBackend::new().map_err(anyhow::Error::msg)?;
             if let Some(precision) = precision {
                 backend = CpuBackend::with(backend.isa(), precision, backend.threads())
-                    .map_err(anyhow::Error::msg)?;
+                    .map_err(anyhow::Error::msg)?
+                    .keeping(backend.logits());
             }
             Ok(Resolved::Cpu(backend))
         }

@@ -103,8 +103,9 @@ pub enum Role {
     /// Written by the call; starts from random values of this magnitude (so `+=` and `=`
     /// differ) and is compared with the reference.
     Output(f64),
-    /// The backend's own saved state for an attention backward: its length is the backend's
-    /// `attention_saved_len`; filled by the case's untimed preparation, never compared.
+    /// The backend's own saved state for an attention or classifier backward: its length is
+    /// the backend's (`attention_saved_len`, `classifier_saved_len`); filled by the case's
+    /// untimed preparation (or the forward itself), never compared.
     Saved,
     /// The forward output a preparation step writes, never compared.
     Scratch,
@@ -246,6 +247,10 @@ impl Case {
                 (Role::Saved, Op::AttentionForward(s) | Op::AttentionBackward(s)) => {
                     backend.attention_saved_len(s)
                 }
+                (
+                    Role::Saved,
+                    Op::ClassifierLossForward(s) | Op::ClassifierLossBackward(s, _, _),
+                ) => backend.classifier_saved_len(s),
                 _ => b.len,
             })
             .collect()
@@ -497,9 +502,16 @@ impl Case {
         out
     }
 
-    /// Untimed work before [`Case::run`]: an attention backward needs the backend's own
-    /// saved state, so its forward runs first.
+    /// Untimed work before [`Case::run`]: an attention or classifier backward needs the
+    /// backend's own saved state, so its forward runs first (the classifier's also rewrites
+    /// the log-sum-exps with the backend's own, which match the reference's within its
+    /// tolerance).
     pub fn prepare<B: Backend>(&self, backend: &B, views: &[View<B>]) {
+        if let Op::ClassifierLossBackward(s, _, _) = self.op {
+            // [dinp, dweight, inp, weight, logsumexp, saved, losses (scratch)]
+            let v = views;
+            backend.classifier_loss_forward(v[6], v[4], v[5], v[2], v[3], &self.ids, s);
+        }
         if let Op::AttentionBackward(s) = self.op {
             let inputs = Qkv {
                 q: views[0],
@@ -568,10 +580,19 @@ impl Case {
                 backend.cross_entropy_backward(v[0], v[1], v[2], &self.ids, vocab, dloss)
             }
             Op::ClassifierLossForward(s) => {
-                backend.classifier_loss_forward(v[2], v[3], v[0], v[1], &self.ids, s)
+                backend.classifier_loss_forward(v[2], v[3], v[4], v[0], v[1], &self.ids, s)
             }
-            Op::ClassifierLossBackward(s, dloss, mode) => backend
-                .classifier_loss_backward(v[0], v[1], v[2], v[3], v[4], &self.ids, s, dloss, mode),
+            Op::ClassifierLossBackward(s, dloss, mode) => backend.classifier_loss_backward(
+                v[0],
+                v[1],
+                v[2],
+                v[3],
+                (v[4], v[5]),
+                &self.ids,
+                s,
+                dloss,
+                mode,
+            ),
             Op::SumSquares => {
                 let sum = backend.sum_squares(v[0]);
                 backend.upload(v[1], &[sum as f32])?;
@@ -1045,6 +1066,7 @@ fn classifier_loss_cases(d: &Dims) -> Vec<Case> {
                 input("weight", v * c),
                 output("losses", n),
                 output("logsumexp", n),
+                buf("saved", 0, Role::Saved),
             ],
             Work::Flops(flops),
         )
@@ -1065,6 +1087,8 @@ fn classifier_loss_cases(d: &Dims) -> Vec<Case> {
                     x(),
                     input("weight", v * c),
                     input("logsumexp", n),
+                    buf("saved", 0, Role::Saved),
+                    buf("losses", n, Role::Scratch),
                 ],
                 Work::Flops(2.0 * flops),
             )

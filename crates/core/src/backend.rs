@@ -544,15 +544,21 @@ pub trait Backend: Send + Sync {
         dloss: f32,
     );
 
+    /// Values [`Backend::classifier_loss_forward`] saves for its backward (in `saved`): 0
+    /// when the backward recomputes the logits a chunk at a time, up to `rows · vocab` when
+    /// the backend keeps them (where recomputing costs more than holding them).
+    fn classifier_saved_len(&self, s: ClassifierShape) -> usize;
     /// The classifier and the cross-entropy in one (training's and evaluation's head, where
     /// only the losses are wanted): `losses (rows)` and the saved `logsumexp (rows)` of
     /// `softcap(inp · weightᵀ)`, as [`Backend::matmul_forward`], [`Backend::softcap_forward`]
-    /// and [`Backend::cross_entropy_forward`] would give, without the `(rows, vocab)` logits
-    /// (a backend may recompute them a vocabulary chunk at a time).
+    /// and [`Backend::cross_entropy_forward`] would give, never holding the logits beyond
+    /// what the backend chose to save (`saved`, of [`Backend::classifier_saved_len`]).
+    #[allow(clippy::too_many_arguments)]
     fn classifier_loss_forward(
         &self,
         losses: View<Self>,
         logsumexp: View<Self>,
+        saved: View<Self>,
         inp: View<Self>,
         weight: View<Self>,
         targets: &[u32],
@@ -560,8 +566,9 @@ pub trait Backend: Send + Sync {
     );
     /// The backward of [`Backend::classifier_loss_forward`] with each row's loss weighted by
     /// `dloss`: `dinp (rows, dim) =/+= dlogits · weight` and `dweight (vocab, dim) +=
-    /// dlogitsᵀ · inp`, where `dlogits` are the soft cap's and the cross-entropy's backward
-    /// (recomputed from `inp`, `weight` and the saved `logsumexp`).
+    /// dlogitsᵀ · inp`, where `dlogits` are the soft cap's and the cross-entropy's backward,
+    /// from the forward's `state`, its `(logsumexp, saved)` (logits recomputed from `inp` and
+    /// `weight` where it saved none).
     #[allow(clippy::too_many_arguments)]
     fn classifier_loss_backward(
         &self,
@@ -569,7 +576,7 @@ pub trait Backend: Send + Sync {
         dweight: View<Self>,
         inp: View<Self>,
         weight: View<Self>,
-        logsumexp: View<Self>,
+        state: (View<Self>, View<Self>),
         targets: &[u32],
         s: ClassifierShape,
         dloss: f32,

@@ -447,6 +447,9 @@ pub struct ActivationLayout {
     pub logits: Region,     // (N, V)
     pub losses: Region,     // (N)
     pub logsumexp: Region,  // (N)
+    /// What the fused head's forward keeps for its backward (backend-defined,
+    /// `classifier_saved_len`; empty with [`Head::Logits`]).
+    pub classifier_saved: Region,
     pub grads: LayerGradients,
     total: usize,
 }
@@ -457,7 +460,7 @@ impl ActivationLayout {
         batch: usize,
         seq: usize,
         attention_saved_len: usize,
-        head: Head,
+        (head, classifier_saved_len): (Head, usize),
     ) -> Self {
         let n = batch * seq;
         let (c, f) = (config.dim, config.hidden_dim);
@@ -494,6 +497,10 @@ impl ActivationLayout {
         };
         let losses = cur.take(n);
         let logsumexp = cur.take(n);
+        let classifier_saved = cur.take(match head {
+            Head::Logits => 0,
+            Head::Loss => classifier_saved_len,
+        });
         // down_proj's output without branch scales: `xn_final` is free until the end.
         let layers = layers
             .into_iter()
@@ -581,6 +588,7 @@ impl ActivationLayout {
             logits,
             losses,
             logsumexp,
+            classifier_saved,
             grads,
             total: cur.next,
         }

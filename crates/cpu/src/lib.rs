@@ -106,11 +106,36 @@ impl Precision {
     }
 }
 
+/// What the fused classifier keeps between its forward and backward (`KILN_LOGITS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// The softmax's input, `(rows, vocab)` f32: the backward reads it instead of
+    /// recomputing it (the default: a third fewer of the head's FLOPs for 4 bytes per logit;
+    /// measured in `classifier.rs`).
+    Keep,
+    /// Nothing: the backward recomputes each vocabulary chunk's logits, and no more than a
+    /// chunk of logits per thread is ever held (for runs where `rows × vocab` floats do not
+    /// fit).
+    Recompute,
+}
+
+impl Logits {
+    /// `KILN_LOGITS=keep|recompute`, or keep.
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("KILN_LOGITS").ok().as_deref() {
+            None | Some("keep") => Ok(Logits::Keep),
+            Some("recompute") => Ok(Logits::Recompute),
+            Some(other) => Err(format!("KILN_LOGITS={other}: expected keep or recompute")),
+        }
+    }
+}
+
 /// The fast CPU backend (see the module docs).
 #[derive(Clone)]
 pub struct CpuBackend {
     isa: Isa,
     precision: Precision,
+    logits: Logits,
     pool: Arc<ThreadPool>,
     /// The GEMMs' packing buffers, reused from call to call.
     scratch: Arc<Mutex<gemm::Scratch>>,
@@ -149,7 +174,8 @@ impl CpuBackend {
     pub fn new() -> Result<Self, String> {
         let isa = cpu::selected_isa()?
             .ok_or("this CPU has no AVX2+FMA, the lowest tier of the fast CPU backend")?;
-        Self::with(isa, Precision::default_for(isa), default_threads())
+        let backend = Self::with(isa, Precision::default_for(isa), default_threads())?;
+        Ok(backend.keeping(Logits::from_env()?))
     }
 
     /// The backend at an explicit tier and precision (the tests run every tier this way).
@@ -165,10 +191,21 @@ impl CpuBackend {
         Ok(CpuBackend {
             isa,
             precision,
+            logits: Logits::Keep,
             pool: Arc::new(ThreadPool::new(threads)),
             scratch: Arc::default(),
             rope_tables: Arc::default(),
         })
+    }
+
+    /// This backend with the fused classifier's `logits` policy.
+    pub fn keeping(mut self, logits: Logits) -> Self {
+        self.logits = logits;
+        self
+    }
+
+    pub fn logits(&self) -> Logits {
+        self.logits
     }
 
     pub fn isa(&self) -> Isa {
@@ -301,8 +338,12 @@ impl Backend for CpuBackend {
             Precision::Bf16 => "bf16 matmuls",
             Precision::F32 => "f32",
         };
+        let logits = match self.logits {
+            Logits::Keep => "",
+            Logits::Recompute => ", logits recomputed",
+        };
         format!(
-            "cpu ({}, {precision}, {} threads)",
+            "cpu ({}, {precision}, {} threads{logits})",
             self.isa,
             self.threads()
         )
@@ -684,29 +725,42 @@ impl Backend for CpuBackend {
         });
     }
 
+    fn classifier_saved_len(&self, s: ClassifierShape) -> usize {
+        match self.logits {
+            Logits::Keep => s.rows * s.vocab,
+            Logits::Recompute => 0,
+        }
+    }
+
     fn classifier_loss_forward(
         &self,
         losses: V,
         logsumexp: V,
+        saved: V,
         inp: V,
         weight: V,
         targets: &[u32],
         s: ClassifierShape,
     ) {
-        assert_eq!(losses.len(), s.rows, "classifier_loss_forward: losses");
-        assert_eq!(
-            logsumexp.len(),
-            s.rows,
-            "classifier_loss_forward: logsumexp"
+        let n = s.rows;
+        assert!(
+            losses.len() == n && logsumexp.len() == n,
+            "classifier: losses"
         );
-        let l = slices!(write losses, [logsumexp, inp, weight]);
-        let lse = slices!(write logsumexp, [inp, weight]);
+        assert_eq!(
+            saved.len(),
+            self.classifier_saved_len(s),
+            "classifier: saved"
+        );
+        let l = slices!(write losses, [logsumexp, saved, inp, weight]);
+        let lse = slices!(write logsumexp, [saved, inp, weight]);
+        let sv = (!saved.is_empty()).then(|| slices!(write saved, [inp, weight]));
         let (x, w) = (slices!(read inp), slices!(read weight));
         let kernel = self.kernel();
         let (isa, pool) = (self.isa, &*self.pool);
         if !kernel.is_bf16() {
             let w = classifier::Weight::unpacked(w);
-            return classifier::forward(isa, kernel, pool, l, lse, x, w, targets, s);
+            return classifier::forward(isa, kernel, pool, l, (lse, sv), x, w, targets, s);
         }
         // With bf16 matmuls, the chunks are windows of the weight's packed copy.
         let shape = classifier_matrix(s);
@@ -721,7 +775,7 @@ impl Backend for CpuBackend {
                     forward: Some(forward),
                     backward: None,
                 };
-                classifier::forward(isa, kernel, pool, l, lse, x, w, targets, s);
+                classifier::forward(isa, kernel, pool, l, (lse, sv), x, w, targets, s);
             },
         );
     }
@@ -732,30 +786,31 @@ impl Backend for CpuBackend {
         dweight: V,
         inp: V,
         weight: V,
-        logsumexp: V,
+        (logsumexp, saved): (V, V),
         targets: &[u32],
         s: ClassifierShape,
         dloss: f32,
         dinp_mode: Accumulate,
     ) {
+        assert_eq!(logsumexp.len(), s.rows, "classifier: logsumexp");
         assert_eq!(
-            logsumexp.len(),
-            s.rows,
-            "classifier_loss_backward: logsumexp"
+            saved.len(),
+            self.classifier_saved_len(s),
+            "classifier: saved"
         );
-        let di = slices!(write dinp, [dweight, inp, weight, logsumexp]);
-        let dw = slices!(write dweight, [inp, weight, logsumexp]);
-        let (x, w, lse) = (
-            slices!(read inp),
-            slices!(read weight),
-            slices!(read logsumexp),
-        );
+        let di = slices!(write dinp, [dweight, inp, weight, logsumexp, saved]);
+        let dw = slices!(write dweight, [inp, weight, logsumexp, saved]);
+        let (x, w) = (slices!(read inp), slices!(read weight));
+        let lse = slices!(read logsumexp);
+        let state = (lse, (!saved.is_empty()).then(|| slices!(read saved)));
         let kernel = self.kernel();
         let (isa, pool) = (self.isa, &*self.pool);
         let (d, mode) = (dloss, dinp_mode);
         if !kernel.is_bf16() {
             let w = classifier::Weight::unpacked(w);
-            return classifier::backward(isa, kernel, pool, di, dw, x, w, lse, targets, s, d, mode);
+            return classifier::backward(
+                isa, kernel, pool, di, dw, x, w, state, targets, s, d, mode,
+            );
         }
         let shape = classifier_matrix(s);
         let memory = weight.memory();
@@ -769,7 +824,7 @@ impl Backend for CpuBackend {
                     forward: Some(forward),
                     backward: None,
                 };
-                classifier::backward(isa, kernel, pool, di, dw, x, w, lse, targets, s, d, mode);
+                classifier::backward(isa, kernel, pool, di, dw, x, w, state, targets, s, d, mode);
             },
         );
     }

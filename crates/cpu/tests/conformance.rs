@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use kiln_conformance::ModelTolerance;
 use kiln_core::cpu::{self, Isa};
-use kiln_cpu::{CpuBackend, Precision};
+use kiln_cpu::{CpuBackend, Logits, Precision};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -35,8 +35,9 @@ fn backends() -> Vec<CpuBackend> {
         }
         for precision in [Precision::F32, Precision::Bf16] {
             if let Ok(backend) = CpuBackend::with(isa, precision, 2) {
-                println!("tier {isa}, {precision:?}: running");
-                out.push(backend);
+                println!("tier {isa}, {precision:?}: running, logits kept and recomputed");
+                out.push(backend.clone().keeping(Logits::Recompute));
+                out.push(backend.keeping(Logits::Keep));
             }
         }
     }

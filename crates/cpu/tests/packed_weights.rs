@@ -70,9 +70,12 @@ fn products(be: &CpuBackend, weight: View<CpuBackend>) -> Vec<Vec<f32>> {
     let losses = be.alloc(S.rows, DType::F32).unwrap();
     let lse = be.alloc(S.rows, DType::F32).unwrap();
     let (l_v, lse_v) = (View::whole(&losses), View::whole(&lse));
-    be.classifier_loss_forward(l_v, lse_v, x_v, weight, &targets, c);
+    let saved = be.alloc(be.classifier_saved_len(c), DType::F32).unwrap();
+    let saved_v = View::whole(&saved);
+    be.classifier_loss_forward(l_v, lse_v, saved_v, x_v, weight, &targets, c);
     let mode = Accumulate::Overwrite;
-    be.classifier_loss_backward(dx_v, dw_v, x_v, weight, lse_v, &targets, c, 0.1, mode);
+    let state = (lse_v, saved_v);
+    be.classifier_loss_backward(dx_v, dw_v, x_v, weight, state, &targets, c, 0.1, mode);
     vec![download(&out), matmul_dx, download(&losses), download(&dx)]
 }
 

@@ -677,10 +677,16 @@ impl Backend for ReferenceBackend {
         xent::cross_entropy_backward(d, logits, logsumexp, targets, vocab, dloss);
     }
 
+    fn classifier_saved_len(&self, _s: ClassifierShape) -> usize {
+        // The composition recomputes a block of logits at a time.
+        0
+    }
+
     fn classifier_loss_forward(
         &self,
         losses: V,
         logsumexp: V,
+        _saved: V,
         inp: V,
         weight: V,
         targets: &[u32],
@@ -698,7 +704,7 @@ impl Backend for ReferenceBackend {
         dweight: V,
         inp: V,
         weight: V,
-        logsumexp: V,
+        (logsumexp, _saved): (V, V),
         targets: &[u32],
         s: ClassifierShape,
         dloss: f32,

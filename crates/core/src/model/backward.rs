@@ -7,8 +7,7 @@
 
 use super::{bigram_ids, mlp_slope, view, Activations, Model};
 use crate::backend::{
-    Accumulate, AttentionShape, Backend, ClassifierShape, MatmulShape, NormShape, Qkv, RopeShape,
-    ScaleShape, View,
+    Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape, View,
 };
 use crate::config::Mlp;
 use crate::layout::{skip_source, Head, LayerActivations, LayerParams, Region};
@@ -161,15 +160,20 @@ impl<B: Backend> Model<B> {
             view::<B>(self.weights(), classifier),
         );
         if al.head == Head::Loss {
-            let shape = ClassifierShape {
-                rows: n,
-                dim: c,
-                vocab,
-                softcap: cfg.arch.logit_softcap.map(|cap| cap as f32),
-            };
-            let (xn, lse) = (a(al.xn_final), a(al.logsumexp));
+            let shape = self.classifier_shape(n);
+            let (xn, state) = (a(al.xn_final), (a(al.logsumexp), a(al.classifier_saved)));
             let dloss = loss_weight / n as f32;
-            be.classifier_loss_backward(a(d.xn), dw, xn, w, lse, targets, shape, dloss, Overwrite);
+            be.classifier_loss_backward(
+                a(d.xn),
+                dw,
+                xn,
+                w,
+                state,
+                targets,
+                shape,
+                dloss,
+                Overwrite,
+            );
         } else {
             be.cross_entropy_backward(
                 a(d.logits),

@@ -3,8 +3,8 @@
 
 use super::{bigram_ids, download, mlp_slope, view, Activations, CacheSlot, Model};
 use crate::backend::{
-    Accumulate, AttentionShape, Backend, ClassifierShape, DecodeShape, MatmulShape, NormShape, Qkv,
-    RopeShape, ScaleShape, View,
+    Accumulate, AttentionShape, Backend, DecodeShape, MatmulShape, NormShape, Qkv, RopeShape,
+    ScaleShape, View,
 };
 use crate::config::Mlp;
 use crate::layout::{skip_source, Head, LayerActivations, LayerParams, Region};
@@ -82,14 +82,10 @@ impl<B: Backend> Model<B> {
                 crate::fail!(Shape, "forward: a loss-only arena needs targets");
             };
             self.check_targets(targets, n, b, t)?;
-            let shape = ClassifierShape {
-                rows: n,
-                dim: c,
-                vocab,
-                softcap: arch.logit_softcap.map(|cap| cap as f32),
-            };
+            let shape = self.classifier_shape(n);
             let (losses, lse, xn) = (a(al.losses), a(al.logsumexp), a(al.xn_final));
-            be.classifier_loss_forward(losses, lse, xn, classifier, targets, shape);
+            let saved = a(al.classifier_saved);
+            be.classifier_loss_forward(losses, lse, saved, xn, classifier, targets, shape);
         } else {
             let shape = MatmulShape {
                 rows: n,

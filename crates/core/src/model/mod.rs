@@ -270,9 +270,22 @@ impl<B: Backend> Model<B> {
                 kv_heads: self.config.n_kv_heads,
                 head_dim: self.config.head_dim,
             });
-        let layout = ActivationLayout::new(&self.config, batch, seq, saved, head);
+        let classifier = self
+            .backend
+            .classifier_saved_len(self.classifier_shape(batch * seq));
+        let layout = ActivationLayout::new(&self.config, batch, seq, saved, (head, classifier));
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
         Ok(Activations { layout, memory })
+    }
+
+    /// The fused head's shape for `rows` positions.
+    pub(super) fn classifier_shape(&self, rows: usize) -> crate::backend::ClassifierShape {
+        crate::backend::ClassifierShape {
+            rows,
+            dim: self.config.dim,
+            vocab: self.config.vocab_size,
+            softcap: self.config.arch.logit_softcap.map(|cap| cap as f32),
+        }
     }
 
     /// An empty KV cache for up to `capacity` positions (at most `max_seq_len`).
@@ -292,7 +305,7 @@ impl<B: Backend> Model<B> {
                 len: row,
             })
             .collect();
-        let layout = ActivationLayout::new(&self.config, 1, 1, 0, Head::Logits);
+        let layout = ActivationLayout::new(&self.config, 1, 1, 0, (Head::Logits, 0));
         let acts = Activations {
             memory: self.backend.alloc(layout.total_len(), DType::F32)?,
             layout,
