@@ -8,10 +8,12 @@
 //! random values, so a backend that overwrites instead fails.
 
 use kiln_core::backend::{
-    Accumulate, AdamWStep, AttentionShape, Backend, ClassifierShape, DecodeShape, Kernel,
-    MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint, View,
+    Accumulate, AdamWStep, AttentionShape, Backend, ClassifierShape, DecodeShape, FakeQuant,
+    Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape, ShapeHint,
+    View,
 };
 use kiln_core::config::ModelConfig;
+use kiln_core::quant::{self, Scheme};
 use kiln_reference::{
     activation, adamw, attention, classifier, embed, matmul, muon, rmsnorm, rope, scale, swiglu,
     xent,
@@ -145,6 +147,7 @@ pub enum Op {
     Accumulate,
     CrossEntropyForward { vocab: usize },
     CrossEntropyBackward { vocab: usize, dloss: f32 },
+    FakeQuant(FakeQuant),
     ClassifierLossForward(ClassifierShape),
     ClassifierLossBackward(ClassifierShape, f32, Accumulate),
     SumSquares,
@@ -482,6 +485,22 @@ impl Case {
                 );
                 (out[0], out[1]) = (Some(di), Some(dw));
             }
+            Op::FakeQuant(q) => {
+                // The export's path: quantize to codes and scales, then dequantize.
+                let (scheme, cols) = match q {
+                    FakeQuant::Ternary { .. } => (Scheme::Ternary, inputs[0].len()),
+                    FakeQuant::Int {
+                        bits,
+                        percentile,
+                        cols,
+                    } => (Scheme::Int { bits, percentile }, cols),
+                    FakeQuant::F16 => (Scheme::F16, inputs[0].len()),
+                };
+                let values: Vec<f32> = inputs[0].iter().map(|&v| v as f32).collect();
+                let rows = values.len() / cols;
+                let q = quant::quantize(scheme, &values, rows, cols).expect("a valid scheme");
+                out[1] = Some(q.dequantize().into_iter().map(f64::from).collect());
+            }
             Op::SumSquares => out[1] = Some(vec![adamw::sum_squares(&inputs[0])]),
             Op::AdamW(hp) => {
                 let (mut p, mut m, mut v) = (take(0), take(2), take(3));
@@ -593,6 +612,7 @@ impl Case {
                 dloss,
                 mode,
             ),
+            Op::FakeQuant(q) => backend.fake_quantize(v[1], v[0], q),
             Op::SumSquares => {
                 let sum = backend.sum_squares(v[0]);
                 backend.upload(v[1], &[sum as f32])?;
@@ -628,6 +648,7 @@ pub fn cases(d: &Dims) -> Vec<Case> {
     all.extend(scale_cases(d));
     all.extend(cross_entropy_cases(d));
     all.extend(classifier_loss_cases(d));
+    all.extend(fake_quant_cases(d));
     all.extend(optimizer_cases(d));
     all
 }
@@ -1101,6 +1122,52 @@ fn classifier_loss_cases(d: &Dims) -> Vec<Case> {
         }
     }
     all
+}
+
+/// Quantization's round trip on a block matrix (hidden × dim): ternary in groups of 128
+/// (ragged last group), int8 and int6 per row with a clip percentile, f16.
+fn fake_quant_cases(d: &Dims) -> Vec<Case> {
+    let (rows, cols) = (d.hidden, d.dim);
+    let n = rows * cols;
+    let schemes = [
+        ("ternary", FakeQuant::Ternary { group: 128 }, true),
+        (
+            "int8",
+            FakeQuant::Int {
+                bits: 8,
+                percentile: 99.99,
+                cols,
+            },
+            true,
+        ),
+        (
+            "int6",
+            FakeQuant::Int {
+                bits: 6,
+                percentile: 90.0,
+                cols,
+            },
+            false,
+        ),
+        ("f16", FakeQuant::F16, false),
+    ];
+    schemes
+        .into_iter()
+        .map(|(name, q, bench)| {
+            let case = Case::new(
+                format!("fake quantize {name} ({rows}×{cols})"),
+                Kernel::FakeQuant,
+                Op::FakeQuant(q),
+                vec![input("src", n), output("dst", n)],
+                Work::Bytes((8 * n) as f64),
+            );
+            if bench {
+                case
+            } else {
+                case.variant()
+            }
+        })
+        .collect()
 }
 
 fn optimizer_cases(d: &Dims) -> Vec<Case> {

@@ -81,7 +81,7 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 }
 
 /// Every kernel family.
-pub const KERNELS: [Kernel; 17] = [
+pub const KERNELS: [Kernel; 18] = [
     Kernel::Memory,
     Kernel::Matmul,
     Kernel::Embedding,
@@ -95,6 +95,7 @@ pub const KERNELS: [Kernel; 17] = [
     Kernel::Residual,
     Kernel::CrossEntropy,
     Kernel::ClassifierLoss,
+    Kernel::FakeQuant,
     Kernel::SumSquares,
     Kernel::AdamW,
     Kernel::Ema,

@@ -52,6 +52,8 @@ pub enum Kernel {
     CrossEntropy,
     /// The classifier fused with the softmax cross-entropy.
     ClassifierLoss,
+    /// Quantization's round trip (QAT).
+    FakeQuant,
     SumSquares,
     AdamW,
     Ema,
@@ -111,6 +113,25 @@ pub struct MatmulShape {
     pub rows: usize,
     pub in_dim: usize,
     pub out_dim: usize,
+}
+
+/// A quantizer's round trip, quantize then dequantize, for [`Backend::fake_quantize`] (the
+/// `quant` module's schemes; its `round_trip` is the arithmetic, identical to quantizing for
+/// export and loading the export back).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FakeQuant {
+    /// Groups of `group` values (in flat order) scaled by their absolute mean, rounded to
+    /// −1, 0, 1; the scale is stored as f16.
+    Ternary { group: usize },
+    /// Rows of `cols` values scaled by the `percentile` (0–100, nearest rank) of their
+    /// absolute values over 2^(bits−1) − 1, rounded and clamped to that; f16 scales.
+    Int {
+        bits: u32,
+        percentile: f32,
+        cols: usize,
+    },
+    /// Each value rounded to f16.
+    F16,
 }
 
 /// The classifier fused with the softmax cross-entropy: `logits = softcap(inp (rows, dim) ·
@@ -582,6 +603,12 @@ pub trait Backend: Send + Sync {
         dloss: f32,
         dinp_mode: Accumulate,
     );
+
+    // ---- quantization ------------------------------------------------------------------
+
+    /// `dst = dequantize(quantize(src))` under `q` (quantization-aware training's weights;
+    /// same length, no overlap).
+    fn fake_quantize(&self, dst: View<Self>, src: View<Self>, q: FakeQuant);
 
     // ---- optimizer ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@
 use half::f16;
 use serde::{Deserialize, Serialize};
 
+use crate::backend::FakeQuant;
 use crate::bytes::{le_floats, le_values, FloatWidth};
 use crate::layout::{ParamKind, ParamLayout, ParamSpec};
 use crate::Result;
@@ -137,14 +138,7 @@ pub fn quantize(scheme: Scheme, values: &[f32], rows: usize, cols: usize) -> Res
             }
         }
         Scheme::Int { bits, percentile } => {
-            ensure!(
-                bits == 6 || bits == 8,
-                "int quantization supports 6 or 8 bits, not {bits}"
-            );
-            ensure!(
-                (0.0..=100.0).contains(&percentile) && percentile > 0.0,
-                "the clip percentile must be in (0, 100]"
-            );
+            scheme.check()?;
             let m = qmax(bits) as f32;
             for row in values.chunks(cols) {
                 let clip = abs_percentile(row, percentile);
@@ -332,6 +326,84 @@ pub fn quant_shape(spec: &ParamSpec) -> (usize, usize) {
     match spec.shape.as_slice() {
         [r, c] => (*r, *c),
         _ => (1, spec.region.len),
+    }
+}
+
+impl Scheme {
+    /// Whether kiln can quantize with this scheme (6 or 8 bits, a percentile in (0, 100]).
+    pub fn check(self) -> Result<()> {
+        if let Scheme::Int { bits, percentile } = self {
+            ensure!(
+                bits == 6 || bits == 8,
+                "int quantization supports 6 or 8 bits, not {bits}"
+            );
+            ensure!(
+                (0.0..=100.0).contains(&percentile) && percentile > 0.0,
+                "the clip percentile must be in (0, 100]"
+            );
+        }
+        Ok(())
+    }
+
+    /// The round trip of this scheme on a `(rows, cols)` tensor, for
+    /// [`crate::backend::Backend::fake_quantize`]; `None` for f32 (the values as they are).
+    pub fn fake(self, cols: usize) -> Option<FakeQuant> {
+        match self {
+            Scheme::Ternary => Some(FakeQuant::Ternary {
+                group: TERNARY_GROUP,
+            }),
+            Scheme::Int { bits, percentile } => Some(FakeQuant::Int {
+                bits,
+                percentile,
+                cols,
+            }),
+            Scheme::F16 => Some(FakeQuant::F16),
+            Scheme::F32 => None,
+        }
+    }
+}
+
+/// `dst = dequantize(quantize(src))` under `q`, without the codes: the same arithmetic as
+/// [`quantize`] then [`Quantized::dequantize`], value for value (`src` holds whole groups
+/// or rows). Backends run it on blocks of groups or rows.
+pub fn round_trip(q: FakeQuant, src: &[f32], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "round trip: lengths");
+    let rounded = |w: f32, s: f32, m: f32| {
+        if s > 0.0 {
+            // Through the i8 code, as the export stores it (so −0 comes back as +0).
+            ((w / s).round().clamp(-m, m) as i8) as f32 * s
+        } else {
+            0.0
+        }
+    };
+    match q {
+        FakeQuant::Ternary { group } => {
+            for (g, d) in src.chunks(group).zip(dst.chunks_mut(group)) {
+                let absmean = g.iter().map(|x| x.abs()).sum::<f32>() / g.len() as f32;
+                let s = f16::from_f32(absmean).to_f32();
+                d.iter_mut()
+                    .zip(g)
+                    .for_each(|(d, &w)| *d = rounded(w, s, 1.0));
+            }
+        }
+        FakeQuant::Int {
+            bits,
+            percentile,
+            cols,
+        } => {
+            let m = qmax(bits) as f32;
+            for (r, d) in src.chunks(cols).zip(dst.chunks_mut(cols)) {
+                let s = f16::from_f32(abs_percentile(r, percentile) / m).to_f32();
+                d.iter_mut()
+                    .zip(r)
+                    .for_each(|(d, &w)| *d = rounded(w, s, m));
+            }
+        }
+        FakeQuant::F16 => {
+            for (d, &w) in dst.iter_mut().zip(src) {
+                *d = f16::from_f32(w).to_f32();
+            }
+        }
     }
 }
 

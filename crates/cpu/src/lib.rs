@@ -74,8 +74,8 @@ use std::sync::{Arc, Mutex};
 
 use kiln_core::backend::{
     Accumulate, AdamWStep, AttentionShape, Backend, BackendError, ClassifierShape, DType,
-    DecodeShape, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape, ScaleShape,
-    ShapeHint, Tolerance, View,
+    DecodeShape, FakeQuant, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape,
+    ScaleShape, ShapeHint, Tolerance, View,
 };
 use kiln_core::cpu::{self, Isa};
 pub use kiln_reference::HostMemory;
@@ -827,6 +827,12 @@ impl Backend for CpuBackend {
                 classifier::backward(isa, kernel, pool, di, dw, x, w, state, targets, s, d, mode);
             },
         );
+    }
+
+    fn fake_quantize(&self, dst: V, src: V, q: FakeQuant) {
+        assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
+        let d = slices!(write dst, [src]);
+        optim::fake_quantize(&self.pool, d, slices!(read src), q);
     }
 
     fn sum_squares(&self, x: V) -> f64 {

@@ -6,7 +6,7 @@
 //! fixed chunks summed in order (the norm feeds clipping, and resume must be bit-exact), with
 //! each chunk summed in f64 lanes.
 
-use kiln_core::backend::AdamWStep;
+use kiln_core::backend::{AdamWStep, FakeQuant};
 use kiln_core::cpu::Isa;
 
 use crate::gemm::{Microkernel, Packed};
@@ -150,6 +150,29 @@ tiered!(
         }
     }
 );
+
+/// `dst = dequantize(quantize(src))` (quantization-aware training's weights): `kiln_core`'s
+/// `quant::round_trip` on blocks of whole groups (ternary) or rows (int) over the pool, so
+/// every value is the one the export's quantizer gives.
+pub fn fake_quantize(pool: &ThreadPool, dst: &mut [f32], src: &[f32], q: FakeQuant) {
+    assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
+    // Values per unit that must stay whole, and units per task (about 16K values).
+    let unit = match q {
+        FakeQuant::Ternary { group } => group,
+        FakeQuant::Int { cols, .. } => cols,
+        FakeQuant::F16 => 1,
+    }
+    .max(1);
+    let span = unit * (CHUNK / 2 / unit).max(1);
+    let n = src.len();
+    let out = SharedMut::new(dst);
+    pool.run(n.div_ceil(span), &|t| {
+        let (start, len) = (t * span, span.min(n - t * span));
+        // SAFETY: span t of `dst` is this task's alone.
+        let d = unsafe { out.slice(start, len) };
+        kiln_core::quant::round_trip(q, &src[start..start + len], d);
+    });
+}
 
 /// The reference's chunk of the sum of squares.
 const SUM_CHUNK: usize = 1 << 14;

@@ -33,8 +33,8 @@ use num_traits::{Float, FromPrimitive, NumAssign};
 
 use kiln_core::backend::{
     Accumulate, AdamWStep, AttentionShape, Backend, BackendError, ClassifierShape, DType,
-    DecodeShape, DeviceMemory, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv,
-    RopeShape, ScaleShape, ShapeHint, Tolerance, View,
+    DecodeShape, DeviceMemory, FakeQuant, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape,
+    Qkv, RopeShape, ScaleShape, ShapeHint, Tolerance, View,
 };
 
 /// The float types the reference kernels run in: f32 for training, f64 for gradient checks.
@@ -717,6 +717,12 @@ impl Backend for ReferenceBackend {
         classifier::classifier_loss_backward(
             di, dw, x, w, lse, targets, dim, vocab, cap, dloss, dinp_mode,
         );
+    }
+
+    fn fake_quantize(&self, dst: V, src: V, q: FakeQuant) {
+        assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
+        let d = self.write(dst, &[src]);
+        kiln_core::quant::round_trip(q, self.read(src), d);
     }
 
     fn sum_squares(&self, x: V) -> f64 {

@@ -166,9 +166,20 @@ impl<B: Backend> Model<B> {
         let Some((rule, shadow)) = &self.qat else {
             return Ok(());
         };
-        let mut host = self.download_params()?;
-        crate::quant::fake_quantize(&self.layout, rule, &mut host)?;
-        self.backend.upload(View::whole(shadow), &host)?;
+        // On the backend, tensor by tensor: the parameters never leave it.
+        for spec in &self.layout.specs {
+            let scheme = rule.scheme_for(spec.kind, spec.region.len);
+            scheme.check()?;
+            let (src, dst) = (
+                view::<B>(&self.params, spec.region),
+                view::<B>(shadow, spec.region),
+            );
+            let (_, cols) = crate::quant::quant_shape(spec);
+            match scheme.fake(cols) {
+                Some(q) => self.backend.fake_quantize(dst, src, q),
+                None => self.backend.copy(dst, src),
+            }
+        }
         Ok(())
     }
 
