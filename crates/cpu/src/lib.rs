@@ -269,9 +269,25 @@ impl CpuBackend {
             return self.gemm(m, n, k, a, b, c, accumulate);
         }
         assert!(c.len() >= m * n, "gemm: C too short");
+        let memory = weight.memory();
+        if m <= gemm::FEW_ROWS && a.cs == 1 {
+            // A few rows (decoding): read in place against the packed copy.
+            let rows = (a.data, a.rs, m);
+            memory.with_derived(
+                weight.offset(),
+                weight.len(),
+                |copy: &mut PackedWeight, stale| {
+                    let b = copy.get(&self.pool, kernel, w, s, orientation, stale);
+                    // SAFETY: C is a unique borrow of at least m × n values (checked).
+                    unsafe {
+                        gemm::multiply_rows(&self.pool, rows, b, c.as_mut_ptr(), n, accumulate)
+                    }
+                },
+            );
+            return;
+        }
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         scratch.a.pack_a(&self.pool, kernel, a, m, k);
-        let memory = weight.memory();
         memory.with_derived(
             weight.offset(),
             weight.len(),
@@ -424,7 +440,8 @@ impl Backend for CpuBackend {
         let (x, w) = (slices!(read inp), slices!(read weight));
         if s.rows <= gemv::MAX_ROWS && self.precision == Precision::F32 {
             // A few rows (decoding): dot products on the weight in place, no packing. With
-            // bf16 matmuls the weight's packed copy is read instead, half the bytes.
+            // bf16 matmuls the weight's packed copy is read instead, half the bytes
+            // (`gemm::multiply_rows`).
             let shape = (s.rows, s.in_dim, s.out_dim);
             return gemv::forward(self.isa, &self.pool, o, x, w, shape);
         }

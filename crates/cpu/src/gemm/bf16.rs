@@ -203,3 +203,75 @@ pub unsafe fn pack_lanes_contiguous(
     }
     full + half
 }
+
+/// `c[r][..cols] (=|+=) x_r · B_panel` for `rows` ≤ [`GEMV_ROWS`] rows of `x`, given as bf16
+/// pairs (`x[r]` holds `pairs` i32, each two bf16 of consecutive k): the small-row product
+/// over one packed panel, for decoding. Two accumulators per row cover the 32 columns; the
+/// k pairs go in two interleaved halves so each row has four independent `vdpbf16ps` chains
+/// (its latency is about 6 cycles; the loop is bound by reading the panel).
+///
+/// # Safety
+/// The CPU has AVX512-BF16; `b` holds `pairs · NR` pairs (one panel); each `x[r]` holds
+/// `pairs` pairs; `c` points to `rows` rows of `cols ≤ NR` values with stride `ldc`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemv_panel(
+    pairs: usize,
+    x: &[&[i32]],
+    b: *const u16,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+    overwrite: bool,
+) {
+    let rows = x.len();
+    debug_assert!(rows <= GEMV_ROWS);
+    let mut acc = [[_mm512_setzero_ps(); 4]; GEMV_ROWS];
+    let half = pairs / 2;
+    let load = |p: usize| -> (__m512bh, __m512bh) {
+        let bp = b.add(p * 2 * NR);
+        (
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bp as *const __m512i)),
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                bp.add(32) as *const __m512i
+            )),
+        )
+    };
+    for p in 0..half {
+        let (b0, b1) = load(p);
+        let (b2, b3) = load(half + p);
+        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+            let x0: __m512bh = std::mem::transmute(_mm512_set1_epi32(x[r][p]));
+            let x1: __m512bh = std::mem::transmute(_mm512_set1_epi32(x[r][half + p]));
+            a[0] = _mm512_dpbf16_ps(a[0], x0, b0);
+            a[1] = _mm512_dpbf16_ps(a[1], x0, b1);
+            a[2] = _mm512_dpbf16_ps(a[2], x1, b2);
+            a[3] = _mm512_dpbf16_ps(a[3], x1, b3);
+        }
+    }
+    if pairs % 2 == 1 {
+        let (b0, b1) = load(pairs - 1);
+        for (r, a) in acc.iter_mut().enumerate().take(rows) {
+            let x0: __m512bh = std::mem::transmute(_mm512_set1_epi32(x[r][pairs - 1]));
+            a[0] = _mm512_dpbf16_ps(a[0], x0, b0);
+            a[1] = _mm512_dpbf16_ps(a[1], x0, b1);
+        }
+    }
+    let lanes = |n: usize| ((1u32 << n.min(16)) - 1) as u16;
+    let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+    for (r, a) in acc.iter().enumerate().take(rows) {
+        let sums = [_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3])];
+        for (h, (v, &mask)) in sums.iter().zip(&masks).enumerate() {
+            let d = c.add(r * ldc + 16 * h);
+            let v = if overwrite {
+                *v
+            } else {
+                _mm512_add_ps(*v, _mm512_maskz_loadu_ps(mask, d))
+            };
+            _mm512_mask_storeu_ps(d, mask, v);
+        }
+    }
+}
+
+/// Rows up to which [`gemv_panel`] serves a product.
+pub const GEMV_ROWS: usize = 4;

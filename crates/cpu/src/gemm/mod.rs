@@ -411,6 +411,71 @@ pub unsafe fn multiply_window(
     pool.run(tiles_m * tiles_n, &task);
 }
 
+/// Rows of A up to which [`multiply_rows`] serves a product.
+pub const FEW_ROWS: usize = bf16::GEMV_ROWS;
+
+/// `C (m, n) (=|+=) A · B` for a few rows of A (`m ≤ FEW_ROWS`, decoding) read in place,
+/// `A (i, k) = a[i · lda + k]`, and B packed for the bf16 kernel: A's rows are rounded to bf16
+/// pairs once (as packing would round them) and each panel of B is read once for all rows,
+/// so the product runs at the speed the packed weight streams in, where the micro-kernel
+/// would compute 8 rows to use one.
+///
+/// # Safety
+/// As [`gemm_into`].
+pub unsafe fn multiply_rows(
+    pool: &ThreadPool,
+    (a, lda, m): (&[f32], usize, usize),
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(
+        !b.left && b.kernel == Some(Microkernel::Avx512Bf16),
+        "multiply_rows: a bf16 B"
+    );
+    assert!(m <= FEW_ROWS, "multiply_rows: {m} rows");
+    let (k, n, pairs) = (b.k, b.lanes, b.kp / 2);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Each row as bf16 pairs, the odd k's partner zero.
+    let rows: Vec<Vec<i32>> = (0..m)
+        .map(|i| {
+            let row = &a[i * lda..i * lda + k];
+            (0..pairs)
+                .map(|p| {
+                    let lo = to_bf16(row[2 * p]) as u32;
+                    let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
+                    (lo | hi << 16) as i32
+                })
+                .collect()
+        })
+        .collect();
+    let x: Vec<&[i32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let nr = bf16::NR;
+    let panels = n.div_ceil(nr);
+    // Panels per task: enough to stream a few tens of KiB each.
+    let per_task = (8192 / pairs.max(1)).clamp(1, 16);
+    let data = match b.data() {
+        PackedRef::Bf16(d) => d,
+        PackedRef::F32(_) => unreachable!("checked above"),
+    };
+    let c_ptr = SharedMut::from_raw(c);
+    pool.run(panels.div_ceil(per_task), &|t| {
+        for p in t * per_task..((t + 1) * per_task).min(panels) {
+            let cols = nr.min(n - p * nr);
+            // SAFETY: panel p's columns of C are this task's alone; the panel holds
+            // `pairs · NR` pairs; the tier was checked when the operand was packed.
+            unsafe {
+                let bp = data.as_ptr().add(p * b.kp * nr);
+                let cp = c_ptr.get().add(p * nr);
+                bf16::gemv_panel(pairs, &x, bp, cp, ldc, cols, !accumulate);
+            }
+        }
+    });
+}
+
 /// The packed operands of one product and where B's window starts.
 struct Operands<'s> {
     kernel: Microkernel,
@@ -799,6 +864,61 @@ mod tests {
             );
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{kernel:?}");
+        }
+    }
+
+    /// A few rows against a packed bf16 B (decoding): 1 to 4 rows, several panels with a
+    /// ragged last one, odd k (a lone last pair), both modes, against the triple loop within
+    /// the bf16 bound of the test above.
+    #[test]
+    fn few_rows_against_a_packed_bf16_b_match_the_triple_loop() {
+        if !kiln_core::cpu::features().supports(Isa::Avx512bf16) {
+            println!("skipped: needs AVX512-BF16");
+            return;
+        }
+        let pool = ThreadPool::new(2);
+        let kernel = Microkernel::Avx512Bf16;
+        let (k, n) = (77, 150);
+        let val = |i: usize, mul: usize| ((i * mul) % 97) as f32 / 97.0 - 0.5;
+        let b_data: Vec<f32> = (0..k * n).map(|i| val(i, 11)).collect();
+        let b = Mat {
+            data: &b_data,
+            rs: n,
+            cs: 1,
+        };
+        let mut packed = Packed::default();
+        packed.pack_b(&pool, kernel, b, k, n);
+        for m in 1..=FEW_ROWS {
+            let a_data: Vec<f32> = (0..m * k).map(|i| val(i, 7)).collect();
+            let a = Mat {
+                data: &a_data,
+                rs: k,
+                cs: 1,
+            };
+            let want = naive(m, n, k, a, b);
+            let start: Vec<f32> = (0..m * n).map(|i| val(i, 3)).collect();
+            for accumulate in [false, true] {
+                let mut c = start.clone();
+                // SAFETY: m × n values.
+                unsafe {
+                    multiply_rows(
+                        &pool,
+                        (&a_data, k, m),
+                        &packed,
+                        c.as_mut_ptr(),
+                        n,
+                        accumulate,
+                    )
+                };
+                let tol = 4e-3 * k as f64 / 4.0 + 1e-6;
+                for (i, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                    let w = w + if accumulate { start[i] as f64 } else { 0.0 };
+                    assert!(
+                        (got as f64 - w).abs() <= tol,
+                        "m {m} acc {accumulate}: C[{i}] {got} vs {w}"
+                    );
+                }
+            }
         }
     }
 }
