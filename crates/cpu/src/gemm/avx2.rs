@@ -59,3 +59,83 @@ pub unsafe fn kernel(
         merge_edge(&tile, NR, c, ldc, rows, cols, overwrite);
     }
 }
+
+/// Packs `lanes` lanes whose k values are contiguous (`src[base + lane · lane_stride + kk]`)
+/// into the f32 layout `[k][width]`: blocks of 8 lanes × 8 k loaded as eight rows and
+/// transposed in registers (the classic unpack, shuffle, 128-bit permute sequence), each
+/// k's 8 lanes one store (masked to the width's last lanes when `width` is 6, the AVX2
+/// strips). The last partial 8 k are read with a mask; missing lanes are zeros. Every tier
+/// has AVX2, so the AVX-512 f32 operands use it too.
+///
+/// # Safety
+/// The CPU has AVX2; `dst` holds `k · width` values; every lane's k values lie in `src`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn pack_k_contiguous(
+    dst: &mut [f32],
+    src: &[f32],
+    (base, lane_stride): (usize, usize),
+    lanes: usize,
+    width: usize,
+    k: usize,
+) {
+    assert!(dst.len() >= k * width && lanes <= width, "pack: destination too short");
+    let s = src.as_ptr();
+    let out = dst.as_mut_ptr();
+    let mask_of = |n: usize| {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+    };
+    for g in (0..lanes).step_by(8) {
+        let in_group = 8.min(lanes - g);
+        // The group's lanes that exist in the destination row (6 for the AVX2 strips).
+        let store = mask_of(8.min(width - g));
+        for k0 in (0..k).step_by(8) {
+            let left = 8.min(k - k0);
+            let load = mask_of(left);
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, ri) in r.iter_mut().enumerate().take(in_group) {
+                *ri = _mm256_maskload_ps(s.add(base + (g + i) * lane_stride + k0), load);
+            }
+            let cols = transpose_8x8(&r);
+            for (j, v) in cols.iter().enumerate().take(left) {
+                _mm256_maskstore_ps(out.add((k0 + j) * width + g), store, *v);
+            }
+        }
+    }
+}
+
+/// `r[i]` holds element j of lane i; returns vector j holding element j of lanes 0..8.
+#[inline(always)]
+unsafe fn transpose_8x8(r: &[__m256; 8]) -> [__m256; 8] {
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    // Within each 128-bit half: elements j (j = 0..4 of the half) of lanes 0..4, then 4..8.
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+    ]
+}
