@@ -78,7 +78,10 @@ pub unsafe fn pack_k_contiguous(
     width: usize,
     k: usize,
 ) {
-    assert!(dst.len() >= k * width && lanes <= width, "pack: destination too short");
+    assert!(
+        dst.len() >= k * width && lanes <= width,
+        "pack: destination too short"
+    );
     let s = src.as_ptr();
     let out = dst.as_mut_ptr();
     let mask_of = |n: usize| {
