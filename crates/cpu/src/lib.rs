@@ -96,8 +96,13 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// bf16 where the tier has a native bf16 dot product; f32 elsewhere, where widening bf16
-    /// costs more than it saves (FACTS: PyTorch's bf16 ran 3× slower than its f32 there).
+    /// bf16 where the tier has a native bf16 dot product; f32 elsewhere. Without the dot
+    /// product, bf16 could only be a storage format widened to f32 while packing: the FMAs
+    /// stay f32, so the most it could save is half the bytes the packing reads. Measured on
+    /// the AVX2 tier (stories15m b4, `perf`): all packing is about 4% of the step, the f32
+    /// micro-kernel over 75%, so widening bf16 could gain at most about 2% while rounding
+    /// every weight; f32 is the faster choice there (and PyTorch's bf16 ran 3× slower than
+    /// its f32 on such a machine, FACTS).
     pub fn default_for(isa: Isa) -> Self {
         match isa {
             Isa::Avx512bf16 | Isa::Amx => Precision::Bf16,
