@@ -25,6 +25,9 @@
 //! gradient on its own thread. The weight gradient of a chunk belongs to its task alone;
 //! the input gradient is summed in one accumulator per thread (a task takes whichever is
 //! free) and the accumulators are added up at the end.
+//!
+//! Accumulation rule: `dweight +=` (a parameter gradient), `dinp` per the call's mode, the
+//! losses and log-sum-exps overwritten.
 
 use std::sync::Mutex;
 

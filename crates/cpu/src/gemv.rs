@@ -3,6 +3,7 @@
 //! row with a weight row read in place, `out[r, j] = Σ_k x[r, k] · w[j, k]` (the reference
 //! backend's `matmul.rs` is the formula), blocks of weight rows over the pool. Memory-bound:
 //! the weight is read once, whatever the number of rows up to [`MAX_ROWS`].
+//! Accumulation rule: the output is overwritten.
 
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;

@@ -2,6 +2,7 @@
 //! [`matmul`](crate::matmul), the soft cap ([`activation`](crate::activation)) and
 //! [`xent`](crate::xent), a block of rows at a time, so the `(rows, vocab)` logits are never
 //! all held at once.
+//! Accumulation rule: `dweight +=`, `dinp` per the call's mode.
 
 use kiln_core::backend::Accumulate;
 
