@@ -551,10 +551,19 @@ fn main() -> Result<()> {
             if let Some(v) = vocab_size {
                 config.vocab_size = v;
             }
-            let (probed, probe) = kiln::backends::hardware_peak(backend, 0.3)?;
-            let peak = peak.unwrap_or(probed);
+            // A peak given on the command line is not probed again (the probe spins every core).
+            let (peak, probe) = match peak {
+                Some(given) => {
+                    let probe = kiln::backends::peak_probe(&kiln::backends::resolve(backend)?);
+                    (given, format!("{}, given", probe.name()))
+                }
+                None => {
+                    let (probed, probe) = kiln::backends::hardware_peak(backend, 0.3)?;
+                    (probed, probe.to_string())
+                }
+            };
             println!("peak of the precision in use: {peak:.1} GFLOP/s ({probe}, all threads)");
-            let peak = (peak, probe.to_string());
+            let peak = (peak, probe);
             let figures = with_backend!(backend, |b| {
                 kiln::bench::train(b, &config, batch, seq, accum, steps, peak.clone())
             })?;
