@@ -157,9 +157,35 @@ pub struct PeakRow {
     pub threads: usize,
 }
 
+/// What `kiln bench peak --json` writes besides the machine.
+#[derive(Serialize)]
+pub struct PeakFigures {
+    pub compute: Vec<PeakRow>,
+    /// Memory read bandwidth (GB/s), one core and every thread.
+    pub memory_read_gbs_per_core: f64,
+    pub memory_read_gbs_all_threads: f64,
+}
+
 /// `kiln bench peak`: each usable tier's arithmetic peak from a register-only probe, on one
-/// core and on every thread.
-pub fn peak(threads: usize) -> Vec<PeakRow> {
+/// core and on every thread, and the memory read bandwidth.
+pub fn peak(threads: usize) -> PeakFigures {
+    let compute = compute_peaks(threads);
+    let (one, all) = (
+        kiln_cpu::probe::memory_read_gbs(1, 512, 0.6),
+        kiln_cpu::probe::memory_read_gbs(threads, 512, 0.6),
+    );
+    println!(
+        "{:<42} {:>10.1} GB/s {:>12.1} GB/s",
+        "memory read (512 MiB, AVX2 loads)", one, all
+    );
+    PeakFigures {
+        compute,
+        memory_read_gbs_per_core: one,
+        memory_read_gbs_all_threads: all,
+    }
+}
+
+fn compute_peaks(threads: usize) -> Vec<PeakRow> {
     use kiln_cpu::probe::{peak_gflops, Probe};
     let mut rows = Vec::new();
     println!(
@@ -342,4 +368,105 @@ fn commit() -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// What `kiln bench decode --json` writes.
+#[derive(Serialize)]
+pub struct DecodeFigures {
+    pub machine: Machine,
+    pub commit: String,
+    pub backend: String,
+    pub model: ModelConfig,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// The prompt fed one token at a time through the KV cache.
+    pub prefill_tokens_per_s: f64,
+    /// Greedy decoding, one token at a time.
+    pub decode_tokens_per_s: f64,
+    /// Matrix weights read per decoded token (the embedding contributes one row).
+    pub weight_bytes_per_token: f64,
+    /// `weight_bytes_per_token × decode_tokens_per_s`.
+    pub weight_gbs: f64,
+    /// The memory read bandwidth measured in the same run (`kiln bench peak`'s probe).
+    pub memory_read_gbs: f64,
+}
+
+/// `kiln bench decode`: a prompt of `prompt` tokens, then `tokens` greedily decoded ones,
+/// through the KV cache; the weights each token streams (`bytes_per_weight` per matrix
+/// element: 2 where the backend reads bf16 copies, else 4), and that traffic's share of the
+/// memory bandwidth `memory_gbs`.
+pub fn decode<B: Backend>(
+    model: &kiln_core::model::Model<B>,
+    (prompt, tokens): (usize, usize),
+    bytes_per_weight: f64,
+    memory_gbs: f64,
+) -> Result<DecodeFigures> {
+    use kiln_core::layout::ParamKind;
+    let config = &model.config;
+    anyhow::ensure!(
+        prompt >= 1 && prompt + tokens <= config.max_seq_len,
+        "a prompt of {prompt} and {tokens} new tokens must fit the model's {} positions",
+        config.max_seq_len
+    );
+    let vocab = config.vocab_size;
+    let ids: Vec<u32> = (0..prompt)
+        .map(|i| ((i * 7919 + 13) % vocab) as u32)
+        .collect();
+    let mut cache = model.kv_cache(prompt + tokens)?;
+    let started = Instant::now();
+    let mut logits = Vec::new();
+    for &id in &ids {
+        logits = model.decode_step(&mut cache, id)?;
+    }
+    let prefill = started.elapsed().as_secs_f64();
+    let bar = indicatif::ProgressBar::new(tokens as u64);
+    let started = Instant::now();
+    for _ in 0..tokens {
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32);
+        logits = model.decode_step(&mut cache, next)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let decode = started.elapsed().as_secs_f64();
+    // Every block matrix and the classifier are read whole per token.
+    let layout = &model.layout;
+    let matrices: usize = layout
+        .specs
+        .iter()
+        .filter(|s| matches!(s.kind, ParamKind::BlockMatrix { .. }))
+        .map(|s| s.region.len)
+        .sum::<usize>()
+        + layout.classifier.len;
+    let bytes = matrices as f64 * bytes_per_weight;
+    let decode_rate = tokens as f64 / decode;
+    let figures = DecodeFigures {
+        machine: describe(),
+        commit: commit(),
+        backend: model.backend.name(),
+        model: config.clone(),
+        prompt_tokens: prompt,
+        new_tokens: tokens,
+        prefill_tokens_per_s: prompt as f64 / prefill,
+        decode_tokens_per_s: decode_rate,
+        weight_bytes_per_token: bytes,
+        weight_gbs: bytes * decode_rate / 1e9,
+        memory_read_gbs: memory_gbs,
+    };
+    println!("{}", figures.backend);
+    println!(
+        "prefill {:.1} tokens/s ({prompt} tokens, one at a time) · decode {:.1} tokens/s \
+         ({tokens} tokens) · {:.1} MB of weights per token · {:.1} GB/s, {:.0}% of the \
+         {:.1} GB/s memory read bandwidth",
+        figures.prefill_tokens_per_s,
+        figures.decode_tokens_per_s,
+        bytes / 1e6,
+        figures.weight_gbs,
+        100.0 * figures.weight_gbs / memory_gbs,
+        memory_gbs
+    );
+    Ok(figures)
 }

@@ -346,6 +346,25 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Decoding speed: a prompt, then greedy tokens one at a time through the KV cache;
+    /// tokens/s, the weights each token reads, and their share of the memory read bandwidth
+    /// measured in the same run (release builds).
+    Decode {
+        #[command(flatten)]
+        source: ModelSource,
+        /// A preset or config file with random weights, when no --run or --model is given.
+        #[arg(long, default_value = "stories15m")]
+        preset: String,
+        /// Prompt tokens (fed one at a time).
+        #[arg(long, default_value_t = 32)]
+        prompt: usize,
+        /// Tokens to decode after the prompt.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Also write the figures, with the machine, backend and commit, as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Each kernel of a training step on a model's shapes: ms and GFLOP/s or GB/s, against
     /// the matmul peak measured in the same run.
     Kernels {
@@ -527,12 +546,43 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Bench {
+            command:
+                BenchCommand::Decode {
+                    source,
+                    preset,
+                    prompt,
+                    tokens,
+                    json,
+                },
+        } => {
+            // Matrix weights are read as the backend holds them for products: bf16 copies
+            // with the CPU backend's bf16 matmuls, f32 otherwise.
+            let bytes = match kiln::backends::resolve(backend)? {
+                kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => 2.0,
+                _ => 4.0,
+            };
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let memory = kiln_cpu::probe::memory_read_gbs(threads, 512, 0.6);
+            let source = source.source();
+            let figures = with_backend!(backend, |b| {
+                let model = if source.run.is_some() || source.model.is_some() {
+                    kiln::commands::load(b, &source)?.model
+                } else {
+                    let mut model = kiln_core::model::Model::new(b, from_preset_or_file(&preset)?)?;
+                    model.init_random(1)?;
+                    model
+                };
+                kiln::bench::decode(&model, (prompt, tokens), bytes, memory)
+            })?;
+            write_json(json, &figures)
+        }
+        Command::Bench {
             command: BenchCommand::Peak { threads, json },
         } => {
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let rows = kiln::bench::peak(threads);
-            write_json(json, &(kiln::machine::describe(), rows))
+            let figures = kiln::bench::peak(threads);
+            write_json(json, &(kiln::machine::describe(), figures))
         }
         Command::Bench {
             command:

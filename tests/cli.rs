@@ -128,3 +128,34 @@ fn doctor_reports_the_machine_and_the_backends() {
         "{out}"
     );
 }
+
+/// `kiln bench decode` runs a random preset through the KV cache and writes its figures.
+#[test]
+fn decode_bench_writes_its_figures() {
+    let dir = std::env::temp_dir().join(format!("kiln-decode-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("decode.json");
+    let json_arg = json.display().to_string();
+    let args = [
+        "bench", "decode", "--preset", "tiny-gqa", "--prompt", "3", "--tokens", "5", "--json",
+        &json_arg,
+    ];
+    let (ok, out, err) = kiln(&args, &[]);
+    assert!(ok && out.contains("tokens/s"), "{out}\n{err}");
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(figures["new_tokens"], 5);
+    assert!(figures["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // tiny-gqa's block matrices and its classifier, each read once per token, at 4 bytes
+    // (f32) or 2 (the CPU backend's bf16 copies).
+    let c = kiln_core::config::ModelConfig::preset("tiny-gqa").unwrap();
+    let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.hidden_dim);
+    let per_layer = q * d + 2 * kv * d + d * q + 2 * f * d + d * f;
+    let elements = (c.n_layers * per_layer + c.vocab_size * d) as f64;
+    let bytes = figures["weight_bytes_per_token"].as_f64().unwrap();
+    assert!(
+        bytes == 4.0 * elements || bytes == 2.0 * elements,
+        "{bytes} bytes for {elements} matrix elements"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -157,3 +157,61 @@ unsafe fn dot_bf16(iters: u64) -> f32 {
             .fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a)),
     )
 }
+
+/// Memory read bandwidth (GB/s) on `threads` threads at once: each sums its own share of a
+/// `mib`-MiB buffer (far larger than any cache) with AVX2 loads, for about `seconds`; best of
+/// three passes. Decoding one token reads every weight once, so this is its speed limit (the
+/// read half of STREAM, McCalpin).
+pub fn memory_read_gbs(threads: usize, mib: usize, seconds: f64) -> f64 {
+    let threads = threads.max(1);
+    let len = (mib << 20) / 4 / threads * threads;
+    // Written once, so every page is mapped before the timing.
+    let buffer = vec![1.0f32; len];
+    let share = len / threads;
+    let one_pass = |t: usize| read_sum(&buffer[t * share..(t + 1) * share]);
+    let pass = || {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || std::hint::black_box(one_pass(t)));
+            }
+        })
+    };
+    pass();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let (t, mut passes) = (Instant::now(), 0usize);
+        while passes == 0 || t.elapsed().as_secs_f64() < seconds / 3.0 {
+            pass();
+            passes += 1;
+        }
+        let bytes = (len * 4 * passes) as f64;
+        best = best.max(bytes / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Σ x in 32 lanes (four ymm accumulators), so loads, not adds, bound the loop.
+fn read_sum(x: &[f32]) -> f32 {
+    #[target_feature(enable = "avx2")]
+    unsafe fn sum(x: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let blocks = x.chunks_exact(32);
+        let tail: f32 = blocks.remainder().iter().sum();
+        for block in blocks {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_loadu_ps(block.as_ptr().add(8 * i)));
+            }
+        }
+        let s = acc
+            .iter()
+            .fold(_mm256_setzero_ps(), |s, &a| _mm256_add_ps(s, a));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+        lanes.iter().sum::<f32>() + tail
+    }
+    if kiln_core::cpu::features().missing(Isa::Avx2).is_some() {
+        return x.iter().sum();
+    }
+    // SAFETY: AVX2 was checked just above.
+    unsafe { sum(x) }
+}
