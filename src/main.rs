@@ -355,8 +355,8 @@ enum BenchCommand {
         /// A preset or config file with random weights, when no --run or --model is given.
         #[arg(long, default_value = "stories15m")]
         preset: String,
-        /// Prompt tokens (fed one at a time).
-        #[arg(long, default_value_t = 32)]
+        /// Prompt tokens (prefilled in one batched pass).
+        #[arg(long, default_value_t = 256)]
         prompt: usize,
         /// Tokens to decode after the prompt.
         #[arg(long, default_value_t = 128)]

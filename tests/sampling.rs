@@ -53,6 +53,50 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
     }
 }
 
+/// A batched prefill of the first positions, then decoding the rest one at a time, gives the
+/// full forward's logits at every position (and the cache holds what decoding would have
+/// stored: the later positions attend over the prefilled keys and values).
+#[test]
+fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
+    for name in [
+        "model_tiny-mha.safetensors",
+        "model_tiny-gqa.safetensors",
+        "model_tiny-golf.safetensors",
+    ] {
+        let fixture = fixture(name);
+        let model = fixture.model(ReferenceBackend).unwrap();
+        let tokens = &fixture.tokens("tokens").unwrap()[..fixture.seq];
+        let acts = model.activations(1, tokens.len()).unwrap();
+        model.forward(&acts, tokens, None).unwrap();
+        let full = model.download_logits(&acts).unwrap();
+        let vocab = model.config.vocab_size;
+        let want = |pos: usize| -> Vec<f64> {
+            full[pos * vocab..(pos + 1) * vocab]
+                .iter()
+                .map(|&x| x as f64)
+                .collect()
+        };
+        // As above: the same kernels in another order, within f32 rounding.
+        let tol = Tolerance {
+            atol: 1e-5,
+            rtol: 1e-4,
+        };
+        let split = tokens.len() / 2;
+        let mut cache = model.kv_cache(tokens.len()).unwrap();
+        let last = model.prefill(&mut cache, &tokens[..split]).unwrap();
+        assert_close(&format!("{name} prefill"), &last, &want(split - 1), tol).unwrap();
+        assert_eq!(cache.len, split);
+        for (pos, &token) in tokens.iter().enumerate().skip(split) {
+            let step = model.decode_step(&mut cache, token).unwrap();
+            assert_close(&format!("{name} position {pos}"), &step, &want(pos), tol).unwrap();
+        }
+        assert!(
+            model.prefill(&mut cache, &tokens[..1]).is_err(),
+            "prefill must refuse a cache that is not empty"
+        );
+    }
+}
+
 #[test]
 fn greedy_decoding_matches_pytorch() {
     for name in [

@@ -111,10 +111,8 @@ pub fn generate<B: Backend>(
     }
     let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
     let mut cache = model.kv_cache(prompt.len() + max_new)?;
-    let mut logits = Vec::new();
-    for &token in prompt {
-        logits = model.decode_step(&mut cache, token)?;
-    }
+    // The prompt in one batched pass, then one token at a time.
+    let mut logits = model.prefill(&mut cache, prompt)?;
     let mut out = Vec::new();
     for _ in 0..max_new {
         let next = sample_token(&logits, params, &mut rng);

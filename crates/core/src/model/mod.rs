@@ -352,6 +352,43 @@ impl<B: Backend> Model<B> {
         self.download_logits(&cache.acts)
     }
 
+    /// Feeds `tokens` into an empty cache in one batched pass (the prompt through the
+    /// matmul and attention kernels at once, not one token at a time) and stores every
+    /// position's keys and values; returns the logits `(V)` that predict the next token, as
+    /// [`Model::decode_step`] on each token in turn would.
+    pub fn prefill(&self, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<Vec<f32>> {
+        if cache.len != 0 {
+            bail!(
+                "prefill needs an empty KV cache ({} positions filled)",
+                cache.len
+            );
+        }
+        if tokens.is_empty() || tokens.len() > cache.capacity {
+            bail!(
+                "a prompt of {} tokens for a KV cache of {} positions",
+                tokens.len(),
+                cache.capacity
+            );
+        }
+        let n = tokens.len();
+        let acts = self.activations(1, n)?;
+        self.forward(&acts, tokens, None)?;
+        // The keys after RoPE and the values attention used, position by position, as
+        // decoding stores them.
+        let row = self.config.n_kv_heads * self.config.head_dim;
+        for (l, s) in acts.layout.layers.iter().enumerate() {
+            let key = view::<B>(&cache.memory, cache.keys[l]).slice(0, n * row);
+            let value = view::<B>(&cache.memory, cache.values[l]).slice(0, n * row);
+            self.backend.copy(key, view::<B>(&acts.memory, s.k));
+            self.backend.copy(value, view::<B>(&acts.memory, s.v_used));
+        }
+        cache.len = n;
+        cache.last_token = tokens.last().copied();
+        let vocab = self.config.vocab_size;
+        let logits = self.download_logits(&acts)?;
+        Ok(logits[(n - 1) * vocab..].to_vec())
+    }
+
     pub fn zero_grad(&self) {
         self.backend.zero(View::whole(&self.grads));
     }
