@@ -9,7 +9,7 @@
 //! flash-style), the classifier fused with the cross-entropy ([`classifier`]), cross-entropy
 //! and the soft cap ([`xent`]), SwiGLU, RMSNorm, RoPE, the
 //! element-wise kernels and broadcast scales, Muon ([`muon`]), AdamW, the EMA and the sum of
-//! squares ([`optim`]). The reference's: the embedding and the KV-cache decode.
+//! squares ([`optim`]), the KV-cache attention ([`decode`]). The reference's: the embedding.
 //!
 //! Precision: master weights, gradients and optimizer state are f32. With `Precision::Bf16`
 //! (the default where the tier has a native bf16 dot product) the matmuls round their inputs
@@ -55,6 +55,7 @@ macro_rules! tiered {
 
 pub mod attention;
 pub mod classifier;
+pub mod decode;
 mod elementwise;
 pub mod gemm;
 pub mod gemv;
@@ -603,7 +604,13 @@ impl Backend for CpuBackend {
     }
 
     fn attention_decode(&self, out: V, q: V, k_cache: V, v_cache: V, s: DecodeShape) {
-        ReferenceBackend.attention_decode(r(out), r(q), r(k_cache), r(v_cache), s)
+        let o = slices!(write out, [q, k_cache, v_cache]);
+        let (qs, k, v) = (
+            slices!(read q),
+            slices!(read k_cache),
+            slices!(read v_cache),
+        );
+        decode::decode(self.isa, &self.pool, o, qs, (k, v), s);
     }
 
     fn swiglu_forward(&self, out: V, gate: V, up: V) {
