@@ -428,7 +428,7 @@ pub fn decode<B: Backend>(
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(0, |(i, _)| i as u32);
-        logits = model.decode_step(&mut cache, next)?;
+        model.decode_step_into(&mut cache, next, &mut logits)?;
         bar.inc(1);
     }
     bar.finish_and_clear();

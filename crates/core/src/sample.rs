@@ -121,7 +121,7 @@ pub fn generate<B: Backend>(
         if Some(next) == stop || cache.len >= model.config.max_seq_len {
             break;
         }
-        logits = model.decode_step(&mut cache, next)?;
+        model.decode_step_into(&mut cache, next, &mut logits)?;
     }
     Ok(out)
 }

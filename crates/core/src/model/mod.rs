@@ -335,6 +335,19 @@ impl<B: Backend> Model<B> {
     /// Feeds one token at the cache's next position; returns the logits `(V)` that predict the
     /// token after it.
     pub fn decode_step(&self, cache: &mut KvCache<B>, token: u32) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.decode_step_into(cache, token, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Model::decode_step`] into `logits` (resized to `V`), so a decoding loop allocates
+    /// nothing per token: a fresh 128 KB vector per token cost page faults every time.
+    pub fn decode_step_into(
+        &self,
+        cache: &mut KvCache<B>,
+        token: u32,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         if cache.len >= cache.capacity {
             bail!(
                 "the KV cache is full ({} positions; max_seq_len {})",
@@ -349,7 +362,10 @@ impl<B: Backend> Model<B> {
         self.forward_with(&cache.acts, &[token], None, Some(slot))?;
         cache.len += 1;
         cache.last_token = Some(token);
-        self.download_logits(&cache.acts)
+        let src = view::<B>(&cache.acts.memory, cache.acts.layout.logits);
+        logits.resize(src.len(), 0.0);
+        self.backend.download(src, logits)?;
+        Ok(())
     }
 
     /// Feeds `tokens` into an empty cache in one batched pass (the prompt through the
