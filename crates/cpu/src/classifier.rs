@@ -166,9 +166,10 @@ impl Context {
     }
 
     /// The softmax's input for vocabulary entries `entries` from the forward's saved copy
-    /// `saved (rows, vocab)`, where [`Context::logits`] would leave it. (Reading the saved rows
-    /// in place in the gradient's exp pass instead measured slower, 171–176 against 165–167
-    /// ms per stories15m step: the plain copy streams from memory better than the exp loop.)
+    /// (chunk-major: chunk by chunk, each a `(rows, len)` block at `rows · v0`), where
+    /// [`Context::logits`] would leave it. (Reading saved rows in place in the gradient's exp
+    /// pass instead measured slower, 171–176 against 165–167 ms per stories15m step, when the
+    /// copy was row-major: the plain copy streams from memory better than the exp loop.)
     fn load(&mut self, saved: &[f32], entries: std::ops::Range<usize>, s: ClassifierShape) {
         let (v0, len) = (entries.start, entries.len());
         grow(&mut self.logits, s.rows * len);
@@ -180,9 +181,8 @@ impl Context {
         } else {
             &mut self.logits
         };
-        for (r, row) in z.chunks_exact_mut(len).take(s.rows).enumerate() {
-            row.copy_from_slice(&saved[r * s.vocab + v0..r * s.vocab + v0 + len]);
-        }
+        let n = s.rows * len;
+        z[..n].copy_from_slice(&saved[s.rows * v0..s.rows * v0 + n]);
     }
 
     /// The logits the softmax reads (see [`Context::logits`]).
@@ -278,10 +278,9 @@ fn forward_in_chunks(
         ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s);
         let z = ctx.softmax_input(s, rows * len);
         if let Some(saved) = saved {
-            for (r, row) in z.chunks_exact(len).enumerate() {
-                // SAFETY: columns v0..v0 + len of each row are this chunk's alone.
-                unsafe { saved.slice(r * s.vocab + v0, len) }.copy_from_slice(row);
-            }
+            // Chunk-major: the chunk's `(rows, len)` block at `rows · v0`, one contiguous copy.
+            // SAFETY: that block is this chunk's alone.
+            unsafe { saved.slice(rows * v0, rows * len) }.copy_from_slice(z);
         }
         for (r, row) in z.chunks_exact(len).enumerate() {
             // SAFETY: (row, chunk) pairs are this task's alone; a row's target lies in one
