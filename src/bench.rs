@@ -378,13 +378,17 @@ pub struct DecodeFigures {
     pub backend: String,
     pub model: ModelConfig,
     pub prompt_tokens: usize,
+    /// Decoded per sequence.
     pub new_tokens: usize,
+    /// Sequences decoded together.
+    pub samples: usize,
     /// The prompt in one batched pass ([`kiln_core::model::Model::prefill`]), after one
     /// warm-up pass.
     pub prefill_tokens_per_s: f64,
-    /// Greedy decoding, one token at a time.
+    /// Greedy decoding, one token per sequence at a time, over all sequences.
     pub decode_tokens_per_s: f64,
-    /// Matrix weights read per decoded token (the embedding contributes one row).
+    /// Matrix weights read per decoded token (one read serves every sequence of a step; the
+    /// embedding contributes one row).
     pub weight_bytes_per_token: f64,
     /// `weight_bytes_per_token × decode_tokens_per_s`.
     pub weight_gbs: f64,
@@ -398,7 +402,7 @@ pub struct DecodeFigures {
 /// memory bandwidth `memory_gbs`.
 pub fn decode<B: Backend>(
     model: &kiln_core::model::Model<B>,
-    (prompt, tokens): (usize, usize),
+    (prompt, tokens, samples): (usize, usize, usize),
     bytes_per_weight: f64,
     memory_gbs: f64,
 ) -> Result<DecodeFigures> {
@@ -416,19 +420,31 @@ pub fn decode<B: Backend>(
     // One warm-up pass (it packs the weight copies a bf16 backend keeps), as peers' benches
     // warm up too.
     model.prefill(&mut model.kv_cache(prompt)?, &ids)?;
-    let mut cache = model.kv_cache(prompt + tokens)?;
+    let mut cache = model.kv_cache_batch(samples, prompt + tokens)?;
     let started = Instant::now();
-    let mut logits = model.prefill(&mut cache, &ids)?;
+    let first = model.prefill(&mut cache, &ids)?;
     let prefill = started.elapsed().as_secs_f64();
+    let mut logits: Vec<f32> = first
+        .iter()
+        .copied()
+        .cycle()
+        .take(samples * vocab)
+        .collect();
     let bar = indicatif::ProgressBar::new(tokens as u64);
     let started = Instant::now();
+    let mut next = vec![0u32; samples];
     for _ in 0..tokens {
-        let next = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32);
-        model.decode_step_into(&mut cache, next, &mut logits)?;
+        // Greedy, each sequence nudged apart by its index so they do not coincide.
+        for (i, t) in next.iter_mut().enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(j, _)| j);
+            *t = ((best + i) % vocab) as u32;
+        }
+        model.decode_batch_into(&mut cache, &next, &mut logits)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -442,8 +458,8 @@ pub fn decode<B: Backend>(
         .map(|s| s.region.len)
         .sum::<usize>()
         + layout.classifier.len;
-    let bytes = matrices as f64 * bytes_per_weight;
-    let decode_rate = tokens as f64 / decode;
+    let bytes = matrices as f64 * bytes_per_weight / samples as f64;
+    let decode_rate = (tokens * samples) as f64 / decode;
     let figures = DecodeFigures {
         machine: describe(),
         commit: commit(),
@@ -451,6 +467,7 @@ pub fn decode<B: Backend>(
         model: config.clone(),
         prompt_tokens: prompt,
         new_tokens: tokens,
+        samples,
         prefill_tokens_per_s: prompt as f64 / prefill,
         decode_tokens_per_s: decode_rate,
         weight_bytes_per_token: bytes,
@@ -460,7 +477,8 @@ pub fn decode<B: Backend>(
     println!("{}", figures.backend);
     println!(
         "prefill {:.1} tokens/s ({prompt} tokens, one pass) · decode {:.1} tokens/s \
-         ({tokens} tokens) · {:.1} MB of weights per token · {:.1} GB/s, {:.0}% of the \
+         ({tokens} tokens × {samples} sequences) · {:.1} MB of weights per token · {:.1} \
+         GB/s, {:.0}% of the \
          {:.1} GB/s memory read bandwidth",
         figures.prefill_tokens_per_s,
         figures.decode_tokens_per_s,

@@ -108,7 +108,60 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path) -> Result<Loaded<B>> {
 pub struct SampleOptions {
     pub prompt: String,
     pub max_tokens: usize,
+    /// Sequences decoded together (1: streamed as it is generated).
+    pub num_samples: usize,
     pub params: SamplingParams,
+}
+
+/// `kiln sample --num-samples N`: N continuations decoded together, printed when done.
+fn sample_many<B: Backend>(
+    model: &Model<B>,
+    tokenizer: &Tokenizer,
+    vocab_map: Option<&VocabMap>,
+    prompt: &[u32],
+    options: &SampleOptions,
+) -> Result<()> {
+    let to_model = |ids: &[u32]| vocab_map.map_or(Ok(ids.to_vec()), |m| m.to_model(ids));
+    let model_prompt = to_model(prompt)?;
+    let stop = match tokenizer.bos() {
+        Some(bos) => Some(to_model(&[bos])?[0]),
+        None => None,
+    };
+    let room = model.config.max_seq_len.saturating_sub(model_prompt.len());
+    let started = std::time::Instant::now();
+    let samples = kiln_core::sample::generate_batch(
+        model,
+        &model_prompt,
+        options.num_samples,
+        options.max_tokens.min(room),
+        &options.params,
+        stop,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut tokens = 0;
+    for (i, sample) in samples.iter().enumerate() {
+        tokens += sample.len();
+        let mut full = prompt.to_vec();
+        full.extend(
+            sample
+                .iter()
+                .map(|&t| vocab_map.map_or(t, |m| m.to_full(t))),
+        );
+        let text = tokenizer.decode(&full);
+        let prompt_text = tokenizer.decode(prompt);
+        println!("--- sample {} ---", i + 1);
+        println!(
+            "{}{}",
+            options.prompt,
+            text.get(prompt_text.len()..).unwrap_or("")
+        );
+    }
+    eprintln!(
+        "{} samples, {tokens} tokens in {seconds:.2} s ({:.1} tokens/s)",
+        samples.len(),
+        tokens as f64 / seconds
+    );
+    Ok(())
 }
 
 /// `kiln sample`: streams a continuation of the prompt to standard output.
@@ -123,6 +176,9 @@ pub fn sample<B: Backend>(backend: B, source: &Source, options: &SampleOptions) 
     prompt.extend(tokenizer.encode(&options.prompt)?);
     if prompt.is_empty() {
         bail!("give a --prompt: this tokenizer has no BOS token to start from");
+    }
+    if options.num_samples > 1 {
+        return sample_many(&model, &tokenizer, vocab_map.as_ref(), &prompt, options);
     }
     let mut stdout = std::io::stdout();
     print!("{}", options.prompt);

@@ -283,6 +283,10 @@ struct SampleArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sequences decoded together from the prompt (each weight read serves all of them);
+    /// sample i uses seed + i. Above 1 the samples are printed when all are done.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
 }
 
 #[derive(Args)]
@@ -358,9 +362,12 @@ enum BenchCommand {
         /// Prompt tokens (prefilled in one batched pass).
         #[arg(long, default_value_t = 256)]
         prompt: usize,
-        /// Tokens to decode after the prompt.
+        /// Tokens to decode after the prompt, per sequence.
         #[arg(long, default_value_t = 128)]
         tokens: usize,
+        /// Sequences decoded together (each weight read serves all of them).
+        #[arg(long, default_value_t = 1)]
+        num_samples: usize,
         /// Also write the figures, with the machine, backend and commit, as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -493,6 +500,7 @@ fn main() -> Result<()> {
             let options = SampleOptions {
                 prompt: args.prompt.clone(),
                 max_tokens: args.max_tokens,
+                num_samples: args.num_samples,
                 params: SamplingParams {
                     temperature: args.temperature,
                     top_k: args.top_k,
@@ -552,6 +560,7 @@ fn main() -> Result<()> {
                     preset,
                     prompt,
                     tokens,
+                    num_samples,
                     json,
                 },
         } => {
@@ -572,7 +581,7 @@ fn main() -> Result<()> {
                     model.init_random(1)?;
                     model
                 };
-                kiln::bench::decode(&model, (prompt, tokens), bytes, memory)
+                kiln::bench::decode(&model, (prompt, tokens, num_samples), bytes, memory)
             })?;
             write_json(json, &figures)
         }

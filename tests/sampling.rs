@@ -97,6 +97,60 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
     }
 }
 
+/// Sequences decoded together in one batched cache give, row by row, the logits each gives
+/// decoded alone (every golf option on in tiny-golf, the bigram embedding's per-sequence
+/// previous token included).
+#[test]
+fn batched_decoding_gives_each_sequence_its_own_logits() {
+    for name in ["model_tiny-gqa.safetensors", "model_tiny-golf.safetensors"] {
+        let fixture = fixture(name);
+        let model = fixture.model(ReferenceBackend).unwrap();
+        let vocab = model.config.vocab_size;
+        let prompt = &fixture.tokens("tokens").unwrap()[..3];
+        // Three sequences diverging after the shared prompt.
+        let steps: Vec<[u32; 3]> = (0..4u32)
+            .map(|i| {
+                [
+                    i % vocab as u32,
+                    (3 * i + 1) % vocab as u32,
+                    (5 * i + 2) % vocab as u32,
+                ]
+            })
+            .collect();
+        let mut batch = model.kv_cache_batch(3, prompt.len() + steps.len()).unwrap();
+        model.prefill(&mut batch, prompt).unwrap();
+        let mut rows = Vec::new();
+        let mut got = Vec::new();
+        for step in &steps {
+            model
+                .decode_batch_into(&mut batch, step, &mut rows)
+                .unwrap();
+            got.push(rows.clone());
+        }
+        let tol = Tolerance {
+            atol: 1e-5,
+            rtol: 1e-4,
+        };
+        for seq in 0..3 {
+            let mut alone = model.kv_cache(prompt.len() + steps.len()).unwrap();
+            model.prefill(&mut alone, prompt).unwrap();
+            for (i, step) in steps.iter().enumerate() {
+                let want: Vec<f64> = model
+                    .decode_step(&mut alone, step[seq])
+                    .unwrap()
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                let row = &got[i][seq * vocab..(seq + 1) * vocab];
+                assert_close(&format!("{name} sequence {seq} step {i}"), row, &want, tol).unwrap();
+            }
+        }
+        assert!(model
+            .decode_batch_into(&mut batch, &[0, 1], &mut rows)
+            .is_err());
+    }
+}
+
 #[test]
 fn greedy_decoding_matches_pytorch() {
     for name in [

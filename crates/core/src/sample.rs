@@ -126,6 +126,51 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
+/// [`generate`] for `n` sequences decoded together from one prompt (each weight read then
+/// serves every sequence): sequence `i` samples with seed `params.seed + i`; a sequence that
+/// reaches `stop` ends there while the others go on. Returns each sequence's new tokens.
+pub fn generate_batch<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    n: usize,
+    max_new: usize,
+    params: &SamplingParams,
+    stop: Option<u32>,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(
+        !prompt.is_empty() && n >= 1,
+        "a batch needs a prompt of at least one token and at least one sequence"
+    );
+    let vocab = model.config.vocab_size;
+    let mut rngs: Vec<ChaCha8Rng> = (0..n as u64)
+        .map(|i| ChaCha8Rng::seed_from_u64(params.seed.wrapping_add(i)))
+        .collect();
+    let mut cache = model.kv_cache_batch(n, prompt.len() + max_new)?;
+    let first = model.prefill(&mut cache, prompt)?;
+    let mut logits: Vec<f32> = first.iter().copied().cycle().take(n * vocab).collect();
+    let (mut out, mut done) = (vec![Vec::new(); n], vec![false; n]);
+    let mut next = vec![0u32; n];
+    for _ in 0..max_new {
+        for i in 0..n {
+            next[i] = match done[i] {
+                // A finished sequence keeps its last token flowing; nothing is recorded.
+                true => next[i],
+                false => {
+                    let t = sample_token(&logits[i * vocab..(i + 1) * vocab], params, &mut rngs[i]);
+                    out[i].push(t);
+                    done[i] = Some(t) == stop;
+                    t
+                }
+            };
+        }
+        if done.iter().all(|&d| d) || cache.len >= model.config.max_seq_len {
+            break;
+        }
+        model.decode_batch_into(&mut cache, &next, &mut logits)?;
+    }
+    Ok(out)
+}
+
 /// Continues `prompt` (full-vocabulary ids) as text: the ids are mapped into a compacted
 /// model's ids when `vocab_map` is given, up to `max_new` tokens are generated (as many as fit
 /// the context), and the output is decoded back in full ids. With `stop_at_bos` generation

@@ -121,7 +121,7 @@ impl<B: Backend> Model<B> {
         let g = |r: Region| view::<B>(&self.grads, r);
         be.embedding_backward(g(self.layout.embedding), a(d.embed), tokens, cfg.dim);
         if let Some(table) = self.layout.bigram {
-            let ids = bigram_ids(tokens, shapes.seq, None, arch.bigram_buckets);
+            let ids = bigram_ids(tokens, shapes.seq, &[], arch.bigram_buckets);
             be.embedding_backward(g(table), a(d.embed), &ids, cfg.dim);
         }
     }

@@ -54,7 +54,7 @@ impl<B: Backend> Model<B> {
 
         be.embedding_forward(a(al.emb_tok), p(self.layout.embedding), tokens, c);
         if let Some(table) = self.layout.bigram {
-            let prev = slot.as_ref().and_then(|s| s.cache.last_token);
+            let prev = slot.as_ref().map_or(&[][..], |s| &s.cache.last_tokens[..]);
             let ids = bigram_ids(tokens, t, prev, arch.bigram_buckets);
             be.embedding_forward(a(al.emb_bigram), p(table), &ids, c);
             be.residual_forward(a(al.embed), a(al.emb_tok), a(al.emb_bigram));
@@ -236,13 +236,21 @@ impl<B: Backend> Model<B> {
         let cfg = &self.config;
         let (cache, pos) = (slot.cache, slot.pos);
         let row = cfg.n_kv_heads * cfg.head_dim;
-        let at = |r: Region| view::<B>(&cache.memory, r).slice(pos * row, row);
-        self.backend.copy(at(cache.keys[l]), inputs.k);
-        self.backend.copy(at(cache.values[l]), inputs.v);
+        // Sequence b's row `pos` of `(batch, capacity, row)`.
+        for b in 0..cache.batch {
+            let at = |r: Region| {
+                let start = (b * cache.capacity + pos) * row;
+                view::<B>(&cache.memory, r).slice(start, row)
+            };
+            self.backend
+                .copy(at(cache.keys[l]), inputs.k.slice(b * row, row));
+            self.backend
+                .copy(at(cache.values[l]), inputs.v.slice(b * row, row));
+        }
         let keys = view::<B>(&cache.memory, cache.keys[l]);
         let values = view::<B>(&cache.memory, cache.values[l]);
         let shape = DecodeShape {
-            batch: 1,
+            batch: cache.batch,
             len: pos + 1,
             capacity: cache.capacity,
             heads: cfg.n_heads,

@@ -61,19 +61,22 @@ pub struct Activations<B: Backend> {
     pub memory: B::Memory,
 }
 
-/// Keys and values of every position decoded so far (batch 1), for sampling one token at a
-/// time without recomputing the context.
+/// Keys and values of every position decoded so far, for `batch` sequences decoded together
+/// (each weight read then serves every sequence), for sampling one token at a time without
+/// recomputing the context.
 pub struct KvCache<B: Backend> {
-    /// Per layer: keys then values, each `(capacity, Hkv·D)`.
+    /// Per layer: keys then values, each `(batch, capacity, Hkv·D)`.
     memory: B::Memory,
     keys: Vec<Region>,
     values: Vec<Region>,
+    batch: usize,
     capacity: usize,
-    /// Positions filled.
+    /// Positions filled (the same in every sequence).
     pub len: usize,
-    /// The last token fed (the hashed bigram embedding pairs it with the next).
-    last_token: Option<u32>,
-    /// Activations of one token.
+    /// Each sequence's last token (the hashed bigram embedding pairs it with the next);
+    /// empty before the first.
+    last_tokens: Vec<u32>,
+    /// Activations of one token per sequence.
     acts: Activations<B>,
 }
 
@@ -301,8 +304,17 @@ impl<B: Backend> Model<B> {
 
     /// An empty KV cache for up to `capacity` positions (at most `max_seq_len`).
     pub fn kv_cache(&self, capacity: usize) -> Result<KvCache<B>> {
+        self.kv_cache_batch(1, capacity)
+    }
+
+    /// An empty KV cache for `batch` sequences decoded together, up to `capacity` positions
+    /// (at most `max_seq_len`) each.
+    pub fn kv_cache_batch(&self, batch: usize, capacity: usize) -> Result<KvCache<B>> {
+        if batch == 0 {
+            bail!("a KV cache needs at least one sequence");
+        }
         let capacity = capacity.min(self.config.max_seq_len);
-        let row = capacity * self.config.kv_dim();
+        let row = batch * capacity * self.config.kv_dim();
         let l = self.config.n_layers;
         let keys = (0..l)
             .map(|i| Region {
@@ -316,7 +328,7 @@ impl<B: Backend> Model<B> {
                 len: row,
             })
             .collect();
-        let layout = ActivationLayout::new(&self.config, 1, 1, 0, (Head::Logits, 0));
+        let layout = ActivationLayout::new(&self.config, batch, 1, 0, (Head::Logits, 0));
         let acts = Activations {
             memory: self.backend.alloc(layout.total_len(), DType::F32)?,
             layout,
@@ -325,9 +337,10 @@ impl<B: Backend> Model<B> {
             memory: self.backend.alloc(2 * l * row, DType::F32)?,
             keys,
             values,
+            batch,
             capacity,
             len: 0,
-            last_token: None,
+            last_tokens: Vec::new(),
             acts,
         })
     }
@@ -348,6 +361,24 @@ impl<B: Backend> Model<B> {
         token: u32,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        self.decode_batch_into(cache, &[token], logits)
+    }
+
+    /// One position of every sequence of a batched cache: `tokens` holds one token per
+    /// sequence; `logits` becomes `(batch, V)`.
+    pub fn decode_batch_into(
+        &self,
+        cache: &mut KvCache<B>,
+        tokens: &[u32],
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        if tokens.len() != cache.batch {
+            bail!(
+                "{} tokens for a KV cache of {} sequences",
+                tokens.len(),
+                cache.batch
+            );
+        }
         if cache.len >= cache.capacity {
             bail!(
                 "the KV cache is full ({} positions; max_seq_len {})",
@@ -359,9 +390,9 @@ impl<B: Backend> Model<B> {
             cache,
             pos: cache.len,
         };
-        self.forward_with(&cache.acts, &[token], None, Some(slot))?;
+        self.forward_with(&cache.acts, tokens, None, Some(slot))?;
         cache.len += 1;
-        cache.last_token = Some(token);
+        cache.last_tokens = tokens.to_vec();
         let src = view::<B>(&cache.acts.memory, cache.acts.layout.logits);
         logits.resize(src.len(), 0.0);
         self.backend.download(src, logits)?;
@@ -370,8 +401,9 @@ impl<B: Backend> Model<B> {
 
     /// Feeds `tokens` into an empty cache in one batched pass (the prompt through the
     /// matmul and attention kernels at once, not one token at a time) and stores every
-    /// position's keys and values; returns the logits `(V)` that predict the next token, as
-    /// [`Model::decode_step`] on each token in turn would.
+    /// position's keys and values, in every sequence of a batched cache; returns the logits
+    /// `(V)` that predict the next token, as [`Model::decode_step`] on each token in turn
+    /// would.
     pub fn prefill(&self, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<Vec<f32>> {
         if cache.len != 0 {
             bail!(
@@ -390,16 +422,20 @@ impl<B: Backend> Model<B> {
         let acts = self.activations(1, n)?;
         self.forward(&acts, tokens, None)?;
         // The keys after RoPE and the values attention used, position by position, as
-        // decoding stores them.
+        // decoding stores them; every sequence of a batched cache starts from this prompt.
         let row = self.config.n_kv_heads * self.config.head_dim;
+        let per_sequence = cache.capacity * row;
         for (l, s) in acts.layout.layers.iter().enumerate() {
-            let key = view::<B>(&cache.memory, cache.keys[l]).slice(0, n * row);
-            let value = view::<B>(&cache.memory, cache.values[l]).slice(0, n * row);
-            self.backend.copy(key, view::<B>(&acts.memory, s.k));
-            self.backend.copy(value, view::<B>(&acts.memory, s.v_used));
+            for b in 0..cache.batch {
+                let at = |r: Region| view::<B>(&cache.memory, r).slice(b * per_sequence, n * row);
+                self.backend
+                    .copy(at(cache.keys[l]), view::<B>(&acts.memory, s.k));
+                self.backend
+                    .copy(at(cache.values[l]), view::<B>(&acts.memory, s.v_used));
+            }
         }
         cache.len = n;
-        cache.last_token = tokens.last().copied();
+        cache.last_tokens = vec![tokens[n - 1]; cache.batch];
         let vocab = self.config.vocab_size;
         let logits = self.download_logits(&acts)?;
         Ok(logits[(n - 1) * vocab..].to_vec())
@@ -440,15 +476,17 @@ fn mlp_slope(mlp: Mlp) -> f32 {
 /// `((prev + 1) · 1000003 + cur) mod buckets`, with `prev + 1 = 0` at a sequence's first
 /// position (`prev` is the token before `tokens[0]` when decoding one token at a time).
 /// `bench/peers/golf.py` computes the same.
-pub fn bigram_ids(tokens: &[u32], seq: usize, prev: Option<u32>, buckets: usize) -> Vec<u32> {
+pub fn bigram_ids(tokens: &[u32], seq: usize, prev: &[u32], buckets: usize) -> Vec<u32> {
     tokens
         .iter()
         .enumerate()
         .map(|(i, &cur)| {
+            // Within a sequence its previous token; at a sequence's start the token before it
+            // (decoding: `prev`, one per sequence), if any.
             let before = if i % seq > 0 {
                 Some(tokens[i - 1])
             } else {
-                prev
+                prev.get(i / seq).copied()
             };
             let code = before.map_or(0, |p| p as u64 + 1);
             ((code * 1_000_003 + cur as u64) % buckets as u64) as u32
