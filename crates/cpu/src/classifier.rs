@@ -21,10 +21,10 @@
 //! is 1,455 MiB).
 //!
 //! Work goes out one chunk per task. The inputs are packed once per call and shared; a task
-//! packs its chunk of the weight (or reads a window of the weight's packed copy) and of the
-//! gradient on its own thread. The weight gradient of a chunk belongs to its task alone;
-//! the input gradient is summed in one accumulator per thread (a task takes whichever is
-//! free) and the accumulators are added up at the end.
+//! packs its chunk of the weight (the logits product reads a window of the weight's packed
+//! copy where there is one) and of the gradient on its own thread. The weight gradient of a
+//! chunk belongs to its task alone; the input gradient is summed in one accumulator per
+//! thread (a task takes whichever is free) and the accumulators are added up at the end.
 //!
 //! Accumulation rule: `dweight +=` (a parameter gradient), `dinp` per the call's mode, the
 //! losses and log-sum-exps overwritten.
@@ -40,15 +40,12 @@ use crate::shared::SharedMut;
 use crate::xent;
 
 /// The classifier weight `(vocab, dim)` as the products read it: its values, and its packed
-/// copies when the backend keeps them (`weights.rs`: bf16, both orientations), from which a
-/// chunk is a window instead of a packing.
+/// copy as the logits product's B (`k = dim`, `n = vocab`) when the backend keeps one
+/// (`weights.rs`, bf16), of which a chunk is a window instead of a packing.
 #[derive(Clone, Copy)]
 pub struct Weight<'a> {
     pub values: &'a [f32],
-    /// As the logits product's B (`k = dim`, `n = vocab`).
     pub forward: Option<&'a Packed>,
-    /// As the input gradient's B (`k = vocab`, `n = dim`).
-    pub backward: Option<&'a Packed>,
 }
 
 impl<'a> Weight<'a> {
@@ -57,7 +54,6 @@ impl<'a> Weight<'a> {
         Weight {
             values,
             forward: None,
-            backward: None,
         }
     }
 }
@@ -131,7 +127,7 @@ impl Context {
             // SAFETY: `logits` holds rows × len values, this thread's alone.
             unsafe {
                 let c = self.logits.as_mut_ptr();
-                multiply_window(&self.pool, inp, copy, entries, 0, c, len, false);
+                multiply_window(&self.pool, inp, copy, entries, c, len, false);
             }
             self.cap(isa, s, rows * len);
             return;
@@ -398,14 +394,12 @@ fn backward_in_chunks(
             cs: 1,
         };
         ctx.grad.pack_a(&ctx.pool, kernel, a, rows, len);
-        if weight.backward.is_none() {
-            let b = Mat {
-                data: &weight.values[v0 * dim..(v0 + len) * dim],
-                rs: dim,
-                cs: 1,
-            };
-            ctx.weight_t.pack_b(&ctx.pool, kernel, b, len, dim);
-        }
+        let b = Mat {
+            data: &weight.values[v0 * dim..(v0 + len) * dim],
+            rs: dim,
+            cs: 1,
+        };
+        ctx.weight_t.pack_b(&ctx.pool, kernel, b, len, dim);
         // At most `threads` tasks run at once, so one of the accumulators is free.
         let mut acc = accumulators
             .iter()
@@ -416,12 +410,7 @@ fn backward_in_chunks(
         // SAFETY: the accumulator is locked by this task; rows × dim values.
         unsafe {
             let p = acc.dinp.as_mut_ptr();
-            match weight.backward {
-                Some(copy) => {
-                    multiply_window(&ctx.pool, &ctx.grad, copy, 0..dim, v0, p, dim, !first)
-                }
-                None => multiply(&ctx.pool, &ctx.grad, &ctx.weight_t, p, dim, !first),
-            }
+            multiply(&ctx.pool, &ctx.grad, &ctx.weight_t, p, dim, !first);
         }
         drop(acc);
         // The weight gradient of the chunk: A (i, k) = g[k, i], B = inp.
@@ -602,25 +591,18 @@ mod tests {
                         );
                     }
                 };
-                // The weight packed whole in both orientations, as the backend keeps it:
-                // each chunk is then a window of it.
-                let (mut fwd, mut bwd) = (Packed::default(), Packed::default());
+                // The weight packed whole, as the backend keeps it: each chunk is then a
+                // window of it.
+                let mut fwd = Packed::default();
                 let b = Mat {
                     data: &w,
                     rs: 1,
                     cs: dim,
                 };
                 fwd.pack_b(&pool, kernel, b, dim, vocab);
-                let b = Mat {
-                    data: &w,
-                    rs: dim,
-                    cs: 1,
-                };
-                bwd.pack_b(&pool, kernel, b, vocab, dim);
                 let packed = Weight {
                     values: &w,
                     forward: Some(&fwd),
-                    backward: Some(&bwd),
                 };
                 // Recomputing the logits from the weight (packed per chunk or a window of
                 // its copy), or reading the forward's saved logits.

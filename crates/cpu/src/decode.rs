@@ -12,6 +12,7 @@ use kiln_core::cpu::Isa;
 
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
+use crate::simd::dot;
 use crate::xent;
 
 /// `out (B, H·D)` for the newest position (see the module docs).
@@ -66,20 +67,7 @@ tiered!(
         for u in 0..len {
             let k = &keys[u * kv_row..u * kv_row + dim];
             for (g, q) in qs.chunks_exact(dim).enumerate() {
-                let mut lanes = [0f32; 16];
-                let (qc, kc) = (q.chunks_exact(16), k.chunks_exact(16));
-                let tail: f32 = qc
-                    .remainder()
-                    .iter()
-                    .zip(kc.remainder())
-                    .map(|(a, b)| a * b)
-                    .sum();
-                for (a, b) in qc.zip(kc) {
-                    for i in 0..16 {
-                        lanes[i] += a[i] * b[i];
-                    }
-                }
-                scores[g * len + u] = (lanes.iter().sum::<f32>() + tail) * scale;
+                scores[g * len + u] = dot(q, k) * scale;
             }
         }
     }

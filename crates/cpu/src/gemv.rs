@@ -7,6 +7,7 @@
 
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
+use crate::simd::dot;
 
 /// Rows up to which the forward product skips packing.
 pub const MAX_ROWS: usize = 4;
@@ -44,21 +45,7 @@ tiered!(
         let (rows, k) = shape;
         for (j, wj) in w.chunks_exact(k).enumerate() {
             for (r, sum) in sums.iter_mut().enumerate().take(rows) {
-                let xr = &x[r * k..(r + 1) * k];
-                let mut lanes = [0f32; 16];
-                let (wc, xc) = (wj.chunks_exact(16), xr.chunks_exact(16));
-                let tail: f32 = wc
-                    .remainder()
-                    .iter()
-                    .zip(xc.remainder())
-                    .map(|(a, b)| a * b)
-                    .sum();
-                for (a, b) in wc.zip(xc) {
-                    for i in 0..16 {
-                        lanes[i] += a[i] * b[i];
-                    }
-                }
-                sum[j] = lanes.iter().sum::<f32>() + tail;
+                sum[j] = dot(wj, &x[r * k..(r + 1) * k]);
             }
         }
     }

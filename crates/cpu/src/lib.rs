@@ -82,10 +82,11 @@ use kiln_core::cpu::{self, Isa};
 pub use kiln_reference::HostMemory;
 use kiln_reference::ReferenceBackend;
 
+use gemm::Packed;
 use gemm::{Mat, Microkernel};
 use pool::ThreadPool;
 use shared::SharedMut;
-use weights::{Orientation, PackedWeight};
+use weights::PackedWeight;
 
 /// The precision of the matmuls (everything else computes in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +151,15 @@ pub struct CpuBackend {
 }
 
 type V<'a> = View<'a, CpuBackend>;
+
+/// Which product of a linear layer reads its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Orientation {
+    /// `X · Wᵀ`.
+    Forward,
+    /// `dY · W`.
+    Backward,
+}
 
 /// The classifier weight `(vocab, dim)` as a linear layer's matrix.
 fn classifier_matrix(s: ClassifierShape) -> MatmulShape {
@@ -233,10 +243,9 @@ impl CpuBackend {
 
     /// `C = A·B` or `C += A·B` on this backend's micro-kernel and pool (`C` is `m × n`,
     /// row-major, dense).
-    #[allow(clippy::too_many_arguments)]
     /// `c (m, n) (=|+=) a (m, k) · W'`, W' the weight matrix of shape `s` in `orientation`
-    /// (`Wᵀ` forward, `W` backward; `weight` its view, `w` its values): with bf16 matmuls
-    /// from the weight's packed copy ([`weights`]), else packed for this product.
+    /// (`Wᵀ` forward, `W` backward; `weight` its view, `w` its values): forward with bf16
+    /// matmuls from the weight's packed copy ([`weights`]), else packed for this product.
     #[allow(clippy::too_many_arguments)]
     fn gemm_weight(
         &self,
@@ -271,38 +280,61 @@ impl CpuBackend {
             ),
         };
         let kernel = self.kernel();
-        if !kernel.is_bf16() || !weights::KEPT.contains(&orientation) {
+        if !kernel.is_bf16() || orientation == Orientation::Backward {
             return self.gemm(m, n, k, a, b, c, accumulate);
         }
         assert!(c.len() >= m * n, "gemm: C too short");
-        let memory = weight.memory();
+        let c = c.as_mut_ptr();
         if m <= gemm::FEW_ROWS && a.cs == 1 {
             // A few rows (decoding): read in place against the packed copy.
             let rows = (a.data, a.rs, m);
-            memory.with_derived(
-                weight.offset(),
-                weight.len(),
-                |copy: &mut PackedWeight, stale| {
-                    let b = copy.get(&self.pool, kernel, w, s, orientation, stale);
-                    // SAFETY: C is a unique borrow of at least m × n values (checked).
-                    unsafe {
-                        gemm::multiply_rows(&self.pool, rows, b, c.as_mut_ptr(), n, accumulate)
-                    }
-                },
-            );
-            return;
+            // SAFETY: C is a unique borrow of at least m × n values (checked).
+            return self.with_weight_copy((weight, w), s, |b| unsafe {
+                gemm::multiply_rows(&self.pool, rows, b, c, n, accumulate)
+            });
         }
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         scratch.a.pack_a(&self.pool, kernel, a, m, k);
+        // SAFETY: as above.
+        self.with_weight_copy((weight, w), s, |b| unsafe {
+            gemm::multiply(&self.pool, &scratch.a, b, c, n, accumulate)
+        });
+    }
+
+    /// Runs `f` on the packed forward copy of `weight` (`w` its values, `s` its shape),
+    /// packed first if it is missing or stale ([`weights`]).
+    fn with_weight_copy<R>(
+        &self,
+        (weight, w): (V, &[f32]),
+        s: MatmulShape,
+        f: impl FnOnce(&Packed) -> R,
+    ) -> R {
+        let kernel = self.kernel();
+        let memory = weight.memory();
         memory.with_derived(
             weight.offset(),
             weight.len(),
-            |copy: &mut PackedWeight, stale| {
-                let b = copy.get(&self.pool, kernel, w, s, orientation, stale);
-                // SAFETY: C is a unique borrow of at least m × n values (checked).
-                unsafe { gemm::multiply(&self.pool, &scratch.a, b, c.as_mut_ptr(), n, accumulate) }
-            },
-        );
+            |copy: &mut PackedWeight, stale| f(copy.forward(&self.pool, kernel, w, s, stale)),
+        )
+    }
+
+    /// Runs `f` on the classifier weight as the fused head reads it: with bf16 matmuls its
+    /// packed copy, of which the chunks are windows; else its values alone.
+    fn with_classifier_weight<R>(
+        &self,
+        (weight, w): (V, &[f32]),
+        s: ClassifierShape,
+        f: impl FnOnce(classifier::Weight) -> R,
+    ) -> R {
+        if !self.kernel().is_bf16() {
+            return f(classifier::Weight::unpacked(w));
+        }
+        self.with_weight_copy((weight, w), classifier_matrix(s), |forward| {
+            f(classifier::Weight {
+                values: w,
+                forward: Some(forward),
+            })
+        })
     }
 
     /// The micro-kernel of the matmuls: the tier's, at the backend's precision.
@@ -785,28 +817,10 @@ impl Backend for CpuBackend {
         let lse = slices!(write logsumexp, [saved, inp, weight]);
         let sv = (!saved.is_empty()).then(|| slices!(write saved, [inp, weight]));
         let (x, w) = (slices!(read inp), slices!(read weight));
-        let kernel = self.kernel();
-        let (isa, pool) = (self.isa, &*self.pool);
-        if !kernel.is_bf16() {
-            let w = classifier::Weight::unpacked(w);
-            return classifier::forward(isa, kernel, pool, l, (lse, sv), x, w, targets, s);
-        }
-        // With bf16 matmuls, the chunks are windows of the weight's packed copy.
-        let shape = classifier_matrix(s);
-        let memory = weight.memory();
-        memory.with_derived(
-            weight.offset(),
-            weight.len(),
-            |copy: &mut PackedWeight, stale| {
-                let forward = copy.get(pool, kernel, w, shape, Orientation::Forward, stale);
-                let w = classifier::Weight {
-                    values: w,
-                    forward: Some(forward),
-                    backward: None,
-                };
-                classifier::forward(isa, kernel, pool, l, (lse, sv), x, w, targets, s);
-            },
-        );
+        let (isa, kernel, pool) = (self.isa, self.kernel(), &*self.pool);
+        self.with_classifier_weight((weight, w), s, |w| {
+            classifier::forward(isa, kernel, pool, l, (lse, sv), x, w, targets, s)
+        });
     }
 
     fn classifier_loss_backward(
@@ -832,30 +846,11 @@ impl Backend for CpuBackend {
         let (x, w) = (slices!(read inp), slices!(read weight));
         let lse = slices!(read logsumexp);
         let state = (lse, (!saved.is_empty()).then(|| slices!(read saved)));
-        let kernel = self.kernel();
-        let (isa, pool) = (self.isa, &*self.pool);
+        let (isa, kernel, pool) = (self.isa, self.kernel(), &*self.pool);
         let (d, mode) = (dloss, dinp_mode);
-        if !kernel.is_bf16() {
-            let w = classifier::Weight::unpacked(w);
-            return classifier::backward(
-                isa, kernel, pool, di, dw, x, w, state, targets, s, d, mode,
-            );
-        }
-        let shape = classifier_matrix(s);
-        let memory = weight.memory();
-        memory.with_derived(
-            weight.offset(),
-            weight.len(),
-            |copy: &mut PackedWeight, stale| {
-                let forward = copy.get(pool, kernel, w, shape, Orientation::Forward, stale);
-                let w = classifier::Weight {
-                    values: w,
-                    forward: Some(forward),
-                    backward: None,
-                };
-                classifier::backward(isa, kernel, pool, di, dw, x, w, state, targets, s, d, mode);
-            },
-        );
+        self.with_classifier_weight((weight, w), s, |w| {
+            classifier::backward(isa, kernel, pool, di, dw, x, w, state, targets, s, d, mode)
+        });
     }
 
     fn fake_quantize(&self, dst: V, src: V, q: FakeQuant) {

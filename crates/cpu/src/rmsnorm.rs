@@ -10,23 +10,10 @@ use kiln_core::cpu::Isa;
 
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
+use crate::simd::dot;
 
 /// Rows per task.
 const ROWS: usize = 32;
-
-/// `Σ a·b` in 16 independent lanes (so the compiler vectorizes the reduction).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
-}
 
 #[allow(clippy::too_many_arguments)]
 pub fn forward(

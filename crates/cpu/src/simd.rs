@@ -1,9 +1,24 @@
-//! Vector `exp` for the element-wise kernels, one per tier: Cephes' `expf` (S. Moshier,
-//! Cephes Math Library, `expf.c`): n = round(x·log₂e), r = x − n·ln2 in two parts, a
-//! degree-5 polynomial for eʳ, then ×2ⁿ. Relative error about 2 ulp over the clamped range
+//! The lane-split dot product, and vector `exp` for the element-wise kernels, one per tier:
+//! Cephes' `expf` (S. Moshier, Cephes Math Library, `expf.c`): n = round(x·log₂e), r = x −
+//! n·ln2 in two parts, a degree-5 polynomial for eʳ, then ×2ⁿ. Relative error about 2 ulp over the clamped range
 //! [−87.3, 88.7], where the result is a normal f32; below it the result flushes toward 0.
 
 use std::arch::x86_64::*;
+
+/// `Σ a·b` in 16 independent lanes, so the compiler vectorizes the reduction at the width of
+/// the tier it is inlined into (RMSNorm, the few-row f32 product, the KV-cache attention).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + ar.iter().zip(br).map(|(x, y)| x * y).sum::<f32>()
+}
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split in a part exact in f32 and the rest (Cephes' C1, C2).

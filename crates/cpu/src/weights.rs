@@ -3,8 +3,8 @@
 //! input gradient's B (`k = out`, `n = in`, for dY·W). With bf16 matmuls the forward
 //! orientation is kept: the bf16 copy of the master weight, rounded once per optimizer step
 //! instead of once per product, read by the forward, by the fused classifier's forward and by
-//! its recomputation in the backward. The input gradient's orientation is packed per product
-//! ([`KEPT`]): keeping it too measured no faster (Zen 5: stories15m 181–194 against 180–184
+//! its recomputation in the backward. The input gradient's orientation is packed per product:
+//! keeping it too measured no faster (Zen 5: stories15m 181–194 against 180–184
 //! ms/step; Qwen3-0.6B 2.63–2.68 against 2.30–2.48 s, its repacking doubling the optimizer
 //! step) and cost 2 more bytes per parameter, which put Qwen3-0.6B's peak memory above
 //! PyTorch's (12.1 GiB against 11.9; 11.1 GiB without it).
@@ -27,10 +27,7 @@ use crate::optim;
 use crate::pool::ThreadPool;
 use crate::HostMemory;
 
-/// The orientations kept packed (see the module docs).
-pub const KEPT: [Orientation; 1] = [Orientation::Forward];
-
-/// One weight's packed copies (see the module docs).
+/// One weight's packed copy (see the module docs).
 #[derive(Default)]
 pub struct PackedWeight {
     kernel: Option<Microkernel>,
@@ -38,29 +35,17 @@ pub struct PackedWeight {
     in_dim: usize,
     /// W as the forward's B: `k = in_dim`, `n = out_dim`.
     forward: Option<Packed>,
-    /// W as the input gradient's B: `k = out_dim`, `n = in_dim`.
-    backward: Option<Packed>,
-}
-
-/// Which product reads the copy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Orientation {
-    /// `X · Wᵀ`.
-    Forward,
-    /// `dY · W`.
-    Backward,
 }
 
 impl PackedWeight {
-    /// The copy for `orientation`, packed from `w` if missing, stale, or made for another
-    /// kernel or shape.
-    pub fn get(
+    /// The forward copy, packed from `w` if missing, stale, or made for another kernel or
+    /// shape.
+    pub fn forward(
         &mut self,
         pool: &ThreadPool,
         kernel: Microkernel,
         w: &[f32],
         s: MatmulShape,
-        orientation: Orientation,
         stale: bool,
     ) -> &Packed {
         let same =
@@ -71,76 +56,43 @@ impl PackedWeight {
                 out_dim: s.out_dim,
                 in_dim: s.in_dim,
                 forward: None,
-                backward: None,
             };
         }
-        let (out_dim, in_dim) = (s.out_dim, s.in_dim);
-        let slot = match orientation {
-            Orientation::Forward => &mut self.forward,
-            Orientation::Backward => &mut self.backward,
-        };
-        slot.get_or_insert_with(|| pack(pool, kernel, w, out_dim, in_dim, orientation))
+        self.forward.get_or_insert_with(|| {
+            // B (k, j) = W[j, k].
+            let b = Mat {
+                data: w,
+                rs: 1,
+                cs: s.in_dim,
+            };
+            let mut packed = Packed::default();
+            packed.pack_b(pool, kernel, b, s.in_dim, s.out_dim);
+            packed
+        })
     }
 
-    /// AdamW on the weight, repacking the forward copy group by group as it goes, and the
-    /// input gradient's copy (if kept) after; `false` (and the copies dropped, to be packed
-    /// again on next use) when there is no forward copy to fuse with.
+    /// AdamW on the weight, repacking the forward copy group by group as it goes; `false`
+    /// (and the copy dropped, to be packed again on next use) when there is none to fuse
+    /// with.
     fn adamw(
         &mut self,
         isa: Isa,
         pool: &ThreadPool,
-        (p, g, m, v): (&mut [f32], &[f32], &mut [f32], &mut [f32]),
+        bufs: (&mut [f32], &[f32], &mut [f32], &mut [f32]),
         hp: &AdamWStep,
     ) -> bool {
-        let (out_dim, in_dim) = (self.out_dim, self.in_dim);
-        let (Some(kernel), Some(forward)) = (self.kernel, self.forward.as_mut()) else {
-            *self = PackedWeight::default();
-            return false;
-        };
-        if p.len() != out_dim * in_dim {
-            *self = PackedWeight::default();
-            return false;
-        }
-        let shape = (out_dim, in_dim);
-        optim::adamw_packing(isa, pool, (&mut *p, g, m, v), hp, (forward, kernel), shape);
-        if self.backward.is_some() {
-            let backward = pack(pool, kernel, p, out_dim, in_dim, Orientation::Backward);
-            self.backward = Some(backward);
-        }
-        true
-    }
-}
-
-fn pack(
-    pool: &ThreadPool,
-    kernel: Microkernel,
-    w: &[f32],
-    out_dim: usize,
-    in_dim: usize,
-    orientation: Orientation,
-) -> Packed {
-    let mut packed = Packed::default();
-    match orientation {
-        // B (k, j) = W[j, k].
-        Orientation::Forward => {
-            let b = Mat {
-                data: w,
-                rs: 1,
-                cs: in_dim,
-            };
-            packed.pack_b(pool, kernel, b, in_dim, out_dim);
-        }
-        // B (k, j) = W[k, j].
-        Orientation::Backward => {
-            let b = Mat {
-                data: w,
-                rs: in_dim,
-                cs: 1,
-            };
-            packed.pack_b(pool, kernel, b, out_dim, in_dim);
+        let shape = (self.out_dim, self.in_dim);
+        match (self.kernel, self.forward.as_mut()) {
+            (Some(kernel), Some(forward)) if bufs.0.len() == shape.0 * shape.1 => {
+                optim::adamw_packing(isa, pool, bufs, hp, (forward, kernel), shape);
+                true
+            }
+            _ => {
+                *self = PackedWeight::default();
+                false
+            }
         }
     }
-    packed
 }
 
 /// One AdamW step of the weight at `offset..offset + len` of `memory` (`bufs`: its params,

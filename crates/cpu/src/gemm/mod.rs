@@ -314,23 +314,20 @@ pub unsafe fn multiply(
     ldc: usize,
     accumulate: bool,
 ) {
-    multiply_window(pool, a, b, 0..b.lanes, 0, c, ldc, accumulate)
+    multiply_window(pool, a, b, 0..b.lanes, c, ldc, accumulate)
 }
 
 /// [`multiply`] with a window of B: its columns `columns` (starting at a panel boundary, a
-/// multiple of the kernel's NR) and its k values `k0..k0 + k`, `k` being A's (`k0` even for
-/// bf16 pairs). `C` is `(m, columns.len())`. The fused classifier reads a vocabulary chunk
-/// of a weight packed whole this way.
+/// multiple of the kernel's NR). `C` is `(m, columns.len())`. The fused classifier reads a
+/// vocabulary chunk of a weight packed whole this way.
 ///
 /// # Safety
 /// As [`gemm_into`], for `m × columns.len()` values of C.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn multiply_window(
     pool: &ThreadPool,
     a: &Packed,
     b: &Packed,
     columns: std::ops::Range<usize>,
-    k0: usize,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -340,18 +337,13 @@ pub unsafe fn multiply_window(
         a.kernel, b.kernel,
         "multiply: operands packed for one kernel"
     );
+    assert_eq!(a.k, b.k, "multiply: inner dimensions differ");
     let Some(kernel) = a.kernel else { return };
     let (mr, nr) = (kernel.mr(), kernel.nr());
     assert!(
         columns.start.is_multiple_of(nr) && columns.end <= b.lanes,
         "multiply: B's columns {columns:?} of {} (panels of {nr})",
         b.lanes
-    );
-    assert!(
-        k0 + a.k <= b.k && (!kernel.is_bf16() || k0.is_multiple_of(2)),
-        "multiply: B's k window {k0}+{} of {}",
-        a.k,
-        b.k
     );
     let (m, n, kp) = (a.lanes, columns.len(), a.kp);
     if m == 0 || n == 0 {
@@ -369,10 +361,8 @@ pub unsafe fn multiply_window(
         kernel,
         a: a.data(),
         b: b.data(),
-        a_kp: a.kp,
-        b_kp: b.kp,
+        kp,
         b_panel0: columns.start / nr,
-        b_k0: k0,
     };
     // Tiles of at most TILE_STRIPS × TILE_PANELS, the counts split evenly (9 panels make
     // tiles of 5 and 4, not 8 and 1), so the tasks are of one size.
@@ -397,9 +387,9 @@ pub unsafe fn multiply_window(
                     let (i0, j0) = (s * mr, p * nr);
                     let (rows, cols) = (mr.min(m - i0), nr.min(n - j0));
                     // SAFETY: tile (tm, tn) covers rows i0..i0+rows and columns j0..j0+cols
-                    // of C, which no other task touches; A holds strip s over all of its kp,
-                    // B panel b_panel0 + p over k b_k0..b_k0 + kp (checked above), so the
-                    // offsets plus kc·MR and kc·NR stay inside them.
+                    // of C, which no other task touches; A holds strip s and B panel
+                    // b_panel0 + p (inside B, checked above) over all of kp, so the offsets
+                    // plus kc·MR and kc·NR stay inside them.
                     unsafe {
                         let c_tile = c_ptr.get().add(i0 * ldc + j0);
                         run_kernel(&operands, s, p, pc, kc, c_tile, ldc, rows, cols, overwrite);
@@ -481,16 +471,13 @@ struct Operands<'s> {
     kernel: Microkernel,
     a: PackedRef<'s>,
     b: PackedRef<'s>,
-    /// Padded k of A's strips and of B's panels (their strides).
-    a_kp: usize,
-    b_kp: usize,
-    /// B's first panel and first k in the window.
+    /// Padded k of A's strips and B's panels (their stride).
+    kp: usize,
+    /// B's first panel in the window.
     b_panel0: usize,
-    b_k0: usize,
 }
 
-/// Calls the micro-kernel on strip `s` of A and panel `p` of B's window over k `pc..pc + kc`
-/// (of A; B's k is offset by the window's).
+/// Calls the micro-kernel on strip `s` of A and panel `p` of B's window over k `pc..pc + kc`.
 ///
 /// # Safety
 /// `c` points to an MR × NR (at least `rows` × `cols`) block of C with row stride `ldc`,
@@ -510,8 +497,8 @@ unsafe fn run_kernel(
     overwrite: bool,
 ) {
     let (mr, nr) = (o.kernel.mr(), o.kernel.nr());
-    let a_at = s * o.a_kp * mr + pc * mr;
-    let b_at = (o.b_panel0 + p) * o.b_kp * nr + (o.b_k0 + pc) * nr;
+    let a_at = s * o.kp * mr + pc * mr;
+    let b_at = (o.b_panel0 + p) * o.kp * nr + pc * nr;
     match (o.kernel, o.a, o.b) {
         (Microkernel::Avx2F32, PackedRef::F32(a), PackedRef::F32(b)) => {
             let (ap, bp) = (a.as_ptr().add(a_at), b.as_ptr().add(b_at));
@@ -797,13 +784,13 @@ mod tests {
         }
     }
 
-    /// A window of a packed B (panels from a boundary, a k range from an even offset) gives
-    /// the product with that sub-matrix, as packing the sub-matrix alone does (same kernel,
-    /// same rounding: bit for bit).
+    /// A window of a packed B (panels from a boundary) gives the product with that
+    /// sub-matrix, as packing the sub-matrix alone does (same kernel, same rounding: bit for
+    /// bit).
     #[test]
     fn a_window_of_packed_b_equals_the_packed_sub_matrix() {
         let pool = ThreadPool::new(2);
-        let (m, k_all, n_all) = (19, 90, 150);
+        let (m, k_all, n_all) = (19, 91, 150);
         let val = |i: usize, mul: usize| ((i * mul) % 97) as f32 / 48.0 - 1.0;
         let a_all: Vec<f32> = (0..m * k_all).map(|i| val(i, 7)).collect();
         let b_all: Vec<f32> = (0..k_all * n_all).map(|i| val(i, 11)).collect();
@@ -816,13 +803,10 @@ mod tests {
                 cs: 1,
             };
             b.pack_b(&pool, kernel, whole, k_all, n_all);
-            // Columns from the second panel to the end (a ragged last panel), k 10..10 + 33.
-            let (columns, k0, k) = (nr..n_all, 10, 33);
-            let a_data: Vec<f32> = (0..m)
-                .flat_map(|i| a_all[i * k_all + k0..i * k_all + k0 + k].to_vec())
-                .collect();
+            // Columns from the second panel to the end (a ragged last panel); odd k.
+            let (columns, k) = (nr..n_all, k_all);
             let a_mat = Mat {
-                data: &a_data,
+                data: &a_all,
                 rs: k,
                 cs: 1,
             };
@@ -831,20 +815,9 @@ mod tests {
             let n = columns.len();
             let mut got = vec![0f32; m * n];
             // SAFETY: m × n values.
-            unsafe {
-                multiply_window(
-                    &pool,
-                    &a,
-                    &b,
-                    columns.clone(),
-                    k0,
-                    got.as_mut_ptr(),
-                    n,
-                    false,
-                )
-            };
+            unsafe { multiply_window(&pool, &a, &b, columns.clone(), got.as_mut_ptr(), n, false) };
             let sub = Mat {
-                data: &b_all[k0 * n_all + columns.start..],
+                data: &b_all[columns.start..],
                 rs: n_all,
                 cs: 1,
             };
