@@ -1,7 +1,8 @@
 //! The lane-split dot product, and vector `exp` for the element-wise kernels, one per tier:
 //! Cephes' `expf` (S. Moshier, Cephes Math Library, `expf.c`): n = round(x·log₂e), r = x −
-//! n·ln2 in two parts, a degree-5 polynomial for eʳ, then ×2ⁿ. Relative error about 2 ulp over the clamped range
-//! [−87.3, 88.7], where the result is a normal f32; below it the result flushes toward 0.
+//! n·ln2 in two parts, a degree-5 polynomial for eʳ, then ×2ⁿ. Relative error about 2 ulp
+//! over the clamped range [−87.3, 88.7], where the result is a normal f32; below it the
+//! result flushes toward 0.
 
 use std::arch::x86_64::*;
 
