@@ -66,13 +66,49 @@ pub fn availability(choice: BackendChoice) -> Result<(), String> {
     }
 }
 
-/// What `--backend` and `--precision` (or `KILN_BACKEND`, `KILN_PRECISION`) ask for.
+/// The weights' format for inference (`--weights` on `sample`, `eval`, `bench decode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Weights {
+    /// f32 matmuls (as `--precision f32`).
+    F32,
+    /// bf16 copies of the weights, converted once at load (as `--precision bf16`; tiers with
+    /// a native bf16 dot product).
+    Bf16,
+    /// int8 in groups of 64 (32 where a row does not divide by 64) with f32 scales, as
+    /// llama2.c's `runq.c`; decoding runs int8 dot products (cpu backend).
+    Int8,
+}
+
+/// What `--backend`, `--precision` and `--weights` (or `KILN_BACKEND`, `KILN_PRECISION`,
+/// `KILN_WEIGHTS`) ask for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Selection {
     pub backend: BackendChoice,
     /// The matmuls' precision on the CPU backend; `None`: bf16 where the tier has a native
     /// bf16 dot product, f32 elsewhere. The reference backend is f32 only.
     pub precision: Option<Precision>,
+    /// The inference weights' format; `None`: as the precision says.
+    pub weights: Option<Weights>,
+}
+
+impl Selection {
+    /// Whether the loader rounds the weights through int8 groups (`--weights int8`).
+    pub fn int8(&self) -> bool {
+        self.weights == Some(Weights::Int8)
+    }
+
+    /// The precision `--weights` and `--precision` ask for together, or why they disagree.
+    fn effective_precision(&self) -> Result<Option<Precision>> {
+        Ok(match (self.weights, self.precision) {
+            (Some(Weights::F32), Some(Precision::Bf16))
+            | (Some(Weights::Bf16), Some(Precision::F32)) => {
+                bail!("--weights and --precision disagree: give one of them")
+            }
+            (Some(Weights::F32), _) => Some(Precision::F32),
+            (Some(Weights::Bf16), _) => Some(Precision::Bf16),
+            (Some(Weights::Int8) | None, precision) => precision,
+        })
+    }
 }
 
 impl From<BackendChoice> for Selection {
@@ -80,6 +116,7 @@ impl From<BackendChoice> for Selection {
         Selection {
             backend,
             precision: None,
+            weights: None,
         }
     }
 }
@@ -112,7 +149,14 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
     if let Err(why) = availability(choice) {
         bail!("backend '{}' is not usable: {why}", choice.name());
     }
-    match (choice, selection.precision) {
+    let precision = selection.effective_precision()?;
+    if selection.int8() && choice != BackendChoice::Cpu {
+        bail!(
+            "--weights int8 runs on the cpu backend, not '{}'",
+            choice.name()
+        );
+    }
+    match (choice, precision) {
         (BackendChoice::Reference, None | Some(Precision::F32)) => {
             Ok(Resolved::Reference(ReferenceBackend))
         }
@@ -127,6 +171,9 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
                 backend = CpuBackend::with(backend.isa(), precision, backend.threads())
                     .map_err(anyhow::Error::msg)?
                     .keeping(backend.logits());
+            }
+            if selection.int8() {
+                backend = backend.with_int8_weights();
             }
             Ok(Resolved::Cpu(backend))
         }
@@ -190,9 +237,23 @@ mod tests {
         let reference_bf16 = Selection {
             backend: BackendChoice::Reference,
             precision: Some(Precision::Bf16),
+            weights: None,
         };
         let err = resolve(reference_bf16).err().unwrap().to_string();
         assert!(err.contains("f32 only"), "{err}");
+        let reference_int8 = Selection {
+            weights: Some(Weights::Int8),
+            ..reference_bf16
+        };
+        let err = resolve(reference_int8).err().unwrap().to_string();
+        assert!(err.contains("cpu backend"), "{err}");
+        let disagree = Selection {
+            backend: BackendChoice::Cpu,
+            precision: Some(Precision::Bf16),
+            weights: Some(Weights::F32),
+        };
+        let err = resolve(disagree).err().unwrap().to_string();
+        assert!(err.contains("disagree"), "{err}");
         Ok(())
     }
 }

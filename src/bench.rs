@@ -397,13 +397,14 @@ pub struct DecodeFigures {
 }
 
 /// `kiln bench decode`: a prompt of `prompt` tokens, then `tokens` greedily decoded ones,
-/// through the KV cache; the weights each token streams (`bytes_per_weight` per matrix
-/// element: 2 where the backend reads bf16 copies, else 4), and that traffic's share of the
-/// memory bandwidth `memory_gbs`.
+/// through the KV cache; the weights each token streams (`bytes_per_weight(cols)` per element
+/// of a matrix with rows of `cols`: 2 where the backend reads bf16 copies, 1 and a scale per
+/// group with int8 ones, else 4), and that traffic's share of the memory bandwidth
+/// `memory_gbs`.
 pub fn decode<B: Backend>(
     model: &kiln_core::model::Model<B>,
     (prompt, tokens, samples): (usize, usize, usize),
-    bytes_per_weight: f64,
+    bytes_per_weight: &dyn Fn(usize) -> f64,
     memory_gbs: f64,
 ) -> Result<DecodeFigures> {
     use kiln_core::layout::ParamKind;
@@ -417,9 +418,11 @@ pub fn decode<B: Backend>(
     let ids: Vec<u32> = (0..prompt)
         .map(|i| ((i * 7919 + 13) % vocab) as u32)
         .collect();
-    // One warm-up pass (it packs the weight copies a bf16 backend keeps), as peers' benches
-    // warm up too.
-    model.prefill(&mut model.kv_cache(prompt)?, &ids)?;
+    // One warm-up pass and step (they make the weight copies a bf16 or int8 backend keeps),
+    // as peers' benches warm up too.
+    let mut warm = model.kv_cache(prompt + 1)?;
+    model.prefill(&mut warm, &ids)?;
+    model.decode_step(&mut warm, ids[0])?;
     let mut cache = model.kv_cache_batch(samples, prompt + tokens)?;
     let started = Instant::now();
     let first = model.prefill(&mut cache, &ids)?;
@@ -451,14 +454,17 @@ pub fn decode<B: Backend>(
     let decode = started.elapsed().as_secs_f64();
     // Every block matrix and the classifier are read whole per token.
     let layout = &model.layout;
-    let matrices: usize = layout
+    let classifier = [(layout.classifier.len, config.dim)];
+    let matrices = layout
         .specs
         .iter()
         .filter(|s| matches!(s.kind, ParamKind::BlockMatrix { .. }))
-        .map(|s| s.region.len)
-        .sum::<usize>()
-        + layout.classifier.len;
-    let bytes = matrices as f64 * bytes_per_weight / samples as f64;
+        .map(|s| (s.region.len, *s.shape.last().expect("a matrix")))
+        .chain(classifier);
+    let bytes = matrices
+        .map(|(len, cols)| len as f64 * bytes_per_weight(cols))
+        .sum::<f64>()
+        / samples as f64;
     let decode_rate = (tokens * samples) as f64 / decode;
     let figures = DecodeFigures {
         machine: describe(),

@@ -31,6 +31,9 @@ pub struct Source {
     pub model: Option<PathBuf>,
     /// The tokenizer, when it is not beside the model.
     pub tokenizer: Option<PathBuf>,
+    /// Round the matrices through int8 groups at load (`--weights int8`; see
+    /// `kiln_core::quant::round_trip_groups`).
+    pub int8: bool,
 }
 
 /// A trained model with what it needs to read and write text.
@@ -50,7 +53,15 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
         (None, Some(model)) => model.clone(),
         (None, None) => bail!("give --run or --model"),
     };
-    let imported = crate::rundir::import(&path, source.tokenizer.as_deref())?;
+    let mut imported = crate::rundir::import(&path, source.tokenizer.as_deref())?;
+    if source.int8 {
+        let layout = kiln_core::layout::ParamLayout::new(&imported.config);
+        let rounded = kiln_core::quant::round_trip_groups(&layout, &mut imported.weights);
+        eprintln!(
+            "int8 weights: {rounded} of {} values in groups of 64 (32 where rows need it)",
+            imported.weights.len()
+        );
+    }
     let tokenizer = imported.tokenizer.with_context(|| {
         format!(
             "no tokenizer found for {}; pass --tokenizer",

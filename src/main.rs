@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use kiln::backends::{BackendChoice, Selection};
+use kiln::backends::{BackendChoice, Selection, Weights};
 use kiln::commands::{EvalOptions, SampleOptions, Source};
 use kiln::train::{print_report, MuonConfig, OptimizerKind, Schedule, TrainConfig, Trainer};
 use kiln::with_backend;
@@ -40,6 +40,11 @@ struct Cli {
     /// bf16 where the CPU has a native bf16 dot product, f32 elsewhere.
     #[arg(long, global = true, value_enum, env = "KILN_PRECISION")]
     precision: Option<Precision>,
+    /// The weights' format for inference (sample, eval, bench decode): f32, bf16, or int8
+    /// (groups of 64 as llama2.c's runq.c; int8 dot products while decoding; cpu backend).
+    /// Default: as --precision.
+    #[arg(long, global = true, value_enum, env = "KILN_WEIGHTS")]
+    weights: Option<Weights>,
     #[command(subcommand)]
     command: Command,
 }
@@ -453,8 +458,10 @@ fn parse_duration(s: &str) -> Result<f64, String> {
 }
 
 impl ModelSource {
-    fn source(&self) -> Source {
+    /// The source, with the weights' format the selection asks for.
+    fn source(&self, selection: Selection) -> Source {
         Source {
+            int8: selection.int8(),
             run: self.run.clone(),
             best: self.best,
             model: self.model.clone(),
@@ -468,6 +475,7 @@ fn main() -> Result<()> {
     let backend = Selection {
         backend: cli.backend,
         precision: cli.precision,
+        weights: cli.weights,
     };
     match cli.command {
         Command::Data {
@@ -495,7 +503,14 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Train(args) => with_backend!(backend, |b| train(b, backend, *args)),
+        Command::Train(args) => {
+            if backend.weights.is_some() {
+                anyhow::bail!(
+                    "--weights is for sample, eval and bench decode; training takes --precision"
+                );
+            }
+            with_backend!(backend, |b| train(b, backend, *args))
+        }
         Command::Sample(args) => {
             let options = SampleOptions {
                 prompt: args.prompt.clone(),
@@ -508,13 +523,13 @@ fn main() -> Result<()> {
                     seed: args.seed,
                 },
             };
-            let source = args.source.source();
+            let source = args.source.source(backend);
             with_backend!(backend, |b| kiln::commands::sample(b, &source, &options))
         }
         Command::Eval(args) => {
             let options = EvalOptions {
                 artifact: args.artifact.clone(),
-                source: args.source.source(),
+                source: args.source.source(backend),
                 data: args.data.clone(),
                 batch: args.batch,
                 seq: args.seq,
@@ -564,21 +579,34 @@ fn main() -> Result<()> {
                     json,
                 },
         } => {
-            // Matrix weights are read as the backend holds them for products: bf16 copies
-            // with the CPU backend's bf16 matmuls, f32 otherwise.
-            let bytes = match kiln::backends::resolve(backend)? {
-                kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => 2.0,
-                _ => 4.0,
+            // Matrix weights are read as the backend holds them for products: int8 codes and
+            // an f32 scale per group with `--weights int8`, bf16 copies with the CPU backend's bf16 matmuls, f32
+            // otherwise.
+            let int8 = |cols| match kiln_core::quant::int8_group(&[cols]) {
+                Some(group) => 1.0 + 4.0 / group as f64,
+                None => 4.0,
+            };
+            let bytes: &dyn Fn(usize) -> f64 = match kiln::backends::resolve(backend)? {
+                kiln::backends::Resolved::Cpu(cpu) if cpu.int8_weights() => &int8,
+                kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => {
+                    &|_| 2.0
+                }
+                _ => &|_| 4.0,
             };
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let memory = kiln_cpu::probe::memory_read_gbs(threads, 512, 0.6);
-            let source = source.source();
+            let source = source.source(backend);
             let figures = with_backend!(backend, |b| {
                 let model = if source.run.is_some() || source.model.is_some() {
                     kiln::commands::load(b, &source)?.model
                 } else {
                     let mut model = kiln_core::model::Model::new(b, from_preset_or_file(&preset)?)?;
                     model.init_random(1)?;
+                    if source.int8 {
+                        let mut weights = model.download_params()?;
+                        kiln_core::quant::round_trip_groups(&model.layout, &mut weights);
+                        model.upload_params(&weights)?;
+                    }
                     model
                 };
                 kiln::bench::decode(&model, (prompt, tokens, num_samples), bytes, memory)

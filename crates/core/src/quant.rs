@@ -407,6 +407,79 @@ pub fn round_trip(q: FakeQuant, src: &[f32], dst: &mut [f32]) {
     }
 }
 
+/// Inference int8 (`--weights int8`, llama2.c's `runq.c` and its version-2 file): symmetric
+/// groups of `group` consecutive values, scale = max |w| / 127 (f32), codes round(w / scale).
+/// Returns `(codes, scales)`, one scale per group; `values.len()` is a multiple of `group`.
+pub fn quantize_groups(values: &[f32], group: usize) -> (Vec<i8>, Vec<f32>) {
+    assert!(
+        group > 0 && values.len().is_multiple_of(group),
+        "int8 groups: {} values in groups of {group}",
+        values.len()
+    );
+    let mut codes = vec![0i8; values.len()];
+    let mut scales = vec![0f32; values.len() / group];
+    for ((g, c), s) in values
+        .chunks_exact(group)
+        .zip(codes.chunks_exact_mut(group))
+        .zip(&mut scales)
+    {
+        let max = g.iter().fold(0f32, |m, x| m.max(x.abs()));
+        *s = max / 127.0;
+        if max > 0.0 {
+            c.iter_mut()
+                .zip(g)
+                .for_each(|(c, &w)| *c = (w / *s).round() as i8);
+        }
+    }
+    (codes, scales)
+}
+
+/// The widest group of [`quantize_groups`] (64, as `runq.c`'s export, halved until it
+/// divides) that divides every product's input width of a model of width `dim`, MLP width
+/// `hidden` and attention width `heads · head_dim`; `None` below 32 (the kernels read 32-byte
+/// halves).
+pub fn int8_group(widths: &[usize]) -> Option<usize> {
+    let mut group = 64;
+    while widths.iter().any(|w| w % group != 0) {
+        group /= 2;
+    }
+    (group >= 32).then_some(group)
+}
+
+/// Replaces every matrix of `weights` (embeddings, classifier, block matrices) whose rows
+/// have an [`int8_group`] by its round trip through [`quantize_groups`] in that group: with
+/// `--weights int8` the products of many rows (prefill, evaluation) compute with exactly the
+/// values the int8 kernels of decoding hold (the CPU backend picks the same group per
+/// weight). Returns how many values were rounded.
+pub fn round_trip_groups(layout: &ParamLayout, weights: &mut [f32]) -> usize {
+    use rayon::prelude::*;
+    let matrices: Vec<_> = layout
+        .specs
+        .iter()
+        .filter(|spec| !matches!(spec.kind, ParamKind::NormGain | ParamKind::Control(_)))
+        .filter_map(|spec| Some((spec.region, int8_group(&[*spec.shape.last()?])?)))
+        .collect();
+    let rounded: Vec<(usize, Vec<f32>)> = matrices
+        .par_iter()
+        .map(|&(region, group)| {
+            let values = &weights[region.offset..][..region.len];
+            let (codes, scales) = quantize_groups(values, group);
+            let back = codes
+                .chunks_exact(group)
+                .zip(&scales)
+                .flat_map(|(c, &s)| c.iter().map(move |&q| q as f32 * s))
+                .collect();
+            (region.offset, back)
+        })
+        .collect();
+    let mut count = 0;
+    for (offset, values) in rounded {
+        count += values.len();
+        weights[offset..][..values.len()].copy_from_slice(&values);
+    }
+    count
+}
+
 /// Replaces every tensor of `weights` by its quantize → dequantize round trip under `rule`:
 /// the weights quantization-aware training computes with, and exactly what
 /// `kiln eval --artifact` will reload from the export (same function, same scheme).

@@ -59,6 +59,7 @@ pub mod decode;
 mod elementwise;
 pub mod gemm;
 pub mod gemv;
+pub mod int8;
 pub mod muon;
 pub mod optim;
 pub mod pool;
@@ -143,6 +144,8 @@ pub struct CpuBackend {
     isa: Isa,
     precision: Precision,
     logits: Logits,
+    /// Products of a few rows (decoding) read int8 copies of the weights ([`int8`]).
+    int8: bool,
     pool: Arc<ThreadPool>,
     /// The GEMMs' packing buffers, reused from call to call.
     scratch: Arc<Mutex<gemm::Scratch>>,
@@ -208,6 +211,7 @@ impl CpuBackend {
             isa,
             precision,
             logits: Logits::Keep,
+            int8: false,
             pool: Arc::new(ThreadPool::new(threads)),
             scratch: Arc::default(),
             rope_tables: Arc::default(),
@@ -222,6 +226,21 @@ impl CpuBackend {
 
     pub fn logits(&self) -> Logits {
         self.logits
+    }
+
+    /// This backend with int8 weights for products of a few rows (`--weights int8`): each
+    /// weight whose rows divide into groups of 32 or 64 is quantized once into an int8 copy
+    /// kept with its memory ([`int8`]; rewritten when the weight is written), which decoding
+    /// reads instead of the f32 or bf16 one. Products of many rows (prefill, evaluation) are
+    /// unchanged: the loader rounds the weights through the same int8 groups
+    /// (`kiln_core::quant::round_trip_groups`), so both compute with the same values.
+    pub fn with_int8_weights(mut self) -> Self {
+        self.int8 = true;
+        self
+    }
+
+    pub fn int8_weights(&self) -> bool {
+        self.int8
     }
 
     pub fn isa(&self) -> Isa {
@@ -396,8 +415,16 @@ impl Backend for CpuBackend {
             Logits::Keep => "",
             Logits::Recompute => ", logits recomputed",
         };
+        let int8 = if self.int8 {
+            match int8::Int8Dot::for_isa(self.isa) {
+                int8::Int8Dot::Vnni512 => ", int8 decoding (VNNI)",
+                int8::Int8Dot::Avx2 => ", int8 decoding (AVX2)",
+            }
+        } else {
+            ""
+        };
         format!(
-            "cpu ({}, {precision}, {} threads{logits})",
+            "cpu ({}, {precision}{int8}, {} threads{logits})",
             self.isa,
             self.threads()
         )
@@ -476,6 +503,21 @@ impl Backend for CpuBackend {
         assert_eq!(out.len(), s.rows * s.out_dim, "matmul_forward: out");
         let o = slices!(write out, [inp, weight]);
         let (x, w) = (slices!(read inp), slices!(read weight));
+        let int8_group = kiln_core::quant::int8_group(&[s.in_dim]);
+        if let (true, true, Some(group)) = (self.int8, s.rows <= gemv::MAX_ROWS, int8_group) {
+            let memory = weight.memory();
+            let dot = int8::Int8Dot::for_isa(self.isa);
+            return memory.with_derived(
+                weight.offset(),
+                weight.len(),
+                |m: &mut int8::Int8Matrix, stale| {
+                    if stale || (m.rows, m.cols, m.group) != (s.out_dim, s.in_dim, group) {
+                        *m = int8::Int8Matrix::quantize(w, s.out_dim, s.in_dim, group);
+                    }
+                    int8::forward(dot, &self.pool, o, x, m, s.rows)
+                },
+            );
+        }
         if s.rows <= gemv::MAX_ROWS && self.precision == Precision::F32 {
             // A few rows (decoding): dot products on the weight in place, no packing. With
             // bf16 matmuls the weight's packed copy is read instead, half the bytes

@@ -1,0 +1,464 @@
+//! Products of a few rows with int8 weights (decoding with `--weights int8`): each input row
+//! is quantized per group on the fly, and
+//! `out[r, j] = Σ_h sw[j, h] · sx[r, h] · Σ_{k ∈ h} q[j, k] · p[r, k]` over the 32-value halves
+//! `h` of the row, with integer dot products inside each half (llama2.c `runq.c`'s `matmul` is
+//! the formula; its weights are [`kiln_core::quant::quantize_groups`]). Accumulation rule:
+//! the output is overwritten.
+//!
+//! Weight codes are in −127..=127 (never −128, so a code's negation is a code). The integer
+//! dot product multiplies unsigned by signed bytes, so the input's sign moves onto the weight
+//! (`|p| · (q · sign p)`, as ggml's x86 int8 kernels do): with AVX512-VNNI one `vpdpbusd`
+//! per 64 bytes; on AVX2 `vpmaddubsw` (pairs of products, at most 2 · 127² = 32,258, so its
+//! i16 never saturates) then `vpmaddwd` by ones. Each 64-byte step's 16 integer sums are
+//! scaled in f32 right away (lanes of the two halves take their own scales), so the weights
+//! are read once and the only per-row reduction is the last one. Memory-bound: one byte per
+//! weight plus 4 per group.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use kiln_core::cpu::{self, Isa};
+
+use crate::pool::ThreadPool;
+use crate::shared::SharedMut;
+
+/// Weight rows per task (a multiple of [`ROWS`]).
+const BLOCK: usize = 128;
+
+/// Weight rows a kernel call takes together, interleaved in memory.
+const ROWS: usize = 4;
+
+/// A weight matrix `(rows, cols)` as int8 codes with one f32 scale per `group` values of a
+/// row, its codes in the kernels' layout: blocks of [`ROWS`] rows, each 64-byte step of a
+/// row followed by the same step of the block's next row, so a kernel call streams one
+/// contiguous run of memory (four rows read side by side measured 20 GB/s on one Zen 5
+/// core, one row at a time 25; ggml repacks its quantized weights for the same reason).
+/// Rows are padded to 64-byte steps and the matrix to whole blocks, with zero codes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Int8Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// Values per scale: a multiple of 32 that divides `cols`.
+    pub group: usize,
+    /// `(⌈rows / ROWS⌉, ⌈cols / 64⌉, ROWS, 64)`, each in −127..=127.
+    codes: Vec<i8>,
+    /// `(rows, cols / group)`, and one more (a ragged step's second half reads it, times 0).
+    scales: Vec<f32>,
+}
+
+impl Int8Matrix {
+    /// `w (rows, cols)` quantized in groups of `group` ([`kiln_core::quant::quantize_groups`]).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, group: usize) -> Self {
+        assert_eq!(w.len(), rows * cols, "int8: weight");
+        let (codes, scales) = kiln_core::quant::quantize_groups(w, group);
+        Self::new(rows, cols, group, &codes, &scales).expect("quantize_groups keeps ±127")
+    }
+
+    /// Row-major codes and scales made elsewhere (a llama2.c int8 file, a packed artifact),
+    /// checked and laid out for the kernels.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        codes: &[i8],
+        scales: &[f32],
+    ) -> Result<Self, String> {
+        if group == 0 || !group.is_multiple_of(32) || !cols.is_multiple_of(group) {
+            return Err(format!(
+                "int8 groups of {group} for rows of {cols}: the kernels need a multiple of 32 \
+                 that divides the row"
+            ));
+        }
+        if codes.len() != rows * cols || scales.len() != rows * (cols / group) {
+            return Err(format!(
+                "int8 {rows}×{cols} in groups of {group}: {} codes and {} scales",
+                codes.len(),
+                scales.len()
+            ));
+        }
+        if codes.contains(&i8::MIN) {
+            return Err("int8 code −128: codes must be within ±127".into());
+        }
+        let steps = cols.div_ceil(64);
+        let mut laid = vec![0i8; rows.div_ceil(ROWS) * steps * ROWS * 64];
+        for (j, row) in codes.chunks_exact(cols.max(1)).enumerate() {
+            for (step, bytes) in row.chunks(64).enumerate() {
+                let at = Self::offset(steps, j, step);
+                laid[at..at + bytes.len()].copy_from_slice(bytes);
+            }
+        }
+        let mut scales = scales.to_vec();
+        scales.push(0.0);
+        Ok(Int8Matrix {
+            rows,
+            cols,
+            group,
+            codes: laid,
+            scales,
+        })
+    }
+
+    /// Where step `step` of row `j` starts in the laid-out codes.
+    fn offset(steps: usize, j: usize, step: usize) -> usize {
+        ((j / ROWS * steps + step) * ROWS + j % ROWS) * 64
+    }
+
+    /// The values the codes stand for, `(rows, cols)`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (steps, groups) = (self.cols.div_ceil(64), self.cols / self.group);
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for j in 0..self.rows {
+            out.extend((0..self.cols).map(|c| {
+                let code = self.codes[Self::offset(steps, j, c / 64) + c % 64];
+                code as f32 * self.scales[j * groups + c / self.group]
+            }));
+        }
+        out
+    }
+}
+
+/// The integer dot product the kernels use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Dot {
+    /// `vpmaddubsw` + `vpmaddwd` on 32 bytes (AVX2).
+    Avx2,
+    /// `vpdpbusd` on 64 bytes (AVX512-VNNI with AVX512-BW).
+    Vnni512,
+}
+
+impl Int8Dot {
+    /// The tier's: VNNI on the AVX-512 tiers when CPUID has it; AVX2 otherwise (the AVX2 tier
+    /// runs the plain AVX2 product even where VNNI exists, so `KILN_ISA=avx2` tests it).
+    pub fn for_isa(isa: Isa) -> Self {
+        if isa >= Isa::Avx512 && cpu::features().avx512_vnni {
+            Int8Dot::Vnni512
+        } else {
+            Int8Dot::Avx2
+        }
+    }
+
+    /// Every variant this CPU runs (the tests check each).
+    pub fn usable() -> Vec<Int8Dot> {
+        let f = cpu::features();
+        let mut all = Vec::new();
+        if f.supports(Isa::Avx2) {
+            all.push(Int8Dot::Avx2);
+        }
+        if f.supports(Isa::Avx512) && f.avx512_vnni {
+            all.push(Int8Dot::Vnni512);
+        }
+        all
+    }
+}
+
+/// Input rows quantized for one product.
+#[derive(Default)]
+struct Inputs {
+    /// `(rows, k)` codes and their magnitudes.
+    codes: Vec<i8>,
+    magnitudes: Vec<u8>,
+    /// `(rows, k / 32)`: the scale of each half's input group.
+    half_scales: Vec<f32>,
+    /// `(rows, k / 64)`: which bytes of each 64-byte step are negative.
+    negative: Vec<u64>,
+    /// `(rows, ⌈k / 64⌉, 16)`: each 64-byte step's lane scales (lanes 0–7 the first half's,
+    /// 8–15 the second's).
+    step_scales: Vec<f32>,
+    /// `(k / 32)`: the weight group of each half.
+    weight_group: Vec<usize>,
+}
+
+impl Inputs {
+    /// Quantizes `x (rows, k)` in groups of 64 (32 when the weight's group is not a multiple
+    /// of 64): scale = max |x| / 127, codes round(x / scale), as `runq.c` quantizes its
+    /// activations.
+    fn quantize(&mut self, x: &[f32], rows: usize, w: &Int8Matrix) {
+        let (k, halves) = (w.cols, w.cols / 32);
+        let steps = halves.div_ceil(2);
+        let padded = steps * 64;
+        let group = if w.group.is_multiple_of(64) { 64 } else { 32 };
+        // Codes past the row's end stay 0, so a ragged step adds nothing.
+        self.codes.clear();
+        self.codes.resize(rows * padded, 0);
+        self.magnitudes.clear();
+        self.magnitudes.resize(rows * padded, 0);
+        self.half_scales.resize(rows * halves, 0.0);
+        self.weight_group.clear();
+        self.weight_group
+            .extend((0..halves).map(|h| h * 32 / w.group));
+        for r in 0..rows {
+            let xs = x[r * k..(r + 1) * k].chunks_exact(group);
+            let codes = self.codes[r * padded..r * padded + k].chunks_exact_mut(group);
+            let magnitudes = self.magnitudes[r * padded..r * padded + k].chunks_exact_mut(group);
+            for (g, ((xs, codes), magnitudes)) in xs.zip(codes).zip(magnitudes).enumerate() {
+                let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = max / 127.0;
+                for ((c, m), &v) in codes.iter_mut().zip(magnitudes.iter_mut()).zip(xs) {
+                    // The quotient rounded, as runq.c (a product by 1/scale can differ in the
+                    // last bit, and so in the rounding).
+                    *c = if max > 0.0 {
+                        (v / scale).round() as i8
+                    } else {
+                        0
+                    };
+                    *m = c.unsigned_abs();
+                }
+                let per = group / 32;
+                let at = r * halves + g * per;
+                self.half_scales[at..at + per].fill(scale);
+            }
+        }
+        self.negative.clear();
+        self.step_scales.clear();
+        for r in 0..rows {
+            let codes = &self.codes[r * padded..(r + 1) * padded];
+            let scales = &self.half_scales[r * halves..(r + 1) * halves];
+            for (step, bytes) in codes.chunks_exact(64).enumerate() {
+                let signs = bytes.iter().enumerate();
+                self.negative
+                    .push(signs.fold(0u64, |m, (i, &c)| m | (((c < 0) as u64) << i)));
+                let (s0, s1) = (scales[2 * step], *scales.get(2 * step + 1).unwrap_or(&0.0));
+                self.step_scales.extend([s0; 8]);
+                self.step_scales.extend([s1; 8]);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The quantized inputs of the calling thread's products: reused, so decoding allocates
+    /// nothing per token.
+    static INPUTS: RefCell<Inputs> = RefCell::default();
+}
+
+/// `out (rows, n) = x (rows, k) · wᵀ` for `w (n, k)` in int8 (see the module docs).
+pub fn forward(
+    dot: Int8Dot,
+    pool: &ThreadPool,
+    out: &mut [f32],
+    x: &[f32],
+    w: &Int8Matrix,
+    rows: usize,
+) {
+    let (k, n) = (w.cols, w.rows);
+    let (halves, steps, groups) = (k / 32, (k / 32).div_ceil(2), k / w.group);
+    assert_eq!(x.len(), rows * k, "int8: x");
+    assert_eq!(out.len(), rows * n, "int8: out");
+    assert!(w.codes.len() == n.div_ceil(ROWS) * steps * ROWS * 64 && w.group.is_multiple_of(32));
+    assert_eq!(w.scales.len(), n * groups + 1, "int8: scales");
+    if dot == Int8Dot::Vnni512 {
+        assert!(cpu::features().avx512_vnni && cpu::features().supports(Isa::Avx512));
+    }
+    INPUTS.with(|inputs| {
+        let mut inputs = inputs.borrow_mut();
+        inputs.quantize(x, rows, w);
+        let inputs = &*inputs;
+        let o = SharedMut::new(out);
+        pool.run(n.div_ceil(BLOCK), &|b| {
+            let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+            for r in 0..rows {
+                let row = Row {
+                    magnitudes: &inputs.magnitudes[r * steps * 64..(r + 1) * steps * 64],
+                    codes: &inputs.codes[r * steps * 64..(r + 1) * steps * 64],
+                    half_scales: &inputs.half_scales[r * halves..(r + 1) * halves],
+                    negative: &inputs.negative[r * steps..(r + 1) * steps],
+                    step_scales: &inputs.step_scales[r * steps * 16..(r + 1) * steps * 16],
+                    weight_group: &inputs.weight_group,
+                };
+                for j in (j0..j1).step_by(ROWS) {
+                    let codes = &w.codes[Int8Matrix::offset(steps, j, 0)..][..steps * ROWS * 64];
+                    // The block's scales; a padded row past `n` reads the next rows' (or the
+                    // extra one) and its sum is dropped.
+                    let scales = std::array::from_fn(|i| {
+                        let at = ((j + i).min(n - 1)) * groups;
+                        &w.scales[at..at + groups + 1]
+                    });
+                    let mut sums = [0f32; ROWS];
+                    // SAFETY: the variant's features were checked above (VNNI) or by the
+                    // backend's tier (AVX2, the lowest); `codes` holds the block's steps and
+                    // `row` the input's (asserted above).
+                    unsafe {
+                        match dot {
+                            Int8Dot::Avx2 => dots_avx2(codes, &scales, row, &mut sums),
+                            Int8Dot::Vnni512 => {
+                                dots_vnni512(codes, &scales, row, w.group == 32, &mut sums)
+                            }
+                        }
+                    }
+                    let take = ROWS.min(n - j);
+                    // SAFETY: rows j..j + take of this task's block are this task's alone.
+                    let dst = unsafe { o.slice(r * n + j, take) };
+                    dst.copy_from_slice(&sums[..take]);
+                }
+            }
+        });
+    });
+}
+
+/// How far ahead of its loads the block's codes are prefetched, in bytes.
+const PREFETCH: usize = 4096;
+
+/// One quantized input row, padded to whole 64-byte steps.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    codes: &'a [i8],
+    magnitudes: &'a [u8],
+    half_scales: &'a [f32],
+    negative: &'a [u64],
+    step_scales: &'a [f32],
+    weight_group: &'a [usize],
+}
+
+/// A block of [`ROWS`] weight rows (`codes` laid out as [`Int8Matrix`] keeps them, `scales`
+/// each row's) against one input row, 32 bytes at a time.
+///
+/// # Safety
+/// AVX2 and FMA; `codes` holds the block's steps for the input row's length.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(codes: &[i8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
+    let ones = _mm256_set1_epi16(1);
+    let halves = x.half_scales.len();
+    let mut acc = [_mm256_setzero_ps(); ROWS];
+    for h in 0..halves {
+        let at = 32 * h;
+        let xv = _mm256_loadu_si256(x.codes.as_ptr().add(at).cast());
+        let mv = _mm256_loadu_si256(x.magnitudes.as_ptr().add(at).cast());
+        let xs = *x.half_scales.get_unchecked(h);
+        let g = *x.weight_group.get_unchecked(h);
+        let block = codes.as_ptr().add((h / 2) * ROWS * 64 + (h % 2) * 32);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let wv = _mm256_loadu_si256(block.add(64 * i).cast());
+            let pairs = _mm256_maddubs_epi16(mv, _mm256_sign_epi8(wv, xv));
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+            let scale = _mm256_set1_ps(xs * *scales[i].get_unchecked(g));
+            *acc = _mm256_fmadd_ps(sums, scale, *acc);
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        *o = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+    }
+}
+
+/// As [`dots_avx2`], 64 bytes at a time. `pairs`: weight groups of 32, so a step's halves
+/// have their own weight scales (a ragged step's second half reads the next scale, and
+/// multiplies it by 0).
+///
+/// # Safety
+/// AVX512-F/BW/VNNI and FMA; as [`dots_avx2`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+unsafe fn dots_vnni512(
+    codes: &[i8],
+    scales: &[&[f32]; ROWS],
+    x: Row,
+    pairs: bool,
+    out: &mut [f32; ROWS],
+) {
+    let zero = _mm512_setzero_si512();
+    // Lanes 0–7 take the first of two scales, 8–15 the second.
+    let split = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    for step in 0..x.negative.len() {
+        let mv = _mm512_loadu_si512(x.magnitudes.as_ptr().add(64 * step).cast());
+        let negative = *x.negative.get_unchecked(step);
+        let xs = _mm512_loadu_ps(x.step_scales.as_ptr().add(16 * step));
+        let g = *x.weight_group.get_unchecked(2 * step);
+        let block = codes.as_ptr().add(step * ROWS * 64);
+        for line in 0..ROWS {
+            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + 64 * line).cast());
+        }
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let wv = _mm512_loadu_si512(block.add(64 * i).cast());
+            let signed = _mm512_mask_sub_epi8(wv, negative, zero, wv);
+            let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, mv, signed));
+            let scale = scales[i].as_ptr().add(g);
+            let ws = if pairs {
+                let two = _mm_castpd_ps(_mm_load_sd(scale.cast()));
+                _mm512_permutexvar_ps(split, _mm512_castps128_ps512(two))
+            } else {
+                _mm512_set1_ps(*scale)
+            };
+            *acc = _mm512_fmadd_ps(_mm512_mul_ps(sums, xs), ws, *acc);
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// runq.c's quantizer, written again here: the reference the kernels are held to.
+    fn runq_quantize(x: &[f32], group: usize) -> (Vec<i8>, Vec<f32>) {
+        let mut codes = Vec::new();
+        let mut scales = Vec::new();
+        for g in x.chunks(group) {
+            let max = g.iter().map(|v| v.abs()).fold(0.0, f32::max);
+            let s = max / 127.0;
+            scales.push(s);
+            codes.extend(
+                g.iter()
+                    .map(|&v| if s > 0.0 { (v / s).round() as i8 } else { 0 }),
+            );
+        }
+        (codes, scales)
+    }
+
+    /// Against the f64 sum of the dequantized weights times the dequantized inputs, for 1 to
+    /// 4 input rows, weight groups of 32, 64 and the whole row, rows with and without a
+    /// ragged last 32 bytes, and a ragged last block: the integer sums are exact, so the
+    /// only error is f32 scaling and summation, 1e-5 relative to Σ|terms|.
+    #[test]
+    fn matches_runq_formula() {
+        let pool = ThreadPool::new(2);
+        let val = |i: usize, m: usize| ((i * m) % 251) as f32 / 125.0 - 1.0;
+        for (k, group) in [(288, 32), (320, 64), (96, 96), (256, 128)] {
+            let n = 70;
+            let w: Vec<f32> = (0..n * k).map(|i| val(i, 7) * (1 + i % 5) as f32).collect();
+            let m = Int8Matrix::quantize(&w, n, k, group);
+            let wq = m.dequantize();
+            let act_group = if group % 64 == 0 { 64 } else { 32 };
+            for dot in Int8Dot::usable() {
+                for rows in 1..=4 {
+                    let mut x: Vec<f32> = (0..rows * k).map(|i| val(i, 13)).collect();
+                    // A group with one value, and an all-zero group (scale 0).
+                    x[1..act_group].fill(0.0);
+                    x[act_group..2 * act_group].fill(0.0);
+                    let (xc, xs) = runq_quantize(&x, act_group);
+                    let xq: Vec<f64> = xc
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &c)| c as f64 * xs[i / act_group] as f64)
+                        .collect();
+                    let mut out = vec![f32::NAN; rows * n];
+                    forward(dot, &pool, &mut out, &x, &m, rows);
+                    for r in 0..rows {
+                        for j in 0..n {
+                            let terms = (0..k).map(|p| xq[r * k + p] * wq[j * k + p] as f64);
+                            let (want, size) =
+                                terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                            let got = out[r * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * size + 1e-30,
+                                "{dot:?} k {k} group {group} [{r}, {j}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_codes_and_groups_are_refused() {
+        assert!(Int8Matrix::new(1, 64, 48, &[0; 64], &[0.0; 1]).is_err());
+        assert!(Int8Matrix::new(1, 64, 32, &[0; 64], &[0.0; 1]).is_err());
+        let mut codes = vec![0i8; 64];
+        codes[3] = i8::MIN;
+        let err = Int8Matrix::new(1, 64, 64, &codes, &[1.0]).unwrap_err();
+        assert!(err.contains("−128"), "{err}");
+    }
+}
