@@ -16,7 +16,7 @@ use kiln_core::quant::{PackRule, SchemeName};
 use kiln_core::sample::SamplingParams;
 use kiln_cpu::Precision;
 use kiln_formats::data::TokenizerSpec;
-use kiln_formats::interop::ExportFormat;
+use kiln_formats::interop::{ExportFormat, Quantize};
 use kiln_formats::model_config::from_preset_or_file;
 
 #[derive(Parser)]
@@ -65,7 +65,8 @@ enum Command {
     /// Write a run, checkpoint or imported model as a Hugging Face directory or a llama2.c file.
     Export {
         /// hf: config.json + model.safetensors + tokenizer; llama2c: model.bin (the legacy
-        /// format run.c reads) + tokenizer.bin.
+        /// format run.c reads, or with --quantize int8 the v2 file runq.c reads) +
+        /// tokenizer.bin.
         #[arg(long, value_enum)]
         format: ExportFormat,
         /// A run directory, checkpoint directory, Hugging Face directory or llama2.c .bin.
@@ -84,6 +85,10 @@ enum Command {
         /// packed: fail if the artifact exceeds this size (bytes; or 16MB = 16,000,000).
         #[arg(long, value_parser = parse_bytes)]
         budget: Option<u64>,
+        /// llama2c: int8 matrices in groups of 64, the v2 file llama2.c's runq.c runs
+        /// (default: f32, the legacy file run.c runs).
+        #[arg(long, value_enum)]
+        quantize: Option<Quantize>,
     },
     /// Benchmarks (use a release build).
     Bench {
@@ -689,13 +694,14 @@ fn main() -> Result<()> {
             embedding_scheme,
             small_max,
             budget,
+            quantize,
         } => {
             let rule = PackRule {
                 matrices: scheme.scheme(),
                 embedding: embedding_scheme.scheme(),
                 small_max,
             };
-            export(format, &source, &out, rule, budget)
+            export(format, quantize, &source, &out, (rule, budget))
         }
         Command::Model {
             command: ModelCommand::Info { model, json },
@@ -814,14 +820,14 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
 /// (refused and removed when over `budget` bytes).
 fn export(
     format: ExportFormat,
+    quantize: Option<Quantize>,
     source: &std::path::Path,
     out: &std::path::Path,
-    rule: PackRule,
-    budget: Option<u64>,
+    (rule, budget): (PackRule, Option<u64>),
 ) -> Result<()> {
     let imported = kiln::rundir::import(source, None)?;
     if format != ExportFormat::Packed {
-        let written = kiln_formats::interop::export(&imported, format, out)?;
+        let written = kiln_formats::interop::export_quantized(&imported, format, quantize, out)?;
         println!("wrote {}", written.display());
         return Ok(());
     }

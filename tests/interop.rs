@@ -1,5 +1,7 @@
-//! Import and export against fixtures written by `scripts/make_hf_fixtures.py` (transformers):
-//! imported models must give transformers' logits, and export → import must be bit-exact.
+//! Import and export against fixtures written by `scripts/make_hf_fixtures.py` (transformers)
+//! and `scripts/make_llama2c_v2_fixture.py` (llama2.c's int8 export in PyTorch): imported
+//! models must give transformers' logits, and export → import must be bit-exact (int8: the
+//! file export.py writes, and the values it stands for).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use kiln_core::backend::Tolerance;
 use kiln_core::bytes::le_values;
 use kiln_core::model::Model;
 use kiln_core::vocab::VocabMap;
-use kiln_formats::interop::{self, ExportFormat};
+use kiln_formats::interop::{self, ExportFormat, Quantize};
 use kiln_reference::ReferenceBackend;
 
 /// A Hugging Face directory or llama2.c file, as the formats crate reads it.
@@ -82,6 +84,66 @@ fn llama2c_legacy_and_v1_checkpoints_give_the_same_logits() {
     let dir = fixtures().join("llama2c");
     logits_match(&dir.join("model_legacy.bin"), &dir);
     logits_match(&dir.join("model_v1.bin"), &dir);
+}
+
+/// llama2.c's v2 file (int8 in groups, what `runq.c` runs): kiln's export of the fixture model
+/// is byte for byte the file export.py's `version2_export` writes (the fixture, made in
+/// PyTorch); reading it back gives each value within half a quantization step of the f32
+/// original (max |w| / 254 over its group of 32, the fixture's group: dim is 32), and reading
+/// the fixture gives the same weights as reading kiln's file.
+#[test]
+fn llama2c_int8_export_is_export_py_file_and_reads_back() {
+    let dir = temp_dir("int8");
+    let source = fixtures().join("llama2c/model_legacy.bin");
+    let original = import(&source).unwrap();
+    let path =
+        interop::export_quantized(&original, ExportFormat::Llama2c, Some(Quantize::Int8), &dir)
+            .unwrap();
+    let fixture = fixtures().join("llama2c/model_v2.bin");
+    assert!(
+        fs::read(&path).unwrap() == fs::read(&fixture).unwrap(),
+        "kiln's v2 file differs from export.py's"
+    );
+    let back = import(&path).unwrap();
+    assert_eq!(back.config, original.config);
+    assert_eq!(back.weights, import(&fixture).unwrap().weights);
+    let layout = kiln_core::layout::ParamLayout::new(&original.config);
+    for spec in &layout.specs {
+        let r = spec.region;
+        let (o, b) = (
+            &original.weights[r.offset..][..r.len],
+            &back.weights[r.offset..][..r.len],
+        );
+        if spec.shape.len() == 1 {
+            assert_eq!(o, b, "{}: norms stay f32", spec.name);
+            continue;
+        }
+        for (og, bg) in o.chunks(32).zip(b.chunks(32)) {
+            let half_step = og.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0;
+            for (x, y) in og.iter().zip(bg) {
+                assert!(
+                    (x - y).abs() <= half_step * (1.0 + 1e-6),
+                    "{}: {x} came back as {y} (half a step is {half_step})",
+                    spec.name
+                );
+            }
+        }
+    }
+    // A v2 file cut short, or with a group that does not divide the rows, is refused by name.
+    let bytes = fs::read(&fixture).unwrap();
+    let cut = dir.join("cut.bin");
+    fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let err = format!("{:#}", import(&cut).err().unwrap());
+    assert!(
+        err.contains("cut.bin") && err.contains("truncated"),
+        "{err}"
+    );
+    let mut bad = bytes.clone();
+    bad[37..41].copy_from_slice(&24i32.to_le_bytes());
+    fs::write(&cut, &bad).unwrap();
+    let err = format!("{:#}", import(&cut).err().unwrap());
+    assert!(err.contains("group size 24"), "{err}");
+    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -72,7 +72,10 @@ fn check(got: &[f32], want: &[f32], w: &[f32], x: &[f32], s: MatmulShape, what: 
                 })
                 .sum();
             let size: f64 = xr.iter().zip(wj).map(|(a, b)| (a * b).abs() as f64).sum();
-            let (g, t) = (got[r * s.out_dim + j] as f64, want[r * s.out_dim + j] as f64);
+            let (g, t) = (
+                got[r * s.out_dim + j] as f64,
+                want[r * s.out_dim + j] as f64,
+            );
             let err = (g - t).abs();
             assert!(
                 err <= bound + 1e-5 * size,

@@ -9,11 +9,15 @@
 //! v1: u32 magic "ak42", i32 version 1, the same 7 ints, u8 shared-classifier flag, zero
 //! padding to 256 bytes; then all attention norms, all ffn norms, the final norm, the
 //! embedding, wq…w3 per group, and the classifier if untied.
+//! v2 (export.py `version2_export`, what `runq.c` reads): the v1 header with version 2 and an
+//! i32 group size after the flag; the norms in f32 as v1, then the embedding, wq…w3 and an
+//! untied classifier as int8: each tensor's codes, then its f32 scales, one per group of
+//! consecutive values (`kiln_core::quant::quantize_groups`).
 //!
 //! llama2.c pairs RoPE dimensions as neighbours (`2i`, `2i+1`); kiln pairs `i` with `i + D/2`
 //! (Hugging Face). The q and k rows of each head are permuted on the way in and out, exactly
 //! as Hugging Face's conversion script and llama2.c's `export.py` do.
-//! Not supported: the Q8_0 v2 format, and (on export) anything `run.c` cannot run.
+//! Not supported (on export): anything `run.c` cannot run.
 
 use std::path::Path;
 
@@ -195,16 +199,20 @@ pub fn read(path: &Path) -> Result<Llama2cModel> {
     let int_at = |i: usize| le_at::<i32>(&bytes, i).unwrap_or(0);
     let (version, header_ints, payload_start) = if le_at::<u32>(&bytes, 0) == Some(MAGIC) {
         let version = int_at(4);
-        ensure!(version == 1, "{p}: llama2.c format version {version} is not supported (kiln reads the legacy format and v1 fp32; v2 is Q8_0)");
+        ensure!(
+            version == 1 || version == 2,
+            "{p}: llama2.c format version {version} is not supported (kiln reads the legacy \
+             format, v1 (f32) and v2 (int8))"
+        );
         (
-            1u32,
+            version as u32,
             (0..7).map(|i| int_at(8 + 4 * i)).collect::<Vec<_>>(),
             256,
         )
     } else {
         (0, (0..7).map(|i| int_at(4 * i)).collect(), 28)
     };
-    let flag = if version == 1 {
+    let flag = if version >= 1 {
         ensure!(
             bytes.len() >= 256,
             "{p}: shorter than the 256-byte v1 header"
@@ -214,6 +222,10 @@ pub fn read(path: &Path) -> Result<Llama2cModel> {
         None
     };
     let (config, shared) = config_from_header(&header_ints, flag, path)?;
+    if version == 2 {
+        let group = int_at(37);
+        return read_int8(&bytes[payload_start..], config, shared, group, path);
+    }
     let layout = ParamLayout::new(&config);
     let floats: Vec<f32> = le_floats(&bytes[payload_start..], FloatWidth::F32);
     let (c, f, v, l) = (
@@ -293,6 +305,94 @@ pub fn read(path: &Path) -> Result<Llama2cModel> {
     })
 }
 
+/// The v2 payload (int8, groups of `group`) dequantized into kiln's layout.
+fn read_int8(
+    payload: &[u8],
+    config: ModelConfig,
+    shared: bool,
+    group: i32,
+    path: &Path,
+) -> Result<Llama2cModel> {
+    let p = path.display();
+    let layout = ParamLayout::new(&config);
+    let (c, hd) = (config.dim, config.head_dim);
+    ensure!(
+        group > 0 && c % group as usize == 0 && config.hidden_dim % group as usize == 0,
+        "{p}: int8 group size {group} does not divide dim {c} and hidden_dim {}",
+        config.hidden_dim
+    );
+    let group = group as usize;
+    let mut weights = vec![0f32; layout.total_len()];
+    let mut at = 0usize;
+    let mut take = |n: usize, what: &str| -> Result<&[u8]> {
+        let bytes = payload
+            .get(at..at + n)
+            .with_context(|| format!("{p}: the file ends inside {what} (truncated?)"))?;
+        at += n;
+        Ok(bytes)
+    };
+    let mut floats = |weights: &mut [f32], region: Region, what: &str| -> Result<()> {
+        let values = le_floats(take(4 * region.len, what)?, FloatWidth::F32);
+        weights[region.offset..][..region.len].copy_from_slice(&values);
+        Ok(())
+    };
+    let g = GROUPS;
+    for (i, norm) in [g[0], g[5]].into_iter().enumerate() {
+        for layer in &layout.layers {
+            floats(
+                &mut weights,
+                (norm.pick)(layer),
+                ["an attention norm", "an ffn norm"][i],
+            )?;
+        }
+    }
+    floats(
+        &mut weights,
+        layout.final_norm.expect(LLAMA),
+        "the final norm",
+    )?;
+    let mut int8 = |weights: &mut [f32], region: Region, rotary: bool, what: &str| -> Result<()> {
+        let codes = take(region.len, what)?.to_vec();
+        let scales = le_floats(take(4 * (region.len / group), what)?, FloatWidth::F32);
+        let values: Vec<f32> = codes
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| q as i8 as f32 * scales[i / group])
+            .collect();
+        let values = if rotary {
+            to_half_split(&values, c, hd)
+        } else {
+            values
+        };
+        weights[region.offset..][..region.len].copy_from_slice(&values);
+        Ok(())
+    };
+    int8(&mut weights, layout.embedding, false, "the embedding")?;
+    for group in [g[1], g[2], g[3], g[4], g[6], g[7], g[8]] {
+        for layer in &layout.layers {
+            int8(
+                &mut weights,
+                (group.pick)(layer),
+                group.rotary,
+                "a block matrix",
+            )?;
+        }
+    }
+    if !shared {
+        int8(&mut weights, layout.classifier, false, "the classifier")?;
+    }
+    ensure!(
+        at == payload.len(),
+        "{p}: {} bytes after the weights the header's shape needs",
+        payload.len() - at
+    );
+    Ok(Llama2cModel {
+        config,
+        weights,
+        version: 2,
+    })
+}
+
 /// Whether `run.c` can run this model; the reason if not.
 pub fn check_exportable(config: &ModelConfig) -> Result<()> {
     if config.qk_norm {
@@ -366,6 +466,70 @@ pub fn write_legacy(path: &Path, config: &ModelConfig, weights: &[f32]) -> Resul
         write(get(layout.classifier));
     }
     crate::fsutil::write_atomic(path, &out)
+}
+
+/// Writes the v2 format `runq.c` reads: the matrices as int8 in groups of 64 (halved until
+/// they divide `dim`, `hidden_dim` and the attention width, as export.py does), the norms in
+/// f32. `weights` are in kiln's layout for `config`; returns the group size.
+pub fn write_int8(path: &Path, config: &ModelConfig, weights: &[f32]) -> Result<usize> {
+    check_exportable(config)?;
+    let layout = ParamLayout::new(config);
+    let c = config.dim;
+    let mut group = 64;
+    while [c, config.hidden_dim, config.q_dim()]
+        .iter()
+        .any(|w| w % group != 0)
+    {
+        group /= 2;
+    }
+    let ints = [
+        c as i32,
+        config.hidden_dim as i32,
+        config.n_layers as i32,
+        config.n_heads as i32,
+        config.n_kv_heads as i32,
+        config.vocab_size as i32,
+        config.max_seq_len as i32,
+    ];
+    let mut out: Vec<u8> = MAGIC.to_le_bytes().to_vec();
+    out.extend(2i32.to_le_bytes());
+    out.extend(ints.iter().flat_map(|h| h.to_le_bytes()));
+    out.push(config.tie_embeddings as u8);
+    out.extend((group as i32).to_le_bytes());
+    out.resize(256, 0);
+    let get = |r: Region| &weights[r.offset..][..r.len];
+    let floats = |out: &mut Vec<u8>, values: &[f32]| {
+        out.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+    };
+    let g = GROUPS;
+    for norm in [g[0], g[5]] {
+        for layer in &layout.layers {
+            floats(&mut out, get((norm.pick)(layer)));
+        }
+    }
+    floats(&mut out, get(layout.final_norm.expect(LLAMA)));
+    let int8 = |out: &mut Vec<u8>, values: &[f32]| {
+        let (codes, scales) = kiln_core::quant::quantize_groups(values, group);
+        out.extend(codes.iter().map(|&q| q as u8));
+        out.extend(scales.iter().flat_map(|x| x.to_le_bytes()));
+    };
+    int8(&mut out, get(layout.embedding));
+    let hd = config.head_dim;
+    for group in [g[1], g[2], g[3], g[4], g[6], g[7], g[8]] {
+        for layer in &layout.layers {
+            let values = get((group.pick)(layer));
+            if group.rotary {
+                int8(&mut out, &to_interleaved(values, c, hd));
+            } else {
+                int8(&mut out, values);
+            }
+        }
+    }
+    if !config.tie_embeddings {
+        int8(&mut out, get(layout.classifier));
+    }
+    crate::fsutil::write_atomic(path, &out)?;
+    Ok(group)
 }
 
 #[cfg(test)]

@@ -202,10 +202,31 @@ pub enum ExportFormat {
     Packed,
 }
 
+/// What `kiln export --quantize` writes the matrices as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Quantize {
+    /// int8 in groups of 64 with f32 scales: llama2.c's v2 file, which `runq.c` runs.
+    Int8,
+}
+
 /// `kiln export`: writes an imported model to `out` as a Hugging Face directory or a
 /// llama2.c file; returns the path written. (A packed artifact needs a rule:
 /// [`export_packed`].)
 pub fn export(imported: &Imported, format: ExportFormat, out: &Path) -> Result<PathBuf> {
+    export_quantized(imported, format, None, out)
+}
+
+/// [`export`], the matrices quantized as `quantize` says (llama2.c: int8, the v2 file).
+pub fn export_quantized(
+    imported: &Imported,
+    format: ExportFormat,
+    quantize: Option<Quantize>,
+    out: &Path,
+) -> Result<PathBuf> {
+    if quantize.is_some() && format != ExportFormat::Llama2c {
+        bail!("--quantize int8 writes llama2.c's v2 file: use it with --format llama2c");
+    }
     if format == ExportFormat::Packed {
         bail!("a packed artifact needs a packing rule: use export_packed");
     }
@@ -251,7 +272,13 @@ pub fn export(imported: &Imported, format: ExportFormat, out: &Path) -> Result<P
             std::fs::create_dir_all(out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let model_path = out.join("model.bin");
-            llama2c::write_legacy(&model_path, &config, &weights)?;
+            match quantize {
+                None => llama2c::write_legacy(&model_path, &config, &weights)?,
+                Some(Quantize::Int8) => {
+                    let group = llama2c::write_int8(&model_path, &config, &weights)?;
+                    eprintln!("int8 in groups of {group} (llama2.c v2, runq.c)");
+                }
+            }
             if let Some(t) = tok {
                 t.save(out)?;
             }
