@@ -15,6 +15,18 @@ pub const MAX_ROWS: usize = 4;
 /// Weight rows per task.
 const BLOCK: usize = 64;
 
+/// Runs of rows per thread.
+const SPLIT: usize = 4;
+
+/// How far ahead of the dot products the weights are prefetched, in floats.
+const PREFETCH: usize = 1024;
+
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
+}
+
 /// `out (rows, n) = x (rows, k) · w (n, k)ᵀ`.
 pub fn forward(
     isa: kiln_core::cpu::Isa,
@@ -27,14 +39,18 @@ pub fn forward(
     assert!(rows <= MAX_ROWS && x.len() == rows * k && w.len() == n * k);
     assert_eq!(out.len(), rows * n, "gemv: out");
     let o = SharedMut::new(out);
-    pool.run(n.div_ceil(BLOCK), &|b| {
-        let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
-        let mut sums = [[0f32; BLOCK]; MAX_ROWS];
-        dots(isa, &mut sums, x, &w[j0 * k..j1 * k], (rows, k));
-        for (r, row) in sums.iter().enumerate().take(rows) {
-            // SAFETY: columns j0..j1 of each row of `out` are this task's alone.
-            let dst = unsafe { o.slice(r * n + j0, j1 - j0) };
-            dst.copy_from_slice(&row[..j1 - j0]);
+    // Each task streams a long contiguous run of rows (SPLIT runs per thread).
+    let span = n.div_ceil(pool.threads() * SPLIT).next_multiple_of(BLOCK);
+    pool.run(n.div_ceil(span), &|t| {
+        for j0 in (t * span..((t + 1) * span).min(n)).step_by(BLOCK) {
+            let j1 = (j0 + BLOCK).min(n);
+            let mut sums = [[0f32; BLOCK]; MAX_ROWS];
+            dots(isa, &mut sums, x, &w[j0 * k..j1 * k], (rows, k));
+            for (r, row) in sums.iter().enumerate().take(rows) {
+                // SAFETY: columns j0..j1 of each row of `out` are this task's alone.
+                let dst = unsafe { o.slice(r * n + j0, j1 - j0) };
+                dst.copy_from_slice(&row[..j1 - j0]);
+            }
         }
     });
 }
@@ -44,6 +60,10 @@ tiered!(
     fn dots(sums: &mut [[f32; BLOCK]; MAX_ROWS], x: &[f32], w: &[f32], shape: (usize, usize)) {
         let (rows, k) = shape;
         for (j, wj) in w.chunks_exact(k).enumerate() {
+            // The block's rows are one contiguous run: fetch ahead of the stream.
+            for line in (0..k).step_by(16) {
+                prefetch(wj.as_ptr().wrapping_add(line + PREFETCH));
+            }
             for (r, sum) in sums.iter_mut().enumerate().take(rows) {
                 sum[j] = dot(wj, &x[r * k..(r + 1) * k]);
             }

@@ -22,8 +22,10 @@ use kiln_core::cpu::{self, Isa};
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
 
-/// Weight rows per task (a multiple of [`ROWS`]).
-const BLOCK: usize = 128;
+/// Runs of rows per thread: long runs stream best (tasks of 32 rows measured 30 GB/s on
+/// two Zen 5 cores, of 128 rows 45–48), and a few per thread still let a free thread take
+/// over from one held up by another process (FACTS).
+const SPLIT: usize = 4;
 
 /// Weight rows a kernel call takes together, interleaved in memory.
 const ROWS: usize = 4;
@@ -254,8 +256,10 @@ pub fn forward(
         inputs.quantize(x, rows, w);
         let inputs = &*inputs;
         let o = SharedMut::new(out);
-        pool.run(n.div_ceil(BLOCK), &|b| {
-            let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+        // Each task streams a long contiguous run of blocks (SPLIT runs per thread).
+        let span = n.div_ceil(pool.threads() * SPLIT).next_multiple_of(ROWS);
+        pool.run(n.div_ceil(span), &|t| {
+            let (j0, j1) = (t * span, ((t + 1) * span).min(n));
             for r in 0..rows {
                 let row = Row {
                     magnitudes: &inputs.magnitudes[r * steps * 64..(r + 1) * steps * 64],

@@ -445,8 +445,9 @@ pub unsafe fn multiply_rows(
     let x: Vec<&[i32]> = rows.iter().map(|r| r.as_slice()).collect();
     let nr = bf16::NR;
     let panels = n.div_ceil(nr);
-    // Panels per task: enough to stream a few tens of KiB each.
-    let per_task = (8192 / pairs.max(1)).clamp(1, 16);
+    // Panels per task: a long contiguous run, four per thread (as the f32 and int8 few-row
+    // products: long runs stream best, and a few per thread let a free thread take over).
+    let per_task = panels.div_ceil(pool.threads() * 4);
     let data = match b.data() {
         PackedRef::Bf16(d) => d,
         PackedRef::F32(_) => unreachable!("checked above"),
