@@ -77,6 +77,9 @@ pub enum Weights {
     /// int8 in groups of 64 (32 where a row does not divide by 64) with f32 scales, as
     /// llama2.c's `runq.c`; decoding runs int8 dot products (cpu backend).
     Int8,
+    /// A packed artifact's own codes (ternary, int6, int8) and scales, run by the int8
+    /// decoding kernels without widening them to f32 (cpu backend; `--artifact`).
+    Packed,
 }
 
 /// What `--backend`, `--precision` and `--weights` (or `KILN_BACKEND`, `KILN_PRECISION`,
@@ -97,6 +100,11 @@ impl Selection {
         self.weights == Some(Weights::Int8)
     }
 
+    /// Whether decoding runs an artifact's own codes (`--weights packed`).
+    pub fn packed(&self) -> bool {
+        self.weights == Some(Weights::Packed)
+    }
+
     /// The precision `--weights` and `--precision` ask for together, or why they disagree.
     fn effective_precision(&self) -> Result<Option<Precision>> {
         Ok(match (self.weights, self.precision) {
@@ -106,7 +114,7 @@ impl Selection {
             }
             (Some(Weights::F32), _) => Some(Precision::F32),
             (Some(Weights::Bf16), _) => Some(Precision::Bf16),
-            (Some(Weights::Int8) | None, precision) => precision,
+            (Some(Weights::Int8 | Weights::Packed) | None, precision) => precision,
         })
     }
 }
@@ -150,9 +158,9 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
         bail!("backend '{}' is not usable: {why}", choice.name());
     }
     let precision = selection.effective_precision()?;
-    if selection.int8() && choice != BackendChoice::Cpu {
+    if (selection.int8() || selection.packed()) && choice != BackendChoice::Cpu {
         bail!(
-            "--weights int8 runs on the cpu backend, not '{}'",
+            "--weights int8 and packed run on the cpu backend, not '{}'",
             choice.name()
         );
     }
@@ -172,7 +180,7 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
                     .map_err(anyhow::Error::msg)?
                     .keeping(backend.logits());
             }
-            if selection.int8() {
+            if selection.int8() || selection.packed() {
                 backend = backend.with_int8_weights();
             }
             Ok(Resolved::Cpu(backend))

@@ -6,11 +6,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use kiln_core::backend::Backend;
+use kiln_core::backend::{Backend, IntCodes, View};
 use kiln_core::config::ModelConfig;
 use kiln_core::eval::evaluate_sliding;
 use kiln_core::layout::ParamLayout;
+use kiln_core::layout::Region;
 use kiln_core::model::Model;
+use kiln_core::quant::{Quantized, Scheme, TERNARY_GROUP};
 use kiln_core::sample::SamplingParams;
 use kiln_core::vocab::VocabMap;
 use kiln_formats::checkpoint::{self, Manifest};
@@ -34,6 +36,10 @@ pub struct Source {
     /// Round the matrices through int8 groups at load (`--weights int8`; see
     /// `kiln_core::quant::round_trip_groups`).
     pub int8: bool,
+    /// A packed artifact (`kiln export --format packed`), reloaded alone.
+    pub artifact: Option<PathBuf>,
+    /// Decode with the artifact's own codes (`--weights packed`).
+    pub packed: bool,
 }
 
 /// A trained model with what it needs to read and write text.
@@ -47,6 +53,13 @@ pub struct Loaded<B: Backend> {
 
 /// Loads a model from a run, checkpoint or imported model onto `backend`.
 pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
+    if let Some(artifact) = &source.artifact {
+        return load_artifact(backend, artifact, source.packed);
+    }
+    ensure!(
+        !source.packed,
+        "--weights packed runs a packed artifact's codes: give --artifact"
+    );
     let path = match (&source.run, &source.model) {
         (Some(run), _) if source.best => crate::rundir::best(run)?,
         (Some(run), _) => crate::rundir::resolve(run)?,
@@ -80,8 +93,9 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
     })
 }
 
-/// A packed artifact, reloaded alone with the tokenizer saved beside it.
-pub fn load_artifact<B: Backend>(backend: B, path: &Path) -> Result<Loaded<B>> {
+/// A packed artifact, reloaded alone with the tokenizer saved beside it; with `packed`, its
+/// matrices' codes are offered to the backend for decoding (`Backend::take_int_codes`).
+pub fn load_artifact<B: Backend>(backend: B, path: &Path, packed: bool) -> Result<Loaded<B>> {
     let unpacked = kiln_formats::packed::read(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tokenizer = interop::find_tokenizer(&[dir])?.with_context(|| {
@@ -102,6 +116,9 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path) -> Result<Loaded<B>> {
     }
     let model = Model::new(backend, unpacked.config)?;
     model.upload_params(&unpacked.weights)?;
+    if packed {
+        offer_codes(&model, &unpacked.codes);
+    }
     let vocab_map = unpacked
         .vocab_map
         .map(|full| VocabMap::from_full_ids(tokenizer.vocab_size(), full));
@@ -112,6 +129,36 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path) -> Result<Loaded<B>> {
         vocab_map,
         manifest: None,
     })
+}
+
+/// Offers each matrix's codes to the backend (after the upload: a write would drop them),
+/// and says how many it took. Ternary scales cover 128 values in flat order, so rows must be
+/// whole groups; int scales cover a row.
+fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) {
+    let mut taken = 0;
+    for (region, q) in codes {
+        let group = match q.scheme {
+            Scheme::Ternary => TERNARY_GROUP,
+            _ => q.cols,
+        };
+        if q.cols % group != 0 {
+            continue;
+        }
+        let scales: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
+        let offer = IntCodes {
+            rows: q.rows,
+            cols: q.cols,
+            group,
+            codes: &q.codes,
+            scales: &scales,
+        };
+        let weight = View::new(&model.params, region.offset, region.len);
+        taken += model.backend.take_int_codes(weight, &offer) as usize;
+    }
+    eprintln!(
+        "packed weights: {taken} of {} matrices decode from their codes",
+        codes.len()
+    );
 }
 
 /// What `kiln sample` generates.
@@ -236,7 +283,7 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
     if let Some(path) = &options.artifact {
         scored.push((
             "artifact, reloaded alone",
-            load_artifact(backend.clone(), path)?,
+            load_artifact(backend.clone(), path, source.packed)?,
         ));
     }
     if source.run.is_some() || source.model.is_some() {

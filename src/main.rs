@@ -297,6 +297,10 @@ struct SampleArgs {
     /// sample i uses seed + i. Above 1 the samples are printed when all are done.
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
+    /// A packed artifact instead (`kiln export --format packed`; with --weights packed,
+    /// decoded from its own codes).
+    #[arg(long)]
+    artifact: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -378,6 +382,10 @@ enum BenchCommand {
         /// Sequences decoded together (each weight read serves all of them).
         #[arg(long, default_value_t = 1)]
         num_samples: usize,
+        /// A packed artifact instead (`kiln export --format packed`; with --weights packed,
+        /// decoded from its own codes).
+        #[arg(long)]
+        artifact: Option<PathBuf>,
         /// Also write the figures, with the machine, backend and commit, as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -467,6 +475,8 @@ impl ModelSource {
     fn source(&self, selection: Selection) -> Source {
         Source {
             int8: selection.int8(),
+            artifact: None,
+            packed: selection.packed(),
             run: self.run.clone(),
             best: self.best,
             model: self.model.clone(),
@@ -528,7 +538,8 @@ fn main() -> Result<()> {
                     seed: args.seed,
                 },
             };
-            let source = args.source.source(backend);
+            let mut source = args.source.source(backend);
+            source.artifact = args.artifact.clone();
             with_backend!(backend, |b| kiln::commands::sample(b, &source, &options))
         }
         Command::Eval(args) => {
@@ -581,6 +592,7 @@ fn main() -> Result<()> {
                     prompt,
                     tokens,
                     num_samples,
+                    artifact,
                     json,
                 },
         } => {
@@ -592,6 +604,8 @@ fn main() -> Result<()> {
                 None => 4.0,
             };
             let bytes: &dyn Fn(usize) -> f64 = match kiln::backends::resolve(backend)? {
+                // An artifact's codes: a byte each, and a scale per row or per 128.
+                kiln::backends::Resolved::Cpu(_) if backend.packed() => &|_| 1.0 + 4.0 / 128.0,
                 kiln::backends::Resolved::Cpu(cpu) if cpu.int8_weights() => &int8,
                 kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => {
                     &|_| 2.0
@@ -600,9 +614,13 @@ fn main() -> Result<()> {
             };
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let memory = kiln_cpu::probe::memory_read_gbs(threads, 512, 0.6);
-            let source = source.source(backend);
+            let mut source = source.source(backend);
+            source.artifact = artifact;
             let figures = with_backend!(backend, |b| {
-                let model = if source.run.is_some() || source.model.is_some() {
+                let model = if source.run.is_some()
+                    || source.model.is_some()
+                    || source.artifact.is_some()
+                {
                     kiln::commands::load(b, &source)?.model
                 } else {
                     let mut model = kiln_core::model::Model::new(b, from_preset_or_file(&preset)?)?;

@@ -60,6 +60,20 @@ pub enum Kernel {
     Muon,
 }
 
+/// A weight matrix `(rows, cols)` as integer codes with one scale per `group` consecutive
+/// values of a row: `value = code · scale` ([`Backend::take_int_codes`]).
+#[derive(Clone, Copy, Debug)]
+pub struct IntCodes<'a> {
+    pub rows: usize,
+    pub cols: usize,
+    /// Values per scale; divides `cols`.
+    pub group: usize,
+    /// `(rows, cols)`, within ±127.
+    pub codes: &'a [i8],
+    /// `(rows, cols / group)`.
+    pub scales: &'a [f32],
+}
+
 /// The element type of a device buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -605,6 +619,15 @@ pub trait Backend: Send + Sync {
     );
 
     // ---- quantization ------------------------------------------------------------------
+
+    /// Offers a weight's integer codes for products of a few rows (decoding): a backend that
+    /// runs quantized weights natively reads them instead of the f32 values, which are
+    /// exactly what the codes stand for. Returns whether it took them; by default it does
+    /// not, and the f32 values are used.
+    fn take_int_codes(&self, weight: View<Self>, codes: &IntCodes) -> bool {
+        let _ = (weight, codes);
+        false
+    }
 
     /// `dst = dequantize(quantize(src))` under `q` (quantization-aware training's weights;
     /// same length, no overlap).

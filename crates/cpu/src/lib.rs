@@ -76,8 +76,8 @@ use std::sync::{Arc, Mutex};
 
 use kiln_core::backend::{
     Accumulate, AdamWStep, AttentionShape, Backend, BackendError, ClassifierShape, DType,
-    DecodeShape, FakeQuant, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv, RopeShape,
-    ScaleShape, ShapeHint, Tolerance, View,
+    DecodeShape, FakeQuant, IntCodes, Kernel, MatmulShape, MatrixShape, MuonStep, NormShape, Qkv,
+    RopeShape, ScaleShape, ShapeHint, Tolerance, View,
 };
 use kiln_core::cpu::{self, Isa};
 pub use kiln_reference::HostMemory;
@@ -503,20 +503,26 @@ impl Backend for CpuBackend {
         assert_eq!(out.len(), s.rows * s.out_dim, "matmul_forward: out");
         let o = slices!(write out, [inp, weight]);
         let (x, w) = (slices!(read inp), slices!(read weight));
-        let int8_group = kiln_core::quant::int8_group(&[s.in_dim]);
-        if let (true, true, Some(group)) = (self.int8, s.rows <= gemv::MAX_ROWS, int8_group) {
-            let memory = weight.memory();
+        if self.int8 && s.rows <= gemv::MAX_ROWS {
+            let group = kiln_core::quant::int8_group(&[s.in_dim]);
             let dot = int8::Int8Dot::for_isa(self.isa);
-            return memory.with_derived(
-                weight.offset(),
-                weight.len(),
-                |m: &mut int8::Int8Matrix, stale| {
-                    if stale || (m.rows, m.cols, m.group) != (s.out_dim, s.in_dim, group) {
-                        *m = int8::Int8Matrix::quantize(w, s.out_dim, s.in_dim, group);
-                    }
-                    int8::forward(dot, &self.pool, o, x, m, s.rows)
-                },
-            );
+            let memory = weight.memory();
+            let (offset, len) = (weight.offset(), weight.len());
+            let done = memory.with_derived(offset, len, |m: &mut int8::Int8Matrix, stale| {
+                // A copy made from the values, or codes given with the weight
+                // (`take_int_codes`, in their own groups), while no write has touched it.
+                if stale || (m.rows, m.cols) != (s.out_dim, s.in_dim) {
+                    let Some(group) = group else {
+                        return false;
+                    };
+                    *m = int8::Int8Matrix::quantize(w, s.out_dim, s.in_dim, group);
+                }
+                int8::forward(dot, &self.pool, o, x, m, s.rows);
+                true
+            });
+            if done {
+                return;
+            }
         }
         if s.rows <= gemv::MAX_ROWS && self.precision == Precision::F32 {
             // A few rows (decoding): dot products on the weight in place, no packing. With
@@ -893,6 +899,18 @@ impl Backend for CpuBackend {
         self.with_classifier_weight((weight, w), s, |w| {
             classifier::backward(isa, kernel, pool, di, dw, x, w, state, targets, s, d, mode)
         });
+    }
+
+    fn take_int_codes(&self, weight: V, c: &IntCodes) -> bool {
+        if !self.int8 || c.rows * c.cols != weight.len() {
+            return false;
+        }
+        let Ok(m) = int8::Int8Matrix::new(c.rows, c.cols, c.group, c.codes, c.scales) else {
+            return false;
+        };
+        let memory = weight.memory();
+        memory.with_derived(weight.offset(), weight.len(), |slot, _| *slot = m);
+        true
     }
 
     fn fake_quantize(&self, dst: V, src: V, q: FakeQuant) {

@@ -133,3 +133,135 @@ fn int8_decoding_products_match_the_reference_at_every_tier() {
         }
     }
 }
+
+/// A packed artifact's codes given to the backend (`take_int_codes`: ternary in groups of 128,
+/// int6 with a scale per row) are what decoding reads: the product matches the reference's on
+/// the values the codes stand for (the bound above), even though the backend's own int8
+/// groups of the same values would differ (int6 codes re-quantized to int8 are not exact).
+/// Codes the kernels cannot run are declined.
+#[test]
+fn given_codes_are_decoded_as_given() {
+    use kiln_core::backend::IntCodes;
+    let (in_dim, out_dim) = (256, 37);
+    let ternary: Vec<i8> = (0..out_dim * in_dim)
+        .map(|i| (i * 7 % 3) as i8 - 1)
+        .collect();
+    let int6: Vec<i8> = (0..out_dim * in_dim)
+        .map(|i| (i * 13 % 63) as i8 - 31)
+        .collect();
+    let cases = [
+        (
+            "ternary",
+            &ternary,
+            128,
+            (0..out_dim * 2)
+                .map(|g| 0.01 + g as f32 * 1e-3)
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "int6",
+            &int6,
+            in_dim,
+            (0..out_dim).map(|r| 0.002 + r as f32 * 1e-4).collect(),
+        ),
+    ];
+    let s = MatmulShape {
+        rows: 2,
+        in_dim,
+        out_dim,
+    };
+    let x = values(2 * in_dim, 21);
+    for isa in Isa::ALL {
+        if cpu::features().missing(isa).is_some() {
+            continue;
+        }
+        let be = CpuBackend::with(isa, Precision::default_for(isa), 2)
+            .unwrap()
+            .with_int8_weights();
+        for (name, codes, group, scales) in &cases {
+            let w: Vec<f32> = codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| c as f32 * scales[i / group])
+                .collect();
+            let weight = be.alloc(w.len(), DType::F32).unwrap();
+            be.upload(View::whole(&weight), &w).unwrap();
+            let offer = IntCodes {
+                rows: out_dim,
+                cols: in_dim,
+                group: *group,
+                codes,
+                scales,
+            };
+            assert!(be.take_int_codes(View::whole(&weight), &offer), "{name}");
+            let got = product_on(&be, View::whole(&weight), &x, s);
+            let want = product(&ReferenceBackend, &w, &x, s);
+            check(&got, &want, &w, &x, s, &format!("{isa} {name}"));
+            // int6: the backend's own groups of 64 would round these values differently, so
+            // matching within the bound alone does not show the codes were used; the exact
+            // int8 formula on the given codes does.
+            let exact = product_of_codes(codes, scales, *group, &x, s);
+            let off = got
+                .iter()
+                .zip(&exact)
+                .map(|(g, e)| (g - e).abs() as f64)
+                .fold(0.0, f64::max);
+            let size = exact.iter().map(|e| e.abs() as f64).fold(0.0, f64::max);
+            assert!(
+                off <= 1e-5 * size,
+                "{isa} {name}: {off} from the given codes' product"
+            );
+        }
+        let weight = be.alloc(64, DType::F32).unwrap();
+        let declined = IntCodes {
+            rows: 1,
+            cols: 64,
+            group: 48,
+            codes: &[0; 64],
+            scales: &[1.0],
+        };
+        assert!(!be.take_int_codes(View::whole(&weight), &declined));
+    }
+}
+
+/// runq.c's formula on given codes: the inputs quantized in groups of 64 (32 for groups not a
+/// multiple of 64), integer sums per 32 values, scaled by both scales.
+fn product_of_codes(
+    codes: &[i8],
+    scales: &[f32],
+    group: usize,
+    x: &[f32],
+    s: MatmulShape,
+) -> Vec<f32> {
+    let k = s.in_dim;
+    let xg = if group % 64 == 0 { 64 } else { 32 };
+    let mut out = vec![0f32; s.rows * s.out_dim];
+    for r in 0..s.rows {
+        let xr = &x[r * k..(r + 1) * k];
+        let mut xq = vec![0i32; k];
+        let mut xs = vec![0f32; k / xg];
+        for (g, chunk) in xr.chunks(xg).enumerate() {
+            let max = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            xs[g] = max / 127.0;
+            for (i, &v) in chunk.iter().enumerate() {
+                xq[g * xg + i] = if max > 0.0 {
+                    (v / xs[g]).round() as i32
+                } else {
+                    0
+                };
+            }
+        }
+        for j in 0..s.out_dim {
+            let mut sum = 0f64;
+            for h in 0..k / 32 {
+                let dot: i32 = (h * 32..(h + 1) * 32)
+                    .map(|p| xq[p] * codes[j * k + p] as i32)
+                    .sum();
+                let ws = scales[(j * k + h * 32) / group];
+                sum += dot as f64 * ws as f64 * xs[h * 32 / xg] as f64;
+            }
+            out[r * s.out_dim + j] = sum as f32;
+        }
+    }
+    out
+}

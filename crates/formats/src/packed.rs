@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use kiln_core::bytes::le_at;
 use kiln_core::config::ModelConfig;
-use kiln_core::layout::{Branch, ParamKind, ParamLayout};
+use kiln_core::layout::{Branch, ParamKind, ParamLayout, Region};
 pub use kiln_core::quant::PackRule;
 use kiln_core::quant::{quant_shape, quantize, Quantized, Scheme};
 
@@ -152,6 +152,9 @@ pub fn write(
 pub struct Unpacked {
     pub config: ModelConfig,
     pub weights: Vec<f32>,
+    /// The matrices stored as integer codes (ternary, int6, int8), as stored: `weights`
+    /// holds exactly what they dequantize to.
+    pub codes: Vec<(Region, Quantized)>,
     pub tokenizer_sha256: Option<String>,
     pub vocab_map: Option<Vec<u32>>,
 }
@@ -177,6 +180,7 @@ pub fn read(path: &Path) -> Result<Unpacked> {
         .with_context(|| format!("{p}: the payload does not decompress"))?;
     let layout = ParamLayout::new(&manifest.model);
     let mut weights = vec![0f32; layout.total_len()];
+    let mut codes = Vec::new();
     for spec in &layout.specs {
         let Some(e) = manifest.entries.iter().find(|e| e.name == spec.name) else {
             bail!("{p}: no tensor '{}'", spec.name);
@@ -193,10 +197,14 @@ pub fn read(path: &Path) -> Result<Unpacked> {
         let q = Quantized::unpack(e.scheme, rows, cols, &payload[e.offset..e.offset + e.len])
             .with_context(|| format!("{p}: tensor '{}'", e.name))?;
         weights[spec.region.offset..][..spec.region.len].copy_from_slice(&q.dequantize());
+        if spec.shape.len() == 2 && !q.codes.is_empty() {
+            codes.push((spec.region, q));
+        }
     }
     Ok(Unpacked {
         config: manifest.model,
         weights,
+        codes,
         tokenizer_sha256: manifest.tokenizer_sha256,
         vocab_map: manifest.vocab_map,
     })
