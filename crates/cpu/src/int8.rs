@@ -119,6 +119,81 @@ impl Int8Matrix {
     }
 }
 
+/// A ternary weight matrix `(rows, cols)`: codes −1, 0, 1 in 2 bits each (a quarter of the
+/// int8 bytes), with one f32 scale per `group` values of a row. Laid out for the kernels in
+/// blocks of [`ROWS`] rows and chunks of 256 columns: each row's chunk is 64 bytes whose
+/// byte `b` holds, in bits `2s..2s + 2`, the code of column `256·chunk + 64·s + b` plus one
+/// (0, 1 or 2), so one load and a shift give a 64-byte step of unsigned codes, and
+/// `Σ (c + 1)·x − Σ x` is the dot product (the published b1.58 CPU kernels unpack 2-bit
+/// codes the same way). Columns past the row's end hold 0 (their inputs are 0).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TernaryMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub group: usize,
+    /// `(⌈rows / ROWS⌉, ⌈cols / 256⌉, ROWS, 64)`.
+    codes: Vec<u8>,
+    /// `(rows, cols / group)`, and one more (as [`Int8Matrix`]).
+    scales: Vec<f32>,
+}
+
+impl TernaryMatrix {
+    /// Row-major codes in −1..=1 and their scales, checked and laid out for the kernels.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        codes: &[i8],
+        scales: &[f32],
+    ) -> Result<Self, String> {
+        // The same shape rules as int8.
+        Int8Matrix::new(0, cols, group, &[], &[])?;
+        if codes.len() != rows * cols || scales.len() != rows * (cols / group) {
+            return Err(format!(
+                "ternary {rows}×{cols} in groups of {group}: {} codes and {} scales",
+                codes.len(),
+                scales.len()
+            ));
+        }
+        if let Some(c) = codes.iter().find(|c| !(-1..=1).contains(*c)) {
+            return Err(format!("ternary code {c}: codes must be −1, 0 or 1"));
+        }
+        let chunks = cols.div_ceil(256);
+        let mut laid = vec![0u8; rows.div_ceil(ROWS) * chunks * ROWS * 64];
+        for (j, row) in codes.chunks_exact(cols.max(1)).enumerate() {
+            for (c, &code) in row.iter().enumerate() {
+                let (chunk, s, b) = (c / 256, c % 256 / 64, c % 64);
+                let at = ((j / ROWS * chunks + chunk) * ROWS + j % ROWS) * 64 + b;
+                laid[at] |= ((code + 1) as u8) << (2 * s);
+            }
+        }
+        let mut scales = scales.to_vec();
+        scales.push(0.0);
+        Ok(TernaryMatrix {
+            rows,
+            cols,
+            group,
+            codes: laid,
+            scales,
+        })
+    }
+
+    /// The values the codes stand for, `(rows, cols)`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (chunks, groups) = (self.cols.div_ceil(256), self.cols / self.group);
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for j in 0..self.rows {
+            out.extend((0..self.cols).map(|c| {
+                let (chunk, s, b) = (c / 256, c % 256 / 64, c % 64);
+                let at = ((j / ROWS * chunks + chunk) * ROWS + j % ROWS) * 64 + b;
+                let code = (self.codes[at] >> (2 * s) & 3) as f32 - 1.0;
+                code * self.scales[j * groups + c / self.group]
+            }));
+        }
+        out
+    }
+}
+
 /// The integer dot product the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Dot {
@@ -159,35 +234,40 @@ struct Inputs {
     /// `(rows, k)` codes and their magnitudes.
     codes: Vec<i8>,
     magnitudes: Vec<u8>,
-    /// `(rows, k / 32)`: the scale of each half's input group.
+    /// `(rows, 2 · steps)`: the scale of each half's input group.
     half_scales: Vec<f32>,
-    /// `(rows, k / 64)`: which bytes of each 64-byte step are negative.
+    /// `(rows, steps)`: which bytes of each 64-byte step are negative.
     negative: Vec<u64>,
-    /// `(rows, ⌈k / 64⌉, 16)`: each 64-byte step's lane scales (lanes 0–7 the first half's,
+    /// `(rows, steps, 16)`: each 64-byte step's lane scales (lanes 0–7 the first half's,
     /// 8–15 the second's).
     step_scales: Vec<f32>,
-    /// `(k / 32)`: the weight group of each half.
+    /// `(2 · steps)`: the weight group of each half.
     weight_group: Vec<usize>,
+    /// `(rows, steps, 16)`: the sums of each 4-byte lane's codes (the ternary kernels'
+    /// offset).
+    lane_sums: Vec<i32>,
 }
 
 impl Inputs {
-    /// Quantizes `x (rows, k)` in groups of 64 (32 when the weight's group is not a multiple
+    /// Quantizes `x (rows, k)` in groups of 64 (32 when the weight's `group` is not a multiple
     /// of 64): scale = max |x| / 127, codes round(x / scale), as `runq.c` quantizes its
-    /// activations.
-    fn quantize(&mut self, x: &[f32], rows: usize, w: &Int8Matrix) {
-        let (k, halves) = (w.cols, w.cols / 32);
-        let steps = halves.div_ceil(2);
-        let padded = steps * 64;
-        let group = if w.group.is_multiple_of(64) { 64 } else { 32 };
+    /// activations; rows padded with zeros to `steps` 64-byte steps.
+    fn quantize(&mut self, x: &[f32], rows: usize, (k, group, steps): (usize, usize, usize)) {
+        let (halves, padded) = (2 * steps, 64 * steps);
+        let weight_group = group;
+        let group = if group.is_multiple_of(64) { 64 } else { 32 };
         // Codes past the row's end stay 0, so a ragged step adds nothing.
         self.codes.clear();
         self.codes.resize(rows * padded, 0);
         self.magnitudes.clear();
         self.magnitudes.resize(rows * padded, 0);
+        self.half_scales.clear();
         self.half_scales.resize(rows * halves, 0.0);
         self.weight_group.clear();
+        // A padded half reads the row's last scale (or the one after it), times zero.
+        let last = k / weight_group;
         self.weight_group
-            .extend((0..halves).map(|h| h * 32 / w.group));
+            .extend((0..halves).map(|h| (h * 32 / weight_group).min(last)));
         for r in 0..rows {
             let xs = x[r * k..(r + 1) * k].chunks_exact(group);
             let codes = self.codes[r * padded..r * padded + k].chunks_exact_mut(group);
@@ -212,6 +292,7 @@ impl Inputs {
         }
         self.negative.clear();
         self.step_scales.clear();
+        self.lane_sums.clear();
         for r in 0..rows {
             let codes = &self.codes[r * padded..(r + 1) * padded];
             let scales = &self.half_scales[r * halves..(r + 1) * halves];
@@ -219,9 +300,13 @@ impl Inputs {
                 let signs = bytes.iter().enumerate();
                 self.negative
                     .push(signs.fold(0u64, |m, (i, &c)| m | (((c < 0) as u64) << i)));
-                let (s0, s1) = (scales[2 * step], *scales.get(2 * step + 1).unwrap_or(&0.0));
-                self.step_scales.extend([s0; 8]);
-                self.step_scales.extend([s1; 8]);
+                self.step_scales.extend([scales[2 * step]; 8]);
+                self.step_scales.extend([scales[2 * step + 1]; 8]);
+                self.lane_sums.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|l| l.iter().map(|&c| c as i32).sum::<i32>()),
+                );
             }
         }
     }
@@ -233,27 +318,121 @@ thread_local! {
     static INPUTS: RefCell<Inputs> = RefCell::default();
 }
 
-/// `out (rows, n) = x (rows, k) · wᵀ` for `w (n, k)` in int8 (see the module docs).
+/// A weight's codes as decoding reads them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Codes {
+    /// None made yet.
+    #[default]
+    None,
+    Int8(Int8Matrix),
+    Ternary(TernaryMatrix),
+}
+
+impl Codes {
+    /// `(rows, cols)`, if any.
+    pub fn shape(&self) -> Option<(usize, usize)> {
+        match self {
+            Codes::None => None,
+            Codes::Int8(m) => Some((m.rows, m.cols)),
+            Codes::Ternary(m) => Some((m.rows, m.cols)),
+        }
+    }
+
+    /// Codes of −1, 0 and 1 as a [`TernaryMatrix`], others as an [`Int8Matrix`].
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        group: usize,
+        codes: &[i8],
+        scales: &[f32],
+    ) -> Result<Self, String> {
+        if codes.iter().all(|c| (-1..=1).contains(c)) {
+            TernaryMatrix::new(rows, cols, group, codes, scales).map(Codes::Ternary)
+        } else {
+            Int8Matrix::new(rows, cols, group, codes, scales).map(Codes::Int8)
+        }
+    }
+}
+
+/// `out (rows, n) = x (rows, k) · wᵀ` for `w (n, k)` as codes (see the module docs).
 pub fn forward(
     dot: Int8Dot,
     pool: &ThreadPool,
     out: &mut [f32],
     x: &[f32],
-    w: &Int8Matrix,
+    w: &Codes,
     rows: usize,
 ) {
-    let (k, n) = (w.cols, w.rows);
-    let (halves, steps, groups) = (k / 32, (k / 32).div_ceil(2), k / w.group);
-    assert_eq!(x.len(), rows * k, "int8: x");
-    assert_eq!(out.len(), rows * n, "int8: out");
-    assert!(w.codes.len() == n.div_ceil(ROWS) * steps * ROWS * 64 && w.group.is_multiple_of(32));
-    assert_eq!(w.scales.len(), n * groups + 1, "int8: scales");
     if dot == Int8Dot::Vnni512 {
         assert!(cpu::features().avx512_vnni && cpu::features().supports(Isa::Avx512));
     }
+    // SAFETY (each kernel call): the variant's features were checked above (VNNI) or by the
+    // backend's tier (AVX2, the lowest); `run` hands each kernel its block's steps and an
+    // input row of as many (asserted there).
+    match w {
+        Codes::None => panic!("int8: no codes"),
+        Codes::Int8(m) => {
+            let shape = (m.rows, m.cols, m.group, m.cols.div_ceil(64));
+            run(
+                pool,
+                (out, x, rows),
+                shape,
+                &m.scales,
+                &|j, row, scales, sums| {
+                    let codes =
+                        &m.codes[Int8Matrix::offset(shape.3, j, 0)..][..shape.3 * ROWS * 64];
+                    unsafe {
+                        match dot {
+                            Int8Dot::Avx2 => dots_avx2(codes, scales, row, sums),
+                            Int8Dot::Vnni512 => dots_vnni512(codes, scales, row, sums),
+                        }
+                    }
+                },
+            )
+        }
+        Codes::Ternary(m) => {
+            let chunks = m.cols.div_ceil(256);
+            let shape = (m.rows, m.cols, m.group, 4 * chunks);
+            run(
+                pool,
+                (out, x, rows),
+                shape,
+                &m.scales,
+                &|j, row, scales, sums| {
+                    let codes = &m.codes[j / ROWS * chunks * ROWS * 64..][..chunks * ROWS * 64];
+                    unsafe {
+                        match dot {
+                            Int8Dot::Avx2 => ternary_avx2(codes, scales, row, sums),
+                            Int8Dot::Vnni512 => ternary_vnni512(codes, scales, row, sums),
+                        }
+                    }
+                },
+            )
+        }
+    }
+}
+
+/// A kernel: the block of weight rows starting at `j` against one input row, into `sums`.
+type Kernel<'a> = dyn Fn(usize, Row, &[&[f32]; ROWS], &mut [f32; ROWS]) + Sync + 'a;
+
+/// Quantizes the inputs, then runs `kernel` over blocks of [`ROWS`] weight rows, in long
+/// contiguous runs (`shape`: the weight's rows, columns, group and 64-byte steps per row;
+/// `scales (rows, cols / group)` and one more).
+fn run(
+    pool: &ThreadPool,
+    (out, x, rows): (&mut [f32], &[f32], usize),
+    (n, k, group, steps): (usize, usize, usize, usize),
+    scales: &[f32],
+    kernel: &Kernel,
+) {
+    let (halves, groups) = (2 * steps, k / group);
+    assert_eq!(x.len(), rows * k, "int8: x");
+    assert_eq!(out.len(), rows * n, "int8: out");
+    assert!(group.is_multiple_of(32) && steps * 64 >= k);
+    assert_eq!(scales.len(), n * groups + 1, "int8: scales");
     INPUTS.with(|inputs| {
         let mut inputs = inputs.borrow_mut();
-        inputs.quantize(x, rows, w);
+        inputs.quantize(x, rows, (k, group, steps));
         let inputs = &*inputs;
         let o = SharedMut::new(out);
         // Each task streams a long contiguous run of blocks (SPLIT runs per thread).
@@ -261,34 +440,26 @@ pub fn forward(
         pool.run(n.div_ceil(span), &|t| {
             let (j0, j1) = (t * span, ((t + 1) * span).min(n));
             for r in 0..rows {
+                let bytes = r * steps * 64..(r + 1) * steps * 64;
+                let lanes = r * steps * 16..(r + 1) * steps * 16;
                 let row = Row {
-                    magnitudes: &inputs.magnitudes[r * steps * 64..(r + 1) * steps * 64],
-                    codes: &inputs.codes[r * steps * 64..(r + 1) * steps * 64],
+                    magnitudes: &inputs.magnitudes[bytes.clone()],
+                    codes: &inputs.codes[bytes],
                     half_scales: &inputs.half_scales[r * halves..(r + 1) * halves],
                     negative: &inputs.negative[r * steps..(r + 1) * steps],
-                    step_scales: &inputs.step_scales[r * steps * 16..(r + 1) * steps * 16],
+                    step_scales: &inputs.step_scales[lanes.clone()],
+                    lane_sums: &inputs.lane_sums[lanes],
                     weight_group: &inputs.weight_group,
                 };
                 for j in (j0..j1).step_by(ROWS) {
-                    let codes = &w.codes[Int8Matrix::offset(steps, j, 0)..][..steps * ROWS * 64];
                     // The block's scales; a padded row past `n` reads the next rows' (or the
                     // extra one) and its sum is dropped.
-                    let scales = std::array::from_fn(|i| {
+                    let block_scales = std::array::from_fn(|i| {
                         let at = ((j + i).min(n - 1)) * groups;
-                        &w.scales[at..at + groups + 1]
+                        &scales[at..at + groups + 1]
                     });
                     let mut sums = [0f32; ROWS];
-                    // SAFETY: the variant's features were checked above (VNNI) or by the
-                    // backend's tier (AVX2, the lowest); `codes` holds the block's steps and
-                    // `row` the input's (asserted above).
-                    unsafe {
-                        match dot {
-                            Int8Dot::Avx2 => dots_avx2(codes, &scales, row, &mut sums),
-                            Int8Dot::Vnni512 => {
-                                dots_vnni512(codes, &scales, row, w.group == 32, &mut sums)
-                            }
-                        }
-                    }
+                    kernel(j, row, &block_scales, &mut sums);
                     let take = ROWS.min(n - j);
                     // SAFETY: rows j..j + take of this task's block are this task's alone.
                     let dst = unsafe { o.slice(r * n + j, take) };
@@ -310,6 +481,7 @@ struct Row<'a> {
     half_scales: &'a [f32],
     negative: &'a [u64],
     step_scales: &'a [f32],
+    lane_sums: &'a [i32],
     weight_group: &'a [usize],
 }
 
@@ -345,29 +517,21 @@ unsafe fn dots_avx2(codes: &[i8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f3
     }
 }
 
-/// As [`dots_avx2`], 64 bytes at a time. `pairs`: weight groups of 32, so a step's halves
-/// have their own weight scales (a ragged step's second half reads the next scale, and
-/// multiplies it by 0).
+/// As [`dots_avx2`], 64 bytes at a time; a step's halves take their own groups' scales
+/// (a ragged step's second half reads the row's last or the extra one, times 0).
 ///
 /// # Safety
 /// AVX512-F/BW/VNNI and FMA; as [`dots_avx2`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
-unsafe fn dots_vnni512(
-    codes: &[i8],
-    scales: &[&[f32]; ROWS],
-    x: Row,
-    pairs: bool,
-    out: &mut [f32; ROWS],
-) {
+unsafe fn dots_vnni512(codes: &[i8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
     let zero = _mm512_setzero_si512();
-    // Lanes 0–7 take the first of two scales, 8–15 the second.
-    let split = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let mut acc = [_mm512_setzero_ps(); ROWS];
     for step in 0..x.negative.len() {
         let mv = _mm512_loadu_si512(x.magnitudes.as_ptr().add(64 * step).cast());
         let negative = *x.negative.get_unchecked(step);
         let xs = _mm512_loadu_ps(x.step_scales.as_ptr().add(16 * step));
         let g = *x.weight_group.get_unchecked(2 * step);
+        let g1 = *x.weight_group.get_unchecked(2 * step + 1);
         let block = codes.as_ptr().add(step * ROWS * 64);
         for line in 0..ROWS {
             _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH + 64 * line).cast());
@@ -376,18 +540,127 @@ unsafe fn dots_vnni512(
             let wv = _mm512_loadu_si512(block.add(64 * i).cast());
             let signed = _mm512_mask_sub_epi8(wv, negative, zero, wv);
             let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, mv, signed));
-            let scale = scales[i].as_ptr().add(g);
-            let ws = if pairs {
-                let two = _mm_castpd_ps(_mm_load_sd(scale.cast()));
-                _mm512_permutexvar_ps(split, _mm512_castps128_ps512(two))
-            } else {
-                _mm512_set1_ps(*scale)
-            };
+            let ws = step_weight_scales(scales[i], g, g1);
             *acc = _mm512_fmadd_ps(_mm512_mul_ps(sums, xs), ws, *acc);
         }
     }
     for (o, acc) in out.iter_mut().zip(acc) {
         *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/// The weight scales of a 64-byte step for one row: lanes 0–7 take the first half's group's
+/// scale `scales[g0]`, lanes 8–15 the second's, `scales[g1]` (the same one unless groups are
+/// not a multiple of 64).
+///
+/// # Safety
+/// AVX-512F; `scales` holds both.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn step_weight_scales(scales: &[f32], g0: usize, g1: usize) -> __m512 {
+    let first = _mm512_set1_ps(*scales.get_unchecked(g0));
+    if g0 == g1 {
+        first
+    } else {
+        _mm512_mask_blend_ps(0xff00, first, _mm512_set1_ps(*scales.get_unchecked(g1)))
+    }
+}
+
+/// Step `s` (0–3) of a 2-bit chunk as bytes 0, 1 or 2.
+///
+/// # Safety
+/// AVX512-BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unpack_zmm(packed: __m512i, s: usize) -> __m512i {
+    // The 16-bit shift pulls the next byte's bits into the top of each byte; the mask keeps
+    // only the two that came from the byte itself.
+    let shifted = match s {
+        0 => packed,
+        1 => _mm512_srli_epi16::<2>(packed),
+        2 => _mm512_srli_epi16::<4>(packed),
+        _ => _mm512_srli_epi16::<6>(packed),
+    };
+    _mm512_and_si512(shifted, _mm512_set1_epi8(3))
+}
+
+/// A block of [`ROWS`] ternary rows ([`TernaryMatrix`]'s layout) against one input row, a
+/// 256-column chunk (four 64-byte steps of one load per row) at a time:
+/// `vpdpbusd(c + 1, x) − Σx` per lane.
+///
+/// # Safety
+/// AVX512-F/BW/VNNI and FMA; `codes` holds the block's chunks for the input row's steps.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+unsafe fn ternary_vnni512(codes: &[u8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    for chunk in 0..x.negative.len() / 4 {
+        let block = codes.as_ptr().add(chunk * ROWS * 64);
+        for line in 0..ROWS {
+            _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH / 4 + 64 * line).cast());
+        }
+        let packed: [__m512i; ROWS] =
+            std::array::from_fn(|i| _mm512_loadu_si512(block.add(64 * i).cast()));
+        for s in 0..4 {
+            let step = 4 * chunk + s;
+            let xv = _mm512_loadu_si512(x.codes.as_ptr().add(64 * step).cast());
+            let lanes = _mm512_loadu_si512(x.lane_sums.as_ptr().add(16 * step).cast());
+            let xs = _mm512_loadu_ps(x.step_scales.as_ptr().add(16 * step));
+            let g = *x.weight_group.get_unchecked(2 * step);
+            let g1 = *x.weight_group.get_unchecked(2 * step + 1);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let c = unpack_zmm(packed[i], s);
+                let sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, c, xv), lanes);
+                let ws = step_weight_scales(scales[i], g, g1);
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), xs), ws, *acc);
+            }
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/// As [`ternary_vnni512`], 32 bytes at a time: `vpmaddubsw(c + 1, x)` (at most 2 · 2 · 127
+/// per pair), `vpmaddwd` by ones, minus Σx per lane.
+///
+/// # Safety
+/// AVX2 and FMA; as [`ternary_vnni512`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn ternary_avx2(codes: &[u8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
+    let (ones, three) = (_mm256_set1_epi16(1), _mm256_set1_epi8(3));
+    let mut acc = [_mm256_setzero_ps(); ROWS];
+    for chunk in 0..x.negative.len() / 4 {
+        let block = codes.as_ptr().add(chunk * ROWS * 64);
+        for half in 0..2 {
+            let packed: [__m256i; ROWS] =
+                std::array::from_fn(|i| _mm256_loadu_si256(block.add(64 * i + 32 * half).cast()));
+            for s in 0..4 {
+                let h = 2 * (4 * chunk + s) + half;
+                let xv = _mm256_loadu_si256(x.codes.as_ptr().add(32 * h).cast());
+                let lanes = _mm256_loadu_si256(x.lane_sums.as_ptr().add(8 * h).cast());
+                let xs = *x.half_scales.get_unchecked(h);
+                let g = *x.weight_group.get_unchecked(h);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let shifted = match s {
+                        0 => packed[i],
+                        1 => _mm256_srli_epi16::<2>(packed[i]),
+                        2 => _mm256_srli_epi16::<4>(packed[i]),
+                        _ => _mm256_srli_epi16::<6>(packed[i]),
+                    };
+                    let c = _mm256_and_si256(shifted, three);
+                    let pairs = _mm256_maddubs_epi16(c, xv);
+                    let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), lanes);
+                    let scale = _mm256_set1_ps(xs * *scales[i].get_unchecked(g));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
+                }
+            }
+        }
+    }
+    for (o, acc) in out.iter_mut().zip(acc) {
+        let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        *o = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
     }
 }
 
@@ -438,7 +711,7 @@ mod tests {
                         .map(|(i, &c)| c as f64 * xs[i / act_group] as f64)
                         .collect();
                     let mut out = vec![f32::NAN; rows * n];
-                    forward(dot, &pool, &mut out, &x, &m, rows);
+                    forward(dot, &pool, &mut out, &x, &Codes::Int8(m.clone()), rows);
                     for r in 0..rows {
                         for j in 0..n {
                             let terms = (0..k).map(|p| xq[r * k + p] * wq[j * k + p] as f64);
@@ -454,6 +727,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Ternary codes in 2 bits against the same f64 formula on their values, for rows that
+    /// end inside a 256-column chunk and inside a 64-byte step (288), groups of 32, 64, 96
+    /// and 128 (a step's halves in different groups), and a ragged last block of rows; and
+    /// the layout gives back the codes (`dequantize`).
+    #[test]
+    fn ternary_matches_the_formula() {
+        let pool = ThreadPool::new(2);
+        let val = |i: usize, m: usize| ((i * m) % 251) as f32 / 125.0 - 1.0;
+        for (k, group) in [(288, 32), (384, 128), (96, 96), (640, 64)] {
+            let n = 70;
+            let codes: Vec<i8> = (0..n * k)
+                .map(|i| ((i * 7 + i / 5) % 3) as i8 - 1)
+                .collect();
+            let scales: Vec<f32> = (0..n * k / group).map(|g| 0.5 + val(g, 3)).collect();
+            let m = TernaryMatrix::new(n, k, group, &codes, &scales).unwrap();
+            let wq = m.dequantize();
+            for (i, (&c, &v)) in codes.iter().zip(&wq).enumerate() {
+                assert_eq!(c as f32 * scales[i / group], v, "layout at {i}");
+            }
+            let act_group = if group % 64 == 0 { 64 } else { 32 };
+            for dot in Int8Dot::usable() {
+                for rows in 1..=4 {
+                    let x: Vec<f32> = (0..rows * k).map(|i| val(i, 13)).collect();
+                    let (xc, xs) = runq_quantize(&x, act_group);
+                    let mut out = vec![f32::NAN; rows * n];
+                    forward(dot, &pool, &mut out, &x, &Codes::Ternary(m.clone()), rows);
+                    for r in 0..rows {
+                        for j in 0..n {
+                            let terms = (0..k).map(|p| {
+                                let xq = xc[r * k + p] as f64 * xs[(r * k + p) / act_group] as f64;
+                                xq * wq[j * k + p] as f64
+                            });
+                            let (want, size) =
+                                terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                            let got = out[r * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * size + 1e-30,
+                                "{dot:?} k {k} group {group} [{r}, {j}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let err = TernaryMatrix::new(1, 64, 64, &[2; 64], &[1.0]).unwrap_err();
+        assert!(err.contains("ternary code 2"), "{err}");
     }
 
     #[test]

@@ -508,14 +508,15 @@ impl Backend for CpuBackend {
             let dot = int8::Int8Dot::for_isa(self.isa);
             let memory = weight.memory();
             let (offset, len) = (weight.offset(), weight.len());
-            let done = memory.with_derived(offset, len, |m: &mut int8::Int8Matrix, stale| {
+            let done = memory.with_derived(offset, len, |m: &mut int8::Codes, stale| {
                 // A copy made from the values, or codes given with the weight
                 // (`take_int_codes`, in their own groups), while no write has touched it.
-                if stale || (m.rows, m.cols) != (s.out_dim, s.in_dim) {
+                if stale || m.shape() != Some((s.out_dim, s.in_dim)) {
                     let Some(group) = group else {
                         return false;
                     };
-                    *m = int8::Int8Matrix::quantize(w, s.out_dim, s.in_dim, group);
+                    let copy = int8::Int8Matrix::quantize(w, s.out_dim, s.in_dim, group);
+                    *m = int8::Codes::Int8(copy);
                 }
                 int8::forward(dot, &self.pool, o, x, m, s.rows);
                 true
@@ -905,7 +906,7 @@ impl Backend for CpuBackend {
         if !self.int8 || c.rows * c.cols != weight.len() {
             return false;
         }
-        let Ok(m) = int8::Int8Matrix::new(c.rows, c.cols, c.group, c.codes, c.scales) else {
+        let Ok(m) = int8::Codes::new(c.rows, c.cols, c.group, c.codes, c.scales) else {
             return false;
         };
         let memory = weight.memory();
