@@ -485,6 +485,16 @@ impl ModelSource {
     }
 }
 
+/// Bytes the decoding kernels read for one quantized matrix: ternary codes in 2 bits, others
+/// in a byte, and an f32 scale per group (ternary: 128 values; int: a row).
+fn code_bytes(q: &kiln_core::quant::Quantized) -> f64 {
+    let n = q.codes.len() as f64;
+    match q.scheme {
+        kiln_core::quant::Scheme::Ternary => n / 4.0 + 4.0 * n / 128.0,
+        _ => n + 4.0 * q.rows as f64,
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let backend = Selection {
@@ -603,9 +613,19 @@ fn main() -> Result<()> {
                 Some(group) => 1.0 + 4.0 / group as f64,
                 None => 4.0,
             };
+            // An artifact's codes as the kernels hold them (ternary in 2 bits, int6 and int8
+            // in a byte, an f32 scale per group), averaged over its matrices.
+            let packed = match &artifact {
+                Some(path) if backend.packed() => {
+                    let codes = kiln_formats::packed::read(path)?.codes;
+                    let bytes: f64 = codes.iter().map(|(_, q)| code_bytes(q)).sum();
+                    let values: usize = codes.iter().map(|(_, q)| q.codes.len()).sum();
+                    bytes / values.max(1) as f64
+                }
+                _ => 0.0,
+            };
             let bytes: &dyn Fn(usize) -> f64 = match kiln::backends::resolve(backend)? {
-                // An artifact's codes: a byte each, and a scale per row or per 128.
-                kiln::backends::Resolved::Cpu(_) if backend.packed() => &|_| 1.0 + 4.0 / 128.0,
+                kiln::backends::Resolved::Cpu(_) if backend.packed() => &|_| packed,
                 kiln::backends::Resolved::Cpu(cpu) if cpu.int8_weights() => &int8,
                 kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => {
                     &|_| 2.0
@@ -615,7 +635,7 @@ fn main() -> Result<()> {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let memory = kiln_cpu::probe::memory_read_gbs(threads, 512, 0.6);
             let mut source = source.source(backend);
-            source.artifact = artifact;
+            source.artifact = artifact.clone();
             let figures = with_backend!(backend, |b| {
                 let model = if source.run.is_some()
                     || source.model.is_some()
