@@ -56,7 +56,7 @@ fn rounded(w: &[f32], cols: usize) -> Vec<f32> {
 /// Checks `got` against the reference on the same (rounded) weights within the bound of the
 /// module docs; returns the largest error.
 fn check(got: &[f32], want: &[f32], w: &[f32], x: &[f32], s: MatmulShape, what: &str) -> f64 {
-    let group = if s.in_dim % 64 == 0 { 64 } else { 32 };
+    let group = if s.in_dim.is_multiple_of(64) { 64 } else { 32 };
     let k = s.in_dim;
     let mut largest = 0f64;
     for r in 0..s.rows {
@@ -234,7 +234,7 @@ fn product_of_codes(
     s: MatmulShape,
 ) -> Vec<f32> {
     let k = s.in_dim;
-    let xg = if group % 64 == 0 { 64 } else { 32 };
+    let xg = if group.is_multiple_of(64) { 64 } else { 32 };
     let mut out = vec![0f32; s.rows * s.out_dim];
     for r in 0..s.rows {
         let xr = &x[r * k..(r + 1) * k];

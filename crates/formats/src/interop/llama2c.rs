@@ -317,7 +317,9 @@ fn read_int8(
     let layout = ParamLayout::new(&config);
     let (c, hd) = (config.dim, config.head_dim);
     ensure!(
-        group > 0 && c % group as usize == 0 && config.hidden_dim % group as usize == 0,
+        group > 0
+            && c.is_multiple_of(group as usize)
+            && config.hidden_dim.is_multiple_of(group as usize),
         "{p}: int8 group size {group} does not divide dim {c} and hidden_dim {}",
         config.hidden_dim
     );
