@@ -15,6 +15,11 @@ use crate::shared::SharedMut;
 use crate::simd::dot;
 use crate::xent;
 
+thread_local! {
+    /// Each thread's scores for its task, reused: decoding allocates nothing per token.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// `out (B, H·D)` for the newest position (see the module docs).
 pub fn decode(
     isa: Isa,
@@ -42,15 +47,18 @@ pub fn decode(
         let out = unsafe { o.slice(at, group * dim) };
         let cache = b * s.capacity * kv_row + kvh * dim;
         let (keys, values) = (&k_cache[cache..], &v_cache[cache..]);
-        let mut scores = vec![0f32; group * s.len];
-        let scale = 1.0 / (dim as f32).sqrt();
-        let shape = (s.len, kv_row, dim, scale);
-        group_scores(isa, &mut scores, &q[at..at + group * dim], keys, shape);
-        for row in scores.chunks_exact_mut(s.len) {
-            let (max, sum) = xent::max_and_sum(isa, row);
-            xent::exp_scaled_in_place(isa, row, max, 1.0 / sum);
-        }
-        group_values(isa, out, &scores, values, (s.len, kv_row, dim));
+        SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
+            scores.resize(group * s.len, 0.0);
+            let scale = 1.0 / (dim as f32).sqrt();
+            let shape = (s.len, kv_row, dim, scale);
+            group_scores(isa, &mut scores, &q[at..at + group * dim], keys, shape);
+            for row in scores.chunks_exact_mut(s.len) {
+                let (max, sum) = xent::max_and_sum(isa, row);
+                xent::exp_scaled_in_place(isa, row, max, 1.0 / sum);
+            }
+            group_values(isa, out, &scores, values, (s.len, kv_row, dim));
+        });
     });
 }
 

@@ -429,20 +429,43 @@ pub unsafe fn multiply_rows(
     if m == 0 || n == 0 {
         return;
     }
-    // Each row as bf16 pairs, the odd k's partner zero.
-    let rows: Vec<Vec<i32>> = (0..m)
-        .map(|i| {
+    // Each row as bf16 pairs, the odd k's partner zero, in the calling thread's buffer
+    // (reused: decoding allocates nothing per token).
+    thread_local! {
+        static PAIRS: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PAIRS.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        buffer.clear();
+        for i in 0..m {
             let row = &a[i * lda..i * lda + k];
-            (0..pairs)
-                .map(|p| {
-                    let lo = to_bf16(row[2 * p]) as u32;
-                    let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
-                    (lo | hi << 16) as i32
-                })
-                .collect()
-        })
-        .collect();
-    let x: Vec<&[i32]> = rows.iter().map(|r| r.as_slice()).collect();
+            buffer.extend((0..pairs).map(|p| {
+                let lo = to_bf16(row[2 * p]) as u32;
+                let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
+                (lo | hi << 16) as i32
+            }));
+        }
+        let mut x = [&buffer[..0]; FEW_ROWS];
+        for (i, row) in buffer.chunks_exact(pairs.max(1)).enumerate().take(m) {
+            x[i] = row;
+        }
+        // SAFETY: as this function's contract.
+        unsafe { few_rows_panels(pool, &x[..m], b, (c, ldc, n), accumulate) };
+    });
+}
+
+/// The panels of [`multiply_rows`] over the pool, `x` its rows as bf16 pairs.
+///
+/// # Safety
+/// As [`multiply_rows`] (`b` checked there to be packed bf16).
+unsafe fn few_rows_panels(
+    pool: &ThreadPool,
+    x: &[&[i32]],
+    b: &Packed,
+    (c, ldc, n): (*mut f32, usize, usize),
+    accumulate: bool,
+) {
+    let pairs = b.kp / 2;
     let nr = bf16::NR;
     let panels = n.div_ceil(nr);
     // Panels per task: a long contiguous run, four per thread (as the f32 and int8 few-row
@@ -450,7 +473,7 @@ pub unsafe fn multiply_rows(
     let per_task = panels.div_ceil(pool.threads() * 4);
     let data = match b.data() {
         PackedRef::Bf16(d) => d,
-        PackedRef::F32(_) => unreachable!("checked above"),
+        PackedRef::F32(_) => unreachable!("checked by multiply_rows"),
     };
     let c_ptr = SharedMut::from_raw(c);
     pool.run(panels.div_ceil(per_task), &|t| {
@@ -461,7 +484,7 @@ pub unsafe fn multiply_rows(
             unsafe {
                 let bp = data.as_ptr().add(p * b.kp * nr);
                 let cp = c_ptr.get().add(p * nr);
-                bf16::gemv_panel(pairs, &x, bp, cp, ldc, cols, !accumulate);
+                bf16::gemv_panel(pairs, x, bp, cp, ldc, cols, !accumulate);
             }
         }
     });
