@@ -40,9 +40,9 @@ struct Cli {
     /// bf16 where the CPU has a native bf16 dot product, f32 elsewhere.
     #[arg(long, global = true, value_enum, env = "KILN_PRECISION")]
     precision: Option<Precision>,
-    /// The weights' format for inference (sample, eval, bench decode): f32, bf16, or int8
-    /// (groups of 64 as llama2.c's runq.c; int8 dot products while decoding; cpu backend).
-    /// Default: as --precision.
+    /// The weights' format for inference (sample, eval, bench decode): f32, bf16, int8
+    /// (groups of 64 as llama2.c's runq.c; int8 dot products while decoding), or packed (an
+    /// --artifact's own codes); int8 and packed on the cpu backend. Default: as --precision.
     #[arg(long, global = true, value_enum, env = "KILN_WEIGHTS")]
     weights: Option<Weights>,
     #[command(subcommand)]
@@ -66,7 +66,8 @@ enum Command {
     Export {
         /// hf: config.json + model.safetensors + tokenizer; llama2c: model.bin (the legacy
         /// format run.c reads, or with --quantize int8 the v2 file runq.c reads) +
-        /// tokenizer.bin.
+        /// tokenizer.bin; gguf: model.gguf (what llama.cpp runs), llama2.c's tokenizer
+        /// inside.
         #[arg(long, value_enum)]
         format: ExportFormat,
         /// A run directory, checkpoint directory, Hugging Face directory or llama2.c .bin.
@@ -85,8 +86,9 @@ enum Command {
         /// packed: fail if the artifact exceeds this size (bytes; or 16MB = 16,000,000).
         #[arg(long, value_parser = parse_bytes)]
         budget: Option<u64>,
-        /// llama2c: int8 matrices in groups of 64, the v2 file llama2.c's runq.c runs
-        /// (default: f32, the legacy file run.c runs).
+        /// llama2c: int8, matrices in groups of 64, the v2 file llama2.c's runq.c runs
+        /// (default: f32, the legacy file run.c runs). gguf: bf16 or q8_0 matrices (default:
+        /// f32).
         #[arg(long, value_enum)]
         quantize: Option<Quantize>,
     },

@@ -120,6 +120,23 @@ impl Llama2cVocab {
     pub const BOS: u32 = 1;
     pub const EOS: u32 = 2;
 
+    /// Each token's piece (bytes, a space where SentencePiece writes "▁") and score, in id
+    /// order.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], f32)> {
+        self.pieces
+            .iter()
+            .map(Vec::as_slice)
+            .zip(self.scores.iter().copied())
+    }
+
+    pub fn len(&self) -> usize {
+        self.pieces.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
     /// Reads the file; `u32 max_token_length`, then per token `f32 score, u32 len, bytes`.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
         let mut at = 0usize;

@@ -6,6 +6,7 @@
 //! Compacted-vocabulary models are expanded back to the full vocabulary on the way out: the
 //! rows of tokens the model never saw are zero.
 
+pub mod gguf;
 pub mod hf;
 pub mod llama2c;
 
@@ -197,6 +198,8 @@ pub enum ExportFormat {
     Hf,
     /// llama2.c's legacy `.bin` (what `run.c` runs) and its `tokenizer.bin`.
     Llama2c,
+    /// A GGUF file (`model.gguf`, what llama.cpp runs) with llama2.c's tokenizer inside.
+    Gguf,
     /// A quantized, compressed kiln artifact (`model.kiln`) for size-budgeted models: written
     /// by [`export_packed`], which takes the packing rule.
     Packed,
@@ -208,6 +211,11 @@ pub enum ExportFormat {
 pub enum Quantize {
     /// int8 in groups of 64 with f32 scales: llama2.c's v2 file, which `runq.c` runs.
     Int8,
+    /// GGUF: the matrices in bf16.
+    Bf16,
+    /// GGUF: the matrices in ggml's Q8_0 (blocks of 32, an f16 scale each).
+    #[cfg_attr(feature = "clap", value(name = "q8_0"))]
+    Q8_0,
 }
 
 /// `kiln export`: writes an imported model to `out` as a Hugging Face directory or a
@@ -224,8 +232,13 @@ pub fn export_quantized(
     quantize: Option<Quantize>,
     out: &Path,
 ) -> Result<PathBuf> {
-    if quantize.is_some() && format != ExportFormat::Llama2c {
-        bail!("--quantize int8 writes llama2.c's v2 file: use it with --format llama2c");
+    match (format, quantize) {
+        (_, None) | (ExportFormat::Llama2c, Some(Quantize::Int8)) => {}
+        (ExportFormat::Gguf, Some(Quantize::Bf16 | Quantize::Q8_0)) => {}
+        (_, Some(q)) => bail!(
+            "--quantize {q:?}: int8 goes with --format llama2c (runq.c's file), bf16 and q8_0 \
+             with --format gguf"
+        ),
     }
     if format == ExportFormat::Packed {
         bail!("a packed artifact needs a packing rule: use export_packed");
@@ -244,6 +257,7 @@ pub fn export_quantized(
         match format {
             ExportFormat::Hf => "Hugging Face",
             ExportFormat::Llama2c => "llama2.c",
+            ExportFormat::Gguf => "GGUF",
             ExportFormat::Packed => unreachable!("refused above"),
         }
     );
@@ -260,6 +274,23 @@ pub fn export_quantized(
             Ok(out.to_path_buf())
         }
         ExportFormat::Packed => unreachable!("refused above"),
+        ExportFormat::Gguf => {
+            let tok = imported
+                .tokenizer
+                .as_ref()
+                .with_context(|| format!("{}: GGUF export needs the tokenizer", imported.source))?;
+            let kind = match quantize {
+                None => gguf::GgufType::F32,
+                Some(Quantize::Bf16) => gguf::GgufType::Bf16,
+                Some(Quantize::Q8_0) => gguf::GgufType::Q8_0,
+                Some(Quantize::Int8) => unreachable!("refused above"),
+            };
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let path = out.join("model.gguf");
+            gguf::write(&path, &config, &weights, tok, kind)?;
+            Ok(path)
+        }
         ExportFormat::Llama2c => {
             llama2c::check_exportable(&config)?;
             let tok = imported.tokenizer.as_ref();
@@ -278,6 +309,7 @@ pub fn export_quantized(
                     let group = llama2c::write_int8(&model_path, &config, &weights)?;
                     eprintln!("int8 in groups of {group} (llama2.c v2, runq.c)");
                 }
+                Some(Quantize::Bf16 | Quantize::Q8_0) => unreachable!("refused above"),
             }
             if let Some(t) = tok {
                 t.save(out)?;
