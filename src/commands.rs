@@ -9,8 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kiln_core::backend::{Backend, IntCodes, View};
 use kiln_core::config::ModelConfig;
 use kiln_core::eval::evaluate_sliding;
-use kiln_core::layout::ParamLayout;
-use kiln_core::layout::Region;
+use kiln_core::layout::{ParamLayout, Region};
 use kiln_core::model::Model;
 use kiln_core::quant::{Quantized, Scheme, TERNARY_GROUP};
 use kiln_core::sample::SamplingParams;
@@ -54,7 +53,7 @@ pub struct Loaded<B: Backend> {
 /// Loads a model from a run, checkpoint or imported model onto `backend`.
 pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
     if let Some(artifact) = &source.artifact {
-        return load_artifact(backend, artifact, source.packed);
+        return load_artifact(backend, artifact, source);
     }
     ensure!(
         !source.packed,
@@ -68,12 +67,7 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
     };
     let mut imported = crate::rundir::import(&path, source.tokenizer.as_deref())?;
     if source.int8 {
-        let layout = kiln_core::layout::ParamLayout::new(&imported.config);
-        let rounded = kiln_core::quant::round_trip_groups(&layout, &mut imported.weights);
-        eprintln!(
-            "int8 weights: {rounded} of {} values in groups of 64 (32 where rows need it)",
-            imported.weights.len()
-        );
+        round_to_int8(&imported.config, &mut imported.weights);
     }
     let tokenizer = imported.tokenizer.with_context(|| {
         format!(
@@ -93,10 +87,23 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
     })
 }
 
-/// A packed artifact, reloaded alone with the tokenizer saved beside it; with `packed`, its
-/// matrices' codes are offered to the backend for decoding (`Backend::take_int_codes`).
-pub fn load_artifact<B: Backend>(backend: B, path: &Path, packed: bool) -> Result<Loaded<B>> {
-    let unpacked = kiln_formats::packed::read(path)?;
+/// `--weights int8`: the matrices rounded through the int8 groups decoding will hold.
+fn round_to_int8(config: &ModelConfig, weights: &mut [f32]) {
+    let rounded = kiln_core::quant::round_trip_groups(&ParamLayout::new(config), weights);
+    eprintln!(
+        "int8 weights: {rounded} of {} values in groups of 64 (32 where rows need it)",
+        weights.len()
+    );
+}
+
+/// A packed artifact, reloaded alone with the tokenizer saved beside it; with `--weights
+/// packed` (`source.packed`) its matrices' codes are offered to the backend for decoding
+/// (`Backend::take_int_codes`), with `--weights int8` its values rounded as any model's.
+pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Result<Loaded<B>> {
+    let mut unpacked = kiln_formats::packed::read(path)?;
+    if source.int8 {
+        round_to_int8(&unpacked.config, &mut unpacked.weights);
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     let tokenizer = interop::find_tokenizer(&[dir])?.with_context(|| {
         format!(
@@ -116,7 +123,7 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path, packed: bool) -> Resul
     }
     let model = Model::new(backend, unpacked.config)?;
     model.upload_params(&unpacked.weights)?;
-    if packed {
+    if source.packed {
         offer_codes(&model, &unpacked.codes);
     }
     let vocab_map = unpacked
@@ -283,7 +290,7 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
     if let Some(path) = &options.artifact {
         scored.push((
             "artifact, reloaded alone",
-            load_artifact(backend.clone(), path, source.packed)?,
+            load_artifact(backend.clone(), path, source)?,
         ));
     }
     if source.run.is_some() || source.model.is_some() {
