@@ -425,6 +425,10 @@ pub enum Head {
     /// ([`crate::backend::Backend::classifier_loss_forward`]), a backend holds at most a
     /// vocabulary chunk of logits at a time. Training and evaluation.
     Loss,
+    /// Only each sequence's last position's logits `(B, V)`, no targets, no backward: a
+    /// prompt's prefill, which needs nothing but the next token's distribution (the classifier
+    /// over every position was a fifth of stories110M's prefill).
+    Last,
 }
 
 /// Every activation of one step at (batch, seq), in one arena.
@@ -466,9 +470,11 @@ impl ActivationLayout {
         let (c, f) = (config.dim, config.hidden_dim);
         // The logits and their gradients: none when the head runs fused.
         let v = match head {
-            Head::Logits => config.vocab_size,
+            Head::Logits | Head::Last => config.vocab_size,
             Head::Loss => 0,
         };
+        // Positions whose logits are kept.
+        let rows = if head == Head::Last { batch } else { n };
         let (q, kv) = (n * config.q_dim(), n * config.kv_dim());
         let arch = &config.arch;
         let mut cur = Cursor::default();
@@ -489,16 +495,16 @@ impl ActivationLayout {
             .collect();
         let xn_final = cur.take(n * c);
         let rstd_final = cur.take(n);
-        let logits = cur.take(n * v);
+        let logits = cur.take(rows * v);
         let logits_raw = if arch.logit_softcap.is_some() {
-            cur.take(n * v)
+            cur.take(rows * v)
         } else {
             logits
         };
         let losses = cur.take(n);
         let logsumexp = cur.take(n);
         let classifier_saved = cur.take(match head {
-            Head::Logits => 0,
+            Head::Logits | Head::Last => 0,
             Head::Loss => classifier_saved_len,
         });
         // down_proj's output without branch scales: `xn_final` is free until the end.
@@ -517,6 +523,8 @@ impl ActivationLayout {
         } else {
             (q_pre, k_pre)
         };
+        // Everything from here on is a gradient.
+        let forward_end = cur.next;
         let residual_grad = cur.take(n * c);
         let (attn_proj, mlp_proj) = if scales {
             (cur.take(n * c), cur.take(n * c))
@@ -535,7 +543,9 @@ impl ActivationLayout {
         } else {
             (dv, cur.take(0))
         };
-        let dlogits = cur.take(n * v);
+        // No gradient of the logits where there is no backward (prefill).
+        let dv_rows = if head == Head::Last { 0 } else { n * v };
+        let dlogits = cur.take(dv_rows);
         let grads = LayerGradients {
             residual: residual_grad,
             xn: cur.take(n * c),
@@ -567,7 +577,7 @@ impl ActivationLayout {
             },
             logits: dlogits,
             logits_raw: if arch.logit_softcap.is_some() {
-                cur.take(n * v)
+                cur.take(dv_rows)
             } else {
                 dlogits
             },
@@ -590,7 +600,13 @@ impl ActivationLayout {
             logsumexp,
             classifier_saved,
             grads,
-            total: cur.next,
+            // A prefill's arena ends where the gradients begin: it never runs a backward
+            // (`Model::backward` refuses it), and its pages are a fresh allocation per prompt.
+            total: if head == Head::Last {
+                forward_end
+            } else {
+                cur.next
+            },
         }
     }
 

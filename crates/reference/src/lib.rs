@@ -156,12 +156,23 @@ impl HostMemory {
             backend: "reference".into(),
             bytes: len.saturating_mul(dtype.size()),
         };
-        // Reserve first, so an allocation that cannot be had is an error, not an abort.
+        // Zeroed by the allocator (`calloc`: a large block comes as fresh pages the kernel has
+        // zeroed, without a second pass that touches them all), and fallible, so an
+        // allocation that cannot be had is an error, not an abort.
         fn zeroed<T: Default>(len: usize) -> Option<Box<[UnsafeCell<T>]>> {
-            let mut v: Vec<UnsafeCell<T>> = Vec::new();
-            v.try_reserve_exact(len).ok()?;
-            v.extend((0..len).map(|_| UnsafeCell::new(T::default())));
-            Some(v.into_boxed_slice())
+            if len == 0 {
+                return Some(Box::new([]));
+            }
+            let layout = std::alloc::Layout::array::<UnsafeCell<T>>(len).ok()?;
+            // SAFETY: the layout is non-empty; f32 and u16 (the only `T`s) are valid as zero
+            // bits, and so are their cells; the box takes ownership of exactly this layout.
+            unsafe {
+                let ptr = std::alloc::alloc_zeroed(layout).cast::<UnsafeCell<T>>();
+                if ptr.is_null() {
+                    return None;
+                }
+                Some(Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)))
+            }
         }
         let data = match dtype {
             DType::F32 => Storage::F32(zeroed(len).ok_or_else(out_of_memory)?),

@@ -79,6 +79,10 @@ impl<B: Backend> Model<B> {
         let be = &self.backend;
         let a = |r: Region| view::<B>(&acts.memory, r);
         let (al, d) = (&acts.layout, &acts.layout.grads);
+        assert!(
+            al.head != Head::Last,
+            "backward: a last-position arena (prefill) keeps no gradients"
+        );
         let shapes = self.shapes(acts);
         let encoders = cfg.n_layers / 2;
 

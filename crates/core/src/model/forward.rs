@@ -77,6 +77,27 @@ impl<B: Backend> Model<B> {
         );
         let vocab = cfg.vocab_size;
         let classifier = p(self.layout.classifier);
+        if al.head == Head::Last {
+            if targets.is_some() {
+                crate::fail!(Shape, "forward: a last-position arena takes no targets");
+            }
+            // Each sequence's last row through the classifier (and the soft cap).
+            for s in 0..b {
+                let row = a(al.xn_final).slice((s * t + t - 1) * c, c);
+                let raw = a(al.logits_raw).slice(s * vocab, vocab);
+                let shape = MatmulShape {
+                    rows: 1,
+                    in_dim: c,
+                    out_dim: vocab,
+                };
+                be.matmul_forward(raw, row, classifier, shape);
+                if let Some(cap) = arch.logit_softcap {
+                    let logits = a(al.logits).slice(s * vocab, vocab);
+                    be.softcap_forward(logits, raw, cap as f32);
+                }
+            }
+            return Ok(None);
+        }
         if al.head == Head::Loss {
             let Some(targets) = targets else {
                 crate::fail!(Shape, "forward: a loss-only arena needs targets");

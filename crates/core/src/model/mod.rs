@@ -419,7 +419,8 @@ impl<B: Backend> Model<B> {
             );
         }
         let n = tokens.len();
-        let acts = self.activations(1, n)?;
+        // The last position's logits only: no other position's are needed.
+        let acts = self.activations_with(1, n, Head::Last)?;
         self.forward(&acts, tokens, None)?;
         // The keys after RoPE and the values attention used, position by position, as
         // decoding stores them; every sequence of a batched cache starts from this prompt.
@@ -436,9 +437,7 @@ impl<B: Backend> Model<B> {
         }
         cache.len = n;
         cache.last_tokens = vec![tokens[n - 1]; cache.batch];
-        let vocab = self.config.vocab_size;
-        let logits = self.download_logits(&acts)?;
-        Ok(logits[(n - 1) * vocab..].to_vec())
+        self.download_logits(&acts)
     }
 
     pub fn zero_grad(&self) {
