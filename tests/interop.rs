@@ -146,6 +146,85 @@ fn llama2c_int8_export_is_export_py_file_and_reads_back() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// GGUF: files written by llama.cpp's own Python package (`scripts/make_gguf_fixture.py`,
+/// gguf-py) read into the transformers fixture model: f32 gives transformers' logits (as
+/// the llama2.c files do) and the llama2.c file's weights bit for bit; Q8_0 gives each value
+/// within half a step of its block of 32 (max|w|/254) plus the f16 scale's rounding
+/// (max|w|·2⁻¹¹). kiln's own exports read back the same: f32 bit for bit, Q8_0 exactly what
+/// gguf-py's quantizer wrote, bf16 within bf16 rounding (2⁻⁸ relative: 8 significant bits).
+#[test]
+fn gguf_files_read_back_and_kiln_writes_what_gguf_py_writes() {
+    let dir = fixtures().join("llama2c");
+    logits_match(&dir.join("model_f32.gguf"), &dir);
+    let original = import(&dir.join("model_legacy.bin")).unwrap();
+    let f32_file = import(&dir.join("model_f32.gguf")).unwrap();
+    assert_eq!(f32_file.config, original.config);
+    assert_eq!(f32_file.weights, original.weights);
+    let q8 = import(&dir.join("model_q8_0.gguf")).unwrap();
+    let layout = kiln_core::layout::ParamLayout::new(&original.config);
+    for spec in &layout.specs {
+        let r = spec.region;
+        let (o, q) = (
+            &original.weights[r.offset..][..r.len],
+            &q8.weights[r.offset..][..r.len],
+        );
+        if spec.shape.len() == 1 {
+            assert_eq!(o, q, "{}: norms stay f32", spec.name);
+            continue;
+        }
+        for (og, qg) in o.chunks(32).zip(q.chunks(32)) {
+            let max = og.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in og.iter().zip(qg) {
+                assert!(
+                    (x - y).abs() <= max / 254.0 + max / 2048.0,
+                    "{}: {x} read back as {y} from Q8_0",
+                    spec.name
+                );
+            }
+        }
+    }
+    // kiln's writer, with a vocabulary of the model's 96 tokens in the metadata.
+    let out = temp_dir("gguf");
+    fs::create_dir_all(&out).unwrap();
+    let vocab: Vec<(Vec<u8>, f32)> = (0..original.config.vocab_size)
+        .map(|id| (format!(" t{id}").into_bytes(), -(id as f32)))
+        .collect();
+    use kiln_formats::interop::gguf::{write, GgufType};
+    let (c, w) = (&original.config, &original.weights);
+    for (kind, name) in [
+        (GgufType::F32, "f32"),
+        (GgufType::Q8_0, "q8_0"),
+        (GgufType::Bf16, "bf16"),
+    ] {
+        let path = out.join(format!("kiln-{name}.gguf"));
+        write(&path, c, w, &vocab, kind).unwrap();
+        let back = import(&path).unwrap();
+        assert_eq!(&back.config, c, "{name}");
+        match kind {
+            GgufType::F32 => assert_eq!(&back.weights, w, "f32"),
+            GgufType::Q8_0 => assert_eq!(back.weights, q8.weights, "kiln's Q8_0 against gguf-py's"),
+            GgufType::Bf16 => {
+                for (x, y) in w.iter().zip(&back.weights) {
+                    assert!(
+                        (x - y).abs() <= x.abs() / 256.0,
+                        "bf16: {x} read back as {y}"
+                    );
+                }
+            }
+        }
+    }
+    // A truncated file and a foreign architecture are refused by name.
+    let bytes = fs::read(dir.join("model_f32.gguf")).unwrap();
+    let cut = out.join("cut.gguf");
+    fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let err = format!("{:#}", import(&cut).err().unwrap());
+    assert!(
+        err.contains("cut.gguf") && err.contains("truncated"),
+        "{err}"
+    );
+    fs::remove_dir_all(out).unwrap();
+}
+
 #[test]
 fn export_then_import_is_bit_exact() {
     let dir = temp_dir("roundtrip");

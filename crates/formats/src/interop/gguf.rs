@@ -1,6 +1,7 @@
 //! GGUF (version 3), the file llama.cpp and the tools built on it load: a Llama-shaped model
 //! with llama2.c's tokenizer in its metadata (`kiln export --format gguf [--quantize
-//! bf16|q8_0]`).
+//! bf16|q8_0]`), and read back ([`read`]: llama-architecture files with f32, f16, bf16 or
+//! Q8_0 tensors, from kiln or elsewhere; the tokenizer comes from beside the file).
 //!
 //! Layout (ggml's `docs/gguf.md`): magic "GGUF", u32 version 3, u64 tensor count, u64
 //! metadata count; each metadata entry a string key, a u32 value type and the value; each
@@ -14,15 +15,16 @@
 //! even, as `ggml_fp32_to_bf16`) or Q8_0 (blocks of 32 along a row: an f16 scale
 //! max|x|/127 and 32 codes round(x · 127/max|x|), as ggml's `quantize_row_q8_0_ref`).
 
+use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use half::f16;
 
 use kiln_core::config::ModelConfig;
 use kiln_core::layout::{ParamLayout, Region};
 
-use super::llama2c::{check_exportable, to_interleaved};
+use super::llama2c::{check_exportable, to_half_split, to_interleaved};
 use crate::tokenizer::Tokenizer;
 
 const ALIGNMENT: usize = 32;
@@ -155,22 +157,29 @@ impl Writer {
     }
 }
 
-/// Writes `weights` (kiln's layout for `config`) as a GGUF file with llama2.c's tokenizer
-/// (`tokenizer.bin`, SentencePiece pieces and scores) in its metadata.
-pub fn write(
-    path: &Path,
-    config: &ModelConfig,
-    weights: &[f32],
-    tokenizer: &Tokenizer,
-    kind: GgufType,
-) -> Result<()> {
-    check_exportable(config)?;
+/// The SentencePiece vocabulary GGUF export writes: llama2.c's `tokenizer.bin`'s pieces and
+/// scores, in id order.
+pub fn sentencepiece(tokenizer: &Tokenizer) -> Result<Vec<(Vec<u8>, f32)>> {
     let Tokenizer::Llama2c { vocab, .. } = tokenizer else {
-        anyhow::bail!(
+        bail!(
             "GGUF export writes llama2.c's tokenizer.bin (SentencePiece) into the file: export \
              a model trained with a llama2.c tokenizer.bin"
         );
     };
+    Ok(vocab.entries().map(|(p, s)| (p.to_vec(), s)).collect())
+}
+
+/// Writes `weights` (kiln's layout for `config`) as a GGUF file with a SentencePiece
+/// vocabulary (`vocab`: pieces, a space where SentencePiece writes "▁", and scores; ids 0, 1
+/// and 2 unknown, BOS and EOS as llama2.c's) in its metadata.
+pub fn write(
+    path: &Path,
+    config: &ModelConfig,
+    weights: &[f32],
+    vocab: &[(Vec<u8>, f32)],
+    kind: GgufType,
+) -> Result<()> {
+    check_exportable(config)?;
     ensure!(
         vocab.len() == config.vocab_size,
         "the tokenizer has {} tokens, the model {}",
@@ -208,7 +217,7 @@ pub fn write(
     let mut tokens = Vec::new();
     let mut scores = Vec::new();
     let mut types = Vec::new();
-    for (id, (piece, score)) in vocab.entries().enumerate() {
+    for (id, (piece, score)) in vocab.iter().enumerate() {
         let text = String::from_utf8_lossy(piece).replace(' ', "\u{2581}");
         string(&mut tokens, &text);
         scores.extend(score.to_le_bytes());
@@ -271,6 +280,317 @@ pub fn write(
         );
     }
     crate::fsutil::write_atomic(path, &w.finish())
+}
+
+/// A metadata value kiln reads (others are skipped).
+#[derive(Clone, Debug)]
+enum Value {
+    Int(u64),
+    Float(f64),
+    Text(String),
+    Other,
+}
+
+/// A cursor over the file's bytes; running off the end is an error naming the file.
+struct Bytes<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    path: &'a Path,
+}
+
+impl<'a> Bytes<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let Some(end) = end else {
+            bail!(
+                "{}: the file ends at byte {} inside its header (truncated?)",
+                self.path.display(),
+                self.bytes.len()
+            );
+        };
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn string(&mut self) -> Result<String> {
+        let len = self.u64()?;
+        ensure!(
+            len < 1 << 30,
+            "{}: a string of {len} bytes in the header: not a GGUF file kiln can read",
+            self.path.display()
+        );
+        Ok(String::from_utf8_lossy(self.take(len as usize)?).into_owned())
+    }
+    /// A value of GGUF type `kind` (arrays skipped).
+    fn value(&mut self, kind: u32) -> Result<Value> {
+        let size = |k: u32| match k {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        Ok(match kind {
+            0 | 2 | 4 | 10 => {
+                let b = self.take(size(kind).expect("sized"))?;
+                let mut v = [0u8; 8];
+                v[..b.len()].copy_from_slice(b);
+                Value::Int(u64::from_le_bytes(v))
+            }
+            1 | 3 | 5 | 11 | 7 => {
+                let b = self.take(size(kind).expect("sized"))?;
+                Value::Int(match b.len() {
+                    1 => b[0] as i8 as i64,
+                    2 => i16::from_le_bytes([b[0], b[1]]) as i64,
+                    4 => i32::from_le_bytes(b.try_into().expect("4")) as i64,
+                    _ => i64::from_le_bytes(b.try_into().expect("8")),
+                } as u64)
+            }
+            // An f32 read as the shortest decimal that gives it back (1e-5, not
+            // 9.99999974e-6), as the value that was written.
+            6 => {
+                let v = f32::from_le_bytes(self.take(4)?.try_into().expect("4"));
+                Value::Float(v.to_string().parse().unwrap_or(v as f64))
+            }
+            12 => Value::Float(f64::from_le_bytes(self.take(8)?.try_into().expect("8"))),
+            8 => Value::Text(self.string()?),
+            9 => {
+                let (elem, count) = (self.u32()?, self.u64()?);
+                for _ in 0..count {
+                    self.value(elem)?;
+                }
+                Value::Other
+            }
+            other => bail!(
+                "{}: metadata value type {other} is not GGUF's",
+                self.path.display()
+            ),
+        })
+    }
+}
+
+/// One tensor's entry: dimensions innermost first, ggml type, offset in the data section.
+struct TensorInfo {
+    dims: Vec<usize>,
+    kind: u32,
+    offset: usize,
+}
+
+/// A GGUF file's model, in kiln's layout.
+pub struct GgufModel {
+    pub config: ModelConfig,
+    pub weights: Vec<f32>,
+    /// `general.file_type`'s tensor type, for messages.
+    pub file_type: String,
+}
+
+/// Reads a llama-architecture GGUF file (version 2 or 3) with f32, f16, bf16 or Q8_0 tensors.
+pub fn read(path: &Path) -> Result<GgufModel> {
+    let p = path.display();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {p}"))?;
+    let mut b = Bytes {
+        bytes: &bytes,
+        at: 0,
+        path,
+    };
+    ensure!(b.take(4)? == b"GGUF", "{p}: not a GGUF file (bad magic)");
+    let version = b.u32()?;
+    ensure!(
+        version == 2 || version == 3,
+        "{p}: GGUF version {version}; kiln reads versions 2 and 3"
+    );
+    let (tensors, entries) = (b.u64()?, b.u64()?);
+    ensure!(
+        tensors < 1 << 20 && entries < 1 << 20,
+        "{p}: {tensors} tensors and {entries} metadata entries: not a GGUF file kiln can read"
+    );
+    let mut meta = HashMap::new();
+    for _ in 0..entries {
+        let key = b.string()?;
+        let kind = b.u32()?;
+        meta.insert(key, b.value(kind)?);
+    }
+    let mut infos = HashMap::new();
+    for _ in 0..tensors {
+        let name = b.string()?;
+        let n = b.u32()? as usize;
+        ensure!(n <= 4, "{p}: tensor '{name}' has {n} dimensions");
+        let dims = (0..n)
+            .map(|_| b.u64().map(|d| d as usize))
+            .collect::<Result<_>>()?;
+        let (kind, offset) = (b.u32()?, b.u64()? as usize);
+        infos.insert(name, TensorInfo { dims, kind, offset });
+    }
+    let int = |key: &str| -> Result<usize> {
+        match meta.get(key) {
+            Some(Value::Int(v)) => Ok(*v as usize),
+            _ => bail!("{p}: no integer '{key}' in the metadata"),
+        }
+    };
+    let float = |key: &str, default: f64| match meta.get(key) {
+        Some(Value::Float(v)) => *v,
+        _ => default,
+    };
+    match meta.get("general.architecture") {
+        Some(Value::Text(a)) if a == "llama" => {}
+        Some(Value::Text(a)) => bail!("{p}: architecture '{a}'; kiln reads llama GGUF files"),
+        _ => bail!("{p}: no general.architecture in the metadata"),
+    }
+    let alignment = match meta.get("general.alignment") {
+        Some(Value::Int(a)) if *a > 0 => *a as usize,
+        _ => ALIGNMENT,
+    };
+    let data = b.at.next_multiple_of(alignment);
+    let (dim, heads) = (
+        int("llama.embedding_length")?,
+        int("llama.attention.head_count")?,
+    );
+    let embedding = infos
+        .get("token_embd.weight")
+        .with_context(|| format!("{p}: no token_embd.weight"))?;
+    ensure!(
+        embedding.dims.len() == 2 && embedding.dims[0] == dim,
+        "{p}: token_embd.weight is {:?}, not (dim {dim}, vocab)",
+        embedding.dims
+    );
+    ensure!(
+        heads > 0 && dim % heads == 0,
+        "{p}: dim {dim} and {heads} heads"
+    );
+    let config = ModelConfig {
+        dim,
+        n_layers: int("llama.block_count")?,
+        n_heads: heads,
+        n_kv_heads: int("llama.attention.head_count_kv").unwrap_or(heads),
+        head_dim: dim / heads,
+        hidden_dim: int("llama.feed_forward_length")?,
+        vocab_size: embedding.dims[1],
+        max_seq_len: int("llama.context_length")?,
+        rope_theta: float("llama.rope.freq_base", 10000.0),
+        norm_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
+        qk_norm: false,
+        tie_embeddings: !infos.contains_key("output.weight"),
+        arch: Default::default(),
+    };
+    config
+        .validate()
+        .with_context(|| format!("{p}: invalid model shape"))?;
+    if let Ok(rope) = int("llama.rope.dimension_count") {
+        ensure!(
+            rope == config.head_dim,
+            "{p}: RoPE over {rope} of {} head dimensions; kiln rotates them all",
+            config.head_dim
+        );
+    }
+    let layout = ParamLayout::new(&config);
+    let mut weights = vec![0f32; layout.total_len()];
+    let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let info = infos
+            .get(name)
+            .with_context(|| format!("{p}: no tensor '{name}'"))?;
+        let want: Vec<usize> = shape.iter().rev().copied().collect();
+        ensure!(
+            info.dims == want,
+            "{p}: tensor '{name}' is {:?} (innermost first), the model needs {want:?}",
+            info.dims
+        );
+        let n: usize = shape.iter().product();
+        let size = match info.kind {
+            0 => 4 * n,
+            1 | 30 => 2 * n,
+            8 if n % 32 == 0 => n / 32 * 34,
+            8 => bail!("{p}: Q8_0 tensor '{name}' of {n} values is not whole blocks"),
+            other => bail!(
+                "{p}: tensor '{name}' has ggml type {other}; kiln reads f32, f16, bf16 and Q8_0"
+            ),
+        };
+        let start = data + info.offset;
+        let raw = bytes
+            .get(start..start + size)
+            .with_context(|| format!("{p}: tensor '{name}' runs past the end (truncated?)"))?;
+        let two = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
+        Ok(match info.kind {
+            0 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                .collect(),
+            1 => raw
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(two(c)).to_f32())
+                .collect(),
+            30 => raw
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((two(c) as u32) << 16))
+                .collect(),
+            _ => raw
+                .chunks_exact(34)
+                .flat_map(|block| {
+                    let d = f16::from_bits(two(block)).to_f32();
+                    block[2..].iter().map(move |&q| q as i8 as f32 * d)
+                })
+                .collect(),
+        })
+    };
+    let c = &config;
+    let mut put =
+        |r: Region, values: Vec<f32>| weights[r.offset..][..r.len].copy_from_slice(&values);
+    put(
+        layout.embedding,
+        tensor("token_embd.weight", &[c.vocab_size, dim])?,
+    );
+    const LLAMA: &str = "a Llama block has norm gains and a gate";
+    for (i, l) in layout.layers.iter().enumerate() {
+        let name = |t: &str| format!("blk.{i}.{t}.weight");
+        put(
+            l.attn_norm.expect(LLAMA),
+            tensor(&name("attn_norm"), &[dim])?,
+        );
+        let q = tensor(&name("attn_q"), &[c.q_dim(), dim])?;
+        put(l.wq, to_half_split(&q, dim, c.head_dim));
+        let k = tensor(&name("attn_k"), &[c.kv_dim(), dim])?;
+        put(l.wk, to_half_split(&k, dim, c.head_dim));
+        put(l.wv, tensor(&name("attn_v"), &[c.kv_dim(), dim])?);
+        put(l.wo, tensor(&name("attn_output"), &[dim, c.q_dim()])?);
+        put(l.ffn_norm.expect(LLAMA), tensor(&name("ffn_norm"), &[dim])?);
+        put(
+            l.w_gate.expect(LLAMA),
+            tensor(&name("ffn_gate"), &[c.hidden_dim, dim])?,
+        );
+        put(l.w_up, tensor(&name("ffn_up"), &[c.hidden_dim, dim])?);
+        put(l.w_down, tensor(&name("ffn_down"), &[dim, c.hidden_dim])?);
+    }
+    put(
+        layout.final_norm.expect(LLAMA),
+        tensor("output_norm.weight", &[dim])?,
+    );
+    if !c.tie_embeddings {
+        put(
+            layout.classifier,
+            tensor("output.weight", &[c.vocab_size, dim])?,
+        );
+    }
+    let file_type = match meta.get("general.file_type") {
+        Some(Value::Int(0)) => "f32",
+        Some(Value::Int(1)) => "f16",
+        Some(Value::Int(7)) => "Q8_0",
+        Some(Value::Int(32)) => "bf16",
+        _ => "mixed",
+    };
+    Ok(GgufModel {
+        config,
+        weights,
+        file_type: file_type.into(),
+    })
 }
 
 #[cfg(test)]

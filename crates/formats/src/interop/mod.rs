@@ -47,8 +47,8 @@ pub fn find_tokenizer(dirs: &[&Path]) -> Result<Option<Tokenizer>> {
     Ok(None)
 }
 
-/// Reads a model: a Hugging Face directory (config.json), a llama2.c `.bin` file (with a
-/// `tokenizer.bin` beside it, or `tokenizer`), or a kiln checkpoint directory (its tokenizer
+/// Reads a model: a Hugging Face directory (config.json), a llama2.c `.bin` or a GGUF `.gguf`
+/// file (with a `tokenizer.bin` beside it, or `tokenizer`), or a kiln checkpoint directory (its tokenizer
 /// given, or found in `tokenizer_dirs`).
 pub fn import(path: &Path, tokenizer: Option<&Path>, tokenizer_dirs: &[&Path]) -> Result<Imported> {
     let explicit = tokenizer.map(Tokenizer::load).transpose()?;
@@ -66,10 +66,24 @@ pub fn import(path: &Path, tokenizer: Option<&Path>, tokenizer_dirs: &[&Path]) -
             source: format!("Hugging Face model {}", path.display()),
         });
     }
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let model = gguf::read(path)?;
+        let tokenizer = match explicit {
+            Some(t) => Some(t),
+            None => find_tokenizer(&[path.parent().unwrap_or(Path::new("."))])?,
+        };
+        return Ok(Imported {
+            config: model.config,
+            weights: model.weights,
+            tokenizer,
+            vocab_map: None,
+            source: format!("GGUF model {} ({})", path.display(), model.file_type),
+        });
+    }
     if path.is_file() {
         ensure!(
             path.extension().is_some_and(|e| e == "bin"),
-            "{}: not a model kiln can read (a Hugging Face directory, a llama2.c .bin, or a kiln run or checkpoint)",
+            "{}: not a model kiln can read (a Hugging Face directory, a llama2.c .bin, a GGUF file, or a kiln run or checkpoint)",
             path.display()
         );
         let model = llama2c::read(path)?;
@@ -288,7 +302,7 @@ pub fn export_quantized(
             std::fs::create_dir_all(out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let path = out.join("model.gguf");
-            gguf::write(&path, &config, &weights, tok, kind)?;
+            gguf::write(&path, &config, &weights, &gguf::sentencepiece(tok)?, kind)?;
             Ok(path)
         }
         ExportFormat::Llama2c => {
