@@ -464,7 +464,7 @@ pub fn read(path: &Path) -> Result<GgufModel> {
         embedding.dims
     );
     ensure!(
-        heads > 0 && dim % heads == 0,
+        heads > 0 && dim.is_multiple_of(heads),
         "{p}: dim {dim} and {heads} heads"
     );
     let config = ModelConfig {
@@ -508,7 +508,7 @@ pub fn read(path: &Path) -> Result<GgufModel> {
         let size = match info.kind {
             0 => 4 * n,
             1 | 30 => 2 * n,
-            8 if n % 32 == 0 => n / 32 * 34,
+            8 if n.is_multiple_of(32) => n / 32 * 34,
             8 => bail!("{p}: Q8_0 tensor '{name}' of {n} values is not whole blocks"),
             other => bail!(
                 "{p}: tensor '{name}' has ggml type {other}; kiln reads f32, f16, bf16 and Q8_0"
