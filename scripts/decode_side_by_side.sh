@@ -9,6 +9,8 @@
 #     `llama-cpp-python` source package built with CMake) on kiln's GGUF exports (`kiln
 #     export --format gguf [--quantize bf16|q8_0]`): `-t 2 -p 256 -n 128`, i.e. a 256-token
 #     prompt's tokens/s and 128 tokens generated from an empty context.
+#   - PyTorch (eager, 2 threads, with a KV cache; `bench/peers/decode.py`), f32 and bf16, when
+#     `import torch` works: a 256-token prompt and 128 tokens from a 1-token prompt.
 # kiln runs `bench decode --weights f32|bf16|int8` (bf16 only where the CPU has a native bf16
 # dot): a 1-token prompt and 254 tokens against llama2.c; a 256-token prompt, and 128 tokens
 # from a 1-token prompt, against llama.cpp. Prints tokens/s of each and kiln's ratio to the
@@ -55,11 +57,19 @@ for i in $(seq "$runs"); do
   peer runq.c "$out/runq" "$out/int8/model.bin"
   for weights in f32 bf16 int8; do
     bench "$weights" "kiln-$weights-$i" --prompt 1 --tokens 254
+    if [ "$weights" != int8 ] && python3 -c "import torch" 2>/dev/null; then
+      python3 "$repo/bench/peers/decode.py" "$model" --prompt 256 --tokens 1 --mode "$weights" \
+        >"$out/torch-prompt-$weights-$i.json"
+      python3 "$repo/bench/peers/decode.py" "$model" --prompt 1 --tokens 128 --mode "$weights" \
+        >"$out/torch-gen-$weights-$i.json"
+    fi
+    if [ -n "$llama" ] || python3 -c "import torch" 2>/dev/null; then
+      bench "$weights" "kiln-prompt-$weights-$i" --prompt 256 --tokens 1
+      bench "$weights" "kiln-gen-$weights-$i" --prompt 1 --tokens 128
+    fi
     if [ -n "$llama" ]; then
       "$llama/llama-bench" -m "$out/gguf-$weights/model.gguf" -t 2 -p 256 -n 128 -r 1 -o json \
         2>/dev/null >"$out/llama-$weights-$i.json" || true
-      bench "$weights" "kiln-prompt-$weights-$i" --prompt 256 --tokens 1
-      bench "$weights" "kiln-gen-$weights-$i" --prompt 1 --tokens 128
     fi
   done
 done
@@ -96,4 +106,12 @@ for weights in ["f32", "bf16", "int8"]:
             t = statistics.median(theirs)
             name = {"f32": "f32", "bf16": "bf16", "int8": "Q8_0"}[weights]
             print(f"{what}, {weights}: kiln {ours:.1f}, llama.cpp {name} {t:.1f}: {ours / t:.2f}x")
+for weights in ["f32", "bf16"]:
+    for key, field, what in [("prompt", "prefill_tokens_per_s", "256-token prompt"),
+                             ("gen", "decode_tokens_per_s", "128 generated")]:
+        theirs = [json.load(open(p))[field] for p in glob.glob(f"{out}/torch-{key}-{weights}-*.json")]
+        ours = kiln(f"kiln-{key}-{weights}", field)
+        if theirs and ours:
+            t = statistics.median(theirs)
+            print(f"{what}, {weights}: kiln {ours:.1f}, PyTorch {t:.1f}: {ours / t:.2f}x")
 PY
