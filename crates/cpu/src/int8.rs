@@ -1,5 +1,5 @@
-//! Products of a few rows with int8 weights (decoding with `--weights int8`): each input row
-//! is quantized per group on the fly, and
+//! Products of a few rows with int8 or ternary weights (decoding with `--weights
+//! int8|packed`): each input row is quantized per group on the fly, and
 //! `out[r, j] = Σ_h sw[j, h] · sx[r, h] · Σ_{k ∈ h} q[j, k] · p[r, k]` over the 32-value halves
 //! `h` of the row, with integer dot products inside each half (llama2.c `runq.c`'s `matmul` is
 //! the formula; its weights are [`kiln_core::quant::quantize_groups`]). Accumulation rule:
@@ -13,6 +13,10 @@
 //! scaled in f32 right away (lanes of the two halves take their own scales), so the weights
 //! are read once and the only per-row reduction is the last one. Memory-bound: one byte per
 //! weight plus 4 per group.
+//!
+//! Ternary codes ([`TernaryMatrix`]) are held in 2 bits and unpacked in registers; their
+//! product is `Σ (c + 1)·p − Σ p`, with the unsigned `c + 1` as the first operand, so no sign
+//! moves. [`Codes`] is what a weight's memory keeps: either kind.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
