@@ -294,7 +294,13 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
         ));
     }
     if source.run.is_some() || source.model.is_some() {
-        scored.push(("model", load(backend, source)?));
+        // The unquantized model beside an artifact: its own weights (`--weights packed` is
+        // the artifact's).
+        let model = Source {
+            packed: false,
+            ..source.clone()
+        };
+        scored.push(("model", load(backend, &model)?));
     }
     ensure!(!scored.is_empty(), "give --run, --model or --artifact");
     let data_dir = match &options.data {
