@@ -15,9 +15,6 @@ pub const MAX_ROWS: usize = 4;
 /// Weight rows per task.
 const BLOCK: usize = 64;
 
-/// Runs of rows per thread.
-const SPLIT: usize = 4;
-
 /// How far ahead of the dot products the weights are prefetched, in floats.
 const PREFETCH: usize = 1024;
 
@@ -39,10 +36,10 @@ pub fn forward(
     assert!(rows <= MAX_ROWS && x.len() == rows * k && w.len() == n * k);
     assert_eq!(out.len(), rows * n, "gemv: out");
     let o = SharedMut::new(out);
-    // Each task streams a long contiguous run of rows (SPLIT runs per thread).
-    let span = n.div_ceil(pool.threads() * SPLIT).next_multiple_of(BLOCK);
-    pool.run(n.div_ceil(span), &|t| {
-        for j0 in (t * span..((t + 1) * span).min(n)).step_by(BLOCK) {
+    // Each task streams a long contiguous run of rows (`ThreadPool::stream_ranges`).
+    let ranges = pool.stream_ranges(n, BLOCK);
+    pool.run(ranges.len(), &|t| {
+        for j0 in ranges[t].clone().step_by(BLOCK) {
             let j1 = (j0 + BLOCK).min(n);
             let mut sums = [[0f32; BLOCK]; MAX_ROWS];
             dots(isa, &mut sums, x, &w[j0 * k..j1 * k], (rows, k));

@@ -26,11 +26,6 @@ use kiln_core::cpu::{self, Isa};
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
 
-/// Runs of rows per thread: long runs stream best (tasks of 32 rows measured 30 GB/s on
-/// two Zen 5 cores, of 128 rows 45–48), and a few per thread still let a free thread take
-/// over from one held up by another process (FACTS).
-const SPLIT: usize = 4;
-
 /// Weight rows a kernel call takes together, interleaved in memory.
 const ROWS: usize = 4;
 
@@ -439,10 +434,10 @@ fn run(
         inputs.quantize(x, rows, (k, group, steps));
         let inputs = &*inputs;
         let o = SharedMut::new(out);
-        // Each task streams a long contiguous run of blocks (SPLIT runs per thread).
-        let span = n.div_ceil(pool.threads() * SPLIT).next_multiple_of(ROWS);
-        pool.run(n.div_ceil(span), &|t| {
-            let (j0, j1) = (t * span, ((t + 1) * span).min(n));
+        // Each task streams a long contiguous run of blocks (`ThreadPool::stream_ranges`).
+        let ranges = pool.stream_ranges(n, ROWS);
+        pool.run(ranges.len(), &|t| {
+            let (j0, j1) = (ranges[t].start, ranges[t].end);
             for r in 0..rows {
                 let bytes = r * steps * 64..(r + 1) * steps * 64;
                 let lanes = r * steps * 16..(r + 1) * steps * 16;

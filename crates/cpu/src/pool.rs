@@ -105,6 +105,28 @@ impl ThreadPool {
 
     /// Runs `task(i)` for every `i` in `0..tasks` across the pool and returns when all have
     /// finished. Tasks run in any order, each exactly once.
+    /// `0..n` cut for a streaming kernel (the few-row products): one long run per thread
+    /// covering three quarters of `n`, then the last quarter in runs of a sixteenth of a
+    /// thread's share, every boundary a multiple of `align`. Long runs stream best (two
+    /// threads read stories110M's f32 weights at 57–61 GB/s in halves, 38–45 in eight runs;
+    /// Zen 5), and the small runs at the end still let a free thread take over from one held
+    /// up by another process (FACTS: a static split runs at the slow thread's speed), as
+    /// OpenMP's guided schedule does.
+    pub fn stream_ranges(&self, n: usize, align: usize) -> Vec<std::ops::Range<usize>> {
+        let threads = self.threads();
+        let big = (n * 3 / (4 * threads)).next_multiple_of(align);
+        let small = (n / (16 * threads)).max(1).next_multiple_of(align);
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        while at < n {
+            let len = if ranges.len() < threads { big } else { small };
+            let end = (at + len.max(align)).min(n);
+            ranges.push(at..end);
+            at = end;
+        }
+        ranges
+    }
+
     pub fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
         if tasks == 0 {
             return;
@@ -228,6 +250,29 @@ mod tests {
                 sum.fetch_add(i, Ordering::Relaxed);
             });
             assert_eq!(sum.load(Ordering::Relaxed), 64 * 63 / 2);
+        }
+    }
+
+    /// The streaming ranges cover 0..n in order without gaps, every boundary but the end
+    /// aligned, one long run per thread first.
+    #[test]
+    fn stream_ranges_cover_in_aligned_runs() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (n, align) in [(768, 4), (2048, 64), (32000, 4), (7, 4), (100, 1), (1, 1)] {
+                let ranges = pool.stream_ranges(n, align);
+                let mut at = 0;
+                for r in &ranges {
+                    assert_eq!(r.start, at, "{n} {align}: a gap");
+                    assert!(r.end > r.start && (r.end == n || r.end % align == 0));
+                    at = r.end;
+                }
+                assert_eq!(at, n);
+                if n >= 64 * threads {
+                    let first: usize = ranges.iter().take(threads).map(|r| r.len()).sum();
+                    assert!(first * 4 >= n * 2, "{n}: the first runs hold {first}");
+                }
+            }
         }
     }
 }

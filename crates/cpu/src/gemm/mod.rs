@@ -468,16 +468,15 @@ unsafe fn few_rows_panels(
     let pairs = b.kp / 2;
     let nr = bf16::NR;
     let panels = n.div_ceil(nr);
-    // Panels per task: a long contiguous run, four per thread (as the f32 and int8 few-row
-    // products: long runs stream best, and a few per thread let a free thread take over).
-    let per_task = panels.div_ceil(pool.threads() * 4);
+    // Each task streams a long contiguous run of panels (`ThreadPool::stream_ranges`).
+    let ranges = pool.stream_ranges(panels, 1);
     let data = match b.data() {
         PackedRef::Bf16(d) => d,
         PackedRef::F32(_) => unreachable!("checked by multiply_rows"),
     };
     let c_ptr = SharedMut::from_raw(c);
-    pool.run(panels.div_ceil(per_task), &|t| {
-        for p in t * per_task..((t + 1) * per_task).min(panels) {
+    pool.run(ranges.len(), &|t| {
+        for p in ranges[t].clone() {
             let cols = nr.min(n - p * nr);
             // SAFETY: panel p's columns of C are this task's alone; the panel holds
             // `pairs · NR` pairs; the tier was checked when the operand was packed.
