@@ -12,17 +12,8 @@ use crate::simd::dot;
 /// Rows up to which the forward product skips packing.
 pub const MAX_ROWS: usize = 4;
 
-/// Weight rows per task.
+/// Weight rows per block of dot products (a task streams several).
 const BLOCK: usize = 64;
-
-/// How far ahead of the dot products the weights are prefetched, in floats.
-const PREFETCH: usize = 1024;
-
-#[inline(always)]
-fn prefetch(p: *const f32) {
-    // SAFETY: a prefetch never faults, whatever the address.
-    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast()) }
-}
 
 /// `out (rows, n) = x (rows, k) · w (n, k)ᵀ`.
 pub fn forward(
@@ -57,10 +48,6 @@ tiered!(
     fn dots(sums: &mut [[f32; BLOCK]; MAX_ROWS], x: &[f32], w: &[f32], shape: (usize, usize)) {
         let (rows, k) = shape;
         for (j, wj) in w.chunks_exact(k).enumerate() {
-            // The block's rows are one contiguous run: fetch ahead of the stream.
-            for line in (0..k).step_by(16) {
-                prefetch(wj.as_ptr().wrapping_add(line + PREFETCH));
-            }
             for (r, sum) in sums.iter_mut().enumerate().take(rows) {
                 sum[j] = dot4(wj, &x[r * k..(r + 1) * k]);
             }
