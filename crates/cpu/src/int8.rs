@@ -81,7 +81,10 @@ impl Int8Matrix {
             return Err("int8 code −128: codes must be within ±127".into());
         }
         let steps = cols.div_ceil(64);
-        let mut laid = vec![0i8; rows.div_ceil(ROWS) * steps * ROWS * 64];
+        let mut laid = Vec::new();
+        let size = rows.div_ceil(ROWS) * steps * ROWS * 64;
+        crate::shared::reserve_huge(&mut laid, size);
+        laid.resize(size, 0i8);
         for (j, row) in codes.chunks_exact(cols.max(1)).enumerate() {
             for (step, bytes) in row.chunks(64).enumerate() {
                 let at = Self::offset(steps, j, step);
@@ -158,7 +161,10 @@ impl TernaryMatrix {
             return Err(format!("ternary code {c}: codes must be −1, 0 or 1"));
         }
         let chunks = cols.div_ceil(256);
-        let mut laid = vec![0u8; rows.div_ceil(ROWS) * chunks * ROWS * 64];
+        let mut laid = Vec::new();
+        let size = rows.div_ceil(ROWS) * chunks * ROWS * 64;
+        crate::shared::reserve_huge(&mut laid, size);
+        laid.resize(size, 0u8);
         for (j, row) in codes.chunks_exact(cols.max(1)).enumerate() {
             for (c, &code) in row.iter().enumerate() {
                 let (chunk, s, b) = (c / 256, c % 256 / 64, c % 64);

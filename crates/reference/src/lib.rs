@@ -145,9 +145,74 @@ struct Derived {
 }
 
 enum Storage {
-    F32(Box<[UnsafeCell<f32>]>),
+    F32(Buffer<f32>),
     /// bf16 bit patterns.
-    BF16(Box<[UnsafeCell<u16>]>),
+    BF16(Buffer<u16>),
+}
+
+/// A zeroed host buffer. Large ones (at least [`HUGE`] bytes) are aligned to 2 MiB and asked
+/// of Linux as transparent huge pages (`madvise(MADV_HUGEPAGE)`, before their first touch):
+/// streaming a model's weights once per decoded token walks the page tables once per 4 KiB
+/// page otherwise (llama.cpp's weights, a mapped file, come in large page-cache folios).
+struct Buffer<T> {
+    ptr: std::ptr::NonNull<UnsafeCell<T>>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+/// Bytes from which a buffer is aligned and advised to huge pages.
+const HUGE: usize = 4 << 20;
+
+// SAFETY: the buffer owns its elements (as a Box would); `UnsafeCell<T>` is `Send` for the
+// `T`s used (f32, u16).
+unsafe impl<T: Send> Send for Buffer<T> {}
+
+impl<T> Buffer<T> {
+    /// `len` zeroed elements, or `None` if the allocation cannot be had (an error, not an
+    /// abort). `T` must be valid as zero bits (f32, u16).
+    fn zeroed(len: usize) -> Option<Self> {
+        let bytes = std::mem::size_of::<T>().checked_mul(len)?;
+        let huge = bytes >= HUGE;
+        let align = if huge {
+            2 << 20
+        } else {
+            std::mem::align_of::<T>()
+        };
+        let layout = std::alloc::Layout::from_size_align(bytes.max(1), align).ok()?;
+        // SAFETY: the layout is non-empty; the pointer is checked; zero bits are valid `T`s.
+        unsafe {
+            let ptr = if huge {
+                let ptr = std::alloc::alloc(layout);
+                if !ptr.is_null() {
+                    #[cfg(target_os = "linux")]
+                    libc::madvise(ptr.cast(), layout.size(), libc::MADV_HUGEPAGE);
+                    std::ptr::write_bytes(ptr, 0, layout.size());
+                }
+                ptr
+            } else {
+                // calloc: a large block comes as fresh pages the kernel has zeroed, without a
+                // second pass that touches them all.
+                std::alloc::alloc_zeroed(layout)
+            };
+            let ptr = std::ptr::NonNull::new(ptr.cast::<UnsafeCell<T>>())?;
+            Some(Buffer { ptr, len, layout })
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Buffer<T> {
+    type Target = [UnsafeCell<T>];
+    fn deref(&self) -> &[UnsafeCell<T>] {
+        // SAFETY: `len` initialized elements live at `ptr` for the buffer's life.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T> Drop for Buffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: allocated with exactly this layout in `zeroed`.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
+    }
 }
 
 impl HostMemory {
@@ -156,27 +221,9 @@ impl HostMemory {
             backend: "reference".into(),
             bytes: len.saturating_mul(dtype.size()),
         };
-        // Zeroed by the allocator (`calloc`: a large block comes as fresh pages the kernel has
-        // zeroed, without a second pass that touches them all), and fallible, so an
-        // allocation that cannot be had is an error, not an abort.
-        fn zeroed<T: Default>(len: usize) -> Option<Box<[UnsafeCell<T>]>> {
-            if len == 0 {
-                return Some(Box::new([]));
-            }
-            let layout = std::alloc::Layout::array::<UnsafeCell<T>>(len).ok()?;
-            // SAFETY: the layout is non-empty; f32 and u16 (the only `T`s) are valid as zero
-            // bits, and so are their cells; the box takes ownership of exactly this layout.
-            unsafe {
-                let ptr = std::alloc::alloc_zeroed(layout).cast::<UnsafeCell<T>>();
-                if ptr.is_null() {
-                    return None;
-                }
-                Some(Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, len)))
-            }
-        }
         let data = match dtype {
-            DType::F32 => Storage::F32(zeroed(len).ok_or_else(out_of_memory)?),
-            DType::BF16 => Storage::BF16(zeroed(len).ok_or_else(out_of_memory)?),
+            DType::F32 => Storage::F32(Buffer::zeroed(len).ok_or_else(out_of_memory)?),
+            DType::BF16 => Storage::BF16(Buffer::zeroed(len).ok_or_else(out_of_memory)?),
         };
         Ok(HostMemory {
             data,

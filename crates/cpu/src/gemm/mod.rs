@@ -224,6 +224,7 @@ unsafe fn pack_rows_after<T: Copy + Default + Send>(
 /// `buffer` grown to at least `len` elements; its first `len` returned.
 fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
     if buffer.len() < len {
+        crate::shared::reserve_huge(buffer, len);
         buffer.resize(len, T::default());
     }
     &mut buffer[..len]
