@@ -204,16 +204,22 @@ impl TernaryMatrix {
 pub enum Int8Dot {
     /// `vpmaddubsw` + `vpmaddwd` on 32 bytes (AVX2).
     Avx2,
+    /// `vpdpbusd` on 32 bytes, VEX-encoded (AVX-VNNI: Intel from Alder Lake, AMD from Zen 5).
+    AvxVnni,
     /// `vpdpbusd` on 64 bytes (AVX512-VNNI with AVX512-BW).
     Vnni512,
 }
 
 impl Int8Dot {
-    /// The tier's: VNNI on the AVX-512 tiers when CPUID has it; AVX2 otherwise (the AVX2 tier
-    /// runs the plain AVX2 product even where VNNI exists, so `KILN_ISA=avx2` tests it).
+    /// The tier's: 64-byte VNNI on the AVX-512 tiers when CPUID has AVX512-VNNI, else
+    /// 32-byte AVX-VNNI where CPUID has it, else the plain AVX2 product (run on any machine
+    /// by the unit tests, which check every variant the CPU has).
     pub fn for_isa(isa: Isa) -> Self {
-        if isa >= Isa::Avx512 && cpu::features().avx512_vnni {
+        let f = cpu::features();
+        if isa >= Isa::Avx512 && f.avx512_vnni {
             Int8Dot::Vnni512
+        } else if f.avx_vnni {
+            Int8Dot::AvxVnni
         } else {
             Int8Dot::Avx2
         }
@@ -225,6 +231,9 @@ impl Int8Dot {
         let mut all = Vec::new();
         if f.supports(Isa::Avx2) {
             all.push(Int8Dot::Avx2);
+        }
+        if f.supports(Isa::Avx2) && f.avx_vnni {
+            all.push(Int8Dot::AvxVnni);
         }
         if f.supports(Isa::Avx512) && f.avx512_vnni {
             all.push(Int8Dot::Vnni512);
@@ -368,8 +377,12 @@ pub fn forward(
     w: &Codes,
     rows: usize,
 ) {
-    if dot == Int8Dot::Vnni512 {
-        assert!(cpu::features().avx512_vnni && cpu::features().supports(Isa::Avx512));
+    match dot {
+        Int8Dot::Vnni512 => {
+            assert!(cpu::features().avx512_vnni && cpu::features().supports(Isa::Avx512))
+        }
+        Int8Dot::AvxVnni => assert!(cpu::features().avx_vnni),
+        Int8Dot::Avx2 => {}
     }
     // SAFETY (each kernel call): the variant's features were checked above (VNNI) or by the
     // backend's tier (AVX2, the lowest); `run` hands each kernel its block's steps and an
@@ -389,6 +402,7 @@ pub fn forward(
                     unsafe {
                         match dot {
                             Int8Dot::Avx2 => dots_avx2(codes, scales, row, sums),
+                        Int8Dot::AvxVnni => dots_avxvnni(codes, scales, row, sums),
                             Int8Dot::Vnni512 => dots_vnni512(codes, scales, row, sums),
                         }
                     }
@@ -408,6 +422,7 @@ pub fn forward(
                     unsafe {
                         match dot {
                             Int8Dot::Avx2 => ternary_avx2(codes, scales, row, sums),
+                        Int8Dot::AvxVnni => ternary_avxvnni(codes, scales, row, sums),
                             Int8Dot::Vnni512 => ternary_vnni512(codes, scales, row, sums),
                         }
                     }
@@ -488,38 +503,6 @@ struct Row<'a> {
     step_scales: &'a [f32],
     lane_sums: &'a [i32],
     weight_group: &'a [usize],
-}
-
-/// A block of [`ROWS`] weight rows (`codes` laid out as [`Int8Matrix`] keeps them, `scales`
-/// each row's) against one input row, 32 bytes at a time.
-///
-/// # Safety
-/// AVX2 and FMA; `codes` holds the block's steps for the input row's length.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(codes: &[i8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
-    let ones = _mm256_set1_epi16(1);
-    let halves = x.half_scales.len();
-    let mut acc = [_mm256_setzero_ps(); ROWS];
-    for h in 0..halves {
-        let at = 32 * h;
-        let xv = _mm256_loadu_si256(x.codes.as_ptr().add(at).cast());
-        let mv = _mm256_loadu_si256(x.magnitudes.as_ptr().add(at).cast());
-        let xs = *x.half_scales.get_unchecked(h);
-        let g = *x.weight_group.get_unchecked(h);
-        let block = codes.as_ptr().add((h / 2) * ROWS * 64 + (h % 2) * 32);
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let wv = _mm256_loadu_si256(block.add(64 * i).cast());
-            let pairs = _mm256_maddubs_epi16(mv, _mm256_sign_epi8(wv, xv));
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-            let scale = _mm256_set1_ps(xs * *scales[i].get_unchecked(g));
-            *acc = _mm256_fmadd_ps(sums, scale, *acc);
-        }
-    }
-    for (o, acc) in out.iter_mut().zip(acc) {
-        let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        *o = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-    }
 }
 
 /// As [`dots_avx2`], 64 bytes at a time; a step's halves take their own groups' scales
@@ -626,47 +609,107 @@ unsafe fn ternary_vnni512(codes: &[u8], scales: &[&[f32]; ROWS], x: Row, out: &m
     }
 }
 
-/// As [`ternary_vnni512`], 32 bytes at a time: `vpmaddubsw(c + 1, x)` (at most 2 · 2 · 127
-/// per pair), `vpmaddwd` by ones, minus Σx per lane.
-///
-/// # Safety
-/// AVX2 and FMA; as [`ternary_vnni512`].
-#[target_feature(enable = "avx2,fma")]
-unsafe fn ternary_avx2(codes: &[u8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
-    let (ones, three) = (_mm256_set1_epi16(1), _mm256_set1_epi8(3));
-    let mut acc = [_mm256_setzero_ps(); ROWS];
-    for chunk in 0..x.negative.len() / 4 {
-        let block = codes.as_ptr().add(chunk * ROWS * 64);
-        for half in 0..2 {
-            let packed: [__m256i; ROWS] =
-                std::array::from_fn(|i| _mm256_loadu_si256(block.add(64 * i + 32 * half).cast()));
-            for s in 0..4 {
-                let h = 2 * (4 * chunk + s) + half;
-                let xv = _mm256_loadu_si256(x.codes.as_ptr().add(32 * h).cast());
-                let lanes = _mm256_loadu_si256(x.lane_sums.as_ptr().add(8 * h).cast());
+/// The 32-byte kernels, once per integer dot product: `$dot(u, s)` sums the products of
+/// 4 adjacent unsigned bytes of `u` and signed bytes of `s` into each i32 lane (AVX2:
+/// `vpmaddubsw` then `vpmaddwd` by ones, at most 2 · 127² per pair so the i16 never
+/// saturates; AVX-VNNI: `vpdpbusd`, VEX-encoded).
+macro_rules! ymm_kernels {
+    ($int8:ident, $ternary:ident, $features:literal, |$u:ident, $s:ident| $dot:expr) => {
+        /// A block of [`ROWS`] weight rows (`codes` laid out as [`Int8Matrix`] keeps them,
+        /// `scales` each row's) against one input row, 32 bytes at a time.
+        ///
+        /// # Safety
+        /// The features named; `codes` holds the block's steps for the input row's length.
+        #[target_feature(enable = $features)]
+        unsafe fn $int8(codes: &[i8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
+            let halves = x.half_scales.len();
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            for h in 0..halves {
+                let at = 32 * h;
+                let xv = _mm256_loadu_si256(x.codes.as_ptr().add(at).cast());
+                let mv = _mm256_loadu_si256(x.magnitudes.as_ptr().add(at).cast());
                 let xs = *x.half_scales.get_unchecked(h);
                 let g = *x.weight_group.get_unchecked(h);
+                let block = codes.as_ptr().add((h / 2) * ROWS * 64 + (h % 2) * 32);
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let shifted = match s {
-                        0 => packed[i],
-                        1 => _mm256_srli_epi16::<2>(packed[i]),
-                        2 => _mm256_srli_epi16::<4>(packed[i]),
-                        _ => _mm256_srli_epi16::<6>(packed[i]),
-                    };
-                    let c = _mm256_and_si256(shifted, three);
-                    let pairs = _mm256_maddubs_epi16(c, xv);
-                    let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), lanes);
+                    let wv = _mm256_loadu_si256(block.add(64 * i).cast());
+                    let ($u, $s) = (mv, _mm256_sign_epi8(wv, xv));
+                    let sums = _mm256_cvtepi32_ps($dot);
                     let scale = _mm256_set1_ps(xs * *scales[i].get_unchecked(g));
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
+                    *acc = _mm256_fmadd_ps(sums, scale, *acc);
                 }
             }
+            for (o, acc) in out.iter_mut().zip(acc) {
+                *o = sum_ymm(acc);
+            }
         }
-    }
-    for (o, acc) in out.iter_mut().zip(acc) {
-        let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        *o = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-    }
+
+        /// As [`ternary_vnni512`], 32 bytes at a time: the dot product of `c + 1` and the
+        /// input (at most 2 · 2 · 127 per pair), minus Σx per lane.
+        ///
+        /// # Safety
+        /// The features named; as [`ternary_vnni512`].
+        #[target_feature(enable = $features)]
+        unsafe fn $ternary(
+            codes: &[u8],
+            scales: &[&[f32]; ROWS],
+            x: Row,
+            out: &mut [f32; ROWS],
+        ) {
+            let three = _mm256_set1_epi8(3);
+            let mut acc = [_mm256_setzero_ps(); ROWS];
+            for chunk in 0..x.negative.len() / 4 {
+                let block = codes.as_ptr().add(chunk * ROWS * 64);
+                for half in 0..2 {
+                    let packed: [__m256i; ROWS] = std::array::from_fn(|i| {
+                        _mm256_loadu_si256(block.add(64 * i + 32 * half).cast())
+                    });
+                    for s in 0..4 {
+                        let h = 2 * (4 * chunk + s) + half;
+                        let xv = _mm256_loadu_si256(x.codes.as_ptr().add(32 * h).cast());
+                        let lanes = _mm256_loadu_si256(x.lane_sums.as_ptr().add(8 * h).cast());
+                        let xs = *x.half_scales.get_unchecked(h);
+                        let g = *x.weight_group.get_unchecked(h);
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let shifted = match s {
+                                0 => packed[i],
+                                1 => _mm256_srli_epi16::<2>(packed[i]),
+                                2 => _mm256_srli_epi16::<4>(packed[i]),
+                                _ => _mm256_srli_epi16::<6>(packed[i]),
+                            };
+                            let ($u, $s) = (_mm256_and_si256(shifted, three), xv);
+                            let sums = _mm256_sub_epi32($dot, lanes);
+                            let scale = _mm256_set1_ps(xs * *scales[i].get_unchecked(g));
+                            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc);
+                        }
+                    }
+                }
+            }
+            for (o, acc) in out.iter_mut().zip(acc) {
+                *o = sum_ymm(acc);
+            }
+        }
+    };
+}
+
+ymm_kernels!(dots_avx2, ternary_avx2, "avx2,fma", |u, s| _mm256_madd_epi16(
+    _mm256_maddubs_epi16(u, s),
+    _mm256_set1_epi16(1)
+));
+ymm_kernels!(dots_avxvnni, ternary_avxvnni, "avx2,fma,avxvnni", |u, s| {
+    _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+});
+
+/// The sum of 8 lanes.
+///
+/// # Safety
+/// AVX.
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn sum_ymm(acc: __m256) -> f32 {
+    let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+    _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
 }
 
 #[cfg(test)]

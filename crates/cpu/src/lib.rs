@@ -419,6 +419,7 @@ impl Backend for CpuBackend {
             match int8::Int8Dot::for_isa(self.isa) {
                 int8::Int8Dot::Vnni512 => ", int8 decoding (VNNI)",
                 int8::Int8Dot::Avx2 => ", int8 decoding (AVX2)",
+                int8::Int8Dot::AvxVnni => ", int8 decoding (AVX-VNNI)",
             }
         } else {
             ""
