@@ -397,7 +397,8 @@ impl<B: Backend> Model<B> {
         };
         self.forward_with(&cache.acts, tokens, None, Some(slot))?;
         cache.len += 1;
-        cache.last_tokens = tokens.to_vec();
+        cache.last_tokens.clear();
+        cache.last_tokens.extend_from_slice(tokens);
         let src = view::<B>(&cache.acts.memory, cache.acts.layout.logits);
         logits.resize(src.len(), 0.0);
         self.backend.download(src, logits)?;
