@@ -189,7 +189,7 @@ fn gguf_files_read_back_and_kiln_writes_what_gguf_py_writes() {
     let vocab: Vec<(Vec<u8>, f32)> = (0..original.config.vocab_size)
         .map(|id| (format!(" t{id}").into_bytes(), -(id as f32)))
         .collect();
-    use kiln_formats::interop::gguf::{write, GgufType};
+    use kiln_formats::interop::gguf::{write, GgufType, Vocab};
     let (c, w) = (&original.config, &original.weights);
     for (kind, name) in [
         (GgufType::F32, "f32"),
@@ -197,7 +197,7 @@ fn gguf_files_read_back_and_kiln_writes_what_gguf_py_writes() {
         (GgufType::Bf16, "bf16"),
     ] {
         let path = out.join(format!("kiln-{name}.gguf"));
-        write(&path, c, w, &vocab, kind).unwrap();
+        write(&path, c, w, &Vocab::SentencePiece(vocab.clone()), kind).unwrap();
         let back = import(&path).unwrap();
         assert_eq!(&back.config, c, "{name}");
         match kind {

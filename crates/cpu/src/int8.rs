@@ -402,7 +402,7 @@ pub fn forward(
                     unsafe {
                         match dot {
                             Int8Dot::Avx2 => dots_avx2(codes, scales, row, sums),
-                        Int8Dot::AvxVnni => dots_avxvnni(codes, scales, row, sums),
+                            Int8Dot::AvxVnni => dots_avxvnni(codes, scales, row, sums),
                             Int8Dot::Vnni512 => dots_vnni512(codes, scales, row, sums),
                         }
                     }
@@ -422,7 +422,7 @@ pub fn forward(
                     unsafe {
                         match dot {
                             Int8Dot::Avx2 => ternary_avx2(codes, scales, row, sums),
-                        Int8Dot::AvxVnni => ternary_avxvnni(codes, scales, row, sums),
+                            Int8Dot::AvxVnni => ternary_avxvnni(codes, scales, row, sums),
                             Int8Dot::Vnni512 => ternary_vnni512(codes, scales, row, sums),
                         }
                     }
@@ -650,12 +650,7 @@ macro_rules! ymm_kernels {
         /// # Safety
         /// The features named; as [`ternary_vnni512`].
         #[target_feature(enable = $features)]
-        unsafe fn $ternary(
-            codes: &[u8],
-            scales: &[&[f32]; ROWS],
-            x: Row,
-            out: &mut [f32; ROWS],
-        ) {
+        unsafe fn $ternary(codes: &[u8], scales: &[&[f32]; ROWS], x: Row, out: &mut [f32; ROWS]) {
             let three = _mm256_set1_epi8(3);
             let mut acc = [_mm256_setzero_ps(); ROWS];
             for chunk in 0..x.negative.len() / 4 {
@@ -692,10 +687,9 @@ macro_rules! ymm_kernels {
     };
 }
 
-ymm_kernels!(dots_avx2, ternary_avx2, "avx2,fma", |u, s| _mm256_madd_epi16(
-    _mm256_maddubs_epi16(u, s),
-    _mm256_set1_epi16(1)
-));
+ymm_kernels!(dots_avx2, ternary_avx2, "avx2,fma", |u, s| {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+});
 ymm_kernels!(dots_avxvnni, ternary_avxvnni, "avx2,fma,avxvnni", |u, s| {
     _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
 });

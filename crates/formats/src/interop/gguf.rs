@@ -157,26 +157,120 @@ impl Writer {
     }
 }
 
-/// The SentencePiece vocabulary GGUF export writes: llama2.c's `tokenizer.bin`'s pieces and
-/// scores, in id order.
-pub fn sentencepiece(tokenizer: &Tokenizer) -> Result<Vec<(Vec<u8>, f32)>> {
-    let Tokenizer::Llama2c { vocab, .. } = tokenizer else {
-        bail!(
-            "GGUF export writes llama2.c's tokenizer.bin (SentencePiece) into the file: export \
-             a model trained with a llama2.c tokenizer.bin"
-        );
-    };
-    Ok(vocab.entries().map(|(p, s)| (p.to_vec(), s)).collect())
+/// The vocabulary a GGUF file carries, in llama.cpp's terms.
+#[derive(Clone, Debug)]
+pub enum Vocab {
+    /// llama2.c's `tokenizer.bin` (SentencePiece): pieces (a space where SentencePiece writes
+    /// "▁") and scores, in id order; ids 0, 1 and 2 unknown, BOS and EOS.
+    SentencePiece(Vec<(Vec<u8>, f32)>),
+    /// A byte-level BPE `tokenizer.json` (GPT-2's pre-tokenizer, as kiln trains them):
+    /// tokens in id order, merges as "a b", the special tokens' ids, and the document token
+    /// that starts and ends a text.
+    Bpe {
+        tokens: Vec<String>,
+        merges: Vec<String>,
+        special: Vec<u32>,
+        bos: u32,
+    },
 }
 
-/// Writes `weights` (kiln's layout for `config`) as a GGUF file with a SentencePiece
-/// vocabulary (`vocab`: pieces, a space where SentencePiece writes "▁", and scores; ids 0, 1
-/// and 2 unknown, BOS and EOS as llama2.c's) in its metadata.
+impl Vocab {
+    fn len(&self) -> usize {
+        match self {
+            Vocab::SentencePiece(pieces) => pieces.len(),
+            Vocab::Bpe { tokens, .. } => tokens.len(),
+        }
+    }
+}
+
+/// The vocabulary GGUF export writes for `tokenizer`: llama2.c's SentencePiece, or a
+/// byte-level BPE `tokenizer.json`; others are refused by name.
+pub fn vocab(tokenizer: &Tokenizer) -> Result<Vocab> {
+    let json = match tokenizer {
+        Tokenizer::Llama2c { vocab, .. } => {
+            return Ok(Vocab::SentencePiece(
+                vocab.entries().map(|(p, s)| (p.to_vec(), s)).collect(),
+            ))
+        }
+        Tokenizer::Hf { .. } => String::from_utf8(tokenizer.to_bytes())?,
+    };
+    let value: serde_json::Value = serde_json::from_str(&json)?;
+    let model = &value["model"];
+    let byte_level = value["pre_tokenizer"].to_string().contains("ByteLevel");
+    if model["type"] != "BPE" || !byte_level {
+        bail!(
+            "GGUF export writes llama2.c's SentencePiece or a byte-level BPE tokenizer.json; \
+             this tokenizer.json is a {} model{}",
+            model["type"],
+            if byte_level {
+                ""
+            } else {
+                " without the byte-level pre-tokenizer"
+            }
+        );
+    }
+    let mut tokens: Vec<Option<String>> = Vec::new();
+    let mut put = |id: usize, text: &str| {
+        if tokens.len() <= id {
+            tokens.resize(id + 1, None);
+        }
+        tokens[id] = Some(text.to_string());
+    };
+    for (text, id) in model["vocab"]
+        .as_object()
+        .context("tokenizer.json: no model.vocab")?
+    {
+        put(
+            id.as_u64().context("tokenizer.json: a vocab id")? as usize,
+            text,
+        );
+    }
+    let mut special = Vec::new();
+    for added in value["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(text)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            continue;
+        };
+        put(id as usize, text);
+        if added["special"] == true {
+            special.push(id as u32);
+        }
+    }
+    let tokens = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(id, t)| t.with_context(|| format!("tokenizer.json: no token {id}")))
+        .collect::<Result<Vec<_>>>()?;
+    let merges = model["merges"]
+        .as_array()
+        .context("tokenizer.json: no model.merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Array(pair) if pair.len() == 2 => Ok(format!(
+                "{} {}",
+                pair[0].as_str().unwrap_or_default(),
+                pair[1].as_str().unwrap_or_default()
+            )),
+            _ => bail!("tokenizer.json: a merge is neither \"a b\" nor [a, b]"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bos = tokenizer
+        .bos()
+        .context("a BPE tokenizer.json without a document token (<|endoftext|>, <s>)")?;
+    Ok(Vocab::Bpe {
+        tokens,
+        merges,
+        special,
+        bos,
+    })
+}
+
+/// Writes `weights` (kiln's layout for `config`) as a GGUF file with `vocab` in its metadata.
 pub fn write(
     path: &Path,
     config: &ModelConfig,
     weights: &[f32],
-    vocab: &[(Vec<u8>, f32)],
+    vocab: &Vocab,
     kind: GgufType,
 ) -> Result<()> {
     check_exportable(config)?;
@@ -210,34 +304,7 @@ pub fn write(
     w.f32("llama.attention.layer_norm_rms_epsilon", c.norm_eps as f32);
     w.f32("llama.rope.freq_base", c.rope_theta as f32);
     w.u32("llama.vocab_size", c.vocab_size as u32);
-    // SentencePiece's vocabulary as llama.cpp's `llama` tokenizer reads it: pieces with
-    // "▁" for the space tokenizer.bin stores, scores, and types (1 normal, 2 unknown,
-    // 3 control, 6 byte).
-    w.string("tokenizer.ggml.model", "llama");
-    let mut tokens = Vec::new();
-    let mut scores = Vec::new();
-    let mut types = Vec::new();
-    for (id, (piece, score)) in vocab.iter().enumerate() {
-        let text = String::from_utf8_lossy(piece).replace(' ', "\u{2581}");
-        string(&mut tokens, &text);
-        scores.extend(score.to_le_bytes());
-        let byte = text.len() == 6 && text.starts_with("<0x") && text.ends_with('>');
-        let kind: i32 = match id {
-            0 => 2,
-            1 | 2 => 3,
-            _ if byte => 6,
-            _ => 1,
-        };
-        types.extend(kind.to_le_bytes());
-    }
-    let n = vocab.len();
-    w.array("tokenizer.ggml.tokens", 8, n, &tokens);
-    w.array("tokenizer.ggml.scores", 6, n, &scores);
-    w.array("tokenizer.ggml.token_type", 5, n, &types);
-    w.u32("tokenizer.ggml.bos_token_id", 1);
-    w.u32("tokenizer.ggml.eos_token_id", 2);
-    w.u32("tokenizer.ggml.unknown_token_id", 0);
-
+    write_vocab(&mut w, vocab);
     let layout = ParamLayout::new(c);
     let get = |r: Region| &weights[r.offset..][..r.len];
     let (dim, hd) = (c.dim, c.head_dim);
@@ -280,6 +347,71 @@ pub fn write(
         );
     }
     crate::fsutil::write_atomic(path, &w.finish())
+}
+
+/// The tokenizer metadata: llama.cpp's `llama` (SentencePiece) or `gpt2` (byte-level BPE)
+/// vocabulary, with token types 1 normal, 2 unknown, 3 control, 6 byte.
+fn write_vocab(w: &mut Writer, vocab: &Vocab) {
+    let strings = |items: &mut dyn Iterator<Item = String>| {
+        let mut out = Vec::new();
+        let mut n = 0;
+        for item in items {
+            string(&mut out, &item);
+            n += 1;
+        }
+        (n, out)
+    };
+    let ints =
+        |values: &[i32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    match vocab {
+        Vocab::SentencePiece(pieces) => {
+            w.string("tokenizer.ggml.model", "llama");
+            let texts: Vec<String> = pieces
+                .iter()
+                .map(|(p, _)| String::from_utf8_lossy(p).replace(' ', "\u{2581}"))
+                .collect();
+            let types: Vec<i32> = texts
+                .iter()
+                .enumerate()
+                .map(|(id, t)| match id {
+                    0 => 2,
+                    1 | 2 => 3,
+                    _ if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') => 6,
+                    _ => 1,
+                })
+                .collect();
+            let (n, tokens) = strings(&mut texts.into_iter());
+            w.array("tokenizer.ggml.tokens", 8, n, &tokens);
+            let scores: Vec<u8> = pieces.iter().flat_map(|(_, s)| s.to_le_bytes()).collect();
+            w.array("tokenizer.ggml.scores", 6, n, &scores);
+            w.array("tokenizer.ggml.token_type", 5, n, &ints(&types));
+            w.u32("tokenizer.ggml.bos_token_id", 1);
+            w.u32("tokenizer.ggml.eos_token_id", 2);
+            w.u32("tokenizer.ggml.unknown_token_id", 0);
+        }
+        Vocab::Bpe {
+            tokens,
+            merges,
+            special,
+            bos,
+        } => {
+            w.string("tokenizer.ggml.model", "gpt2");
+            w.string("tokenizer.ggml.pre", "gpt-2");
+            let types: Vec<i32> = (0..tokens.len() as u32)
+                .map(|id| if special.contains(&id) { 3 } else { 1 })
+                .collect();
+            let (n, bytes) = strings(&mut tokens.iter().cloned());
+            w.array("tokenizer.ggml.tokens", 8, n, &bytes);
+            w.array("tokenizer.ggml.token_type", 5, n, &ints(&types));
+            let (m, bytes) = strings(&mut merges.iter().cloned());
+            w.array("tokenizer.ggml.merges", 8, m, &bytes);
+            // kiln starts a prompt with the document token and stops at it.
+            w.u32("tokenizer.ggml.bos_token_id", *bos);
+            w.u32("tokenizer.ggml.eos_token_id", *bos);
+            w.key("tokenizer.ggml.add_bos_token", 7);
+            w.metadata.push(1);
+        }
+    }
 }
 
 /// A metadata value kiln reads (others are skipped).
@@ -608,6 +740,33 @@ mod tests {
         assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
         assert_eq!(bf16_bits(-2.0), 0xc000);
         assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+    }
+
+    /// A byte-level BPE as kiln trains it becomes llama.cpp's `gpt2` vocabulary: every token
+    /// in id order (its own bytes in GPT-2's byte alphabet), every merge as "a b", the
+    /// document token special and the BOS; a llama2.c tokenizer stays SentencePiece.
+    #[test]
+    fn bpe_vocabulary_for_gguf() {
+        let text = "the quick brown fox jumps over the lazy dog; the dog sleeps. ".repeat(50);
+        let tokenizer = Tokenizer::train_bpe([text.as_str()].into_iter(), 300).unwrap();
+        let Vocab::Bpe {
+            tokens,
+            merges,
+            special,
+            bos,
+        } = vocab(&tokenizer).unwrap()
+        else {
+            panic!("a byte-level BPE");
+        };
+        assert_eq!(tokens.len(), tokenizer.vocab_size());
+        assert_eq!(tokens[bos as usize], "<|endoftext|>");
+        assert_eq!(special, vec![bos]);
+        assert!(tokens.iter().any(|t| t == "Ġthe"), "GPT-2's byte alphabet");
+        assert!(!merges.is_empty() && merges.iter().all(|m| m.split(' ').count() == 2));
+        // Every merge's result is a token.
+        for m in &merges {
+            assert!(tokens.contains(&m.replace(' ', "")), "merge {m}");
+        }
     }
 
     /// Q8_0: one block by hand: max |x| = 2.54, d = 0.02 (stored as f16), codes x / d.

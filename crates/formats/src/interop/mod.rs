@@ -302,7 +302,8 @@ pub fn export_quantized(
             std::fs::create_dir_all(out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let path = out.join("model.gguf");
-            gguf::write(&path, &config, &weights, &gguf::sentencepiece(tok)?, kind)?;
+            gguf::write(&path, &config, &weights, &gguf::vocab(tok)?, kind)?;
+            tok.save(out)?;
             Ok(path)
         }
         ExportFormat::Llama2c => {
