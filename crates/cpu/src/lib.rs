@@ -18,7 +18,9 @@
 //!
 //! With bf16 matmuls each weight keeps a bf16 copy packed for the forward product
 //! ([`weights`]), written by AdamW as it updates the weight. A few rows of an f32 forward
-//! product skip packing ([`gemv`]).
+//! product skip packing ([`gemv`]). With int8 weights (`with_int8_weights`) they read int8
+//! or 2-bit ternary codes kept with each weight's memory, or an artifact's own codes
+//! (`take_int_codes`), through integer dot products ([`int8`]).
 //!
 //! What it is not, yet: an AMX tile kernel (the AMX tier runs the AVX512-BF16 kernel).
 
