@@ -75,7 +75,7 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
             imported.source
         )
     })?;
-    let model = Model::new(backend, imported.config)?;
+    let model = Model::for_inference(backend, imported.config)?;
     model.upload_params(&imported.weights)?;
     let manifest = checkpoint::read_manifest(&path).ok();
     eprintln!("loaded {} on {}", imported.source, model.backend.name());
@@ -121,7 +121,7 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Re
             path.display()
         );
     }
-    let model = Model::new(backend, unpacked.config)?;
+    let model = Model::for_inference(backend, unpacked.config)?;
     model.upload_params(&unpacked.weights)?;
     if source.packed {
         offer_codes(&model, &unpacked.codes);
@@ -373,7 +373,7 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
 /// `kiln model logits`: the logits `(T, V)` of a model for token ids.
 pub fn logits<B: Backend>(backend: B, model: &Path, tokens: &[u32]) -> Result<Vec<f32>> {
     let imported = crate::rundir::import(model, None)?;
-    let m = Model::new(backend, imported.config)?;
+    let m = Model::for_inference(backend, imported.config)?;
     m.upload_params(&imported.weights)?;
     let acts = m.activations(1, tokens.len())?;
     m.forward(&acts, tokens, None)?;

@@ -199,7 +199,7 @@ fn sample_checkpoint_on<B: Backend>(backend: B, dir: &Path, tokens: usize) -> Re
     let tokenizer = imported
         .tokenizer
         .ok_or_else(|| anyhow::anyhow!("no tokenizer beside the checkpoint"))?;
-    let model = Model::new(backend, imported.config)?;
+    let model = Model::for_inference(backend, imported.config)?;
     model.upload_params(&imported.weights)?;
     let prompt: Vec<u32> = tokenizer.bos().into_iter().collect();
     anyhow::ensure!(

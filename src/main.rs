@@ -645,7 +645,8 @@ fn main() -> Result<()> {
                 {
                     kiln::commands::load(b, &source)?.model
                 } else {
-                    let mut model = kiln_core::model::Model::new(b, from_preset_or_file(&preset)?)?;
+                    let mut model =
+                        kiln_core::model::Model::for_inference(b, from_preset_or_file(&preset)?)?;
                     model.init_random(1)?;
                     if source.int8 {
                         let mut weights = model.download_params()?;

@@ -57,6 +57,10 @@ fn slots<B: Backend>(model: &Model<B>, r: Region) -> Slots<'_, B> {
 /// One AdamW step over every parameter; `grad_scale` multiplies the gradients first
 /// (clipping, loss-scale removal). Weight decay only where the tensor's kind decays.
 pub fn adamw_step<B: Backend>(model: &mut Model<B>, hp: &AdamW, grad_scale: f32) {
+    assert!(
+        crate::backend::DeviceMemory::len(&model.optimizer) == 2 * model.param_count(),
+        "an inference model (Model::for_inference) has no optimizer state"
+    );
     model.step += 1;
     for spec in &model.layout.specs {
         let step = AdamWStep {
@@ -80,6 +84,10 @@ pub fn adamw_step<B: Backend>(model: &mut Model<B>, hp: &AdamW, grad_scale: f32)
 /// (`head_lr`) and the gains and control tensors (`scalar_lr`). Muon keeps its momentum in
 /// the first-moment half of the optimizer arena.
 pub fn muon_adam_step<B: Backend>(model: &mut Model<B>, hp: &MuonAdam, grad_scale: f32) {
+    assert!(
+        crate::backend::DeviceMemory::len(&model.optimizer) == 2 * model.param_count(),
+        "an inference model (Model::for_inference) has no optimizer state"
+    );
     model.step += 1;
     for spec in &model.layout.specs {
         let s = slots(model, spec.region);

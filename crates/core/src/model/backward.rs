@@ -83,6 +83,10 @@ impl<B: Backend> Model<B> {
             al.head != Head::Last,
             "backward: a last-position arena (prefill) keeps no gradients"
         );
+        assert!(
+            crate::backend::DeviceMemory::len(&self.grads) == self.layout.total_len(),
+            "backward: an inference model (Model::for_inference) has no gradients"
+        );
         let shapes = self.shapes(acts);
         let encoders = cfg.n_layers / 2;
 

@@ -104,12 +104,24 @@ fn download<B: Backend>(backend: &B, src: View<B>) -> Result<Vec<f32>> {
 impl<B: Backend> Model<B> {
     /// A zero-initialised model (call [`Model::init_random`] or load weights).
     pub fn new(backend: B, config: ModelConfig) -> Result<Self> {
+        Self::with_state(backend, config, true)
+    }
+
+    /// A model that only runs forward (sampling, evaluation, decoding benchmarks): no
+    /// gradients and no optimizer state, three times the weights' memory saved (1.3 GB for
+    /// stories110M). Its backward and optimizer steps are refused.
+    pub fn for_inference(backend: B, config: ModelConfig) -> Result<Self> {
+        Self::with_state(backend, config, false)
+    }
+
+    fn with_state(backend: B, config: ModelConfig, trainable: bool) -> Result<Self> {
         config.validate()?;
         let layout = ParamLayout::new(&config);
         let n = layout.total_len();
         let params = backend.alloc(n, DType::F32)?;
-        let grads = backend.alloc(n, DType::F32)?;
-        let optimizer = backend.alloc(2 * n, DType::F32)?;
+        let state = if trainable { n } else { 0 };
+        let grads = backend.alloc(state, DType::F32)?;
+        let optimizer = backend.alloc(2 * state, DType::F32)?;
         let widest = config.dim.max(config.head_dim);
         let ones = backend.alloc(widest, DType::F32)?;
         backend.upload(View::whole(&ones), &vec![1.0; widest])?;
