@@ -225,6 +225,41 @@ fn gguf_files_read_back_and_kiln_writes_what_gguf_py_writes() {
     fs::remove_dir_all(out).unwrap();
 }
 
+/// Hostile GGUF and llama2.c v2 files: every truncation point and single-byte corruptions of
+/// the headers give an error or a model, never a panic or an abort (a header promising a
+/// huge model is refused before its arena is allocated).
+#[test]
+fn damaged_gguf_and_v2_files_are_errors_not_crashes() {
+    let dir = temp_dir("hostile");
+    fs::create_dir_all(&dir).unwrap();
+    for name in ["model_f32.gguf", "model_q8_0.gguf", "model_v2.bin"] {
+        let bytes = fs::read(fixtures().join("llama2c").join(name)).unwrap();
+        let ext = if name.ends_with(".gguf") {
+            "gguf"
+        } else {
+            "bin"
+        };
+        let path = dir.join(format!("damaged.{ext}"));
+        let mut cases: Vec<Vec<u8>> = (0..bytes.len())
+            .step_by(97)
+            .map(|cut| bytes[..cut].to_vec())
+            .collect();
+        for at in 0..bytes.len().min(1200) {
+            for value in [0x00, 0x7f, 0xff] {
+                let mut b = bytes.clone();
+                b[at] = value;
+                cases.push(b);
+            }
+        }
+        for case in cases {
+            fs::write(&path, &case).unwrap();
+            let result = std::panic::catch_unwind(|| import(&path).map(|m| m.weights.len()));
+            assert!(result.is_ok(), "{name}: a damaged file panicked the reader");
+        }
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn export_then_import_is_bit_exact() {
     let dir = temp_dir("roundtrip");

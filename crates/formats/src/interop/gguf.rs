@@ -617,6 +617,7 @@ pub fn read(path: &Path) -> Result<GgufModel> {
     config
         .validate()
         .with_context(|| format!("{p}: invalid model shape"))?;
+    super::check_fits(&config, bytes.len(), path)?;
     if let Ok(rope) = int("llama.rope.dimension_count") {
         ensure!(
             rope == config.head_dim,
@@ -625,6 +626,14 @@ pub fn read(path: &Path) -> Result<GgufModel> {
         );
     }
     let layout = ParamLayout::new(&config);
+    // Every value takes at least a byte in the file: a header that promises more is refused
+    // before its arena is allocated.
+    ensure!(
+        layout.total_len() <= bytes.len(),
+        "{p}: the header describes {} parameters, more than the file's {} bytes hold",
+        layout.total_len(),
+        bytes.len()
+    );
     let mut weights = vec![0f32; layout.total_len()];
     let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
         let info = infos

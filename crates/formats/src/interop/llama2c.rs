@@ -222,6 +222,7 @@ pub fn read(path: &Path) -> Result<Llama2cModel> {
         None
     };
     let (config, shared) = config_from_header(&header_ints, flag, path)?;
+    super::check_fits(&config, bytes.len(), path)?;
     if version == 2 {
         let group = int_at(37);
         return read_int8(&bytes[payload_start..], config, shared, group, path);
@@ -324,6 +325,15 @@ fn read_int8(
         config.hidden_dim
     );
     let group = group as usize;
+    // Every value takes at least a byte: a header that promises more is refused before its
+    // arena is allocated.
+    ensure!(
+        layout.total_len() <= payload.len(),
+        "{p}: the header describes {} parameters, more than the file's {} bytes hold \
+         (truncated?)",
+        layout.total_len(),
+        payload.len()
+    );
     let mut weights = vec![0f32; layout.total_len()];
     let mut at = 0usize;
     let mut take = |n: usize, what: &str| -> Result<&[u8]> {

@@ -219,6 +219,34 @@ pub enum ExportFormat {
     Packed,
 }
 
+/// Refuses a header that describes more parameters than `file_bytes` could hold at one byte
+/// each (a Llama's count, worked out in u128 so no field overflows it), before any
+/// per-layer table or arena is made from it: a damaged or hostile header is an error, not
+/// an allocation that kills the process.
+pub(crate) fn check_fits(config: &ModelConfig, file_bytes: usize, path: &Path) -> Result<()> {
+    let c = config;
+    let (d, f, v, l) = (
+        c.dim as u128,
+        c.hidden_dim as u128,
+        c.vocab_size as u128,
+        c.n_layers as u128,
+    );
+    let (q, kv) = (
+        (c.n_heads * c.head_dim) as u128,
+        (c.n_kv_heads * c.head_dim) as u128,
+    );
+    let per_layer = 2 * d + 2 * q * d + 2 * kv * d + 3 * f * d;
+    let total = v * d + l * per_layer + d;
+    ensure!(
+        total <= file_bytes as u128,
+        "{}: the header describes a model of {total} parameters, more than the file's {} bytes \
+         hold (damaged or truncated?)",
+        path.display(),
+        file_bytes
+    );
+    Ok(())
+}
+
 /// What `kiln export --quantize` writes the matrices as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
