@@ -88,7 +88,7 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
 }
 
 /// `--weights int8`: the matrices rounded through the int8 groups decoding will hold.
-fn round_to_int8(config: &ModelConfig, weights: &mut [f32]) {
+pub fn round_to_int8(config: &ModelConfig, weights: &mut [f32]) {
     let rounded = kiln_core::quant::round_trip_groups(&ParamLayout::new(config), weights);
     eprintln!(
         "int8 weights: {rounded} of {} values in groups of 64 (32 where rows need it)",

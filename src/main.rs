@@ -609,8 +609,8 @@ fn main() -> Result<()> {
                 },
         } => {
             // Matrix weights are read as the backend holds them for products: int8 codes and
-            // an f32 scale per group with `--weights int8`, bf16 copies with the CPU backend's bf16 matmuls, f32
-            // otherwise.
+            // an f32 scale per group with `--weights int8`, bf16 copies with the CPU
+            // backend's bf16 matmuls, f32 otherwise.
             let int8 = |cols| match kiln_core::quant::int8_group(&[cols]) {
                 Some(group) => 1.0 + 4.0 / group as f64,
                 None => 4.0,
@@ -650,7 +650,7 @@ fn main() -> Result<()> {
                     model.init_random(1)?;
                     if source.int8 {
                         let mut weights = model.download_params()?;
-                        kiln_core::quant::round_trip_groups(&model.layout, &mut weights);
+                        kiln::commands::round_to_int8(&model.config, &mut weights);
                         model.upload_params(&weights)?;
                     }
                     model

@@ -107,28 +107,8 @@ fn llama2c_int8_export_is_export_py_file_and_reads_back() {
     let back = import(&path).unwrap();
     assert_eq!(back.config, original.config);
     assert_eq!(back.weights, import(&fixture).unwrap().weights);
-    let layout = kiln_core::layout::ParamLayout::new(&original.config);
-    for spec in &layout.specs {
-        let r = spec.region;
-        let (o, b) = (
-            &original.weights[r.offset..][..r.len],
-            &back.weights[r.offset..][..r.len],
-        );
-        if spec.shape.len() == 1 {
-            assert_eq!(o, b, "{}: norms stay f32", spec.name);
-            continue;
-        }
-        for (og, bg) in o.chunks(32).zip(b.chunks(32)) {
-            let half_step = og.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0;
-            for (x, y) in og.iter().zip(bg) {
-                assert!(
-                    (x - y).abs() <= half_step * (1.0 + 1e-6),
-                    "{}: {x} came back as {y} (half a step is {half_step})",
-                    spec.name
-                );
-            }
-        }
-    }
+    // Half a step of each group of 32 (with f32 rounding of the scale's product).
+    assert_within_blocks(&original, &back, |max| max / 254.0 * (1.0 + 1e-6), "v2");
     // A v2 file cut short, or with a group that does not divide the rows, is refused by name.
     let bytes = fs::read(&fixture).unwrap();
     let cut = dir.join("cut.bin");
@@ -161,28 +141,8 @@ fn gguf_files_read_back_and_kiln_writes_what_gguf_py_writes() {
     assert_eq!(f32_file.config, original.config);
     assert_eq!(f32_file.weights, original.weights);
     let q8 = import(&dir.join("model_q8_0.gguf")).unwrap();
-    let layout = kiln_core::layout::ParamLayout::new(&original.config);
-    for spec in &layout.specs {
-        let r = spec.region;
-        let (o, q) = (
-            &original.weights[r.offset..][..r.len],
-            &q8.weights[r.offset..][..r.len],
-        );
-        if spec.shape.len() == 1 {
-            assert_eq!(o, q, "{}: norms stay f32", spec.name);
-            continue;
-        }
-        for (og, qg) in o.chunks(32).zip(q.chunks(32)) {
-            let max = og.iter().fold(0f32, |m, v| m.max(v.abs()));
-            for (x, y) in og.iter().zip(qg) {
-                assert!(
-                    (x - y).abs() <= max / 254.0 + max / 2048.0,
-                    "{}: {x} read back as {y} from Q8_0",
-                    spec.name
-                );
-            }
-        }
-    }
+    // Half a step of each block of 32, plus the f16 scale's rounding.
+    assert_within_blocks(&original, &q8, |max| max / 254.0 + max / 2048.0, "Q8_0");
     // kiln's writer, with a vocabulary of the model's 96 tokens in the metadata.
     let out = temp_dir("gguf");
     fs::create_dir_all(&out).unwrap();
@@ -258,6 +218,38 @@ fn damaged_gguf_and_v2_files_are_errors_not_crashes() {
         }
     }
     fs::remove_dir_all(dir).unwrap();
+}
+
+/// Every norm of `back` equals `original`'s; every matrix value is within `bound(max |w|)`
+/// of the original, per block of 32 consecutive values.
+fn assert_within_blocks(
+    original: &interop::Imported,
+    back: &interop::Imported,
+    bound: impl Fn(f32) -> f32,
+    what: &str,
+) {
+    let layout = kiln_core::layout::ParamLayout::new(&original.config);
+    for spec in &layout.specs {
+        let r = spec.region;
+        let (o, b) = (
+            &original.weights[r.offset..][..r.len],
+            &back.weights[r.offset..][..r.len],
+        );
+        if spec.shape.len() == 1 {
+            assert_eq!(o, b, "{what} {}: norms stay f32", spec.name);
+            continue;
+        }
+        for (og, bg) in o.chunks(32).zip(b.chunks(32)) {
+            let limit = bound(og.iter().fold(0f32, |m, v| m.max(v.abs())));
+            for (x, y) in og.iter().zip(bg) {
+                assert!(
+                    (x - y).abs() <= limit,
+                    "{what} {}: {x} came back as {y} (bound {limit})",
+                    spec.name
+                );
+            }
+        }
+    }
 }
 
 #[test]

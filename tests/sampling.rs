@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use kiln_conformance::{assert_close, Fixture};
 use kiln_core::backend::Tolerance;
+use kiln_core::model::Model;
 use kiln_core::sample::{generate, SamplingParams};
 use kiln_reference::ReferenceBackend;
 
@@ -17,6 +18,18 @@ fn fixture(name: &str) -> Fixture {
     .unwrap()
 }
 
+/// A fixture's model on the reference backend, its tokens, and the full forward's logits
+/// `(T, V)` over them: what decoding is held to.
+fn full_forward(name: &str) -> (Model<ReferenceBackend>, Vec<u32>, Vec<f32>) {
+    let fixture = fixture(name);
+    let model = fixture.model(ReferenceBackend).unwrap();
+    let tokens = fixture.tokens("tokens").unwrap()[..fixture.seq].to_vec();
+    let acts = model.activations(1, tokens.len()).unwrap();
+    model.forward(&acts, &tokens, None).unwrap();
+    let full = model.download_logits(&acts).unwrap();
+    (model, tokens, full)
+}
+
 #[test]
 fn cached_decoding_gives_the_logits_of_the_full_forward() {
     for name in [
@@ -24,13 +37,8 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
     ] {
-        let fixture = fixture(name);
-        let model = fixture.model(ReferenceBackend).unwrap();
-        let tokens = &fixture.tokens("tokens").unwrap()[..fixture.seq];
-        let acts = model.activations(1, tokens.len()).unwrap();
-        model.forward(&acts, tokens, None).unwrap();
-        let full = model.download_logits(&acts).unwrap();
-        let vocab = model.config.vocab_size;
+        let (model, tokens, full) = full_forward(name);
+        let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
         let mut cache = model.kv_cache(tokens.len()).unwrap();
         for (pos, &token) in tokens.iter().enumerate() {
             let step = model.decode_step(&mut cache, token).unwrap();
@@ -63,13 +71,8 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
     ] {
-        let fixture = fixture(name);
-        let model = fixture.model(ReferenceBackend).unwrap();
-        let tokens = &fixture.tokens("tokens").unwrap()[..fixture.seq];
-        let acts = model.activations(1, tokens.len()).unwrap();
-        model.forward(&acts, tokens, None).unwrap();
-        let full = model.download_logits(&acts).unwrap();
-        let vocab = model.config.vocab_size;
+        let (model, tokens, full) = full_forward(name);
+        let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
         let want = |pos: usize| -> Vec<f64> {
             full[pos * vocab..(pos + 1) * vocab]
                 .iter()

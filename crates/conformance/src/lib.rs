@@ -62,6 +62,18 @@ fn to_f32(x: &[f64]) -> Vec<f32> {
     x.iter().map(|&v| v as f32).collect()
 }
 
+/// `len` deterministic values in [−0.5, 0.5) from `seed` (a linear congruential generator,
+/// Numerical Recipes' constants): test inputs that need no random-number crate.
+pub fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
 /// The loosest of a backend's per-kernel tolerances: what a whole-model check (many kernels
 /// composed) starts from.
 pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {

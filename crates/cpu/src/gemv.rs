@@ -30,7 +30,7 @@ pub fn forward(
     // Each task streams a long contiguous run of rows (`ThreadPool::stream_ranges`).
     let ranges = pool.stream_ranges(n, BLOCK);
     pool.run(ranges.len(), &|t| {
-        for j0 in ranges[t].clone().step_by(BLOCK) {
+        for j0 in ranges.get(t).step_by(BLOCK) {
             let j1 = (j0 + BLOCK).min(n);
             let mut sums = [[0f32; BLOCK]; MAX_ROWS];
             dots(isa, &mut sums, x, &w[j0 * k..j1 * k], (rows, k));

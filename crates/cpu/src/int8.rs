@@ -64,47 +64,25 @@ impl Int8Matrix {
         codes: &[i8],
         scales: &[f32],
     ) -> Result<Self, String> {
-        if group == 0 || !group.is_multiple_of(32) || !cols.is_multiple_of(group) {
-            return Err(format!(
-                "int8 groups of {group} for rows of {cols}: the kernels need a multiple of 32 \
-                 that divides the row"
-            ));
-        }
-        if codes.len() != rows * cols || scales.len() != rows * (cols / group) {
-            return Err(format!(
-                "int8 {rows}×{cols} in groups of {group}: {} codes and {} scales",
-                codes.len(),
-                scales.len()
-            ));
-        }
+        check_codes("int8", (rows, cols, group), codes, scales)?;
         if codes.contains(&i8::MIN) {
             return Err("int8 code −128: codes must be within ±127".into());
         }
         let steps = cols.div_ceil(64);
-        let mut laid = Vec::new();
-        let size = rows.div_ceil(ROWS) * steps * ROWS * 64;
-        crate::shared::reserve_huge(&mut laid, size);
-        laid.resize(size, 0i8);
+        let mut laid = blocks(rows, steps);
         for (j, row) in codes.chunks_exact(cols.max(1)).enumerate() {
             for (step, bytes) in row.chunks(64).enumerate() {
-                let at = Self::offset(steps, j, step);
+                let at = block_offset(steps, j, step);
                 laid[at..at + bytes.len()].copy_from_slice(bytes);
             }
         }
-        let mut scales = scales.to_vec();
-        scales.push(0.0);
         Ok(Int8Matrix {
             rows,
             cols,
             group,
             codes: laid,
-            scales,
+            scales: padded(scales),
         })
-    }
-
-    /// Where step `step` of row `j` starts in the laid-out codes.
-    fn offset(steps: usize, j: usize, step: usize) -> usize {
-        ((j / ROWS * steps + step) * ROWS + j % ROWS) * 64
     }
 
     /// The values the codes stand for, `(rows, cols)`.
@@ -113,7 +91,7 @@ impl Int8Matrix {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for j in 0..self.rows {
             out.extend((0..self.cols).map(|c| {
-                let code = self.codes[Self::offset(steps, j, c / 64) + c % 64];
+                let code = self.codes[block_offset(steps, j, c / 64) + c % 64];
                 code as f32 * self.scales[j * groups + c / self.group]
             }));
         }
@@ -148,39 +126,34 @@ impl TernaryMatrix {
         codes: &[i8],
         scales: &[f32],
     ) -> Result<Self, String> {
-        // The same shape rules as int8.
-        Int8Matrix::new(0, cols, group, &[], &[])?;
-        if codes.len() != rows * cols || scales.len() != rows * (cols / group) {
-            return Err(format!(
-                "ternary {rows}×{cols} in groups of {group}: {} codes and {} scales",
-                codes.len(),
-                scales.len()
-            ));
-        }
+        check_codes("ternary", (rows, cols, group), codes, scales)?;
         if let Some(c) = codes.iter().find(|c| !(-1..=1).contains(*c)) {
             return Err(format!("ternary code {c}: codes must be −1, 0 or 1"));
         }
         let chunks = cols.div_ceil(256);
-        let mut laid = Vec::new();
-        let size = rows.div_ceil(ROWS) * chunks * ROWS * 64;
-        crate::shared::reserve_huge(&mut laid, size);
-        laid.resize(size, 0u8);
+        let mut laid = blocks(rows, chunks);
         for (j, row) in codes.chunks_exact(cols.max(1)).enumerate() {
             for (c, &code) in row.iter().enumerate() {
-                let (chunk, s, b) = (c / 256, c % 256 / 64, c % 64);
-                let at = ((j / ROWS * chunks + chunk) * ROWS + j % ROWS) * 64 + b;
-                laid[at] |= ((code + 1) as u8) << (2 * s);
+                let (at, shift) = Self::place(chunks, j, c);
+                laid[at] |= ((code + 1) as u8) << shift;
             }
         }
-        let mut scales = scales.to_vec();
-        scales.push(0.0);
         Ok(TernaryMatrix {
             rows,
             cols,
             group,
             codes: laid,
-            scales,
+            scales: padded(scales),
         })
+    }
+
+    /// The byte and bit shift of column `c` of row `j`'s code: byte `c mod 64` of the row's
+    /// chunk, bits `2·s` for the chunk's step `s`.
+    fn place(chunks: usize, j: usize, c: usize) -> (usize, usize) {
+        (
+            block_offset(chunks, j, c / 256) + c % 64,
+            2 * (c % 256 / 64),
+        )
     }
 
     /// The values the codes stand for, `(rows, cols)`.
@@ -189,14 +162,61 @@ impl TernaryMatrix {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         for j in 0..self.rows {
             out.extend((0..self.cols).map(|c| {
-                let (chunk, s, b) = (c / 256, c % 256 / 64, c % 64);
-                let at = ((j / ROWS * chunks + chunk) * ROWS + j % ROWS) * 64 + b;
-                let code = (self.codes[at] >> (2 * s) & 3) as f32 - 1.0;
+                let (at, shift) = Self::place(chunks, j, c);
+                let code = (self.codes[at] >> shift & 3) as f32 - 1.0;
                 code * self.scales[j * groups + c / self.group]
             }));
         }
         out
     }
+}
+
+/// The shape rules both code matrices share: groups a multiple of 32 that divides the row,
+/// `rows · cols` codes and a scale per group.
+fn check_codes(
+    kind: &str,
+    (rows, cols, group): (usize, usize, usize),
+    codes: &[i8],
+    scales: &[f32],
+) -> Result<(), String> {
+    if group == 0 || !group.is_multiple_of(32) || !cols.is_multiple_of(group) {
+        return Err(format!(
+            "{kind} groups of {group} for rows of {cols}: the kernels need a multiple of 32 \
+             that divides the row"
+        ));
+    }
+    if codes.len() != rows * cols || scales.len() != rows * (cols / group) {
+        return Err(format!(
+            "{kind} {rows}×{cols} in groups of {group}: {} codes and {} scales",
+            codes.len(),
+            scales.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Zeroed room for `rows` rows of `per_row` 64-byte blocks in the kernels' layout (whole
+/// blocks of [`ROWS`] rows), in huge pages where large.
+fn blocks<T: Copy + Default>(rows: usize, per_row: usize) -> Vec<T> {
+    let size = rows.div_ceil(ROWS) * per_row * ROWS * 64;
+    let mut laid = Vec::new();
+    crate::shared::reserve_huge(&mut laid, size);
+    laid.resize(size, T::default());
+    laid
+}
+
+/// Where block `block` (a 64-byte step, or a ternary chunk) of row `j` starts: blocks of
+/// [`ROWS`] rows, each block of a row beside the same block of the next rows.
+fn block_offset(per_row: usize, j: usize, block: usize) -> usize {
+    ((j / ROWS * per_row + block) * ROWS + j % ROWS) * 64
+}
+
+/// The scales and one more, which a ragged step's second half reads (times 0).
+fn padded(scales: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(scales.len() + 1);
+    out.extend_from_slice(scales);
+    out.push(0.0);
+    out
 }
 
 /// The integer dot product the kernels use.
@@ -397,8 +417,7 @@ pub fn forward(
                 shape,
                 &m.scales,
                 &|j, row, scales, sums| {
-                    let codes =
-                        &m.codes[Int8Matrix::offset(shape.3, j, 0)..][..shape.3 * ROWS * 64];
+                    let codes = &m.codes[block_offset(shape.3, j, 0)..][..shape.3 * ROWS * 64];
                     unsafe {
                         match dot {
                             Int8Dot::Avx2 => dots_avx2(codes, scales, row, sums),
@@ -418,7 +437,7 @@ pub fn forward(
                 shape,
                 &m.scales,
                 &|j, row, scales, sums| {
-                    let codes = &m.codes[j / ROWS * chunks * ROWS * 64..][..chunks * ROWS * 64];
+                    let codes = &m.codes[block_offset(chunks, j, 0)..][..chunks * ROWS * 64];
                     unsafe {
                         match dot {
                             Int8Dot::Avx2 => ternary_avx2(codes, scales, row, sums),
@@ -458,7 +477,8 @@ fn run(
         // Each task streams a long contiguous run of blocks (`ThreadPool::stream_ranges`).
         let ranges = pool.stream_ranges(n, ROWS);
         pool.run(ranges.len(), &|t| {
-            let (j0, j1) = (ranges[t].start, ranges[t].end);
+            let run = ranges.get(t);
+            let (j0, j1) = (run.start, run.end);
             for r in 0..rows {
                 let bytes = r * steps * 64..(r + 1) * steps * 64;
                 let lanes = r * steps * 16..(r + 1) * steps * 16;

@@ -212,6 +212,7 @@ tiered!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_conformance::test_values as values;
     use kiln_reference::adamw as reference;
 
     fn tiers() -> Vec<Isa> {
@@ -219,16 +220,6 @@ mod tests {
         [Isa::Avx2, Isa::Avx512]
             .into_iter()
             .filter(|&i| f.supports(i))
-            .collect()
-    }
-
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
             .collect()
     }
 

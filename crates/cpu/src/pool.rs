@@ -21,6 +21,39 @@ use std::time::{Duration, Instant};
 /// step without burning a core between steps.
 const SPIN: Duration = Duration::from_micros(200);
 
+/// The runs of [`ThreadPool::stream_ranges`], worked out per task (no list is allocated: the
+/// few-row products of decoding ask for them on every product).
+#[derive(Clone, Copy, Debug)]
+pub struct StreamRanges {
+    n: usize,
+    big: usize,
+    small: usize,
+    bigs: usize,
+    tasks: usize,
+}
+
+impl StreamRanges {
+    /// How many runs (tasks).
+    pub fn len(&self) -> usize {
+        self.tasks
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks == 0
+    }
+
+    /// Run `t`: the long ones first, then the small ones.
+    pub fn get(&self, t: usize) -> std::ops::Range<usize> {
+        let start = if t < self.bigs {
+            t * self.big
+        } else {
+            self.bigs * self.big + (t - self.bigs) * self.small
+        };
+        let len = if t < self.bigs { self.big } else { self.small };
+        start..(start + len).min(self.n)
+    }
+}
+
 /// One `run` call: a closure over task indices, and its counters.
 struct Job {
     /// The closure, type-erased; valid until `done` reaches `tasks` (the caller waits).
@@ -112,19 +145,19 @@ impl ThreadPool {
     /// Zen 5), and the small runs at the end still let a free thread take over from one held
     /// up by another process (FACTS: a static split runs at the slow thread's speed), as
     /// OpenMP's guided schedule does.
-    pub fn stream_ranges(&self, n: usize, align: usize) -> Vec<std::ops::Range<usize>> {
+    pub fn stream_ranges(&self, n: usize, align: usize) -> StreamRanges {
         let threads = self.threads();
-        let big = (n * 3 / (4 * threads)).next_multiple_of(align);
+        let big = (n * 3 / (4 * threads)).next_multiple_of(align).max(align);
         let small = (n / (16 * threads)).max(1).next_multiple_of(align);
-        let mut ranges = Vec::new();
-        let mut at = 0;
-        while at < n {
-            let len = if ranges.len() < threads { big } else { small };
-            let end = (at + len.max(align)).min(n);
-            ranges.push(at..end);
-            at = end;
+        let bigs = threads.min(n.div_ceil(big));
+        let covered = (bigs * big).min(n);
+        StreamRanges {
+            n,
+            big,
+            small,
+            bigs,
+            tasks: bigs + (n - covered).div_ceil(small),
         }
-        ranges
     }
 
     pub fn run(&self, tasks: usize, task: &(dyn Fn(usize) + Sync)) {
@@ -260,7 +293,8 @@ mod tests {
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
             for (n, align) in [(768, 4), (2048, 64), (32000, 4), (7, 4), (100, 1), (1, 1)] {
-                let ranges = pool.stream_ranges(n, align);
+                let stream = pool.stream_ranges(n, align);
+                let ranges: Vec<_> = (0..stream.len()).map(|t| stream.get(t)).collect();
                 let mut at = 0;
                 for r in &ranges {
                     assert_eq!(r.start, at, "{n} {align}: a gap");

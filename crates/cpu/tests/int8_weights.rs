@@ -10,20 +10,11 @@
 //! plus 1e-5 of Σ|w·x| for f32 summation, and checks the bound is not loose by requiring the
 //! error to be nonzero somewhere (the inputs are not on the int8 grid).
 
+use kiln_conformance::test_values as values;
 use kiln_core::backend::{Backend, DType, MatmulShape, View};
 use kiln_core::cpu::{self, Isa};
 use kiln_cpu::{CpuBackend, Precision};
 use kiln_reference::ReferenceBackend;
-
-fn values(len: usize, seed: u32) -> Vec<f32> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 /// `rows × in_dim` inputs through `w` on `be`, as host values.
 fn product<B: Backend>(be: &B, w: &[f32], x: &[f32], s: MatmulShape) -> Vec<f32> {

@@ -6,6 +6,7 @@
 //! (which repacks the copies itself). Runs on the AVX512-BF16 tier (the only one that keeps
 //! copies) and says so when the machine lacks it.
 
+use kiln_conformance::test_values as values;
 use kiln_core::backend::{
     Accumulate, AdamWStep, Backend, ClassifierShape, DType, DeviceMemory, MatmulShape, View,
 };
@@ -17,16 +18,6 @@ const S: MatmulShape = MatmulShape {
     in_dim: 40,
     out_dim: 70,
 };
-
-fn values(len: usize, seed: u32) -> Vec<f32> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 /// The forward product, the input gradient, and the fused classifier's losses and input
 /// gradient through `weight`, as host values.

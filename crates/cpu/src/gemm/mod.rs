@@ -477,7 +477,7 @@ unsafe fn few_rows_panels(
     };
     let c_ptr = SharedMut::from_raw(c);
     pool.run(ranges.len(), &|t| {
-        for p in ranges[t].clone() {
+        for p in ranges.get(t) {
             let cols = nr.min(n - p * nr);
             // SAFETY: panel p's columns of C are this task's alone; the panel holds
             // `pairs · NR` pairs; the tier was checked when the operand was packed.

@@ -66,41 +66,36 @@ pub fn import(path: &Path, tokenizer: Option<&Path>, tokenizer_dirs: &[&Path]) -
             source: format!("Hugging Face model {}", path.display()),
         });
     }
-    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        let model = gguf::read(path)?;
-        let tokenizer = match explicit {
-            Some(t) => Some(t),
-            None => find_tokenizer(&[path.parent().unwrap_or(Path::new("."))])?,
-        };
-        return Ok(Imported {
-            config: model.config,
-            weights: model.weights,
-            tokenizer,
-            vocab_map: None,
-            source: format!("GGUF model {} ({})", path.display(), model.file_type),
-        });
-    }
     if path.is_file() {
-        ensure!(
-            path.extension().is_some_and(|e| e == "bin"),
-            "{}: not a model kiln can read (a Hugging Face directory, a llama2.c .bin, a GGUF file, or a kiln run or checkpoint)",
-            path.display()
-        );
-        let model = llama2c::read(path)?;
-        let tokenizer = match explicit {
-            Some(t) => Some(t),
-            None => find_tokenizer(&[path.parent().unwrap_or(Path::new("."))])?,
-        };
-        return Ok(Imported {
-            config: model.config,
-            weights: model.weights,
-            tokenizer,
-            vocab_map: None,
-            source: format!(
+        // A single file: GGUF, or llama2.c; its tokenizer beside it unless one is given.
+        let (config, weights, source) = if path.extension().is_some_and(|e| e == "gguf") {
+            let model = gguf::read(path)?;
+            let source = format!("GGUF model {} ({})", path.display(), model.file_type);
+            (model.config, model.weights, source)
+        } else {
+            ensure!(
+                path.extension().is_some_and(|e| e == "bin"),
+                "{}: not a model kiln can read (a Hugging Face directory, a llama2.c .bin, a GGUF file, or a kiln run or checkpoint)",
+                path.display()
+            );
+            let model = llama2c::read(path)?;
+            let source = format!(
                 "llama2.c checkpoint {} (format v{})",
                 path.display(),
                 model.version
-            ),
+            );
+            (model.config, model.weights, source)
+        };
+        let tokenizer = match explicit {
+            Some(t) => Some(t),
+            None => find_tokenizer(&[path.parent().unwrap_or(Path::new("."))])?,
+        };
+        return Ok(Imported {
+            config,
+            weights,
+            tokenizer,
+            vocab_map: None,
+            source,
         });
     }
     if path.is_dir() && path.join("manifest.json").exists() {
