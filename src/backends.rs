@@ -105,6 +105,20 @@ impl Selection {
         self.weights == Some(Weights::Packed)
     }
 
+    /// The selection that runs a packed artifact (`--artifact`): on its own codes
+    /// (`--weights packed`) unless `--weights` says otherwise, where the backend is the cpu
+    /// one (the one with the integer kernels).
+    pub fn for_artifact(mut self, artifact: bool) -> Self {
+        let choice = match self.backend {
+            BackendChoice::Auto => auto(),
+            other => other,
+        };
+        if artifact && self.weights.is_none() && choice == BackendChoice::Cpu {
+            self.weights = Some(Weights::Packed);
+        }
+        self
+    }
+
     /// The precision `--weights` and `--precision` ask for together, or why they disagree.
     fn effective_precision(&self) -> Result<Option<Precision>> {
         Ok(match (self.weights, self.precision) {
@@ -180,8 +194,10 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
                     .map_err(anyhow::Error::msg)?
                     .keeping(backend.logits());
             }
-            if selection.int8() || selection.packed() {
+            if selection.int8() {
                 backend = backend.with_int8_weights();
+            } else if selection.packed() {
+                backend = backend.with_given_codes();
             }
             Ok(Resolved::Cpu(backend))
         }

@@ -48,6 +48,8 @@ pub struct Loaded<B: Backend> {
     pub vocab_map: Option<VocabMap>,
     /// Present when loaded from a kiln checkpoint.
     pub manifest: Option<Manifest>,
+    /// The matrices whose products run on a packed artifact's own codes (`--weights packed`).
+    pub coded_matrices: usize,
 }
 
 /// Loads a model from a run, checkpoint or imported model onto `backend`.
@@ -84,6 +86,7 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
         tokenizer,
         vocab_map: imported.vocab_map,
         manifest,
+        coded_matrices: 0,
     })
 }
 
@@ -123,9 +126,11 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Re
     }
     let model = Model::for_inference(backend, unpacked.config)?;
     model.upload_params(&unpacked.weights)?;
-    if source.packed {
-        offer_codes(&model, &unpacked.codes);
-    }
+    let coded_matrices = if source.packed {
+        offer_codes(&model, &unpacked.codes)
+    } else {
+        0
+    };
     let vocab_map = unpacked
         .vocab_map
         .map(|full| VocabMap::from_full_ids(tokenizer.vocab_size(), full));
@@ -135,13 +140,14 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Re
         tokenizer,
         vocab_map,
         manifest: None,
+        coded_matrices,
     })
 }
 
 /// Offers each matrix's codes to the backend (after the upload: a write would drop them),
-/// and says how many it took. Ternary scales cover 128 values in flat order, so rows must be
+/// and says (and returns) how many it took. Ternary scales cover 128 values in flat order, so rows must be
 /// whole groups; int scales cover a row.
-fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) {
+fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> usize {
     let mut taken = 0;
     for (region, q) in codes {
         let group = match q.scheme {
@@ -163,9 +169,10 @@ fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) {
         taken += model.backend.take_int_codes(weight, &offer) as usize;
     }
     eprintln!(
-        "packed weights: {taken} of {} matrices decode from their codes",
+        "packed weights: {taken} of {} matrices run on their codes",
         codes.len()
     );
+    taken
 }
 
 /// What `kiln sample` generates.

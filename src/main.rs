@@ -539,6 +539,7 @@ fn main() -> Result<()> {
             with_backend!(backend, |b| train(b, backend, *args))
         }
         Command::Sample(args) => {
+            let backend = backend.for_artifact(args.artifact.is_some());
             let options = SampleOptions {
                 prompt: args.prompt.clone(),
                 max_tokens: args.max_tokens,
@@ -555,6 +556,7 @@ fn main() -> Result<()> {
             with_backend!(backend, |b| kiln::commands::sample(b, &source, &options))
         }
         Command::Eval(args) => {
+            let backend = backend.for_artifact(args.artifact.is_some());
             let options = EvalOptions {
                 artifact: args.artifact.clone(),
                 source: args.source.source(backend),
@@ -608,6 +610,7 @@ fn main() -> Result<()> {
                     json,
                 },
         } => {
+            let backend = backend.for_artifact(artifact.is_some());
             // Matrix weights are read as the backend holds them for products: int8 codes and
             // an f32 scale per group with `--weights int8`, bf16 copies with the CPU
             // backend's bf16 matmuls, f32 otherwise.

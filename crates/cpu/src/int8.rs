@@ -23,6 +23,7 @@ use std::cell::RefCell;
 
 use kiln_core::cpu::{self, Isa};
 
+use crate::int8_gemm::{Cache, Panels};
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
 
@@ -45,6 +46,8 @@ pub struct Int8Matrix {
     codes: Vec<i8>,
     /// `(rows, cols / group)`, and one more (a ragged step's second half reads it, times 0).
     scales: Vec<f32>,
+    /// The codes repacked for products of many rows, once needed.
+    panels: Cache,
 }
 
 impl Int8Matrix {
@@ -82,7 +85,17 @@ impl Int8Matrix {
             group,
             codes: laid,
             scales: padded(scales),
+            panels: Cache::default(),
         })
+    }
+
+    /// Row `j`'s codes, into `out` (`cols` long).
+    fn row_codes(&self, j: usize, out: &mut [i8]) {
+        let steps = self.cols.div_ceil(64);
+        for (step, out) in out.chunks_mut(64).enumerate() {
+            let at = block_offset(steps, j, step);
+            out.copy_from_slice(&self.codes[at..at + out.len()]);
+        }
     }
 
     /// The values the codes stand for, `(rows, cols)`.
@@ -115,6 +128,8 @@ pub struct TernaryMatrix {
     codes: Vec<u8>,
     /// `(rows, cols / group)`, and one more (as [`Int8Matrix`]).
     scales: Vec<f32>,
+    /// The codes repacked for products of many rows, once needed.
+    panels: Cache,
 }
 
 impl TernaryMatrix {
@@ -144,6 +159,7 @@ impl TernaryMatrix {
             group,
             codes: laid,
             scales: padded(scales),
+            panels: Cache::default(),
         })
     }
 
@@ -154,6 +170,15 @@ impl TernaryMatrix {
             block_offset(chunks, j, c / 256) + c % 64,
             2 * (c % 256 / 64),
         )
+    }
+
+    /// Row `j`'s codes, into `out` (`cols` long).
+    fn row_codes(&self, j: usize, out: &mut [i8]) {
+        let chunks = self.cols.div_ceil(256);
+        for (c, out) in out.iter_mut().enumerate() {
+            let (at, shift) = Self::place(chunks, j, c);
+            *out = (self.codes[at] >> shift & 3) as i8 - 1;
+        }
     }
 
     /// The values the codes stand for, `(rows, cols)`.
@@ -369,6 +394,26 @@ impl Codes {
             Codes::None => None,
             Codes::Int8(m) => Some((m.rows, m.cols)),
             Codes::Ternary(m) => Some((m.rows, m.cols)),
+        }
+    }
+
+    /// The codes repacked for products of many rows ([`crate::int8_gemm`]), built on first
+    /// use.
+    pub fn panels(&self) -> &Panels {
+        match self {
+            Codes::None => panic!("int8: no codes"),
+            Codes::Int8(m) => m.panels.get_or_build(|| {
+                let scales = &m.scales[..m.scales.len() - 1];
+                Panels::new((m.rows, m.cols, m.group), scales, |j, out| {
+                    m.row_codes(j, out)
+                })
+            }),
+            Codes::Ternary(m) => m.panels.get_or_build(|| {
+                let scales = &m.scales[..m.scales.len() - 1];
+                Panels::new((m.rows, m.cols, m.group), scales, |j, out| {
+                    m.row_codes(j, out)
+                })
+            }),
         }
     }
 
@@ -746,10 +791,32 @@ mod tests {
         (codes, scales)
     }
 
-    /// Against the f64 sum of the dequantized weights times the dequantized inputs, for 1 to
-    /// 4 input rows, weight groups of 32, 64 and the whole row, rows with and without a
-    /// ragged last 32 bytes, and a ragged last block: the integer sums are exact, so the
-    /// only error is f32 scaling and summation, 1e-5 relative to Σ|terms|.
+    /// Both products, the few rows' ([`forward`]) and the many rows' ([`int8_gemm::forward`],
+    /// on the codes' panels), of `rows` input rows.
+    fn products(
+        dot: Int8Dot,
+        pool: &ThreadPool,
+        x: &[f32],
+        w: &Codes,
+        rows: usize,
+    ) -> [Vec<f32>; 2] {
+        let n = w.shape().unwrap().0;
+        let mut few = vec![f32::NAN; rows * n];
+        forward(dot, pool, &mut few, x, w, rows);
+        let mut many = vec![f32::NAN; rows * n];
+        crate::int8_gemm::forward(dot, pool, &mut many, x, w.panels(), rows);
+        [few, many]
+    }
+
+    /// Input rows the tests take: 1 to 4 (decoding), and more than a GEMM tile and than a
+    /// GEMM task's block of rows, with ragged ends.
+    const ROW_COUNTS: [usize; 6] = [1, 2, 3, 4, 11, 100];
+
+    /// Against the f64 sum of the dequantized weights times the dequantized inputs, both
+    /// products, for the [`ROW_COUNTS`], weight groups of 32, 64 and the whole row, rows with
+    /// and without a ragged last 32 bytes, and a ragged last block of 4 rows and panel of 32
+    /// (70 rows: 6 in the last panel): the integer sums are exact, so the only error is f32
+    /// scaling and summation, 1e-5 relative to Σ|terms|.
     #[test]
     fn matches_runq_formula() {
         let pool = ThreadPool::new(2);
@@ -760,8 +827,9 @@ mod tests {
             let m = Int8Matrix::quantize(&w, n, k, group);
             let wq = m.dequantize();
             let act_group = if group % 64 == 0 { 64 } else { 32 };
+            let codes = Codes::Int8(m.clone());
             for dot in Int8Dot::usable() {
-                for rows in 1..=4 {
+                for rows in ROW_COUNTS {
                     let mut x: Vec<f32> = (0..rows * k).map(|i| val(i, 13)).collect();
                     // A group with one value, and an all-zero group (scale 0).
                     x[1..act_group].fill(0.0);
@@ -772,18 +840,19 @@ mod tests {
                         .enumerate()
                         .map(|(i, &c)| c as f64 * xs[i / act_group] as f64)
                         .collect();
-                    let mut out = vec![f32::NAN; rows * n];
-                    forward(dot, &pool, &mut out, &x, &Codes::Int8(m.clone()), rows);
-                    for r in 0..rows {
-                        for j in 0..n {
-                            let terms = (0..k).map(|p| xq[r * k + p] * wq[j * k + p] as f64);
-                            let (want, size) =
-                                terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                            let got = out[r * n + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-5 * size + 1e-30,
-                                "{dot:?} k {k} group {group} [{r}, {j}]: {got} vs {want}"
-                            );
+                    for (out, path) in products(dot, &pool, &x, &codes, rows).iter().zip(PATHS) {
+                        for r in 0..rows {
+                            for j in 0..n {
+                                let terms = (0..k).map(|p| xq[r * k + p] * wq[j * k + p] as f64);
+                                let (want, size) =
+                                    terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                                let got = out[r * n + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * size + 1e-30,
+                                    "{dot:?} {path} k {k} group {group} [{r}, {j}]: {got} vs \
+                                     {want}"
+                                );
+                            }
                         }
                     }
                 }
@@ -791,16 +860,20 @@ mod tests {
         }
     }
 
-    /// Ternary codes in 2 bits against the same f64 formula on their values, for rows that
-    /// end inside a 256-column chunk and inside a 64-byte step (288), groups of 32, 64, 96
-    /// and 128 (a step's halves in different groups), and a ragged last block of rows; and
-    /// the layout gives back the codes (`dequantize`).
+    /// The two products, as the assertions name them.
+    const PATHS: [&str; 2] = ["few rows", "many rows"];
+
+    /// Ternary codes in 2 bits against the same f64 formula on their values, both products,
+    /// for rows that end inside a 256-column chunk and inside a 64-byte step (288), groups of
+    /// 32, 64, 96 and 128 (a step's halves in different groups), a ragged last block of rows
+    /// and a last panel of 26 of its 32 rows (90 rows); and the layout gives back the codes
+    /// (`dequantize`).
     #[test]
     fn ternary_matches_the_formula() {
         let pool = ThreadPool::new(2);
         let val = |i: usize, m: usize| ((i * m) % 251) as f32 / 125.0 - 1.0;
         for (k, group) in [(288, 32), (384, 128), (96, 96), (640, 64)] {
-            let n = 70;
+            let n = 90;
             let codes: Vec<i8> = (0..n * k)
                 .map(|i| ((i * 7 + i / 5) % 3) as i8 - 1)
                 .collect();
@@ -811,25 +884,28 @@ mod tests {
                 assert_eq!(c as f32 * scales[i / group], v, "layout at {i}");
             }
             let act_group = if group % 64 == 0 { 64 } else { 32 };
+            let ternary = Codes::Ternary(m.clone());
             for dot in Int8Dot::usable() {
-                for rows in 1..=4 {
+                for rows in ROW_COUNTS {
                     let x: Vec<f32> = (0..rows * k).map(|i| val(i, 13)).collect();
                     let (xc, xs) = runq_quantize(&x, act_group);
-                    let mut out = vec![f32::NAN; rows * n];
-                    forward(dot, &pool, &mut out, &x, &Codes::Ternary(m.clone()), rows);
-                    for r in 0..rows {
-                        for j in 0..n {
-                            let terms = (0..k).map(|p| {
-                                let xq = xc[r * k + p] as f64 * xs[(r * k + p) / act_group] as f64;
-                                xq * wq[j * k + p] as f64
-                            });
-                            let (want, size) =
-                                terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
-                            let got = out[r * n + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-5 * size + 1e-30,
-                                "{dot:?} k {k} group {group} [{r}, {j}]: {got} vs {want}"
-                            );
+                    for (out, path) in products(dot, &pool, &x, &ternary, rows).iter().zip(PATHS) {
+                        for r in 0..rows {
+                            for j in 0..n {
+                                let terms = (0..k).map(|p| {
+                                    let at = r * k + p;
+                                    let xq = xc[at] as f64 * xs[at / act_group] as f64;
+                                    xq * wq[j * k + p] as f64
+                                });
+                                let (want, size) =
+                                    terms.fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()));
+                                let got = out[r * n + j] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * size + 1e-30,
+                                    "{dot:?} {path} k {k} group {group} [{r}, {j}]: {got} vs \
+                                     {want}"
+                                );
+                            }
                         }
                     }
                 }

@@ -18,9 +18,10 @@
 //!
 //! With bf16 matmuls each weight keeps a bf16 copy packed for the forward product
 //! ([`weights`]), written by AdamW as it updates the weight. A few rows of an f32 forward
-//! product skip packing ([`gemv`]). With int8 weights (`with_int8_weights`) they read int8
-//! or 2-bit ternary codes kept with each weight's memory, or an artifact's own codes
-//! (`take_int_codes`), through integer dot products ([`int8`]).
+//! product skip packing ([`gemv`]). With int8 weights (`with_int8_weights`) the products read
+//! int8 or 2-bit ternary codes kept with each weight's memory, or an artifact's own codes
+//! (`take_int_codes`; `with_given_codes` reads only those), through integer dot products: a
+//! few rows in [`int8`], many in [`int8_gemm`].
 //!
 //! What it is not, yet: an AMX tile kernel (the AMX tier runs the AVX512-BF16 kernel).
 
@@ -62,6 +63,7 @@ mod elementwise;
 pub mod gemm;
 pub mod gemv;
 pub mod int8;
+pub mod int8_gemm;
 pub mod muon;
 pub mod optim;
 pub mod pool;
@@ -116,6 +118,18 @@ impl Precision {
     }
 }
 
+/// Which weights' forward products read int8 or ternary codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IntWeights {
+    /// None: every product as the precision says.
+    Off,
+    /// Every weight whose rows divide into int8 groups, from its own int8 copy, or from the
+    /// codes given with it (`--weights int8`).
+    Own,
+    /// Only weights given codes (`--weights packed`).
+    Given,
+}
+
 /// What the fused classifier keeps between its forward and backward (`KILN_LOGITS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -146,8 +160,8 @@ pub struct CpuBackend {
     isa: Isa,
     precision: Precision,
     logits: Logits,
-    /// Products of a few rows (decoding) read int8 copies of the weights ([`int8`]).
-    int8: bool,
+    /// Which weights' products read int8 or ternary codes ([`int8`], [`int8_gemm`]).
+    int8: IntWeights,
     pool: Arc<ThreadPool>,
     /// The GEMMs' packing buffers, reused from call to call.
     scratch: Arc<Mutex<gemm::Scratch>>,
@@ -213,7 +227,7 @@ impl CpuBackend {
             isa,
             precision,
             logits: Logits::Keep,
-            int8: false,
+            int8: IntWeights::Off,
             pool: Arc::new(ThreadPool::new(threads)),
             scratch: Arc::default(),
             rope_tables: Arc::default(),
@@ -230,19 +244,30 @@ impl CpuBackend {
         self.logits
     }
 
-    /// This backend with int8 weights for products of a few rows (`--weights int8`): each
-    /// weight whose rows divide into groups of 32 or 64 is quantized once into an int8 copy
-    /// kept with its memory ([`int8`]; rewritten when the weight is written), which decoding
-    /// reads instead of the f32 or bf16 one. Products of many rows (prefill, evaluation) are
-    /// unchanged: the loader rounds the weights through the same int8 groups
-    /// (`kiln_core::quant::round_trip_groups`), so both compute with the same values.
+    /// This backend with int8 weights (`--weights int8`): each weight whose rows divide
+    /// into groups of 32 or 64 is quantized once into an int8 copy kept with its memory
+    /// ([`int8`]; rewritten when the weight is written), which every forward product reads
+    /// instead of the f32 or bf16 one, decoding's few rows and evaluation's many alike. The
+    /// loader rounds the weights through the same int8 groups
+    /// (`kiln_core::quant::round_trip_groups`), so the copy holds the values the model has.
+    /// Codes given with a weight (`take_int_codes`) are read as given.
     pub fn with_int8_weights(mut self) -> Self {
-        self.int8 = true;
+        self.int8 = IntWeights::Own;
         self
     }
 
+    /// This backend reading only the codes given with weights (`--weights packed`: a packed
+    /// artifact's ternary, int6 or int8 codes, offered by `take_int_codes`): those weights'
+    /// products run on their codes, every other weight's as the precision says (the
+    /// unquantized model evaluated beside an artifact keeps its own values).
+    pub fn with_given_codes(mut self) -> Self {
+        self.int8 = IntWeights::Given;
+        self
+    }
+
+    /// Whether weights are quantized to int8 copies (`with_int8_weights`).
     pub fn int8_weights(&self) -> bool {
-        self.int8
+        self.int8 == IntWeights::Own
     }
 
     pub fn isa(&self) -> Isa {
@@ -417,14 +442,18 @@ impl Backend for CpuBackend {
             Logits::Keep => "",
             Logits::Recompute => ", logits recomputed",
         };
-        let int8 = if self.int8 {
+        let int8 = if self.int8 != IntWeights::Off {
+            let what = match self.int8 {
+                IntWeights::Given => "given codes",
+                _ => "int8 weights",
+            };
             match int8::Int8Dot::for_isa(self.isa) {
-                int8::Int8Dot::Vnni512 => ", int8 decoding (VNNI)",
-                int8::Int8Dot::Avx2 => ", int8 decoding (AVX2)",
-                int8::Int8Dot::AvxVnni => ", int8 decoding (AVX-VNNI)",
+                int8::Int8Dot::Vnni512 => format!(", {what} (VNNI)"),
+                int8::Int8Dot::Avx2 => format!(", {what} (AVX2)"),
+                int8::Int8Dot::AvxVnni => format!(", {what} (AVX-VNNI)"),
             }
         } else {
-            ""
+            String::new()
         };
         format!(
             "cpu ({}, {precision}{int8}, {} threads{logits})",
@@ -506,7 +535,7 @@ impl Backend for CpuBackend {
         assert_eq!(out.len(), s.rows * s.out_dim, "matmul_forward: out");
         let o = slices!(write out, [inp, weight]);
         let (x, w) = (slices!(read inp), slices!(read weight));
-        if self.int8 && s.rows <= gemv::MAX_ROWS {
+        if self.int8 != IntWeights::Off {
             let group = kiln_core::quant::int8_group(&[s.in_dim]);
             let dot = int8::Int8Dot::for_isa(self.isa);
             let memory = weight.memory();
@@ -515,13 +544,19 @@ impl Backend for CpuBackend {
                 // A copy made from the values, or codes given with the weight
                 // (`take_int_codes`, in their own groups), while no write has touched it.
                 if stale || m.shape() != Some((s.out_dim, s.in_dim)) {
-                    let Some(group) = group else {
+                    let (IntWeights::Own, Some(group)) = (self.int8, group) else {
+                        // Given codes a write has made stale are dropped for good.
+                        *m = int8::Codes::None;
                         return false;
                     };
                     let copy = int8::Int8Matrix::quantize(w, s.out_dim, s.in_dim, group);
                     *m = int8::Codes::Int8(copy);
                 }
-                int8::forward(dot, &self.pool, o, x, m, s.rows);
+                if s.rows <= gemv::MAX_ROWS {
+                    int8::forward(dot, &self.pool, o, x, m, s.rows);
+                } else {
+                    int8_gemm::forward(dot, &self.pool, o, x, m.panels(), s.rows);
+                }
                 true
             });
             if done {
@@ -906,7 +941,7 @@ impl Backend for CpuBackend {
     }
 
     fn take_int_codes(&self, weight: V, c: &IntCodes) -> bool {
-        if !self.int8 || c.rows * c.cols != weight.len() {
+        if self.int8 == IntWeights::Off || c.rows * c.cols != weight.len() {
             return false;
         }
         let Ok(m) = int8::Codes::new(c.rows, c.cols, c.group, c.codes, c.scales) else {

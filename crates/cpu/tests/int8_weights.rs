@@ -1,8 +1,8 @@
-//! `--weights int8` through the backend, at every tier this machine has: a product of 1 to 4
-//! rows reads the weight's int8 copy (`int8.rs`), held to the reference backend's product on
-//! the same weights rounded through the same int8 groups (`quant::round_trip_groups` is
-//! what the loader does), and the copy follows a write to the weight. Products of many rows
-//! are unchanged (the tier's GEMM).
+//! `--weights int8` through the backend, at every tier this machine has: products of 1 to 4
+//! rows (`int8.rs`) and of many (`int8_gemm.rs`) read the weight's int8 copy, held to the
+//! reference backend's product on the same weights rounded through the same int8 groups
+//! (`quant::round_trip_groups` is what the loader does), and the copy follows a write to the
+//! weight.
 //!
 //! Tolerance: the weights are the same values on both sides, so the difference is the
 //! inputs' rounding to int8 codes, at most half a step (max |x_g| / 254) per value of each
@@ -93,7 +93,7 @@ fn int8_decoding_products_match_the_reference_at_every_tier() {
             let be = CpuBackend::with(isa, precision, 2)
                 .unwrap()
                 .with_int8_weights();
-            for rows in 1..=4 {
+            for rows in [1, 2, 3, 4, 37, 100] {
                 let s = MatmulShape {
                     rows,
                     in_dim,
@@ -106,27 +106,31 @@ fn int8_decoding_products_match_the_reference_at_every_tier() {
                 let largest = check(&got, &want, &w, &x, s, &what);
                 assert!(largest > 0.0, "{what}: no rounding of the inputs seen");
             }
-            // The copy follows a write to the weight.
-            let s = MatmulShape {
-                rows: 1,
-                in_dim,
-                out_dim,
-            };
-            let x = values(in_dim, 9);
-            let weight = be.alloc(w.len(), DType::F32).unwrap();
-            be.upload(View::whole(&weight), &w).unwrap();
-            product_on(&be, View::whole(&weight), &x, s);
-            let w2 = rounded(&values(w.len(), 10), in_dim);
-            be.upload(View::whole(&weight), &w2).unwrap();
-            let got = product_on(&be, View::whole(&weight), &x, s);
-            let want = product(&ReferenceBackend, &w2, &x, s);
-            check(&got, &want, &w2, &x, s, &format!("{isa} after an upload"));
+            // The copy (and the many rows' panels made from it) follows a write to the
+            // weight.
+            for rows in [1, 37] {
+                let s = MatmulShape {
+                    rows,
+                    in_dim,
+                    out_dim,
+                };
+                let x = values(rows * in_dim, 9);
+                let weight = be.alloc(w.len(), DType::F32).unwrap();
+                be.upload(View::whole(&weight), &w).unwrap();
+                product_on(&be, View::whole(&weight), &x, s);
+                let w2 = rounded(&values(w.len(), 10), in_dim);
+                be.upload(View::whole(&weight), &w2).unwrap();
+                let got = product_on(&be, View::whole(&weight), &x, s);
+                let want = product(&ReferenceBackend, &w2, &x, s);
+                let what = format!("{isa} {rows} rows after an upload");
+                check(&got, &want, &w2, &x, s, &what);
+            }
         }
     }
 }
 
 /// A packed artifact's codes given to the backend (`take_int_codes`: ternary in groups of 128,
-/// int6 with a scale per row) are what decoding reads: the product matches the reference's on
+/// int6 with a scale per row) are what products of few rows and of many read: the product matches the reference's on
 /// the values the codes stand for (the bound above), even though the backend's own int8
 /// groups of the same values would differ (int6 codes re-quantized to int8 are not exact).
 /// Codes the kernels cannot run are declined.
@@ -156,12 +160,6 @@ fn given_codes_are_decoded_as_given() {
             (0..out_dim).map(|r| 0.002 + r as f32 * 1e-4).collect(),
         ),
     ];
-    let s = MatmulShape {
-        rows: 2,
-        in_dim,
-        out_dim,
-    };
-    let x = values(2 * in_dim, 21);
     for isa in Isa::ALL {
         if cpu::features().missing(isa).is_some() {
             continue;
@@ -185,23 +183,32 @@ fn given_codes_are_decoded_as_given() {
                 scales,
             };
             assert!(be.take_int_codes(View::whole(&weight), &offer), "{name}");
-            let got = product_on(&be, View::whole(&weight), &x, s);
-            let want = product(&ReferenceBackend, &w, &x, s);
-            check(&got, &want, &w, &x, s, &format!("{isa} {name}"));
-            // int6: the backend's own groups of 64 would round these values differently, so
-            // matching within the bound alone does not show the codes were used; the exact
-            // int8 formula on the given codes does.
-            let exact = product_of_codes(codes, scales, *group, &x, s);
-            let off = got
-                .iter()
-                .zip(&exact)
-                .map(|(g, e)| (g - e).abs() as f64)
-                .fold(0.0, f64::max);
-            let size = exact.iter().map(|e| e.abs() as f64).fold(0.0, f64::max);
-            assert!(
-                off <= 1e-5 * size,
-                "{isa} {name}: {off} from the given codes' product"
-            );
+            // Decoding's few rows and evaluation's many.
+            for rows in [2, 37] {
+                let s = MatmulShape {
+                    rows,
+                    in_dim,
+                    out_dim,
+                };
+                let x = values(rows * in_dim, 21);
+                let got = product_on(&be, View::whole(&weight), &x, s);
+                let want = product(&ReferenceBackend, &w, &x, s);
+                check(&got, &want, &w, &x, s, &format!("{isa} {name} {rows} rows"));
+                // int6: the backend's own groups of 64 would round these values differently,
+                // so matching within the bound alone does not show the codes were used; the
+                // exact int8 formula on the given codes does.
+                let exact = product_of_codes(codes, scales, *group, &x, s);
+                let off = got
+                    .iter()
+                    .zip(&exact)
+                    .map(|(g, e)| (g - e).abs() as f64)
+                    .fold(0.0, f64::max);
+                let size = exact.iter().map(|e| e.abs() as f64).fold(0.0, f64::max);
+                assert!(
+                    off <= 1e-5 * size,
+                    "{isa} {name} {rows} rows: {off} from the given codes' product"
+                );
+            }
         }
         let weight = be.alloc(64, DType::F32).unwrap();
         let declined = IntCodes {
