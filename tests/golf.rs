@@ -169,7 +169,7 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
         let score = |model: &Model<ReferenceBackend>| {
             let acts = model.activations(4, 16).unwrap();
             kiln_core::eval::evaluate(
-                &model,
+                model,
                 &acts,
                 &tokens,
                 &dataset.tokenizer,
@@ -203,8 +203,8 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
             };
             let coded = kiln::commands::load_artifact(backend, &path, &source).unwrap();
             let whole_groups = |q: &kiln_core::quant::Quantized| match q.scheme {
-                Scheme::Ternary => q.cols % 128 == 0,
-                _ => q.cols % 32 == 0,
+                Scheme::Ternary => q.cols.is_multiple_of(128),
+                _ => q.cols.is_multiple_of(32),
             };
             let runnable = artifact
                 .codes
