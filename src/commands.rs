@@ -145,19 +145,26 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Re
 }
 
 /// Offers each matrix's codes to the backend (after the upload: a write would drop them),
-/// and says (and returns) how many it took. Ternary scales cover 128 values in flat order, so rows must be
-/// whole groups; int scales cover a row.
+/// and says (and returns) how many it took. Int scales cover a row. Ternary scales cover 128
+/// values in flat order, which may straddle rows (stories15M's rows of 288): each row is then
+/// offered in groups of the largest size dividing both, every group inside one of the
+/// artifact's (32 for rows of 288), its scales repeated.
 fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> usize {
     let mut taken = 0;
     for (region, q) in codes {
-        let group = match q.scheme {
-            Scheme::Ternary => TERNARY_GROUP,
-            _ => q.cols,
+        let flat: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
+        let (group, scales) = match q.scheme {
+            Scheme::Ternary => {
+                let group = gcd(q.cols, TERNARY_GROUP);
+                let groups = q.rows * q.cols / group;
+                let scales = (0..groups).map(|g| flat.get(g * group / TERNARY_GROUP).copied());
+                let Some(scales) = scales.collect() else {
+                    continue; // fewer scales than codes: the backend could not take them either
+                };
+                (group, scales)
+            }
+            _ => (q.cols, flat),
         };
-        if q.cols % group != 0 {
-            continue;
-        }
-        let scales: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
         let offer = IntCodes {
             rows: q.rows,
             cols: q.cols,
@@ -173,6 +180,14 @@ fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> u
         codes.len()
     );
     taken
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// What `kiln sample` generates.
