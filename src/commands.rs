@@ -145,25 +145,12 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Re
 }
 
 /// Offers each matrix's codes to the backend (after the upload: a write would drop them),
-/// and says (and returns) how many it took. Int scales cover a row. Ternary scales cover 128
-/// values in flat order, which may straddle rows (stories15M's rows of 288): each row is then
-/// offered in groups of the largest size dividing both, every group inside one of the
-/// artifact's (32 for rows of 288), its scales repeated.
+/// and says (and returns) how many it took.
 fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> usize {
     let mut taken = 0;
     for (region, q) in codes {
-        let flat: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
-        let (group, scales) = match q.scheme {
-            Scheme::Ternary => {
-                let group = gcd(q.cols, TERNARY_GROUP);
-                let groups = q.rows * q.cols / group;
-                let scales = (0..groups).map(|g| flat.get(g * group / TERNARY_GROUP).copied());
-                let Some(scales) = scales.collect() else {
-                    continue; // fewer scales than codes: the backend could not take them either
-                };
-                (group, scales)
-            }
-            _ => (q.cols, flat),
+        let Some((group, scales)) = row_groups(q) else {
+            continue;
         };
         let offer = IntCodes {
             rows: q.rows,
@@ -180,6 +167,24 @@ fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> u
         codes.len()
     );
     taken
+}
+
+/// A matrix's scales as groups within each row, as the backend's kernels take them: `(group,
+/// scales (rows, cols / group))`. Int scales cover a row. Ternary scales cover 128 values in
+/// flat order, which may straddle rows (stories15M's rows of 288), so rows are cut into
+/// groups of the largest size dividing both, each inside one of the artifact's (32 for rows
+/// of 288), its scale repeated. `None` if the scales do not cover the codes.
+fn row_groups(q: &Quantized) -> Option<(usize, Vec<f32>)> {
+    let flat: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
+    match q.scheme {
+        Scheme::Ternary => {
+            let group = gcd(q.cols, TERNARY_GROUP);
+            let groups = q.rows * q.cols / group;
+            let scales = (0..groups).map(|g| flat.get(g * group / TERNARY_GROUP).copied());
+            Some((group, scales.collect::<Option<_>>()?))
+        }
+        _ => (flat.len() == q.rows).then_some((q.cols, flat)),
+    }
 }
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -478,4 +483,46 @@ pub fn model_info(config: &ModelConfig, json: bool) -> Result<()> {
         config.train_flops_per_token(config.max_seq_len.min(256))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The groups offered to the kernels stand for the artifact's own values
+    /// (`Quantized::dequantize`): ternary rows of 288 (scales straddling rows, groups of 32),
+    /// of 384 (three whole scales a row) and of 64 (two rows a scale), and int8 rows.
+    #[test]
+    fn row_groups_stand_for_the_artifacts_values() {
+        let values = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0 + (i / 128) as f32 * 0.3)
+                .collect()
+        };
+        let int8 = Scheme::Int {
+            bits: 8,
+            percentile: 100.0,
+        };
+        let cases = [
+            (Scheme::Ternary, 5, 288, 32),
+            (Scheme::Ternary, 3, 384, 128),
+            (Scheme::Ternary, 6, 64, 64),
+            (int8, 4, 96, 96),
+        ];
+        for (scheme, rows, cols, want_group) in cases {
+            let q = kiln_core::quant::quantize(scheme, &values(rows * cols), rows, cols).unwrap();
+            let (group, scales) = row_groups(&q).unwrap();
+            assert_eq!(group, want_group, "{scheme:?} rows of {cols}");
+            let values = q.dequantize();
+            for (i, (&code, &value)) in q.codes.iter().zip(&values).enumerate() {
+                let (j, c) = (i / cols, i % cols);
+                let scale = scales[j * (cols / group) + c / group];
+                assert_eq!(
+                    code as f32 * scale,
+                    value,
+                    "{scheme:?} rows of {cols}, [{j}, {c}]"
+                );
+            }
+        }
+    }
 }
