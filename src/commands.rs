@@ -174,7 +174,7 @@ fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> u
 /// flat order, which may straddle rows (stories15M's rows of 288), so rows are cut into
 /// groups of the largest size dividing both, each inside one of the artifact's (32 for rows
 /// of 288), its scale repeated. `None` if the scales do not cover the codes.
-fn row_groups(q: &Quantized) -> Option<(usize, Vec<f32>)> {
+pub fn row_groups(q: &Quantized) -> Option<(usize, Vec<f32>)> {
     let flat: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
     match q.scheme {
         Scheme::Ternary => {

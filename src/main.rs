@@ -488,12 +488,18 @@ impl ModelSource {
 }
 
 /// Bytes the decoding kernels read for one quantized matrix: ternary codes in 2 bits, others
-/// in a byte, and an f32 scale per group (ternary: 128 values; int: a row).
+/// in a byte, and an f32 scale per group as the backend takes them
+/// (`kiln::commands::row_groups`: int, a row; ternary, 128 values or fewer); a matrix they
+/// cannot take, as f32.
 fn code_bytes(q: &kiln_core::quant::Quantized) -> f64 {
     let n = q.codes.len() as f64;
-    match q.scheme {
-        kiln_core::quant::Scheme::Ternary => n / 4.0 + 4.0 * n / 128.0,
-        _ => n + 4.0 * q.rows as f64,
+    let code = match q.scheme {
+        kiln_core::quant::Scheme::Ternary => 0.25,
+        _ => 1.0,
+    };
+    match kiln::commands::row_groups(q) {
+        Some((_, scales)) => n * code + 4.0 * scales.len() as f64,
+        None => 4.0 * n,
     }
 }
 
