@@ -75,10 +75,11 @@ pub enum Weights {
     /// a native bf16 dot product).
     Bf16,
     /// int8 in groups of 64 (32 where a row does not divide by 64) with f32 scales, as
-    /// llama2.c's `runq.c`; decoding runs int8 dot products (cpu backend).
+    /// llama2.c's `runq.c`; every forward product runs int8 dot products (cpu backend).
     Int8,
-    /// A packed artifact's own codes (ternary, int6, int8) and scales, run by the int8
-    /// decoding kernels without widening them to f32 (cpu backend; `--artifact`).
+    /// A packed artifact's own codes (ternary, int6, int8) and scales, run by the integer
+    /// kernels without widening them to f32; other weights as the precision says (cpu
+    /// backend; `--artifact`, where it is the default).
     Packed,
 }
 
@@ -100,7 +101,7 @@ impl Selection {
         self.weights == Some(Weights::Int8)
     }
 
-    /// Whether decoding runs an artifact's own codes (`--weights packed`).
+    /// Whether products run an artifact's own codes (`--weights packed`).
     pub fn packed(&self) -> bool {
         self.weights == Some(Weights::Packed)
     }

@@ -37,7 +37,7 @@ pub struct Source {
     pub int8: bool,
     /// A packed artifact (`kiln export --format packed`), reloaded alone.
     pub artifact: Option<PathBuf>,
-    /// Decode with the artifact's own codes (`--weights packed`).
+    /// Run the artifact's own codes (`--weights packed`).
     pub packed: bool,
 }
 
@@ -100,7 +100,7 @@ pub fn round_to_int8(config: &ModelConfig, weights: &mut [f32]) {
 }
 
 /// A packed artifact, reloaded alone with the tokenizer saved beside it; with `--weights
-/// packed` (`source.packed`) its matrices' codes are offered to the backend for decoding
+/// packed` (`source.packed`) its matrices' codes are offered to the backend for its products
 /// (`Backend::take_int_codes`), with `--weights int8` its values rounded as any model's.
 pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Result<Loaded<B>> {
     let mut unpacked = kiln_formats::packed::read(path)?;

@@ -41,8 +41,9 @@ struct Cli {
     #[arg(long, global = true, value_enum, env = "KILN_PRECISION")]
     precision: Option<Precision>,
     /// The weights' format for inference (sample, eval, bench decode): f32, bf16, int8
-    /// (groups of 64 as llama2.c's runq.c; int8 dot products while decoding), or packed (an
-    /// --artifact's own codes); int8 and packed on the cpu backend. Default: as --precision.
+    /// (groups of 64 as llama2.c's runq.c; every product through int8 dot products), or
+    /// packed (an --artifact's own codes); int8 and packed on the cpu backend. Default: packed
+    /// for an --artifact on the cpu backend, else as --precision.
     #[arg(long, global = true, value_enum, env = "KILN_WEIGHTS")]
     weights: Option<Weights>,
     #[command(subcommand)]
@@ -299,8 +300,8 @@ struct SampleArgs {
     /// sample i uses seed + i. Above 1 the samples are printed when all are done.
     #[arg(long, default_value_t = 1)]
     num_samples: usize,
-    /// A packed artifact instead (`kiln export --format packed`; with --weights packed,
-    /// decoded from its own codes).
+    /// A packed artifact instead (`kiln export --format packed`; on the cpu backend run
+    /// from its own codes unless --weights says otherwise).
     #[arg(long)]
     artifact: Option<PathBuf>,
 }
@@ -308,7 +309,8 @@ struct SampleArgs {
 #[derive(Args)]
 struct EvalArgs {
     /// A packed artifact (`kiln export --format packed`), reloaded alone (its tokenizer beside
-    /// it); with --run too, the gap to that unquantized model is reported.
+    /// it; on the cpu backend scored from its own codes unless --weights says otherwise);
+    /// with --run too, the gap to that unquantized model is reported.
     #[arg(long)]
     artifact: Option<PathBuf>,
     #[command(flatten)]
@@ -384,8 +386,8 @@ enum BenchCommand {
         /// Sequences decoded together (each weight read serves all of them).
         #[arg(long, default_value_t = 1)]
         num_samples: usize,
-        /// A packed artifact instead (`kiln export --format packed`; with --weights packed,
-        /// decoded from its own codes).
+        /// A packed artifact instead (`kiln export --format packed`; on the cpu backend run
+        /// from its own codes unless --weights says otherwise).
         #[arg(long)]
         artifact: Option<PathBuf>,
         /// Also write the figures, with the machine, backend and commit, as JSON.

@@ -620,7 +620,7 @@ pub trait Backend: Send + Sync {
 
     // ---- quantization ------------------------------------------------------------------
 
-    /// Offers a weight's integer codes for products of a few rows (decoding): a backend that
+    /// Offers a weight's integer codes for its forward products: a backend that
     /// runs quantized weights natively reads them instead of the f32 values, which are
     /// exactly what the codes stand for. Returns whether it took them; by default it does
     /// not, and the f32 values are used.

@@ -377,7 +377,7 @@ thread_local! {
     static INPUTS: RefCell<Inputs> = RefCell::default();
 }
 
-/// A weight's codes as decoding reads them.
+/// A weight's codes as its products read them (kept with the weight's memory).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Codes {
     /// None made yet.
