@@ -397,14 +397,15 @@ pub struct DecodeFigures {
 }
 
 /// `kiln bench decode`: a prompt of `prompt` tokens, then `tokens` greedily decoded ones,
-/// through the KV cache; the weights each token streams (`bytes_per_weight(cols)` per element
-/// of a matrix with rows of `cols`: 2 where the backend reads bf16 copies, 1 and a scale per
-/// group with int8 ones, else 4), and that traffic's share of the memory bandwidth
+/// through the KV cache; the weights each token streams (`bytes_per_weight(offset, cols)` per
+/// element of the matrix starting at `offset` in the parameters, with rows of `cols`: 2 where
+/// the backend reads bf16 copies, 1 and a scale per group with int8 ones, an artifact's codes
+/// where it runs them, else 4), and that traffic's share of the memory bandwidth
 /// `memory_gbs`.
 pub fn decode<B: Backend>(
     model: &kiln_core::model::Model<B>,
     (prompt, tokens, samples): (usize, usize, usize),
-    bytes_per_weight: &dyn Fn(usize) -> f64,
+    bytes_per_weight: &dyn Fn(usize, usize) -> f64,
     memory_gbs: f64,
 ) -> Result<DecodeFigures> {
     use kiln_core::layout::ParamKind;
@@ -454,15 +455,15 @@ pub fn decode<B: Backend>(
     let decode = started.elapsed().as_secs_f64();
     // Every block matrix and the classifier are read whole per token.
     let layout = &model.layout;
-    let classifier = [(layout.classifier.len, config.dim)];
+    let classifier = [(layout.classifier, config.dim)];
     let matrices = layout
         .specs
         .iter()
         .filter(|s| matches!(s.kind, ParamKind::BlockMatrix { .. }))
-        .map(|s| (s.region.len, *s.shape.last().expect("a matrix")))
+        .map(|s| (s.region, *s.shape.last().expect("a matrix")))
         .chain(classifier);
     let bytes = matrices
-        .map(|(len, cols)| len as f64 * bytes_per_weight(cols))
+        .map(|(region, cols)| region.len as f64 * bytes_per_weight(region.offset, cols))
         .sum::<f64>()
         / samples as f64;
     let decode_rate = (tokens * samples) as f64 / decode;

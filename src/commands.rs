@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kiln_core::backend::{Backend, IntCodes, View};
 use kiln_core::config::ModelConfig;
 use kiln_core::eval::evaluate_sliding;
-use kiln_core::layout::{ParamLayout, Region};
+use kiln_core::layout::{ParamKind, ParamLayout, Region};
 use kiln_core::model::Model;
 use kiln_core::quant::{Quantized, Scheme, TERNARY_GROUP};
 use kiln_core::sample::SamplingParams;
@@ -144,11 +144,21 @@ pub fn load_artifact<B: Backend>(backend: B, path: &Path, source: &Source) -> Re
     })
 }
 
-/// Offers each matrix's codes to the backend (after the upload: a write would drop them),
-/// and says (and returns) how many it took.
+/// Offers the codes of each matrix the forward multiplies by (the blocks' matrices and the
+/// classifier, the embedding where tied) to the backend (after the upload: a write would drop
+/// them), and says (and returns) how many it took.
 fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> usize {
-    let mut taken = 0;
-    for (region, q) in codes {
+    let layout = &model.layout;
+    let multiplied = |region: &Region| {
+        *region == layout.classifier
+            || layout
+                .specs
+                .iter()
+                .any(|s| s.region == *region && matches!(s.kind, ParamKind::BlockMatrix { .. }))
+    };
+    let (mut offered, mut taken) = (0, 0);
+    for (region, q) in codes.iter().filter(|(region, _)| multiplied(region)) {
+        offered += 1;
         let Some((group, scales)) = row_groups(q) else {
             continue;
         };
@@ -163,8 +173,8 @@ fn offer_codes<B: Backend>(model: &Model<B>, codes: &[(Region, Quantized)]) -> u
         taken += model.backend.take_int_codes(weight, &offer) as usize;
     }
     eprintln!(
-        "packed weights: {taken} of {} matrices run on their codes",
-        codes.len()
+        "packed weights: {taken} of the {offered} quantized matrices the forward multiplies \
+         by run on their codes"
     );
     taken
 }

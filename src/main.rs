@@ -489,20 +489,17 @@ impl ModelSource {
     }
 }
 
-/// Bytes the decoding kernels read for one quantized matrix: ternary codes in 2 bits, others
-/// in a byte, and an f32 scale per group as the backend takes them
-/// (`kiln::commands::row_groups`: int, a row; ternary, 128 values or fewer); a matrix they
-/// cannot take, as f32.
+/// Bytes the decoding kernels read for one quantized matrix the backend takes: ternary codes
+/// in 2 bits, others in a byte, and an f32 scale per group as the backend takes them
+/// (`kiln::commands::row_groups`: int, a row; ternary, 128 values or fewer).
 fn code_bytes(q: &kiln_core::quant::Quantized) -> f64 {
     let n = q.codes.len() as f64;
     let code = match q.scheme {
         kiln_core::quant::Scheme::Ternary => 0.25,
         _ => 1.0,
     };
-    match kiln::commands::row_groups(q) {
-        Some((_, scales)) => n * code + 4.0 * scales.len() as f64,
-        None => 4.0 * n,
-    }
+    let scales = kiln::commands::row_groups(q).map_or(0, |(_, scales)| scales.len());
+    n * code + 4.0 * scales as f64
 }
 
 fn main() -> Result<()> {
@@ -619,31 +616,35 @@ fn main() -> Result<()> {
                 },
         } => {
             let backend = backend.for_artifact(artifact.is_some());
-            // Matrix weights are read as the backend holds them for products: int8 codes and
-            // an f32 scale per group with `--weights int8`, bf16 copies with the CPU
-            // backend's bf16 matmuls, f32 otherwise.
-            let int8 = |cols| match kiln_core::quant::int8_group(&[cols]) {
+            // Matrix weights are read as the backend holds them for products: an artifact's
+            // codes (ternary in 2 bits, int6 and int8 in a byte, an f32 scale per group) where
+            // the backend runs them, int8 codes and an f32 scale per group with `--weights
+            // int8`, bf16 copies with the CPU backend's bf16 matmuls, f32 otherwise.
+            let resolved = kiln::backends::resolve(backend)?;
+            let width = match &resolved {
+                kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => 2.0,
+                _ => 4.0,
+            };
+            let int8 = move |cols| match kiln_core::quant::int8_group(&[cols]) {
                 Some(group) => 1.0 + 4.0 / group as f64,
-                None => 4.0,
+                None => width,
             };
-            // An artifact's codes as the kernels hold them (ternary in 2 bits, int6 and int8
-            // in a byte, an f32 scale per group), averaged over its matrices.
-            let packed = match &artifact {
-                Some(path) if backend.packed() => {
-                    let codes = kiln_formats::packed::read(path)?.codes;
-                    let bytes: f64 = codes.iter().map(|(_, q)| code_bytes(q)).sum();
-                    let values: usize = codes.iter().map(|(_, q)| q.codes.len()).sum();
-                    bytes / values.max(1) as f64
-                }
-                _ => 0.0,
+            // Bytes per weight of each matrix run on its codes, by where it starts.
+            let coded: std::collections::HashMap<usize, f64> = match &artifact {
+                Some(path) if backend.packed() => kiln_formats::packed::read(path)?
+                    .codes
+                    .iter()
+                    .filter(|(_, q)| kiln::commands::row_groups(q).is_some())
+                    .map(|(region, q)| (region.offset, code_bytes(q) / q.codes.len() as f64))
+                    .collect(),
+                _ => Default::default(),
             };
-            let bytes: &dyn Fn(usize) -> f64 = match kiln::backends::resolve(backend)? {
-                kiln::backends::Resolved::Cpu(_) if backend.packed() => &|_| packed,
-                kiln::backends::Resolved::Cpu(cpu) if cpu.int8_weights() => &int8,
-                kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => {
-                    &|_| 2.0
+            let bytes: &dyn Fn(usize, usize) -> f64 = match &resolved {
+                kiln::backends::Resolved::Cpu(_) if backend.packed() => {
+                    &|offset, _| coded.get(&offset).copied().unwrap_or(width)
                 }
-                _ => &|_| 4.0,
+                kiln::backends::Resolved::Cpu(cpu) if cpu.int8_weights() => &|_, cols| int8(cols),
+                _ => &|_, _| width,
             };
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let memory = kiln_cpu::probe::memory_read_gbs(threads, 512, 0.6);

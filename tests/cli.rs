@@ -159,3 +159,54 @@ fn decode_bench_writes_its_figures() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A packed artifact runs on its own codes by default where the backend has the integer
+/// kernels (every matrix the forward multiplies by: tiny Llama's 2 × 7 and its untied
+/// classifier, ternary scale groups straddling its rows of 32 and 64), on its dequantized
+/// values with `--weights f32`, and on the reference backend, which has no integer kernels.
+#[test]
+fn artifacts_run_on_their_codes_by_default_where_the_backend_can() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-artifact-{}", std::process::id()));
+    let out = dir.display().to_string();
+    let export = [
+        "export",
+        "--format",
+        "packed",
+        "tests/fixtures/hf/llama",
+        &out,
+        "--scheme",
+        "ternary",
+        "--small-max",
+        "0",
+    ];
+    let (ok, _, err) = kiln(&export, &[]);
+    assert!(ok, "{err}");
+    let artifact = dir.join("model.kiln").display().to_string();
+    let sample = |flags: &[&str]| {
+        let mut args = flags.to_vec();
+        args.extend([
+            "sample",
+            "--artifact",
+            &artifact,
+            "--prompt",
+            "a",
+            "--max-tokens",
+            "3",
+        ]);
+        let (ok, _, err) = kiln(&args, &[]);
+        assert!(ok, "{args:?}: {err}");
+        err
+    };
+    let coded = "packed weights: 15 of the 15 quantized matrices the forward multiplies by run \
+                 on their codes";
+    let cpu_here = kiln_core::cpu::features().best().is_some();
+    if cpu_here {
+        let err = sample(&["--backend", "cpu"]);
+        assert!(err.contains(coded), "{err}");
+        let err = sample(&["--backend", "cpu", "--weights", "f32"]);
+        assert!(!err.contains("packed weights"), "{err}");
+    }
+    let err = sample(&["--backend", "reference"]);
+    assert!(!err.contains("packed weights"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
