@@ -221,6 +221,33 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
                 coded.coded_matrices, runnable,
                 "{name}: matrices on their codes"
             );
+            // Logits of a 16-token prompt (the GEMM's many rows) and of the next token
+            // (decoding's one row) against the f32 reference's on the same values, within 1%
+            // of the largest: each product's inputs are rounded to int8, up to 1/254 of their
+            // group's largest, and the model is five blocks deep (measured: 0.12%).
+            let prompt: Vec<u32> = tokens[..16].to_vec();
+            let mut caches = (
+                coded.model.kv_cache(32).unwrap(),
+                reloaded.kv_cache(32).unwrap(),
+            );
+            let pairs = [
+                (
+                    coded.model.prefill(&mut caches.0, &prompt).unwrap(),
+                    reloaded.prefill(&mut caches.1, &prompt).unwrap(),
+                ),
+                (
+                    coded.model.decode_step(&mut caches.0, tokens[16]).unwrap(),
+                    reloaded.decode_step(&mut caches.1, tokens[16]).unwrap(),
+                ),
+            ];
+            for (got, want) in &pairs {
+                let size = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let off = got
+                    .iter()
+                    .zip(want)
+                    .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+                assert!(off <= 0.01 * size, "{name}: logits {off} off, of {size}");
+            }
             let (packed, f32) = (score_on(&coded.model), score(&reloaded));
             assert!(
                 (packed - f32).abs() <= 5e-3 * f32,
