@@ -154,6 +154,13 @@ pub const PRESETS: &[&str] = &[
     "tiny-golf",
 ];
 
+/// The most blocks a model may have.
+pub const MAX_LAYERS: usize = 4096;
+/// The most any width (dim, heads, head_dim, hidden_dim, context, bigram buckets) may be.
+pub const MAX_WIDTH: usize = 1 << 24;
+/// The most parameters a shape may have: 2^40, 4.4 TB in f32.
+pub const MAX_PARAMETERS: u128 = 1 << 40;
+
 impl ModelConfig {
     /// A named preset. The `stories*` presets are llama2.c's TinyStories models; `tiny-*` are
     /// the configurations the PyTorch fixtures and the tests use.
@@ -301,6 +308,32 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
+        // Bounds no model kiln can hold comes near, so that the sizes computed from these
+        // fields never overflow and no allocation is asked for a size read from a damaged file.
+        if self.n_layers > MAX_LAYERS {
+            bail!("n_layers ({}) is over {MAX_LAYERS}", self.n_layers);
+        }
+        for (name, value) in [
+            ("dim", self.dim),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("hidden_dim", self.hidden_dim),
+            ("max_seq_len", self.max_seq_len),
+            ("arch.bigram_buckets", self.arch.bigram_buckets),
+        ] {
+            if value > MAX_WIDTH {
+                bail!("{name} ({value}) is over {MAX_WIDTH}");
+            }
+        }
+        let parameters = self.parameter_bound();
+        if parameters > MAX_PARAMETERS {
+            bail!(
+                "the shape has about {parameters} parameters ({:.1} TB in f32), over kiln's \
+                 limit of {MAX_PARAMETERS}",
+                parameters as f64 * 4e-12
+            );
+        }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             bail!(
                 "n_heads ({}) must be a multiple of n_kv_heads ({}) for grouped-query attention",
@@ -352,6 +385,25 @@ impl ModelConfig {
             bail!("arch.q_gain needs qk_norm: the gain scales the normalised queries");
         }
         Ok(())
+    }
+
+    /// An upper bound of the parameter count, in wide arithmetic that cannot overflow for any
+    /// field values: the embeddings and classifier, and per block the attention and MLP
+    /// matrices and every vector.
+    pub fn parameter_bound(&self) -> u128 {
+        let [c, l, h, kv, d, f, v, b] = [
+            self.dim,
+            self.n_layers,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.hidden_dim,
+            self.vocab_size,
+            self.arch.bigram_buckets,
+        ]
+        .map(|x| x as u128);
+        let block = c * d * (2 * h + 2 * kv) + 3 * c * f + 8 * c + 4 * d + h + 2;
+        2 * v * c + b * c + l * block + l * c
     }
 
     /// Width of all query heads together (H · D).

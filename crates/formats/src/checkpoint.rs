@@ -231,7 +231,13 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             dir.display()
         )
     })?;
-    serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    manifest
+        .model
+        .validate()
+        .with_context(|| format!("{}: the model shape is invalid", path.display()))?;
+    Ok(manifest)
 }
 
 /// Lists what differs between two model configs, field by field ("dim: 288 vs 512").
@@ -269,9 +275,9 @@ pub fn weights_file(dir: &Path) -> PathBuf {
 /// tensor or a wrong shape by name.
 pub fn read_weights(path: &Path, layout: &ParamLayout) -> Result<Vec<f32>> {
     let tensors = read_f32_tensors(path)?;
-    let mut host = vec![0f32; layout.total_len()];
+    // Every tensor checked before the arena is allocated: its size then comes from the file.
     for spec in &layout.specs {
-        let (shape, values) = tensors
+        let (shape, _) = tensors
             .get(&spec.name)
             .with_context(|| format!("{}: no tensor '{}'", path.display(), spec.name))?;
         ensure!(
@@ -281,6 +287,10 @@ pub fn read_weights(path: &Path, layout: &ParamLayout) -> Result<Vec<f32>> {
             spec.name,
             spec.shape
         );
+    }
+    let mut host = vec![0f32; layout.total_len()];
+    for spec in &layout.specs {
+        let values = &tensors[&spec.name].1;
         host[spec.region.offset..][..spec.region.len].copy_from_slice(values);
     }
     Ok(host)

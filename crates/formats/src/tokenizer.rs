@@ -172,11 +172,27 @@ impl Llama2cVocab {
             path.display(),
             pieces.len()
         );
-        let lookup = pieces
+        // Encoding starts with the dummy-prefix space and falls back to the byte pieces at
+        // ids 3..=258: a vocabulary without them cannot encode.
+        for b in 0..=255u8 {
+            let want = format!("<0x{b:02X}>");
+            ensure!(
+                pieces[3 + b as usize] == want.as_bytes(),
+                "{}: token {} is not the byte piece {want} llama2.c's byte fallback needs",
+                path.display(),
+                3 + b as usize
+            );
+        }
+        let lookup: HashMap<Vec<u8>, u32> = pieces
             .iter()
             .enumerate()
             .map(|(i, p)| (p.clone(), i as u32))
             .collect();
+        ensure!(
+            lookup.contains_key(&b" "[..]),
+            "{}: no \" \" piece (the dummy prefix every encoding starts with)",
+            path.display()
+        );
         Ok(Llama2cVocab {
             pieces,
             scores,
@@ -328,15 +344,26 @@ impl Tokenizer {
     }
 
     fn from_hf_json(json: String, path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
+        // The JSON parsed first: the tokenizers crate panics on a syntax error inside some
+        // sections (its decoder's `expect("Helper")`), never on a parsed value.
+        let value: serde_json::Value = serde_json::from_str(&json)
             .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
-        let value: serde_json::Value = serde_json::from_str(&json)?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(value.clone())
+            .map_err(|e| anyhow!("{} is not a valid tokenizer.json: {e}", path.display()))?;
         let style = if value["decoder"].to_string().contains("ByteLevel") {
             PieceStyle::ByteLevel
         } else {
             PieceStyle::SentencePiece
         };
         let size = inner.get_vocab_size(true);
+        // Every id takes some bytes of the file to describe: more ids than bytes is a damaged
+        // count (a huge added token id), not a vocabulary to allocate for.
+        ensure!(
+            size <= json.len() && size <= u32::MAX as usize,
+            "{}: a vocabulary of {size} ids, more than its {} bytes describe",
+            path.display(),
+            json.len()
+        );
         let mut pieces = Vec::with_capacity(size);
         let mut boundary = Vec::with_capacity(size);
         let specials: Vec<String> = value["added_tokens"]

@@ -92,7 +92,10 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
         n_kv_heads: v["num_key_value_heads"]
             .as_u64()
             .map_or(heads, |x| x as usize),
-        head_dim: v["head_dim"].as_u64().map_or(dim / heads, |x| x as usize),
+        // (0 heads: validate names the field.)
+        head_dim: v["head_dim"]
+            .as_u64()
+            .map_or(dim.checked_div(heads).unwrap_or(0), |x| x as usize),
         hidden_dim: int("intermediate_size")?,
         vocab_size: int("vocab_size")?,
         max_seq_len: v["max_position_embeddings"]
@@ -151,10 +154,20 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
 /// Reads a Hugging Face model directory into kiln's layout.
 pub fn read(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
     let config = read_config(dir)?;
+    let files = weight_files(dir)?;
+    // The weights are allocated only once the files could hold them.
+    let mut bytes = 0;
+    for file in &files {
+        let path = dir.join(file);
+        let meta =
+            fs::metadata(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        bytes += meta.len() as usize;
+    }
+    super::check_fits(&config, bytes, &dir.join("config.json"))?;
     let layout = ParamLayout::new(&config);
     let mut weights = vec![0f32; layout.total_len()];
     let mut seen = vec![false; layout.specs.len()];
-    for file in weight_files(dir)? {
+    for file in files {
         let path = dir.join(&file);
         let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let tensors = SafeTensors::deserialize(&bytes)

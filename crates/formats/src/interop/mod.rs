@@ -234,7 +234,7 @@ pub(crate) fn check_fits(config: &ModelConfig, file_bytes: usize, path: &Path) -
     let total = v * d + l * per_layer + d;
     ensure!(
         total <= file_bytes as u128,
-        "{}: the header describes a model of {total} parameters, more than the file's {} bytes \
+        "{}: describes a model of {total} parameters, more than the {} bytes of its weights \
          hold (damaged or truncated?)",
         path.display(),
         file_bytes
