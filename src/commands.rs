@@ -263,6 +263,13 @@ fn sample_many<B: Backend>(
         samples.len(),
         tokens as f64 / seconds
     );
+    if options.max_tokens > room {
+        let context = model.config.max_seq_len;
+        eprintln!(
+            "{}",
+            context_note(context, model_prompt.len(), options.max_tokens)
+        );
+    }
     Ok(())
 }
 
@@ -304,7 +311,23 @@ pub fn sample<B: Backend>(backend: B, source: &Source, options: &SampleOptions) 
         "{tokens} tokens in {seconds:.2} s ({:.1} tokens/s)",
         tokens as f64 / seconds
     );
+    let context = model.config.max_seq_len;
+    if tokens < options.max_tokens && prompt.len() + tokens >= context {
+        eprintln!(
+            "{}",
+            context_note(context, prompt.len(), options.max_tokens)
+        );
+    }
     Ok(())
+}
+
+/// What `kiln sample` says when the model's context ends the text before `--max-tokens`.
+fn context_note(context: usize, prompt: usize, asked: usize) -> String {
+    format!(
+        "stopped at the model's context length: {context} positions, {prompt} of them the \
+         prompt, so {} of the {asked} tokens asked for",
+        context.saturating_sub(prompt)
+    )
 }
 
 /// What `kiln eval` scores.
@@ -409,6 +432,10 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
 
 /// `kiln model logits`: the logits `(T, V)` of a model for token ids.
 pub fn logits<B: Backend>(backend: B, model: &Path, tokens: &[u32]) -> Result<Vec<f32>> {
+    ensure!(
+        !tokens.is_empty(),
+        "no tokens to score: give --tokens, the ids in order (e.g. --tokens 1,2,3)"
+    );
     let imported = crate::rundir::import(model, None)?;
     let m = Model::for_inference(backend, imported.config)?;
     m.upload_params(&imported.weights)?;

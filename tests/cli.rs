@@ -2,26 +2,11 @@
 //! commands that compute, a backend that is not in this build is refused with the reason,
 //! and `kiln doctor` reports the machine and the backends.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn kiln(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    command
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("KILN_BACKEND")
-        .env("RUST_BACKTRACE", "0");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let out = command.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use std::path::Path;
+
+use common::kiln;
 
 fn logits_args(backend: &str) -> Vec<String> {
     let model = Path::new("tests/fixtures/hf/llama").display().to_string();

@@ -321,32 +321,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A llama2.c `tokenizer.bin` of 300 pieces: the three specials, the 256 byte pieces, and
-/// words and merges of a few letters.
-fn small_tokenizer_bin() -> Vec<u8> {
-    let mut pieces: Vec<Vec<u8>> = ["<unk>", "<s>", "</s>"]
-        .map(|s| s.as_bytes().to_vec())
-        .into();
-    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>").into_bytes()));
-    for word in [
-        " ", "e", "t", "h", "a", " t", "he", " the", "in", " a", "er", "an", "re",
-    ] {
-        pieces.push(word.as_bytes().to_vec());
-    }
-    let mut letters = b'a'..=b'z';
-    while pieces.len() < 300 {
-        let c = letters.next().unwrap_or(b'z');
-        pieces.push(vec![b' ', c, c]);
-    }
-    let mut out = 16u32.to_le_bytes().to_vec();
-    for (i, piece) in pieces.iter().enumerate() {
-        out.extend((-(i as f32)).to_le_bytes());
-        out.extend((piece.len() as u32).to_le_bytes());
-        out.extend(piece);
-    }
-    out
-}
-
 /// A tokenizer read, and a text with a non-ASCII character through it and back.
 fn tokenizer_round_trip(path: &Path) -> Result<()> {
     let tokenizer = Tokenizer::load(path)?;
@@ -429,7 +403,11 @@ fn parsers(root: &Path) -> Vec<Parser> {
 
     let tokenizer_bin = root.join("tokenizer-bin");
     fs::create_dir_all(&tokenizer_bin).unwrap();
-    fs::write(tokenizer_bin.join("tokenizer.bin"), small_tokenizer_bin()).unwrap();
+    fs::write(
+        tokenizer_bin.join("tokenizer.bin"),
+        common::small_tokenizer_bin(),
+    )
+    .unwrap();
     parsers.push(Parser {
         name: "tokenizer.bin",
         dir: tokenizer_bin,

@@ -1,5 +1,7 @@
-//! Helpers the integration tests share: a fresh temporary directory and a small corpus of
-//! pseudo-random words prepared with a trained BPE.
+//! Helpers the integration tests share: a fresh temporary directory, a small corpus of
+//! pseudo-random words prepared with a trained BPE, a small llama2.c tokenizer, and the kiln
+//! binary run with arguments. (Each test binary uses some of them.)
+#![allow(dead_code)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -33,4 +35,54 @@ pub fn word_corpus(dir: &Path, words: &[&str], seed: u64, count: usize) -> PathB
     let out = dir.join("data");
     prepare(&[input], &out, TokenizerSpec::TrainBpe(320), 0.1).unwrap();
     out
+}
+
+/// A llama2.c `tokenizer.bin` of 300 pieces: the three specials, the 256 byte pieces, and
+/// words and merges of a few letters (the space among them).
+pub fn small_tokenizer_bin() -> Vec<u8> {
+    let mut pieces: Vec<Vec<u8>> = ["<unk>", "<s>", "</s>"]
+        .map(|s| s.as_bytes().to_vec())
+        .into();
+    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>").into_bytes()));
+    for word in [
+        " ", "e", "t", "h", "a", " t", "he", " the", "in", " a", "er", "an", "re",
+    ] {
+        pieces.push(word.as_bytes().to_vec());
+    }
+    let mut letters = b'a'..=b'z';
+    while pieces.len() < 300 {
+        let c = letters.next().unwrap_or(b'z');
+        pieces.push(vec![b' ', c, c]);
+    }
+    llama2c_tokenizer(&pieces)
+}
+
+/// `pieces` as a llama2.c `tokenizer.bin`, scored by position.
+pub fn llama2c_tokenizer(pieces: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = 16u32.to_le_bytes().to_vec();
+    for (i, piece) in pieces.iter().enumerate() {
+        out.extend((-(i as f32)).to_le_bytes());
+        out.extend((piece.len() as u32).to_le_bytes());
+        out.extend(piece);
+    }
+    out
+}
+
+/// Runs the kiln binary from the crate's root: (success, stdout, stderr).
+pub fn kiln(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("KILN_BACKEND")
+        .env("RUST_BACKTRACE", "0");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }

@@ -400,6 +400,12 @@ pub trait Backend: Send + Sync {
     /// Waits until every kernel issued so far has finished (a no-op on a synchronous CPU
     /// backend; a stream sync on a GPU).
     fn synchronize(&self) -> Result<(), BackendError>;
+    /// Bytes the backend can still allocate, where it can tell (host backends: the memory
+    /// the system has available, swap included), so a model or batch that cannot fit is
+    /// refused with both numbers before any allocation. `None`: unknown.
+    fn memory_available(&self) -> Option<u64> {
+        None
+    }
     /// Sets every value of `dst` to zero.
     fn zero(&self, dst: View<Self>);
     /// `dst = src` (same length, no overlap), converting between dtypes.

@@ -17,6 +17,10 @@ pub enum Error {
     /// Values a quantization scheme cannot encode or bytes it cannot decode.
     #[error("{0}")]
     Quant(String),
+    /// A model or batch that needs more memory than the backend has (the message gives both,
+    /// and what to lower).
+    #[error("{0}")]
+    Memory(String),
     /// The backend could not allocate, transfer or run.
     #[error(transparent)]
     Backend(#[from] BackendError),

@@ -78,6 +78,11 @@ pub fn evaluate_sliding<B: Backend>(
 ) -> Result<EvalResult> {
     let (batch, seq) = (acts.layout.batch, acts.layout.seq);
     ensure!(
+        batch > 0 && seq > 0,
+        "evaluation needs windows of at least one token, in batches of at least one: got a \
+         batch of {batch} and windows of {seq}"
+    );
+    ensure!(
         stride > 0 && stride <= seq,
         "the evaluation stride must be between 1 and the window length {seq}, got {stride}"
     );

@@ -521,6 +521,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn memory_available(&self) -> Option<u64> {
+        kiln_reference::host_memory_available()
+    }
+
     fn zero(&self, dst: V) {
         ReferenceBackend.zero(r(dst))
     }

@@ -1,6 +1,6 @@
 //! Compression of packed artifacts: zstd, xz and brotli are all tried and the smallest kept.
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Compression codecs tried by [`compress_smallest`].
@@ -35,24 +35,25 @@ pub fn compress(codec: Codec, bytes: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
-pub fn decompress(codec: Codec, bytes: &[u8]) -> Result<Vec<u8>> {
+/// Decompresses `bytes`, refusing a stream that expands past `limit` bytes (read no further).
+pub fn decompress(codec: Codec, bytes: &[u8], limit: usize) -> Result<Vec<u8>> {
     use std::io::Read;
+    let reader: Box<dyn Read + '_> = match codec {
+        Codec::Zstd => Box::new(zstd::stream::read::Decoder::new(bytes).context("zstd")?),
+        Codec::Xz => Box::new(liblzma::read::XzDecoder::new(bytes)),
+        Codec::Brotli => Box::new(brotli::Decompressor::new(bytes, 4096)),
+    };
+    // One byte past the limit is read, to tell an exact fit from an overflow, and no more:
+    // a small damaged (or hostile) stream can expand without end.
     let mut out = Vec::new();
-    match codec {
-        Codec::Zstd => {
-            zstd::stream::read::Decoder::new(bytes)?
-                .read_to_end(&mut out)
-                .context("zstd")?;
-        }
-        Codec::Xz => {
-            liblzma::read::XzDecoder::new(bytes)
-                .read_to_end(&mut out)
-                .context("xz")?;
-        }
-        Codec::Brotli => {
-            brotli::BrotliDecompress(&mut &bytes[..], &mut out).context("brotli")?;
-        }
-    }
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .with_context(|| format!("{codec:?}"))?;
+    ensure!(
+        out.len() <= limit,
+        "decompresses to more than the {limit} bytes it should hold"
+    );
     Ok(out)
 }
 
@@ -85,10 +86,13 @@ mod tests {
             bytes.len() < data.len() / 4,
             "this data is very compressible"
         );
-        assert_eq!(decompress(codec, &bytes).unwrap(), data);
+        assert_eq!(decompress(codec, &bytes, data.len()).unwrap(), data);
+        // A stream that expands past what it should hold is refused.
+        let err = decompress(codec, &bytes, data.len() - 1).unwrap_err();
+        assert!(format!("{err:#}").contains("more than"), "{err:#}");
         for (c, _) in sizes {
             assert_eq!(
-                decompress(c, &compress(c, &data).unwrap()).unwrap(),
+                decompress(c, &compress(c, &data).unwrap(), data.len()).unwrap(),
                 data,
                 "{c:?}"
             );

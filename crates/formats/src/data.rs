@@ -321,9 +321,14 @@ fn split_documents(docs: Vec<String>, val_fraction: f64) -> (Vec<String>, Vec<St
         } else if remaining_train == 0 {
             val.push(doc);
         } else {
-            let cut = doc[remaining_train..]
+            // From the first character boundary at or after the byte count (a cut inside a
+            // multi-byte character would not be text), to the end of that line.
+            let start = (remaining_train..doc.len())
+                .find(|&i| doc.is_char_boundary(i))
+                .unwrap_or(doc.len());
+            let cut = doc[start..]
                 .find('\n')
-                .map(|i| remaining_train + i + 1)
+                .map(|i| start + i + 1)
                 .unwrap_or(doc.len());
             let (head, tail) = doc.split_at(cut);
             train.push(head.to_string());
@@ -458,6 +463,22 @@ pub fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A validation cut that falls inside a multi-byte character moves to the next line
+    /// boundary after it, for every byte position of a text of two-byte characters.
+    #[test]
+    fn the_validation_cut_never_splits_a_character() {
+        let doc = "éé\nüüü\nöö\n".repeat(3);
+        for numerator in 1..40 {
+            let fraction = numerator as f64 / 40.0;
+            let (train, val) = split_documents(vec![doc.clone()], fraction);
+            assert_eq!(train.concat() + &val.concat(), doc, "fraction {fraction}");
+            assert!(
+                train.concat().ends_with('\n') || val.is_empty(),
+                "fraction {fraction}"
+            );
+        }
+    }
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kiln-data-{name}-{}", std::process::id()));

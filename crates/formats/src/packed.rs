@@ -176,20 +176,50 @@ pub fn read(path: &Path) -> Result<Unpacked> {
     ensure!(bytes.len() >= 16 + len, "{p}: truncated manifest");
     let manifest: Manifest = serde_json::from_slice(&bytes[16..16 + len])
         .with_context(|| format!("{p}: malformed manifest"))?;
-    let payload = decompress(manifest.codec, &bytes[16 + len..])
+    manifest
+        .model
+        .validate()
+        .with_context(|| format!("{p}: the model shape is invalid"))?;
+    // The payload holds the entries' bytes and no more.
+    let ends = manifest
+        .entries
+        .iter()
+        .map(|e| e.offset.saturating_add(e.len));
+    let payload = decompress(manifest.codec, &bytes[16 + len..], ends.max().unwrap_or(0))
         .with_context(|| format!("{p}: the payload does not decompress"))?;
     let layout = ParamLayout::new(&manifest.model);
-    let mut weights = vec![0f32; layout.total_len()];
-    let mut codes = Vec::new();
+    // Every tensor's entry checked before the weights are allocated: disjoint ranges of the
+    // payload, at least a byte per 5 values (ternary's packing, the densest scheme), so the
+    // payload bounds the model.
+    let mut ranges = Vec::with_capacity(layout.specs.len());
     for spec in &layout.specs {
         let Some(e) = manifest.entries.iter().find(|e| e.name == spec.name) else {
             bail!("{p}: no tensor '{}'", spec.name);
         };
         ensure!(
-            e.shape == spec.shape && e.offset + e.len <= payload.len(),
+            e.shape == spec.shape
+                && e.offset
+                    .checked_add(e.len)
+                    .is_some_and(|end| end <= payload.len())
+                && e.len.saturating_mul(5) >= spec.region.len,
             "{p}: entry '{}' does not fit",
             e.name
         );
+        ranges.push((e.offset, e.len));
+    }
+    ranges.sort_unstable();
+    ensure!(
+        ranges.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+        "{p}: entries overlap"
+    );
+    let mut weights = vec![0f32; layout.total_len()];
+    let mut codes = Vec::new();
+    for spec in &layout.specs {
+        let e = manifest
+            .entries
+            .iter()
+            .find(|e| e.name == spec.name)
+            .expect("checked above");
         let (rows, cols) = match spec.shape.as_slice() {
             [r, c] => (*r, *c),
             _ => (1, spec.region.len),

@@ -421,6 +421,23 @@ fn check_len(expected: usize, got: usize) -> Result<(), BackendError> {
     }
 }
 
+/// The host memory Linux says is available (`MemAvailable` plus `SwapFree` in
+/// `/proc/meminfo`); `None` where that cannot be read.
+pub fn host_memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
 impl Backend for ReferenceBackend {
     type Memory = HostMemory;
 
@@ -460,6 +477,10 @@ impl Backend for ReferenceBackend {
 
     fn synchronize(&self) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    fn memory_available(&self) -> Option<u64> {
+        host_memory_available()
     }
 
     fn zero(&self, dst: V) {

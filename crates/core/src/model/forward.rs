@@ -41,6 +41,14 @@ impl<B: Backend> Model<B> {
                 tokens.len()
             );
         }
+        crate::require!(n > 0, Shape, "forward: no tokens");
+        let vocab = self.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            crate::fail!(
+                Shape,
+                "token id {id} is beyond the model's vocabulary of {vocab}"
+            );
+        }
         let cfg = &self.config;
         let arch = &cfg.arch;
         let c = cfg.dim;

@@ -101,6 +101,28 @@ fn download<B: Backend>(backend: &B, src: View<B>) -> Result<Vec<f32>> {
     Ok(host)
 }
 
+/// Refuses `bytes` for `what` when the backend says it has less available, naming both and
+/// what to change (`hint`).
+fn check_memory<B: Backend>(backend: &B, bytes: u128, what: &str, hint: &str) -> Result<()> {
+    let Some(available) = backend.memory_available() else {
+        return Ok(());
+    };
+    crate::require!(
+        bytes <= available as u128,
+        Memory,
+        "{what}: {} needed, and {} has {} available: {hint}",
+        gigabytes(bytes),
+        backend.name(),
+        gigabytes(available as u128)
+    );
+    Ok(())
+}
+
+/// Bytes as gigabytes, "12.3 GB".
+fn gigabytes(bytes: u128) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
 impl<B: Backend> Model<B> {
     /// A zero-initialised model (call [`Model::init_random`] or load weights).
     pub fn new(backend: B, config: ModelConfig) -> Result<Self> {
@@ -118,6 +140,20 @@ impl<B: Backend> Model<B> {
         config.validate()?;
         let layout = ParamLayout::new(&config);
         let n = layout.total_len();
+        // The parameters, with gradients and two AdamW moments to train, and a host copy of
+        // the weights as they are initialised or loaded.
+        let copies = if trainable { 5 } else { 2 };
+        let what = if trainable {
+            "its weights, gradients and optimizer state"
+        } else {
+            "its weights"
+        };
+        check_memory(
+            &backend,
+            4 * copies * n as u128,
+            &format!("the model ({n} parameters: {what})"),
+            "choose a smaller model",
+        )?;
         let params = backend.alloc(n, DType::F32)?;
         let state = if trainable { n } else { 0 };
         let grads = backend.alloc(state, DType::F32)?;
@@ -292,6 +328,17 @@ impl<B: Backend> Model<B> {
                 self.config.max_seq_len
             );
         }
+        // A bound of the arena's size in wide arithmetic first, so the layout's own products
+        // cannot overflow for any batch the caller asks for.
+        let c = &self.config;
+        let rows = batch as u128 * seq as u128;
+        let per_row = (c.vocab_size + c.hidden_dim + c.dim + c.q_dim()) as u128;
+        crate::require!(
+            rows * per_row * (c.n_layers as u128 + 1) * 16 < 1 << 62,
+            Memory,
+            "a batch of {batch} × {seq} tokens is beyond any machine's memory: lower --batch or \
+             --seq"
+        );
         let saved = self
             .backend
             .attention_saved_len(crate::backend::AttentionShape {
@@ -305,6 +352,18 @@ impl<B: Backend> Model<B> {
             .backend
             .classifier_saved_len(self.classifier_shape(batch * seq));
         let layout = ActivationLayout::new(&self.config, batch, seq, saved, (head, classifier));
+        let vocab = self.config.vocab_size;
+        let logits = 4 * rows * vocab as u128;
+        check_memory(
+            &self.backend,
+            4 * layout.total_len() as u128,
+            &format!("the activations of a batch of {batch} × {seq} tokens"),
+            &format!(
+                "lower --batch or --seq, or train with --compact-vocab (a vocabulary of {vocab}; \
+                 one set of logits takes {})",
+                gigabytes(logits)
+            ),
+        )?;
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
         Ok(Activations { layout, memory })
     }
