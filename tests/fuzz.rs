@@ -135,6 +135,9 @@ unsafe impl GlobalAlloc for Capped {
     }
 }
 
+/// A parser's entry point: reads the directory it is given.
+type Parse = Box<dyn Fn(&Path) -> Result<()>>;
+
 /// A parser and the valid files it starts from.
 struct Parser {
     name: &'static str,
@@ -142,7 +145,7 @@ struct Parser {
     dir: PathBuf,
     /// The files that are mutated, one per input (relative to `dir`).
     files: Vec<&'static str>,
-    parse: Box<dyn Fn(&Path) -> Result<()>>,
+    parse: Parse,
 }
 
 /// What a mutation did, for the report.

@@ -115,8 +115,7 @@ fn batches_that_cannot_fit_say_what_to_lower() {
         kiln_formats::tokenizer::Tokenizer::load(Path::new(LLAMA).join("tokenizer.json").as_path())
             .unwrap();
     let error = kiln_core::eval::evaluate(&model, &acts, &tokens, &text, None, 0, &mut |_, _| {})
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(error.to_string().contains("batch of 0"), "{error}");
 }
 
