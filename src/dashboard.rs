@@ -617,6 +617,7 @@ fn draw_machine(frame: &mut Frame, app: &App, area: Rect) {
     if let Some(reason) = &app.log.stopped {
         let why = match reason {
             StopReason::NonFinite => "non-finite loss or gradient",
+            StopReason::Interrupted => "interrupted (a checkpoint was saved; resume to continue)",
         };
         machine.push(Line::styled(
             format!("stopped: {why}"),

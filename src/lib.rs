@@ -17,7 +17,7 @@
 //! Modules:
 //! - [`backends`]: `--backend` resolved in one place; [`doctor`], [`machine`]: what runs here.
 //! - [`train`]: the training loop; [`run_config`]: what defines a run; [`rundir`]: what a run
-//!   directory holds.
+//!   directory holds; [`interrupt`]: Ctrl-C and SIGTERM saving a checkpoint.
 //! - [`telemetry`]: the typed events a run writes; [`runlog`]: reading them back, for the
 //!   [`dashboard`] and [`report`].
 //! - [`commands`]: `sample`, `eval`, `model logits` and `model info`, generic over the backend.
@@ -28,6 +28,7 @@ pub mod bench;
 pub mod commands;
 pub mod dashboard;
 pub mod doctor;
+pub mod interrupt;
 pub mod machine;
 pub mod report;
 pub mod run_config;

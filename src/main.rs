@@ -833,6 +833,9 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
         }
     };
     trainer.print_every = args.print_every;
+    // Ctrl-C or SIGTERM: a checkpoint at the next step boundary, then a clean stop; a second
+    // one exits at once.
+    trainer.interrupt = Some(kiln::interrupt::install()?);
     // MFU against the hardware's peak for the precision in use (a register-only probe, ~0.5 s).
     trainer.peak_gflops = kiln::backends::hardware_peak(choice, 0.15)
         .ok()
@@ -859,7 +862,7 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
         },
     )?;
     if !training.is_finished() {
-        eprintln!("dashboard closed; training goes on in {} (Ctrl-C stops it; `kiln dashboard {0}` reopens the view)", run_dir.display());
+        eprintln!("dashboard closed; training goes on in {} (Ctrl-C saves a checkpoint and stops it; `kiln dashboard {0}` reopens the view)", run_dir.display());
     }
     let (trainer, result) = training
         .join()

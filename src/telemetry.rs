@@ -169,6 +169,8 @@ pub struct Eval {
 pub enum StopReason {
     /// Too many consecutive steps with a non-finite loss or gradient.
     NonFinite,
+    /// SIGINT or SIGTERM: stopped at a step boundary after a checkpoint.
+    Interrupted,
 }
 
 /// What a finished run reports (also `report.json`).

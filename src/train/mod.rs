@@ -11,7 +11,11 @@
 
 mod step;
 
+use std::fs::File;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use kiln_core::backend::{Backend, Communicator, SingleProcess};
@@ -62,6 +66,45 @@ pub struct Trainer<B: Backend> {
     /// The hardware peak (GFLOP/s) of the precision in use that MFU is reported against, from
     /// `kiln bench peak`'s probes; `None`: the backend's own matmul, measured at start.
     pub peak_gflops: Option<f64>,
+    /// Set (by a signal handler, [`crate::interrupt`]) to stop at the next step boundary after
+    /// saving a checkpoint.
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// The run directory's lock, held while this trainer lives ([`lock_run`]).
+    _lock: File,
+}
+
+/// Takes the run directory's lock (`run_dir/.lock`, an advisory exclusive lock the kernel
+/// drops when the process ends, however it ends), so a second trainer on the same run is
+/// refused instead of interleaving checkpoints. The holder's pid is written in it, for the
+/// refusal's message.
+fn lock_run(run_dir: &Path) -> Result<File> {
+    let path = run_dir.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "{} is being trained by another kiln process (pid {}); wait for it to finish, \
+                 or stop it (Ctrl-C saves a checkpoint) and resume",
+                run_dir.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+    file.set_len(0)?;
+    file.write_all(std::process::id().to_string().as_bytes())?;
+    Ok(file)
 }
 
 impl<B: Backend> Trainer<B> {
@@ -104,6 +147,7 @@ impl<B: Backend> Trainer<B> {
         config.validate()?;
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let lock = lock_run(run_dir)?;
         write_atomic(
             &run_dir.join("train.json"),
             serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -158,7 +202,7 @@ impl<B: Backend> Trainer<B> {
         Self::assemble(
             config,
             model,
-            run_dir,
+            (run_dir, lock),
             dataset,
             vocab_map,
             loader,
@@ -167,17 +211,31 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Opens the run's telemetry (and TensorBoard files) and puts a trainer together at
-    /// `(step, skipped steps, seconds already trained)`.
+    /// `(step, skipped steps, seconds already trained)`, holding the run's `lock`.
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: TrainConfig,
         model: Model<B>,
-        run_dir: &Path,
+        (run_dir, lock): (&Path, File),
         dataset: Dataset,
         vocab_map: Option<VocabMap>,
         loader: Loader,
         (step, skipped, elapsed_before): (u64, u64, f64),
     ) -> Result<Self> {
+        // Partial checkpoints a killed process left: no other process writes here now.
+        if let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.contains(".tmp-") {
+                    std::fs::remove_dir_all(entry.path()).with_context(|| {
+                        format!(
+                            "cannot remove a partial checkpoint {}",
+                            entry.path().display()
+                        )
+                    })?;
+                }
+            }
+        }
         let mut telemetry = Telemetry::open(&run_dir.join("telemetry.jsonl"))?;
         if config.tensorboard {
             telemetry.enable_tensorboard(&run_dir.join("tensorboard"))?;
@@ -197,6 +255,8 @@ impl<B: Backend> Trainer<B> {
             print_every: 1,
             echo: true,
             peak_gflops: None,
+            interrupt: None,
+            _lock: lock,
         })
     }
 
@@ -204,6 +264,12 @@ impl<B: Backend> Trainer<B> {
     /// `more_steps` raises the step budget (to train past the original end).
     pub fn resume(backend: B, run_dir: &Path, max_steps: Option<u64>) -> Result<Self> {
         let path = run_dir.join("train.json");
+        ensure!(
+            path.exists(),
+            "{} is not a kiln run (no train.json)",
+            run_dir.display()
+        );
+        let lock = lock_run(run_dir)?;
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{} is not a kiln run (no train.json)", run_dir.display()))?;
         let mut config: TrainConfig = serde_json::from_str(&text)
@@ -239,7 +305,7 @@ impl<B: Backend> Trainer<B> {
         let mut trainer = Self::assemble(
             config,
             model,
-            run_dir,
+            (run_dir, lock),
             dataset,
             vocab_map,
             loader,

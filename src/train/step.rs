@@ -3,6 +3,7 @@
 //! then the periodic work (validation, a sample, a checkpoint), the step's telemetry, and at
 //! the end the efficiency report.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -87,13 +88,19 @@ impl<B: Backend> Trainer<B> {
             last_step_seconds: 0.0,
             steps_at_start: self.step,
         };
-        while !self.finished(&cfg, stop_at, self.elapsed(&run), run.last_step_seconds) {
+        let flag = self.interrupt.clone();
+        let interrupted = || flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+        while !self.finished(&cfg, stop_at, self.elapsed(&run), run.last_step_seconds)
+            && !interrupted()
+        {
             let step_started = Instant::now();
             let before = run.stages;
             let loss = self.forward_backward(&cfg, &acts, &mut run)?;
             let mut update = self.update(&cfg, loss, &mut run)?;
             update.seconds = seconds_since(step_started);
             let done = self.finished(&cfg, stop_at, self.elapsed(&run), update.seconds);
+            // Read once per step: a signal arriving later is seen at the next boundary.
+            let interrupt = !done && interrupted();
             run.last_step_seconds = update.seconds;
             self.print_step(&cfg, &run, &update, &rates, done);
             let stop_for_bad_steps = !update.finite && run.consecutive_bad >= cfg.max_bad_steps;
@@ -108,6 +115,16 @@ impl<B: Backend> Trainer<B> {
             }
             if !stop_for_bad_steps {
                 self.periodic(&cfg, &acts, &val_tokens, done, &mut run)?;
+                if interrupt && !self.checkpointed_now(&cfg, done) {
+                    let t = Instant::now();
+                    let path = self.save_checkpoint(self.elapsed(&run), None)?;
+                    run.charge(Stage::Checkpoint, t);
+                    self.telemetry.emit(Event::Checkpoint {
+                        step: self.step,
+                        path: path.clone(),
+                        ms: seconds_since(t) * 1e3,
+                    })?;
+                }
             }
             self.emit_step(&cfg, &run, &update, &rates, &before)?;
             if stop_for_bad_steps {
@@ -122,8 +139,28 @@ impl<B: Backend> Trainer<B> {
                     self.run_dir.join("checkpoints").display()
                 );
             }
+            if interrupt {
+                self.telemetry.emit(Event::Stopped {
+                    step: self.step,
+                    reason: StopReason::Interrupted,
+                    consecutive: 0,
+                })?;
+                say!(
+                    self.echo,
+                    "interrupted: stopped after step {} with a checkpoint; continue with \
+                     `kiln train --resume {}`",
+                    self.step,
+                    self.run_dir.display()
+                );
+                break;
+            }
         }
         self.report(&cfg, run, &rates)
+    }
+
+    /// Whether [`Self::periodic`] saved a checkpoint at this step.
+    fn checkpointed_now(&self, cfg: &TrainConfig, done: bool) -> bool {
+        done || (cfg.checkpoint_every > 0 && self.step.is_multiple_of(cfg.checkpoint_every))
     }
 
     fn elapsed(&self, run: &Progress) -> f64 {

@@ -160,7 +160,29 @@ pub fn save<B: Backend>(
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
+    // A failed write (a full disk, a quota) leaves the earlier checkpoints as they were and
+    // takes its partial files with it, so the space they held is free again.
+    if let Err(e) = write_checkpoint(model, manifest, &tmp) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "cannot write checkpoint {} (is the disk full?); the earlier checkpoints in {} \
+             are intact",
+            final_dir.display(),
+            checkpoints_dir.display()
+        )));
+    }
+    if final_dir.exists() {
+        // A checkpoint of the same step (a rerun after a resume): replace it.
+        fs::remove_dir_all(&final_dir)?;
+    }
+    fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    sync_dir(checkpoints_dir)?;
+    Ok(final_dir)
+}
 
+/// The checkpoint's files, into `tmp`.
+fn write_checkpoint<B: Backend>(model: &Model<B>, manifest: &Manifest, tmp: &Path) -> Result<()> {
     let tensors = model
         .layout
         .specs
@@ -210,16 +232,7 @@ pub fn save<B: Backend>(
     write_atomic(
         &tmp.join("manifest.json"),
         serde_json::to_string_pretty(manifest)?.as_bytes(),
-    )?;
-
-    if final_dir.exists() {
-        // A checkpoint of the same step (a rerun after a resume): replace it.
-        fs::remove_dir_all(&final_dir)?;
-    }
-    fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("cannot move {} into place", tmp.display()))?;
-    sync_dir(checkpoints_dir)?;
-    Ok(final_dir)
+    )
 }
 
 /// Reads a checkpoint's manifest.
