@@ -299,11 +299,11 @@ pub fn train<B: Backend>(
             model.forward(&acts, &tokens, Some(&targets))?;
             f += t.elapsed().as_secs_f64() * 1e3;
             let t = Instant::now();
-            model.backward(&acts, &tokens, &targets, 1.0 / accumulation as f32);
+            model.backward(&acts, &tokens, &targets, 1.0 / accumulation as f32)?;
             b += t.elapsed().as_secs_f64() * 1e3;
         }
         let t = Instant::now();
-        adamw_step(&mut model, &hp, 1.0);
+        adamw_step(&mut model, &hp, 1.0)?;
         model.backend.synchronize()?;
         let o = t.elapsed().as_secs_f64() * 1e3;
         let ms = started.elapsed().as_secs_f64() * 1e3;

@@ -226,7 +226,8 @@ fn kills_never_leave_the_newest_checkpoint_unloadable() {
         .unwrap_or(6);
     let dir = common::temp_dir("faults", "kills");
     let data = corpus(&dir);
-    let steps_total = 20 + 3 * kills;
+    // Room for every kill: a cycle runs a few steps (each a few ms) before its kill lands.
+    let steps_total = 50 + 15 * kills;
     let total = steps_total.to_string();
     let mut flags = TINY.to_vec();
     flags.extend([

@@ -234,7 +234,7 @@ impl<B: Backend> Trainer<B> {
             run.charge(Stage::Forward, t);
             let t = Instant::now();
             let weight = 1.0 / (cfg.accumulation * world) as f32;
-            self.model.backward(acts, &x, &y, weight);
+            self.model.backward(acts, &x, &y, weight)?;
             run.charge(Stage::Backward, t);
         }
         if world > 1 {
@@ -269,7 +269,7 @@ impl<B: Backend> Trainer<B> {
             } else {
                 1.0
             };
-            self.optimizer_step(cfg, lr, lr_mult, scale);
+            self.optimizer_step(cfg, lr, lr_mult, scale)?;
             self.model.update_ema();
             self.model.refresh_weights()?;
             run.consecutive_bad = 0;
@@ -290,7 +290,13 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
-    fn optimizer_step(&mut self, cfg: &TrainConfig, lr: f32, lr_mult: f32, grad_scale: f32) {
+    fn optimizer_step(
+        &mut self,
+        cfg: &TrainConfig,
+        lr: f32,
+        lr_mult: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
         match cfg.optimizer {
             OptimizerKind::Adamw => {
                 let hp = AdamW {
@@ -300,7 +306,7 @@ impl<B: Backend> Trainer<B> {
                     eps: cfg.adam_eps,
                     weight_decay: cfg.weight_decay,
                 };
-                adamw_step(&mut self.model, &hp, grad_scale);
+                adamw_step(&mut self.model, &hp, grad_scale)?;
             }
             OptimizerKind::Muon => {
                 let m = &cfg.muon;
@@ -316,9 +322,10 @@ impl<B: Backend> Trainer<B> {
                     beta2: cfg.beta2,
                     eps: cfg.adam_eps,
                 };
-                muon_adam_step(&mut self.model, &hp, grad_scale);
+                muon_adam_step(&mut self.model, &hp, grad_scale)?;
             }
         }
+        Ok(())
     }
 
     fn print_step(

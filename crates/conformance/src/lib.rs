@@ -502,7 +502,7 @@ pub fn check_fixture_within<B: Backend>(
             0,
         )?;
         model.zero_grad();
-        model.backward(acts, &tokens, &targets, 1.0);
+        model.backward(acts, &tokens, &targets, 1.0).unwrap();
         let grads = model.download_grads()?;
         for spec in &model.layout.specs {
             let got = &grads[spec.region.offset..][..spec.region.len];
@@ -522,8 +522,8 @@ pub fn check_fixture_within<B: Backend>(
                 .forward(&acts, &tokens, Some(&targets))?
                 .context("a loss")?,
         );
-        model.backward(&acts, &tokens, &targets, 1.0);
-        adamw_step(&mut model, &fixture.adamw, 1.0);
+        model.backward(&acts, &tokens, &targets, 1.0).unwrap();
+        adamw_step(&mut model, &fixture.adamw, 1.0).unwrap();
     }
     check(&format!("{name} adamw losses"), &got, &want, 2)
 }
@@ -561,8 +561,8 @@ pub fn check_training_smoke<B: Backend>(backend: B, preset: &str) -> Result<Vec<
             .forward(&acts, &tokens, Some(&targets))?
             .context("a loss")?;
         ensure!(loss.is_finite(), "{preset}: loss became {loss}");
-        model.backward(&acts, &tokens, &targets, 1.0);
-        adamw_step(&mut model, &hp, 1.0);
+        model.backward(&acts, &tokens, &targets, 1.0).unwrap();
+        adamw_step(&mut model, &hp, 1.0).unwrap();
         losses.push(loss);
     }
     let first = losses[0];
@@ -617,7 +617,7 @@ pub fn training_curve<B: Backend>(backend: B, preset: &str, steps: usize) -> Res
             loss.is_finite(),
             "{preset}: loss became {loss} at step {step}"
         );
-        model.backward(&acts, &tokens, &targets, 1.0);
+        model.backward(&acts, &tokens, &targets, 1.0).unwrap();
         let norm = model.grad_norm();
         let clip = if norm > 1.0 { (1.0 / norm) as f32 } else { 1.0 };
         let hp = AdamW {
@@ -627,7 +627,7 @@ pub fn training_curve<B: Backend>(backend: B, preset: &str, steps: usize) -> Res
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        adamw_step(&mut model, &hp, clip);
+        adamw_step(&mut model, &hp, clip).unwrap();
         losses.push(loss);
     }
     Ok(losses)

@@ -56,9 +56,14 @@ fn slots<B: Backend>(model: &Model<B>, r: Region) -> Slots<'_, B> {
 
 /// One AdamW step over every parameter; `grad_scale` multiplies the gradients first
 /// (clipping, loss-scale removal). Weight decay only where the tensor's kind decays.
-pub fn adamw_step<B: Backend>(model: &mut Model<B>, hp: &AdamW, grad_scale: f32) {
-    assert!(
+pub fn adamw_step<B: Backend>(
+    model: &mut Model<B>,
+    hp: &AdamW,
+    grad_scale: f32,
+) -> crate::Result<()> {
+    crate::require!(
         crate::backend::DeviceMemory::len(&model.optimizer) == 2 * model.param_count(),
+        Shape,
         "an inference model (Model::for_inference) has no optimizer state"
     );
     model.step += 1;
@@ -77,15 +82,21 @@ pub fn adamw_step<B: Backend>(model: &mut Model<B>, hp: &AdamW, grad_scale: f32)
             .backend
             .adamw_step(s.params, s.grads, s.first, s.second, &step);
     }
+    Ok(())
 }
 
 /// One step of the parameter-golf baseline's optimizer split: Muon for the blocks' 2-D
 /// matrices, Adam (no weight decay) for the embeddings (`embed_lr`), an untied classifier
 /// (`head_lr`) and the gains and control tensors (`scalar_lr`). Muon keeps its momentum in
 /// the first-moment half of the optimizer arena.
-pub fn muon_adam_step<B: Backend>(model: &mut Model<B>, hp: &MuonAdam, grad_scale: f32) {
-    assert!(
+pub fn muon_adam_step<B: Backend>(
+    model: &mut Model<B>,
+    hp: &MuonAdam,
+    grad_scale: f32,
+) -> crate::Result<()> {
+    crate::require!(
         crate::backend::DeviceMemory::len(&model.optimizer) == 2 * model.param_count(),
+        Shape,
         "an inference model (Model::for_inference) has no optimizer state"
     );
     model.step += 1;
@@ -127,4 +138,5 @@ pub fn muon_adam_step<B: Backend>(model: &mut Model<B>, hp: &MuonAdam, grad_scal
             .backend
             .adamw_step(s.params, s.grads, s.first, s.second, &step);
     }
+    Ok(())
 }

@@ -11,6 +11,7 @@ use crate::backend::{
 };
 use crate::config::Mlp;
 use crate::layout::{skip_source, Head, LayerActivations, LayerParams, Region};
+use crate::Result;
 
 use Accumulate::{Add, Overwrite};
 
@@ -73,19 +74,31 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         targets: &[u32],
         loss_weight: f32,
-    ) {
+    ) -> Result<()> {
         let cfg = &self.config;
         let arch = &cfg.arch;
         let be = &self.backend;
         let a = |r: Region| view::<B>(&acts.memory, r);
         let (al, d) = (&acts.layout, &acts.layout.grads);
-        assert!(
+        crate::require!(
             al.head != Head::Last,
+            Shape,
             "backward: a last-position arena (prefill) keeps no gradients"
         );
-        assert!(
+        crate::require!(
             crate::backend::DeviceMemory::len(&self.grads) == self.layout.total_len(),
+            Shape,
             "backward: an inference model (Model::for_inference) has no gradients"
+        );
+        let n = al.batch * al.seq;
+        crate::require!(
+            tokens.len() == n && targets.len() == n,
+            Shape,
+            "backward: {} tokens and {} targets for a {}×{} batch",
+            tokens.len(),
+            targets.len(),
+            al.batch,
+            al.seq
         );
         let shapes = self.shapes(acts);
         let encoders = cfg.n_layers / 2;
@@ -132,6 +145,7 @@ impl<B: Backend> Model<B> {
             let ids = bigram_ids(tokens, shapes.seq, &[], arch.bigram_buckets);
             be.embedding_backward(g(table), a(d.embed), &ids, cfg.dim);
         }
+        Ok(())
     }
 
     fn shapes(&self, acts: &Activations<B>) -> Shapes {
