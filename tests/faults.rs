@@ -312,30 +312,34 @@ fn a_full_disk_during_a_save_keeps_the_previous_checkpoint() {
     let (status, err) = finish(more(&straight));
     assert!(status.success(), "{err}");
 
-    // Writes past 64 KiB fail (EFBIG, as ENOSPC would): telemetry fits, a checkpoint's
-    // 126 KB of weights do not. SIGXFSZ is ignored, so the write returns the error.
-    let mut full = more(&run);
-    // SAFETY: async-signal-safe calls only, in the child before it runs kiln.
-    unsafe {
-        full.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 64 << 10,
-                rlim_max: 64 << 10,
-            };
-            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            Ok(())
-        });
+    // The disk fills at two moments of the save: writes past 64 KiB fail (EFBIG, as ENOSPC
+    // would), where telemetry fits and the checkpoint's 126 KB of weights do not; then past
+    // 160 KiB, where the weights fit and the 253 KB of optimizer state do not. SIGXFSZ is
+    // ignored, so the write returns the error.
+    for limit in [64u64 << 10, 160 << 10] {
+        let mut full = more(&run);
+        // SAFETY: async-signal-safe calls only, in the child before it runs kiln.
+        unsafe {
+            full.pre_exec(move || {
+                let rlimit = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                libc::setrlimit(libc::RLIMIT_FSIZE, &rlimit);
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let (status, err) = finish(full);
+        assert!(!status.success(), "the save cannot have succeeded: {err}");
+        assert!(
+            err.contains("cannot write checkpoint") && err.contains("intact"),
+            "limit {limit}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(newest_loads(&run), 4, "limit {limit}");
+        no_partial_checkpoints(&run);
     }
-    let (status, err) = finish(full);
-    assert!(!status.success(), "the save cannot have succeeded: {err}");
-    assert!(
-        err.contains("cannot write checkpoint") && err.contains("intact"),
-        "{err}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(newest_loads(&run), 4);
-    no_partial_checkpoints(&run);
     let (status, err) = finish(more(&run));
     assert!(status.success(), "{err}");
     assert_eq!(final_losses(&run), final_losses(&straight));
