@@ -124,6 +124,7 @@ fn application_modules_import_only_modules_below_them() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     // The dashboard and reports read telemetry; they never reach the trainer.
     let order = [
+        "interrupt",
         "machine",
         "backends",
         "run_config",
