@@ -17,7 +17,7 @@ use kiln_core::vocab::VocabMap;
 use kiln_formats::checkpoint::{self, Manifest};
 use kiln_formats::data::{Dataset, Split};
 use kiln_formats::interop;
-use kiln_formats::tokenizer::Tokenizer;
+use kiln_formats::tokenizer::{ByteRule, Tokenizer};
 
 use crate::run_config::TrainConfig;
 
@@ -340,6 +340,8 @@ pub struct EvalOptions {
     pub seq: usize,
     pub batches: usize,
     pub stride: Option<usize>,
+    /// How the text's bytes are counted (the true UTF-8 count, or the challenge's rule).
+    pub bytes: kiln_formats::tokenizer::ByteRule,
 }
 
 /// `kiln eval`: validation loss and bits per byte of a model and/or a packed artifact, and
@@ -395,11 +397,19 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
             )
             .expect("valid template"),
         );
+        let challenge;
+        let (text, unit): (&dyn kiln_core::vocab::TokenText, &str) = match options.bytes {
+            ByteRule::Utf8 => (&loaded.tokenizer, "bits/byte"),
+            ByteRule::Challenge => {
+                challenge = loaded.tokenizer.challenge_bytes()?;
+                (&challenge, "bits/byte (the challenge's byte rule)")
+            }
+        };
         let result = evaluate_sliding(
             &loaded.model,
             &acts,
             &tokens,
-            &loaded.tokenizer,
+            text,
             loaded.vocab_map.as_ref(),
             options.stride.unwrap_or(seq),
             options.batches,
@@ -410,7 +420,7 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
         )?;
         bar.finish_and_clear();
         println!(
-            "{what}: val loss {:.4} | bits/byte {:.4} | {} tokens, {} bytes | {:.1} s",
+            "{what}: val loss {:.4} | {unit} {:.4} | {} tokens, {} bytes | {:.1} s",
             result.loss,
             result.bits_per_byte,
             result.tokens,

@@ -330,6 +330,11 @@ struct EvalArgs {
     /// plain consecutive windows).
     #[arg(long)]
     stride: Option<usize>,
+    /// How bits per byte counts the text: utf8, its true bytes; or challenge, the
+    /// parameter-golf challenge's SentencePiece table (each inner `▁` of a piece counted as
+    /// its 3 UTF-8 bytes), for figures that compare with its leaderboard.
+    #[arg(long, value_enum, default_value = "utf8")]
+    bytes: kiln_formats::tokenizer::ByteRule,
 }
 
 #[derive(Subcommand)]
@@ -570,6 +575,7 @@ fn main() -> Result<()> {
                 seq: args.seq,
                 batches: args.batches,
                 stride: args.stride,
+                bytes: args.bytes,
             };
             with_backend!(backend, |b| kiln::commands::eval(b, &options))
         }

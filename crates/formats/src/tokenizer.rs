@@ -43,6 +43,10 @@ struct PieceBytes {
     leading_space: Vec<bool>,
     /// Control tokens (BOS, EOS, UNK, pad): they stand for no text.
     boundary: Vec<bool>,
+    /// SentencePiece byte-fallback tokens (`<0x0A>`): one byte each, never a leading space.
+    byte: Vec<bool>,
+    /// Whether the pieces are SentencePiece's (spaces written `▁`), not byte-level BPE's.
+    sentencepiece: bool,
 }
 
 impl PieceBytes {
@@ -50,7 +54,10 @@ impl PieceBytes {
         let byte_level = byte_level_decoder();
         let mut bytes = Vec::with_capacity(pieces.len());
         let mut leading_space = Vec::with_capacity(pieces.len());
+        let mut byte = Vec::with_capacity(pieces.len());
         for (piece, &is_boundary) in pieces.iter().zip(&boundary) {
+            let is_byte = style == PieceStyle::SentencePiece && byte_piece(piece).is_some();
+            byte.push(is_byte && !is_boundary);
             if is_boundary {
                 bytes.push(Vec::new());
                 leading_space.push(false);
@@ -66,23 +73,34 @@ impl PieceBytes {
                 },
                 PieceStyle::SentencePiece => sentencepiece_bytes(piece),
             };
-            leading_space.push(style == PieceStyle::SentencePiece && b.first() == Some(&b' '));
+            // A byte token `<0x20>` is a space, not a leading-space marker.
+            let leading =
+                style == PieceStyle::SentencePiece && !is_byte && b.first() == Some(&b' ');
+            leading_space.push(leading);
             bytes.push(b);
         }
         PieceBytes {
             bytes,
             leading_space,
             boundary,
+            byte,
+            sentencepiece: style == PieceStyle::SentencePiece,
         }
     }
 }
 
+/// The byte a SentencePiece byte-fallback piece (`<0x0A>`) stands for.
+fn byte_piece(piece: &[u8]) -> Option<u8> {
+    if piece.len() == 6 && piece.starts_with(b"<0x") && piece.ends_with(b">") {
+        return u8::from_str_radix(std::str::from_utf8(&piece[3..5]).ok()?, 16).ok();
+    }
+    None
+}
+
 /// `<0x0A>` → `[0x0A]`; `▁the` → ` the`; anything else as it is.
 fn sentencepiece_bytes(piece: &[u8]) -> Vec<u8> {
-    if piece.len() == 6 && piece.starts_with(b"<0x") && piece.ends_with(b">") {
-        if let Ok(byte) = u8::from_str_radix(std::str::from_utf8(&piece[3..5]).unwrap_or(""), 16) {
-            return vec![byte];
-        }
+    if let Some(byte) = byte_piece(piece) {
+        return vec![byte];
     }
     String::from_utf8_lossy(piece)
         .replace('\u{2581}', " ")
@@ -517,6 +535,63 @@ impl Tokenizer {
     }
 }
 
+/// How bits per byte counts the text's bytes (`kiln eval --bytes`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum ByteRule {
+    /// The text's true UTF-8 bytes.
+    #[default]
+    Utf8,
+    /// The parameter-golf challenge's count, from a SentencePiece lookup table: one leading
+    /// `▁` of a piece stripped (counted as a space unless it follows a boundary token) and
+    /// every other `▁` counted as its 3 UTF-8 bytes, byte-fallback pieces one byte, control
+    /// pieces none (`build_sentencepiece_luts` in its `train_gpt.py`). It exceeds the true
+    /// count by 2 bytes per inner `▁`, so its bits per byte are lower on whitespace-heavy text.
+    Challenge,
+}
+
+/// A tokenizer whose [`TokenText::token_bytes`](kiln_core::vocab::TokenText::token_bytes)
+/// counts by the challenge's rule ([`ByteRule::Challenge`]).
+pub struct ChallengeBytes<'a>(&'a Tokenizer);
+
+impl Tokenizer {
+    /// This tokenizer counting bytes by the challenge's rule; refused for byte-level BPE,
+    /// whose pieces have no `▁` and whose count is already the true one.
+    pub fn challenge_bytes(&self) -> Result<ChallengeBytes<'_>> {
+        ensure!(
+            self.piece_bytes().sentencepiece,
+            "the challenge's byte rule counts SentencePiece pieces; this tokenizer is a \
+             byte-level BPE, whose byte count is the text's own"
+        );
+        Ok(ChallengeBytes(self))
+    }
+}
+
+impl kiln_core::vocab::TokenText for ChallengeBytes<'_> {
+    fn decode(&self, ids: &[u32]) -> String {
+        self.0.decode(ids)
+    }
+
+    fn token_bytes(&self, token: u32, prev: Option<u32>) -> usize {
+        let table = self.0.piece_bytes();
+        let id = token as usize;
+        if table.byte.get(id).copied().unwrap_or(false) {
+            return 1;
+        }
+        // The true count, plus 2 for each `▁` past the stripped leading one.
+        let Some(bytes) = table.bytes.get(id) else {
+            return 0;
+        };
+        let inner = &bytes[table.leading_space[id] as usize..];
+        let markers = inner.iter().filter(|&&b| b == b' ').count();
+        self.0.token_bytes(token, prev) + 2 * markers
+    }
+
+    fn bos(&self) -> Option<u32> {
+        self.0.bos()
+    }
+}
+
 impl kiln_core::vocab::TokenText for Tokenizer {
     fn decode(&self, ids: &[u32]) -> String {
         Tokenizer::decode(self, ids)
@@ -575,6 +650,42 @@ mod tests {
             .map(|(i, &id)| tok.token_bytes(id, i.checked_sub(1).map(|j| ids[j])))
             .sum();
         assert_eq!(counted, text.len());
+    }
+
+    /// The challenge's byte rule on a hand-computed case: a small llama2.c vocabulary, and
+    /// `<s> ▁the ▁▁▁ a▁b <0x20> é ▁the`. True bytes: 0 + 3 (dummy prefix after BOS) + 3 + 3 +
+    /// 1 + 2 + 4 = 16. The challenge's: 0 + 3 + (6 + 1: two inner `▁` at 3 bytes, the
+    /// leading one a space) + (1 + 3 + 1) + 1 + 2 + 4 = 22. A byte-level BPE is refused.
+    #[test]
+    fn the_challenges_byte_rule_matches_a_hand_count() {
+        use kiln_core::vocab::TokenText;
+        let mut pieces: Vec<Vec<u8>> = ["<unk>", "<s>", "</s>"].map(|s| s.into()).into();
+        pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>").into_bytes()));
+        for piece in [" ", " the", "   ", "a b", "é"] {
+            pieces.push(piece.as_bytes().to_vec());
+        }
+        let mut file = 8u32.to_le_bytes().to_vec();
+        for (i, piece) in pieces.iter().enumerate() {
+            file.extend((-(i as f32)).to_le_bytes());
+            file.extend((piece.len() as u32).to_le_bytes());
+            file.extend(piece);
+        }
+        let dir = std::env::temp_dir().join(format!("kiln-tok-rule-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.bin"), file).unwrap();
+        let tok = Tokenizer::load(&dir.join("tokenizer.bin")).unwrap();
+        let ids = [1, 260, 261, 262, 3 + 0x20, 263, 260];
+        let count = |text: &dyn TokenText| -> usize {
+            let prev = |i: usize| i.checked_sub(1).map(|j| ids[j]);
+            (0..ids.len())
+                .map(|i| text.token_bytes(ids[i], prev(i)))
+                .sum()
+        };
+        assert_eq!(count(&tok), 16);
+        assert_eq!(count(&tok.challenge_bytes().unwrap()), 22);
+        let bpe = Tokenizer::train_bpe(["a b c"].into_iter(), 300).unwrap();
+        assert!(bpe.challenge_bytes().is_err());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
