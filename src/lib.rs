@@ -22,7 +22,9 @@
 //!   [`dashboard`] and [`report`].
 //! - [`commands`]: `sample`, `eval`, `model logits` and `model info`, generic over the backend.
 //! - [`bench`]: `kiln bench kernels`.
+//! - [`ablate`]: `kiln ablate`, a multi-seed sweep of a base configuration and its variants.
 
+pub mod ablate;
 pub mod backends;
 pub mod bench;
 pub mod commands;

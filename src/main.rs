@@ -59,6 +59,18 @@ enum Command {
     },
     /// Train a model (or resume a run).
     Train(Box<TrainArgs>),
+    /// A multi-seed ablation: a base configuration and its variants (plan.json), each trained
+    /// with several seeds, exported and scored after the round trip; a table of the results
+    /// (Markdown and JSON) and the loss curves. Rerunning resumes the sweep.
+    Ablate {
+        /// The plan: {"data": DIR, "base": [train flags], "variants": [{"name", "flags"}],
+        /// "seeds": 3, "scheme": "int8", "embedding_scheme": "int8"}.
+        #[arg(long)]
+        plan: PathBuf,
+        /// The sweep's directory (a run per configuration and seed, and the table).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generate text from a run or checkpoint.
     Sample(SampleArgs),
     /// Validation loss and bits per byte of a run or checkpoint.
@@ -548,6 +560,10 @@ fn main() -> Result<()> {
             }
             with_backend!(backend, |b| train(b, backend, *args))
         }
+        Command::Ablate { plan, out } => {
+            let plan = kiln::ablate::read_plan(&plan)?;
+            with_backend!(backend, |b| ablate(b, backend, &plan, &out))
+        }
         Command::Sample(args) => {
             let backend = backend.for_artifact(args.artifact.is_some());
             let options = SampleOptions {
@@ -875,6 +891,44 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
         .map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
     print_report(&result?);
     eprintln!("run directory: {}", trainer.run_dir.display());
+    Ok(())
+}
+
+/// `kiln train`'s flags alone, as `kiln ablate` passes them for each run.
+#[derive(Parser)]
+#[command(name = "kiln train")]
+struct TrainOnly {
+    #[command(flatten)]
+    args: TrainArgs,
+}
+
+/// `kiln ablate`: every run of the plan trained on `backend` (Ctrl-C stops the sweep at a run's
+/// step boundary; the same command resumes it).
+fn ablate<B: Backend + Clone + 'static>(
+    backend: B,
+    choice: Selection,
+    plan: &kiln::ablate::Plan,
+    out: &std::path::Path,
+) -> Result<()> {
+    let interrupt = kiln::interrupt::install()?;
+    let peak = kiln::backends::hardware_peak(choice, 0.15)
+        .ok()
+        .map(|p| p.0);
+    let train = |flags: &[String]| -> Result<Option<kiln::telemetry::RunReport>> {
+        let argv = std::iter::once("kiln train".to_string()).chain(flags.iter().cloned());
+        let args = TrainOnly::try_parse_from(argv)
+            .map_err(|e| anyhow::anyhow!("the plan's flags {flags:?}: {e}"))?
+            .args;
+        let out = args.out.as_deref().context("--out is required")?;
+        let mut trainer = Trainer::create(backend.clone(), train_config(&args)?, out)?;
+        trainer.print_every = args.print_every;
+        trainer.peak_gflops = peak;
+        trainer.interrupt = Some(interrupt.clone());
+        let report = trainer.run()?;
+        let stopped = interrupt.load(std::sync::atomic::Ordering::Relaxed);
+        Ok((!stopped).then_some(report))
+    };
+    kiln::ablate::run(&backend, plan, out, &train)?;
     Ok(())
 }
 

@@ -136,6 +136,7 @@ fn application_modules_import_only_modules_below_them() {
         "train",
         "dashboard",
         "report",
+        "ablate",
         "doctor",
     ];
     check(&dir, &order, &["lib", "main"]);

@@ -51,9 +51,11 @@ pub enum Scheme {
 /// The clip percentile of parameter-golf's int8 baseline.
 pub const CLIP_PERCENTILE: f32 = 99.99984;
 
-/// The schemes by name, as the command line takes them (`--scheme`, `--qat`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The schemes by name, as the command line takes them (`--scheme`, `--qat`), and as files
+/// name them (`"int8"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
 pub enum SchemeName {
     Ternary,
     Int8,

@@ -1,0 +1,440 @@
+//! `kiln ablate`: a base training configuration and its variants, each trained with several
+//! seeds, exported as a packed artifact and scored after the round trip, then compared in one
+//! table — mean ± standard deviation per variant, the difference from the base, and whether it
+//! exceeds the seeds' noise. A sweep resumes: each finished run leaves its result
+//! (`results/NAME-seedS.json`), and rerunning the command trains only the runs without one (an
+//! unfinished run restarts). Runs are in `runs/NAME-seedS`, artifacts in `artifacts/`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln_core::backend::Backend;
+use kiln_core::quant::{PackRule, SchemeName};
+use kiln_formats::data::{Dataset, Split};
+use kiln_formats::fsutil::write_atomic;
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{load_artifact, Source};
+use crate::telemetry::RunReport;
+
+/// What a sweep trains (`plan.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    /// The prepared corpus every run trains and is scored on.
+    pub data: PathBuf,
+    /// `kiln train` flags every run shares (not `--data`, `--out` or `--seed`).
+    pub base: Vec<String>,
+    /// Each variant's flags, added after the base's (a later flag overrides an earlier one).
+    pub variants: Vec<Variant>,
+    /// Seeds per configuration: 1, 2, … `seeds`.
+    #[serde(default = "three")]
+    pub seeds: u64,
+    /// The artifact's scheme for the blocks' matrices, and for the embedding.
+    #[serde(default = "int8")]
+    pub scheme: SchemeName,
+    #[serde(default = "int8")]
+    pub embedding_scheme: SchemeName,
+}
+
+fn three() -> u64 {
+    3
+}
+
+fn int8() -> SchemeName {
+    SchemeName::Int8
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Variant {
+    pub name: String,
+    pub flags: Vec<String>,
+}
+
+/// One finished run (`results/NAME-seedS.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunResult {
+    pub variant: String,
+    pub seed: u64,
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    /// Validation bits per byte of the trained weights, before export (scored as the
+    /// artifact is).
+    pub val_bpb: f64,
+    /// Validation bits per byte of the packed artifact, reloaded alone.
+    pub roundtrip_bpb: f64,
+    pub artifact_bytes: u64,
+}
+
+/// A configuration's runs summarised.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Row {
+    pub variant: String,
+    pub seeds: usize,
+    pub roundtrip_bpb_mean: f64,
+    pub roundtrip_bpb_std: f64,
+    /// Mean minus the base's mean (0 for the base).
+    pub delta: f64,
+    /// The standard error of that difference, √(s_b²/n_b + s_v²/n_v).
+    pub noise: f64,
+    /// `|delta| > 2·noise`, with at least two seeds on each side.
+    pub beyond_noise: bool,
+    pub val_bpb_mean: f64,
+    pub artifact_bytes_mean: f64,
+    pub steps_mean: f64,
+    pub tokens_mean: f64,
+    pub seconds_mean: f64,
+}
+
+/// The flags a run of `variant` (`None`: the base) with `seed` trains with.
+pub fn flags(plan: &Plan, variant: Option<&Variant>, seed: u64, out: &Path) -> Vec<String> {
+    let mut flags = plan.base.clone();
+    flags.extend(variant.map_or(&[][..], |v| &v.flags).iter().cloned());
+    flags.extend([
+        "--data".into(),
+        plan.data.display().to_string(),
+        "--seed".into(),
+        seed.to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ]);
+    flags
+}
+
+/// Reads and checks `plan.json`.
+pub fn read_plan(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read ablation plan {}", path.display()))?;
+    let plan: Plan = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an ablation plan", path.display()))?;
+    ensure!(
+        plan.seeds > 0,
+        "{}: seeds must be at least 1",
+        path.display()
+    );
+    let mut names: Vec<&str> = plan.variants.iter().map(|v| v.name.as_str()).collect();
+    names.push("base");
+    for name in &names {
+        ensure!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            "{}: variant name '{name}' must be letters, digits, '-', '_' or '.'",
+            path.display()
+        );
+    }
+    let count = names.len();
+    names.sort_unstable();
+    names.dedup();
+    ensure!(
+        names.len() == count,
+        "{}: variant names must differ (and not be 'base')",
+        path.display()
+    );
+    for flag in plan
+        .base
+        .iter()
+        .chain(plan.variants.iter().flat_map(|v| &v.flags))
+    {
+        ensure!(
+            !["--data", "--out", "--seed", "--resume"].contains(&flag.as_str()),
+            "{}: {flag} is set by the sweep itself",
+            path.display()
+        );
+    }
+    Ok(plan)
+}
+
+/// Runs every configuration × seed not finished yet in `out`, training each with `train`
+/// (which parses `kiln train` flags and trains into the directory they name, returning its
+/// report, or `None` when interrupted), then exports and scores it on `backend`; writes
+/// `ablation.md`, `ablation.json` and the loss curves, and returns the rows.
+pub fn run<B: Backend + Clone>(
+    backend: &B,
+    plan: &Plan,
+    out: &Path,
+    train: &dyn Fn(&[String]) -> Result<Option<RunReport>>,
+) -> Result<Vec<Row>> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_atomic(
+        &out.join("plan.json"),
+        serde_json::to_string_pretty(plan)?.as_bytes(),
+    )?;
+    let configs: Vec<(String, Option<&Variant>)> = std::iter::once(("base".to_string(), None))
+        .chain(plan.variants.iter().map(|v| (v.name.clone(), Some(v))))
+        .collect();
+    let id = |name: &str, seed: u64| format!("{name}-seed{seed}");
+    let result_path = |id: &str| out.join("results").join(format!("{id}.json"));
+    let pending = (configs.iter())
+        .flat_map(|(name, _)| (1..=plan.seeds).map(move |s| (name, s)))
+        .filter(|(name, s)| !result_path(&id(name, *s)).exists())
+        .count();
+    let total = configs.len() * plan.seeds as usize;
+    println!(
+        "{} configurations × {} seeds: {pending} of {total} runs to train",
+        configs.len(),
+        plan.seeds
+    );
+    let mut results: BTreeMap<String, Vec<RunResult>> = BTreeMap::new();
+    let mut done = 0;
+    for (name, variant) in &configs {
+        for seed in 1..=plan.seeds {
+            let id = id(name, seed);
+            let result_path = result_path(&id);
+            let result = match std::fs::read_to_string(&result_path) {
+                Ok(text) => serde_json::from_str::<RunResult>(&text)
+                    .with_context(|| format!("{} is malformed", result_path.display()))?,
+                Err(_) => {
+                    done += 1;
+                    println!("== {name}, seed {seed} (run {done} of {pending})");
+                    let run = out.join("runs").join(&id);
+                    if run.exists() {
+                        // An unfinished run of an earlier sweep: it starts again.
+                        std::fs::remove_dir_all(&run)
+                            .with_context(|| format!("cannot remove {}", run.display()))?;
+                    }
+                    let Some(report) = train(&flags(plan, *variant, seed, &run))? else {
+                        bail!(
+                            "interrupted during {name}, seed {seed}; the same command resumes \
+                             the sweep"
+                        );
+                    };
+                    let artifact = out.join("artifacts").join(&id);
+                    let result = score(backend, plan, (name, seed), (&run, &artifact), &report)?;
+                    std::fs::create_dir_all(out.join("results"))?;
+                    write_atomic(
+                        &result_path,
+                        serde_json::to_string_pretty(&result)?.as_bytes(),
+                    )?;
+                    result
+                }
+            };
+            results.entry(name.clone()).or_default().push(result);
+        }
+    }
+    let rows: Vec<Row> = configs
+        .iter()
+        .map(|(name, _)| summarise(name, &results[name], &results["base"]))
+        .collect();
+    write_atomic(
+        &out.join("ablation.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "plan": plan,
+            "rows": rows,
+            "runs": results,
+        }))?
+        .as_bytes(),
+    )?;
+    let table = markdown(plan, &rows);
+    write_atomic(&out.join("ablation.md"), table.as_bytes())?;
+    print!("{table}");
+    let runs: Vec<PathBuf> = configs
+        .iter()
+        .flat_map(|(name, _)| (1..=plan.seeds).map(move |s| format!("{name}-seed{s}")))
+        .map(|id| out.join("runs").join(id))
+        .filter(|d| d.join("telemetry.jsonl").exists())
+        .collect();
+    if !runs.is_empty() {
+        crate::report::write(&runs, &out.join("curves"))?;
+    }
+    println!(
+        "wrote {}, {} and the loss curves in {}",
+        out.join("ablation.md").display(),
+        out.join("ablation.json").display(),
+        out.join("curves").display()
+    );
+    Ok(rows)
+}
+
+/// Exports the run as a packed artifact into `artifact`, and scores the trained weights and
+/// the artifact reloaded alone the same way: the whole validation split in windows of up to
+/// 256 tokens.
+fn score<B: Backend + Clone>(
+    backend: &B,
+    plan: &Plan,
+    (name, seed): (&str, u64),
+    (run, artifact): (&Path, &Path),
+    report: &RunReport,
+) -> Result<RunResult> {
+    let imported = crate::rundir::import(run, None)?;
+    let rule = PackRule {
+        matrices: plan.scheme.scheme(),
+        embedding: plan.embedding_scheme.scheme(),
+        small_max: 65536,
+    };
+    let (path, _) = kiln_formats::interop::export_packed(&imported, artifact, rule)?;
+    let artifact_bytes = std::fs::metadata(&path)?.len();
+    let dataset = Dataset::open(&plan.data)?;
+    let tokens = dataset.read_all(Split::Val)?;
+    let bits_per_byte = |loaded: &crate::commands::Loaded<B>| -> Result<f64> {
+        let seq = 256.min(loaded.model.config.max_seq_len);
+        let acts = loaded.model.loss_activations(8, seq)?;
+        let result = kiln_core::eval::evaluate(
+            &loaded.model,
+            &acts,
+            &tokens,
+            &loaded.tokenizer,
+            loaded.vocab_map.as_ref(),
+            0,
+            &mut |_, _| {},
+        )?;
+        Ok(result.bits_per_byte)
+    };
+    let trained = Source {
+        run: Some(run.to_path_buf()),
+        ..Default::default()
+    };
+    let val_bpb = bits_per_byte(&crate::commands::load(backend.clone(), &trained)?)?;
+    let reloaded = load_artifact(backend.clone(), &path, &Source::default())?;
+    let roundtrip_bpb = bits_per_byte(&reloaded)?;
+    Ok(RunResult {
+        variant: name.to_string(),
+        seed,
+        steps: report.steps,
+        tokens: report.tokens,
+        seconds: report.wall_seconds,
+        val_bpb,
+        roundtrip_bpb,
+        artifact_bytes,
+    })
+}
+
+/// Mean and sample standard deviation (0 for one value).
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// A configuration's row against the base's runs.
+pub fn summarise(name: &str, runs: &[RunResult], base: &[RunResult]) -> Row {
+    let bpb = |r: &[RunResult]| r.iter().map(|x| x.roundtrip_bpb).collect::<Vec<_>>();
+    let (mean, std) = mean_std(&bpb(runs));
+    let (base_mean, base_std) = mean_std(&bpb(base));
+    let noise = (base_std.powi(2) / base.len() as f64 + std.powi(2) / runs.len() as f64).sqrt();
+    let delta = if name == "base" {
+        0.0
+    } else {
+        mean - base_mean
+    };
+    let average =
+        |f: &dyn Fn(&RunResult) -> f64| mean_std(&runs.iter().map(f).collect::<Vec<_>>()).0;
+    Row {
+        variant: name.to_string(),
+        seeds: runs.len(),
+        roundtrip_bpb_mean: mean,
+        roundtrip_bpb_std: std,
+        delta,
+        noise,
+        beyond_noise: name != "base"
+            && runs.len() > 1
+            && base.len() > 1
+            && delta.abs() > 2.0 * noise,
+        val_bpb_mean: average(&|r| r.val_bpb),
+        artifact_bytes_mean: average(&|r| r.artifact_bytes as f64),
+        steps_mean: average(&|r| r.steps as f64),
+        tokens_mean: average(&|r| r.tokens as f64),
+        seconds_mean: average(&|r| r.seconds),
+    }
+}
+
+/// The table, as Markdown.
+pub fn markdown(plan: &Plan, rows: &[Row]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Ablation: {} seeds per configuration\n", plan.seeds);
+    let scheme = |s: SchemeName| serde_json::to_string(&s).unwrap_or_default();
+    let _ = writeln!(
+        md,
+        "Base: `kiln train {}` on `{}`; artifacts {} (embedding {}); the weights before export \
+         and the artifact reloaded alone both scored on the whole validation split.\n",
+        plan.base.join(" "),
+        plan.data.display(),
+        scheme(plan.scheme),
+        scheme(plan.embedding_scheme)
+    );
+    let _ = writeln!(md, "| variant | flags | seeds | round-trip bits/byte | Δ vs base | beyond noise (2σ) | bits/byte before export | artifact bytes | steps | tokens | seconds |");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let flags = plan
+            .variants
+            .iter()
+            .find(|v| v.name == row.variant)
+            .map_or(String::new(), |v| format!("`{}`", v.flags.join(" ")));
+        let delta = if row.variant == "base" {
+            "—".to_string()
+        } else {
+            format!("{:+.4} ± {:.4}", row.delta, row.noise)
+        };
+        let beyond = match (row.variant.as_str(), row.beyond_noise) {
+            ("base", _) => "—",
+            (_, true) => "yes",
+            (_, false) => "no",
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.4} ± {:.4} | {} | {} | {:.4} | {:.0} | {:.0} | {:.0} | {:.2} |",
+            row.variant,
+            flags,
+            row.seeds,
+            row.roundtrip_bpb_mean,
+            row.roundtrip_bpb_std,
+            delta,
+            beyond,
+            row.val_bpb_mean,
+            row.artifact_bytes_mean,
+            row.steps_mean,
+            row.tokens_mean,
+            row.seconds_mean
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(variant: &str, bpb: f64) -> RunResult {
+        RunResult {
+            variant: variant.into(),
+            seed: 1,
+            steps: 10,
+            tokens: 100,
+            seconds: 1.0,
+            val_bpb: bpb - 0.01,
+            roundtrip_bpb: bpb,
+            artifact_bytes: 1000,
+        }
+    }
+
+    /// Mean, sample standard deviation and the 2σ test, computed by hand: base 2.0, 2.2, 2.4
+    /// (mean 2.2, s = 0.2); variant 1.9, 2.0, 2.1 (mean 2.0, s = 0.1); noise
+    /// √(0.04/3 + 0.01/3) = 0.1291, so Δ = −0.2 is within 2σ = 0.2582, and a variant at
+    /// 1.5, 1.6, 1.7 (Δ = −0.6) is beyond it.
+    #[test]
+    fn rows_state_the_difference_and_the_noise() {
+        let base: Vec<_> = [2.0, 2.2, 2.4].map(|b| result("base", b)).into();
+        let near: Vec<_> = [1.9, 2.0, 2.1].map(|b| result("near", b)).into();
+        let far: Vec<_> = [1.5, 1.6, 1.7].map(|b| result("far", b)).into();
+        let row = summarise("near", &near, &base);
+        assert!((row.roundtrip_bpb_mean - 2.0).abs() < 1e-12);
+        assert!((row.roundtrip_bpb_std - 0.1).abs() < 1e-12);
+        assert!((row.delta + 0.2).abs() < 1e-12);
+        assert!((row.noise - (0.05f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert!(!row.beyond_noise);
+        assert!(summarise("far", &far, &base).beyond_noise);
+        let base_row = summarise("base", &base, &base);
+        assert_eq!(base_row.delta, 0.0);
+        assert!(!base_row.beyond_noise);
+        // One seed cannot tell noise from an effect.
+        assert!(!summarise("far", &far[..1], &base[..1]).beyond_noise);
+    }
+}

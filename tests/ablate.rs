@@ -1,0 +1,83 @@
+//! `kiln ablate` end to end: a base and one variant, two seeds each, on tiny-golf; the table
+//! (Markdown and JSON) holds every configuration with its seeds, the loss curves are drawn,
+//! and a rerun after one result is removed trains that run alone. A plan that sets what the
+//! sweep sets itself is refused.
+
+mod common;
+
+use std::fs;
+
+use common::kiln;
+
+#[test]
+fn a_sweep_tabulates_every_seed_and_resumes() {
+    let dir = common::temp_dir("ablate", "sweep");
+    let words = [
+        "the", "king", "speaks", "to", "a", "fool", "in", "winter", "and", "sings",
+    ];
+    let data = common::word_corpus(&dir, &words, 5, 1500);
+    let plan = serde_json::json!({
+        "data": data,
+        "base": ["--model", "tiny-golf", "--steps", "4", "--batch", "2", "--seq", "16"],
+        "variants": [{"name": "fast", "flags": ["--lr", "0.01"]}],
+        "seeds": 2
+    });
+    let plan_path = dir.join("plan.json");
+    fs::write(&plan_path, plan.to_string()).unwrap();
+    let out = dir.join("sweep");
+    let args = [
+        "--backend",
+        "reference",
+        "ablate",
+        "--plan",
+        plan_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, stdout, err) = kiln(&args, &[]);
+    assert!(ok, "{stdout}\n{err}");
+    assert!(
+        stdout.contains("2 configurations × 2 seeds: 4 of 4 runs to train"),
+        "{stdout}"
+    );
+
+    let table: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("ablation.json")).unwrap()).unwrap();
+    let rows = table["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, name) in rows.iter().zip(["base", "fast"]) {
+        assert_eq!(row["variant"], name);
+        assert_eq!(row["seeds"], 2);
+        let bpb = row["roundtrip_bpb_mean"].as_f64().unwrap();
+        assert!(bpb > 0.0 && bpb.is_finite(), "{row}");
+        assert!(row["artifact_bytes_mean"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["steps_mean"], 4.0);
+    }
+    assert_eq!(rows[0]["delta"], 0.0);
+    let md = fs::read_to_string(out.join("ablation.md")).unwrap();
+    assert!(md.contains("| fast | `--lr 0.01` | 2 |"), "{md}");
+    assert!(out.join("curves/loss_vs_steps.png").exists());
+
+    // One result removed: the rerun trains that run alone and keeps the others.
+    let kept = fs::read_to_string(out.join("results/base-seed1.json")).unwrap();
+    fs::remove_file(out.join("results/fast-seed2.json")).unwrap();
+    let (ok, stdout, err) = kiln(&args, &[]);
+    assert!(ok, "{stdout}\n{err}");
+    assert!(stdout.contains("1 of 4 runs to train"), "{stdout}");
+    assert!(stdout.contains("== fast, seed 2 (run 1 of 1)"), "{stdout}");
+    assert_eq!(
+        fs::read_to_string(out.join("results/base-seed1.json")).unwrap(),
+        kept
+    );
+    assert!(out.join("results/fast-seed2.json").exists());
+
+    // The sweep sets --seed, --data and --out itself.
+    let bad = serde_json::json!({"data": data, "base": ["--seed", "3"], "variants": []});
+    fs::write(&plan_path, bad.to_string()).unwrap();
+    let (ok, _, err) = kiln(&args, &[]);
+    assert!(
+        !ok && err.contains("--seed is set by the sweep itself"),
+        "{err}"
+    );
+    fs::remove_dir_all(&dir).ok();
+}
