@@ -1,5 +1,6 @@
 //! `kiln ablate` end to end: a base and one variant, two seeds each, on tiny-golf; the table
-//! (Markdown and JSON) holds every configuration with its seeds, the loss curves are drawn,
+//! (Markdown and JSON) holds every configuration with its seeds, both byte counts for a
+//! SentencePiece vocabulary, the loss curves are drawn,
 //! and a rerun after one result is removed trains that run alone. A plan that sets what the
 //! sweep sets itself is refused.
 
@@ -12,10 +13,17 @@ use common::kiln;
 #[test]
 fn a_sweep_tabulates_every_seed_and_resumes() {
     let dir = common::temp_dir("ablate", "sweep");
-    let words = [
-        "the", "king", "speaks", "to", "a", "fool", "in", "winter", "and", "sings",
-    ];
-    let data = common::word_corpus(&dir, &words, 5, 1500);
+    // A corpus with a SentencePiece vocabulary (llama2.c's format), so the challenge's byte
+    // count applies too: never fewer bytes than the true count, so never more bits per byte.
+    let text = dir.join("text");
+    fs::create_dir_all(&text).unwrap();
+    let line = "the hat ate a tea at the heath  then the ant ran in the rain\n";
+    fs::write(text.join("a.txt"), line.repeat(120)).unwrap();
+    let tokenizer = dir.join("tokenizer.bin");
+    fs::write(&tokenizer, common::small_tokenizer_bin()).unwrap();
+    let data = dir.join("data");
+    let spec = tokenizer.display().to_string().parse().unwrap();
+    kiln_formats::data::prepare(&[text], &data, spec, 0.1).unwrap();
     let plan = serde_json::json!({
         "data": data,
         "base": ["--model", "tiny-golf", "--steps", "4", "--batch", "2", "--seq", "16"],
@@ -52,6 +60,8 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
         assert!(bpb > 0.0 && bpb.is_finite(), "{row}");
         assert!(row["artifact_bytes_mean"].as_f64().unwrap() > 0.0, "{row}");
         assert_eq!(row["steps_mean"], 4.0);
+        let challenge = row["roundtrip_bpb_challenge_mean"].as_f64().unwrap();
+        assert!(challenge > 0.0 && challenge <= bpb + 1e-12, "{row}");
     }
     assert_eq!(rows[0]["delta"], 0.0);
     let md = fs::read_to_string(out.join("ablation.md")).unwrap();
