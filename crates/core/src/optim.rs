@@ -54,6 +54,17 @@ fn slots<B: Backend>(model: &Model<B>, r: Region) -> Slots<'_, B> {
     }
 }
 
+/// Counts an optimizer step, refusing a model without optimizer state.
+fn begin_step<B: Backend>(model: &mut Model<B>) -> crate::Result<()> {
+    crate::require!(
+        crate::backend::DeviceMemory::len(&model.optimizer) == 2 * model.param_count(),
+        Shape,
+        "an inference model (Model::for_inference) has no optimizer state"
+    );
+    model.step += 1;
+    Ok(())
+}
+
 /// One AdamW step over every parameter; `grad_scale` multiplies the gradients first
 /// (clipping, loss-scale removal). Weight decay only where the tensor's kind decays.
 pub fn adamw_step<B: Backend>(
@@ -61,12 +72,7 @@ pub fn adamw_step<B: Backend>(
     hp: &AdamW,
     grad_scale: f32,
 ) -> crate::Result<()> {
-    crate::require!(
-        crate::backend::DeviceMemory::len(&model.optimizer) == 2 * model.param_count(),
-        Shape,
-        "an inference model (Model::for_inference) has no optimizer state"
-    );
-    model.step += 1;
+    begin_step(model)?;
     for spec in &model.layout.specs {
         let step = AdamWStep {
             learning_rate: hp.learning_rate,
@@ -94,12 +100,7 @@ pub fn muon_adam_step<B: Backend>(
     hp: &MuonAdam,
     grad_scale: f32,
 ) -> crate::Result<()> {
-    crate::require!(
-        crate::backend::DeviceMemory::len(&model.optimizer) == 2 * model.param_count(),
-        Shape,
-        "an inference model (Model::for_inference) has no optimizer state"
-    );
-    model.step += 1;
+    begin_step(model)?;
     for spec in &model.layout.specs {
         let s = slots(model, spec.region);
         let lr = match spec.kind {

@@ -400,18 +400,20 @@ impl Codes {
     /// The codes repacked for products of many rows ([`crate::int8_gemm`]), built on first
     /// use.
     pub fn panels(&self) -> &Panels {
+        // The scales without the padding one the few-row kernels read.
+        let build = |(rows, cols, group), scales: &[f32], row: &dyn Fn(usize, &mut [i8])| {
+            Panels::new((rows, cols, group), &scales[..scales.len() - 1], row)
+        };
         match self {
             Codes::None => panic!("int8: no codes"),
             Codes::Int8(m) => m.panels.get_or_build(|| {
-                let scales = &m.scales[..m.scales.len() - 1];
-                Panels::new((m.rows, m.cols, m.group), scales, |j, out| {
-                    m.row_codes(j, out)
+                build((m.rows, m.cols, m.group), &m.scales, &|j, o| {
+                    m.row_codes(j, o)
                 })
             }),
             Codes::Ternary(m) => m.panels.get_or_build(|| {
-                let scales = &m.scales[..m.scales.len() - 1];
-                Panels::new((m.rows, m.cols, m.group), scales, |j, out| {
-                    m.row_codes(j, out)
+                build((m.rows, m.cols, m.group), &m.scales, &|j, o| {
+                    m.row_codes(j, o)
                 })
             }),
         }

@@ -258,20 +258,20 @@ impl Tile {
     /// As [`forward`] says at its call.
     unsafe fn run(self, dot: Int8Dot, rows: usize, quads: usize) {
         macro_rules! dispatch {
-            ($kernel:ident) => {
+            ($kernel:ident $(, $half:literal)?) => {
                 match (rows, quads) {
-                    (6, 16) => $kernel::<6, 16>(self),
-                    (5, 16) => $kernel::<5, 16>(self),
-                    (4, 16) => $kernel::<4, 16>(self),
-                    (3, 16) => $kernel::<3, 16>(self),
-                    (2, 16) => $kernel::<2, 16>(self),
-                    (1, 16) => $kernel::<1, 16>(self),
-                    (6, 8) => $kernel::<6, 8>(self),
-                    (5, 8) => $kernel::<5, 8>(self),
-                    (4, 8) => $kernel::<4, 8>(self),
-                    (3, 8) => $kernel::<3, 8>(self),
-                    (2, 8) => $kernel::<2, 8>(self),
-                    (1, 8) => $kernel::<1, 8>(self),
+                    (6, 16) => $kernel::<6, 16 $(, $half)?>(self),
+                    (5, 16) => $kernel::<5, 16 $(, $half)?>(self),
+                    (4, 16) => $kernel::<4, 16 $(, $half)?>(self),
+                    (3, 16) => $kernel::<3, 16 $(, $half)?>(self),
+                    (2, 16) => $kernel::<2, 16 $(, $half)?>(self),
+                    (1, 16) => $kernel::<1, 16 $(, $half)?>(self),
+                    (6, 8) => $kernel::<6, 8 $(, $half)?>(self),
+                    (5, 8) => $kernel::<5, 8 $(, $half)?>(self),
+                    (4, 8) => $kernel::<4, 8 $(, $half)?>(self),
+                    (3, 8) => $kernel::<3, 8 $(, $half)?>(self),
+                    (2, 8) => $kernel::<2, 8 $(, $half)?>(self),
+                    (1, 8) => $kernel::<1, 8 $(, $half)?>(self),
                     _ => unreachable!("int8 gemm: {rows} rows, {quads} quads"),
                 }
             };
@@ -279,12 +279,12 @@ impl Tile {
         match dot {
             Int8Dot::Vnni512 => dispatch!(tile_vnni512),
             Int8Dot::AvxVnni => {
-                dispatch!(tile_avxvnni);
-                dispatch!(tile_avxvnni_upper);
+                dispatch!(tile_avxvnni, 0);
+                dispatch!(tile_avxvnni, 1);
             }
             Int8Dot::Avx2 => {
-                dispatch!(tile_avx2);
-                dispatch!(tile_avx2_upper);
+                dispatch!(tile_avx2, 0);
+                dispatch!(tile_avx2, 1);
             }
         }
     }
@@ -425,11 +425,11 @@ unsafe fn tile_vnni512<const R: usize, const Q: usize>(t: Tile) {
 }
 
 /// The 32-byte kernels, once per integer dot product, each for one half of a panel (16 of its
-/// weight rows: `$half` 0 or 1): `$offset(block)` is the group's starting sums for those
-/// rows, `$input(av)` turns a broadcast input quad into the product's operand, and
+/// weight rows: the generic `HALF`, 0 or 1): `$offset(block)` is the group's starting sums
+/// for those rows, `$input(av)` turns a broadcast input quad into the product's operand, and
 /// `$dot(sums, input, w, |w|)` adds the products of 4 adjacent bytes into each i32 lane.
 macro_rules! ymm_tiles {
-    ($name:ident, $half:literal, $features:literal,
+    ($name:ident, $features:literal,
      offset: |$block:ident| $offset:expr,
      input: |$av:ident| $input:expr,
      dot: |$s:ident, $x:ident, $w:ident, $wabs:ident| $dot:expr) => {
@@ -439,8 +439,7 @@ macro_rules! ymm_tiles {
         /// # Safety
         /// The features named; the tile's pointers as [`forward`] says.
         #[target_feature(enable = $features)]
-        unsafe fn $name<const R: usize, const Q: usize>(t: Tile) {
-            const HALF: usize = $half;
+        unsafe fn $name<const R: usize, const Q: usize, const HALF: usize>(t: Tile) {
             if t.cols <= 16 * HALF {
                 return;
             }
@@ -494,20 +493,11 @@ macro_rules! ymm_tiles {
     };
 }
 
-ymm_tiles!(tile_avxvnni, 0, "avx2,fma,avxvnni",
+ymm_tiles!(tile_avxvnni, "avx2,fma,avxvnni",
     offset: |block| [_mm256_load_si256(block.cast()), _mm256_load_si256(block.add(32).cast())],
     input: |av| av,
     dot: |s, x, w, _wabs| _mm256_dpbusd_avx_epi32(s, x, w));
-ymm_tiles!(tile_avxvnni_upper, 1, "avx2,fma,avxvnni",
-    offset: |block| [_mm256_load_si256(block.cast()), _mm256_load_si256(block.add(32).cast())],
-    input: |av| av,
-    dot: |s, x, w, _wabs| _mm256_dpbusd_avx_epi32(s, x, w));
-ymm_tiles!(tile_avx2, 0, "avx2,fma",
-    offset: |block| [_mm256_setzero_si256(); 2],
-    input: |av| _mm256_xor_si256(av, _mm256_set1_epi8(-128)),
-    dot: |s, x, w, wabs| _mm256_add_epi32(s, _mm256_madd_epi16(
-        _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1))));
-ymm_tiles!(tile_avx2_upper, 1, "avx2,fma",
+ymm_tiles!(tile_avx2, "avx2,fma",
     offset: |block| [_mm256_setzero_si256(); 2],
     input: |av| _mm256_xor_si256(av, _mm256_set1_epi8(-128)),
     dot: |s, x, w, wabs| _mm256_add_epi32(s, _mm256_madd_epi16(
