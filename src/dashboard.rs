@@ -32,10 +32,11 @@ use crate::backends::Selection;
 use crate::runlog::RunLog;
 use crate::telemetry::{human_duration, PerStage, Stage, Step, StopReason};
 
-const STAGE_COLORS: [Color; 6] = [
+const STAGE_COLORS: [Color; Stage::ALL.len()] = [
     Color::Gray,
     Color::Cyan,
     Color::Blue,
+    Color::Green,
     Color::Magenta,
     Color::Yellow,
     Color::Red,
@@ -452,9 +453,13 @@ fn draw_header(frame: &mut Frame, app: &App, area: Rect) {
         .join(" / ")
     });
     let title = format!(
-        " kiln · {} · {} · {} parameters · budget {} ",
+        " kiln · {} · {}{} · {} parameters · budget {} ",
         log.name(),
         start.map_or("?", |s| s.backend.as_str()),
+        match start.map_or(1, |s| s.world_size) {
+            1 => String::new(),
+            world => format!(" × {world} processes"),
+        },
         start.map_or("?".into(), |s| s.parameters.to_string()),
         budget
     );
@@ -521,10 +526,23 @@ fn draw_throughput(frame: &mut Frame, app: &App, area: Rect) {
         let recent = &log.steps[log.steps.len() - n..];
         let tps = recent.iter().map(|s| s.tokens_per_s).sum::<f64>() / n as f64;
         let ms = recent.iter().map(|s| s.ms_per_step).sum::<f64>() / n as f64;
+        let world = log.start.as_ref().map_or(1, |s| s.world_size);
+        let over = if world > 1 {
+            format!(", all {world} processes")
+        } else {
+            String::new()
+        };
         lines.push(Line::from(format!(
-            "tokens/s  {tps:>10.0}   (mean of last {n} steps)"
+            "tokens/s  {tps:>10.0}   (mean of last {n} steps{over})"
         )));
         lines.push(Line::from(format!("ms/step   {ms:>10.1}")));
+        if world > 1 {
+            let reduce = recent.iter().map(|s| s.ms.allreduce).sum::<f64>() / n as f64;
+            lines.push(Line::from(format!(
+                "all-reduce{reduce:>10.1} ms/step ({:.1}%)",
+                100.0 * reduce / ms
+            )));
+        }
         lines.push(Line::from(format!(
             "TFLOP/s   {:>10.4}   MFU {:.1}%",
             s.tflops,

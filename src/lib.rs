@@ -17,7 +17,8 @@
 //! Modules:
 //! - [`backends`]: `--backend` resolved in one place; [`doctor`], [`machine`]: what runs here.
 //! - [`train`]: the training loop; [`run_config`]: what defines a run; [`rundir`]: what a run
-//!   directory holds; [`interrupt`]: Ctrl-C and SIGTERM saving a checkpoint.
+//!   directory holds; [`interrupt`]: Ctrl-C and SIGTERM saving a checkpoint;
+//!   [`distributed`]: training across processes under `mpirun` (the `mpi` feature).
 //! - [`telemetry`]: the typed events a run writes; [`runlog`]: reading them back, for the
 //!   [`dashboard`] and [`report`].
 //! - [`commands`]: `sample`, `eval`, `model logits` and `model info`, generic over the backend.
@@ -29,6 +30,7 @@ pub mod backends;
 pub mod bench;
 pub mod commands;
 pub mod dashboard;
+pub mod distributed;
 pub mod doctor;
 pub mod interrupt;
 pub mod machine;

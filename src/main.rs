@@ -271,6 +271,11 @@ struct TrainArgs {
     /// Also write TensorBoard event files into RUN/tensorboard/.
     #[arg(long)]
     tensorboard: bool,
+    /// Under `mpirun`: stop every process when a collective waits this long for the others
+    /// (a process died or hangs). It must exceed rank 0's longest solo work (validation, a
+    /// sample, a checkpoint): 90s, 5m.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    rank_timeout: f64,
 }
 
 #[derive(Args)]
@@ -847,6 +852,21 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
 }
 
 fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -> Result<()> {
+    let timeout = std::time::Duration::from_secs_f64(args.rank_timeout);
+    if let Some(team) = kiln::distributed::join(timeout)? {
+        return match train_together(backend, choice, &args, &team) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // The other processes may be waiting in a collective: stop them all.
+                eprintln!(
+                    "kiln process {} of {}: error: {error:#}",
+                    team.rank(),
+                    team.size()
+                );
+                team.abort(1)
+            }
+        };
+    }
     let mut trainer = match &args.resume {
         Some(run) => Trainer::resume(backend, run, args.steps)?,
         None => {
@@ -891,6 +911,42 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
         .map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
     print_report(&result?);
     eprintln!("run directory: {}", trainer.run_dir.display());
+    Ok(())
+}
+
+/// `kiln train` as one of the processes `mpirun` started: each trains on its own batches, the
+/// gradients are summed across them every step, rank 0 writes the run.
+fn train_together<B: Backend + 'static>(
+    backend: B,
+    choice: Selection,
+    args: &TrainArgs,
+    team: &kiln::distributed::Team,
+) -> Result<()> {
+    anyhow::ensure!(
+        !args.dashboard,
+        "--dashboard is for a run of one process; watch a run of several with \
+         `kiln dashboard RUN` in another terminal"
+    );
+    let communicator = team.communicator::<B>();
+    let mut trainer = match &args.resume {
+        Some(run) => Trainer::resume_in(backend, run, args.steps, communicator)?,
+        None => {
+            let out = args.out.as_deref().context("--out is required")?;
+            Trainer::create_in(backend, train_config(args)?, out, communicator)?
+        }
+    };
+    if team.rank() == 0 {
+        trainer.print_every = args.print_every;
+    }
+    trainer.interrupt = Some(kiln::interrupt::install()?);
+    trainer.peak_gflops = kiln::backends::hardware_peak(choice, 0.15)
+        .ok()
+        .map(|p| p.0);
+    let report = trainer.run()?;
+    if team.rank() == 0 {
+        print_report(&report);
+        eprintln!("run directory: {}", trainer.run_dir.display());
+    }
     Ok(())
 }
 

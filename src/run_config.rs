@@ -20,8 +20,12 @@ pub struct TrainConfig {
     pub batch: usize,
     /// Tokens per sequence (T).
     pub seq: usize,
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step, in each process.
     pub accumulation: usize,
+    /// Data-parallel processes (MPI ranks) training together; each takes its own
+    /// micro-batches, so a step reads `world_size × accumulation` batches.
+    #[serde(default = "one")]
+    pub world_size: usize,
     /// Budgets: the run stops at the first one reached (at least one must be set).
     pub max_steps: Option<u64>,
     pub max_tokens: Option<u64>,
@@ -85,6 +89,10 @@ pub struct TrainConfig {
     /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub poison_steps: Vec<u64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_warmdown() -> u64 {
@@ -187,6 +195,7 @@ impl TrainConfig {
             sample_prompt: String::new(),
             compact_vocab: false,
             max_bad_steps: 5,
+            world_size: 1,
             init_from: None,
             vocab_size_override: None,
             tensorboard: false,
@@ -200,14 +209,15 @@ impl TrainConfig {
         }
     }
 
+    /// Tokens per optimizer step, over all processes.
     pub fn tokens_per_step(&self) -> u64 {
-        (self.batch * self.seq * self.accumulation) as u64
+        (self.batch * self.seq * self.accumulation * self.world_size) as u64
     }
 
     pub fn validate(&self) -> Result<()> {
         ensure!(
-            self.batch > 0 && self.seq > 0 && self.accumulation > 0,
-            "batch, seq and accumulation must be positive"
+            self.batch > 0 && self.seq > 0 && self.accumulation > 0 && self.world_size > 0,
+            "batch, seq, accumulation and the world size must be positive"
         );
         ensure!(
             self.max_steps.is_some()

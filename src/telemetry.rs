@@ -24,16 +24,19 @@ pub enum Stage {
     Data,
     Forward,
     Backward,
+    /// Summing gradients (and the step's few agreed numbers) across data-parallel processes.
+    Allreduce,
     Optimizer,
     Eval,
     Checkpoint,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 7] = [
         Stage::Data,
         Stage::Forward,
         Stage::Backward,
+        Stage::Allreduce,
         Stage::Optimizer,
         Stage::Eval,
         Stage::Checkpoint,
@@ -44,6 +47,7 @@ impl Stage {
             Stage::Data => "data",
             Stage::Forward => "forward",
             Stage::Backward => "backward",
+            Stage::Allreduce => "all-reduce",
             Stage::Optimizer => "optimizer",
             Stage::Eval => "eval",
             Stage::Checkpoint => "checkpoint",
@@ -59,6 +63,9 @@ pub struct PerStage {
     pub data: f64,
     pub forward: f64,
     pub backward: f64,
+    /// Absent from runs of one process before data parallelism was measured: zero.
+    #[serde(default)]
+    pub allreduce: f64,
     pub optimizer: f64,
     pub eval: f64,
     pub checkpoint: f64,
@@ -70,6 +77,7 @@ impl PerStage {
             Stage::Data => self.data,
             Stage::Forward => self.forward,
             Stage::Backward => self.backward,
+            Stage::Allreduce => self.allreduce,
             Stage::Optimizer => self.optimizer,
             Stage::Eval => self.eval,
             Stage::Checkpoint => self.checkpoint,
@@ -81,6 +89,7 @@ impl PerStage {
             Stage::Data => &mut self.data,
             Stage::Forward => &mut self.forward,
             Stage::Backward => &mut self.backward,
+            Stage::Allreduce => &mut self.allreduce,
             Stage::Optimizer => &mut self.optimizer,
             Stage::Eval => &mut self.eval,
             Stage::Checkpoint => &mut self.checkpoint,
@@ -115,6 +124,9 @@ impl PerStage {
 pub struct Start {
     pub step: u64,
     pub backend: String,
+    /// Data-parallel processes training together (1: one process).
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub parameters: usize,
     pub model: ModelConfig,
     pub train: TrainConfig,
@@ -234,7 +246,8 @@ pub struct Record {
 /// Appends records to a run's telemetry file, flushing each so a reader sees it at once, and
 /// mirrors the scalars of step and eval events into TensorBoard event files when asked.
 pub struct Telemetry {
-    file: File,
+    /// `None`: events are dropped (a data-parallel process other than rank 0).
+    file: Option<File>,
     tensorboard: Option<EventWriter>,
 }
 
@@ -246,9 +259,17 @@ impl Telemetry {
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         Ok(Telemetry {
-            file,
+            file: Some(file),
             tensorboard: None,
         })
+    }
+
+    /// Telemetry that writes nothing: rank 0 alone writes a data-parallel run's.
+    pub fn discard() -> Self {
+        Telemetry {
+            file: None,
+            tensorboard: None,
+        }
     }
 
     /// Mirrors step and eval metrics into TensorBoard event files under `dir`.
@@ -258,13 +279,16 @@ impl Telemetry {
     }
 
     pub fn emit(&mut self, event: Event) -> Result<()> {
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
         let time = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         let record = Record { time, event };
-        writeln!(self.file, "{}", serde_json::to_string(&record)?)?;
-        self.file.flush()?;
+        writeln!(file, "{}", serde_json::to_string(&record)?)?;
+        file.flush()?;
         if let Some(tb) = &mut self.tensorboard {
             let (step, scalars) = tensorboard_scalars(&record.event);
             if !scalars.is_empty() {
@@ -273,6 +297,10 @@ impl Telemetry {
         }
         Ok(())
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The TensorBoard tags of an event's scalars (non-finite values left out).

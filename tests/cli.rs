@@ -195,3 +195,30 @@ fn artifacts_run_on_their_codes_by_default_where_the_backend_can() {
     assert!(!err.contains("packed weights"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Started by `mpirun` as one of two processes, a kiln built without the `mpi` feature says
+/// so and how to build one with it, instead of training alone twice into the same run.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_kiln_without_mpi_refuses_to_be_one_of_several_processes() {
+    let dir = common::temp_dir("cli", "no-mpi");
+    let out = dir.join("run");
+    let (ok, _, err) = common::kiln(
+        &[
+            "train",
+            "--data",
+            dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+        ],
+        &[("OMPI_COMM_WORLD_SIZE", "2")],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("built without MPI") && err.contains("--features mpi"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+}

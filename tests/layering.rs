@@ -125,6 +125,7 @@ fn application_modules_import_only_modules_below_them() {
     // The dashboard and reports read telemetry; they never reach the trainer.
     let order = [
         "interrupt",
+        "distributed",
         "machine",
         "backends",
         "run_config",

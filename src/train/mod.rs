@@ -69,8 +69,9 @@ pub struct Trainer<B: Backend> {
     /// Set (by a signal handler, [`crate::interrupt`]) to stop at the next step boundary after
     /// saving a checkpoint.
     pub interrupt: Option<Arc<AtomicBool>>,
-    /// The run directory's lock, held while this trainer lives ([`lock_run`]).
-    _lock: File,
+    /// The run directory's lock, held while this trainer lives ([`lock_run`]); rank 0's
+    /// alone in a data-parallel run.
+    _lock: Option<File>,
 }
 
 /// Takes the run directory's lock (`run_dir/.lock`, an advisory exclusive lock the kernel
@@ -109,8 +110,21 @@ fn lock_run(run_dir: &Path) -> Result<File> {
 
 impl<B: Backend> Trainer<B> {
     /// Starts a new run in `run_dir` (which must not hold one already).
-    pub fn create(backend: B, mut config: TrainConfig, run_dir: &Path) -> Result<Self> {
-        if run_dir.join("train.json").exists() {
+    pub fn create(backend: B, config: TrainConfig, run_dir: &Path) -> Result<Self> {
+        Self::create_in(backend, config, run_dir, Box::new(SingleProcess))
+    }
+
+    /// Starts a new run trained data-parallel by every process of `communicator`: each one
+    /// calls this with the same arguments; rank 0 alone writes the run directory.
+    pub fn create_in(
+        backend: B,
+        mut config: TrainConfig,
+        run_dir: &Path,
+        communicator: Box<dyn Communicator<B> + Send>,
+    ) -> Result<Self> {
+        let lead = communicator.rank() == 0;
+        config.world_size = communicator.world_size();
+        if lead && run_dir.join("train.json").exists() {
             bail!(
                 "{} already holds a run; resume it with --resume {0}, or choose another --out",
                 run_dir.display()
@@ -145,20 +159,25 @@ impl<B: Backend> Trainer<B> {
             config.model.vocab_size = rows;
         }
         config.validate()?;
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create {}", run_dir.display()))?;
-        let lock = lock_run(run_dir)?;
-        write_atomic(
-            &run_dir.join("train.json"),
-            serde_json::to_string_pretty(&config)?.as_bytes(),
-        )?;
-        if let Some(map) = &vocab_map {
+        let lock = if lead {
+            std::fs::create_dir_all(run_dir)
+                .with_context(|| format!("cannot create {}", run_dir.display()))?;
+            let lock = lock_run(run_dir)?;
             write_atomic(
-                &run_dir.join("vocab_map.json"),
-                serde_json::to_string(map.full_ids())?.as_bytes(),
+                &run_dir.join("train.json"),
+                serde_json::to_string_pretty(&config)?.as_bytes(),
             )?;
-        }
-        dataset.tokenizer.save(run_dir)?;
+            if let Some(map) = &vocab_map {
+                write_atomic(
+                    &run_dir.join("vocab_map.json"),
+                    serde_json::to_string(map.full_ids())?.as_bytes(),
+                )?;
+            }
+            dataset.tokenizer.save(run_dir)?;
+            Some(lock)
+        } else {
+            None
+        };
         let mut model = Model::new(backend, config.model.clone())?;
         model.init_random(config.seed)?;
         if let Some(path) = &config.init_from {
@@ -190,7 +209,9 @@ impl<B: Backend> Trainer<B> {
                 None => imported.weights,
             };
             model.upload_params(&weights)?;
-            eprintln!("initialised from {}", imported.source);
+            if lead {
+                eprintln!("initialised from {}", imported.source);
+            }
         }
         Self::prepare_model(&mut model, &config)?;
         let loader = Loader::new(
@@ -207,21 +228,58 @@ impl<B: Backend> Trainer<B> {
             vocab_map,
             loader,
             (0, 0, 0.0),
+            communicator,
         )
     }
 
     /// Opens the run's telemetry (and TensorBoard files) and puts a trainer together at
-    /// `(step, skipped steps, seconds already trained)`, holding the run's `lock`.
+    /// `(step, skipped steps, seconds already trained)`, holding the run's `lock` (rank 0;
+    /// other ranks write nothing).
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         config: TrainConfig,
         model: Model<B>,
-        (run_dir, lock): (&Path, File),
+        (run_dir, lock): (&Path, Option<File>),
         dataset: Dataset,
         vocab_map: Option<VocabMap>,
         loader: Loader,
         (step, skipped, elapsed_before): (u64, u64, f64),
+        communicator: Box<dyn Communicator<B> + Send>,
     ) -> Result<Self> {
+        let world = communicator.world_size();
+        let per_step = (world * config.accumulation) as u64;
+        ensure!(
+            world == 1 || loader.batches_per_pass() >= per_step,
+            "{}: the training split holds {} batches of {}×{} tokens, fewer than the {} that \
+             one step of {world} processes × {} micro-batches reads, so processes would train \
+             on the same tokens; use fewer processes, a smaller --batch or --seq, or more data",
+            config.data.display(),
+            loader.batches_per_pass(),
+            config.batch,
+            config.seq,
+            per_step,
+            config.accumulation
+        );
+        let Some(lock) = lock else {
+            return Ok(Trainer {
+                config,
+                model,
+                run_dir: run_dir.to_path_buf(),
+                dataset,
+                vocab_map,
+                loader,
+                telemetry: Telemetry::discard(),
+                communicator,
+                step,
+                skipped,
+                elapsed_before,
+                print_every: 0,
+                echo: false,
+                peak_gflops: None,
+                interrupt: None,
+                _lock: None,
+            });
+        };
         // Partial checkpoints a killed process left: no other process writes here now.
         if let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) {
             for entry in entries.flatten() {
@@ -248,7 +306,7 @@ impl<B: Backend> Trainer<B> {
             vocab_map,
             loader,
             telemetry,
-            communicator: Box::new(SingleProcess),
+            communicator,
             step,
             skipped,
             elapsed_before,
@@ -256,26 +314,68 @@ impl<B: Backend> Trainer<B> {
             echo: true,
             peak_gflops: None,
             interrupt: None,
-            _lock: lock,
+            _lock: Some(lock),
         })
     }
 
     /// Reopens a run at its newest checkpoint; training continues exactly where it stopped.
     /// `more_steps` raises the step budget (to train past the original end).
     pub fn resume(backend: B, run_dir: &Path, max_steps: Option<u64>) -> Result<Self> {
+        Self::resume_in(backend, run_dir, max_steps, Box::new(SingleProcess))
+    }
+
+    /// [`Self::resume`] by every process of `communicator` (each reads the run directory;
+    /// rank 0 alone writes it). Another world size than the run's is taken only where each
+    /// step can read the same batches in the same order: the run's processes × micro-batches
+    /// must divide among the new processes, which then take that many micro-batches each.
+    pub fn resume_in(
+        backend: B,
+        run_dir: &Path,
+        max_steps: Option<u64>,
+        communicator: Box<dyn Communicator<B> + Send>,
+    ) -> Result<Self> {
+        let lead = communicator.rank() == 0;
         let path = run_dir.join("train.json");
         ensure!(
             path.exists(),
             "{} is not a kiln run (no train.json)",
             run_dir.display()
         );
-        let lock = lock_run(run_dir)?;
+        let lock = if lead { Some(lock_run(run_dir)?) } else { None };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{} is not a kiln run (no train.json)", run_dir.display()))?;
         let mut config: TrainConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is malformed", path.display()))?;
         if max_steps.is_some() {
             config.max_steps = max_steps;
+        }
+        let world = communicator.world_size();
+        if config.world_size != world {
+            let batches = config.world_size * config.accumulation;
+            ensure!(
+                batches.is_multiple_of(world),
+                "{} was trained by {} processes × {} micro-batches = {batches} batches per \
+                 step, which {world} processes cannot share evenly, so the data order would \
+                 change; resume with a number of processes that divides {batches}",
+                run_dir.display(),
+                config.world_size,
+                config.accumulation
+            );
+            if lead {
+                eprintln!(
+                    "{}: {} processes × {} micro-batches before, {world} × {} now: the same \
+                     batches in the same order",
+                    run_dir.display(),
+                    config.world_size,
+                    config.accumulation,
+                    batches / world
+                );
+            }
+            config.accumulation = batches / world;
+            config.world_size = world;
+            if lead {
+                write_atomic(&path, serde_json::to_string_pretty(&config)?.as_bytes())?;
+            }
         }
         let dataset = Dataset::open(&config.data)?;
         let checkpoint_dir = crate::rundir::resolve(run_dir)?;
@@ -310,24 +410,25 @@ impl<B: Backend> Trainer<B> {
             vocab_map,
             loader,
             (step, skipped, elapsed),
+            communicator,
         )?;
         trainer.telemetry.emit(Event::Resume {
             step,
             checkpoint: checkpoint_dir.clone(),
         })?;
-        eprintln!(
-            "resuming {} at step {step} from {}",
-            run_dir.display(),
-            checkpoint_dir.display()
-        );
+        if lead {
+            eprintln!(
+                "resuming {} at step {step} from {}",
+                run_dir.display(),
+                checkpoint_dir.display()
+            );
+        }
         Ok(trainer)
     }
 
-    /// Trains data-parallel with `communicator`: each process computes gradients on its own
-    /// batches, the gradient arena is all-reduced before every optimizer step.
-    pub fn with_communicator(mut self, communicator: Box<dyn Communicator<B> + Send>) -> Self {
-        self.communicator = communicator;
-        self
+    /// This process's rank and the number of processes training together.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        (self.communicator.rank(), self.communicator.world_size())
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

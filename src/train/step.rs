@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use kiln_core::backend::{Backend, View};
+use kiln_core::backend::{Backend, HostReduce, View};
 use kiln_core::eval::EvalResult;
 use kiln_core::model::Activations;
 use kiln_core::optim::{adamw_step, muon_adam_step, AdamW, MuonAdam};
@@ -34,6 +34,10 @@ struct Progress {
     last_loss: f32,
     last_step_seconds: f64,
     steps_at_start: u64,
+    /// Rank 0's elapsed seconds at the end of the last step, which every process of a
+    /// data-parallel run takes as the run's clock (budgets and time-based schedules must not
+    /// see each process's own clock, or the processes would part ways).
+    agreed_elapsed: f64,
 }
 
 impl Progress {
@@ -70,10 +74,12 @@ impl<B: Backend> Trainer<B> {
         let cfg = self.config.clone();
         let rates = Rates {
             flops_per_step: cfg.model.train_flops_per_token(cfg.seq) * cfg.tokens_per_step() as f64,
-            peak_gflops: match self.peak_gflops {
-                Some(peak) => peak,
-                None => crate::bench::measure_matmul_peak(&self.model.backend, 512)?,
-            },
+            // Each process's peak, times the processes: MFU of the whole run.
+            peak_gflops: self.communicator.world_size() as f64
+                * match self.peak_gflops {
+                    Some(peak) => peak,
+                    None => crate::bench::measure_matmul_peak(&self.model.backend, 512)?,
+                },
         };
         self.start(&cfg, &rates)?;
         let acts = self.model.loss_activations(cfg.batch, cfg.seq)?;
@@ -87,21 +93,30 @@ impl<B: Backend> Trainer<B> {
             last_loss: f32::NAN,
             last_step_seconds: 0.0,
             steps_at_start: self.step,
+            agreed_elapsed: self.elapsed_before,
         };
+        let world = self.communicator.world_size();
+        if world > 1 {
+            self.check_replicas("at the start")?;
+        }
         let flag = self.interrupt.clone();
         let interrupted = || flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
-        while !self.finished(&cfg, stop_at, self.elapsed(&run), run.last_step_seconds)
-            && !interrupted()
+        // With several processes, a signal is acted on only once they agree (after a step).
+        while !self.finished(&cfg, stop_at, self.clock(&run), run.last_step_seconds)
+            && !(world == 1 && interrupted())
         {
             let step_started = Instant::now();
             let before = run.stages;
+            self.communicator.at_step(self.step);
             let loss = self.forward_backward(&cfg, &acts, &mut run)?;
             let mut update = self.update(&cfg, loss, &mut run)?;
             update.seconds = seconds_since(step_started);
-            let done = self.finished(&cfg, stop_at, self.elapsed(&run), update.seconds);
             // Read once per step: a signal arriving later is seen at the next boundary.
-            let interrupt = !done && interrupted();
-            run.last_step_seconds = update.seconds;
+            let (elapsed, step_seconds, signalled) =
+                self.agree(&mut run, update.seconds, interrupted())?;
+            let done = self.finished(&cfg, stop_at, elapsed, step_seconds);
+            let interrupt = !done && signalled;
+            run.last_step_seconds = step_seconds;
             self.print_step(&cfg, &run, &update, &rates, done);
             let stop_for_bad_steps = !update.finite && run.consecutive_bad >= cfg.max_bad_steps;
             if !update.finite {
@@ -115,7 +130,7 @@ impl<B: Backend> Trainer<B> {
             }
             if !stop_for_bad_steps {
                 self.periodic(&cfg, &acts, &val_tokens, done, &mut run)?;
-                if interrupt && !self.checkpointed_now(&cfg, done) {
+                if interrupt && !self.checkpointed_now(&cfg, done) && self.lead() {
                     let t = Instant::now();
                     let path = self.save_checkpoint(self.elapsed(&run), None)?;
                     run.charge(Stage::Checkpoint, t);
@@ -167,6 +182,87 @@ impl<B: Backend> Trainer<B> {
         self.elapsed_before + seconds_since(run.started)
     }
 
+    /// The run's clock: this process's own alone, rank 0's as last agreed with several.
+    fn clock(&self, run: &Progress) -> f64 {
+        if self.communicator.world_size() == 1 {
+            self.elapsed(run)
+        } else {
+            run.agreed_elapsed
+        }
+    }
+
+    /// Whether this process writes the run (checkpoints, telemetry, samples, the report).
+    fn lead(&self) -> bool {
+        self.communicator.rank() == 0
+    }
+
+    /// What every process must agree on after a step: `(elapsed seconds, this step's
+    /// seconds, whether a stop was signalled)`. Alone, this process's own; with several,
+    /// rank 0's clock and a signal any process received, in one small all-reduce.
+    fn agree(
+        &mut self,
+        run: &mut Progress,
+        step_seconds: f64,
+        signalled: bool,
+    ) -> Result<(f64, f64, bool)> {
+        if self.communicator.world_size() == 1 {
+            return Ok((self.elapsed(run), step_seconds, signalled));
+        }
+        let t = Instant::now();
+        // Rank 0's clock wins the maximum over the others' −∞.
+        let mut values = if self.lead() {
+            [self.elapsed(run), step_seconds, 0.0]
+        } else {
+            [f64::NEG_INFINITY, f64::NEG_INFINITY, 0.0]
+        };
+        values[2] = if signalled { 1.0 } else { 0.0 };
+        self.communicator
+            .all_reduce_host(&mut values, HostReduce::Max)?;
+        run.charge(Stage::Allreduce, t);
+        run.agreed_elapsed = values[0];
+        Ok((values[0], values[1], values[2] > 0.0))
+    }
+
+    /// Checks that every process holds the same weights, step and data position (a
+    /// fingerprint of each, compared by an all-reduce of its minimum and maximum): processes
+    /// that parted ways would otherwise train on silently.
+    fn check_replicas(&mut self, when: &str) -> Result<()> {
+        let mut params = vec![0f32; self.model.param_count()];
+        self.model
+            .backend
+            .download(View::whole(&self.model.params), &mut params)?;
+        let position = self.loader.position;
+        let state = [
+            self.step,
+            self.model.step,
+            position.epoch,
+            position.shard as u64,
+            position.offset as u64,
+        ];
+        let fingerprint = fingerprint(
+            params
+                .iter()
+                .map(|p| p.to_bits() as u64)
+                .chain(state)
+                .chain(serde_json::to_string(&self.config)?.bytes().map(u64::from)),
+        );
+        let mut low = [fingerprint];
+        let mut high = [fingerprint];
+        self.communicator
+            .all_reduce_host(&mut low, HostReduce::Min)?;
+        self.communicator
+            .all_reduce_host(&mut high, HostReduce::Max)?;
+        if low != high {
+            bail!(
+                "the {} processes hold different weights, steps, data positions or settings {when} \
+                 (step {}): were they started with the same flags and files?",
+                self.communicator.world_size(),
+                self.step
+            );
+        }
+        Ok(())
+    }
+
     /// Whether to stop: a budget is spent, the next step would overrun the time budget, or
     /// `stop_at` is reached.
     fn finished(
@@ -187,6 +283,7 @@ impl<B: Backend> Trainer<B> {
         self.telemetry.emit(Event::Start(Box::new(Start {
             step: self.step,
             backend: self.model.backend.name(),
+            world_size: self.communicator.world_size(),
             parameters: self.model.param_count(),
             model: cfg.model.clone(),
             train: cfg.clone(),
@@ -197,11 +294,13 @@ impl<B: Backend> Trainer<B> {
             max_tokens: cfg.max_tokens,
             time_budget_seconds: cfg.time_budget_seconds,
         })))?;
+        let world = self.communicator.world_size();
         say!(
             self.echo,
-            "training {} parameters on {} | {} tokens/step | peak {:.1} GFLOP/s (MFU is against it)",
+            "training {} parameters on {}{} | {} tokens/step | peak {:.1} GFLOP/s (MFU is against it)",
             self.model.param_count(),
             self.model.backend.name(),
+            if world > 1 { format!(" × {world} processes") } else { String::new() },
             cfg.tokens_per_step(),
             rates.peak_gflops
         );
@@ -219,10 +318,19 @@ impl<B: Backend> Trainer<B> {
     ) -> Result<f32> {
         self.model.zero_grad();
         let world = self.communicator.world_size();
+        let rank = self.communicator.rank();
         let mut loss_sum = 0f32;
         for _ in 0..cfg.accumulation {
             let t = Instant::now();
+            // Of each `world` batches in turn, this process trains on the `rank`-th: together
+            // the processes read what one process with `world` times the micro-batches would.
+            for _ in 0..rank {
+                self.loader.skip()?;
+            }
             let (x, y) = self.loader.next_batch()?;
+            for _ in rank + 1..world {
+                self.loader.skip()?;
+            }
             let (x, y) = match &self.vocab_map {
                 Some(m) => (m.to_model(&x)?, m.to_model(&y)?),
                 None => (x, y),
@@ -237,14 +345,20 @@ impl<B: Backend> Trainer<B> {
             self.model.backward(acts, &x, &y, weight)?;
             run.charge(Stage::Backward, t);
         }
-        if world > 1 {
-            let t = Instant::now();
-            let grads = View::whole(&self.model.grads);
-            self.communicator
-                .all_reduce_sum(&self.model.backend, grads)?;
-            run.charge(Stage::Backward, t);
+        if world == 1 {
+            return Ok(loss_sum / cfg.accumulation as f32);
         }
-        Ok(loss_sum / cfg.accumulation as f32)
+        let t = Instant::now();
+        let grads = View::whole(&self.model.grads);
+        self.communicator
+            .all_reduce_sum(&self.model.backend, grads)?;
+        // The step's loss over every process: a non-finite one on any process skips the step
+        // on all of them.
+        let mut loss = [loss_sum as f64];
+        self.communicator
+            .all_reduce_host(&mut loss, HostReduce::Sum)?;
+        run.charge(Stage::Allreduce, t);
+        Ok((loss[0] / (cfg.accumulation * world) as f64) as f32)
     }
 
     /// The optimizer step: clipping, AdamW or Muon + Adam, the moving average and the QAT
@@ -257,7 +371,7 @@ impl<B: Backend> Trainer<B> {
             self.model.backend.upload(grads, &vec![f32::NAN; n])?;
         }
         let grad_norm = self.model.grad_norm();
-        let lr_mult = cfg.lr_multiplier(self.step, self.elapsed(run));
+        let lr_mult = cfg.lr_multiplier(self.step, self.clock(run));
         let lr = match cfg.optimizer {
             OptimizerKind::Adamw => cfg.learning_rate * lr_mult,
             OptimizerKind::Muon => cfg.muon.matrix_lr * lr_mult,
@@ -339,7 +453,7 @@ impl<B: Backend> Trainer<B> {
         if self.print_every == 0 || (!self.step.is_multiple_of(self.print_every) && !done) {
             return;
         }
-        let elapsed = self.elapsed(run);
+        let elapsed = self.clock(run);
         let progress = cfg.progress(self.step, elapsed);
         let eta = if progress > 0.0 {
             elapsed * (1.0 - progress) / progress
@@ -364,6 +478,15 @@ impl<B: Backend> Trainer<B> {
     ) -> Result<()> {
         let step = self.step;
         let due = |every: u64| done || (every > 0 && step.is_multiple_of(every));
+        if due(cfg.checkpoint_every) && self.communicator.world_size() > 1 {
+            let t = Instant::now();
+            self.check_replicas("before a checkpoint")?;
+            run.charge(Stage::Allreduce, t);
+        }
+        // Rank 0 alone validates, samples and saves: the others hold the same weights.
+        if !self.lead() {
+            return Ok(());
+        }
         if due(cfg.eval_every) {
             let t = Instant::now();
             // The step's activations are spent: validation reuses the same arena.
@@ -481,10 +604,12 @@ impl<B: Backend> Trainer<B> {
         };
         self.telemetry
             .emit(Event::Report(Box::new(report.clone())))?;
-        write_atomic(
-            &self.run_dir.join("report.json"),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
+        if self.lead() {
+            write_atomic(
+                &self.run_dir.join("report.json"),
+                serde_json::to_string_pretty(&report)?.as_bytes(),
+            )?;
+        }
         Ok(report)
     }
 }
@@ -533,4 +658,15 @@ pub fn print_report(report: &RunReport) {
             val.loss, val.bits_per_byte
         );
     }
+}
+
+/// FNV-1a over 64-bit words, folded to 52 bits so that an `f64` holds it exactly (the
+/// all-reduce that compares processes' fingerprints carries `f64`s).
+fn fingerprint(words: impl Iterator<Item = u64>) -> f64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in words {
+        hash ^= word;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    ((hash ^ (hash >> 52)) & ((1 << 52) - 1)) as f64
 }

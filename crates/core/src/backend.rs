@@ -677,6 +677,21 @@ pub trait Communicator<B: Backend> {
     fn world_size(&self) -> usize;
     /// Replaces `buffer` on every process by the element-wise sum over all processes.
     fn all_reduce_sum(&self, backend: &B, buffer: View<B>) -> Result<(), BackendError>;
+    /// Replaces host `values` on every process by their element-wise reduction by `op` over
+    /// all processes: the few numbers the processes must agree on (the step's loss, the clock,
+    /// whether to stop).
+    fn all_reduce_host(&self, values: &mut [f64], op: HostReduce) -> Result<(), BackendError>;
+    /// The optimizer step the next collectives belong to, for the message a communicator
+    /// gives when the other processes stop answering.
+    fn at_step(&self, _step: u64) {}
+}
+
+/// How [`Communicator::all_reduce_host`] combines the processes' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostReduce {
+    Sum,
+    Min,
+    Max,
 }
 
 /// Training in one process: the all-reduce is the identity.
@@ -693,6 +708,10 @@ impl<B: Backend> Communicator<B> for SingleProcess {
     }
 
     fn all_reduce_sum(&self, _backend: &B, _buffer: View<B>) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn all_reduce_host(&self, _values: &mut [f64], _op: HostReduce) -> Result<(), BackendError> {
         Ok(())
     }
 }

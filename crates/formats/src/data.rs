@@ -191,6 +191,8 @@ pub struct Loader {
     pub position: DataPosition,
     current: Vec<u32>,
     loaded: Option<usize>,
+    /// Batches in one pass over the shards.
+    batches_per_pass: u64,
 }
 
 impl Loader {
@@ -204,10 +206,12 @@ impl Loader {
             position: DataPosition::default(),
             current: Vec::new(),
             loaded: None,
+            batches_per_pass: 0,
         };
         // Validate every shard up front: a bad one should fail now, not an hour in.
         for i in 0..loader.shards.len() {
             loader.load(i)?;
+            loader.batches_per_pass += ((loader.current.len() - 1) / (batch * seq)) as u64;
         }
         loader.load(0)?;
         Ok(loader)
@@ -242,8 +246,29 @@ impl Loader {
         self.load(position.shard)
     }
 
+    /// How many batches one pass over the shards holds (a shard's tail shorter than a batch
+    /// is not read).
+    pub fn batches_per_pass(&self) -> u64 {
+        self.batches_per_pass
+    }
+
     /// The next `(inputs, targets)`, each `batch × seq` tokens.
     pub fn next_batch(&mut self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let start = self.advance()?;
+        let span = self.batch * self.seq;
+        let window = &self.current[start..start + span + 1];
+        Ok((window[..span].to_vec(), window[1..].to_vec()))
+    }
+
+    /// Moves past the next batch without reading it: another data-parallel process trains on
+    /// it.
+    pub fn skip(&mut self) -> Result<()> {
+        self.advance().map(|_| ())
+    }
+
+    /// Moves past the next batch (to the next shard when this one has no whole batch left);
+    /// returns the batch's offset in the current shard.
+    fn advance(&mut self) -> Result<usize> {
         let span = self.batch * self.seq;
         if self.position.offset + span + 1 > self.current.len() {
             self.position.offset = 0;
@@ -254,11 +279,9 @@ impl Loader {
             }
             self.load(self.position.shard)?;
         }
-        let window = &self.current[self.position.offset..self.position.offset + span + 1];
-        let inputs = window[..span].to_vec();
-        let targets = window[1..].to_vec();
+        let start = self.position.offset;
         self.position.offset += span;
-        Ok((inputs, targets))
+        Ok(start)
     }
 }
 
