@@ -9,7 +9,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// A prepared corpus for these runs.
@@ -61,21 +61,81 @@ fn train(processes: Option<usize>, args: &[&str], mark: &str) -> Command {
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         // Containers often forbid cross-memory attach; copies through shared memory work.
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdin(Stdio::null());
     command
 }
 
-fn run(mut command: Command) -> Output {
-    command.output().expect("mpirun (install openmpi-bin)")
+/// A started command whose output goes to a file (no pipe to fill while it runs).
+struct Running {
+    child: Child,
+    log: PathBuf,
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+/// What a command did: its status and everything it printed.
+struct Output {
+    status: ExitStatus,
+    text: String,
+}
+
+fn start(mut command: Command, log: PathBuf) -> Running {
+    let file = fs::File::create(&log).unwrap();
+    command
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    let child = command.spawn().expect("mpirun (install openmpi-bin)");
+    Running { child, log }
+}
+
+impl Running {
+    /// Waits until the run's telemetry has `count` steps (two minutes at most).
+    fn wait_for_steps(&mut self, run: &Path, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while events(run, "step").len() < count {
+            if self.child.try_wait().unwrap().is_some() {
+                panic!(
+                    "the run ended early:\n{}",
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "not {count} steps in two minutes");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the end, at most five minutes: a run that hangs fails the test instead of
+    /// holding CI until its own limit.
+    fn finish(mut self) -> Output {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "still running after five minutes:\n{}",
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            text: fs::read_to_string(&self.log).unwrap_or_default(),
+        }
+    }
+}
+
+/// Runs `command` to its end (logging beside the runs in `dir`).
+fn run(command: Command, dir: &Path) -> Output {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    start(command, dir.join(format!("command-{n}.log"))).finish()
+}
+
+fn text(output: &Output) -> &str {
+    &output.text
 }
 
 /// A new run's flags, with `extra` (`--batch 2` unless `extra` gives one).
@@ -137,14 +197,14 @@ fn processes_give_the_losses_of_one_process_with_as_many_micro_batches() {
             Some(n),
             &refs(&new_run(&data, &together, &["--steps", "6"])),
             "accum",
-        ));
+        ), &dir);
         assert!(out.status.success(), "{}", text(&out));
         let accum = n.to_string();
         let out = run(train(
             None,
             &refs(&new_run(&data, &alone, &["--steps", "6", "--accum", &accum])),
             "accum",
-        ));
+        ), &dir);
         assert!(out.status.success(), "{}", text(&out));
         let (a, b) = (curve(&together), curve(&alone));
         assert_eq!((a.len(), b.len()), (6, 6));
@@ -173,15 +233,15 @@ fn a_run_resumes_with_another_number_of_processes_only_in_the_same_data_order() 
     let data = corpus(&dir);
     let (straight, split) = (dir.join("straight"), dir.join("split"));
     let eight = ["--steps", "8", "--checkpoint-every", "4"];
-    let out = run(train(Some(2), &refs(&new_run(&data, &straight, &eight)), "r"));
+    let out = run(train(Some(2), &refs(&new_run(&data, &straight, &eight)), "r"), &dir);
     assert!(out.status.success(), "{}", text(&out));
     let four = ["--steps", "4", "--checkpoint-every", "4"];
-    let out = run(train(Some(2), &refs(&new_run(&data, &split, &four)), "r"));
+    let out = run(train(Some(2), &refs(&new_run(&data, &split, &four)), "r"), &dir);
     assert!(out.status.success(), "{}", text(&out));
 
     // Three processes cannot share two batches per step: refused, nothing written.
     let resume = ["--resume", split.to_str().unwrap(), "--steps", "8"];
-    let out = run(train(Some(3), &resume, "r"));
+    let out = run(train(Some(3), &resume, "r"), &dir);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("cannot share evenly"),
@@ -191,7 +251,7 @@ fn a_run_resumes_with_another_number_of_processes_only_in_the_same_data_order() 
     assert_eq!(events(&split, "step").len(), 4);
 
     // One process takes both batches of each step: the same losses as the straight run.
-    let out = run(train(None, &resume, "r"));
+    let out = run(train(None, &resume, "r"), &dir);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("the same batches in the same order"));
     let (a, b) = (curve(&split), curve(&straight));
@@ -235,17 +295,13 @@ fn fault(name: &str, signal: i32) -> (Output, Duration, PathBuf) {
         &out,
         &["--steps", "100000", "--checkpoint-every", "2", "--rank-timeout", "3s"],
     );
-    let child: Child = train(Some(2), &refs(&args), &mark).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while events(&out, "step").len() < 3 {
-        assert!(Instant::now() < deadline, "no third step in two minutes");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut running = start(train(Some(2), &refs(&args), &mark), dir.join("mpirun.log"));
+    running.wait_for_steps(&out, 3);
     let pid = find_rank(&mark, 1).expect("rank 1's process");
     // SAFETY: a signal to a process this test started (through mpirun).
     unsafe { libc::kill(pid, signal) };
     let sent = Instant::now();
-    let output = child.wait_with_output().unwrap();
+    let output = running.finish();
     let took = sent.elapsed();
     // SAFETY: as above; the process is normally gone already.
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -289,6 +345,50 @@ fn a_killed_process_stops_the_others() {
 }
 
 #[test]
+fn ctrl_c_to_mpirun_stops_every_process_at_one_step_with_a_checkpoint() {
+    let dir = common::temp_dir("mpi", "ctrl-c");
+    let data = corpus(&dir);
+    let out = dir.join("run");
+    let args = new_run(&data, &out, &["--steps", "100000", "--checkpoint-every", "100000"]);
+    let mut running = start(train(Some(2), &refs(&args), "ctrl-c"), dir.join("mpirun.log"));
+    running.wait_for_steps(&out, 3);
+    // mpirun passes the signal on to every process; they agree on the step to stop at.
+    // SAFETY: a signal to our own child, which has not been reaped.
+    unsafe { libc::kill(running.child.id() as i32, libc::SIGINT) };
+    let output = running.finish();
+    let stopped = events(&out, "stopped");
+    assert_eq!(stopped.len(), 1, "{}", text(&output));
+    assert_eq!(stopped[0]["reason"], "interrupted");
+    let step = stopped[0]["step"].as_u64().unwrap();
+    assert_eq!(newest_loads(&out), step);
+    // And the run goes on from there.
+    let more = (step + 2).to_string();
+    let resume = ["--resume", out.to_str().unwrap(), "--steps", more.as_str()];
+    let output = run(train(Some(2), &resume, "ctrl-c"), &dir);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(events(&out, "step").last().unwrap()["step"], step + 2);
+}
+
+#[test]
+fn a_time_budget_ends_every_process_at_the_same_step() {
+    let dir = common::temp_dir("mpi", "time");
+    let data = corpus(&dir);
+    let out = dir.join("run");
+    // Each process's own clock would end them at different steps, the one still training
+    // waiting for the other: they take rank 0's.
+    let output = run(
+        train(Some(2), &refs(&new_run(&data, &out, &["--time", "2s"])), "time"),
+        &dir,
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    let report: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let last = events(&out, "step").last().unwrap()["step"].clone();
+    assert_eq!(report["steps"], last);
+    assert!(last.as_u64().unwrap() > 3);
+}
+
+#[test]
 fn data_too_small_for_the_processes_is_refused() {
     let dir = common::temp_dir("mpi", "small");
     let data = corpus(&dir);
@@ -298,7 +398,7 @@ fn data_too_small_for_the_processes_is_refused() {
     let tokens = manifest["train_tokens"].as_u64().unwrap();
     let batch = ((tokens - 1) / 32).to_string();
     let args = new_run(&data, &dir.join("run"), &["--steps", "1", "--batch", &batch]);
-    let out = run(train(Some(2), &refs(&args), "small"));
+    let out = run(train(Some(2), &refs(&args), "small"), &dir);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("holds 1 batches") && text(&out).contains("fewer than the 2"),
