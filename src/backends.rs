@@ -220,11 +220,16 @@ pub fn peak_probe(resolved: &Resolved) -> kiln_cpu::probe::Probe {
     }
 }
 
-/// The hardware peak (GFLOP/s) of the precision `selection` computes in, on every thread,
+/// The hardware peak (GFLOP/s) of the precision `selection` computes in, on the threads it
+/// computes on (the cpu backend's pool: `KILN_THREADS`, or every CPU this process may use),
 /// from a register-only probe spinning about `seconds`, with the probe's name.
 pub fn hardware_peak(selection: Selection, seconds: f64) -> Result<(f64, &'static str)> {
-    let probe = peak_probe(&resolve(selection)?);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let resolved = resolve(selection)?;
+    let probe = peak_probe(&resolved);
+    let threads = match &resolved {
+        Resolved::Cpu(cpu) => cpu.threads(),
+        Resolved::Reference(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
     match kiln_cpu::probe::peak_gflops(probe, threads, seconds) {
         Some(peak) => Ok((peak, probe.name())),
         None => bail!("the {} probe cannot run on this CPU", probe.name()),

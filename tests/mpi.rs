@@ -45,7 +45,14 @@ fn train(processes: Option<usize>, args: &[&str], mark: &str) -> Command {
     let mut command = match processes {
         Some(n) => {
             let mut c = Command::new("mpirun");
-            c.args(["--oversubscribe", "--bind-to", "none", "-np", &n.to_string(), kiln]);
+            c.args([
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+                "-np",
+                &n.to_string(),
+                kiln,
+            ]);
             c
         }
         None => Command::new(kiln),
@@ -79,9 +86,7 @@ struct Output {
 
 fn start(mut command: Command, log: PathBuf) -> Running {
     let file = fs::File::create(&log).unwrap();
-    command
-        .stdout(file.try_clone().unwrap())
-        .stderr(file);
+    command.stdout(file.try_clone().unwrap()).stderr(file);
     let child = command.spawn().expect("mpirun (install openmpi-bin)");
     Running { child, log }
 }
@@ -97,7 +102,10 @@ impl Running {
                     fs::read_to_string(&self.log).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "not {count} steps in two minutes");
+            assert!(
+                Instant::now() < deadline,
+                "not {count} steps in two minutes"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -171,7 +179,12 @@ fn events(run: &Path, kind: &str) -> Vec<serde_json::Value> {
 fn curve(run: &Path) -> Vec<(f64, f64)> {
     events(run, "step")
         .iter()
-        .map(|v| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
+        .map(|v| {
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -193,25 +206,39 @@ fn processes_give_the_losses_of_one_process_with_as_many_micro_batches() {
     let data = corpus(&dir);
     for n in [2usize, 3] {
         let (together, alone) = (dir.join(format!("np{n}")), dir.join(format!("accum{n}")));
-        let out = run(train(
-            Some(n),
-            &refs(&new_run(&data, &together, &["--steps", "6"])),
-            "accum",
-        ), &dir);
+        let out = run(
+            train(
+                Some(n),
+                &refs(&new_run(&data, &together, &["--steps", "6"])),
+                "accum",
+            ),
+            &dir,
+        );
         assert!(out.status.success(), "{}", text(&out));
         let accum = n.to_string();
-        let out = run(train(
-            None,
-            &refs(&new_run(&data, &alone, &["--steps", "6", "--accum", &accum])),
-            "accum",
-        ), &dir);
+        let out = run(
+            train(
+                None,
+                &refs(&new_run(
+                    &data,
+                    &alone,
+                    &["--steps", "6", "--accum", &accum],
+                )),
+                "accum",
+            ),
+            &dir,
+        );
         assert!(out.status.success(), "{}", text(&out));
         let (a, b) = (curve(&together), curve(&alone));
         assert_eq!((a.len(), b.len()), (6, 6));
         for (step, ((la, na), (lb, nb))) in a.iter().zip(&b).enumerate() {
             // The processes' sums are added in another order than one process adds its
             // micro-batches' gradients (the embedding's, token by token): see `close`.
-            close((la, na), (lb, nb), &format!("step {}, {n} processes", step + 1));
+            close(
+                (la, na),
+                (lb, nb),
+                &format!("step {}, {n} processes", step + 1),
+            );
         }
         // Rank 0 alone wrote the run, and says how many processes trained it.
         let starts = events(&together, "start");
@@ -219,7 +246,9 @@ fn processes_give_the_losses_of_one_process_with_as_many_micro_batches() {
         assert_eq!(starts[0]["world_size"], n);
         assert_eq!(starts[0]["tokens_per_step"], 2 * 32 * n);
         let steps = events(&together, "step");
-        assert!(steps.iter().all(|s| s["ms"]["allreduce"].as_f64().unwrap() > 0.0));
+        assert!(steps
+            .iter()
+            .all(|s| s["ms"]["allreduce"].as_f64().unwrap() > 0.0));
         let train_json: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(together.join("train.json")).unwrap())
                 .unwrap();
@@ -233,21 +262,23 @@ fn a_run_resumes_with_another_number_of_processes_only_in_the_same_data_order() 
     let data = corpus(&dir);
     let (straight, split) = (dir.join("straight"), dir.join("split"));
     let eight = ["--steps", "8", "--checkpoint-every", "4"];
-    let out = run(train(Some(2), &refs(&new_run(&data, &straight, &eight)), "r"), &dir);
+    let out = run(
+        train(Some(2), &refs(&new_run(&data, &straight, &eight)), "r"),
+        &dir,
+    );
     assert!(out.status.success(), "{}", text(&out));
     let four = ["--steps", "4", "--checkpoint-every", "4"];
-    let out = run(train(Some(2), &refs(&new_run(&data, &split, &four)), "r"), &dir);
+    let out = run(
+        train(Some(2), &refs(&new_run(&data, &split, &four)), "r"),
+        &dir,
+    );
     assert!(out.status.success(), "{}", text(&out));
 
     // Three processes cannot share two batches per step: refused, nothing written.
     let resume = ["--resume", split.to_str().unwrap(), "--steps", "8"];
     let out = run(train(Some(3), &resume, "r"), &dir);
     assert!(!out.status.success());
-    assert!(
-        text(&out).contains("cannot share evenly"),
-        "{}",
-        text(&out)
-    );
+    assert!(text(&out).contains("cannot share evenly"), "{}", text(&out));
     assert_eq!(events(&split, "step").len(), 4);
 
     // One process takes both batches of each step: the same losses as the straight run.
@@ -258,7 +289,11 @@ fn a_run_resumes_with_another_number_of_processes_only_in_the_same_data_order() 
     assert_eq!(a.len(), 8);
     assert_eq!(a[..4], b[..4], "the steps before the resume");
     for (step, ((la, na), (lb, nb))) in a.iter().zip(&b).enumerate().skip(4) {
-        close((la, na), (lb, nb), &format!("step {} after the resume", step + 1));
+        close(
+            (la, na),
+            (lb, nb),
+            &format!("step {} after the resume", step + 1),
+        );
     }
 }
 
@@ -293,7 +328,14 @@ fn fault(name: &str, signal: i32) -> (Output, Duration, PathBuf) {
     let args = new_run(
         &data,
         &out,
-        &["--steps", "100000", "--checkpoint-every", "2", "--rank-timeout", "3s"],
+        &[
+            "--steps",
+            "100000",
+            "--checkpoint-every",
+            "2",
+            "--rank-timeout",
+            "3s",
+        ],
     );
     let mut running = start(train(Some(2), &refs(&args), &mark), dir.join("mpirun.log"));
     running.wait_for_steps(&out, 3);
@@ -349,8 +391,15 @@ fn ctrl_c_to_mpirun_stops_every_process_at_one_step_with_a_checkpoint() {
     let dir = common::temp_dir("mpi", "ctrl-c");
     let data = corpus(&dir);
     let out = dir.join("run");
-    let args = new_run(&data, &out, &["--steps", "100000", "--checkpoint-every", "100000"]);
-    let mut running = start(train(Some(2), &refs(&args), "ctrl-c"), dir.join("mpirun.log"));
+    let args = new_run(
+        &data,
+        &out,
+        &["--steps", "100000", "--checkpoint-every", "100000"],
+    );
+    let mut running = start(
+        train(Some(2), &refs(&args), "ctrl-c"),
+        dir.join("mpirun.log"),
+    );
     running.wait_for_steps(&out, 3);
     // mpirun passes the signal on to every process; they agree on the step to stop at.
     // SAFETY: a signal to our own child, which has not been reaped.
@@ -377,7 +426,11 @@ fn a_time_budget_ends_every_process_at_the_same_step() {
     // Each process's own clock would end them at different steps, the one still training
     // waiting for the other: they take rank 0's.
     let output = run(
-        train(Some(2), &refs(&new_run(&data, &out, &["--time", "2s"])), "time"),
+        train(
+            Some(2),
+            &refs(&new_run(&data, &out, &["--time", "2s"])),
+            "time",
+        ),
         &dir,
     );
     assert!(output.status.success(), "{}", text(&output));
@@ -389,6 +442,36 @@ fn a_time_budget_ends_every_process_at_the_same_step() {
 }
 
 #[test]
+fn processes_started_with_different_settings_are_stopped_at_the_start() {
+    let dir = common::temp_dir("mpi", "replicas");
+    let data = corpus(&dir);
+    let out = dir.join("run");
+    // mpirun's MPMD form: rank 0 with seed 11 (FLAGS), rank 1 with seed 12, so different
+    // weights from the start.
+    let mut command = train(
+        Some(1),
+        &refs(&new_run(&data, &out, &["--steps", "3"])),
+        "rep",
+    );
+    command
+        .arg(":")
+        .args(["-np", "1", env!("CARGO_BIN_EXE_kiln")]);
+    command
+        .args(["--backend", "cpu", "--precision", "f32", "train"])
+        .args(refs(&new_run(&data, &out, &["--steps", "3"])))
+        .args(FLAGS.iter().map(|f| if *f == "11" { "12" } else { f }));
+    let output = run(command, &dir);
+    assert!(!output.status.success());
+    assert!(
+        text(&output)
+            .contains("hold different weights, steps, data positions or settings at the start"),
+        "{}",
+        text(&output)
+    );
+    assert!(events(&out, "step").is_empty());
+}
+
+#[test]
 fn data_too_small_for_the_processes_is_refused() {
     let dir = common::temp_dir("mpi", "small");
     let data = corpus(&dir);
@@ -397,7 +480,11 @@ fn data_too_small_for_the_processes_is_refused() {
     // Sequences of 32 so that the training split holds exactly one batch.
     let tokens = manifest["train_tokens"].as_u64().unwrap();
     let batch = ((tokens - 1) / 32).to_string();
-    let args = new_run(&data, &dir.join("run"), &["--steps", "1", "--batch", &batch]);
+    let args = new_run(
+        &data,
+        &dir.join("run"),
+        &["--steps", "1", "--batch", &batch],
+    );
     let out = run(train(Some(2), &refs(&args), "small"), &dir);
     assert!(!out.status.success());
     assert!(

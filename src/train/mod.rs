@@ -426,11 +426,6 @@ impl<B: Backend> Trainer<B> {
         Ok(trainer)
     }
 
-    /// This process's rank and the number of processes training together.
-    pub fn rank_and_world(&self) -> (usize, usize) {
-        (self.communicator.rank(), self.communicator.world_size())
-    }
-
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.dataset.tokenizer
     }

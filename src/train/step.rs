@@ -102,8 +102,9 @@ impl<B: Backend> Trainer<B> {
         let flag = self.interrupt.clone();
         let interrupted = || flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
         // With several processes, a signal is acted on only once they agree (after a step).
+        let signalled_alone = || world == 1 && interrupted();
         while !self.finished(&cfg, stop_at, self.clock(&run), run.last_step_seconds)
-            && !(world == 1 && interrupted())
+            && !signalled_alone()
         {
             let step_started = Instant::now();
             let before = run.stages;
@@ -227,10 +228,19 @@ impl<B: Backend> Trainer<B> {
     /// fingerprint of each, compared by an all-reduce of its minimum and maximum): processes
     /// that parted ways would otherwise train on silently.
     fn check_replicas(&mut self, when: &str) -> Result<()> {
-        let mut params = vec![0f32; self.model.param_count()];
-        self.model
-            .backend
-            .download(View::whole(&self.model.params), &mut params)?;
+        // The weights in pieces of 4 MiB, so that no copy of them all is made.
+        let all = View::whole(&self.model.params);
+        let mut piece = vec![0f32; all.len().min(1 << 20)];
+        let mut words = Vec::with_capacity(all.len().div_ceil(piece.len().max(1)));
+        let mut start = 0;
+        while start < all.len() {
+            let len = piece.len().min(all.len() - start);
+            self.model
+                .backend
+                .download(all.slice(start, len), &mut piece[..len])?;
+            words.push(fingerprint(piece[..len].iter().map(|p| p.to_bits() as u64)));
+            start += len;
+        }
         let position = self.loader.position;
         let state = [
             self.step,
@@ -240,9 +250,9 @@ impl<B: Backend> Trainer<B> {
             position.offset as u64,
         ];
         let fingerprint = fingerprint(
-            params
-                .iter()
-                .map(|p| p.to_bits() as u64)
+            words
+                .into_iter()
+                .map(f64::to_bits)
                 .chain(state)
                 .chain(serde_json::to_string(&self.config)?.bytes().map(u64::from)),
         );
