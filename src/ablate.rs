@@ -14,6 +14,7 @@ use kiln_core::backend::Backend;
 use kiln_core::quant::{PackRule, SchemeName};
 use kiln_formats::data::{Dataset, Split};
 use kiln_formats::fsutil::write_atomic;
+use kiln_formats::packed::PackOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::{load_artifact, Source};
@@ -36,6 +37,10 @@ pub struct Plan {
     pub scheme: SchemeName,
     #[serde(default = "int8")]
     pub embedding_scheme: SchemeName,
+    /// Export choices beyond the schemes (`{"clip_search": true}`), for every configuration
+    /// that does not give its own.
+    #[serde(default)]
+    pub export: PackOptions,
 }
 
 fn three() -> u64 {
@@ -49,7 +54,20 @@ fn int8() -> SchemeName {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Variant {
     pub name: String,
+    /// Training flags after the base's. None: the variant differs only in its export, and
+    /// scores the base's trained runs (trained once), compared seed by seed.
+    #[serde(default)]
     pub flags: Vec<String>,
+    /// This variant's export choices, instead of the plan's.
+    #[serde(default)]
+    pub export: Option<PackOptions>,
+}
+
+impl Variant {
+    /// Whether the variant trains exactly as the base does (it changes only the export).
+    pub fn export_only(&self) -> bool {
+        self.flags.is_empty()
+    }
 }
 
 /// One finished run (`results/NAME-seedS.json`).
@@ -61,7 +79,8 @@ pub struct RunResult {
     pub tokens: u64,
     pub seconds: f64,
     /// Validation bits per byte of the trained weights, before export (scored as the
-    /// artifact is).
+    /// artifact is); under QAT, the weights as its rule quantizes them, as training validated
+    /// them.
     pub val_bpb: f64,
     /// Validation bits per byte of the packed artifact, reloaded alone.
     pub roundtrip_bpb: f64,
@@ -83,8 +102,12 @@ pub struct Row {
     pub roundtrip_bpb_challenge_mean: Option<f64>,
     /// Mean minus the base's mean (0 for the base).
     pub delta: f64,
-    /// The standard error of that difference, √(s_b²/n_b + s_v²/n_v).
+    /// The standard error of that difference: √(s_b²/n_b + s_v²/n_v), or for a variant that
+    /// scores the base's own runs (`paired`), s_d/√n of the per-seed differences.
     pub noise: f64,
+    /// The variant differs from the base only in its export: the same trained runs.
+    #[serde(default)]
+    pub paired: bool,
     /// `|delta| > 2·noise`, with at least two seeds on each side.
     pub beyond_noise: bool,
     pub val_bpb_mean: f64,
@@ -174,15 +197,24 @@ pub fn run<B: Backend + Clone>(
         .collect();
     let id = |name: &str, seed: u64| format!("{name}-seed{seed}");
     let result_path = |id: &str| out.join("results").join(format!("{id}.json"));
-    let pending = (configs.iter())
-        .flat_map(|(name, _)| (1..=plan.seeds).map(move |s| (name, s)))
-        .filter(|(name, s)| !result_path(&id(name, *s)).exists())
+    let unfinished: Vec<_> = (configs.iter())
+        .flat_map(|(name, v)| (1..=plan.seeds).map(move |s| (name, *v, s)))
+        .filter(|(name, _, s)| !result_path(&id(name, *s)).exists())
+        .collect();
+    let pending = unfinished.len();
+    let export_only = (unfinished.iter())
+        .filter(|(_, v, _)| v.is_some_and(Variant::export_only))
         .count();
     let total = configs.len() * plan.seeds as usize;
     println!(
-        "{} configurations × {} seeds: {pending} of {total} runs to train",
+        "{} configurations × {} seeds: {pending} of {total} runs to do{}",
         configs.len(),
-        plan.seeds
+        plan.seeds,
+        if export_only > 0 {
+            format!(" ({export_only} of them export-only, on the base's trained runs)")
+        } else {
+            String::new()
+        }
     );
     let mut results: BTreeMap<String, Vec<RunResult>> = BTreeMap::new();
     let mut done = 0;
@@ -196,20 +228,41 @@ pub fn run<B: Backend + Clone>(
                 Err(_) => {
                     done += 1;
                     println!("== {name}, seed {seed} (run {done} of {pending})");
-                    let run = out.join("runs").join(&id);
-                    if run.exists() {
-                        // An unfinished run of an earlier sweep: it starts again.
-                        std::fs::remove_dir_all(&run)
-                            .with_context(|| format!("cannot remove {}", run.display()))?;
-                    }
-                    let Some(report) = train(&flags(plan, *variant, seed, &run))? else {
-                        bail!(
-                            "interrupted during {name}, seed {seed}; the same command resumes \
-                             the sweep"
-                        );
+                    let export = variant.and_then(|v| v.export).unwrap_or(plan.export);
+                    let base_run = out.join("runs").join(format!("base-seed{seed}"));
+                    let shared = variant.is_some_and(Variant::export_only)
+                        && base_run.join("report.json").exists();
+                    let (run, report) = if shared {
+                        println!("   (the base's run, exported with {})", describe(export));
+                        let path = base_run.join("report.json");
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        let report: RunReport = serde_json::from_str(&text)
+                            .with_context(|| format!("{} is malformed", path.display()))?;
+                        (base_run, report)
+                    } else {
+                        let run = out.join("runs").join(&id);
+                        if run.exists() {
+                            // An unfinished run of an earlier sweep: it starts again.
+                            std::fs::remove_dir_all(&run)
+                                .with_context(|| format!("cannot remove {}", run.display()))?;
+                        }
+                        let Some(report) = train(&flags(plan, *variant, seed, &run))? else {
+                            bail!(
+                                "interrupted during {name}, seed {seed}; the same command \
+                                 resumes the sweep"
+                            );
+                        };
+                        (run, report)
                     };
                     let artifact = out.join("artifacts").join(&id);
-                    let result = score(backend, plan, (name, seed), (&run, &artifact), &report)?;
+                    let result = score(
+                        backend,
+                        plan,
+                        (name, seed, export),
+                        (&run, &artifact),
+                        &report,
+                    )?;
                     std::fs::create_dir_all(out.join("results"))?;
                     write_atomic(
                         &result_path,
@@ -223,7 +276,10 @@ pub fn run<B: Backend + Clone>(
     }
     let rows: Vec<Row> = configs
         .iter()
-        .map(|(name, _)| summarise(name, &results[name], &results["base"]))
+        .map(|(name, variant)| {
+            let paired = variant.is_some_and(Variant::export_only);
+            summarise(name, &results[name], &results["base"], paired)
+        })
         .collect();
     write_atomic(
         &out.join("ablation.json"),
@@ -261,7 +317,7 @@ pub fn run<B: Backend + Clone>(
 fn score<B: Backend + Clone>(
     backend: &B,
     plan: &Plan,
-    (name, seed): (&str, u64),
+    (name, seed, export): (&str, u64, PackOptions),
     (run, artifact): (&Path, &Path),
     report: &RunReport,
 ) -> Result<RunResult> {
@@ -271,7 +327,7 @@ fn score<B: Backend + Clone>(
         embedding: plan.embedding_scheme.scheme(),
         small_max: 65536,
     };
-    let (path, _) = kiln_formats::interop::export_packed(&imported, artifact, rule)?;
+    let (path, _) = kiln_formats::interop::export_packed(&imported, artifact, rule, export)?;
     let artifact_bytes = std::fs::metadata(&path)?.len();
     let dataset = Dataset::open(&plan.data)?;
     let tokens = dataset.read_all(Split::Val)?;
@@ -296,6 +352,15 @@ fn score<B: Backend + Clone>(
         ..Default::default()
     };
     let trained = crate::commands::load(backend.clone(), &trained)?;
+    // A QAT run trained and validated its weights as its rule quantizes them: score those.
+    let qat = (trained.manifest.as_ref())
+        .and_then(|m| serde_json::from_value::<Option<PackRule>>(m.train["qat"].clone()).ok())
+        .flatten();
+    if let Some(rule) = qat {
+        let mut weights = trained.model.download_params()?;
+        kiln_core::quant::fake_quantize(&trained.model.layout, &rule, &mut weights)?;
+        trained.model.upload_params(&weights)?;
+    }
     let val_bpb = bits_per_byte(&trained, &trained.tokenizer)?;
     let reloaded = load_artifact(backend.clone(), &path, &Source::default())?;
     let roundtrip_bpb = bits_per_byte(&reloaded, &reloaded.tokenizer)?;
@@ -328,12 +393,24 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// A configuration's row against the base's runs.
-pub fn summarise(name: &str, runs: &[RunResult], base: &[RunResult]) -> Row {
+/// A configuration's row against the base's runs; `paired`: the runs are the base's own
+/// trained runs, exported otherwise, so the difference is taken seed by seed.
+pub fn summarise(name: &str, runs: &[RunResult], base: &[RunResult], paired: bool) -> Row {
     let bpb = |r: &[RunResult]| r.iter().map(|x| x.roundtrip_bpb).collect::<Vec<_>>();
     let (mean, std) = mean_std(&bpb(runs));
     let (base_mean, base_std) = mean_std(&bpb(base));
-    let noise = (base_std.powi(2) / base.len() as f64 + std.powi(2) / runs.len() as f64).sqrt();
+    let noise = if paired {
+        let differences: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| {
+                let b = base.iter().find(|b| b.seed == r.seed)?;
+                Some(r.roundtrip_bpb - b.roundtrip_bpb)
+            })
+            .collect();
+        mean_std(&differences).1 / (differences.len() as f64).sqrt()
+    } else {
+        (base_std.powi(2) / base.len() as f64 + std.powi(2) / runs.len() as f64).sqrt()
+    };
     let delta = if name == "base" {
         0.0
     } else {
@@ -353,6 +430,7 @@ pub fn summarise(name: &str, runs: &[RunResult], base: &[RunResult]) -> Row {
             .map(|v| mean_std(&v).0),
         delta,
         noise,
+        paired,
         beyond_noise: name != "base"
             && runs.len() > 1
             && base.len() > 1
@@ -362,6 +440,22 @@ pub fn summarise(name: &str, runs: &[RunResult], base: &[RunResult]) -> Row {
         steps_mean: average(&|r| r.steps as f64),
         tokens_mean: average(&|r| r.tokens as f64),
         seconds_mean: average(&|r| r.seconds),
+    }
+}
+
+/// Export options in words: "clip search, Hadamard rotation", or "the schemes alone".
+fn describe(export: PackOptions) -> String {
+    let mut parts = Vec::new();
+    if export.clip_search {
+        parts.push("clip search");
+    }
+    if export.hadamard {
+        parts.push("Hadamard rotation");
+    }
+    if parts.is_empty() {
+        "the schemes alone".into()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -385,15 +479,24 @@ pub fn markdown(plan: &Plan, rows: &[Row]) -> String {
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
     );
     for row in rows {
-        let flags = plan
-            .variants
-            .iter()
-            .find(|v| v.name == row.variant)
-            .map_or(String::new(), |v| format!("`{}`", v.flags.join(" ")));
+        let variant = plan.variants.iter().find(|v| v.name == row.variant);
+        let mut what = Vec::new();
+        if let Some(v) = variant.filter(|v| !v.export_only()) {
+            what.push(format!("`{}`", v.flags.join(" ")));
+        }
+        let export = variant.and_then(|v| v.export).unwrap_or(plan.export);
+        if export != PackOptions::default() {
+            what.push(format!("export: {}", describe(export)));
+        }
+        if row.paired {
+            what.push("(the base's runs)".into());
+        }
+        let flags = what.join(" ");
         let delta = if row.variant == "base" {
             "—".to_string()
         } else {
-            format!("{:+.4} ± {:.4}", row.delta, row.noise)
+            let paired = if row.paired { ", paired" } else { "" };
+            format!("{:+.4} ± {:.4}{paired}", row.delta, row.noise)
         };
         let beyond = match (row.variant.as_str(), row.beyond_noise) {
             ("base", _) => "—",
@@ -448,17 +551,39 @@ mod tests {
         let base: Vec<_> = [2.0, 2.2, 2.4].map(|b| result("base", b)).into();
         let near: Vec<_> = [1.9, 2.0, 2.1].map(|b| result("near", b)).into();
         let far: Vec<_> = [1.5, 1.6, 1.7].map(|b| result("far", b)).into();
-        let row = summarise("near", &near, &base);
+        let row = summarise("near", &near, &base, false);
         assert!((row.roundtrip_bpb_mean - 2.0).abs() < 1e-12);
         assert!((row.roundtrip_bpb_std - 0.1).abs() < 1e-12);
         assert!((row.delta + 0.2).abs() < 1e-12);
         assert!((row.noise - (0.05f64 / 3.0).sqrt()).abs() < 1e-12);
         assert!(!row.beyond_noise);
-        assert!(summarise("far", &far, &base).beyond_noise);
-        let base_row = summarise("base", &base, &base);
+        assert!(summarise("far", &far, &base, false).beyond_noise);
+        let base_row = summarise("base", &base, &base, false);
         assert_eq!(base_row.delta, 0.0);
         assert!(!base_row.beyond_noise);
         // One seed cannot tell noise from an effect.
-        assert!(!summarise("far", &far[..1], &base[..1]).beyond_noise);
+        assert!(!summarise("far", &far[..1], &base[..1], false).beyond_noise);
+    }
+
+    /// Paired by seed (the base's runs exported otherwise): differences −0.01, −0.02, −0.03
+    /// (mean −0.02, s = 0.01, noise 0.01/√3 = 0.00577): beyond 2σ, though unpaired the
+    /// seeds' spread (s = 0.2) would hide it.
+    #[test]
+    fn an_export_only_variant_is_compared_seed_by_seed() {
+        let base: Vec<_> = [2.0, 2.2, 2.4].map(|b| result("base", b)).into();
+        let mut seeded = base.clone();
+        for (seed, r) in seeded.iter_mut().enumerate() {
+            r.seed = seed as u64 + 1;
+        }
+        let mut export = seeded.clone();
+        for (r, d) in export.iter_mut().zip([0.01, 0.02, 0.03]) {
+            r.variant = "export".into();
+            r.roundtrip_bpb -= d;
+        }
+        let row = summarise("export", &export, &seeded, true);
+        assert!((row.delta + 0.02).abs() < 1e-12);
+        assert!((row.noise - 0.01 / 3f64.sqrt()).abs() < 1e-12);
+        assert!(row.paired && row.beyond_noise);
+        assert!(!summarise("export", &export, &seeded, false).beyond_noise);
     }
 }

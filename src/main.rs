@@ -99,6 +99,16 @@ enum Command {
         /// packed: fail if the artifact exceeds this size (bytes; or 16MB = 16,000,000).
         #[arg(long, value_parser = parse_bytes)]
         budget: Option<u64>,
+        /// packed: choose each integer row's clip and each ternary group's scale by the least
+        /// squared error against the unclipped weights (parameter-golf's GPTQ-lite clip
+        /// search), instead of the scheme's own rule; the format is unchanged.
+        #[arg(long)]
+        clip_search: bool,
+        /// packed: rotate each quantized matrix's rows by a block Hadamard matrix before
+        /// quantizing, and back at load (outliers spread over the block; such matrices then
+        /// run on their dequantized values, not their codes).
+        #[arg(long)]
+        hadamard: bool,
         /// llama2c: int8, matrices in groups of 64, the v2 file llama2.c's runq.c runs
         /// (default: f32, the legacy file run.c runs). gguf: bf16 or q8_0 matrices (default:
         /// f32).
@@ -774,6 +784,8 @@ fn main() -> Result<()> {
             embedding_scheme,
             small_max,
             budget,
+            clip_search,
+            hadamard,
             quantize,
         } => {
             let rule = PackRule {
@@ -781,7 +793,11 @@ fn main() -> Result<()> {
                 embedding: embedding_scheme.scheme(),
                 small_max,
             };
-            export(format, quantize, &source, &out, (rule, budget))
+            let options = kiln_formats::packed::PackOptions {
+                clip_search,
+                hadamard,
+            };
+            export(format, quantize, &source, &out, (rule, options, budget))
         }
         Command::Model {
             command: ModelCommand::Info { model, json },
@@ -995,7 +1011,7 @@ fn export(
     quantize: Option<Quantize>,
     source: &std::path::Path,
     out: &std::path::Path,
-    (rule, budget): (PackRule, Option<u64>),
+    (rule, options, budget): (PackRule, kiln_formats::packed::PackOptions, Option<u64>),
 ) -> Result<()> {
     let imported = kiln::rundir::import(source, None)?;
     if format != ExportFormat::Packed {
@@ -1003,7 +1019,7 @@ fn export(
         println!("wrote {}", written.display());
         return Ok(());
     }
-    let (path, report) = kiln_formats::interop::export_packed(&imported, out, rule)?;
+    let (path, report) = kiln_formats::interop::export_packed(&imported, out, rule, options)?;
     kiln_formats::packed::print_table(&report);
     println!("wrote {}", path.display());
     if let Some(limit) = budget {

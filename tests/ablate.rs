@@ -1,8 +1,9 @@
-//! `kiln ablate` end to end: a base and one variant, two seeds each, on tiny-golf; the table
-//! (Markdown and JSON) holds every configuration with its seeds, both byte counts for a
-//! SentencePiece vocabulary, the loss curves are drawn,
-//! and a rerun after one result is removed trains that run alone. A plan that sets what the
-//! sweep sets itself is refused.
+//! `kiln ablate` end to end: a base, one training variant and one export-only variant, two
+//! seeds each, on tiny-golf; the table (Markdown and JSON) holds every configuration with its
+//! seeds, both byte counts for a SentencePiece vocabulary, the loss curves are drawn, the
+//! export-only variant scores the base's own runs without training, and a rerun after one
+//! result is removed trains that run alone. A plan that sets what the sweep sets itself is
+//! refused.
 
 mod common;
 
@@ -27,8 +28,12 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
     let plan = serde_json::json!({
         "data": data,
         "base": ["--model", "tiny-golf", "--steps", "4", "--batch", "2", "--seq", "16"],
-        "variants": [{"name": "fast", "flags": ["--lr", "0.01"]}],
-        "seeds": 2
+        "variants": [
+            {"name": "fast", "flags": ["--lr", "0.01"]},
+            {"name": "clip", "export": {"clip_search": true}}
+        ],
+        "seeds": 2,
+        "scheme": "ternary"
     });
     let plan_path = dir.join("plan.json");
     fs::write(&plan_path, plan.to_string()).unwrap();
@@ -45,15 +50,21 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
     let (ok, stdout, err) = kiln(&args, &[]);
     assert!(ok, "{stdout}\n{err}");
     assert!(
-        stdout.contains("2 configurations × 2 seeds: 4 of 4 runs to train"),
+        stdout.contains(
+            "3 configurations × 2 seeds: 6 of 6 runs to do (2 of them export-only, on the \
+             base's trained runs)"
+        ),
         "{stdout}"
     );
+    // The export-only variant trained nothing: it exported the base's runs with the search.
+    assert!(!out.join("runs/clip-seed1").exists());
+    assert!(stdout.contains("(the base's run, exported with clip search)"));
 
     let table: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(out.join("ablation.json")).unwrap()).unwrap();
     let rows = table["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    for (row, name) in rows.iter().zip(["base", "fast"]) {
+    assert_eq!(rows.len(), 3);
+    for (row, name) in rows.iter().zip(["base", "fast", "clip"]) {
         assert_eq!(row["variant"], name);
         assert_eq!(row["seeds"], 2);
         let bpb = row["roundtrip_bpb_mean"].as_f64().unwrap();
@@ -64,8 +75,19 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
         assert!(challenge > 0.0 && challenge <= bpb + 1e-12, "{row}");
     }
     assert_eq!(rows[0]["delta"], 0.0);
+    assert_eq!(
+        (rows[1]["paired"].as_bool(), rows[2]["paired"].as_bool()),
+        (Some(false), Some(true))
+    );
+    // The same trained weights: the export-only variant's bits per byte before export are
+    // the base's, exactly.
+    assert_eq!(rows[2]["val_bpb_mean"], rows[0]["val_bpb_mean"]);
     let md = fs::read_to_string(out.join("ablation.md")).unwrap();
     assert!(md.contains("| fast | `--lr 0.01` | 2 |"), "{md}");
+    assert!(
+        md.contains("| clip | export: clip search (the base's runs) | 2 |"),
+        "{md}"
+    );
     assert!(out.join("curves/loss_vs_steps.png").exists());
 
     // One result removed: the rerun trains that run alone and keeps the others.
@@ -73,7 +95,7 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
     fs::remove_file(out.join("results/fast-seed2.json")).unwrap();
     let (ok, stdout, err) = kiln(&args, &[]);
     assert!(ok, "{stdout}\n{err}");
-    assert!(stdout.contains("1 of 4 runs to train"), "{stdout}");
+    assert!(stdout.contains("1 of 6 runs to do"), "{stdout}");
     assert!(stdout.contains("== fast, seed 2 (run 1 of 1)"), "{stdout}");
     assert_eq!(
         fs::read_to_string(out.join("results/base-seed1.json")).unwrap(),

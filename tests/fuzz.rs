@@ -498,7 +498,7 @@ fn parsers(root: &Path) -> Vec<Parser> {
         },
         small_max: 64,
     };
-    kiln_formats::interop::export_packed(&imported, &artifact, rule).unwrap();
+    kiln_formats::interop::export_packed(&imported, &artifact, rule, Default::default()).unwrap();
     parsers.push(Parser {
         name: "packed artifact",
         dir: artifact,

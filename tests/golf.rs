@@ -141,7 +141,9 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
         // The export, reloaded alone, holds exactly the weights QAT computed with.
         let out = dir.join(format!("{name}-packed"));
         let imported = kiln::rundir::import(&run, None).unwrap();
-        let (path, _) = kiln_formats::interop::export_packed(&imported, &out, rule).unwrap();
+        let (path, _) =
+            kiln_formats::interop::export_packed(&imported, &out, rule, Default::default())
+                .unwrap();
         let artifact = packed::read(&path).unwrap();
         let trained = kiln::rundir::import(&run, None).unwrap();
         let mut seen = trained.weights.clone();

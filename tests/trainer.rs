@@ -371,6 +371,87 @@ fn report_writes_legible_plots_and_a_summary() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// The export options (clip search, Hadamard rotation, both) against the quantizers they
+/// name: reloaded alone, each tensor is the original rotated (where rotated), quantized with
+/// or without the search, dequantized and rotated back, value for value; rotated matrices are
+/// not offered as codes, the others are. (What each option is worth is `kiln ablate`'s
+/// question: README, Compact models.)
+#[test]
+fn export_options_reload_as_their_quantizers_make_them() {
+    use kiln_core::quant::{hadamard_block, hadamard_rows, quantize_with, Scheme};
+    use kiln_formats::packed::{self, PackOptions, PackRule};
+    let dir = temp_dir("export-options");
+    let data = corpus(&dir);
+    train(config(data, 4), &dir.join("run"));
+    let original = kiln::rundir::import(&dir.join("run"), None).unwrap();
+    let layout = kiln_core::model::ParamLayout::new(&original.config);
+    for scheme in [kiln_core::quant::SchemeName::Int6.scheme(), Scheme::Ternary] {
+        let rule = PackRule {
+            matrices: scheme,
+            embedding: scheme,
+            small_max: 64,
+        };
+        for (clip_search, hadamard) in [(true, false), (false, true), (true, true)] {
+            let options = PackOptions {
+                clip_search,
+                hadamard,
+            };
+            let path = dir.join("model.kiln");
+            packed::write(
+                &path,
+                &original.config,
+                &original.weights,
+                (rule, options),
+                None,
+                None,
+            )
+            .unwrap();
+            let back = packed::read(&path).unwrap();
+            let mut coded = 0;
+            for spec in &layout.specs {
+                let w = &original.weights[spec.region.offset..][..spec.region.len];
+                let (rows, cols) = if spec.shape.len() == 2 {
+                    (spec.shape[0], spec.shape[1])
+                } else {
+                    (1, spec.region.len)
+                };
+                let scheme = rule.scheme_for(spec.kind, spec.region.len);
+                let is_coded =
+                    matches!(scheme, Scheme::Ternary | Scheme::Int { .. }) && spec.shape.len() == 2;
+                let rotation = hadamard_block(cols).filter(|_| hadamard && is_coded);
+                let mut values = w.to_vec();
+                if let Some(b) = rotation {
+                    hadamard_rows(&mut values, cols, b);
+                }
+                let mut want = quantize_with(scheme, &values, rows, cols, clip_search)
+                    .unwrap()
+                    .dequantize();
+                if let Some(b) = rotation {
+                    hadamard_rows(&mut want, cols, b);
+                }
+                assert_eq!(
+                    &back.weights[spec.region.offset..][..spec.region.len],
+                    &want[..],
+                    "{} {options:?}",
+                    spec.name
+                );
+                let offered = back
+                    .codes
+                    .iter()
+                    .any(|(r, _)| r.offset == spec.region.offset);
+                assert_eq!(
+                    offered,
+                    is_coded && rotation.is_none(),
+                    "{} {options:?}",
+                    spec.name
+                );
+                coded += usize::from(is_coded);
+            }
+            assert!(coded > 0, "the test model has quantized matrices");
+        }
+    }
+}
+
 #[test]
 fn packed_artifacts_reload_alone_with_exact_sizes() {
     use kiln_core::quant::{quantize, Scheme};
@@ -390,8 +471,15 @@ fn packed_artifacts_reload_alone_with_exact_sizes() {
             small_max: 64,
         };
         let path = dir.join("model.kiln");
-        let report =
-            packed::write(&path, &original.config, &original.weights, rule, None, None).unwrap();
+        let report = packed::write(
+            &path,
+            &original.config,
+            &original.weights,
+            (rule, Default::default()),
+            None,
+            None,
+        )
+        .unwrap();
         // The size table accounts for every byte of the file.
         assert_eq!(report.file_bytes as u64, fs::metadata(&path).unwrap().len());
         assert_eq!(

@@ -17,7 +17,9 @@ use kiln_core::bytes::le_at;
 use kiln_core::config::ModelConfig;
 use kiln_core::layout::{Branch, ParamKind, ParamLayout, Region};
 pub use kiln_core::quant::PackRule;
-use kiln_core::quant::{quant_shape, quantize, Quantized, Scheme};
+use kiln_core::quant::{
+    hadamard_block, hadamard_rows, quant_shape, quantize_with, Quantized, Scheme,
+};
 
 use crate::compress::{compress_smallest, decompress, Codec};
 
@@ -31,6 +33,10 @@ struct Entry {
     scheme: Scheme,
     offset: usize,
     len: usize,
+    /// The rows were rotated by the Hadamard matrix of blocks of this size before they were
+    /// quantized: the reader rotates the dequantized rows back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotation: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,7 +46,27 @@ struct Manifest {
     vocab_map: Option<Vec<u32>>,
     codec: Codec,
     rule: PackRule,
+    /// How the codes were chosen (a record: the reader needs nothing from it).
+    #[serde(default)]
+    options: PackOptions,
     entries: Vec<Entry>,
+}
+
+/// Export-time choices beyond the [`PackRule`]'s schemes, each judged by round-trip bits
+/// per byte (`kiln ablate`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackOptions {
+    /// Choose each integer row's clip and each ternary group's scale by the least squared
+    /// error against the unclipped values (`kiln_core::quant::quantize_with`).
+    #[serde(default)]
+    pub clip_search: bool,
+    /// Rotate each quantized matrix's rows by a block Hadamard matrix before quantizing
+    /// (`kiln_core::quant::hadamard_rows`), and back after dequantizing at load: outliers
+    /// spread over the block. The reloaded model computes with the rotated-back values, so
+    /// these matrices do not run on their codes.
+    #[serde(default)]
+    pub hadamard: bool,
 }
 
 /// One row of the size table: a group of tensors and its packed (uncompressed) bytes.
@@ -85,7 +111,7 @@ pub fn write(
     path: &Path,
     config: &ModelConfig,
     weights: &[f32],
-    rule: PackRule,
+    (rule, options): (PackRule, PackOptions),
     tokenizer_sha256: Option<String>,
     vocab_map: Option<Vec<u32>>,
 ) -> Result<PackReport> {
@@ -97,13 +123,27 @@ pub fn write(
         let values = &weights[spec.region.offset..][..spec.region.len];
         let (rows, cols) = quant_shape(spec);
         let scheme = rule.scheme_for(spec.kind, spec.region.len);
-        let bytes = quantize(scheme, values, rows, cols)?.pack();
+        let coded = matches!(scheme, Scheme::Ternary | Scheme::Int { .. });
+        let rotation = (options.hadamard && coded && spec.shape.len() == 2)
+            .then(|| hadamard_block(cols))
+            .flatten();
+        let mut rotated;
+        let values = match rotation {
+            Some(block) => {
+                rotated = values.to_vec();
+                hadamard_rows(&mut rotated, cols, block);
+                &rotated[..]
+            }
+            None => values,
+        };
+        let bytes = quantize_with(scheme, values, rows, cols, options.clip_search)?.pack();
         entries.push(Entry {
             name: spec.name.clone(),
             shape: spec.shape.clone(),
             scheme,
             offset: payload.len(),
             len: bytes.len(),
+            rotation,
         });
         let group = group_of(spec.kind);
         match groups.iter_mut().find(|g| g.group == group) {
@@ -128,6 +168,7 @@ pub fn write(
         vocab_map,
         codec,
         rule,
+        options,
         entries,
     })?;
     let mut file = MAGIC.to_vec();
@@ -226,9 +267,20 @@ pub fn read(path: &Path) -> Result<Unpacked> {
         };
         let q = Quantized::unpack(e.scheme, rows, cols, &payload[e.offset..e.offset + e.len])
             .with_context(|| format!("{p}: tensor '{}'", e.name))?;
-        weights[spec.region.offset..][..spec.region.len].copy_from_slice(&q.dequantize());
-        if spec.shape.len() == 2 && !q.codes.is_empty() {
-            codes.push((spec.region, q));
+        let values = &mut weights[spec.region.offset..][..spec.region.len];
+        values.copy_from_slice(&q.dequantize());
+        match e.rotation {
+            Some(block) => {
+                ensure!(
+                    spec.shape.len() == 2 && block.is_power_of_two() && cols.is_multiple_of(block),
+                    "{p}: tensor '{}' names a rotation of blocks of {block} for rows of {cols}",
+                    e.name
+                );
+                hadamard_rows(values, cols, block);
+            }
+            // Rotated matrices compute with their rotated-back values, not their codes.
+            None if spec.shape.len() == 2 && !q.codes.is_empty() => codes.push((spec.region, q)),
+            None => {}
         }
     }
     Ok(Unpacked {

@@ -364,6 +364,7 @@ pub fn export_packed(
     imported: &Imported,
     out: &Path,
     rule: PackRule,
+    options: crate::packed::PackOptions,
 ) -> Result<(PathBuf, PackReport)> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("model.kiln");
@@ -373,7 +374,7 @@ pub fn export_packed(
         &path,
         &imported.config,
         &imported.weights,
-        rule,
+        (rule, options),
         tokenizer_hash,
         vocab_map,
     )?;
