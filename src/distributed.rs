@@ -19,6 +19,23 @@ pub fn launched_world() -> Option<usize> {
         .find_map(|name| std::env::var(name).ok()?.parse().ok())
 }
 
+/// What this kiln has for training across processes, for `kiln doctor`: the MPI library it
+/// was built against, or how to build it with one.
+pub fn describe() -> String {
+    #[cfg(feature = "mpi")]
+    {
+        // MPI_Get_library_version may be called before MPI is initialized (MPI 3.0, 8.1.2).
+        match mpi::environment::library_version() {
+            Ok(v) => format!("MPI compiled in: {}", v.lines().next().unwrap_or("").trim()),
+            Err(_) => "MPI compiled in (its version string is not UTF-8)".into(),
+        }
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        "no MPI in this build (cargo build --release --features mpi)".into()
+    }
+}
+
 /// The processes this one trains with, joined at start-up; `None` alone (no launcher, or a
 /// launcher's world of one).
 pub fn join(rank_timeout: Duration) -> Result<Option<Team>> {

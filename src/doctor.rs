@@ -104,6 +104,11 @@ pub fn report(m: &Machine) -> String {
         line(format!("  {:<10} {status}", choice.name()));
     }
     line(format!("  auto       picks '{}'", backends::auto().name()));
+    line(String::new());
+    line(format!(
+        "data parallel    {}",
+        crate::distributed::describe()
+    ));
     out
 }
 

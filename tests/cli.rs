@@ -106,6 +106,13 @@ fn doctor_reports_the_machine_and_the_backends() {
     ] {
         assert!(out.contains(needle), "no '{needle}' in:\n{out}");
     }
+    // Whether this kiln can train across processes, and the MPI library it was built with.
+    let mpi = if cfg!(feature = "mpi") {
+        "data parallel    MPI compiled in: "
+    } else {
+        "data parallel    no MPI in this build (cargo build --release --features mpi)"
+    };
+    assert!(out.contains(mpi), "no '{mpi}' in:\n{out}");
     // The tier cap shows, whatever this CPU is.
     let (ok, out, _) = kiln(&["doctor"], &[("KILN_ISA", "nonsense")]);
     assert!(
