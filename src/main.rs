@@ -966,9 +966,10 @@ fn train_together<B: Backend + 'static>(
     Ok(())
 }
 
-/// `kiln train`'s flags alone, as `kiln ablate` passes them for each run.
+/// `kiln train`'s flags alone, as `kiln ablate` passes them for each run: a variant's flag
+/// after the base's same flag overrides it.
 #[derive(Parser)]
-#[command(name = "kiln train")]
+#[command(name = "kiln train", args_override_self = true)]
 struct TrainOnly {
     #[command(flatten)]
     args: TrainArgs,

@@ -29,7 +29,7 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
         "data": data,
         "base": ["--model", "tiny-golf", "--steps", "4", "--batch", "2", "--seq", "16"],
         "variants": [
-            {"name": "fast", "flags": ["--lr", "0.01"]},
+            {"name": "fast", "flags": ["--lr", "0.01", "--seq", "8"]},
             {"name": "clip", "export": {"clip_search": true}}
         ],
         "seeds": 2,
@@ -83,7 +83,10 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
     // the base's, exactly.
     assert_eq!(rows[2]["val_bpb_mean"], rows[0]["val_bpb_mean"]);
     let md = fs::read_to_string(out.join("ablation.md")).unwrap();
-    assert!(md.contains("| fast | `--lr 0.01` | 2 |"), "{md}");
+    assert!(md.contains("| fast | `--lr 0.01 --seq 8` | 2 |"), "{md}");
+    // The variant's --seq overrode the base's: half the tokens per step.
+    assert_eq!(rows[1]["tokens_mean"], 4.0 * 2.0 * 8.0);
+    assert_eq!(rows[0]["tokens_mean"], 4.0 * 2.0 * 16.0);
     assert!(
         md.contains("| clip | export: clip search (the base's runs) | 2 |"),
         "{md}"
