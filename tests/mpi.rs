@@ -492,4 +492,6 @@ fn data_too_small_for_the_processes_is_refused() {
         "{}",
         text(&out)
     );
+    // Refused before anything is written: the same --out can be used again.
+    assert!(!dir.join("run/train.json").exists());
 }

@@ -108,6 +108,27 @@ fn lock_run(run_dir: &Path) -> Result<File> {
     Ok(file)
 }
 
+/// Refuses data too small for the processes: with fewer batches in a pass than one step of
+/// `world_size` processes × `accumulation` micro-batches reads, processes would train on the
+/// same tokens within a step.
+fn check_data_for_world(loader: &Loader, config: &TrainConfig) -> Result<()> {
+    let world = config.world_size;
+    let per_step = (world * config.accumulation) as u64;
+    ensure!(
+        world == 1 || loader.batches_per_pass() >= per_step,
+        "{}: the training split holds {} batches of {}×{} tokens, fewer than the {} that one \
+         step of {world} processes × {} micro-batches reads, so processes would train on the \
+         same tokens; use fewer processes, a smaller --batch or --seq, or more data",
+        config.data.display(),
+        loader.batches_per_pass(),
+        config.batch,
+        config.seq,
+        per_step,
+        config.accumulation
+    );
+    Ok(())
+}
+
 impl<B: Backend> Trainer<B> {
     /// Starts a new run in `run_dir` (which must not hold one already).
     pub fn create(backend: B, config: TrainConfig, run_dir: &Path) -> Result<Self> {
@@ -159,6 +180,13 @@ impl<B: Backend> Trainer<B> {
             config.model.vocab_size = rows;
         }
         config.validate()?;
+        let loader = Loader::new(
+            dataset.shard_paths(Split::Train),
+            dataset.manifest.vocab_size,
+            config.batch,
+            config.seq,
+        )?;
+        check_data_for_world(&loader, &config)?;
         let lock = if lead {
             std::fs::create_dir_all(run_dir)
                 .with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -214,12 +242,6 @@ impl<B: Backend> Trainer<B> {
             }
         }
         Self::prepare_model(&mut model, &config)?;
-        let loader = Loader::new(
-            dataset.shard_paths(Split::Train),
-            dataset.manifest.vocab_size,
-            config.batch,
-            config.seq,
-        )?;
         Self::assemble(
             config,
             model,
@@ -246,20 +268,6 @@ impl<B: Backend> Trainer<B> {
         (step, skipped, elapsed_before): (u64, u64, f64),
         communicator: Box<dyn Communicator<B> + Send>,
     ) -> Result<Self> {
-        let world = communicator.world_size();
-        let per_step = (world * config.accumulation) as u64;
-        ensure!(
-            world == 1 || loader.batches_per_pass() >= per_step,
-            "{}: the training split holds {} batches of {}×{} tokens, fewer than the {} that \
-             one step of {world} processes × {} micro-batches reads, so processes would train \
-             on the same tokens; use fewer processes, a smaller --batch or --seq, or more data",
-            config.data.display(),
-            loader.batches_per_pass(),
-            config.batch,
-            config.seq,
-            per_step,
-            config.accumulation
-        );
         let Some(lock) = lock else {
             return Ok(Trainer {
                 config,
@@ -397,6 +405,7 @@ impl<B: Backend> Trainer<B> {
             config.seq,
         )?;
         loader.seek(manifest.data_position)?;
+        check_data_for_world(&loader, &config)?;
         let (step, skipped, elapsed) = (
             manifest.step,
             manifest.skipped_steps,
