@@ -3,7 +3,8 @@
 //! table — mean ± standard deviation per variant, the difference from the base, and whether it
 //! exceeds the seeds' noise. A sweep resumes: each finished run leaves its result
 //! (`results/NAME-seedS.json`), and rerunning the command trains only the runs without one (an
-//! unfinished run restarts). Runs are in `runs/NAME-seedS`, artifacts in `artifacts/`.
+//! unfinished run restarts). Runs are in `runs/NAME-seedS`, artifacts in `artifacts/`. A
+//! variant that changes only the export scores the base's runs, compared seed by seed.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -153,6 +154,14 @@ pub fn read_plan(path: &Path) -> Result<Plan> {
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
             "{}: variant name '{name}' must be letters, digits, '-', '_' or '.'",
             path.display()
+        );
+    }
+    for v in &plan.variants {
+        ensure!(
+            !v.export_only() || v.export.is_some_and(|e| e != plan.export),
+            "{}: variant '{}' changes nothing (no flags, and the plan's export)",
+            path.display(),
+            v.name
         );
     }
     let count = names.len();
