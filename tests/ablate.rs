@@ -114,5 +114,10 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
         !ok && err.contains("--seed is set by the sweep itself"),
         "{err}"
     );
+    // A variant with neither flags nor an export of its own would repeat the base.
+    let same = serde_json::json!({"data": data, "base": [], "variants": [{"name": "same"}]});
+    fs::write(&plan_path, same.to_string()).unwrap();
+    let (ok, _, err) = kiln(&args, &[]);
+    assert!(!ok && err.contains("variant 'same' changes nothing"), "{err}");
     fs::remove_dir_all(&dir).ok();
 }
