@@ -118,6 +118,9 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
     let same = serde_json::json!({"data": data, "base": [], "variants": [{"name": "same"}]});
     fs::write(&plan_path, same.to_string()).unwrap();
     let (ok, _, err) = kiln(&args, &[]);
-    assert!(!ok && err.contains("variant 'same' changes nothing"), "{err}");
+    assert!(
+        !ok && err.contains("variant 'same' changes nothing"),
+        "{err}"
+    );
     fs::remove_dir_all(&dir).ok();
 }
