@@ -198,6 +198,11 @@ struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     accum: usize,
+    /// A sequence-length curriculum, START:STEPS: the first STEPS steps train on sequences
+    /// of START, 2·START, … tokens (an equal share of the steps each, the same tokens per
+    /// step in more, shorter sequences), then --seq. START is --seq halved one or more times.
+    #[arg(long)]
+    seq_warmup: Option<kiln::run_config::SeqWarmup>,
     /// Stop after this many optimizer steps.
     #[arg(long)]
     steps: Option<u64>,
@@ -830,6 +835,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     config.batch = args.batch;
     config.seq = args.seq;
     config.accumulation = args.accum;
+    config.seq_warmup = args.seq_warmup;
     config.max_steps = args.steps;
     config.max_tokens = args.tokens;
     config.time_budget_seconds = args.time;

@@ -86,9 +86,37 @@ pub struct TrainConfig {
     /// quantizes them (straight-through gradients); export with the same rule.
     #[serde(default)]
     pub qat: Option<PackRule>,
+    /// A sequence-length curriculum: the first steps train on shorter sequences (more of
+    /// them, the same tokens per step), doubling up to `seq`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_warmup: Option<SeqWarmup>,
     /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub poison_steps: Vec<u64>,
+}
+
+/// A sequence-length curriculum (`--seq-warmup START:STEPS`): over the first `steps` steps the
+/// sequences are `start`, `2·start`, … tokens, each length an equal share of those steps, then
+/// the run's `seq`; each micro-batch keeps `batch × seq` tokens (more, shorter sequences).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeqWarmup {
+    pub start: usize,
+    pub steps: u64,
+}
+
+impl std::str::FromStr for SeqWarmup {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parsed = s.split_once(':').and_then(|(start, steps)| {
+            Some(SeqWarmup {
+                start: start.trim().parse().ok()?,
+                steps: steps.trim().parse().ok()?,
+            })
+        });
+        parsed.ok_or_else(|| format!("'{s}' is not START:STEPS (e.g. 64:300)"))
+    }
 }
 
 fn one() -> usize {
@@ -196,6 +224,7 @@ impl TrainConfig {
             compact_vocab: false,
             max_bad_steps: 5,
             world_size: 1,
+            seq_warmup: None,
             init_from: None,
             vocab_size_override: None,
             tensorboard: false,
@@ -207,6 +236,17 @@ impl TrainConfig {
             qat: None,
             poison_steps: Vec::new(),
         }
+    }
+
+    /// `(batch, seq)` of the micro-batches of 0-based `step`: the run's own, or during a
+    /// sequence-length warmup shorter sequences, more of them, with the same tokens.
+    pub fn batch_shape_at(&self, step: u64) -> (usize, usize) {
+        let Some(w) = self.seq_warmup.filter(|w| step < w.steps) else {
+            return (self.batch, self.seq);
+        };
+        let lengths = (self.seq / w.start).ilog2() as u64 + 1;
+        let seq = w.start << (step * lengths / w.steps);
+        (self.batch * self.seq / seq, seq)
     }
 
     /// Tokens per optimizer step, over all processes.
@@ -235,6 +275,20 @@ impl TrainConfig {
             self.learning_rate > 0.0 && self.learning_rate.is_finite(),
             "the learning rate must be positive"
         );
+        if let Some(w) = self.seq_warmup {
+            ensure!(
+                w.start > 0
+                    && w.start < self.seq
+                    && self.seq.is_multiple_of(w.start)
+                    && (self.seq / w.start).is_power_of_two()
+                    && w.steps > 0,
+                "--seq-warmup {}:{}: the start must be --seq {} halved one or more times, and \
+                 the steps positive",
+                w.start,
+                w.steps,
+                self.seq
+            );
+        }
         Ok(())
     }
 

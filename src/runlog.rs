@@ -180,6 +180,7 @@ mod tests {
             rss_mib: None,
             elapsed_s: 1.0,
             progress: 0.5,
+            seq: None,
         });
         serde_json::to_string(&Record { time: 0.0, event }).unwrap()
     }

@@ -162,6 +162,10 @@ pub struct Step {
     pub elapsed_s: f64,
     /// Fraction of the budget spent.
     pub progress: f64,
+    /// Tokens per sequence of this step, where a sequence-length warmup made them fewer than
+    /// the run's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<usize>,
 }
 
 /// `eval`: a validation.
@@ -424,6 +428,7 @@ mod tests {
             rss_mib: None,
             elapsed_s: 1.0,
             progress: 0.25,
+            seq: None,
         });
         let line = serde_json::to_string(&Record { time: 1.0, event }).unwrap();
         assert!(

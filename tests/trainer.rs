@@ -134,6 +134,82 @@ fn resume_continues_bit_exactly() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// `--seq-warmup 4:9` on a run of 2 × 16 tokens: steps 1–3 read 8 sequences of 4, steps
+/// 4–6 4 of 8, then 2 of 16, always the same 32 tokens of the stream per step. The first
+/// step's loss is the untrained model's on the stream's first 32 tokens cut into 8 rows of 4,
+/// computed here on its own arena; a resume in the middle of the warmup continues exactly.
+#[test]
+fn a_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows_and_resumes_exactly() {
+    use kiln::run_config::SeqWarmup;
+    let dir = temp_dir("seq-warmup");
+    let data = corpus(&dir);
+    let warm = |steps| {
+        let mut c = config(data.clone(), steps);
+        c.seq_warmup = Some(SeqWarmup { start: 4, steps: 9 });
+        c
+    };
+    let shapes: Vec<_> = (0..12).map(|s| warm(12).batch_shape_at(s)).collect();
+    assert_eq!(
+        shapes,
+        [[(8, 4); 3], [(4, 8); 3], [(2, 16); 3], [(2, 16); 3]].concat()
+    );
+    let straight = train(warm(12), &dir.join("straight"));
+    let lines: Vec<serde_json::Value> =
+        fs::read_to_string(dir.join("straight/telemetry.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &serde_json::Value| l["type"] == "step")
+            .collect();
+    let seqs: Vec<_> = lines.iter().map(|l| l["seq"].as_u64()).collect();
+    assert_eq!(seqs[..7], [Some(4), Some(4), Some(4), Some(8), Some(8), Some(8), None]);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["tokens"], 32 * (i as u64 + 1));
+    }
+    // Step 1's loss, independently: the same initial weights on the first 32 tokens as 8×4.
+    let dataset = Dataset::open(&data).unwrap();
+    let mut model = Model::new(ReferenceBackend, straight_config(&dir)).unwrap();
+    model.init_random(warm(12).seed).unwrap();
+    let stream = kiln_formats::data::read_shard(
+        &dataset.shard_paths(Split::Train)[0],
+        dataset.manifest.vocab_size,
+    )
+    .unwrap();
+    let acts = model.loss_activations(8, 4).unwrap();
+    let loss = model
+        .forward(&acts, &stream[..32], Some(&stream[1..33]))
+        .unwrap()
+        .unwrap();
+    assert_eq!(loss, straight.losses[0]);
+
+    let mut split = Trainer::create(ReferenceBackend, warm(12), &dir.join("split")).unwrap();
+    split.print_every = 0;
+    let first = split.run_until(Some(4)).unwrap();
+    drop(split);
+    let mut resumed = Trainer::resume(ReferenceBackend, &dir.join("split"), None).unwrap();
+    resumed.print_every = 0;
+    let second = resumed.run().unwrap();
+    let joined: Vec<f32> = first.losses.iter().chain(&second.losses).copied().collect();
+    assert_eq!(joined, straight.losses, "4 steps + resume + 8 must equal 12 straight");
+
+    // A start that is not the length halved is refused.
+    let mut bad = config(data, 4);
+    bad.seq_warmup = Some(SeqWarmup { start: 5, steps: 9 });
+    let error = Trainer::create(ReferenceBackend, bad, &dir.join("bad"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("--seq-warmup 5:9"), "{error}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// The model config a run in `dir/straight` trained (its vocabulary is the data's).
+fn straight_config(dir: &Path) -> ModelConfig {
+    let text = fs::read_to_string(dir.join("straight/train.json")).unwrap();
+    serde_json::from_value(serde_json::from_str::<serde_json::Value>(&text).unwrap()["model"].clone())
+        .unwrap()
+}
+
 #[test]
 fn non_finite_steps_are_skipped_then_stop_the_run() {
     let dir = temp_dir("nonfinite");

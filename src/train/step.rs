@@ -83,6 +83,8 @@ impl<B: Backend> Trainer<B> {
         };
         self.start(&cfg, &rates)?;
         let acts = self.model.loss_activations(cfg.batch, cfg.seq)?;
+        // The arena of a sequence-length warmup's current shape, while it lasts.
+        let mut short: Option<((usize, usize), Activations<B>)> = None;
         let val_tokens = self.dataset.read_all(Split::Val)?;
         let mut run = Progress {
             started: Instant::now(),
@@ -109,7 +111,18 @@ impl<B: Backend> Trainer<B> {
             let step_started = Instant::now();
             let before = run.stages;
             self.communicator.at_step(self.step);
-            let loss = self.forward_backward(&cfg, &acts, &mut run)?;
+            // A sequence-length warmup's shorter sequences: the loader's tokens are the same
+            // (batch × seq of the stream), read as more, shorter rows.
+            let shape = cfg.batch_shape_at(self.step);
+            if short.as_ref().is_some_and(|(s, _)| *s != shape) {
+                // The last shape's arena goes before the next is allocated.
+                drop(short.take());
+            }
+            if shape != (cfg.batch, cfg.seq) && short.is_none() {
+                short = Some((shape, self.model.loss_activations(shape.0, shape.1)?));
+            }
+            let step_acts = short.as_ref().map_or(&acts, |(_, a)| a);
+            let loss = self.forward_backward(&cfg, step_acts, &mut run)?;
             let mut update = self.update(&cfg, loss, &mut run)?;
             update.seconds = seconds_since(step_started);
             // Read once per step: a signal arriving later is seen at the next boundary.
@@ -572,6 +585,7 @@ impl<B: Backend> Trainer<B> {
             rss_mib: memory_mib().map(|m| m.0),
             elapsed_s: elapsed,
             progress: cfg.progress(self.step, elapsed),
+            seq: Some(cfg.batch_shape_at(self.step - 1).1).filter(|&s| s != cfg.seq),
         });
         self.telemetry.emit(event)
     }
