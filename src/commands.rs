@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use kiln_core::backend::{Backend, IntCodes, View};
 use kiln_core::config::ModelConfig;
-use kiln_core::eval::evaluate_sliding;
+use kiln_core::eval::evaluate_with_cache;
 use kiln_core::layout::{ParamKind, ParamLayout, Region};
 use kiln_core::model::Model;
 use kiln_core::quant::{Quantized, Scheme, TERNARY_GROUP};
@@ -342,6 +342,8 @@ pub struct EvalOptions {
     pub stride: Option<usize>,
     /// How the text's bytes are counted (the true UTF-8 count, or the challenge's rule).
     pub bytes: kiln_formats::tokenizer::ByteRule,
+    /// An evaluation-time n-gram cache mixed into every score (score first, then add).
+    pub ngram_cache: Option<kiln_core::eval::NgramCache>,
 }
 
 /// `kiln eval`: validation loss and bits per byte of a model and/or a packed artifact, and
@@ -405,7 +407,7 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
                 (&challenge, "bits/byte (the challenge's byte rule)")
             }
         };
-        let result = evaluate_sliding(
+        let result = evaluate_with_cache(
             &loaded.model,
             &acts,
             &tokens,
@@ -413,12 +415,20 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
             loaded.vocab_map.as_ref(),
             options.stride.unwrap_or(seq),
             options.batches,
+            options.ngram_cache,
             &mut |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
             },
         )?;
         bar.finish_and_clear();
+        if let Some(c) = options.ngram_cache {
+            println!(
+                "(with an evaluation-time {}-gram cache of weight {}: each token scored before \
+                 it joins the cache)",
+                c.order, c.weight
+            );
+        }
         println!(
             "{what}: val loss {:.4} | {unit} {:.4} | {} tokens, {} bytes | {:.1} s",
             result.loss,

@@ -367,6 +367,12 @@ struct EvalArgs {
     /// its 3 UTF-8 bytes), for figures that compare with its leaderboard.
     #[arg(long, value_enum, default_value = "utf8")]
     bytes: kiln_formats::tokenizer::ByteRule,
+    /// Evaluation-time n-gram cache, ORDER:WEIGHT (e.g. 3:0.1): each target's probability
+    /// mixed with what the already-scored validation tokens say follows its last ORDER − 1
+    /// tokens. A token joins the cache only after it is scored (the challenge's score-first
+    /// rule); off by default.
+    #[arg(long)]
+    ngram_cache: Option<kiln_core::eval::NgramCache>,
 }
 
 #[derive(Subcommand)]
@@ -612,6 +618,7 @@ fn main() -> Result<()> {
                 batches: args.batches,
                 stride: args.stride,
                 bytes: args.bytes,
+                ngram_cache: args.ngram_cache,
             };
             with_backend!(backend, |b| kiln::commands::eval(b, &options))
         }

@@ -76,6 +76,97 @@ pub fn evaluate_sliding<B: Backend>(
     max_batches: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
+    evaluate_with_cache(
+        model, acts, tokens, tokenizer, vocab_map, stride, max_batches, None, progress,
+    )
+}
+
+/// An evaluation-time n-gram cache (`kiln eval --ngram-cache ORDER:WEIGHT`): each target's
+/// probability is mixed with what the validation tokens already scored say follows its last
+/// `order − 1` tokens (the longest such context seen before; none seen: the model alone),
+/// `(1 − weight)·p_model + weight·p_cache`. A token joins the cache only after it is scored,
+/// so nothing is scored with knowledge of itself: the challenge's rule for evaluation-time
+/// adaptation (score a chunk before training on it).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NgramCache {
+    pub order: usize,
+    pub weight: f64,
+}
+
+impl std::str::FromStr for NgramCache {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parsed = s.split_once(':').and_then(|(order, weight)| {
+            Some(NgramCache {
+                order: order.trim().parse().ok()?,
+                weight: weight.trim().parse().ok()?,
+            })
+        });
+        match parsed {
+            Some(c) if (2..=8).contains(&c.order) && c.weight > 0.0 && c.weight < 1.0 => Ok(c),
+            _ => Err(format!(
+                "'{s}' is not ORDER:WEIGHT with ORDER in 2..=8 and WEIGHT in (0, 1) (e.g. 3:0.1)"
+            )),
+        }
+    }
+}
+
+/// The counts of an [`NgramCache`]: for each context length `k` in `1..order`, how often each
+/// token followed each context of `k` tokens in the scored stream.
+struct CacheCounts {
+    config: NgramCache,
+    /// `by_length[k − 1]`: context → (total, next token → count).
+    by_length: Vec<std::collections::HashMap<Vec<u32>, (u32, std::collections::HashMap<u32, u32>)>>,
+}
+
+impl CacheCounts {
+    fn new(config: NgramCache) -> Self {
+        CacheCounts {
+            config,
+            by_length: (1..config.order).map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// The target at `stream[at]` scored with the model's loss `nats`: the mixed loss, then
+    /// the target joins the counts.
+    fn score(&mut self, stream: &[u32], at: usize, nats: f64) -> f64 {
+        let target = stream[at];
+        let mut mixed = nats;
+        for k in (1..self.config.order).rev().filter(|&k| k <= at) {
+            if let Some((total, next)) = self.by_length[k - 1].get(&stream[at - k..at]) {
+                let cache = *next.get(&target).unwrap_or(&0) as f64 / *total as f64;
+                let w = self.config.weight;
+                mixed = -((1.0 - w) * (-nats).exp() + w * cache).ln();
+                break;
+            }
+        }
+        for k in (1..self.config.order).filter(|&k| k <= at) {
+            let entry = self.by_length[k - 1]
+                .entry(stream[at - k..at].to_vec())
+                .or_default();
+            entry.0 += 1;
+            *entry.1.entry(target).or_default() += 1;
+        }
+        mixed
+    }
+}
+
+/// [`evaluate_sliding`], each target's loss mixed with an evaluation-time [`NgramCache`]
+/// when one is given.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with_cache<B: Backend>(
+    model: &Model<B>,
+    acts: &Activations<B>,
+    tokens: &[u32],
+    tokenizer: &dyn TokenText,
+    vocab_map: Option<&VocabMap>,
+    stride: usize,
+    max_batches: usize,
+    cache: Option<NgramCache>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalResult> {
+    let mut cache = cache.map(CacheCounts::new);
     let (batch, seq) = (acts.layout.batch, acts.layout.seq);
     ensure!(
         batch > 0 && seq > 0,
@@ -124,7 +215,16 @@ pub fn evaluate_sliding<B: Backend>(
             let from = if first + r == 0 { 0 } else { seq - stride };
             let row = r * seq;
             let span = row + from..row + seq;
-            nats += losses[span.clone()].iter().map(|&l| l as f64).sum::<f64>();
+            nats += match &mut cache {
+                // Targets in stream order: window `first + r` starts at (first + r)·stride.
+                Some(cache) => (from..seq)
+                    .map(|p| {
+                        let at = (first + r) * stride + p + 1;
+                        cache.score(tokens, at, losses[row + p] as f64)
+                    })
+                    .sum::<f64>(),
+                None => losses[span.clone()].iter().map(|&l| l as f64).sum::<f64>(),
+            };
             bytes += target_bytes(tokenizer, &x[span.clone()], &y[span.clone()])
                 .iter()
                 .sum::<usize>();
