@@ -363,7 +363,9 @@ fn the_ngram_cache_scores_each_token_before_it_joins_the_cache() {
         }
         start += stride;
     }
-    let scored: Vec<usize> = (1..tokens.len()).filter(|&j| !model_nats[j].is_nan()).collect();
+    let scored: Vec<usize> = (1..tokens.len())
+        .filter(|&j| !model_nats[j].is_nan())
+        .collect();
     let (mut plain, mut mixed, mut repeat_gain) = (0f64, 0f64, 0f64);
     for (n, &j) in scored.iter().enumerate() {
         let mut nats = model_nats[j];
@@ -415,7 +417,10 @@ fn the_ngram_cache_scores_each_token_before_it_joins_the_cache() {
     );
     // The repeat is predicted by the cache: its tokens' losses fall by over 0.3 nats on
     // average (a 3-gram seen once predicts its continuation with probability 1).
-    assert!(repeat_gain / (scored.len() / 2) as f64 > 0.3, "{repeat_gain}");
+    assert!(
+        repeat_gain / (scored.len() / 2) as f64 > 0.3,
+        "{repeat_gain}"
+    );
     assert!(with.loss < without.loss);
     assert!("3:0.1".parse::<NgramCache>().is_ok());
     assert!("1:0.1".parse::<NgramCache>().is_err() && "3:1.5".parse::<NgramCache>().is_err());

@@ -154,15 +154,17 @@ fn a_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows_and_resumes_ex
         [[(8, 4); 3], [(4, 8); 3], [(2, 16); 3], [(2, 16); 3]].concat()
     );
     let straight = train(warm(12), &dir.join("straight"));
-    let lines: Vec<serde_json::Value> =
-        fs::read_to_string(dir.join("straight/telemetry.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .filter(|l: &serde_json::Value| l["type"] == "step")
-            .collect();
+    let lines: Vec<serde_json::Value> = fs::read_to_string(dir.join("straight/telemetry.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["type"] == "step")
+        .collect();
     let seqs: Vec<_> = lines.iter().map(|l| l["seq"].as_u64()).collect();
-    assert_eq!(seqs[..7], [Some(4), Some(4), Some(4), Some(8), Some(8), Some(8), None]);
+    assert_eq!(
+        seqs[..7],
+        [Some(4), Some(4), Some(4), Some(8), Some(8), Some(8), None]
+    );
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["tokens"], 32 * (i as u64 + 1));
     }
@@ -190,7 +192,10 @@ fn a_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows_and_resumes_ex
     resumed.print_every = 0;
     let second = resumed.run().unwrap();
     let joined: Vec<f32> = first.losses.iter().chain(&second.losses).copied().collect();
-    assert_eq!(joined, straight.losses, "4 steps + resume + 8 must equal 12 straight");
+    assert_eq!(
+        joined, straight.losses,
+        "4 steps + resume + 8 must equal 12 straight"
+    );
 
     // A start that is not the length halved is refused.
     let mut bad = config(data, 4);
@@ -206,8 +211,10 @@ fn a_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows_and_resumes_ex
 /// The model config a run in `dir/straight` trained (its vocabulary is the data's).
 fn straight_config(dir: &Path) -> ModelConfig {
     let text = fs::read_to_string(dir.join("straight/train.json")).unwrap();
-    serde_json::from_value(serde_json::from_str::<serde_json::Value>(&text).unwrap()["model"].clone())
-        .unwrap()
+    serde_json::from_value(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["model"].clone(),
+    )
+    .unwrap()
 }
 
 #[test]

@@ -77,7 +77,15 @@ pub fn evaluate_sliding<B: Backend>(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
     evaluate_with_cache(
-        model, acts, tokens, tokenizer, vocab_map, stride, max_batches, None, progress,
+        model,
+        acts,
+        tokens,
+        tokenizer,
+        vocab_map,
+        stride,
+        max_batches,
+        None,
+        progress,
     )
 }
 
