@@ -5,6 +5,8 @@
 //! space counted unless it is the dummy prefix after a boundary token, byte-fallback tokens one
 //! byte) — never from the length of a decoded string, which gets both traps wrong.
 
+use std::collections::HashMap;
+
 use crate::Result;
 
 macro_rules! ensure {
@@ -120,12 +122,15 @@ impl std::str::FromStr for NgramCache {
     }
 }
 
+/// What followed one context in the scored stream: in all, and per next token.
+type Continuations = (u32, HashMap<u32, u32>);
+
 /// The counts of an [`NgramCache`]: for each context length `k` in `1..order`, how often each
 /// token followed each context of `k` tokens in the scored stream.
 struct CacheCounts {
     config: NgramCache,
-    /// `by_length[k − 1]`: context → (total, next token → count).
-    by_length: Vec<std::collections::HashMap<Vec<u32>, (u32, std::collections::HashMap<u32, u32>)>>,
+    /// `by_length[k − 1]`: context → its continuations.
+    by_length: Vec<HashMap<Vec<u32>, Continuations>>,
 }
 
 impl CacheCounts {
