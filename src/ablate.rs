@@ -42,6 +42,20 @@ pub struct Plan {
     /// that does not give its own.
     #[serde(default)]
     pub export: PackOptions,
+    /// Evaluation-time techniques applied when scoring (`{"ngram_cache": {"order": 3,
+    /// "weight": 0.3}}`), for every configuration that does not give its own.
+    #[serde(default)]
+    pub eval: EvalTime,
+}
+
+/// Evaluation-time techniques: they change how the validation text is scored (before export
+/// and after the round trip alike), never the weights or the artifact.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalTime {
+    /// `kiln eval --ngram-cache`: an n-gram cache of the tokens already scored.
+    #[serde(default)]
+    pub ngram_cache: Option<kiln_core::eval::NgramCache>,
 }
 
 fn three() -> u64 {
@@ -62,10 +76,14 @@ pub struct Variant {
     /// This variant's export choices, instead of the plan's.
     #[serde(default)]
     pub export: Option<PackOptions>,
+    /// This variant's evaluation-time techniques, instead of the plan's.
+    #[serde(default)]
+    pub eval: Option<EvalTime>,
 }
 
 impl Variant {
-    /// Whether the variant trains exactly as the base does (it changes only the export).
+    /// Whether the variant trains exactly as the base does (it changes only the export or
+    /// the scoring).
     pub fn export_only(&self) -> bool {
         self.flags.is_empty()
     }
@@ -158,8 +176,10 @@ pub fn read_plan(path: &Path) -> Result<Plan> {
     }
     for v in &plan.variants {
         ensure!(
-            !v.export_only() || v.export.is_some_and(|e| e != plan.export),
-            "{}: variant '{}' changes nothing (no flags, and the plan's export)",
+            !v.export_only()
+                || v.export.is_some_and(|e| e != plan.export)
+                || v.eval.is_some_and(|e| e != plan.eval),
+            "{}: variant '{}' changes nothing (no flags, the plan's export and scoring)",
             path.display(),
             v.name
         );
@@ -220,7 +240,7 @@ pub fn run<B: Backend + Clone>(
         configs.len(),
         plan.seeds,
         if export_only > 0 {
-            format!(" ({export_only} of them export-only, on the base's trained runs)")
+            format!(" ({export_only} of them export or scoring only, on the base's trained runs)")
         } else {
             String::new()
         }
@@ -238,11 +258,16 @@ pub fn run<B: Backend + Clone>(
                     done += 1;
                     println!("== {name}, seed {seed} (run {done} of {pending})");
                     let export = variant.and_then(|v| v.export).unwrap_or(plan.export);
+                    let eval = variant.and_then(|v| v.eval).unwrap_or(plan.eval);
                     let base_run = out.join("runs").join(format!("base-seed{seed}"));
                     let shared = variant.is_some_and(Variant::export_only)
                         && base_run.join("report.json").exists();
                     let (run, report) = if shared {
-                        println!("   (the base's run, exported with {})", describe(export));
+                        println!(
+                            "   (the base's run, exported with {}, scored {})",
+                            describe(export),
+                            describe_eval(eval)
+                        );
                         let path = base_run.join("report.json");
                         let text = std::fs::read_to_string(&path)
                             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -268,7 +293,7 @@ pub fn run<B: Backend + Clone>(
                     let result = score(
                         backend,
                         plan,
-                        (name, seed, export),
+                        (name, seed, export, eval),
                         (&run, &artifact),
                         &report,
                     )?;
@@ -326,7 +351,7 @@ pub fn run<B: Backend + Clone>(
 fn score<B: Backend + Clone>(
     backend: &B,
     plan: &Plan,
-    (name, seed, export): (&str, u64, PackOptions),
+    (name, seed, export, eval): (&str, u64, PackOptions, EvalTime),
     (run, artifact): (&Path, &Path),
     report: &RunReport,
 ) -> Result<RunResult> {
@@ -345,13 +370,15 @@ fn score<B: Backend + Clone>(
      -> Result<f64> {
         let seq = 256.min(loaded.model.config.max_seq_len);
         let acts = loaded.model.loss_activations(8, seq)?;
-        let result = kiln_core::eval::evaluate(
+        let result = kiln_core::eval::evaluate_with_cache(
             &loaded.model,
             &acts,
             &tokens,
             text,
             loaded.vocab_map.as_ref(),
+            seq,
             0,
+            eval.ngram_cache,
             &mut |_, _| {},
         )?;
         Ok(result.bits_per_byte)
@@ -468,6 +495,14 @@ fn describe(export: PackOptions) -> String {
     }
 }
 
+/// Evaluation-time techniques in words.
+fn describe_eval(eval: EvalTime) -> String {
+    match eval.ngram_cache {
+        Some(c) => format!("with a {}-gram cache of weight {}", c.order, c.weight),
+        None => "plainly".into(),
+    }
+}
+
 /// The table, as Markdown.
 pub fn markdown(plan: &Plan, rows: &[Row]) -> String {
     let mut md = String::new();
@@ -496,6 +531,10 @@ pub fn markdown(plan: &Plan, rows: &[Row]) -> String {
         let export = variant.and_then(|v| v.export).unwrap_or(plan.export);
         if export != PackOptions::default() {
             what.push(format!("export: {}", describe(export)));
+        }
+        let eval = variant.and_then(|v| v.eval).unwrap_or(plan.eval);
+        if eval != EvalTime::default() {
+            what.push(format!("scored {}", describe_eval(eval)));
         }
         if row.paired {
             what.push("(the base's runs)".into());

@@ -30,7 +30,8 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
         "base": ["--model", "tiny-golf", "--steps", "4", "--batch", "2", "--seq", "16"],
         "variants": [
             {"name": "fast", "flags": ["--lr", "0.01", "--seq", "8"]},
-            {"name": "clip", "export": {"clip_search": true}}
+            {"name": "clip", "export": {"clip_search": true}},
+            {"name": "cache", "eval": {"ngram_cache": {"order": 3, "weight": 0.3}}}
         ],
         "seeds": 2,
         "scheme": "ternary"
@@ -51,20 +52,21 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
     assert!(ok, "{stdout}\n{err}");
     assert!(
         stdout.contains(
-            "3 configurations × 2 seeds: 6 of 6 runs to do (2 of them export-only, on the \
-             base's trained runs)"
+            "4 configurations × 2 seeds: 8 of 8 runs to do (4 of them export or scoring only, \
+             on the base's trained runs)"
         ),
         "{stdout}"
     );
     // The export-only variant trained nothing: it exported the base's runs with the search.
     assert!(!out.join("runs/clip-seed1").exists());
-    assert!(stdout.contains("(the base's run, exported with clip search)"));
+    assert!(stdout.contains("(the base's run, exported with clip search, scored plainly)"));
+    assert!(!out.join("runs/cache-seed1").exists());
 
     let table: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(out.join("ablation.json")).unwrap()).unwrap();
     let rows = table["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
-    for (row, name) in rows.iter().zip(["base", "fast", "clip"]) {
+    assert_eq!(rows.len(), 4);
+    for (row, name) in rows.iter().zip(["base", "fast", "clip", "cache"]) {
         assert_eq!(row["variant"], name);
         assert_eq!(row["seeds"], 2);
         let bpb = row["roundtrip_bpb_mean"].as_f64().unwrap();
@@ -91,6 +93,18 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
         md.contains("| clip | export: clip search (the base's runs) | 2 |"),
         "{md}"
     );
+    // The corpus repeats one line: the cache of the tokens already scored predicts the rest,
+    // before export and after the round trip alike, on the same trained weights.
+    assert_eq!(rows[3]["paired"], true);
+    let cache_row = "| cache | scored with a 3-gram cache of weight 0.3 (the base's runs) | 2 |";
+    assert!(md.contains(cache_row), "{md}");
+    for key in ["roundtrip_bpb_mean", "val_bpb_mean"] {
+        let (base, cache) = (
+            rows[0][key].as_f64().unwrap(),
+            rows[3][key].as_f64().unwrap(),
+        );
+        assert!(cache < base - 0.1, "{key}: {cache} against {base}");
+    }
     assert!(out.join("curves/loss_vs_steps.png").exists());
 
     // One result removed: the rerun trains that run alone and keeps the others.
@@ -98,7 +112,7 @@ fn a_sweep_tabulates_every_seed_and_resumes() {
     fs::remove_file(out.join("results/fast-seed2.json")).unwrap();
     let (ok, stdout, err) = kiln(&args, &[]);
     assert!(ok, "{stdout}\n{err}");
-    assert!(stdout.contains("1 of 6 runs to do"), "{stdout}");
+    assert!(stdout.contains("1 of 8 runs to do"), "{stdout}");
     assert!(stdout.contains("== fast, seed 2 (run 1 of 1)"), "{stdout}");
     assert_eq!(
         fs::read_to_string(out.join("results/base-seed1.json")).unwrap(),
