@@ -15,8 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_core::model::Model;
-use kiln_reference::ReferenceBackend;
 use rand::{Rng, SeedableRng};
 
 /// A prepared corpus for these runs.
@@ -100,19 +98,6 @@ fn wait_for_steps(run: &Path, count: usize, child: &mut Child) {
     }
 }
 
-/// The newest checkpoint, loaded whole (weights and optimizer state) as a resume would.
-fn newest_loads(run: &Path) -> u64 {
-    let (step, dir) = kiln_formats::checkpoint::list(&run.join("checkpoints"))
-        .unwrap()
-        .pop()
-        .expect("a checkpoint");
-    let manifest = kiln_formats::checkpoint::read_manifest(&dir).unwrap();
-    let mut model = Model::new(ReferenceBackend, manifest.model).unwrap();
-    kiln_formats::checkpoint::load_into(&mut model, &dir, None, true)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
-    step
-}
-
 /// No partial checkpoint left beside the complete ones.
 fn no_partial_checkpoints(run: &Path) {
     for entry in fs::read_dir(run.join("checkpoints")).unwrap() {
@@ -158,7 +143,7 @@ fn ctrl_c_saves_a_checkpoint_and_the_run_resumes_exactly() {
     let (status, err) = wait(child);
     assert!(status.success(), "{err}");
     assert!(err.contains("interrupted: stopped after step"), "{err}");
-    let stopped = newest_loads(&run);
+    let stopped = common::newest_loads(&run);
     assert!((3..2000).contains(&stopped), "stopped at step {stopped}");
     let (status, err) = finish(resume(&run));
     assert!(status.success(), "{err}");
@@ -259,7 +244,7 @@ fn kills_never_leave_the_newest_checkpoint_unloadable() {
         signal(&child, libc::SIGKILL);
         let (status, _) = wait(child);
         landed += (status.code().is_none()) as usize;
-        newest_loads(&run);
+        common::newest_loads(&run);
     }
     assert_eq!(landed, kills, "every kill landed on a running process");
     let (status, err) = finish(resume(&run));
@@ -337,7 +322,7 @@ fn a_full_disk_during_a_save_keeps_the_previous_checkpoint() {
             "limit {limit}: {err}"
         );
         assert!(!err.contains("panicked"), "{err}");
-        assert_eq!(newest_loads(&run), 4, "limit {limit}");
+        assert_eq!(common::newest_loads(&run), 4, "limit {limit}");
         no_partial_checkpoints(&run);
     }
     let (status, err) = finish(more(&run));

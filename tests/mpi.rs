@@ -350,20 +350,6 @@ fn fault(name: &str, signal: i32) -> (Output, Duration, PathBuf) {
     (output, took, out)
 }
 
-/// The newest checkpoint's step, after loading it whole as a resume would.
-fn newest_loads(run: &Path) -> u64 {
-    let (step, dir) = kiln_formats::checkpoint::list(&run.join("checkpoints"))
-        .unwrap()
-        .pop()
-        .expect("a checkpoint");
-    let manifest = kiln_formats::checkpoint::read_manifest(&dir).unwrap();
-    let mut model =
-        kiln_core::model::Model::new(kiln_reference::ReferenceBackend, manifest.model).unwrap();
-    kiln_formats::checkpoint::load_into(&mut model, &dir, None, true)
-        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
-    step
-}
-
 #[test]
 fn a_hung_process_stops_the_others_after_the_rank_timeout() {
     let (output, took, run) = fault("hang", libc::SIGSTOP);
@@ -375,7 +361,7 @@ fn a_hung_process_stops_the_others_after_the_rank_timeout() {
     );
     // The timeout (3 s) plus MPI's teardown; without the timeout rank 0 waits forever.
     assert!(took < Duration::from_secs(60), "stopped after {took:?}");
-    assert!(newest_loads(&run) >= 2);
+    assert!(common::newest_loads(&run) >= 2);
 }
 
 #[test]
@@ -383,7 +369,7 @@ fn a_killed_process_stops_the_others() {
     let (output, took, run) = fault("kill", libc::SIGKILL);
     assert!(!output.status.success(), "{}", text(&output));
     assert!(took < Duration::from_secs(60), "stopped after {took:?}");
-    assert!(newest_loads(&run) >= 2);
+    assert!(common::newest_loads(&run) >= 2);
 }
 
 #[test]
@@ -409,7 +395,7 @@ fn ctrl_c_to_mpirun_stops_every_process_at_one_step_with_a_checkpoint() {
     assert_eq!(stopped.len(), 1, "{}", text(&output));
     assert_eq!(stopped[0]["reason"], "interrupted");
     let step = stopped[0]["step"].as_u64().unwrap();
-    assert_eq!(newest_loads(&out), step);
+    assert_eq!(common::newest_loads(&out), step);
     // And the run goes on from there.
     let more = (step + 2).to_string();
     let resume = ["--resume", out.to_str().unwrap(), "--steps", more.as_str()];

@@ -112,21 +112,26 @@ fn same_seed_and_data_give_the_same_losses_and_the_loss_falls() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// The losses of a run trained in `run` until step `at` (as if stopped there), then resumed
+/// from its checkpoint to the end.
+fn stopped_and_resumed(config: TrainConfig, run: &Path, at: u64) -> Vec<f32> {
+    let mut first = Trainer::create(ReferenceBackend, config, run).unwrap();
+    first.print_every = 0;
+    let before = first.run_until(Some(at)).unwrap();
+    drop(first);
+    let mut resumed = Trainer::resume(ReferenceBackend, run, None).unwrap();
+    resumed.print_every = 0;
+    let after = resumed.run().unwrap();
+    before.losses.iter().chain(&after.losses).copied().collect()
+}
+
 #[test]
 fn resume_continues_bit_exactly() {
     let dir = temp_dir("resume");
     let data = corpus(&dir);
     let straight = train(config(data.clone(), 12), &dir.join("straight"));
     // The same 12-step run, stopped after step 8 (its last checkpoint), then resumed.
-    let mut interrupted =
-        Trainer::create(ReferenceBackend, config(data, 12), &dir.join("split")).unwrap();
-    interrupted.print_every = 0;
-    let first = interrupted.run_until(Some(8)).unwrap();
-    drop(interrupted);
-    let mut resumed = Trainer::resume(ReferenceBackend, &dir.join("split"), None).unwrap();
-    resumed.print_every = 0;
-    let second = resumed.run().unwrap();
-    let joined: Vec<f32> = first.losses.iter().chain(&second.losses).copied().collect();
+    let joined = stopped_and_resumed(config(data, 12), &dir.join("split"), 8);
     assert_eq!(
         joined, straight.losses,
         "8 steps + resume + 4 steps must equal 12 straight"
@@ -184,14 +189,7 @@ fn a_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows_and_resumes_ex
         .unwrap();
     assert_eq!(loss, straight.losses[0]);
 
-    let mut split = Trainer::create(ReferenceBackend, warm(12), &dir.join("split")).unwrap();
-    split.print_every = 0;
-    let first = split.run_until(Some(4)).unwrap();
-    drop(split);
-    let mut resumed = Trainer::resume(ReferenceBackend, &dir.join("split"), None).unwrap();
-    resumed.print_every = 0;
-    let second = resumed.run().unwrap();
-    let joined: Vec<f32> = first.losses.iter().chain(&second.losses).copied().collect();
+    let joined = stopped_and_resumed(warm(12), &dir.join("split"), 4);
     assert_eq!(
         joined, straight.losses,
         "4 steps + resume + 8 must equal 12 straight"

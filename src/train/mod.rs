@@ -268,44 +268,31 @@ impl<B: Backend> Trainer<B> {
         (step, skipped, elapsed_before): (u64, u64, f64),
         communicator: Box<dyn Communicator<B> + Send>,
     ) -> Result<Self> {
-        let Some(lock) = lock else {
-            return Ok(Trainer {
-                config,
-                model,
-                run_dir: run_dir.to_path_buf(),
-                dataset,
-                vocab_map,
-                loader,
-                telemetry: Telemetry::discard(),
-                communicator,
-                step,
-                skipped,
-                elapsed_before,
-                print_every: 0,
-                echo: false,
-                peak_gflops: None,
-                interrupt: None,
-                _lock: None,
-            });
-        };
-        // Partial checkpoints a killed process left: no other process writes here now.
-        if let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') && name.contains(".tmp-") {
-                    std::fs::remove_dir_all(entry.path()).with_context(|| {
-                        format!(
-                            "cannot remove a partial checkpoint {}",
-                            entry.path().display()
-                        )
-                    })?;
+        // Rank 0 (or the only process) writes the run; the others write nothing.
+        let lead = lock.is_some();
+        let telemetry = if lead {
+            // Partial checkpoints a killed process left: no other process writes here now.
+            if let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') && name.contains(".tmp-") {
+                        std::fs::remove_dir_all(entry.path()).with_context(|| {
+                            format!(
+                                "cannot remove a partial checkpoint {}",
+                                entry.path().display()
+                            )
+                        })?;
+                    }
                 }
             }
-        }
-        let mut telemetry = Telemetry::open(&run_dir.join("telemetry.jsonl"))?;
-        if config.tensorboard {
-            telemetry.enable_tensorboard(&run_dir.join("tensorboard"))?;
-        }
+            let mut telemetry = Telemetry::open(&run_dir.join("telemetry.jsonl"))?;
+            if config.tensorboard {
+                telemetry.enable_tensorboard(&run_dir.join("tensorboard"))?;
+            }
+            telemetry
+        } else {
+            Telemetry::discard()
+        };
         Ok(Trainer {
             config,
             model,
@@ -318,11 +305,11 @@ impl<B: Backend> Trainer<B> {
             step,
             skipped,
             elapsed_before,
-            print_every: 1,
-            echo: true,
+            print_every: u64::from(lead),
+            echo: lead,
             peak_gflops: None,
             interrupt: None,
-            _lock: Some(lock),
+            _lock: lock,
         })
     }
 

@@ -86,3 +86,18 @@ pub fn kiln(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into(),
     )
 }
+
+/// The newest checkpoint of `run`, loaded whole (weights and optimizer state) on the
+/// reference backend as a resume would; returns its step.
+pub fn newest_loads(run: &Path) -> u64 {
+    let (step, dir) = kiln_formats::checkpoint::list(&run.join("checkpoints"))
+        .unwrap()
+        .pop()
+        .expect("a checkpoint");
+    let manifest = kiln_formats::checkpoint::read_manifest(&dir).unwrap();
+    let mut model =
+        kiln_core::model::Model::new(kiln_reference::ReferenceBackend, manifest.model).unwrap();
+    kiln_formats::checkpoint::load_into(&mut model, &dir, None, true)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+    step
+}
