@@ -56,6 +56,20 @@ CONFIGS = {
                                 zero_init_out=False, embed_init_std=0.005, rope_dims=4,
                                 value_residual=True, bigram_buckets=37)),
 }
+# tiny-golf with depth recurrence: 4 blocks, blocks 1..3 run twice (layers 0 1 2 1 2 3), so
+# the shared blocks' gradients are the sums over both runs and the U-Net skips span 6 layers.
+CONFIGS["tiny-golf-recurrent"] = dict(
+    CONFIGS["tiny-golf"], n_layers=4,
+    arch=dict(CONFIGS["tiny-golf"]["arch"], recurrence=dict(start=1, end=3, repeats=1)))
+
+
+def block_order(c):
+    """The block each layer runs: 0..end, then start..end `repeats` more times, then the rest."""
+    r, n = c.get("arch", {}).get("recurrence"), c["n_layers"]
+    if not r:
+        return list(range(n))
+    return (list(range(r["end"])) + list(range(r["start"], r["end"])) * r["repeats"]
+            + list(range(r["end"], n)))
 BATCH, SEQ = 2, 16
 ADAMW = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 ADAMW_STEPS = 10
@@ -87,7 +101,8 @@ def golf_param_shapes(c):
         shapes[p + "mlp.down_proj.weight"] = (dim, hidden)
         shapes[p + "mlp_scale"] = (dim,)
         shapes[p + "resid_mix"] = (2, dim)
-    shapes["model.skip_weights"] = (min(c["n_layers"] // 2, c["n_layers"] - c["n_layers"] // 2), dim)
+    depth = len(block_order(c))
+    shapes["model.skip_weights"] = (min(depth // 2, depth - depth // 2), dim)
     return shapes
 
 
@@ -112,10 +127,11 @@ def golf_forward(c, w, tokens):
     mask = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
     rot = a["rope_dims"] or d
     slope = a["mlp"]["leaky_relu2"]["slope"] if isinstance(a["mlp"], dict) else 0.0
-    encoders = c["n_layers"] // 2
+    order = block_order(c)
+    encoders = len(order) // 2
     skips, v_first = [], None
-    for l in range(c["n_layers"]):
-        p = f"model.layers.{l}."
+    for l, block in enumerate(order):
+        p = f"model.layers.{block}."
         if l >= encoders and skips:
             x = x + w["model.skip_weights"][l - encoders] * skips.pop()
         mix = w[p + "resid_mix"]
@@ -338,11 +354,30 @@ def make_muon(seed):
             u = zeropower_via_newtonschulz5(g + momentum * buf, 5)
             p = p - lr * max(1, rows / cols) ** 0.5 * u
         tensors[f"want.{key}"] = p.float()  # f32 rounding (6e-8) is far below the test's 2e-5
+    # MuonEq-R (row_normalize): each row of the Nesterov update divided by its L2 norm
+    # (clamped at 1e-7) before Newton-Schulz, from the same starting parameters. Its
+    # gradients' rows are scaled by factors 0.01-100 (and one row is zero), so that rows of
+    # very different norms, which the normalization evens out, decide the result.
+    row_gen = torch.Generator().manual_seed(seed + 1)
+    for rows, cols in [(8, 8), (6, 10), (12, 5)]:
+        key = f"{rows}x{cols}"
+        p = tensors[f"param.{key}"].double()
+        scale = 10.0 ** (4 * torch.rand(rows, 1, generator=row_gen) - 2)
+        grads = torch.randn(steps, rows, cols, generator=row_gen) * scale
+        grads[:, 0] = 0.0
+        tensors[f"grads_eq_r.{key}"] = grads.float()
+        buf = torch.zeros(rows, cols, dtype=torch.float64)
+        for g in grads.float().double():
+            buf = momentum * buf + g
+            u = g + momentum * buf
+            u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            p = p - lr * max(1, rows / cols) ** 0.5 * zeropower_via_newtonschulz5(u, 5)
+        tensors[f"want_eq_r.{key}"] = p.float()
     metadata = {"lr": str(lr), "momentum": str(momentum),
                 "generator": f"scripts/make_fixtures.py, torch {torch.__version__}"}
     path = OUT / "muon.safetensors"
     save_file(tensors, str(path), metadata=metadata)
-    print(f"{path.relative_to(OUT.parent.parent)}: {len(tensors) // 3} matrices")
+    print(f"{path.relative_to(OUT.parent.parent)}: {len(tensors) // 5} matrices")
 
 
 if __name__ == "__main__":

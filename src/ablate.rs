@@ -48,15 +48,8 @@ pub struct Plan {
     pub eval: EvalTime,
 }
 
-/// Evaluation-time techniques: they change how the validation text is scored (before export
-/// and after the round trip alike), never the weights or the artifact.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalTime {
-    /// `kiln eval --ngram-cache`: an n-gram cache of the tokens already scored.
-    #[serde(default)]
-    pub ngram_cache: Option<kiln_core::eval::NgramCache>,
-}
+/// Evaluation-time techniques, applied before export and after the round trip alike.
+pub use kiln_core::eval::EvalTime;
 
 fn three() -> u64 {
     3
@@ -356,10 +349,13 @@ fn score<B: Backend + Clone>(
     report: &RunReport,
 ) -> Result<RunResult> {
     let imported = crate::rundir::import(run, None)?;
+    // A QAT run trained inside the Hadamard rotation is exported inside it too.
+    let qat = crate::rundir::qat_rule(run);
     let rule = PackRule {
         matrices: plan.scheme.scheme(),
         embedding: plan.embedding_scheme.scheme(),
         small_max: 65536,
+        hadamard: qat.is_some_and(|r| r.hadamard),
     };
     let (path, _) = kiln_formats::interop::export_packed(&imported, artifact, rule, export)?;
     let artifact_bytes = std::fs::metadata(&path)?.len();
@@ -369,16 +365,15 @@ fn score<B: Backend + Clone>(
                          text: &dyn kiln_core::vocab::TokenText|
      -> Result<f64> {
         let seq = 256.min(loaded.model.config.max_seq_len);
-        let acts = loaded.model.loss_activations(8, seq)?;
-        let result = kiln_core::eval::evaluate_with_cache(
+        let result = kiln_core::eval::evaluate_adapted(
             &loaded.model,
-            &acts,
+            (8, seq),
             &tokens,
             text,
             loaded.vocab_map.as_ref(),
             seq,
             0,
-            eval.ngram_cache,
+            eval,
             &mut |_, _| {},
         )?;
         Ok(result.bits_per_byte)
@@ -389,9 +384,6 @@ fn score<B: Backend + Clone>(
     };
     let trained = crate::commands::load(backend.clone(), &trained)?;
     // A QAT run trained and validated its weights as its rule quantizes them: score those.
-    let qat = (trained.manifest.as_ref())
-        .and_then(|m| serde_json::from_value::<Option<PackRule>>(m.train["qat"].clone()).ok())
-        .flatten();
     if let Some(rule) = qat {
         let mut weights = trained.model.download_params()?;
         kiln_core::quant::fake_quantize(&trained.model.layout, &rule, &mut weights)?;
@@ -497,9 +489,26 @@ fn describe(export: PackOptions) -> String {
 
 /// Evaluation-time techniques in words.
 fn describe_eval(eval: EvalTime) -> String {
-    match eval.ngram_cache {
-        Some(c) => format!("with a {}-gram cache of weight {}", c.order, c.weight),
-        None => "plainly".into(),
+    let mut parts = Vec::new();
+    if eval.temperature {
+        parts.push("with a temperature fitted while scoring".to_string());
+    }
+    if let Some(c) = eval.ngram_cache {
+        parts.push(format!(
+            "with a {}-gram cache of weight {}",
+            c.order, c.weight
+        ));
+    }
+    if let Some(t) = eval.ttt {
+        parts.push(format!(
+            "with test-time training ({} step(s) at {} per scored batch)",
+            t.steps, t.lr
+        ));
+    }
+    if parts.is_empty() {
+        "plainly".into()
+    } else {
+        parts.join(" and ")
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use kiln_core::backend::{Backend, IntCodes, View};
 use kiln_core::config::ModelConfig;
-use kiln_core::eval::evaluate_with_cache;
+use kiln_core::eval::evaluate_adapted;
 use kiln_core::layout::{ParamKind, ParamLayout, Region};
 use kiln_core::model::Model;
 use kiln_core::quant::{Quantized, Scheme, TERNARY_GROUP};
@@ -342,8 +342,9 @@ pub struct EvalOptions {
     pub stride: Option<usize>,
     /// How the text's bytes are counted (the true UTF-8 count, or the challenge's rule).
     pub bytes: kiln_formats::tokenizer::ByteRule,
-    /// An evaluation-time n-gram cache mixed into every score (score first, then add).
-    pub ngram_cache: Option<kiln_core::eval::NgramCache>,
+    /// Evaluation-time techniques (an n-gram cache, an online temperature): each target is
+    /// scored before anything learns from it.
+    pub adapt: kiln_core::eval::EvalTime,
 }
 
 /// `kiln eval`: validation loss and bits per byte of a model and/or a packed artifact, and
@@ -390,7 +391,6 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
             );
         }
         let seq = options.seq.min(loaded.model.config.max_seq_len);
-        let acts = loaded.model.loss_activations(options.batch, seq)?;
         let started = std::time::Instant::now();
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -407,26 +407,39 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
                 (&challenge, "bits/byte (the challenge's byte rule)")
             }
         };
-        let result = evaluate_with_cache(
+        let result = evaluate_adapted(
             &loaded.model,
-            &acts,
+            (options.batch, seq),
             &tokens,
             text,
             loaded.vocab_map.as_ref(),
             options.stride.unwrap_or(seq),
             options.batches,
-            options.ngram_cache,
+            options.adapt,
             &mut |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
             },
         )?;
         bar.finish_and_clear();
-        if let Some(c) = options.ngram_cache {
+        if let Some(c) = options.adapt.ngram_cache {
             println!(
                 "(with an evaluation-time {}-gram cache of weight {}: each token scored before \
                  it joins the cache)",
                 c.order, c.weight
+            );
+        }
+        if let Some(t) = options.adapt.ttt {
+            println!(
+                "(with score-first test-time training: {} AdamW step(s) at rate {} on each \
+                 batch of windows after it is scored)",
+                t.steps, t.lr
+            );
+        }
+        if let Some(t) = result.temperature {
+            println!(
+                "(with a temperature fitted while scoring, each batch with the fit to the \
+                 batches before it: {t:.4} at the end)"
             );
         }
         println!(
@@ -532,6 +545,14 @@ pub fn model_info(config: &ModelConfig, json: bool) -> Result<()> {
         println!(
             "  architecture options:      {}",
             serde_json::to_string(&config.arch)?
+        );
+    }
+    if config.arch.recurrence.is_some() {
+        let order: Vec<String> = layout.order.iter().map(|b| b.to_string()).collect();
+        println!(
+            "  depth recurrence:          {} layers run blocks {}",
+            config.depth(),
+            order.join(", ")
         );
     }
     println!(

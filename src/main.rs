@@ -227,6 +227,14 @@ struct TrainArgs {
     /// Steps over which Muon's momentum rises from 0.85 to 0.95.
     #[arg(long, default_value_t = 500)]
     momentum_warmup: u64,
+    /// Stochastic depth: while training, skip layer l of L in each micro-batch with
+    /// probability P·l/(L − 1) (the first never, the last with P); evaluation runs them all.
+    #[arg(long, value_name = "P")]
+    stochastic_depth: Option<f32>,
+    /// MuonEq-R: Muon divides each row of its update by the row's L2 norm before
+    /// Newton–Schulz (with --optimizer muon).
+    #[arg(long)]
+    muon_eq_r: bool,
     /// cosine (to --min-lr-ratio), or warmdown: constant, then linear to zero over the last
     /// --warmdown-steps (a time, from the measured step time, under --time).
     #[arg(long, value_enum, default_value = "cosine")]
@@ -244,6 +252,11 @@ struct TrainArgs {
     /// With --qat: the embedding's scheme.
     #[arg(long, value_enum, default_value = "int8")]
     qat_embedding: SchemeName,
+    /// With --qat: quantize the matrices in a block Hadamard rotation of their rows (and
+    /// rotate back), as `kiln export --hadamard` stores them; export such a run with
+    /// --hadamard.
+    #[arg(long)]
+    qat_hadamard: bool,
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
     /// The cosine decays to lr × this.
@@ -373,6 +386,16 @@ struct EvalArgs {
     /// rule); off by default.
     #[arg(long)]
     ngram_cache: Option<kiln_core::eval::NgramCache>,
+    /// Evaluation-time temperature scaling: each batch of windows scored with the
+    /// temperature fitted (by Newton's method) to the targets scored before it; off by
+    /// default.
+    #[arg(long)]
+    temperature: bool,
+    /// Score-first test-time training, LR:STEPS (e.g. 1e-4:1): after each batch of windows
+    /// is scored, that many AdamW steps on it at that rate, and the next batch is scored
+    /// with the weights so trained; off by default.
+    #[arg(long)]
+    ttt: Option<kiln_core::eval::TestTimeTraining>,
 }
 
 #[derive(Subcommand)]
@@ -618,7 +641,11 @@ fn main() -> Result<()> {
                 batches: args.batches,
                 stride: args.stride,
                 bytes: args.bytes,
-                ngram_cache: args.ngram_cache,
+                adapt: kiln_core::eval::EvalTime {
+                    ngram_cache: args.ngram_cache,
+                    temperature: args.temperature,
+                    ttt: args.ttt,
+                },
             };
             with_backend!(backend, |b| kiln::commands::eval(b, &options))
         }
@@ -804,6 +831,7 @@ fn main() -> Result<()> {
                 matrices: scheme.scheme(),
                 embedding: embedding_scheme.scheme(),
                 small_max,
+                hadamard: false,
             };
             let options = kiln_formats::packed::PackOptions {
                 clip_search,
@@ -843,6 +871,7 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     config.seq = args.seq;
     config.accumulation = args.accum;
     config.seq_warmup = args.seq_warmup;
+    config.stochastic_depth = args.stochastic_depth;
     config.max_steps = args.steps;
     config.max_tokens = args.tokens;
     config.time_budget_seconds = args.time;
@@ -867,8 +896,12 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
         head_lr: args.head_lr,
         scalar_lr: args.scalar_lr,
         momentum_warmup_steps: args.momentum_warmup,
+        row_normalize: args.muon_eq_r,
         ..MuonConfig::default()
     };
+    if args.muon_eq_r && args.optimizer != OptimizerKind::Muon {
+        anyhow::bail!("--muon-eq-r changes Muon's update: it needs --optimizer muon");
+    }
     config.schedule = args.schedule;
     config.warmdown_steps = args.warmdown_steps;
     config.ema_decay = args.ema;
@@ -876,7 +909,13 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
         matrices: scheme.scheme(),
         embedding: args.qat_embedding.scheme(),
         small_max: 65536,
+        hadamard: args.qat_hadamard,
     });
+    if args.qat_hadamard && args.qat.is_none() {
+        anyhow::bail!(
+            "--qat-hadamard rotates what quantization-aware training quantizes: it needs --qat"
+        );
+    }
     Ok(config)
 }
 
@@ -1032,6 +1071,35 @@ fn export(
         let written = kiln_formats::interop::export_quantized(&imported, format, quantize, out)?;
         println!("wrote {}", written.display());
         return Ok(());
+    }
+    if let Some(trained) = kiln::rundir::qat_rule(source) {
+        let rotated = rule.hadamard || options.hadamard;
+        if (trained.matrices, trained.embedding, trained.hadamard)
+            != (rule.matrices, rule.embedding, rotated)
+        {
+            eprintln!(
+                "warning: {} trained through {} matrices and {} embeddings{}; this export \
+                 quantizes with {} and {}{}: its weights will not be the ones training \
+                 computed with, so the round trip loses bits per byte (give the same \
+                 --scheme, --embedding-scheme{})",
+                source.display(),
+                trained.matrices,
+                trained.embedding,
+                if trained.hadamard {
+                    ", Hadamard-rotated"
+                } else {
+                    ""
+                },
+                rule.matrices,
+                rule.embedding,
+                if rotated { ", Hadamard-rotated" } else { "" },
+                if trained.hadamard {
+                    " and --hadamard"
+                } else {
+                    " and no --hadamard"
+                },
+            );
+        }
     }
     let (path, report) = kiln_formats::interop::export_packed(&imported, out, rule, options)?;
     kiln_formats::packed::print_table(&report);

@@ -90,6 +90,11 @@ pub struct TrainConfig {
     /// them, the same tokens per step), doubling up to `seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq_warmup: Option<SeqWarmup>,
+    /// Stochastic depth (`--stochastic-depth P`): while training, layer l of L is skipped in
+    /// a micro-batch with probability P·l/(L − 1) (never the first, the last with P), each
+    /// draw from the seed and the micro-batch's place in the run; evaluation runs every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stochastic_depth: Option<f32>,
     /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub poison_steps: Vec<u64>,
@@ -158,6 +163,8 @@ pub struct MuonConfig {
     pub momentum_warmup_start: f32,
     pub momentum_warmup_steps: u64,
     pub ns_steps: usize,
+    /// MuonEq-R: each row of the update normalized before Newton–Schulz (`--muon-eq-r`).
+    pub row_normalize: bool,
     /// Adam's rate for the (tied) embedding and the bigram table.
     pub embed_lr: f32,
     /// Adam's rate for an untied classifier.
@@ -174,6 +181,7 @@ impl Default for MuonConfig {
             momentum_warmup_start: 0.85,
             momentum_warmup_steps: 500,
             ns_steps: 5,
+            row_normalize: false,
             embed_lr: 0.05,
             head_lr: 0.008,
             scalar_lr: 0.04,
@@ -225,6 +233,7 @@ impl TrainConfig {
             max_bad_steps: 5,
             world_size: 1,
             seq_warmup: None,
+            stochastic_depth: None,
             init_from: None,
             vocab_size_override: None,
             tensorboard: false,
@@ -247,6 +256,25 @@ impl TrainConfig {
         let lengths = (self.seq / w.start).ilog2() as u64 + 1;
         let seq = w.start << (step * lengths / w.steps);
         (self.batch * self.seq / seq, seq)
+    }
+
+    /// Stochastic depth's draw for micro-batch `index` of the run (counted over every process
+    /// and micro-batch, in the order one process would read them): which of the model's
+    /// layers it skips; empty without stochastic depth.
+    pub fn dropped_layers(&self, index: u64) -> Vec<bool> {
+        use rand::{Rng, SeedableRng};
+        let Some(p) = self.stochastic_depth else {
+            return Vec::new();
+        };
+        let depth = self.model.depth();
+        let seed = self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..depth)
+            .map(|l| {
+                let chance = p as f64 * l as f64 / (depth - 1).max(1) as f64;
+                rng.random::<f64>() < chance
+            })
+            .collect()
     }
 
     /// Tokens per optimizer step, over all processes.
@@ -275,6 +303,12 @@ impl TrainConfig {
             self.learning_rate > 0.0 && self.learning_rate.is_finite(),
             "the learning rate must be positive"
         );
+        if let Some(p) = self.stochastic_depth {
+            ensure!(
+                (0.0..1.0).contains(&p),
+                "--stochastic-depth {p}: the deepest layer's drop probability must be in [0, 1)"
+            );
+        }
         if let Some(w) = self.seq_warmup {
             ensure!(
                 w.start > 0

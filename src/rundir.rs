@@ -13,6 +13,14 @@ use kiln_formats::fsutil::write_atomic;
 use kiln_formats::interop::{self, Imported};
 
 /// The newest complete checkpoint of a run directory, or a checkpoint directory itself.
+/// The rule a run's quantization-aware training quantized with (`train.json`'s `qat`), read
+/// from the checkpoint `path` resolves to; `None` for a run without QAT or a path that is not
+/// a kiln checkpoint.
+pub fn qat_rule(path: &Path) -> Option<kiln_core::quant::PackRule> {
+    let manifest = checkpoint::read_manifest(&resolve(path).ok()?).ok()?;
+    serde_json::from_value(manifest.train.get("qat")?.clone()).ok()?
+}
+
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join("manifest.json").exists() {
         return Ok(path.to_path_buf());

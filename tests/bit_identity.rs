@@ -105,6 +105,7 @@ fn reference_training_is_bit_identical_to_before_the_refactor() {
             percentile: 99.99984,
         },
         small_max: 64,
+        hadamard: false,
     });
     runs.insert("qat_ternary_tiny_golf", record(qat, &dir.join("qat")));
 

@@ -497,6 +497,7 @@ fn parsers(root: &Path) -> Vec<Parser> {
             percentile: 99.99,
         },
         small_max: 64,
+        hadamard: false,
     };
     kiln_formats::interop::export_packed(&imported, &artifact, rule, Default::default()).unwrap();
     parsers.push(Parser {

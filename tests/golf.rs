@@ -54,37 +54,42 @@ fn golf_config(data: PathBuf, steps: u64) -> TrainConfig {
 
 #[test]
 fn muon_matches_pytorch() {
-    // Written by scripts/make_fixtures.py (make_muon) with lr 0.05, momentum 0.9.
+    // Written by scripts/make_fixtures.py (make_muon) with lr 0.05, momentum 0.9: plain
+    // Muon on `grads.*`, and MuonEq-R (rows normalized) on `grads_eq_r.*`, whose rows differ
+    // in norm by up to 10⁴ and whose first row is zero.
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/muon.safetensors");
     let fixture = kiln_formats::checkpoint::read_f32_tensors(&path).unwrap();
     let get = |name: String| fixture[&name].1.clone();
-    for (rows, cols) in [(8, 8), (6, 10), (12, 5)] {
-        let key = format!("{rows}x{cols}");
-        let mut p = get(format!("param.{key}"));
-        let grads = get(format!("grads.{key}"));
-        let want: Vec<f64> = get(format!("want.{key}"))
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
-        let mut buf = vec![0.0; p.len()];
-        let hp = MuonStep {
-            learning_rate: 0.05,
-            momentum: 0.9,
-            nesterov: true,
-            ns_steps: 5,
-            weight_decay: 0.0,
-            grad_scale: 1.0,
-        };
-        for g in grads.chunks(p.len()) {
-            muon_step(&mut p, g, &mut buf, rows, cols, &hp);
+    for (row_normalize, suffix) in [(false, ""), (true, "_eq_r")] {
+        for (rows, cols) in [(8, 8), (6, 10), (12, 5)] {
+            let key = format!("{rows}x{cols}");
+            let mut p = get(format!("param.{key}"));
+            let grads = get(format!("grads{suffix}.{key}"));
+            let want: Vec<f64> = get(format!("want{suffix}.{key}"))
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let mut buf = vec![0.0; p.len()];
+            let hp = MuonStep {
+                learning_rate: 0.05,
+                momentum: 0.9,
+                nesterov: true,
+                ns_steps: 5,
+                row_normalize,
+                weight_decay: 0.0,
+                grad_scale: 1.0,
+            };
+            for g in grads.chunks(p.len()) {
+                muon_step(&mut p, g, &mut buf, rows, cols, &hp);
+            }
+            // Three f32 steps of five Newton–Schulz iterations each (products of up to 15
+            // matrices of entries ~1) against float64: agreement to ~1e-5 of the unit scale.
+            let tol = kiln_core::backend::Tolerance {
+                atol: 2e-5,
+                rtol: 1e-4,
+            };
+            assert_close(&format!("muon{suffix} {key}"), &p, &want, tol).unwrap();
         }
-        // Three f32 steps of five Newton–Schulz iterations each (products of up to 15
-        // matrices of entries ~1) against float64: agreement to ~1e-5 of the unit scale.
-        let tol = kiln_core::backend::Tolerance {
-            atol: 2e-5,
-            rtol: 1e-4,
-        };
-        assert_close(&format!("muon {key}"), &p, &want, tol).unwrap();
     }
 }
 
@@ -111,6 +116,82 @@ fn momentum_warms_up_and_the_warmdown_reaches_zero() {
     assert_eq!(timed.lr_multiplier(10, 50.0), 1.0);
 }
 
+/// Ternary QAT inside a Hadamard rotation (`--qat ternary --qat-hadamard`): the weights the
+/// forward computes with, on the reference and the CPU backend, are exactly what the export
+/// stores (the packed writer's rotation and quantizer, the reader's dequantizer and inverse
+/// rotation: another path through the code than QAT's), and they differ from unrotated QAT's.
+#[test]
+fn hadamard_qat_computes_with_the_weights_the_export_stores() {
+    let dir = temp_dir("qat-hadamard");
+    let data = corpus(&dir);
+    let rule = PackRule {
+        matrices: Scheme::Ternary,
+        embedding: Scheme::Int {
+            bits: 8,
+            percentile: 99.99984,
+        },
+        small_max: 64,
+        hadamard: true,
+    };
+    let mut config = golf_config(data.clone(), 16);
+    config.qat = Some(rule);
+    let run = dir.join("run");
+    let mut trainer = Trainer::create(ReferenceBackend, config, &run).unwrap();
+    trainer.print_every = 0;
+    let report = trainer.run().unwrap();
+    let (first, last) = (report.losses[0], *report.losses.last().unwrap());
+    assert!(
+        last < first - 0.5,
+        "QAT loss must fall: {:?}",
+        report.losses
+    );
+
+    let imported = kiln::rundir::import(&run, None).unwrap();
+    assert_eq!(kiln::rundir::qat_rule(&run), Some(rule));
+    let out = dir.join("packed");
+    let (path, _) =
+        kiln_formats::interop::export_packed(&imported, &out, rule, Default::default()).unwrap();
+    let artifact = packed::read(&path).unwrap();
+    fn forward_weights<B: kiln_core::backend::Backend>(
+        backend: B,
+        imported: &kiln_formats::interop::Imported,
+        rule: PackRule,
+    ) -> Vec<f32> {
+        let mut model = Model::new(backend, imported.config.clone()).unwrap();
+        model.upload_params(&imported.weights).unwrap();
+        model.enable_qat(rule).unwrap();
+        let mut host = vec![0.0; model.param_count()];
+        let whole = kiln_core::backend::View::whole(model.weights());
+        model.backend.download(whole, &mut host).unwrap();
+        host
+    }
+    let reference = forward_weights(ReferenceBackend, &imported, rule);
+    assert_eq!(
+        artifact.weights, reference,
+        "reference QAT against the export"
+    );
+    // The CPU backend's round trip runs on the pool in spans of whole groups and blocks.
+    if let Some(isa) = kiln_core::cpu::features().best() {
+        let cpu = CpuBackend::with(isa, Precision::F32, 2).unwrap();
+        let got = forward_weights(cpu, &imported, rule);
+        assert_eq!(artifact.weights, got, "{isa:?} QAT against the export");
+    }
+    let plain = PackRule {
+        hadamard: false,
+        ..rule
+    };
+    let unrotated = forward_weights(ReferenceBackend, &imported, plain);
+    let changed = (unrotated.iter().zip(&reference))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        changed > reference.len() / 2,
+        "the rotation changes most weights: {changed} of {}",
+        reference.len()
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn qat_trains_exports_and_reloads_without_a_gap() {
     let dir = temp_dir("qat");
@@ -124,6 +205,7 @@ fn qat_trains_exports_and_reloads_without_a_gap() {
             matrices: scheme,
             embedding: int8,
             small_max: 64,
+            hadamard: false,
         };
         let mut config = golf_config(data.clone(), 24);
         config.qat = Some(rule);
@@ -390,8 +472,13 @@ fn the_ngram_cache_scores_each_token_before_it_joins_the_cache() {
         }
     }
     let acts = model.activations(3, seq).unwrap();
-    let run = |c| {
-        kiln_core::eval::evaluate_with_cache(
+    let run = |ngram_cache| {
+        let adapt = kiln_core::eval::EvalTime {
+            ngram_cache,
+            temperature: false,
+            ttt: None,
+        };
+        kiln_core::eval::evaluate_with(
             &model,
             &acts,
             &tokens,
@@ -399,7 +486,7 @@ fn the_ngram_cache_scores_each_token_before_it_joins_the_cache() {
             None,
             stride,
             0,
-            c,
+            adapt,
             &mut |_, _| {},
         )
         .unwrap()
@@ -506,4 +593,320 @@ fn sliding_windows_score_each_target_once_with_its_context() {
     .unwrap();
     assert_eq!((plain.tokens, plain.bytes), (same.tokens, same.bytes));
     fs::remove_dir_all(dir).unwrap();
+}
+
+/// The evaluation-time temperature against a naive reference: every window scored alone for
+/// its logits, each target's loss `ℓ(β) = logsumexp(β·z) − β·z_y` in f64 at the β of its
+/// batch, and β refitted after each batch from the loss's first and second derivatives taken
+/// by central differences (not the closed forms the evaluator sums). The untrained model is
+/// made overconfident (its tied embedding ×100), so the fit raises the temperature (to the
+/// bound, 4: a model without signal is best uniform) and lowers the loss; the first batch is
+/// scored at β = 1, unfitted. (`kiln_core::eval`'s unit test checks that the fit finds a
+/// temperature inside the bounds.)
+#[test]
+fn the_temperature_is_fitted_only_on_targets_already_scored() {
+    let dir = temp_dir("temperature");
+    let data = corpus(&dir);
+    let dataset = Dataset::open(&data).unwrap();
+    let tokens = &dataset.read_all(Split::Val).unwrap()[..160];
+    let mut config = ModelConfig::preset("tiny-golf").unwrap();
+    config.vocab_size = dataset.manifest.vocab_size;
+    let vocab = config.vocab_size;
+    let mut model = Model::new(ReferenceBackend, config).unwrap();
+    model.init_random(7).unwrap();
+    let mut weights = model.download_params().unwrap();
+    let embedding = model.layout.embedding;
+    for w in &mut weights[embedding.offset..embedding.offset + embedding.len] {
+        *w *= 100.0; // from the golf init's std 0.005 to 0.5
+    }
+    model.upload_params(&weights).unwrap();
+    let (seq, batch) = (16, 3);
+    let loss_at = |z: &[f32], y: usize, beta: f64| {
+        let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let sum: f64 = z.iter().map(|&v| (beta * (v as f64 - max)).exp()).sum();
+        beta * max + sum.ln() - beta * z[y] as f64
+    };
+    let one = model.activations(1, seq).unwrap();
+    let windows = (tokens.len() - 1 - seq) / seq + 1;
+    let (mut beta, mut weighted, mut curvature) = (1.0f64, 0.0f64, 0.0f64);
+    let (mut plain, mut fitted, mut first_batch) = (0f64, 0f64, 0f64);
+    let eps = 1e-4;
+    for b in 0..windows.div_ceil(batch) {
+        for w in b * batch..((b + 1) * batch).min(windows) {
+            let (x, y) = (
+                &tokens[w * seq..(w + 1) * seq],
+                &tokens[w * seq + 1..(w + 1) * seq + 1],
+            );
+            model.forward(&one, x, Some(y)).unwrap();
+            let logits = model.download_logits(&one).unwrap();
+            for (p, &target) in y.iter().enumerate() {
+                let z = &logits[p * vocab..(p + 1) * vocab];
+                let target = target as usize;
+                let (minus, at, plus) = (
+                    loss_at(z, target, beta - eps),
+                    loss_at(z, target, beta),
+                    loss_at(z, target, beta + eps),
+                );
+                let g = (plus - minus) / (2.0 * eps);
+                let h = (plus - 2.0 * at + minus) / (eps * eps);
+                weighted += h * beta - g;
+                curvature += h;
+                fitted += at;
+                plain += loss_at(z, target, 1.0);
+                if b == 0 {
+                    first_batch += at - loss_at(z, target, 1.0);
+                }
+            }
+        }
+        beta = (weighted / curvature).clamp(0.25, 4.0);
+    }
+    let scored = (windows * seq) as f64;
+    assert_eq!(first_batch, 0.0, "the first batch is scored at β = 1");
+    let acts = model.activations(batch, seq).unwrap();
+    let run = |temperature| {
+        let adapt = kiln_core::eval::EvalTime {
+            ngram_cache: None,
+            temperature,
+            ttt: None,
+        };
+        let tokenizer = &dataset.tokenizer;
+        kiln_core::eval::evaluate_with(
+            &model,
+            &acts,
+            tokens,
+            tokenizer,
+            None,
+            seq,
+            0,
+            adapt,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    let (without, with) = (run(false), run(true));
+    assert_eq!(with.tokens as f64, scored);
+    // f32 logits from batched windows against windows alone, losses near 10 nats: 1e-5 of
+    // the mean; β from central differences (truncation about ε²·ℓ'''/6 of each gradient,
+    // ℓ''' of order 10³ here): 1e-3.
+    assert!((without.loss - plain / scored).abs() < 1e-5 * without.loss);
+    assert!(
+        (with.loss - fitted / scored).abs() < 1e-5 * with.loss,
+        "{} against the naive {}",
+        with.loss,
+        fitted / scored
+    );
+    let temperature = with.temperature.unwrap();
+    println!(
+        "loss {:.4} plain, {:.4} with the temperature (ending at {temperature:.3})",
+        without.loss, with.loss
+    );
+    assert!(
+        (temperature - 1.0 / beta).abs() < 1e-3 * temperature,
+        "{temperature} against the naive {}",
+        1.0 / beta
+    );
+    assert!(
+        temperature > 1.5,
+        "an overconfident model is cooled: {temperature}"
+    );
+    assert!(
+        with.loss < without.loss - 0.1,
+        "{} {}",
+        with.loss,
+        without.loss
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Score-first test-time training against a naive loop: batch k of windows scored (each
+/// window alone) with the weights trained on batches 0..k−1 only, then trained on, with the
+/// same AdamW steps the evaluator takes. On a stream whose second half repeats its first,
+/// the adapted model scores the repeat better than the unadapted one, and at rate 0 the
+/// scores are the plain evaluation's.
+#[test]
+fn test_time_training_scores_each_batch_before_training_on_it() {
+    use kiln_core::eval::{EvalTime, TestTimeTraining};
+    let dir = temp_dir("ttt");
+    let data = corpus(&dir);
+    let dataset = Dataset::open(&data).unwrap();
+    let half = &dataset.read_all(Split::Val).unwrap()[..96];
+    let mut tokens: Vec<u32> = half.iter().chain(half).copied().collect();
+    tokens.push(half[0]);
+    let mut config = ModelConfig::preset("tiny-golf").unwrap();
+    config.vocab_size = dataset.manifest.vocab_size;
+    let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
+    model.init_random(9).unwrap();
+    let initial = model.download_params().unwrap();
+    let (seq, batch) = (16, 3);
+    // 193 tokens: 12 windows of 16, four batches of three, none padded.
+    let windows = (tokens.len() - 1 - seq) / seq + 1;
+    assert_eq!(windows % batch, 0);
+    let ttt = TestTimeTraining { lr: 3e-3, steps: 2 };
+    let hp = kiln_core::optim::AdamW {
+        learning_rate: ttt.lr,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut naive = Model::new(ReferenceBackend, config).unwrap();
+    naive.upload_params(&initial).unwrap();
+    let (one, train) = (
+        naive.activations(1, seq).unwrap(),
+        naive.loss_activations(batch, seq).unwrap(),
+    );
+    let mut nats = 0f64;
+    for b in 0..windows / batch {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for w in b * batch..(b + 1) * batch {
+            let (wx, wy) = (
+                &tokens[w * seq..(w + 1) * seq],
+                &tokens[w * seq + 1..(w + 1) * seq + 1],
+            );
+            let loss = naive.forward(&one, wx, Some(wy)).unwrap().unwrap();
+            nats += loss as f64 * seq as f64;
+            x.extend_from_slice(wx);
+            y.extend_from_slice(wy);
+        }
+        for _ in 0..ttt.steps {
+            naive.zero_grad();
+            naive.forward(&train, &x, Some(&y)).unwrap();
+            naive.backward(&train, &x, &y, 1.0).unwrap();
+            let norm = naive.grad_norm();
+            let clip = if norm > 1.0 { (1.0 / norm) as f32 } else { 1.0 };
+            kiln_core::optim::adamw_step(&mut naive, &hp, clip).unwrap();
+        }
+    }
+    let scored = (windows * seq) as f64;
+    let run = |ttt| {
+        let adapt = EvalTime {
+            ttt,
+            ..EvalTime::default()
+        };
+        let tokenizer = &dataset.tokenizer;
+        let shape = (batch, seq);
+        kiln_core::eval::evaluate_adapted(
+            &model,
+            shape,
+            &tokens,
+            tokenizer,
+            None,
+            seq,
+            0,
+            adapt,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    let (plain, adapted) = (run(None), run(Some(ttt)));
+    let idle = run(Some(TestTimeTraining { lr: 0.0, steps: 1 }));
+    println!(
+        "loss {:.4} plain, {:.4} with test-time training (naive {:.4})",
+        plain.loss,
+        adapted.loss,
+        nats / scored
+    );
+    // f32 losses of windows scored in batches of three against one at a time, after the
+    // same training steps: 1e-5 of the mean.
+    assert!(
+        (adapted.loss - nats / scored).abs() < 1e-5 * adapted.loss,
+        "{} against the naive {}",
+        adapted.loss,
+        nats / scored
+    );
+    assert!((idle.loss - plain.loss).abs() < 1e-6 * plain.loss);
+    assert!(
+        adapted.loss < plain.loss - 0.05,
+        "{} {}",
+        adapted.loss,
+        plain.loss
+    );
+    // The model evaluated is left as it was.
+    assert_eq!(model.download_params().unwrap(), initial);
+    assert!("1e-4:1".parse::<TestTimeTraining>().is_ok());
+    assert!(
+        "1e-4:0".parse::<TestTimeTraining>().is_err()
+            && "-1:1".parse::<TestTimeTraining>().is_err()
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Stochastic depth's backward against central finite differences of its forward, on
+/// tiny-golf with layer 3 dropped: a decoder whose U-Net skip then adds nothing, so the
+/// encoder it would have read gets no gradient through it, even right after a backward that
+/// ran every layer at a thousand times the loss weight (whose skip gradient must not
+/// linger: it would add ten times the encoder's own). The dropped layer's weights get
+/// exactly zero. The weights are scaled up (matrices about 0.2) so the gradients stand
+/// above f32 rounding; ε = 1e-2 on each coordinate, the largest three analytic gradients of
+/// each tensor above 2e-3 checked, within 5% plus 2e-4 (the f32 loss, about 4, rounds by
+/// about 1e-6, which over 2ε is 1e-4).
+#[test]
+fn a_dropped_layer_passes_its_gradient_through_and_learns_nothing() {
+    let mut config = ModelConfig::preset("tiny-golf").unwrap();
+    config.vocab_size = 64;
+    let mut model = Model::new(ReferenceBackend, config).unwrap();
+    model.init_random(21).unwrap();
+    let mut weights = model.download_params().unwrap();
+    for spec in &model.layout.specs {
+        if spec.shape.len() == 2 {
+            for w in &mut weights[spec.region.offset..][..spec.region.len] {
+                *w *= 10.0;
+            }
+        }
+    }
+    model.upload_params(&weights).unwrap();
+    let tokens: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 64).collect();
+    let targets: Vec<u32> = (0..32).map(|i| (i * 5 + 1) % 64).collect();
+    let acts = model.loss_activations(2, 16).unwrap();
+    let dropped = [false, false, false, true, false];
+    // A backward through every layer first, then the dropped one.
+    model.forward(&acts, &tokens, Some(&targets)).unwrap();
+    model.backward(&acts, &tokens, &targets, 1000.0).unwrap();
+    model.zero_grad();
+    model
+        .forward_dropping(&acts, &tokens, Some(&targets), &dropped)
+        .unwrap();
+    model
+        .backward_dropping(&acts, &tokens, &targets, 1.0, &dropped)
+        .unwrap();
+    let grads = model.download_grads().unwrap();
+    let loss_at = |values: &[f32]| {
+        model.upload_params(values).unwrap();
+        let loss = model.forward_dropping(&acts, &tokens, Some(&targets), &dropped);
+        loss.unwrap().unwrap() as f64
+    };
+    let (mut checked, mut encoder) = (0, false);
+    for spec in &model.layout.specs {
+        let region = &grads[spec.region.offset..][..spec.region.len];
+        if spec.layer == Some(3) {
+            assert!(
+                region.iter().all(|&g| g == 0.0),
+                "{}: dropped, yet a gradient",
+                spec.name
+            );
+            continue;
+        }
+        let mut order: Vec<usize> = (0..region.len()).collect();
+        order.sort_by(|&a, &b| region[b].abs().total_cmp(&region[a].abs()));
+        for &i in order.iter().take(3).filter(|&&i| region[i].abs() > 2e-3) {
+            let at = spec.region.offset + i;
+            let eps = 1e-2;
+            let mut probe = weights.clone();
+            probe[at] += eps;
+            let up = loss_at(&probe);
+            probe[at] -= 2.0 * eps;
+            let down = loss_at(&probe);
+            let numeric = (up - down) / (2.0 * eps as f64);
+            let analytic = region[i] as f64;
+            assert!(
+                (numeric - analytic).abs() <= 0.05 * analytic.abs() + 2e-4,
+                "{}[{i}]: backward {analytic}, finite differences {numeric}",
+                spec.name
+            );
+            checked += 1;
+            encoder |= spec.layer == Some(0);
+        }
+    }
+    // Among them the embedding's and the first encoder's, which the skip would have reached.
+    assert!(checked >= 10 && encoder, "{checked} coordinates checked");
 }

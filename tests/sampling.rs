@@ -36,6 +36,7 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-mha.safetensors",
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
+        "model_tiny-golf-recurrent.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -70,6 +71,7 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-mha.safetensors",
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
+        "model_tiny-golf-recurrent.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -105,7 +107,11 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
 /// previous token included).
 #[test]
 fn batched_decoding_gives_each_sequence_its_own_logits() {
-    for name in ["model_tiny-gqa.safetensors", "model_tiny-golf.safetensors"] {
+    for name in [
+        "model_tiny-gqa.safetensors",
+        "model_tiny-golf.safetensors",
+        "model_tiny-golf-recurrent.safetensors",
+    ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();
         let vocab = model.config.vocab_size;
@@ -160,6 +166,7 @@ fn greedy_decoding_matches_pytorch() {
         "model_tiny-mha.safetensors",
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
+        "model_tiny-golf-recurrent.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();

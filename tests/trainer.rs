@@ -139,6 +139,74 @@ fn resume_continues_bit_exactly() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// Stochastic depth on tiny-golf (5 layers, U-Net skips, value residual): layer l is drawn
+/// dropped at the rate P·l/4 (over 4,000 draws, within four standard deviations: the draws
+/// are Bernoulli), the trainer's first step is the forward with the layers drawn for the run's
+/// first micro-batch, and a resume continues exactly.
+#[test]
+fn stochastic_depth_drops_deeper_layers_more_often_and_resumes_exactly() {
+    let dir = temp_dir("stochastic-depth");
+    let data = corpus(&dir);
+    let deep = |steps| {
+        let mut c = config(data.clone(), steps);
+        c.model = ModelConfig::preset("tiny-golf").unwrap();
+        c.stochastic_depth = Some(0.5);
+        c
+    };
+    let draws = 4000;
+    let mut counts = [0usize; 5];
+    for index in 0..draws {
+        for (l, dropped) in deep(12).dropped_layers(index).iter().enumerate() {
+            counts[l] += *dropped as usize;
+        }
+    }
+    for (l, &count) in counts.iter().enumerate() {
+        let p = 0.5 * l as f64 / 4.0;
+        let sd = (p * (1.0 - p) / draws as f64).sqrt();
+        let rate = count as f64 / draws as f64;
+        assert!(
+            (rate - p).abs() <= 4.0 * sd,
+            "layer {l}: dropped {rate}, expected {p}"
+        );
+    }
+    assert_eq!(counts[0], 0, "the first layer is never dropped");
+
+    let straight = train(deep(12), &dir.join("straight"));
+    let plain = {
+        let mut c = deep(12);
+        c.stochastic_depth = None;
+        train(c, &dir.join("plain"))
+    };
+    assert_ne!(straight.losses, plain.losses);
+    // Step 1, independently: the initial weights on the first batch, with the layers drawn
+    // for micro-batch 0.
+    let dataset = Dataset::open(&data).unwrap();
+    let mut model = Model::new(ReferenceBackend, straight_config(&dir)).unwrap();
+    model.init_random(deep(12).seed).unwrap();
+    let stream = kiln_formats::data::read_shard(
+        &dataset.shard_paths(Split::Train)[0],
+        dataset.manifest.vocab_size,
+    )
+    .unwrap();
+    let acts = model.loss_activations(2, 16).unwrap();
+    let mut first = deep(12);
+    first.model = model.config.clone();
+    let dropped = first.dropped_layers(0);
+    let (x, y) = (&stream[..32], &stream[1..33]);
+    let loss = model.forward_dropping(&acts, x, Some(y), &dropped).unwrap();
+    assert_eq!(loss, Some(straight.losses[0]), "dropped {dropped:?}");
+
+    let joined = stopped_and_resumed(deep(12), &dir.join("split"), 8);
+    assert_eq!(
+        joined, straight.losses,
+        "8 steps + resume + 4 must equal 12"
+    );
+    let mut bad = deep(4);
+    bad.stochastic_depth = Some(1.0);
+    assert!(bad.validate().is_err());
+    fs::remove_dir_all(dir).unwrap();
+}
+
 /// `--seq-warmup 4:9` on a run of 2 × 16 tokens: steps 1–3 read 8 sequences of 4, steps
 /// 4–6 4 of 8, then 2 of 16, always the same 32 tokens of the stream per step. The first
 /// step's loss is the untrained model's on the stream's first 32 tokens cut into 8 rows of 4,
@@ -471,6 +539,7 @@ fn export_options_reload_as_their_quantizers_make_them() {
             matrices: scheme,
             embedding: scheme,
             small_max: 64,
+            hadamard: false,
         };
         for (clip_search, hadamard) in [(true, false), (false, true), (true, true)] {
             let options = PackOptions {
@@ -550,6 +619,7 @@ fn packed_artifacts_reload_alone_with_exact_sizes() {
             matrices: scheme,
             embedding: int8,
             small_max: 64,
+            hadamard: false,
         };
         let path = dir.join("model.kiln");
         let report = packed::write(

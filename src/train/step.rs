@@ -343,7 +343,8 @@ impl<B: Backend> Trainer<B> {
         let world = self.communicator.world_size();
         let rank = self.communicator.rank();
         let mut loss_sum = 0f32;
-        for _ in 0..cfg.accumulation {
+        let per_step = (cfg.accumulation * world) as u64;
+        for micro in 0..cfg.accumulation {
             let t = Instant::now();
             // Of each `world` batches in turn, this process trains on the `rank`-th: together
             // the processes read what one process with `world` times the micro-batches would.
@@ -360,12 +361,18 @@ impl<B: Backend> Trainer<B> {
             };
             run.charge(Stage::Data, t);
             let t = Instant::now();
-            let loss = self.model.forward(acts, &x, Some(&y))?;
+            // The batch's place in the run, as one process would read it (rank r's micro-batch
+            // m is batch m·world + r of the step), so resuming on another world size draws
+            // the same layers.
+            let index = self.step * per_step + (micro * world + rank) as u64;
+            let dropped = cfg.dropped_layers(index);
+            let loss = self.model.forward_dropping(acts, &x, Some(&y), &dropped)?;
             loss_sum += loss.expect("targets were given");
             run.charge(Stage::Forward, t);
             let t = Instant::now();
             let weight = 1.0 / (cfg.accumulation * world) as f32;
-            self.model.backward(acts, &x, &y, weight)?;
+            self.model
+                .backward_dropping(acts, &x, &y, weight, &dropped)?;
             run.charge(Stage::Backward, t);
         }
         if world == 1 {
@@ -451,6 +458,7 @@ impl<B: Backend> Trainer<B> {
                     matrix_lr: m.matrix_lr * lr_mult,
                     momentum: m.momentum_at(self.step),
                     ns_steps: m.ns_steps,
+                    row_normalize: m.row_normalize,
                     weight_decay: cfg.weight_decay,
                     embed_lr: m.embed_lr * lr_mult,
                     head_lr: m.head_lr * lr_mult,

@@ -126,8 +126,12 @@ pub struct Buffer {
 pub enum Op {
     MatmulForward(MatmulShape),
     MatmulBackward(MatmulShape, Accumulate),
-    EmbeddingForward { dim: usize },
-    EmbeddingBackward { dim: usize },
+    EmbeddingForward {
+        dim: usize,
+    },
+    EmbeddingBackward {
+        dim: usize,
+    },
     RmsNormForward(NormShape),
     RmsNormBackward(NormShape, Accumulate),
     RopeForward(RopeShape),
@@ -137,22 +141,38 @@ pub enum Op {
     AttentionDecode(DecodeShape),
     SwiGluForward,
     SwiGluBackward,
-    Relu2Forward { slope: f32 },
-    Relu2Backward { slope: f32 },
-    SoftcapForward { cap: f32 },
-    SoftcapBackward { cap: f32 },
+    Relu2Forward {
+        slope: f32,
+    },
+    Relu2Backward {
+        slope: f32,
+    },
+    SoftcapForward {
+        cap: f32,
+    },
+    SoftcapBackward {
+        cap: f32,
+    },
     ScaleForward(ScaleShape, Accumulate),
     ScaleBackward(ScaleShape, Accumulate),
     Residual,
     Accumulate,
-    CrossEntropyForward { vocab: usize },
-    CrossEntropyBackward { vocab: usize, dloss: f32 },
-    FakeQuant(FakeQuant),
+    CrossEntropyForward {
+        vocab: usize,
+    },
+    CrossEntropyBackward {
+        vocab: usize,
+        dloss: f32,
+    },
+    /// With a rotation block: quantized in the block Hadamard rotation, rotated back.
+    FakeQuant(FakeQuant, Option<usize>),
     ClassifierLossForward(ClassifierShape),
     ClassifierLossBackward(ClassifierShape, f32, Accumulate),
     SumSquares,
     AdamW(AdamWStep),
-    Ema { decay: f32 },
+    Ema {
+        decay: f32,
+    },
     Muon(MatrixShape, MuonStep),
 }
 
@@ -485,8 +505,9 @@ impl Case {
                 );
                 (out[0], out[1]) = (Some(di), Some(dw));
             }
-            Op::FakeQuant(q) => {
-                // The export's path: quantize to codes and scales, then dequantize.
+            Op::FakeQuant(q, rotation) => {
+                // The export's path: rotate, quantize to codes and scales, dequantize, rotate
+                // back (the packed writer's and reader's steps).
                 let (scheme, cols) = match q {
                     FakeQuant::Ternary { .. } => (Scheme::Ternary, inputs[0].len()),
                     FakeQuant::Int {
@@ -496,10 +517,17 @@ impl Case {
                     } => (Scheme::Int { bits, percentile }, cols),
                     FakeQuant::F16 => (Scheme::F16, inputs[0].len()),
                 };
-                let values: Vec<f32> = inputs[0].iter().map(|&v| v as f32).collect();
-                let rows = values.len() / cols;
+                let mut values: Vec<f32> = inputs[0].iter().map(|&v| v as f32).collect();
+                let (n, rows) = (values.len(), values.len() / cols);
+                if let Some(block) = rotation {
+                    quant::hadamard_rows(&mut values, n, block);
+                }
                 let q = quant::quantize(scheme, &values, rows, cols).expect("a valid scheme");
-                out[1] = Some(q.dequantize().into_iter().map(f64::from).collect());
+                let mut back = q.dequantize();
+                if let Some(block) = rotation {
+                    quant::hadamard_rows(&mut back, n, block);
+                }
+                out[1] = Some(back.into_iter().map(f64::from).collect());
             }
             Op::SumSquares => out[1] = Some(vec![adamw::sum_squares(&inputs[0])]),
             Op::AdamW(hp) => {
@@ -612,7 +640,7 @@ impl Case {
                 dloss,
                 mode,
             ),
-            Op::FakeQuant(q) => backend.fake_quantize(v[1], v[0], q),
+            Op::FakeQuant(q, rotation) => backend.fake_quantize(v[1], v[0], q, rotation),
             Op::SumSquares => {
                 let sum = backend.sum_squares(v[0]);
                 backend.upload(v[1], &[sum as f32])?;
@@ -1129,8 +1157,9 @@ fn classifier_loss_cases(d: &Dims) -> Vec<Case> {
 fn fake_quant_cases(d: &Dims) -> Vec<Case> {
     let (rows, cols) = (d.hidden, d.dim);
     let n = rows * cols;
+    let block = quant::hadamard_block(cols);
     let schemes = [
-        ("ternary", FakeQuant::Ternary { group: 128 }, true),
+        ("ternary", FakeQuant::Ternary { group: 128 }, None, true),
         (
             "int8",
             FakeQuant::Int {
@@ -1138,6 +1167,7 @@ fn fake_quant_cases(d: &Dims) -> Vec<Case> {
                 percentile: 99.99,
                 cols,
             },
+            None,
             true,
         ),
         (
@@ -1147,17 +1177,34 @@ fn fake_quant_cases(d: &Dims) -> Vec<Case> {
                 percentile: 90.0,
                 cols,
             },
+            None,
             false,
         ),
-        ("f16", FakeQuant::F16, false),
+        ("f16", FakeQuant::F16, None, false),
+        (
+            "ternary, Hadamard-rotated",
+            FakeQuant::Ternary { group: 128 },
+            block,
+            false,
+        ),
+        (
+            "int8, Hadamard-rotated",
+            FakeQuant::Int {
+                bits: 8,
+                percentile: 99.99,
+                cols,
+            },
+            block,
+            false,
+        ),
     ];
     schemes
         .into_iter()
-        .map(|(name, q, bench)| {
+        .map(|(name, q, rotation, bench)| {
             let case = Case::new(
                 format!("fake quantize {name} ({rows}×{cols})"),
                 Kernel::FakeQuant,
-                Op::FakeQuant(q),
+                Op::FakeQuant(q, rotation),
                 vec![input("src", n), output("dst", n)],
                 Work::Bytes((8 * n) as f64),
             );
@@ -1187,6 +1234,7 @@ fn optimizer_cases(d: &Dims) -> Vec<Case> {
         momentum: 0.9,
         nesterov: true,
         ns_steps: 5,
+        row_normalize: false,
         weight_decay: 0.01,
         grad_scale: 0.5,
     };
@@ -1198,17 +1246,23 @@ fn optimizer_cases(d: &Dims) -> Vec<Case> {
     let (rows, cols) = (m.rows, m.cols);
     // Newton–Schulz: 5 iterations of 2 products each, about 3 matrix products per iteration.
     let ns_flops = (muon.ns_steps * 6 * rows.min(cols) * rows.min(cols) * rows.max(cols)) as f64;
-    let muon_case = Case::new(
-        format!("muon ({rows}×{cols} matrix)"),
-        Kernel::Muon,
-        Op::Muon(m, muon),
-        vec![
-            output("params", rows * cols),
-            input("grads", rows * cols),
-            output("momentum", rows * cols),
-        ],
-        Work::Flops(ns_flops),
-    );
+    let muon_case = |name: &str, hp: MuonStep| {
+        Case::new(
+            format!("{name} ({rows}×{cols} matrix)"),
+            Kernel::Muon,
+            Op::Muon(m, hp),
+            vec![
+                output("params", rows * cols),
+                input("grads", rows * cols),
+                output("momentum", rows * cols),
+            ],
+            Work::Flops(ns_flops),
+        )
+    };
+    let muon_eq_r = MuonStep {
+        row_normalize: true,
+        ..muon
+    };
     vec![
         Case::new(
             format!("sum of squares ({p} values)"),
@@ -1236,6 +1290,7 @@ fn optimizer_cases(d: &Dims) -> Vec<Case> {
             vec![output("ema", p), input("params", p)],
             Work::Bytes((12 * p) as f64),
         ),
-        muon_case,
+        muon_case("muon", muon),
+        muon_case("muon, rows normalized (MuonEq-R)", muon_eq_r),
     ]
 }

@@ -249,6 +249,9 @@ pub struct MuonStep {
     pub nesterov: bool,
     /// Newton–Schulz iterations (5).
     pub ns_steps: usize,
+    /// MuonEq-R: each row of the (Nesterov) update divided by its L2 norm (at least 1e-7)
+    /// before Newton–Schulz.
+    pub row_normalize: bool,
     /// Decoupled weight decay (0 in the baseline).
     pub weight_decay: f32,
     /// Multiplies the gradient first (clipping, loss-scale removal).
@@ -636,8 +639,15 @@ pub trait Backend: Send + Sync {
     }
 
     /// `dst = dequantize(quantize(src))` under `q` (quantization-aware training's weights;
-    /// same length, no overlap).
-    fn fake_quantize(&self, dst: View<Self>, src: View<Self>, q: FakeQuant);
+    /// same length, no overlap); with a `rotation` block, quantized in the block Hadamard
+    /// rotation and rotated back (`quant::round_trip`).
+    fn fake_quantize(
+        &self,
+        dst: View<Self>,
+        src: View<Self>,
+        q: FakeQuant,
+        rotation: Option<usize>,
+    );
 
     // ---- optimizer ---------------------------------------------------------------------
 

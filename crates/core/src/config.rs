@@ -96,6 +96,19 @@ pub struct Arch {
     pub value_residual: bool,
     /// A hashed bigram embedding `(buckets, C)` added to the token embedding (0: none).
     pub bigram_buckets: usize,
+    /// Depth recurrence: blocks `start..end` run again, `repeats` more times, after their
+    /// first pass, with the same weights: a deeper network for the same parameters.
+    pub recurrence: Option<Recurrence>,
+}
+
+/// Which blocks depth recurrence repeats: the forward runs blocks `0..end`, then `start..end`
+/// `repeats` more times, then `end..n_layers` ([`ModelConfig::block_order`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recurrence {
+    pub start: usize,
+    pub end: usize,
+    pub repeats: usize,
 }
 
 impl Default for Arch {
@@ -114,6 +127,7 @@ impl Default for Arch {
             rope_dims: None,
             value_residual: false,
             bigram_buckets: 0,
+            recurrence: None,
         }
     }
 }
@@ -152,6 +166,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-gqa",
     "golf-baseline",
     "tiny-golf",
+    "tiny-golf-recurrent",
 ];
 
 /// The most blocks a model may have.
@@ -275,6 +290,17 @@ impl ModelConfig {
                     ..Arch::golf()
                 },
             },
+            // tiny-golf with depth recurrence: 4 blocks run as 6 layers (0 1 2 1 2 3).
+            "tiny-golf-recurrent" => {
+                let mut config = ModelConfig::preset("tiny-golf")?;
+                config.n_layers = 4;
+                config.arch.recurrence = Some(Recurrence {
+                    start: 1,
+                    end: 3,
+                    repeats: 1,
+                });
+                config
+            }
             _ => bail!(
                 "unknown model preset '{name}'; known presets: {}",
                 PRESETS.join(", ")
@@ -384,7 +410,55 @@ impl ModelConfig {
         if arch.q_gain.is_some() && !self.qk_norm {
             bail!("arch.q_gain needs qk_norm: the gain scales the normalised queries");
         }
+        if let Some(Recurrence {
+            start,
+            end,
+            repeats,
+        }) = arch.recurrence
+        {
+            if !(start < end && end <= self.n_layers) {
+                bail!(
+                    "arch.recurrence repeats blocks start..end: it needs start < end ≤ n_layers \
+                     ({}), got {start}..{end}",
+                    self.n_layers
+                );
+            }
+            if repeats == 0 || repeats > MAX_LAYERS {
+                bail!("arch.recurrence.repeats must be between 1 and {MAX_LAYERS}, got {repeats}");
+            }
+            if self.depth() > MAX_LAYERS {
+                bail!(
+                    "arch.recurrence makes {} layers, over {MAX_LAYERS}",
+                    self.depth()
+                );
+            }
+            if arch.value_residual && start == 0 {
+                bail!(
+                    "arch.recurrence cannot repeat block 0 with arch.value_residual: block 0's \
+                     values are every later block's v_first"
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Layers the forward runs: `n_layers`, plus the blocks depth recurrence runs again.
+    pub fn depth(&self) -> usize {
+        match self.arch.recurrence {
+            Some(r) => self.n_layers + r.repeats.saturating_mul(r.end.saturating_sub(r.start)),
+            None => self.n_layers,
+        }
+    }
+
+    /// The block each layer of the forward runs, in order (`0..n_layers` without recurrence).
+    pub fn block_order(&self) -> Vec<usize> {
+        match self.arch.recurrence {
+            Some(r) => (0..r.end)
+                .chain((0..r.repeats).flat_map(|_| r.start..r.end))
+                .chain(r.end..self.n_layers)
+                .collect(),
+            None => (0..self.n_layers).collect(),
+        }
     }
 
     /// An upper bound of the parameter count, in wide arithmetic that cannot overflow for any
@@ -403,7 +477,9 @@ impl ModelConfig {
         ]
         .map(|x| x as u128);
         let block = c * d * (2 * h + 2 * kv) + 3 * c * f + 8 * c + 4 * d + h + 2;
-        2 * v * c + b * c + l * block + l * c
+        // The U-Net skips' rows follow the depth, which recurrence may raise to MAX_LAYERS.
+        let depth = l.max(self.arch.recurrence.map_or(0, |_| MAX_LAYERS as u128));
+        2 * v * c + b * c + l * block + depth * c
     }
 
     /// Width of all query heads together (H · D).
@@ -433,12 +509,12 @@ impl ModelConfig {
     /// attention; the elementwise work is noise). 6 per weight per token for the matmuls, plus
     /// attention's QKᵀ and PV: 2·2·T·D per head forward, twice that backward, causal half.
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
-        let matmul_params = self.n_layers
+        let matmul_params = self.depth()
             * (self.dim * (self.q_dim() + 2 * self.kv_dim())
                 + self.q_dim() * self.dim
                 + self.mlp_matrices() * self.dim * self.hidden_dim)
             + self.vocab_size * self.dim;
-        let attention = self.n_layers * self.n_heads * self.head_dim * seq * 6;
+        let attention = self.depth() * self.n_heads * self.head_dim * seq * 6;
         (6 * matmul_params + attention) as f64
     }
 }

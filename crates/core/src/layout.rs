@@ -126,7 +126,11 @@ pub struct ParamLayout {
     pub specs: Vec<ParamSpec>,
     pub embedding: Region,      // (V, C)
     pub bigram: Option<Region>, // (buckets, C)
+    /// The blocks (L of them).
     pub layers: Vec<LayerParams>,
+    /// The block each layer of the forward runs ([`ModelConfig::block_order`]): `0..L`, or
+    /// with depth recurrence some blocks again.
+    pub order: Vec<usize>,
     pub skip_weights: Option<Region>, // (S, C), arch.unet_skips
     pub final_norm: Option<Region>,   // (C)
     /// The classifier (V, C): the embedding's region when tied.
@@ -139,22 +143,23 @@ pub fn parameter_count(config: &ModelConfig) -> usize {
     ParamLayout::new(config).total_len()
 }
 
-/// The U-Net wiring: block `l ≥ L/2` (decoder `i = l − ⌊L/2⌋`) adds, with skip weight row
-/// `i`, the output of encoder block `⌊L/2⌋ − 1 − i`, while there are encoder outputs left
-/// (the baseline's push/pop stack).
+/// The U-Net wiring: layer `l ≥ L/2` (decoder `i = l − ⌊L/2⌋`) adds, with skip weight row
+/// `i`, the output of encoder layer `⌊L/2⌋ − 1 − i`, while there are encoder outputs left
+/// (the baseline's push/pop stack). L counts layers as the forward runs them
+/// ([`ModelConfig::depth`]: with depth recurrence, more than the blocks).
 pub fn skip_source(config: &ModelConfig, l: usize) -> Option<(usize, usize)> {
     if !config.arch.unet_skips {
         return None;
     }
-    let encoders = config.n_layers / 2;
+    let encoders = config.depth() / 2;
     let i = l.checked_sub(encoders)?;
     (i < skip_count(config)).then(|| (i, encoders - 1 - i))
 }
 
 /// How many U-Net skips (rows of `skip_weights`).
 pub fn skip_count(config: &ModelConfig) -> usize {
-    let encoders = config.n_layers / 2;
-    encoders.min(config.n_layers - encoders)
+    let encoders = config.depth() / 2;
+    encoders.min(config.depth() - encoders)
 }
 
 /// Appends parameter specs in arena order, each with its initial values.
@@ -176,7 +181,7 @@ impl SpecBuilder<'_> {
             ParamKind::BlockMatrix { output: false, .. } => Init::Normal(0.02),
             ParamKind::BlockMatrix { output: true, .. } if arch.zero_init_out => Init::Normal(0.0),
             ParamKind::BlockMatrix { output: true, .. } => {
-                Init::Normal(0.02 / (2.0 * self.config.n_layers as f32).sqrt())
+                Init::Normal(0.02 / (2.0 * self.config.depth() as f32).sqrt())
             }
             ParamKind::NormGain => Init::Rows(vec![1.0]),
             ParamKind::Control(Control::QGain) => {
@@ -335,6 +340,7 @@ impl ParamLayout {
             embedding,
             bigram,
             layers,
+            order: config.block_order(),
             skip_weights,
             final_norm,
             classifier,
@@ -441,7 +447,8 @@ pub struct ActivationLayout {
     pub emb_bigram: Region, // (N, C) bigram embedding rows (empty without one)
     pub embed: Region,   // (N, C) raw embedding; = residual[0] without embed_norm
     pub rstd_embed: Region, // (N)
-    /// Residual stream entering block l (`residual[L]` leaves the last block). (N, C) each.
+    /// Residual stream entering layer l (`residual[L]` leaves the last; L is the depth, the
+    /// forward's layers, one activation set each). (N, C) each.
     /// `residual[0]` is `x0`, the (normalised) embedding.
     pub residual: Vec<Region>,
     pub layers: Vec<LayerActivations>,
@@ -478,7 +485,8 @@ impl ActivationLayout {
         let (q, kv) = (n * config.q_dim(), n * config.kv_dim());
         let arch = &config.arch;
         let mut cur = Cursor::default();
-        let residual: Vec<Region> = (0..=config.n_layers).map(|_| cur.take(n * c)).collect();
+        let depth = config.depth();
+        let residual: Vec<Region> = (0..=depth).map(|_| cur.take(n * c)).collect();
         let (embed, rstd_embed) = if arch.embed_norm {
             (cur.take(n * c), cur.take(n))
         } else {
@@ -490,7 +498,7 @@ impl ActivationLayout {
             (embed, cur.take(0))
         };
         let scales = arch.branch_scales;
-        let layers: Vec<LayerActivations> = (0..config.n_layers)
+        let layers: Vec<LayerActivations> = (0..depth)
             .map(|l| block_activations(config, &mut cur, &residual, l, n, attention_saved_len))
             .collect();
         let xn_final = cur.take(n * c);
@@ -566,7 +574,7 @@ impl ActivationLayout {
             gate: cur.take(if arch.mlp == Mlp::Swiglu { n * f } else { 0 }),
             up: cur.take(n * f),
             x0: cur.take(if arch.resid_mix { n * c } else { 0 }),
-            skips: (0..config.n_layers)
+            skips: (0..depth)
                 .filter(|&l| skip_source(config, l).is_some())
                 .map(|_| cur.take(n * c))
                 .collect(),

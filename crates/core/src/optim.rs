@@ -27,6 +27,8 @@ pub struct MuonAdam {
     pub matrix_lr: f32,
     pub momentum: f32,
     pub ns_steps: usize,
+    /// MuonEq-R: rows of the update normalized before Newton–Schulz.
+    pub row_normalize: bool,
     pub weight_decay: f32,
     pub embed_lr: f32,
     pub head_lr: f32,
@@ -110,6 +112,7 @@ pub fn muon_adam_step<B: Backend>(
                     momentum: hp.momentum,
                     nesterov: true,
                     ns_steps: hp.ns_steps,
+                    row_normalize: hp.row_normalize,
                     weight_decay: hp.weight_decay,
                     grad_scale,
                 };

@@ -48,6 +48,18 @@ pub enum Scheme {
     F32,
 }
 
+impl std::fmt::Display for Scheme {
+    /// As the command line names it: ternary, int8, int6, f16, f32.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Scheme::Ternary => write!(f, "ternary"),
+            Scheme::Int { bits, .. } => write!(f, "int{bits}"),
+            Scheme::F16 => write!(f, "f16"),
+            Scheme::F32 => write!(f, "f32"),
+        }
+    }
+}
+
 /// The clip percentile of parameter-golf's int8 baseline.
 pub const CLIP_PERCENTILE: f32 = 99.99984;
 
@@ -410,6 +422,11 @@ pub struct PackRule {
     pub embedding: Scheme,
     /// Tensors of at most this many values are kept in f16 (norm gains, tiny matrices).
     pub small_max: usize,
+    /// Matrices stored as integers or trits are quantized in a block Hadamard rotation of
+    /// their rows and rotated back after dequantizing ([`rotation_for`]). Under QAT the
+    /// forward then computes with exactly those weights.
+    #[serde(default)]
+    pub hadamard: bool,
 }
 
 impl PackRule {
@@ -424,6 +441,18 @@ impl PackRule {
             ParamKind::Classifier | ParamKind::BlockMatrix { .. } => self.matrices,
         }
     }
+}
+
+/// The Hadamard block a tensor is rotated by under `scheme` when rotation is asked for: a
+/// matrix stored as codes (ternary or integers) whose rows have an even length; `None` for
+/// everything else (f16 and f32 tensors, vectors, odd rows). Training and export both ask
+/// this, so they rotate the same tensors.
+pub fn rotation_for(spec: &ParamSpec, scheme: Scheme, hadamard: bool) -> Option<usize> {
+    let coded = matches!(scheme, Scheme::Ternary | Scheme::Int { .. });
+    if !(hadamard && coded && spec.shape.len() == 2) {
+        return None;
+    }
+    hadamard_block(quant_shape(spec).1)
 }
 
 /// The rows and columns a tensor is quantized as: a matrix's own, a vector as one row.
@@ -470,9 +499,18 @@ impl Scheme {
 
 /// `dst = dequantize(quantize(src))` under `q`, without the codes: the same arithmetic as
 /// [`quantize`] then [`Quantized::dequantize`], value for value (`src` holds whole groups
-/// or rows). Backends run it on blocks of groups or rows.
-pub fn round_trip(q: FakeQuant, src: &[f32], dst: &mut [f32]) {
+/// or rows). Backends run it on blocks of groups or rows. With a `rotation` block (whole
+/// blocks in `src`), the values are rotated by [`hadamard_rows`] first and the result
+/// rotated back: the packed writer's and reader's steps.
+pub fn round_trip(q: FakeQuant, rotation: Option<usize>, src: &[f32], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "round trip: lengths");
+    if let Some(block) = rotation {
+        let mut rotated = src.to_vec();
+        hadamard_rows(&mut rotated, src.len(), block);
+        round_trip(q, None, &rotated, dst);
+        hadamard_rows(dst, src.len(), block);
+        return;
+    }
     let rounded = |w: f32, s: f32, m: f32| {
         if s > 0.0 {
             // Through the i8 code, as the export stores it (so −0 comes back as +0).
@@ -600,11 +638,16 @@ pub fn fake_quantize(layout: &ParamLayout, rule: &PackRule, weights: &mut [f32])
         .par_iter()
         .map(|(spec, scheme)| {
             let (rows, cols) = quant_shape(spec);
-            let values = &weights[spec.region.offset..][..spec.region.len];
-            Ok((
-                spec.region.offset,
-                quantize(*scheme, values, rows, cols)?.dequantize(),
-            ))
+            let mut values = weights[spec.region.offset..][..spec.region.len].to_vec();
+            let rotation = rotation_for(spec, *scheme, rule.hadamard);
+            if let Some(block) = rotation {
+                hadamard_rows(&mut values, cols, block);
+            }
+            let mut back = quantize(*scheme, &values, rows, cols)?.dequantize();
+            if let Some(block) = rotation {
+                hadamard_rows(&mut back, cols, block);
+            }
+            Ok((spec.region.offset, back))
         })
         .collect::<Result<_>>()?;
     for (offset, values) in rounded {

@@ -956,10 +956,10 @@ impl Backend for CpuBackend {
         true
     }
 
-    fn fake_quantize(&self, dst: V, src: V, q: FakeQuant) {
+    fn fake_quantize(&self, dst: V, src: V, q: FakeQuant, rotation: Option<usize>) {
         assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
         let d = slices!(write dst, [src]);
-        optim::fake_quantize(&self.pool, d, slices!(read src), q);
+        optim::fake_quantize(&self.pool, d, slices!(read src), q, rotation);
     }
 
     fn sum_squares(&self, x: V) -> f64 {

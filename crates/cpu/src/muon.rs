@@ -28,6 +28,14 @@ pub fn step(
         *b = mu * *b + g;
         *u = if hp.nesterov { g + mu * *b } else { *b };
     }
+    if hp.row_normalize {
+        // MuonEq-R, as the reference's `normalize_rows`; each row's sum in f64.
+        for row in update.chunks_mut(cols) {
+            let norm = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32;
+            let inv = 1.0 / norm.max(1e-7);
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
     let norm = update
         .iter()
         .map(|&x| x as f64 * x as f64)

@@ -153,12 +153,19 @@ tiered!(
 
 /// `dst = dequantize(quantize(src))` (quantization-aware training's weights): `kiln_core`'s
 /// `quant::round_trip` on blocks of whole groups (ternary) or rows (int) over the pool, so
-/// every value is the one the export's quantizer gives.
-pub fn fake_quantize(pool: &ThreadPool, dst: &mut [f32], src: &[f32], q: FakeQuant) {
+/// every value is the one the export's quantizer gives. A rotation's blocks (powers of two,
+/// dividing the rows) stay whole too: the unit is the larger of a group and a block.
+pub fn fake_quantize(
+    pool: &ThreadPool,
+    dst: &mut [f32],
+    src: &[f32],
+    q: FakeQuant,
+    rotation: Option<usize>,
+) {
     assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
     // Values per unit that must stay whole, and units per task (about 16K values).
     let unit = match q {
-        FakeQuant::Ternary { group } => group,
+        FakeQuant::Ternary { group } => group.max(rotation.unwrap_or(1)),
         FakeQuant::Int { cols, .. } => cols,
         FakeQuant::F16 => 1,
     }
@@ -170,7 +177,7 @@ pub fn fake_quantize(pool: &ThreadPool, dst: &mut [f32], src: &[f32], q: FakeQua
         let (start, len) = (t * span, span.min(n - t * span));
         // SAFETY: span t of `dst` is this task's alone.
         let d = unsafe { out.slice(start, len) };
-        kiln_core::quant::round_trip(q, &src[start..start + len], d);
+        kiln_core::quant::round_trip(q, rotation, &src[start..start + len], d);
     });
 }
 

@@ -18,7 +18,7 @@ use kiln_core::config::ModelConfig;
 use kiln_core::layout::{Branch, ParamKind, ParamLayout, Region};
 pub use kiln_core::quant::PackRule;
 use kiln_core::quant::{
-    hadamard_block, hadamard_rows, quant_shape, quantize_with, Quantized, Scheme,
+    hadamard_rows, quant_shape, quantize_with, rotation_for, Quantized, Scheme,
 };
 
 use crate::compress::{compress_smallest, decompress, Codec};
@@ -123,10 +123,8 @@ pub fn write(
         let values = &weights[spec.region.offset..][..spec.region.len];
         let (rows, cols) = quant_shape(spec);
         let scheme = rule.scheme_for(spec.kind, spec.region.len);
-        let coded = matches!(scheme, Scheme::Ternary | Scheme::Int { .. });
-        let rotation = (options.hadamard && coded && spec.shape.len() == 2)
-            .then(|| hadamard_block(cols))
-            .flatten();
+        // The run's own rotation under QAT (the rule's), or one asked of this export.
+        let rotation = rotation_for(spec, scheme, rule.hadamard || options.hadamard);
         let mut rotated;
         let values = match rotation {
             Some(block) => {

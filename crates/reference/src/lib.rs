@@ -798,10 +798,10 @@ impl Backend for ReferenceBackend {
         );
     }
 
-    fn fake_quantize(&self, dst: V, src: V, q: FakeQuant) {
+    fn fake_quantize(&self, dst: V, src: V, q: FakeQuant, rotation: Option<usize>) {
         assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
         let d = self.write(dst, &[src]);
-        kiln_core::quant::round_trip(q, self.read(src), d);
+        kiln_core::quant::round_trip(q, rotation, self.read(src), d);
     }
 
     fn sum_squares(&self, x: V) -> f64 {

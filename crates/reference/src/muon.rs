@@ -6,6 +6,7 @@
 //! ```text
 //! buf ← μ·buf + g                      (g already multiplied by grad_scale)
 //! u   ← nesterov ? g + μ·buf : buf
+//! uᵢ  ← uᵢ / max(‖uᵢ‖, 1e-7)          (row_normalize, MuonEq-R: each row i)
 //! X   ← u / (‖u‖_F + 1e-7), transposed to (short side, long side)
 //! 5×: A ← X·Xᵀ;  B ← b·A + c·A·A;  X ← a·X + B·X      (a, b, c) = (3.4445, −4.7750, 2.0315)
 //! p   ← p·(1 − lr·wd) − lr·√max(1, rows/cols)·X
@@ -85,6 +86,9 @@ pub fn muon_step<T: Real>(
         *b = mu * *b + g;
         *u = if hp.nesterov { g + mu * *b } else { *b };
     }
+    if hp.row_normalize {
+        normalize_rows(&mut update, cols);
+    }
     let mut ortho = vec![T::zero(); grads.len()];
     newton_schulz(&mut ortho, &update, rows, cols, hp.ns_steps);
     let aspect = (rows as f64 / cols as f64).max(1.0).sqrt();
@@ -92,5 +96,16 @@ pub fn muon_step<T: Real>(
     let decay = T::one() - f(hp.learning_rate) * f(hp.weight_decay);
     for (p, &o) in params.iter_mut().zip(&ortho) {
         *p = *p * decay - step * o;
+    }
+}
+
+/// MuonEq-R's equilibration: each row of `m (rows, cols)` divided by its L2 norm, at least
+/// 1e-7 (an all-zero row, a dormant unit's, stays zero rather than NaN).
+pub fn normalize_rows<T: Real>(m: &mut [T], cols: usize) {
+    let floor = T::from_f64(1e-7).unwrap();
+    for row in m.chunks_mut(cols) {
+        let norm = row.iter().fold(T::zero(), |s, &x| s + x * x).sqrt();
+        let inv = T::one() / norm.max(floor);
+        row.iter_mut().for_each(|x| *x *= inv);
     }
 }

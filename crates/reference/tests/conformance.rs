@@ -49,9 +49,16 @@ fn tiny_golf_with_every_option_matches_pytorch() {
         .unwrap();
 }
 
+/// Depth recurrence: blocks 1 and 2 run twice, so their gradients sum both runs'.
+#[test]
+fn tiny_golf_with_depth_recurrence_matches_pytorch() {
+    let path = fixture("model_tiny-golf-recurrent.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
-    for preset in ["tiny-mha", "tiny-gqa", "tiny-golf"] {
+    for preset in ["tiny-mha", "tiny-gqa", "tiny-golf", "tiny-golf-recurrent"] {
         let losses = kiln_conformance::check_training_smoke(ReferenceBackend, preset).unwrap();
         println!("{preset}: {losses:?}");
     }

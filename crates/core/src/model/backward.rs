@@ -75,6 +75,19 @@ impl<B: Backend> Model<B> {
         targets: &[u32],
         loss_weight: f32,
     ) -> Result<()> {
+        self.backward_dropping(acts, tokens, targets, loss_weight, &[])
+    }
+
+    /// [`Model::backward`] of a [`Model::forward_dropping`] with the same `dropped`: a dropped
+    /// layer's gradient passes straight through, and its weights get none.
+    pub fn backward_dropping(
+        &self,
+        acts: &Activations<B>,
+        tokens: &[u32],
+        targets: &[u32],
+        loss_weight: f32,
+        dropped: &[bool],
+    ) -> Result<()> {
         let cfg = &self.config;
         let arch = &cfg.arch;
         let be = &self.backend;
@@ -101,7 +114,7 @@ impl<B: Backend> Model<B> {
             al.seq
         );
         let shapes = self.shapes(acts);
-        let encoders = cfg.n_layers / 2;
+        let encoders = cfg.depth() / 2;
 
         if arch.value_residual {
             be.zero(a(d.v_first));
@@ -110,13 +123,23 @@ impl<B: Backend> Model<B> {
             be.zero(a(d.x0));
         }
         self.head_backward(acts, targets, loss_weight, &shapes);
-        for (l, (w, s)) in self.layout.layers.iter().zip(&al.layers).enumerate().rev() {
+        // A block that depth recurrence runs more than once adds each run's gradient into its
+        // weights' (parameter gradients are `+=`).
+        for (l, (&block, s)) in self.layout.order.iter().zip(&al.layers).enumerate().rev() {
+            let w = &self.layout.layers[block];
             // An encoder block's output also fed a U-Net skip: add that gradient first.
             if arch.unet_skips && l < encoders {
                 let i = encoders - 1 - l;
                 if i < d.skips.len() {
                     be.accumulate(a(d.residual), a(d.skips[i]));
                 }
+            }
+            if dropped.get(l) == Some(&true) {
+                // The identity: d.residual passes through. A decoder's skip added nothing.
+                if let Some((i, _)) = skip_source(cfg, l) {
+                    be.zero(a(d.skips[i]));
+                }
+                continue;
             }
             // d.residual holds dL/d(block output); each branch reads it and adds back.
             self.mlp_backward(acts, w, s, &shapes);
@@ -212,7 +235,7 @@ impl<B: Backend> Model<B> {
             be.matmul_backward(dx, dw, dy, x, w, sh.mm(c, vocab), Overwrite);
         }
         let (gain, gain_grad) = self.gain_and_grad(self.layout.final_norm, c);
-        let last = a(al.residual[cfg.n_layers]);
+        let last = a(al.residual[cfg.depth()]);
         let rstd = a(al.rstd_final);
         let shape = sh.norm(n, c);
         be.rmsnorm_backward(

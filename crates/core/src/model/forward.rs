@@ -20,7 +20,33 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         targets: Option<&[u32]>,
     ) -> Result<Option<f32>> {
-        self.forward_with(acts, tokens, targets, None)
+        self.forward_with(acts, tokens, targets, None, &[])
+    }
+
+    /// [`Model::forward`] with the layers `dropped[l]` skipped (stochastic depth): a dropped
+    /// layer passes its input stream through unchanged (no U-Net skip, mix or branch). Give
+    /// [`Model::backward_dropping`] the same `dropped`.
+    pub fn forward_dropping(
+        &self,
+        acts: &Activations<B>,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        dropped: &[bool],
+    ) -> Result<Option<f32>> {
+        crate::require!(
+            dropped.is_empty() || dropped.len() == self.config.depth(),
+            Shape,
+            "forward: {} layer-drop flags for {} layers",
+            dropped.len(),
+            self.config.depth()
+        );
+        crate::require!(
+            !(self.config.arch.value_residual && dropped.first() == Some(&true)),
+            Shape,
+            "forward: layer 0 cannot be dropped with a value residual (its values feed every \
+             later layer)"
+        );
+        self.forward_with(acts, tokens, targets, None, dropped)
     }
 
     /// The forward pass; with a cache slot, `tokens` is one token at position `slot.pos`, its
@@ -31,6 +57,7 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         targets: Option<&[u32]>,
         slot: Option<CacheSlot<B>>,
+        dropped: &[bool],
     ) -> Result<Option<f32>> {
         let (b, t) = (acts.layout.batch, acts.layout.seq);
         let n = b * t;
@@ -71,10 +98,15 @@ impl<B: Backend> Model<B> {
             let x0 = a(al.residual[0]);
             be.rmsnorm_forward(x0, a(al.rstd_embed), a(al.embed), self.ones(c), norm(n, c));
         }
-        for (l, (w, s)) in self.layout.layers.iter().zip(&al.layers).enumerate() {
+        for (l, (&block, s)) in self.layout.order.iter().zip(&al.layers).enumerate() {
+            if dropped.get(l) == Some(&true) {
+                be.copy(a(al.residual[l + 1]), a(al.residual[l]));
+                continue;
+            }
+            let w = &self.layout.layers[block];
             self.block_forward(acts, l, w, s, slot.as_ref());
         }
-        let last = a(al.residual[cfg.n_layers]);
+        let last = a(al.residual[cfg.depth()]);
         let final_norm = gain(self.layout.final_norm, c);
         be.rmsnorm_forward(
             a(al.xn_final),
@@ -148,8 +180,8 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Block `l`: the U-Net skip and resid_mix into its input, then attention and the MLP,
-    /// each added back into the residual stream.
+    /// Layer `l` (running the block whose weights are `w`): the U-Net skip and resid_mix into
+    /// its input, then attention and the MLP, each added back into the residual stream.
     fn block_forward(
         &self,
         acts: &Activations<B>,

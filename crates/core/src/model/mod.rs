@@ -231,8 +231,9 @@ impl<B: Backend> Model<B> {
                 view::<B>(shadow, spec.region),
             );
             let (_, cols) = crate::quant::quant_shape(spec);
+            let rotation = crate::quant::rotation_for(spec, scheme, rule.hadamard);
             match scheme.fake(cols) {
-                Some(q) => self.backend.fake_quantize(dst, src, q),
+                Some(q) => self.backend.fake_quantize(dst, src, q, rotation),
                 None => self.backend.copy(dst, src),
             }
         }
@@ -334,7 +335,7 @@ impl<B: Backend> Model<B> {
         let rows = batch as u128 * seq as u128;
         let per_row = (c.vocab_size + c.hidden_dim + c.dim + c.q_dim()) as u128;
         crate::require!(
-            rows * per_row * (c.n_layers as u128 + 1) * 16 < 1 << 62,
+            rows * per_row * (c.depth() as u128 + 1) * 16 < 1 << 62,
             Memory,
             "a batch of {batch} × {seq} tokens is beyond any machine's memory: lower --batch or \
              --seq"
@@ -391,7 +392,7 @@ impl<B: Backend> Model<B> {
         }
         let capacity = capacity.min(self.config.max_seq_len);
         let row = batch * capacity * self.config.kv_dim();
-        let l = self.config.n_layers;
+        let l = self.config.depth();
         let keys = (0..l)
             .map(|i| Region {
                 offset: 2 * i * row,
@@ -466,7 +467,7 @@ impl<B: Backend> Model<B> {
             cache,
             pos: cache.len,
         };
-        self.forward_with(&cache.acts, tokens, None, Some(slot))?;
+        self.forward_with(&cache.acts, tokens, None, Some(slot), &[])?;
         cache.len += 1;
         cache.last_tokens.clear();
         cache.last_tokens.extend_from_slice(tokens);
