@@ -62,6 +62,57 @@ CONFIGS["tiny-golf-recurrent"] = dict(
     CONFIGS["tiny-golf"], n_layers=4,
     arch=dict(CONFIGS["tiny-golf"]["arch"], recurrence=dict(start=1, end=3, repeats=1)))
 
+# tiny-golf with EngramHash: bigram and trigram tables, two hash heads each, 13 buckets of 4
+# values (memory width 16), added before layer 2.
+CONFIGS["tiny-golf-engram"] = dict(
+    CONFIGS["tiny-golf"],
+    arch=dict(CONFIGS["tiny-golf"]["arch"],
+              engram=dict(buckets=13, heads=2, max_order=3, dim=16, layer=2)))
+
+MASK = (1 << 64) - 1
+
+
+def mix64(z):
+    """splitmix64's finalizer."""
+    z = (z + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def engram_ids(tokens, e):
+    """(B, T, tables) rows of the concatenated tables: for order n and head h, the position's
+    last n tokens coded id + 1 (0 before the sequence), hash = hash * m + code oldest first
+    (mod 2^64, m = mix64(1000 n + h) | 1), row mix64(hash) mod buckets of table (n - 2) heads + h."""
+    b, t = tokens.shape
+    tables = (e["max_order"] - 1) * e["heads"]
+    out = torch.zeros(b, t, tables, dtype=torch.long)
+    for s in range(b):
+        for p in range(t):
+            code = lambda back: int(tokens[s, p - back]) + 1 if back <= p else 0
+            col = 0
+            for n in range(2, e["max_order"] + 1):
+                for h in range(e["heads"]):
+                    m = mix64(1000 * n + h) | 1
+                    value = 0
+                    for back in reversed(range(n)):
+                        value = (value * m + code(back)) & MASK
+                    table = (n - 2) * e["heads"] + h
+                    out[s, p, col] = table * e["buckets"] + mix64(value) % e["buckets"]
+                    col += 1
+    return out
+
+
+def engram(c, w, x, tokens, norm):
+    """EngramHash: x + sigmoid(norm(x) . norm(W_K m) / sqrt(C)) * W_P m."""
+    e = c["arch"]["engram"]
+    b, t = tokens.shape
+    memory = w["model.engram.tables.weight"][engram_ids(tokens, e)].reshape(b, t, -1)
+    key = memory @ w["model.engram.key.weight"].T
+    value = memory @ w["model.engram.proj.weight"].T
+    gate = torch.sigmoid((norm(x) * norm(key)).sum(-1, keepdim=True) / math.sqrt(c["dim"]))
+    return x + gate * value
+
 
 def block_order(c):
     """The block each layer runs: 0..end, then start..end `repeats` more times, then the rest."""
@@ -103,6 +154,12 @@ def golf_param_shapes(c):
         shapes[p + "resid_mix"] = (2, dim)
     depth = len(block_order(c))
     shapes["model.skip_weights"] = (min(depth // 2, depth - depth // 2), dim)
+    e = a.get("engram")
+    if e:
+        tables = (e["max_order"] - 1) * e["heads"]
+        shapes["model.engram.tables.weight"] = (tables * e["buckets"], e["dim"] // tables)
+        shapes["model.engram.key.weight"] = (dim, e["dim"])
+        shapes["model.engram.proj.weight"] = (dim, e["dim"])
     return shapes
 
 
@@ -132,6 +189,8 @@ def golf_forward(c, w, tokens):
     skips, v_first = [], None
     for l, block in enumerate(order):
         p = f"model.layers.{block}."
+        if a.get("engram") and a["engram"]["layer"] == l:
+            x = engram(c, w, x, tokens, norm)
         if l >= encoders and skips:
             x = x + w["model.skip_weights"][l - encoders] * skips.pop()
         mix = w[p + "resid_mix"]

@@ -357,7 +357,24 @@ fn score<B: Backend + Clone>(
         small_max: 65536,
         hadamard: qat.is_some_and(|r| r.hadamard),
     };
-    let (path, _) = kiln_formats::interop::export_packed(&imported, artifact, rule, export)?;
+    // A calibrated export chooses its scales on the plan's training split.
+    let multipliers = if export.calibrate {
+        let c = crate::calibrate::calibrate_export(
+            backend.clone(),
+            &imported,
+            (rule, export),
+            &plan.data,
+        )?;
+        c.multipliers
+    } else {
+        Vec::new()
+    };
+    let (path, _) = kiln_formats::interop::export_packed_calibrated(
+        &imported,
+        artifact,
+        (rule, export),
+        &multipliers,
+    )?;
     let artifact_bytes = std::fs::metadata(&path)?.len();
     let dataset = Dataset::open(&plan.data)?;
     let tokens = dataset.read_all(Split::Val)?;
@@ -383,12 +400,7 @@ fn score<B: Backend + Clone>(
         ..Default::default()
     };
     let trained = crate::commands::load(backend.clone(), &trained)?;
-    // A QAT run trained and validated its weights as its rule quantizes them: score those.
-    if let Some(rule) = qat {
-        let mut weights = trained.model.download_params()?;
-        kiln_core::quant::fake_quantize(&trained.model.layout, &rule, &mut weights)?;
-        trained.model.upload_params(&weights)?;
-    }
+    // (`load` gives a QAT run's weights as its rule quantizes them, as it validated them.)
     let val_bpb = bits_per_byte(&trained, &trained.tokenizer)?;
     let reloaded = load_artifact(backend.clone(), &path, &Source::default())?;
     let roundtrip_bpb = bits_per_byte(&reloaded, &reloaded.tokenizer)?;
@@ -479,6 +491,9 @@ fn describe(export: PackOptions) -> String {
     }
     if export.hadamard {
         parts.push("Hadamard rotation");
+    }
+    if export.calibrate {
+        parts.push("per-tensor calibration");
     }
     if parts.is_empty() {
         "the schemes alone".into()

@@ -68,6 +68,21 @@ pub fn load<B: Backend>(backend: B, source: &Source) -> Result<Loaded<B>> {
         (None, None) => bail!("give --run or --model"),
     };
     let mut imported = crate::rundir::import(&path, source.tokenizer.as_deref())?;
+    // A QAT run trained, validated and sampled with its weights as its rule quantizes them.
+    if let Some(rule) = crate::rundir::qat_rule(&path) {
+        let layout = ParamLayout::new(&imported.config);
+        kiln_core::quant::fake_quantize(&layout, &rule, &mut imported.weights)?;
+        eprintln!(
+            "a QAT run: its weights as its rule quantizes them ({} matrices{}), as training \
+             computed with them",
+            rule.matrices,
+            if rule.hadamard {
+                ", Hadamard-rotated"
+            } else {
+                ""
+            }
+        );
+    }
     if source.int8 {
         round_to_int8(&imported.config, &mut imported.weights);
     }

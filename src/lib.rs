@@ -23,11 +23,13 @@
 //!   [`dashboard`] and [`report`].
 //! - [`commands`]: `sample`, `eval`, `model logits` and `model info`, generic over the backend.
 //! - [`bench`]: `kiln bench kernels`.
-//! - [`ablate`]: `kiln ablate`, a multi-seed sweep of a base configuration and its variants.
+//! - [`ablate`]: `kiln ablate`, a multi-seed sweep of a base configuration and its variants;
+//!   [`calibrate`]: a packed export's per-tensor calibration.
 
 pub mod ablate;
 pub mod backends;
 pub mod bench;
+pub mod calibrate;
 pub mod commands;
 pub mod dashboard;
 pub mod distributed;

@@ -109,6 +109,15 @@ enum Command {
         /// run on their dequantized values, not their codes).
         #[arg(long)]
         hadamard: bool,
+        /// packed: calibrate each quantized tensor's scales (kept, or × 0.8, 0.9, 1.1, 1.25)
+        /// by the exported model's loss on the first 8,192 tokens of the training split,
+        /// the tensors that cost the most first; the format is unchanged.
+        #[arg(long)]
+        calibrate: bool,
+        /// packed, with --calibrate: the data directory whose training split calibrates
+        /// (default: the run's own).
+        #[arg(long)]
+        calibration_data: Option<PathBuf>,
         /// llama2c: int8, matrices in groups of 64, the v2 file llama2.c's runq.c runs
         /// (default: f32, the legacy file run.c runs). gguf: bf16 or q8_0 matrices (default:
         /// f32).
@@ -825,6 +834,8 @@ fn main() -> Result<()> {
             budget,
             clip_search,
             hadamard,
+            calibrate,
+            calibration_data,
             quantize,
         } => {
             let rule = PackRule {
@@ -836,8 +847,17 @@ fn main() -> Result<()> {
             let options = kiln_formats::packed::PackOptions {
                 clip_search,
                 hadamard,
+                calibrate,
             };
-            export(format, quantize, &source, &out, (rule, options, budget))
+            let calibration = (backend, calibration_data);
+            export(
+                format,
+                quantize,
+                &source,
+                &out,
+                (rule, options, budget),
+                calibration,
+            )
         }
         Command::Model {
             command: ModelCommand::Info { model, json },
@@ -1065,8 +1085,13 @@ fn export(
     source: &std::path::Path,
     out: &std::path::Path,
     (rule, options, budget): (PackRule, kiln_formats::packed::PackOptions, Option<u64>),
+    (backend, calibration_data): (Selection, Option<PathBuf>),
 ) -> Result<()> {
     let imported = kiln::rundir::import(source, None)?;
+    anyhow::ensure!(
+        !options.calibrate || format == ExportFormat::Packed,
+        "--calibrate calibrates a packed artifact's scales: use --format packed"
+    );
     if format != ExportFormat::Packed {
         let written = kiln_formats::interop::export_quantized(&imported, format, quantize, out)?;
         println!("wrote {}", written.display());
@@ -1101,7 +1126,21 @@ fn export(
             );
         }
     }
-    let (path, report) = kiln_formats::interop::export_packed(&imported, out, rule, options)?;
+    let multipliers = if options.calibrate {
+        let data = calibration_data
+            .or_else(|| kiln::rundir::train_data(source))
+            .context("--calibrate needs training text: give --calibration-data DIR")?;
+        let settings = (rule, options);
+        let c = with_backend!(backend, |b| kiln::calibrate::calibrate_export(
+            b, &imported, settings, &data
+        ))?;
+        c.multipliers
+    } else {
+        Vec::new()
+    };
+    let settings = (rule, options);
+    let (path, report) =
+        kiln_formats::interop::export_packed_calibrated(&imported, out, settings, &multipliers)?;
     kiln_formats::packed::print_table(&report);
     println!("wrote {}", path.display());
     if let Some(limit) = budget {

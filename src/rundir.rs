@@ -21,6 +21,13 @@ pub fn qat_rule(path: &Path) -> Option<kiln_core::quant::PackRule> {
     serde_json::from_value(manifest.train.get("qat")?.clone()).ok()?
 }
 
+/// The data directory a run trained on (`train.json`'s `data`), from the checkpoint `path`
+/// resolves to; `None` when it does not say.
+pub fn train_data(path: &Path) -> Option<PathBuf> {
+    let manifest = checkpoint::read_manifest(&resolve(path).ok()?).ok()?;
+    Some(PathBuf::from(manifest.train.get("data")?.as_str()?))
+}
+
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join("manifest.json").exists() {
         return Ok(path.to_path_buf());

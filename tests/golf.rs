@@ -176,6 +176,14 @@ fn hadamard_qat_computes_with_the_weights_the_export_stores() {
         let got = forward_weights(cpu, &imported, rule);
         assert_eq!(artifact.weights, got, "{isa:?} QAT against the export");
     }
+    // `kiln eval --run` and `kiln sample --run` load the run's weights as QAT computed with
+    // them: the artifact's.
+    let source = kiln::commands::Source {
+        run: Some(run.clone()),
+        ..Default::default()
+    };
+    let loaded = kiln::commands::load(ReferenceBackend, &source).unwrap();
+    assert_eq!(loaded.model.download_params().unwrap(), artifact.weights);
     let plain = PackRule {
         hadamard: false,
         ..rule
@@ -909,4 +917,135 @@ fn a_dropped_layer_passes_its_gradient_through_and_learns_nothing() {
     }
     // Among them the embedding's and the first encoder's, which the skip would have reached.
     assert!(checked >= 10 && encoder, "{checked} coordinates checked");
+}
+
+/// Depth recurrence and EngramHash in a packed artifact: the config round-trips (the
+/// recurrence and the memory's settings), and the weights come back as the rule quantizes
+/// them, EngramHash's tables as an embedding (int8 here) and its matrices as matrices,
+/// counted in the size table under their own group.
+#[test]
+fn recurrent_and_engram_models_pack_and_reload() {
+    let dir = temp_dir("pack-new-options");
+    let int8 = Scheme::Int {
+        bits: 8,
+        percentile: 99.99984,
+    };
+    let rule = PackRule {
+        matrices: Scheme::Ternary,
+        embedding: int8,
+        small_max: 64,
+        hadamard: false,
+    };
+    for name in ["tiny-golf-recurrent", "tiny-golf-engram"] {
+        let config = ModelConfig::preset(name).unwrap();
+        let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
+        model.init_random(4).unwrap();
+        let weights = model.download_params().unwrap();
+        fs::create_dir_all(dir.join(name)).unwrap();
+        let path = dir.join(name).join("model.kiln");
+        let report = packed::write(
+            &path,
+            &config,
+            &weights,
+            (rule, Default::default()),
+            None,
+            None,
+        )
+        .unwrap();
+        let back = packed::read(&path).unwrap();
+        assert_eq!(back.config, config, "{name}");
+        let mut want = weights.clone();
+        kiln_core::quant::fake_quantize(&model.layout, &rule, &mut want).unwrap();
+        assert_eq!(back.weights, want, "{name}");
+        let engram_rows = report
+            .groups
+            .iter()
+            .find(|g| g.group == "EngramHash matrices");
+        assert_eq!(
+            engram_rows.map(|g| g.tensors),
+            config.arch.engram.map(|_| 2),
+            "{name}"
+        );
+        if let Some(e) = model.layout.engram {
+            let stored = back
+                .codes
+                .iter()
+                .find(|(r, _)| *r == e.tables)
+                .map(|(_, q)| q.scheme);
+            assert_eq!(stored, Some(int8), "the tables are stored as an embedding");
+        }
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Per-tensor calibration of a ternary export of a model trained without QAT (where the
+/// scheme's own scales leave much to gain): the artifact written with the chosen factors
+/// reloads (through the packed writer and reader) to exactly the weights the calibration
+/// scored, which give exactly the loss it reported on its training tokens, lower than the
+/// plain export's; every factor is one of those offered.
+#[test]
+fn calibration_chooses_scales_on_training_text_and_the_artifact_keeps_them() {
+    let dir = temp_dir("calibrate");
+    let data = corpus(&dir);
+    let run = dir.join("run");
+    let mut trainer =
+        Trainer::create(ReferenceBackend, golf_config(data.clone(), 24), &run).unwrap();
+    trainer.print_every = 0;
+    trainer.run().unwrap();
+    let imported = kiln::rundir::import(&run, None).unwrap();
+    let rule = PackRule {
+        matrices: Scheme::Ternary,
+        embedding: Scheme::Ternary,
+        small_max: 64,
+        hadamard: false,
+    };
+    let options = packed::PackOptions {
+        calibrate: true,
+        ..Default::default()
+    };
+    let tokens = kiln::calibrate::training_tokens(&data, &imported, 2 * 4 * 16 + 1).unwrap();
+    let c = kiln::calibrate::calibrate(
+        ReferenceBackend,
+        &imported,
+        (rule, options),
+        &tokens,
+        (4, 16),
+    )
+    .unwrap();
+    println!(
+        "loss {:.4} f32, {:.4} plain, {:.4} calibrated; {:?}",
+        c.loss_f32, c.loss_plain, c.loss_calibrated, c.multipliers
+    );
+    assert!(c
+        .multipliers
+        .iter()
+        .all(|m| kiln::calibrate::MULTIPLIERS.contains(m)));
+    assert!(
+        c.loss_calibrated < c.loss_plain,
+        "{} {}",
+        c.loss_calibrated,
+        c.loss_plain
+    );
+    let out = dir.join("packed");
+    let (path, _) = kiln_formats::interop::export_packed_calibrated(
+        &imported,
+        &out,
+        (rule, options),
+        &c.multipliers,
+    )
+    .unwrap();
+    let artifact = packed::read(&path).unwrap();
+    let model = Model::new(ReferenceBackend, artifact.config.clone()).unwrap();
+    model.upload_params(&artifact.weights).unwrap();
+    let acts = model.loss_activations(4, 16).unwrap();
+    let mut sum = 0.0;
+    for b in 0..2 {
+        let (x, y) = (
+            &tokens[b * 64..(b + 1) * 64],
+            &tokens[b * 64 + 1..(b + 1) * 64 + 1],
+        );
+        sum += model.forward(&acts, x, Some(y)).unwrap().unwrap() as f64;
+    }
+    assert_eq!(sum / 2.0, c.loss_calibrated);
+    fs::remove_dir_all(dir).unwrap();
 }

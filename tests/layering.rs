@@ -132,6 +132,7 @@ fn application_modules_import_only_modules_below_them() {
         "telemetry",
         "runlog",
         "rundir",
+        "calibrate",
         "bench",
         "commands",
         "train",

@@ -37,6 +37,7 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
+        "model_tiny-golf-engram.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -72,6 +73,7 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
+        "model_tiny-golf-engram.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -111,6 +113,7 @@ fn batched_decoding_gives_each_sequence_its_own_logits() {
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
+        "model_tiny-golf-engram.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();
@@ -167,6 +170,7 @@ fn greedy_decoding_matches_pytorch() {
         "model_tiny-gqa.safetensors",
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
+        "model_tiny-golf-engram.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();

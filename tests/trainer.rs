@@ -545,6 +545,7 @@ fn export_options_reload_as_their_quantizers_make_them() {
             let options = PackOptions {
                 clip_search,
                 hadamard,
+                calibrate: false,
             };
             let path = dir.join("model.kiln");
             packed::write(

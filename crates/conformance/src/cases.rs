@@ -141,6 +141,14 @@ pub enum Op {
     AttentionDecode(DecodeShape),
     SwiGluForward,
     SwiGluBackward,
+    GateForward {
+        dim: usize,
+        scale: f32,
+    },
+    GateBackward {
+        dim: usize,
+        scale: f32,
+    },
     Relu2Forward {
         slope: f32,
     },
@@ -444,6 +452,17 @@ impl Case {
                 activation::relu2_backward(&mut d, &inputs[1], &inputs[2], slope as f64);
                 out[0] = Some(d);
             }
+            Op::GateForward { dim, scale } => {
+                let mut o = vec![0.0; inputs[0].len() / dim];
+                activation::gate_forward(&mut o, &inputs[0], &inputs[1], dim, scale as f64);
+                out[2] = Some(o);
+            }
+            Op::GateBackward { dim, scale } => {
+                let (mut da, mut db) = (vec![0.0; inputs[4].len()], vec![0.0; inputs[5].len()]);
+                let (dout, g, a, b) = (&inputs[2], &inputs[3], &inputs[4], &inputs[5]);
+                activation::gate_backward(&mut da, &mut db, dout, g, a, b, dim, scale as f64);
+                (out[0], out[1]) = (Some(da), Some(db));
+            }
             Op::SoftcapForward { cap } => {
                 let mut o = vec![0.0; inputs[0].len()];
                 activation::softcap_forward(&mut o, &inputs[0], cap as f64);
@@ -612,6 +631,10 @@ impl Case {
             Op::SwiGluBackward => backend.swiglu_backward(v[0], v[1], v[2], v[3], v[4]),
             Op::Relu2Forward { slope } => backend.relu2_forward(v[1], v[0], slope),
             Op::Relu2Backward { slope } => backend.relu2_backward(v[0], v[1], v[2], slope),
+            Op::GateForward { dim, scale } => backend.gate_forward(v[2], v[0], v[1], dim, scale),
+            Op::GateBackward { dim, scale } => {
+                backend.gate_backward(v[0], v[1], v[2], v[3], v[4], v[5], dim, scale)
+            }
             Op::SoftcapForward { cap } => backend.softcap_forward(v[1], v[0], cap),
             Op::SoftcapBackward { cap } => backend.softcap_backward(v[0], v[1], v[2], cap),
             Op::ScaleForward(s, mode) => backend.scale_forward(v[2], v[0], v[1], s, mode),
@@ -966,6 +989,38 @@ fn elementwise_cases(d: &Dims) -> Vec<Case> {
             [fwd, bwd]
         });
     }
+    // EngramHash's gate over rows of the model width: inputs within ±2 (rmsnormed values are
+    // about ±1) and the scale 1/√C, so gates away from 0.5; the backward's `out` is any value
+    // within ±1 (its formula, not the sigmoid, is under test).
+    let (rows, c) = (d.batch * d.seq, d.dim);
+    let scale = 1.0 / (c as f32).sqrt();
+    all.extend([
+        Case::new(
+            format!("gate forward ({rows} rows of {c})"),
+            Kernel::Gate,
+            Op::GateForward { dim: c, scale },
+            vec![
+                buf("a", rows * c, Role::Input(2.0)),
+                buf("b", rows * c, Role::Input(2.0)),
+                output("out", rows),
+            ],
+            Work::Bytes((8 * rows * c) as f64),
+        ),
+        Case::new(
+            "gate backward".into(),
+            Kernel::Gate,
+            Op::GateBackward { dim: c, scale },
+            vec![
+                output("da", rows * c),
+                output("db", rows * c),
+                input("dout", rows),
+                input("out", rows),
+                buf("a", rows * c, Role::Input(2.0)),
+                buf("b", rows * c, Role::Input(2.0)),
+            ],
+            Work::Bytes((16 * rows * c) as f64),
+        ),
+    ]);
     // The logit soft cap, well into tanh's saturation (|z| up to 4× the cap).
     let cap = 3.0;
     all.extend([

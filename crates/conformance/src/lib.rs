@@ -93,7 +93,7 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 }
 
 /// Every kernel family.
-pub const KERNELS: [Kernel; 18] = [
+pub const KERNELS: [Kernel; 19] = [
     Kernel::Memory,
     Kernel::Matmul,
     Kernel::Embedding,
@@ -103,6 +103,7 @@ pub const KERNELS: [Kernel; 18] = [
     Kernel::SwiGlu,
     Kernel::Relu2,
     Kernel::Softcap,
+    Kernel::Gate,
     Kernel::Scale,
     Kernel::Residual,
     Kernel::CrossEntropy,

@@ -47,6 +47,8 @@ pub enum Kernel {
     SwiGlu,
     Relu2,
     Softcap,
+    /// EngramHash's context gate: a sigmoid of each row pair's scaled dot product.
+    Gate,
     Scale,
     Residual,
     CrossEntropy,
@@ -538,6 +540,23 @@ pub trait Backend: Send + Sync {
     /// `out += inp`: where a gradient reaches the residual stream by a second path (a U-Net
     /// skip, the golf block's `x0`).
     fn accumulate(&self, out: View<Self>, inp: View<Self>);
+    /// EngramHash's context gate: per row r of `a` and `b` `(rows, dim)`,
+    /// `out[r] = σ(scale · Σ_c a[r, c]·b[r, c])`.
+    fn gate_forward(&self, out: View<Self>, a: View<Self>, b: View<Self>, dim: usize, scale: f32);
+    /// The gate's backward from its output: `ds = dout·out·(1 − out)·scale` per row, then
+    /// `da = ds·b` and `db = ds·a` (both overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn gate_backward(
+        &self,
+        da: View<Self>,
+        db: View<Self>,
+        dout: View<Self>,
+        out: View<Self>,
+        a: View<Self>,
+        b: View<Self>,
+        dim: usize,
+        scale: f32,
+    );
 
     // ---- scale -------------------------------------------------------------------------
 

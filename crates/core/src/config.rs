@@ -98,7 +98,39 @@ pub struct Arch {
     pub bigram_buckets: usize,
     /// Depth recurrence: blocks `start..end` run again, `repeats` more times, after their
     /// first pass, with the same weights: a deeper network for the same parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub recurrence: Option<Recurrence>,
+    /// EngramHash: a hashed n-gram memory added, through a context gate, to one layer's input.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engram: Option<Engram>,
+}
+
+/// EngramHash, a hashed n-gram memory. Each position's last n tokens, for n = 2 up to
+/// `max_order`, are hashed by `heads` hash functions each into a table of `buckets` rows of
+/// `dim / ((max_order − 1)·heads)` values; the rows, concatenated, are the position's memory
+/// `m (dim)`. Before layer `layer` runs, its input stream `h` becomes
+/// `h + σ(rmsnorm(h)·rmsnorm(W_K·m)/√C) · W_P·m`: the gate opens where the looked-up memory
+/// agrees with the context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Engram {
+    pub buckets: usize,
+    pub heads: usize,
+    pub max_order: usize,
+    pub dim: usize,
+    pub layer: usize,
+}
+
+impl Engram {
+    /// The (order, head) tables: `(max_order − 1) · heads`.
+    pub fn tables(&self) -> usize {
+        (self.max_order - 1) * self.heads
+    }
+
+    /// Values of one table row.
+    pub fn row(&self) -> usize {
+        self.dim / self.tables()
+    }
 }
 
 /// Which blocks depth recurrence repeats: the forward runs blocks `0..end`, then `start..end`
@@ -128,6 +160,7 @@ impl Default for Arch {
             value_residual: false,
             bigram_buckets: 0,
             recurrence: None,
+            engram: None,
         }
     }
 }
@@ -167,6 +200,7 @@ pub const PRESETS: &[&str] = &[
     "golf-baseline",
     "tiny-golf",
     "tiny-golf-recurrent",
+    "tiny-golf-engram",
 ];
 
 /// The most blocks a model may have.
@@ -298,6 +332,19 @@ impl ModelConfig {
                     start: 1,
                     end: 3,
                     repeats: 1,
+                });
+                config
+            }
+            // tiny-golf with EngramHash before layer 2: bigram and trigram tables, two hash
+            // heads each, 13 buckets of 4 values.
+            "tiny-golf-engram" => {
+                let mut config = ModelConfig::preset("tiny-golf")?;
+                config.arch.engram = Some(Engram {
+                    buckets: 13,
+                    heads: 2,
+                    max_order: 3,
+                    dim: 16,
+                    layer: 2,
                 });
                 config
             }
@@ -439,6 +486,41 @@ impl ModelConfig {
                 );
             }
         }
+        if let Some(e) = arch.engram {
+            if !(2..=3).contains(&e.max_order) {
+                bail!(
+                    "arch.engram.max_order must be 2 (bigrams) or 3 (bigrams and trigrams), got {}",
+                    e.max_order
+                );
+            }
+            for (name, value) in [("buckets", e.buckets), ("heads", e.heads), ("dim", e.dim)] {
+                if value == 0 || value > MAX_WIDTH {
+                    bail!("arch.engram.{name} must be between 1 and {MAX_WIDTH}, got {value}");
+                }
+            }
+            if !e.dim.is_multiple_of(e.tables()) {
+                bail!(
+                    "arch.engram.dim ({}) must be a multiple of its {} tables ((max_order − 1) × \
+                     heads)",
+                    e.dim,
+                    e.tables()
+                );
+            }
+            if e.tables() as u128 * e.buckets as u128 > u32::MAX as u128 {
+                bail!(
+                    "arch.engram: {} tables of {} buckets are more rows than u32 ids reach",
+                    e.tables(),
+                    e.buckets
+                );
+            }
+            if e.layer == 0 || e.layer >= self.depth() {
+                bail!(
+                    "arch.engram.layer ({}) must be an inner layer, between 1 and {}",
+                    e.layer,
+                    self.depth() - 1
+                );
+            }
+        }
         Ok(())
     }
 
@@ -479,7 +561,15 @@ impl ModelConfig {
         let block = c * d * (2 * h + 2 * kv) + 3 * c * f + 8 * c + 4 * d + h + 2;
         // The U-Net skips' rows follow the depth, which recurrence may raise to MAX_LAYERS.
         let depth = l.max(self.arch.recurrence.map_or(0, |_| MAX_LAYERS as u128));
-        2 * v * c + b * c + l * block + depth * c
+        // EngramHash: its tables (at most orders·heads·buckets rows of dim values) and its two
+        // (C, dim) matrices.
+        // (Before validation: any field values.)
+        let engram = self.arch.engram.map_or(0, |e| {
+            let t = e.max_order.saturating_sub(1) as u128 * e.heads as u128;
+            let d = e.dim as u128;
+            (t.saturating_mul(e.buckets as u128).saturating_mul(d)).saturating_add(2 * c * d)
+        });
+        (2 * v * c + b * c + l * block + depth * c).saturating_add(engram)
     }
 
     /// Width of all query heads together (H · D).
@@ -509,10 +599,12 @@ impl ModelConfig {
     /// attention; the elementwise work is noise). 6 per weight per token for the matmuls, plus
     /// attention's QKᵀ and PV: 2·2·T·D per head forward, twice that backward, causal half.
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
-        let matmul_params = self.depth()
-            * (self.dim * (self.q_dim() + 2 * self.kv_dim())
-                + self.q_dim() * self.dim
-                + self.mlp_matrices() * self.dim * self.hidden_dim)
+        let engram = self.arch.engram.map_or(0, |e| 2 * self.dim * e.dim);
+        let matmul_params = engram
+            + self.depth()
+                * (self.dim * (self.q_dim() + 2 * self.kv_dim())
+                    + self.q_dim() * self.dim
+                    + self.mlp_matrices() * self.dim * self.hidden_dim)
             + self.vocab_size * self.dim;
         let attention = self.depth() * self.n_heads * self.head_dim * seq * 6;
         (6 * matmul_params + attention) as f64
@@ -566,6 +658,55 @@ mod tests {
         let mut config = ModelConfig::preset("tiny-gqa").unwrap();
         config.dim = 0;
         assert!(config.validate().unwrap_err().to_string().contains("dim"));
+    }
+
+    /// Depth recurrence and EngramHash: each impossible setting named, before any size is
+    /// computed from it (no overflow, no division by zero).
+    #[test]
+    fn recurrence_and_engram_settings_are_checked() {
+        let refused = |edit: &dyn Fn(&mut ModelConfig), field: &str| {
+            let mut config = ModelConfig::preset("tiny-golf-engram").unwrap();
+            edit(&mut config);
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains(field), "{field}: {message}");
+        };
+        let recurrence = |start, end, repeats| {
+            move |c: &mut ModelConfig| {
+                c.arch.recurrence = Some(Recurrence {
+                    start,
+                    end,
+                    repeats,
+                })
+            }
+        };
+        refused(&recurrence(3, 2, 1), "arch.recurrence");
+        refused(&recurrence(1, 9, 1), "arch.recurrence");
+        refused(&recurrence(1, 3, 0), "arch.recurrence.repeats");
+        refused(&recurrence(1, 3, usize::MAX), "arch.recurrence.repeats");
+        refused(&recurrence(0, 2, 1), "value_residual");
+        let engram = |f: fn(&mut Engram)| {
+            move |c: &mut ModelConfig| {
+                let mut e = c.arch.engram.unwrap();
+                f(&mut e);
+                c.arch.engram = Some(e);
+            }
+        };
+        refused(&engram(|e| e.max_order = 4), "arch.engram.max_order");
+        refused(&engram(|e| e.heads = 0), "arch.engram.heads");
+        refused(&engram(|e| e.dim = 18), "arch.engram.dim");
+        refused(&engram(|e| e.layer = 0), "arch.engram.layer");
+        refused(&engram(|e| e.layer = 5), "arch.engram.layer");
+        refused(&engram(|e| e.buckets = 0), "arch.engram.buckets");
+        // Any sizes at all: refused by name, no arithmetic overflow on the way.
+        refused(
+            &engram(|e| (e.heads, e.dim) = (usize::MAX, usize::MAX)),
+            "parameters",
+        );
+        // A recurrence makes EngramHash's layer index reach the added layers.
+        let mut deep = ModelConfig::preset("tiny-golf-engram").unwrap();
+        recurrence(1, 3, 1)(&mut deep);
+        deep.arch.engram.as_mut().unwrap().layer = 6;
+        deep.validate().unwrap();
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub enum ParamKind {
 pub enum Branch {
     Attention,
     Mlp,
+    /// EngramHash's key and output projections.
+    Memory,
 }
 
 /// The golf block's control tensors.
@@ -120,12 +122,24 @@ pub struct LayerParams {
     pub resid_mix: Option<Region>,  // (2, C), arch.resid_mix
 }
 
+/// EngramHash's parameters ([`crate::config::Engram`]).
+#[derive(Clone, Copy, Debug)]
+pub struct EngramParams {
+    /// Every (order, head) table, one after another: `(tables · buckets, row)`.
+    pub tables: Region,
+    /// `W_K (C, dim)`: the memory's key, compared with the stream by the gate.
+    pub key: Region,
+    /// `W_P (C, dim)`: what the memory adds to the stream.
+    pub proj: Region,
+}
+
 /// Every parameter of a model, in arena order.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
     pub specs: Vec<ParamSpec>,
     pub embedding: Region,      // (V, C)
     pub bigram: Option<Region>, // (buckets, C)
+    pub engram: Option<EngramParams>,
     /// The blocks (L of them).
     pub layers: Vec<LayerParams>,
     /// The block each layer of the forward runs ([`ModelConfig::block_order`]): `0..L`, or
@@ -321,6 +335,28 @@ impl ParamLayout {
             let shape = vec![arch.bigram_buckets, c];
             b.add("model.bigram_embed.weight".into(), shape, Embedding, None)
         });
+        let engram = arch.engram.map(|e| {
+            let memory = |output| ParamKind::BlockMatrix {
+                branch: Branch::Memory,
+                output,
+            };
+            let shape = vec![e.tables() * e.buckets, e.row()];
+            EngramParams {
+                tables: b.add("model.engram.tables.weight".into(), shape, Embedding, None),
+                key: b.add(
+                    "model.engram.key.weight".into(),
+                    vec![c, e.dim],
+                    memory(false),
+                    None,
+                ),
+                proj: b.add(
+                    "model.engram.proj.weight".into(),
+                    vec![c, e.dim],
+                    memory(true),
+                    None,
+                ),
+            }
+        });
         let layers = (0..config.n_layers).map(|l| b.block(l)).collect();
         let skip_weights = arch.unet_skips.then(|| {
             let shape = vec![skip_count(config), c];
@@ -339,6 +375,7 @@ impl ParamLayout {
             specs: b.specs,
             embedding,
             bigram,
+            engram,
             layers,
             order: config.block_order(),
             skip_weights,
@@ -451,6 +488,9 @@ pub struct ActivationLayout {
     /// forward's layers, one activation set each). (N, C) each.
     /// `residual[0]` is `x0`, the (normalised) embedding.
     pub residual: Vec<Region>,
+    /// EngramHash's activations and gradients, at its layer.
+    pub engram: Option<EngramActivations>,
+    pub engram_layer: Option<usize>,
     pub layers: Vec<LayerActivations>,
     pub xn_final: Region,   // (N, C)
     pub rstd_final: Region, // (N)
@@ -465,7 +505,36 @@ pub struct ActivationLayout {
     total: usize,
 }
 
+/// EngramHash's activations at its layer (N rows), then their gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct EngramActivations {
+    pub memory: Region,      // (N, dim) the tables' rows, concatenated
+    pub key: Region,         // (N, C)   W_K·m
+    pub key_norm: Region,    // (N, C) rmsnorm(key)
+    pub rstd_key: Region,    // (N)
+    pub stream_norm: Region, // (N, C) rmsnorm(h), h = residual[layer]
+    pub rstd_stream: Region, // (N)
+    pub gate: Region,        // (N)      σ(stream_norm · key_norm / √C)
+    pub value: Region,       // (N, C)   W_P·m
+    /// (N, C) `h + gate ⊙ value`: the layer's input in place of `residual[layer]`.
+    pub out: Region,
+    pub d_memory: Region,      // (N, dim)
+    pub d_key: Region,         // (N, C)
+    pub d_key_norm: Region,    // (N, C)
+    pub d_stream_norm: Region, // (N, C)
+    pub d_gate: Region,        // (N)
+    pub d_value: Region,       // (N, C)
+}
+
 impl ActivationLayout {
+    /// The stream layer `l` reads: `residual[l]`, or EngramHash's output at its layer.
+    pub fn input(&self, l: usize) -> Region {
+        match self.engram {
+            Some(e) if self.engram_layer == Some(l) => e.out,
+            _ => self.residual[l],
+        }
+    }
+
     pub fn new(
         config: &ModelConfig,
         batch: usize,
@@ -487,6 +556,28 @@ impl ActivationLayout {
         let mut cur = Cursor::default();
         let depth = config.depth();
         let residual: Vec<Region> = (0..=depth).map(|_| cur.take(n * c)).collect();
+        // EngramHash's forward activations (its gradients come after `forward_end`).
+        let engram_forward = arch.engram.map(|e| {
+            [
+                cur.take(n * e.dim),
+                cur.take(n * c),
+                cur.take(n * c),
+                cur.take(n),
+                cur.take(n * c),
+                cur.take(n),
+                cur.take(n),
+                cur.take(n * c),
+                cur.take(n * c),
+            ]
+        });
+        let engram_layer = arch.engram.map(|e| e.layer);
+        // The stream each layer reads: EngramHash's output at its layer.
+        let inputs: Vec<Region> = (0..depth)
+            .map(|l| match engram_forward {
+                Some(f) if engram_layer == Some(l) => f[8],
+                _ => residual[l],
+            })
+            .collect();
         let (embed, rstd_embed) = if arch.embed_norm {
             (cur.take(n * c), cur.take(n))
         } else {
@@ -499,7 +590,7 @@ impl ActivationLayout {
         };
         let scales = arch.branch_scales;
         let layers: Vec<LayerActivations> = (0..depth)
-            .map(|l| block_activations(config, &mut cur, &residual, l, n, attention_saved_len))
+            .map(|l| block_activations(config, &mut cur, &inputs, l, n, attention_saved_len))
             .collect();
         let xn_final = cur.take(n * c);
         let rstd_final = cur.take(n);
@@ -533,6 +624,26 @@ impl ActivationLayout {
         };
         // Everything from here on is a gradient.
         let forward_end = cur.next;
+        let engram = engram_forward.map(|f| {
+            let dim = arch.engram.map_or(0, |e| e.dim);
+            EngramActivations {
+                memory: f[0],
+                key: f[1],
+                key_norm: f[2],
+                rstd_key: f[3],
+                stream_norm: f[4],
+                rstd_stream: f[5],
+                gate: f[6],
+                value: f[7],
+                out: f[8],
+                d_memory: cur.take(n * dim),
+                d_key: cur.take(n * c),
+                d_key_norm: cur.take(n * c),
+                d_stream_norm: cur.take(n * c),
+                d_gate: cur.take(n),
+                d_value: cur.take(n * c),
+            }
+        });
         let residual_grad = cur.take(n * c);
         let (attn_proj, mlp_proj) = if scales {
             (cur.take(n * c), cur.take(n * c))
@@ -599,6 +710,8 @@ impl ActivationLayout {
             embed,
             rstd_embed,
             residual,
+            engram,
+            engram_layer,
             layers,
             xn_final,
             rstd_final,
@@ -627,7 +740,7 @@ impl ActivationLayout {
 fn block_activations(
     config: &ModelConfig,
     cur: &mut Cursor,
-    residual: &[Region],
+    inputs: &[Region],
     l: usize,
     n: usize,
     attention_saved_len: usize,
@@ -639,7 +752,7 @@ fn block_activations(
     let x_in = if skip_source(config, l).is_some() {
         cur.take(n * c)
     } else {
-        residual[l]
+        inputs[l]
     };
     let x_blk = if arch.resid_mix {
         cur.take(n * c)

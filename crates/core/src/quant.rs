@@ -178,6 +178,28 @@ pub fn quantize_with(
     cols: usize,
     search: bool,
 ) -> Result<Quantized> {
+    quantize_scaled(scheme, values, rows, cols, search, 1.0)
+}
+
+/// [`quantize_with`] with every scale it chooses multiplied by `multiplier` before the
+/// values are rounded (an export's per-tensor calibration; 1 changes nothing). A ternary
+/// group's threshold moves with its scale; an integer row clips at the multiplied scale.
+pub fn quantize_scaled(
+    scheme: Scheme,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    search: bool,
+    multiplier: f32,
+) -> Result<Quantized> {
+    ensure!(
+        multiplier.is_finite() && multiplier > 0.0,
+        "quantize: a scale multiplier must be positive, got {multiplier}"
+    );
+    let scaled = |scale: f16| match multiplier {
+        1.0 => scale,
+        m => f16::from_f32(scale.to_f32() * m),
+    };
     ensure!(
         values.len() == rows * cols,
         "quantize: {} values for a {rows}×{cols} tensor",
@@ -195,12 +217,12 @@ pub fn quantize_with(
         Scheme::Ternary => {
             for group in values.chunks(TERNARY_GROUP) {
                 let absmean = group.iter().map(|x| x.abs()).sum::<f32>() / group.len() as f32;
-                let scale = if search {
+                let scale = scaled(if search {
                     let ratios = std::iter::once(1.0).chain(TERNARY_RATIOS);
                     best_scale(group, 1.0, ratios.map(|r| r * absmean))
                 } else {
                     f16::from_f32(absmean)
-                };
+                });
                 let s = scale.to_f32();
                 q.scales.push(scale);
                 q.codes.extend(group.iter().map(|&w| {
@@ -217,13 +239,13 @@ pub fn quantize_with(
             let m = qmax(bits) as f32;
             for row in values.chunks(cols) {
                 let clip = abs_percentile(row, percentile);
-                let scale = if search {
+                let scale = scaled(if search {
                     let max = row.iter().fold(0f32, |a, x| a.max(x.abs()));
                     let clips = std::iter::once(clip).chain(CLIP_RATIOS.map(|r| r * max));
                     best_scale(row, m, clips.map(|c| c / m))
                 } else {
                     f16::from_f32(clip / m)
-                };
+                });
                 let s = scale.to_f32();
                 q.scales.push(scale);
                 q.codes.extend(row.iter().map(|&w| {
@@ -627,31 +649,77 @@ pub fn round_trip_groups(layout: &ParamLayout, weights: &mut [f32]) -> usize {
 /// the weights quantization-aware training computes with, and exactly what
 /// `kiln eval --artifact` will reload from the export (same function, same scheme).
 pub fn fake_quantize(layout: &ParamLayout, rule: &PackRule, weights: &mut [f32]) -> Result<()> {
+    let export = ExportQuant {
+        rule: *rule,
+        search: false,
+        rotate: rule.hadamard,
+    };
+    export_round_trip(layout, &export, &[], weights)
+}
+
+/// How an export quantizes: the rule, the clip search, and the Hadamard rotation (the rule's
+/// own, or asked of the export).
+#[derive(Clone, Copy, Debug)]
+pub struct ExportQuant {
+    pub rule: PackRule,
+    pub search: bool,
+    pub rotate: bool,
+}
+
+impl ExportQuant {
+    /// One tensor's values as the export stores and its reader reconstructs them, with its
+    /// scales multiplied by `multiplier`; `None` for a tensor kept in f32 (as it is).
+    pub fn round_trip(
+        &self,
+        spec: &ParamSpec,
+        values: &[f32],
+        multiplier: f32,
+    ) -> Result<Option<Vec<f32>>> {
+        let scheme = self.rule.scheme_for(spec.kind, spec.region.len);
+        if scheme == Scheme::F32 {
+            return Ok(None);
+        }
+        let (rows, cols) = quant_shape(spec);
+        let rotation = rotation_for(spec, scheme, self.rotate);
+        let mut values = values.to_vec();
+        if let Some(block) = rotation {
+            hadamard_rows(&mut values, cols, block);
+        }
+        let q = quantize_scaled(scheme, &values, rows, cols, self.search, multiplier)?;
+        let mut back = q.dequantize();
+        if let Some(block) = rotation {
+            hadamard_rows(&mut back, cols, block);
+        }
+        Ok(Some(back))
+    }
+}
+
+/// Replaces every tensor of `weights` by what the export `quant` stores of it, tensor `i`
+/// (of `layout.specs`) with its scales × `multipliers[i]` (1 where `multipliers` is short).
+pub fn export_round_trip(
+    layout: &ParamLayout,
+    quant: &ExportQuant,
+    multipliers: &[f32],
+    weights: &mut [f32],
+) -> Result<()> {
     use rayon::prelude::*;
-    let regions: Vec<_> = layout
+    let rounded: Vec<(usize, Option<Vec<f32>>)> = layout
         .specs
-        .iter()
-        .map(|spec| (spec, rule.scheme_for(spec.kind, spec.region.len)))
-        .filter(|(_, scheme)| *scheme != Scheme::F32)
-        .collect();
-    let rounded: Vec<(usize, Vec<f32>)> = regions
         .par_iter()
-        .map(|(spec, scheme)| {
-            let (rows, cols) = quant_shape(spec);
-            let mut values = weights[spec.region.offset..][..spec.region.len].to_vec();
-            let rotation = rotation_for(spec, *scheme, rule.hadamard);
-            if let Some(block) = rotation {
-                hadamard_rows(&mut values, cols, block);
-            }
-            let mut back = quantize(*scheme, &values, rows, cols)?.dequantize();
-            if let Some(block) = rotation {
-                hadamard_rows(&mut back, cols, block);
-            }
-            Ok((spec.region.offset, back))
+        .enumerate()
+        .map(|(i, spec)| {
+            let values = &weights[spec.region.offset..][..spec.region.len];
+            let multiplier = multipliers.get(i).copied().unwrap_or(1.0);
+            Ok((
+                spec.region.offset,
+                quant.round_trip(spec, values, multiplier)?,
+            ))
         })
         .collect::<Result<_>>()?;
     for (offset, values) in rounded {
-        weights[offset..][..values.len()].copy_from_slice(&values);
+        if let Some(values) = values {
+            weights[offset..][..values.len()].copy_from_slice(&values);
+        }
     }
     Ok(())
 }

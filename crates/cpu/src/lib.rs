@@ -783,6 +783,17 @@ impl Backend for CpuBackend {
         elementwise::add(self.isa, &self.pool, o, Some(a), b);
     }
 
+    // EngramHash's gate: O(rows · dim) once per step at one layer, a residual add's cost;
+    // the reference's code on the same memory.
+    fn gate_forward(&self, out: V, a: V, b: V, dim: usize, scale: f32) {
+        ReferenceBackend.gate_forward(r(out), r(a), r(b), dim, scale)
+    }
+
+    fn gate_backward(&self, da: V, db: V, dout: V, out: V, a: V, b: V, dim: usize, scale: f32) {
+        let (dout, out) = (r(dout), r(out));
+        ReferenceBackend.gate_backward(r(da), r(db), dout, out, r(a), r(b), dim, scale)
+    }
+
     fn accumulate(&self, out: V, inp: V) {
         let o = slices!(write out, [inp]);
         elementwise::add(self.isa, &self.pool, o, None, slices!(read inp));

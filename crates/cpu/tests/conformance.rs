@@ -65,7 +65,14 @@ fn kernels_match_the_f64_reference_at_every_tier() {
 #[test]
 fn whole_models_match_pytorch_at_every_tier() {
     for backend in backends() {
-        for name in ["tiny-mha", "tiny-gqa", "tiny-golf", "tiny-golf-recurrent"] {
+        let names = [
+            "tiny-mha",
+            "tiny-gqa",
+            "tiny-golf",
+            "tiny-golf-recurrent",
+            "tiny-golf-engram",
+        ];
+        for name in names {
             let path = fixture(&format!("model_{name}.safetensors"));
             let result = match backend.precision() {
                 // f32 throughout: element-wise, as the reference backend.

@@ -18,7 +18,7 @@ use kiln_core::config::ModelConfig;
 use kiln_core::layout::{Branch, ParamKind, ParamLayout, Region};
 pub use kiln_core::quant::PackRule;
 use kiln_core::quant::{
-    hadamard_rows, quant_shape, quantize_with, rotation_for, Quantized, Scheme,
+    hadamard_rows, quant_shape, quantize_scaled, rotation_for, Quantized, Scheme,
 };
 
 use crate::compress::{compress_smallest, decompress, Codec};
@@ -67,6 +67,10 @@ pub struct PackOptions {
     /// these matrices do not run on their codes.
     #[serde(default)]
     pub hadamard: bool,
+    /// Calibrate each quantized tensor's scale on training text (`kiln export --calibrate`,
+    /// the `calibrate` module of the kiln crate); resolved before [`write_calibrated`].
+    #[serde(default)]
+    pub calibrate: bool,
 }
 
 /// One row of the size table: a group of tensors and its packed (uncompressed) bytes.
@@ -102,6 +106,10 @@ fn group_of(kind: ParamKind) -> &'static str {
             branch: Branch::Mlp,
             ..
         } => "MLP matrices",
+        ParamKind::BlockMatrix {
+            branch: Branch::Memory,
+            ..
+        } => "EngramHash matrices",
         ParamKind::NormGain | ParamKind::Control(_) => "norms and control tensors",
     }
 }
@@ -115,11 +123,25 @@ pub fn write(
     tokenizer_sha256: Option<String>,
     vocab_map: Option<Vec<u32>>,
 ) -> Result<PackReport> {
+    let artifact = (tokenizer_sha256, vocab_map);
+    write_calibrated(path, config, weights, (rule, options), &[], artifact)
+}
+
+/// [`write`] with tensor `i`'s scales multiplied by `multipliers[i]` (1 where it is short):
+/// a calibration's choices (`kiln export --calibrate`). The format is unchanged.
+pub fn write_calibrated(
+    path: &Path,
+    config: &ModelConfig,
+    weights: &[f32],
+    (rule, options): (PackRule, PackOptions),
+    multipliers: &[f32],
+    (tokenizer_sha256, vocab_map): (Option<String>, Option<Vec<u32>>),
+) -> Result<PackReport> {
     let layout = ParamLayout::new(config);
     let mut payload = Vec::new();
     let mut entries = Vec::new();
     let mut groups: Vec<SizeRow> = Vec::new();
-    for spec in &layout.specs {
+    for (i, spec) in layout.specs.iter().enumerate() {
         let values = &weights[spec.region.offset..][..spec.region.len];
         let (rows, cols) = quant_shape(spec);
         let scheme = rule.scheme_for(spec.kind, spec.region.len);
@@ -134,7 +156,9 @@ pub fn write(
             }
             None => values,
         };
-        let bytes = quantize_with(scheme, values, rows, cols, options.clip_search)?.pack();
+        let multiplier = multipliers.get(i).copied().unwrap_or(1.0);
+        let search = options.clip_search;
+        let bytes = quantize_scaled(scheme, values, rows, cols, search, multiplier)?.pack();
         entries.push(Entry {
             name: spec.name.clone(),
             shape: spec.shape.clone(),

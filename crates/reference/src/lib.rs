@@ -723,6 +723,25 @@ impl Backend for ReferenceBackend {
         swiglu::residual_forward(o, self.read(a), self.read(b));
     }
 
+    fn gate_forward(&self, out: V, a: V, b: V, dim: usize, scale: f32) {
+        assert_eq!((a.len(), b.len()), (out.len() * dim, out.len() * dim));
+        let o = self.write(out, &[a, b]);
+        activation::gate_forward(o, self.read(a), self.read(b), dim, scale);
+    }
+
+    fn gate_backward(&self, da: V, db: V, dout: V, out: V, a: V, b: V, dim: usize, scale: f32) {
+        assert_eq!((a.len(), b.len()), (out.len() * dim, out.len() * dim));
+        assert_eq!(
+            (da.len(), db.len(), dout.len()),
+            (a.len(), b.len(), out.len())
+        );
+        let inputs = [dout, out, a, b];
+        let g_a = self.write(da, &[&inputs[..], &[db]].concat());
+        let g_b = self.write(db, &inputs);
+        let (dout, out, a, b) = (self.read(dout), self.read(out), self.read(a), self.read(b));
+        activation::gate_backward(g_a, g_b, dout, out, a, b, dim, scale);
+    }
+
     fn accumulate(&self, out: V, inp: V) {
         assert_eq!(out.len(), inp.len());
         let o = self.write(out, &[inp]);

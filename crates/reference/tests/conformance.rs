@@ -56,9 +56,23 @@ fn tiny_golf_with_depth_recurrence_matches_pytorch() {
     kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
 }
 
+/// EngramHash: the hashed bigram and trigram rows, the gate and both projections.
+#[test]
+fn tiny_golf_with_engram_hash_matches_pytorch() {
+    let path = fixture("model_tiny-golf-engram.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
-    for preset in ["tiny-mha", "tiny-gqa", "tiny-golf", "tiny-golf-recurrent"] {
+    let presets = [
+        "tiny-mha",
+        "tiny-gqa",
+        "tiny-golf",
+        "tiny-golf-recurrent",
+        "tiny-golf-engram",
+    ];
+    for preset in presets {
         let losses = kiln_conformance::check_training_smoke(ReferenceBackend, preset).unwrap();
         println!("{preset}: {losses:?}");
     }

@@ -12,7 +12,7 @@
 
 use kiln_core::backend::Accumulate;
 use kiln_reference::activation::{
-    relu2_backward, relu2_forward, softcap_backward, softcap_forward,
+    gate_backward, gate_forward, relu2_backward, relu2_forward, softcap_backward, softcap_forward,
 };
 use kiln_reference::attention::{attention_backward, attention_forward, AttentionShape};
 use kiln_reference::embed::{embedding_backward, embedding_forward};
@@ -158,6 +158,27 @@ fn partial_rope_leaves_the_unrotated_dimensions_alone() {
         assert_eq!(row_out[rot..], row_in[rot..]);
         assert_ne!(row_out[..rot], row_in[..rot]);
     }
+}
+
+/// EngramHash's gate, with respect to each of its two inputs.
+#[test]
+fn gate_backward_matches_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let (rows, dim, scale) = (5, 8, 1.0 / 8f64.sqrt());
+    let (a, b) = (random(&mut rng, rows * dim), random(&mut rng, rows * dim));
+    let a: Vec<f64> = a.iter().map(|x| x * 2.0).collect();
+    let r = random(&mut rng, rows);
+    let mut out = vec![0.0; rows];
+    gate_forward(&mut out, &a, &b, dim, scale);
+    let (mut da, mut db) = (vec![0.0; rows * dim], vec![0.0; rows * dim]);
+    gate_backward(&mut da, &mut db, &r, &out, &a, &b, dim, scale);
+    let loss = |x: &[f64], y: &[f64]| {
+        let mut out = vec![0.0; rows];
+        gate_forward(&mut out, x, y, dim, scale);
+        dot(&out, &r)
+    };
+    check("gate, first input", &a, &da, |x| loss(x, &b));
+    check("gate, second input", &b, &db, |y| loss(&a, y));
 }
 
 #[test]

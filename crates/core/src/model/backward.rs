@@ -5,7 +5,7 @@
 //! buffer every branch adds its input gradient back into (that is the whole backward of the
 //! residual add).
 
-use super::{bigram_ids, mlp_slope, view, Activations, Model};
+use super::{bigram_ids, engram_ids, mlp_slope, view, Activations, Model};
 use crate::backend::{
     Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape, View,
 };
@@ -139,12 +139,16 @@ impl<B: Backend> Model<B> {
                 if let Some((i, _)) = skip_source(cfg, l) {
                     be.zero(a(d.skips[i]));
                 }
-                continue;
+            } else {
+                // d.residual holds dL/d(block output); each branch reads it and adds back.
+                self.mlp_backward(acts, w, s, &shapes);
+                self.attention_backward(acts, l, w, s, &shapes);
+                self.block_input_backward(acts, l, w, s, &shapes);
             }
-            // d.residual holds dL/d(block output); each branch reads it and adds back.
-            self.mlp_backward(acts, w, s, &shapes);
-            self.attention_backward(acts, l, w, s, &shapes);
-            self.block_input_backward(acts, l, w, s, &shapes);
+            // d.residual holds dL/d(the layer's input): through EngramHash at its layer.
+            if arch.engram.is_some_and(|e| e.layer == l) {
+                self.engram_backward(acts, l, tokens, &shapes);
+            }
         }
         if arch.resid_mix {
             be.accumulate(a(d.residual), a(d.x0));
@@ -248,6 +252,63 @@ impl<B: Backend> Model<B> {
             shape,
             Overwrite,
         );
+    }
+
+    /// EngramHash at layer `l`: from dL/d(its output) in `d.residual` to dL/d(residual[l])
+    /// (the identity plus the gate's path through the stream's norm), and the gradients of
+    /// its tables and matrices.
+    fn engram_backward(&self, acts: &Activations<B>, l: usize, tokens: &[u32], sh: &Shapes) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let (Some(e), Some(w), Some(s)) = (cfg.arch.engram, self.layout.engram, acts.layout.engram)
+        else {
+            unreachable!("an EngramHash model has its parameters and activations");
+        };
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let d = &acts.layout.grads;
+        let (n, c) = (sh.n, cfg.dim);
+        let per_row = ScaleShape {
+            rows: 1,
+            groups: n,
+            inner: c,
+        };
+        be.zero(a(s.d_gate));
+        let (dout, value, gate) = (a(d.residual), a(s.value), a(s.gate));
+        be.scale_backward(
+            a(s.d_value),
+            a(s.d_gate),
+            dout,
+            value,
+            gate,
+            per_row,
+            Overwrite,
+        );
+        let scale = 1.0 / (c as f32).sqrt();
+        let (hn, kn) = (a(s.stream_norm), a(s.key_norm));
+        let (dhn, dkn) = (a(s.d_stream_norm), a(s.d_key_norm));
+        be.gate_backward(dhn, dkn, a(s.d_gate), gate, hn, kn, c, scale);
+        let h = a(acts.layout.residual[l]);
+        let (ones, sink) = (self.ones(c), self.ones_sink(c));
+        let norm = sh.norm(n, c);
+        be.rmsnorm_backward(
+            a(d.residual),
+            sink,
+            dhn,
+            h,
+            ones,
+            a(s.rstd_stream),
+            norm,
+            Add,
+        );
+        let (key, rstd_key) = (a(s.key), a(s.rstd_key));
+        be.rmsnorm_backward(a(s.d_key), sink, dkn, key, ones, rstd_key, norm, Overwrite);
+        let (dm, m) = (a(s.d_memory), a(s.memory));
+        let mm = sh.mm(e.dim, c);
+        be.matmul_backward(dm, g(w.proj), a(s.d_value), m, p(w.proj), mm, Overwrite);
+        be.matmul_backward(dm, g(w.key), a(s.d_key), m, p(w.key), mm, Add);
+        let ids = engram_ids(tokens, sh.seq, (&[], &[]), &e);
+        be.embedding_backward(g(w.tables), dm, &ids, e.row());
     }
 
     /// The MLP branch of one block: from dL/d(block output) in `d.residual` to dL/d(x_mid).

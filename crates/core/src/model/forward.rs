@@ -1,7 +1,7 @@
 //! The forward pass (see the module docs of [`super`] for the block's equations), and the
 //! small helpers forward and backward share.
 
-use super::{bigram_ids, download, mlp_slope, view, Activations, CacheSlot, Model};
+use super::{bigram_ids, download, engram_ids, mlp_slope, view, Activations, CacheSlot, Model};
 use crate::backend::{
     Accumulate, AttentionShape, Backend, DecodeShape, MatmulShape, NormShape, Qkv, RopeShape,
     ScaleShape, View,
@@ -98,9 +98,18 @@ impl<B: Backend> Model<B> {
             let x0 = a(al.residual[0]);
             be.rmsnorm_forward(x0, a(al.rstd_embed), a(al.embed), self.ones(c), norm(n, c));
         }
+        let engram = arch.engram.map(|e| {
+            let prev = slot.as_ref().map_or((&[][..], &[][..]), |s| {
+                (&s.cache.last_tokens[..], &s.cache.before_last[..])
+            });
+            (e.layer, engram_ids(tokens, t, prev, &e))
+        });
         for (l, (&block, s)) in self.layout.order.iter().zip(&al.layers).enumerate() {
+            if let Some((_, ids)) = engram.as_ref().filter(|(at, _)| *at == l) {
+                self.engram_forward(acts, l, ids);
+            }
             if dropped.get(l) == Some(&true) {
-                be.copy(a(al.residual[l + 1]), a(al.residual[l]));
+                be.copy(a(al.residual[l + 1]), a(al.input(l)));
                 continue;
             }
             let w = &self.layout.layers[block];
@@ -180,6 +189,45 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// EngramHash before layer `l`: the memory rows `ids` looked up, keyed and gated against
+    /// the stream `residual[l]`, and added to it as the layer's input.
+    fn engram_forward(&self, acts: &Activations<B>, l: usize, ids: &[u32]) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let (Some(e), Some(w), Some(s)) = (cfg.arch.engram, self.layout.engram, acts.layout.engram)
+        else {
+            unreachable!("an EngramHash model has its parameters and activations");
+        };
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let (n, c) = (acts.layout.batch * acts.layout.seq, cfg.dim);
+        let mm = MatmulShape {
+            rows: n,
+            in_dim: e.dim,
+            out_dim: c,
+        };
+        let norm = NormShape {
+            rows: n,
+            dim: c,
+            eps: cfg.norm_eps as f32,
+        };
+        be.embedding_forward(a(s.memory), p(w.tables), ids, e.row());
+        be.matmul_forward(a(s.key), a(s.memory), p(w.key), mm);
+        be.matmul_forward(a(s.value), a(s.memory), p(w.proj), mm);
+        let h = a(acts.layout.residual[l]);
+        be.rmsnorm_forward(a(s.key_norm), a(s.rstd_key), a(s.key), self.ones(c), norm);
+        be.rmsnorm_forward(a(s.stream_norm), a(s.rstd_stream), h, self.ones(c), norm);
+        let scale = 1.0 / (c as f32).sqrt();
+        be.gate_forward(a(s.gate), a(s.stream_norm), a(s.key_norm), c, scale);
+        be.copy(a(s.out), h);
+        // The gate is one scale per row: (1, N, C) with one group per row.
+        let per_row = ScaleShape {
+            rows: 1,
+            groups: n,
+            inner: c,
+        };
+        be.scale_forward(a(s.out), a(s.value), a(s.gate), per_row, Accumulate::Add);
+    }
+
     /// Layer `l` (running the block whose weights are `w`): the U-Net skip and resid_mix into
     /// its input, then attention and the MLP, each added back into the residual stream.
     fn block_forward(
@@ -226,7 +274,7 @@ impl<B: Backend> Model<B> {
         let x0 = a(al.residual[0]);
         if let Some((i, j)) = skip_source(cfg, l) {
             let weights = self.skip_row(self.weights(), i);
-            be.copy(a(s.x_in), a(al.residual[l]));
+            be.copy(a(s.x_in), a(al.input(l)));
             be.scale_forward(a(s.x_in), a(al.residual[j + 1]), weights, sc(n, c, 1), Add);
         }
         if let Some(mix) = w.resid_mix {

@@ -80,6 +80,8 @@ pub struct KvCache<B: Backend> {
     /// Each sequence's last token (the hashed bigram embedding pairs it with the next);
     /// empty before the first.
     last_tokens: Vec<u32>,
+    /// Each sequence's token before that (EngramHash's trigrams); empty before the second.
+    before_last: Vec<u32>,
     /// Activations of one token per sequence.
     acts: Activations<B>,
 }
@@ -418,6 +420,7 @@ impl<B: Backend> Model<B> {
             capacity,
             len: 0,
             last_tokens: Vec::new(),
+            before_last: Vec::new(),
             acts,
         })
     }
@@ -469,8 +472,7 @@ impl<B: Backend> Model<B> {
         };
         self.forward_with(&cache.acts, tokens, None, Some(slot), &[])?;
         cache.len += 1;
-        cache.last_tokens.clear();
-        cache.last_tokens.extend_from_slice(tokens);
+        cache.before_last = std::mem::replace(&mut cache.last_tokens, tokens.to_vec());
         let src = view::<B>(&cache.acts.memory, cache.acts.layout.logits);
         logits.resize(src.len(), 0.0);
         self.backend.download(src, logits)?;
@@ -520,6 +522,10 @@ impl<B: Backend> Model<B> {
         }
         cache.len = n;
         cache.last_tokens = vec![tokens[n - 1]; cache.batch];
+        cache.before_last = match n {
+            1 => Vec::new(),
+            _ => vec![tokens[n - 2]; cache.batch],
+        };
         self.download_logits(acts)
     }
 
@@ -574,4 +580,58 @@ pub fn bigram_ids(tokens: &[u32], seq: usize, prev: &[u32], buckets: usize) -> V
             ((code * 1_000_003 + cur as u64) % buckets as u64) as u32
         })
         .collect()
+}
+
+/// splitmix64's finalizer: EngramHash's mixing of a hash into a bucket, and its multipliers.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// EngramHash's table rows ([`crate::config::Engram`]): for each position, for each order
+/// n = 2..=max_order and head h, the row of table `(n − 2)·heads + h` (offset by that table's
+/// start in the concatenated tables) that the position's last n tokens hash to. A token is
+/// coded as id + 1, one before the sequence's start as 0 unless the decoder knows it
+/// (`prev`: each sequence's token before `tokens`' first, `prev2`: the one before that); the
+/// codes, oldest first, make `hash = hash·m + code` (wrapping, `m` = mix64(1000·n + h) | 1),
+/// and the row is mix64(hash) mod buckets. `N · tables` ids, position by position, so the
+/// looked-up rows concatenate into each position's memory. `scripts/make_fixtures.py`
+/// computes the same.
+pub fn engram_ids(
+    tokens: &[u32],
+    seq: usize,
+    (prev, prev2): (&[u32], &[u32]),
+    e: &crate::config::Engram,
+) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(tokens.len() * e.tables());
+    for (i, _) in tokens.iter().enumerate() {
+        let (s, p) = (i / seq, i % seq);
+        // The code of the token `back` positions before position i.
+        let code = |back: usize| -> u64 {
+            let token = if back <= p {
+                Some(tokens[i - back])
+            } else if back - p == 1 {
+                prev.get(s).copied()
+            } else if back - p == 2 {
+                prev2.get(s).copied()
+            } else {
+                None
+            };
+            token.map_or(0, |t| t as u64 + 1)
+        };
+        for n in 2..=e.max_order {
+            for h in 0..e.heads {
+                let m = mix64((1000 * n + h) as u64) | 1;
+                let hash = (0..n).rev().fold(0u64, |acc, back| {
+                    acc.wrapping_mul(m).wrapping_add(code(back))
+                });
+                let table = (n - 2) * e.heads + h;
+                let row = mix64(hash) % e.buckets as u64;
+                ids.push((table * e.buckets) as u32 + row as u32);
+            }
+        }
+    }
+    ids
 }

@@ -366,17 +366,28 @@ pub fn export_packed(
     rule: PackRule,
     options: crate::packed::PackOptions,
 ) -> Result<(PathBuf, PackReport)> {
+    export_packed_calibrated(imported, out, (rule, options), &[])
+}
+
+/// [`export_packed`] with a calibration's per-tensor scale multipliers
+/// ([`crate::packed::write_calibrated`]).
+pub fn export_packed_calibrated(
+    imported: &Imported,
+    out: &Path,
+    (rule, options): (PackRule, crate::packed::PackOptions),
+    multipliers: &[f32],
+) -> Result<(PathBuf, PackReport)> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("model.kiln");
     let tokenizer_hash = imported.tokenizer.as_ref().map(Tokenizer::hash);
     let vocab_map = imported.vocab_map.as_ref().map(|m| m.full_ids().to_vec());
-    let report = crate::packed::write(
+    let report = crate::packed::write_calibrated(
         &path,
         &imported.config,
         &imported.weights,
         (rule, options),
-        tokenizer_hash,
-        vocab_map,
+        multipliers,
+        (tokenizer_hash, vocab_map),
     )?;
     if let Some(t) = &imported.tokenizer {
         t.save(out)?;
