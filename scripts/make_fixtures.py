@@ -69,6 +69,13 @@ CONFIGS["tiny-golf-engram"] = dict(
     arch=dict(CONFIGS["tiny-golf"]["arch"],
               engram=dict(buckets=13, heads=2, max_order=3, dim=16, layer=2)))
 
+# tiny-golf with norm-scale damping (layer l's norms x 1/sqrt(l + 1)), exclusive self
+# attention from layer 2 and parallel residuals from layer 3 (the MLP reads the layer's
+# input, beside attention).
+CONFIGS["tiny-golf-parallel"] = dict(
+    CONFIGS["tiny-golf"],
+    arch=dict(CONFIGS["tiny-golf"]["arch"], ln_scale=True, parallel_from=3, xsa_from=2))
+
 MASK = (1 << 64) - 1
 
 
@@ -195,7 +202,10 @@ def golf_forward(c, w, tokens):
             x = x + w["model.skip_weights"][l - encoders] * skips.pop()
         mix = w[p + "resid_mix"]
         x = mix[0] * x + mix[1] * x0
-        xn = norm(x)
+        damping = 1 / math.sqrt(l + 1) if a.get("ln_scale") else 1.0
+        parallel = a.get("parallel_from") is not None and l >= a["parallel_from"]
+        x_in = x
+        xn = norm(x) * damping
         q = norm((xn @ w[p + "self_attn.q_proj.weight"].T).view(b, t, h, d)).transpose(1, 2)
         k = norm((xn @ w[p + "self_attn.k_proj.weight"].T).view(b, t, hkv, d)).transpose(1, 2)
         v = (xn @ w[p + "self_attn.v_proj.weight"].T).view(b, t, hkv, d).transpose(1, 2)
@@ -210,9 +220,14 @@ def golf_forward(c, w, tokens):
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d) + mask
-        att = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, h * d)
+        att = torch.softmax(scores, dim=-1) @ v
+        if a.get("xsa_from") is not None and l >= a["xsa_from"]:
+            # Exclusive self attention: less each token's own value direction.
+            vn = torch.nn.functional.normalize(v, dim=-1)
+            att = att - (att * vn).sum(-1, keepdim=True) * vn
+        att = att.transpose(1, 2).reshape(b, t, h * d)
         x = x + w[p + "attn_scale"] * (att @ w[p + "self_attn.o_proj.weight"].T)
-        up = norm(x) @ w[p + "mlp.up_proj.weight"].T
+        up = (norm(x_in if parallel else x) * damping) @ w[p + "mlp.up_proj.weight"].T
         hidden = torch.nn.functional.leaky_relu(up, slope).square()
         x = x + w[p + "mlp_scale"] * (hidden @ w[p + "mlp.down_proj.weight"].T)
         if l < encoders:

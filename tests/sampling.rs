@@ -38,6 +38,7 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
+        "model_tiny-golf-parallel.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -74,6 +75,7 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
+        "model_tiny-golf-parallel.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -114,6 +116,7 @@ fn batched_decoding_gives_each_sequence_its_own_logits() {
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
+        "model_tiny-golf-parallel.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();
@@ -171,6 +174,7 @@ fn greedy_decoding_matches_pytorch() {
         "model_tiny-golf.safetensors",
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
+        "model_tiny-golf-parallel.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();

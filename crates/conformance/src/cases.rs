@@ -141,6 +141,8 @@ pub enum Op {
     AttentionDecode(DecodeShape),
     SwiGluForward,
     SwiGluBackward,
+    XsaForward(AttentionShape),
+    XsaBackward(AttentionShape),
     GateForward {
         dim: usize,
         scale: f32,
@@ -452,6 +454,19 @@ impl Case {
                 activation::relu2_backward(&mut d, &inputs[1], &inputs[2], slope as f64);
                 out[0] = Some(d);
             }
+            Op::XsaForward(s) => {
+                let mut o = vec![0.0; inputs[0].len()];
+                let dims = (s.heads, s.kv_heads, s.head_dim);
+                kiln_reference::xsa::xsa_forward(&mut o, &inputs[0], &inputs[1], dims);
+                out[2] = Some(o);
+            }
+            Op::XsaBackward(s) => {
+                let (mut dy, mut dv) = (vec![0.0; inputs[3].len()], vec![0.0; inputs[4].len()]);
+                let dims = (s.heads, s.kv_heads, s.head_dim);
+                let (dz, y, v) = (&inputs[2], &inputs[3], &inputs[4]);
+                kiln_reference::xsa::xsa_backward(&mut dy, &mut dv, dz, y, v, dims);
+                (out[0], out[1]) = (Some(dy), Some(dv));
+            }
             Op::GateForward { dim, scale } => {
                 let mut o = vec![0.0; inputs[0].len() / dim];
                 activation::gate_forward(&mut o, &inputs[0], &inputs[1], dim, scale as f64);
@@ -631,6 +646,8 @@ impl Case {
             Op::SwiGluBackward => backend.swiglu_backward(v[0], v[1], v[2], v[3], v[4]),
             Op::Relu2Forward { slope } => backend.relu2_forward(v[1], v[0], slope),
             Op::Relu2Backward { slope } => backend.relu2_backward(v[0], v[1], v[2], slope),
+            Op::XsaForward(s) => backend.xsa_forward(v[2], v[0], v[1], s),
+            Op::XsaBackward(s) => backend.xsa_backward(v[0], v[1], v[2], v[3], v[4], s),
             Op::GateForward { dim, scale } => backend.gate_forward(v[2], v[0], v[1], dim, scale),
             Op::GateBackward { dim, scale } => {
                 backend.gate_backward(v[0], v[1], v[2], v[3], v[4], v[5], dim, scale)
@@ -989,6 +1006,43 @@ fn elementwise_cases(d: &Dims) -> Vec<Case> {
             [fwd, bwd]
         });
     }
+    // Exclusive self attention at the cases' GQA shape (two query heads per kv head).
+    let xsa = AttentionShape {
+        batch: d.batch,
+        seq: d.seq,
+        heads: d.heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+    };
+    let (nq, nkv) = (
+        d.batch * d.seq * d.heads * d.head_dim,
+        d.batch * d.seq * d.kv_heads * d.head_dim,
+    );
+    all.extend([
+        Case::new(
+            format!(
+                "xsa forward ({} heads over {} kv heads)",
+                d.heads, d.kv_heads
+            ),
+            Kernel::Xsa,
+            Op::XsaForward(xsa),
+            vec![input("y", nq), input("v", nkv), output("out", nq)],
+            Work::Bytes((12 * nq) as f64),
+        ),
+        Case::new(
+            "xsa backward".into(),
+            Kernel::Xsa,
+            Op::XsaBackward(xsa),
+            vec![
+                output("dy", nq),
+                output("dv", nkv),
+                input("dout", nq),
+                input("y", nq),
+                input("v", nkv),
+            ],
+            Work::Bytes((20 * nq) as f64),
+        ),
+    ]);
     // EngramHash's gate over rows of the model width: inputs within ±2 (rmsnormed values are
     // about ±1) and the scale 1/√C, so gates away from 0.5; the backward's `out` is any value
     // within ±1 (its formula, not the sigmoid, is under test).

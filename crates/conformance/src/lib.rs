@@ -93,7 +93,7 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 }
 
 /// Every kernel family.
-pub const KERNELS: [Kernel; 19] = [
+pub const KERNELS: [Kernel; 20] = [
     Kernel::Memory,
     Kernel::Matmul,
     Kernel::Embedding,
@@ -104,6 +104,7 @@ pub const KERNELS: [Kernel; 19] = [
     Kernel::Relu2,
     Kernel::Softcap,
     Kernel::Gate,
+    Kernel::Xsa,
     Kernel::Scale,
     Kernel::Residual,
     Kernel::CrossEntropy,

@@ -49,6 +49,8 @@ pub enum Kernel {
     Softcap,
     /// EngramHash's context gate: a sigmoid of each row pair's scaled dot product.
     Gate,
+    /// Exclusive self attention: the attention output less its own value's direction.
+    Xsa,
     Scale,
     Residual,
     CrossEntropy,
@@ -543,6 +545,20 @@ pub trait Backend: Send + Sync {
     /// EngramHash's context gate: per row r of `a` and `b` `(rows, dim)`,
     /// `out[r] = σ(scale · Σ_c a[r, c]·b[r, c])`.
     fn gate_forward(&self, out: View<Self>, a: View<Self>, b: View<Self>, dim: usize, scale: f32);
+    /// Exclusive self attention: per row and query head, `out = y − (y·v̂) v̂` with `v̂` the
+    /// row's value of the head's kv group, normalized (`y`, `out` `(rows, H·D)`, `v`
+    /// `(rows, Hkv·D)`; `s.batch·s.seq` rows).
+    fn xsa_forward(&self, out: View<Self>, y: View<Self>, v: View<Self>, s: AttentionShape);
+    /// Its backward: `dy` and `dv` (both overwritten) from `dout`.
+    fn xsa_backward(
+        &self,
+        dy: View<Self>,
+        dv: View<Self>,
+        dout: View<Self>,
+        y: View<Self>,
+        v: View<Self>,
+        s: AttentionShape,
+    );
     /// The gate's backward from its output: `ds = dout·out·(1 − out)·scale` per row, then
     /// `da = ds·b` and `db = ds·a` (both overwritten).
     #[allow(clippy::too_many_arguments)]

@@ -103,6 +103,18 @@ pub struct Arch {
     /// EngramHash: a hashed n-gram memory added, through a context gate, to one layer's input.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engram: Option<Engram>,
+    /// Norm-scale damping: layer l's attention and MLP norms (weightless) scaled by
+    /// 1/√(l + 1).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ln_scale: bool,
+    /// Parallel residual from this layer on: the MLP reads the layer's input, as attention
+    /// does, instead of attention's output: `out = x + attn(norm(x)) + mlp(norm(x))`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel_from: Option<usize>,
+    /// Exclusive self attention from this layer on: each head's output loses its component
+    /// along its own token's value vector.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xsa_from: Option<usize>,
 }
 
 /// EngramHash, a hashed n-gram memory. Each position's last n tokens, for n = 2 up to
@@ -161,6 +173,9 @@ impl Default for Arch {
             bigram_buckets: 0,
             recurrence: None,
             engram: None,
+            ln_scale: false,
+            parallel_from: None,
+            xsa_from: None,
         }
     }
 }
@@ -201,6 +216,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-golf",
     "tiny-golf-recurrent",
     "tiny-golf-engram",
+    "tiny-golf-parallel",
 ];
 
 /// The most blocks a model may have.
@@ -333,6 +349,15 @@ impl ModelConfig {
                     end: 3,
                     repeats: 1,
                 });
+                config
+            }
+            // tiny-golf with norm-scale damping, exclusive self attention from layer 2 and
+            // parallel residuals from layer 3.
+            "tiny-golf-parallel" => {
+                let mut config = ModelConfig::preset("tiny-golf")?;
+                config.arch.ln_scale = true;
+                config.arch.parallel_from = Some(3);
+                config.arch.xsa_from = Some(2);
                 config
             }
             // tiny-golf with EngramHash before layer 2: bigram and trigram tables, two hash
@@ -486,6 +511,23 @@ impl ModelConfig {
                 );
             }
         }
+        if arch.ln_scale && arch.norm_weights {
+            bail!(
+                "arch.ln_scale damps the weightless norms of the golf block; with norm_weights \
+                 the learned gains do that"
+            );
+        }
+        for (name, from) in [
+            ("parallel_from", arch.parallel_from),
+            ("xsa_from", arch.xsa_from),
+        ] {
+            if let Some(from) = from.filter(|&f| f >= self.depth()) {
+                bail!(
+                    "arch.{name} ({from}) must be a layer, below {}",
+                    self.depth()
+                );
+            }
+        }
         if let Some(e) = arch.engram {
             if !(2..=3).contains(&e.max_order) {
                 bail!(
@@ -522,6 +564,16 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Whether layer `l`'s attention is exclusive (XSA).
+    pub fn xsa(&self, l: usize) -> bool {
+        self.arch.xsa_from.is_some_and(|from| l >= from)
+    }
+
+    /// Whether layer `l` runs its MLP beside attention (a parallel residual).
+    pub fn parallel(&self, l: usize) -> bool {
+        self.arch.parallel_from.is_some_and(|from| l >= from)
     }
 
     /// Layers the forward runs: `n_layers`, plus the blocks depth recurrence runs again.
@@ -701,6 +753,12 @@ mod tests {
         refused(
             &engram(|e| (e.heads, e.dim) = (usize::MAX, usize::MAX)),
             "parameters",
+        );
+        refused(&|c| c.arch.parallel_from = Some(5), "arch.parallel_from");
+        refused(&|c| c.arch.xsa_from = Some(9), "arch.xsa_from");
+        refused(
+            &|c| (c.arch.ln_scale, c.arch.norm_weights) = (true, true),
+            "arch.ln_scale",
         );
         // A recurrence makes EngramHash's layer index reach the added layers.
         let mut deep = ModelConfig::preset("tiny-golf-engram").unwrap();

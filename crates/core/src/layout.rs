@@ -400,32 +400,34 @@ impl ParamLayout {
 /// backward passes read the same names either way.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerActivations {
-    pub x_in: Region,    // (N, C)   input plus the U-Net skip; = residual[l] without one
-    pub x_blk: Region,   // (N, C)   after resid_mix; = x_in without it
+    pub x_in: Region, // (N, C)   input plus the U-Net skip; = the layer's input without one
+    pub x_blk: Region, // (N, C)   after resid_mix; = x_in without it
     pub xn_attn: Region, // (N, C)   input_layernorm output
     pub rstd_attn: Region, // (N)
-    pub q_lin: Region,   // (N, H·D) q_proj output
-    pub k_lin: Region,   // (N, Hkv·D)
-    pub v: Region,       // (N, Hkv·D)
+    pub q_lin: Region, // (N, H·D) q_proj output
+    pub k_lin: Region, // (N, Hkv·D)
+    pub v: Region,    // (N, Hkv·D)
     /// q, k after qk-norm: the RoPE inputs (the `*_lin` regions themselves without qk-norm).
     pub q_pre: Region, // (N, H·D)
-    pub k_pre: Region,   // (N, Hkv·D)
+    pub k_pre: Region, // (N, Hkv·D)
     pub q_rstd: Option<Region>, // (N·H)
     pub k_rstd: Option<Region>, // (N·Hkv)
-    pub q_rope: Region,  // (N, H·D)   after RoPE
-    pub q: Region,       // (N, H·D)   after the q gain; = q_rope without it
-    pub k: Region,       // (N, Hkv·D) after RoPE
-    pub v_used: Region,  // (N, Hkv·D) after the value residual; = v without it
+    pub q_rope: Region, // (N, H·D)   after RoPE
+    pub q: Region,    // (N, H·D)   after the q gain; = q_rope without it
+    pub k: Region,    // (N, Hkv·D) after RoPE
+    pub v_used: Region, // (N, Hkv·D) after the value residual; = v without it
     pub attn_saved: Region, // backend-defined (attention_saved_len)
     pub attn_out: Region, // (N, H·D)
+    /// (N, H·D) what o_proj reads: XSA's output; = attn_out without XSA.
+    pub attn_used: Region,
     pub attn_proj: Region, // (N, C)   o_proj output (saved with branch scales, else scratch)
-    pub x_mid: Region,   // (N, C)   residual after attention
-    pub xn_ffn: Region,  // (N, C)
-    pub rstd_ffn: Region, // (N)
-    pub gate: Region,    // (N, F)   SwiGLU only (empty otherwise)
-    pub up: Region,      // (N, F)
-    pub hidden: Region,  // (N, F)   silu(gate) * up, or relu(up)²
-    pub mlp_proj: Region, // (N, C)   down_proj output (saved with branch scales, else scratch)
+    pub x_mid: Region,     // (N, C)   residual after attention
+    pub xn_ffn: Region,    // (N, C)
+    pub rstd_ffn: Region,  // (N)
+    pub gate: Region,      // (N, F)   SwiGLU only (empty otherwise)
+    pub up: Region,        // (N, F)
+    pub hidden: Region,    // (N, F)   silu(gate) * up, or relu(up)²
+    pub mlp_proj: Region,  // (N, C)   down_proj output (saved with branch scales, else scratch)
 }
 
 /// Gradient scratch for one block, reused by every block during the backward pass.
@@ -451,6 +453,13 @@ pub struct LayerGradients {
     pub gate: Region,     // (N, F)
     pub up: Region,       // (N, F)
     pub x0: Region,       // (N, C)   accumulated gradient of x0 (resid_mix)
+    /// (N, C) a parallel-residual layer's output gradient, which both branches read
+    /// (empty without parallel residuals).
+    pub parallel: Region,
+    /// (N, H·D) the gradient of an XSA layer's output, and (N, Hkv·D) its values' share
+    /// (empty without XSA).
+    pub xsa: Region,
+    pub xsa_v: Region,
     /// Per U-Net skip: the gradient of encoder block j's output through the skip. (N, C) each.
     pub skips: Vec<Region>,
     pub embed: Region, // (N, C)   gradient of the raw embedding; = residual without embed_norm
@@ -685,6 +694,13 @@ impl ActivationLayout {
             gate: cur.take(if arch.mlp == Mlp::Swiglu { n * f } else { 0 }),
             up: cur.take(n * f),
             x0: cur.take(if arch.resid_mix { n * c } else { 0 }),
+            parallel: cur.take(if arch.parallel_from.is_some() {
+                n * c
+            } else {
+                0
+            }),
+            xsa: cur.take(if arch.xsa_from.is_some() { q } else { 0 }),
+            xsa_v: cur.take(if arch.xsa_from.is_some() { kv } else { 0 }),
             skips: (0..depth)
                 .filter(|&l| skip_source(config, l).is_some())
                 .map(|_| cur.take(n * c))
@@ -788,6 +804,8 @@ fn block_activations(
     };
     let attn_saved = cur.take(attention_saved_len);
     let attn_out = cur.take(q);
+    // What o_proj reads: XSA's output, or attention's own.
+    let attn_used = if config.xsa(l) { cur.take(q) } else { attn_out };
     let x_mid = cur.take(n * c);
     let xn_ffn = cur.take(n * c);
     let rstd_ffn = cur.take(n);
@@ -824,6 +842,7 @@ fn block_activations(
         v_used,
         attn_saved,
         attn_out,
+        attn_used,
         attn_proj,
         x_mid,
         xn_ffn,

@@ -783,6 +783,16 @@ impl Backend for CpuBackend {
         elementwise::add(self.isa, &self.pool, o, Some(a), b);
     }
 
+    // XSA: O(rows · H·D) per layer, a residual add's cost; the reference's code on the same
+    // memory.
+    fn xsa_forward(&self, out: V, y: V, v: V, s: AttentionShape) {
+        ReferenceBackend.xsa_forward(r(out), r(y), r(v), s)
+    }
+
+    fn xsa_backward(&self, dy: V, dv: V, dout: V, y: V, v: V, s: AttentionShape) {
+        ReferenceBackend.xsa_backward(r(dy), r(dv), r(dout), r(y), r(v), s)
+    }
+
     // EngramHash's gate: O(rows · dim) once per step at one layer, a residual add's cost;
     // the reference's code on the same memory.
     fn gate_forward(&self, out: V, a: V, b: V, dim: usize, scale: f32) {

@@ -71,6 +71,7 @@ fn whole_models_match_pytorch_at_every_tier() {
             "tiny-golf",
             "tiny-golf-recurrent",
             "tiny-golf-engram",
+            "tiny-golf-parallel",
         ];
         for name in names {
             let path = fixture(&format!("model_{name}.safetensors"));

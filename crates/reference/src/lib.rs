@@ -22,6 +22,7 @@ pub mod rope;
 pub mod scale;
 pub mod swiglu;
 pub mod xent;
+pub mod xsa;
 
 use std::any::Any;
 use std::cell::{RefCell, UnsafeCell};
@@ -721,6 +722,35 @@ impl Backend for ReferenceBackend {
         assert_eq!(a.len(), b.len());
         let o = self.write(out, &[a, b]);
         swiglu::residual_forward(o, self.read(a), self.read(b));
+    }
+
+    fn xsa_forward(&self, out: V, y: V, v: V, s: AttentionShape) {
+        let rows = s.batch * s.seq;
+        let dims = (s.heads, s.kv_heads, s.head_dim);
+        assert_eq!(
+            (y.len(), v.len()),
+            (rows * s.heads * s.head_dim, rows * s.kv_heads * s.head_dim)
+        );
+        assert_eq!(out.len(), y.len());
+        let o = self.write(out, &[y, v]);
+        xsa::xsa_forward(o, self.read(y), self.read(v), dims);
+    }
+
+    fn xsa_backward(&self, dy: V, dv: V, dout: V, y: V, v: V, s: AttentionShape) {
+        let rows = s.batch * s.seq;
+        let dims = (s.heads, s.kv_heads, s.head_dim);
+        assert_eq!(
+            (y.len(), v.len()),
+            (rows * s.heads * s.head_dim, rows * s.kv_heads * s.head_dim)
+        );
+        assert_eq!(
+            (dy.len(), dv.len(), dout.len()),
+            (y.len(), v.len(), y.len())
+        );
+        let inputs = [dout, y, v];
+        let gy = self.write(dy, &[&inputs[..], &[dv]].concat());
+        let gv = self.write(dv, &inputs);
+        xsa::xsa_backward(gy, gv, self.read(dout), self.read(y), self.read(v), dims);
     }
 
     fn gate_forward(&self, out: V, a: V, b: V, dim: usize, scale: f32) {

@@ -63,6 +63,14 @@ fn tiny_golf_with_engram_hash_matches_pytorch() {
     kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
 }
 
+/// Norm-scale damping in every layer, exclusive self attention in the last three and
+/// parallel residuals in the last two.
+#[test]
+fn tiny_golf_with_parallel_residuals_matches_pytorch() {
+    let path = fixture("model_tiny-golf-parallel.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
     let presets = [
@@ -71,6 +79,7 @@ fn twenty_training_steps_make_the_loss_fall() {
         "tiny-golf",
         "tiny-golf-recurrent",
         "tiny-golf-engram",
+        "tiny-golf-parallel",
     ];
     for preset in presets {
         let losses = kiln_conformance::check_training_smoke(ReferenceBackend, preset).unwrap();

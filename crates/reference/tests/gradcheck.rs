@@ -160,6 +160,30 @@ fn partial_rope_leaves_the_unrotated_dimensions_alone() {
     }
 }
 
+/// Exclusive self attention, with respect to the attention output and the values, at a GQA
+/// shape (three query heads per kv head).
+#[test]
+fn xsa_backward_matches_finite_differences() {
+    use kiln_reference::xsa::{xsa_backward, xsa_forward};
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (rows, heads, kv, d) = (4, 6, 2, 5);
+    let dims = (heads, kv, d);
+    let (y, v) = (
+        random(&mut rng, rows * heads * d),
+        random(&mut rng, rows * kv * d),
+    );
+    let r = random(&mut rng, rows * heads * d);
+    let (mut dy, mut dv) = (vec![0.0; y.len()], vec![0.0; v.len()]);
+    xsa_backward(&mut dy, &mut dv, &r, &y, &v, dims);
+    let loss = |y: &[f64], v: &[f64]| {
+        let mut out = vec![0.0; y.len()];
+        xsa_forward(&mut out, y, v, dims);
+        dot(&out, &r)
+    };
+    check("xsa, attention output", &y, &dy, |x| loss(x, &v));
+    check("xsa, values", &v, &dv, |x| loss(&y, x));
+}
+
 /// EngramHash's gate, with respect to each of its two inputs.
 #[test]
 fn gate_backward_matches_finite_differences() {

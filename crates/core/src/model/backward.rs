@@ -141,8 +141,17 @@ impl<B: Backend> Model<B> {
                 }
             } else {
                 // d.residual holds dL/d(block output); each branch reads it and adds back.
-                self.mlp_backward(acts, w, s, &shapes);
-                self.attention_backward(acts, l, w, s, &shapes);
+                // Attention reads dL/d(its output) = dL/d(x_mid): after the MLP's input
+                // gradient is added, unless the MLP ran beside it (a parallel residual), when
+                // both read the output's gradient, kept aside.
+                let dout = if cfg.parallel(l) {
+                    be.copy(a(d.parallel), a(d.residual));
+                    d.parallel
+                } else {
+                    d.residual
+                };
+                self.mlp_backward(acts, l, (w, s), dout, &shapes);
+                self.attention_backward(acts, l, (w, s), dout, &shapes);
                 self.block_input_backward(acts, l, w, s, &shapes);
             }
             // d.residual holds dL/d(the layer's input): through EngramHash at its layer.
@@ -193,6 +202,15 @@ impl<B: Backend> Model<B> {
         match r {
             Some(r) => (view::<B>(self.weights(), r), view::<B>(&self.grads, r)),
             None => (self.ones(len), self.ones_sink(len)),
+        }
+    }
+
+    /// The gain of layer `l`'s attention or MLP norm ([`Model::block_gain`]) and where its
+    /// gradient goes.
+    fn block_gain_and_grad(&self, r: Option<Region>, l: usize) -> (View<'_, B>, View<'_, B>) {
+        match r {
+            Some(r) => (view::<B>(self.weights(), r), view::<B>(&self.grads, r)),
+            None => (self.block_gain(None, l), self.ones_sink(self.config.dim)),
         }
     }
 
@@ -311,12 +329,14 @@ impl<B: Backend> Model<B> {
         be.embedding_backward(g(w.tables), dm, &ids, e.row());
     }
 
-    /// The MLP branch of one block: from dL/d(block output) in `d.residual` to dL/d(x_mid).
+    /// The MLP branch of layer `l`: from dL/d(its output) in `dout` to dL/d(its input), added
+    /// into `d.residual` (its input is x_mid, or x_blk with a parallel residual).
     fn mlp_backward(
         &self,
         acts: &Activations<B>,
-        w: &LayerParams,
-        s: &LayerActivations,
+        l: usize,
+        (w, s): (&LayerParams, &LayerActivations),
+        dout: Region,
         sh: &Shapes,
     ) {
         let (cfg, be) = (&self.config, &self.backend);
@@ -325,20 +345,18 @@ impl<B: Backend> Model<B> {
         let g = |r: Region| view::<B>(&self.grads, r);
         let d = &acts.layout.grads;
         let (c, f) = (cfg.dim, cfg.hidden_dim);
-        if let Some(sc) = w.mlp_scale {
-            let (dout, inp) = (a(d.residual), a(s.mlp_proj));
-            be.scale_backward(
-                a(d.mlp_proj),
-                g(sc),
-                dout,
-                inp,
-                p(sc),
-                sh.scale(c, 1),
-                Overwrite,
-            );
-        }
+        // dL/d(down_proj's output): through the branch scale, or the output's gradient itself.
+        let dproj = match w.mlp_scale {
+            Some(sc) => {
+                let inp = a(s.mlp_proj);
+                let shape = sh.scale(c, 1);
+                be.scale_backward(a(d.mlp_proj), g(sc), a(dout), inp, p(sc), shape, Overwrite);
+                d.mlp_proj
+            }
+            None => dout,
+        };
         let (dw_down, w_down) = (g(w.w_down), p(w.w_down));
-        let (dout, hidden) = (a(d.mlp_proj), a(s.hidden));
+        let (dout, hidden) = (a(dproj), a(s.hidden));
         be.matmul_backward(
             a(d.hidden),
             dw_down,
@@ -361,28 +379,21 @@ impl<B: Backend> Model<B> {
         }
         let (dup, xn) = (a(d.up), a(s.xn_ffn));
         be.matmul_backward(a(d.xn), g(w.w_up), dup, xn, p(w.w_up), sh.mm(c, f), up_mode);
-        let (gain, gain_grad) = self.gain_and_grad(w.ffn_norm, c);
-        let (x_mid, rstd) = (a(s.x_mid), a(s.rstd_ffn));
+        let (gain, gain_grad) = self.block_gain_and_grad(w.ffn_norm, l);
+        let input = if cfg.parallel(l) { s.x_blk } else { s.x_mid };
+        let (x, rstd) = (a(input), a(s.rstd_ffn));
         let shape = sh.norm(sh.n, c);
-        be.rmsnorm_backward(
-            a(d.residual),
-            gain_grad,
-            a(d.xn),
-            x_mid,
-            gain,
-            rstd,
-            shape,
-            Add,
-        );
+        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x, gain, rstd, shape, Add);
     }
 
-    /// The attention branch of block `l`: from dL/d(x_mid) in `d.residual` to dL/d(x_blk).
+    /// The attention branch of layer `l`: from dL/d(its output) in `dout` to dL/d(x_blk),
+    /// added into `d.residual`.
     fn attention_backward(
         &self,
         acts: &Activations<B>,
         l: usize,
-        w: &LayerParams,
-        s: &LayerActivations,
+        (w, s): (&LayerParams, &LayerActivations),
+        dout: Region,
         sh: &Shapes,
     ) {
         let (cfg, be) = (&self.config, &self.backend);
@@ -392,21 +403,22 @@ impl<B: Backend> Model<B> {
         let (al, d) = (&acts.layout, &acts.layout.grads);
         let (c, hd) = (cfg.dim, cfg.head_dim);
         let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
-        if let Some(sc) = w.attn_scale {
-            let (dout, inp) = (a(d.residual), a(s.attn_proj));
-            be.scale_backward(
-                a(d.attn_proj),
-                g(sc),
-                dout,
-                inp,
-                p(sc),
-                sh.scale(c, 1),
-                Overwrite,
-            );
-        }
-        let (dout, out) = (a(d.attn_proj), a(s.attn_out));
+        // dL/d(o_proj's output): through the branch scale, or the output's gradient itself.
+        let dproj = match w.attn_scale {
+            Some(sc) => {
+                let inp = a(s.attn_proj);
+                let shape = sh.scale(c, 1);
+                be.scale_backward(a(d.attn_proj), g(sc), a(dout), inp, p(sc), shape, Overwrite);
+                d.attn_proj
+            }
+            None => dout,
+        };
+        let (dout, out) = (a(dproj), a(s.attn_used));
+        // o_proj's input gradient: of XSA's output with XSA, then through XSA.
+        let xsa = cfg.xsa(l);
+        let d_used = if xsa { d.xsa } else { d.attn_out };
         be.matmul_backward(
-            a(d.attn_out),
+            a(d_used),
             g(w.wo),
             dout,
             out,
@@ -414,6 +426,17 @@ impl<B: Backend> Model<B> {
             sh.mm(nh * hd, c),
             Overwrite,
         );
+        let rows = AttentionShape {
+            batch: sh.n,
+            seq: 1,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+        };
+        if xsa {
+            let (y, v) = (a(s.attn_out), a(s.v_used));
+            be.xsa_backward(a(d.attn_out), a(d.xsa_v), a(d.xsa), y, v, rows);
+        }
         let grads = Qkv {
             q: a(d.q),
             k: a(d.k),
@@ -432,6 +455,10 @@ impl<B: Backend> Model<B> {
             head_dim: hd,
         };
         be.attention_backward(grads, a(d.attn_out), inputs, a(s.attn_saved), shape);
+        if xsa {
+            // XSA read the values too.
+            be.accumulate(a(d.v), a(d.xsa_v));
+        }
         if let Some(gn) = w.q_gain {
             let (dq, q_rope) = (a(d.q), a(s.q_rope));
             be.scale_backward(
@@ -461,7 +488,7 @@ impl<B: Backend> Model<B> {
             debug_assert_eq!(l, 0);
             be.residual_forward(a(d.v_lin), a(d.v), a(d.v_first));
         }
-        self.qkv_backward(acts, w, s, sh);
+        self.qkv_backward(acts, l, w, s, sh);
     }
 
     /// The q/k norms, the q, k, v projections and the attention norm, back to dL/d(x_blk)
@@ -469,6 +496,7 @@ impl<B: Backend> Model<B> {
     fn qkv_backward(
         &self,
         acts: &Activations<B>,
+        l: usize,
         w: &LayerParams,
         s: &LayerActivations,
         sh: &Shapes,
@@ -536,7 +564,7 @@ impl<B: Backend> Model<B> {
             sh.mm(c, kvd),
             Add,
         );
-        let (gain, gain_grad) = self.gain_and_grad(w.attn_norm, c);
+        let (gain, gain_grad) = self.block_gain_and_grad(w.attn_norm, l);
         let (x_blk, rstd) = (a(s.x_blk), a(s.rstd_attn));
         let shape = sh.norm(n, c);
         be.rmsnorm_backward(

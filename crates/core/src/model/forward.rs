@@ -283,7 +283,7 @@ impl<B: Backend> Model<B> {
             be.scale_forward(a(s.x_blk), x0, m1, sc(n, c, 1), Add);
         }
         let x = a(s.x_blk);
-        let attn_norm = gain(w.attn_norm, c);
+        let attn_norm = self.block_gain(w.attn_norm, l);
         be.rmsnorm_forward(a(s.xn_attn), a(s.rstd_attn), x, attn_norm, norm(n, c));
         be.matmul_forward(a(s.q_lin), a(s.xn_attn), p(w.wq), mm(n, c, nh * hd));
         be.matmul_forward(a(s.k_lin), a(s.xn_attn), p(w.wk), mm(n, c, nkv * hd));
@@ -322,10 +322,24 @@ impl<B: Backend> Model<B> {
             }
             Some(slot) => self.attend_cached(slot, l, a(s.attn_out), inputs),
         }
-        be.matmul_forward(a(s.attn_proj), a(s.attn_out), p(w.wo), mm(n, nh * hd, c));
+        if cfg.xsa(l) {
+            // Each head's output less its own token's value direction (the token decoded, or
+            // each row's own): (N rows of H heads) against (N rows of Hkv heads).
+            let shape = AttentionShape {
+                batch: n,
+                seq: 1,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            be.xsa_forward(a(s.attn_used), a(s.attn_out), a(s.v_used), shape);
+        }
+        be.matmul_forward(a(s.attn_proj), a(s.attn_used), p(w.wo), mm(n, nh * hd, c));
         self.branch_add(a(s.x_mid), x, a(s.attn_proj), w.attn_scale, n);
-        let ffn_norm = gain(w.ffn_norm, c);
-        be.rmsnorm_forward(a(s.xn_ffn), a(s.rstd_ffn), a(s.x_mid), ffn_norm, norm(n, c));
+        let ffn_norm = self.block_gain(w.ffn_norm, l);
+        // A parallel residual: the MLP reads the layer's input, not attention's output.
+        let mlp_in = if cfg.parallel(l) { x } else { a(s.x_mid) };
+        be.rmsnorm_forward(a(s.xn_ffn), a(s.rstd_ffn), mlp_in, ffn_norm, norm(n, c));
         be.matmul_forward(a(s.up), a(s.xn_ffn), p(w.w_up), mm(n, c, f));
         match (arch.mlp, w.w_gate) {
             (Mlp::Swiglu, Some(w_gate)) => {
@@ -399,6 +413,20 @@ impl<B: Backend> Model<B> {
     /// The constant gain of a weightless RMSNorm: `len` ones.
     pub(super) fn ones(&self, len: usize) -> View<'_, B> {
         View::new(&self.ones, 0, len)
+    }
+
+    /// The gain of layer `l`'s attention or MLP norm: its learned one (`r`), else the
+    /// constant 1/√(l + 1) with `arch.ln_scale`, else ones.
+    pub(super) fn block_gain(&self, r: Option<Region>, l: usize) -> View<'_, B> {
+        let c = self.config.dim;
+        match r {
+            Some(r) => view::<B>(self.weights(), r),
+            None if self.config.arch.ln_scale => {
+                let widest = c.max(self.config.head_dim);
+                View::new(&self.ones, widest + l * c, c)
+            }
+            None => self.ones(c),
+        }
     }
 
     /// Where a weightless RMSNorm's (discarded) gain gradient goes.

@@ -11,6 +11,12 @@
 //! ```
 //! then `logits = rmsnorm(x)·Wclsᵀ` and the mean cross-entropy.
 //!
+//! The golf options reshape this loop: the layers run the blocks in `layout.order` (depth
+//! recurrence runs some twice, their gradients summed); EngramHash adds its gated memory to
+//! one layer's input ([`crate::layout::ActivationLayout::input`]); a parallel-residual layer's
+//! MLP reads the layer's input; `ln_scale` damps layer l's norms by 1/√(l + 1); and
+//! [`Model::forward_dropping`] skips layers (stochastic depth).
+//!
 //! Parameters, gradients and the two AdamW moments are each one arena laid out by
 //! [`ParamLayout`]; a step's activations are one arena laid out by [`ActivationLayout`].
 //! The forward is in `forward.rs`, the backward in `backward.rs`; the optimizer steps that
@@ -47,7 +53,8 @@ pub struct Model<B: Backend> {
     qat: Option<(PackRule, B::Memory)>,
     /// Exponential moving average of the weights, with its decay.
     pub ema: Option<(f32, B::Memory)>,
-    /// max(C, D) ones: the gain of a weightless RMSNorm.
+    /// max(C, D) ones: the gain of a weightless RMSNorm; then, with `arch.ln_scale`, each
+    /// layer l's C values of 1/√(l + 1), its damped norms' gain.
     ones: B::Memory,
     /// Where the backward writes a weightless RMSNorm's gain gradient (discarded).
     ones_grad: B::Memory,
@@ -161,8 +168,15 @@ impl<B: Backend> Model<B> {
         let grads = backend.alloc(state, DType::F32)?;
         let optimizer = backend.alloc(2 * state, DType::F32)?;
         let widest = config.dim.max(config.head_dim);
-        let ones = backend.alloc(widest, DType::F32)?;
-        backend.upload(View::whole(&ones), &vec![1.0; widest])?;
+        let mut gains = vec![1.0; widest];
+        if config.arch.ln_scale {
+            for l in 0..config.depth() {
+                let damping = 1.0 / ((l + 1) as f32).sqrt();
+                gains.extend(std::iter::repeat_n(damping, config.dim));
+            }
+        }
+        let ones = backend.alloc(gains.len(), DType::F32)?;
+        backend.upload(View::whole(&ones), &gains)?;
         let ones_grad = backend.alloc(widest, DType::F32)?;
         Ok(Model {
             backend,
