@@ -114,12 +114,8 @@ impl std::str::FromStr for SeqWarmup {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parsed = s.split_once(':').and_then(|(start, steps)| {
-            Some(SeqWarmup {
-                start: start.trim().parse().ok()?,
-                steps: steps.trim().parse().ok()?,
-            })
-        });
+        let parsed =
+            kiln_core::eval::parse_pair(s).map(|(start, steps)| SeqWarmup { start, steps });
         parsed.ok_or_else(|| format!("'{s}' is not START:STEPS (e.g. 64:300)"))
     }
 }

@@ -92,6 +92,17 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
     )
 }
 
+/// The whole-model fixtures `scripts/make_fixtures.py` writes (`tests/fixtures/model_*.safetensors`),
+/// each one of kiln's presets.
+pub const FIXTURES: [&str; 6] = [
+    "tiny-mha",
+    "tiny-gqa",
+    "tiny-golf",
+    "tiny-golf-recurrent",
+    "tiny-golf-engram",
+    "tiny-golf-parallel",
+];
+
 /// Every kernel family.
 pub const KERNELS: [Kernel; 20] = [
     Kernel::Memory,

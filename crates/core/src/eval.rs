@@ -181,16 +181,18 @@ pub struct NgramCache {
     pub weight: f64,
 }
 
+/// `A:B` on the command line (`3:0.3`, `1e-4:1`), each side parsed, spaces around either
+/// ignored.
+pub fn parse_pair<A: std::str::FromStr, B: std::str::FromStr>(s: &str) -> Option<(A, B)> {
+    let (a, b) = s.split_once(':')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+}
+
 impl std::str::FromStr for NgramCache {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parsed = s.split_once(':').and_then(|(order, weight)| {
-            Some(NgramCache {
-                order: order.trim().parse().ok()?,
-                weight: weight.trim().parse().ok()?,
-            })
-        });
+        let parsed = parse_pair(s).map(|(order, weight)| NgramCache { order, weight });
         match parsed {
             Some(c) if (2..=8).contains(&c.order) && c.weight > 0.0 && c.weight < 1.0 => Ok(c),
             _ => Err(format!(
@@ -259,12 +261,7 @@ impl std::str::FromStr for TestTimeTraining {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parsed = s.split_once(':').and_then(|(lr, steps)| {
-            Some(TestTimeTraining {
-                lr: lr.trim().parse().ok()?,
-                steps: steps.trim().parse().ok()?,
-            })
-        });
+        let parsed = parse_pair(s).map(|(lr, steps)| TestTimeTraining { lr, steps });
         match parsed {
             Some(t) if t.lr.is_finite() && t.lr >= 0.0 && (1..=100).contains(&t.steps) => Ok(t),
             _ => Err(format!(

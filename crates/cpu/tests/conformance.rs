@@ -65,15 +65,7 @@ fn kernels_match_the_f64_reference_at_every_tier() {
 #[test]
 fn whole_models_match_pytorch_at_every_tier() {
     for backend in backends() {
-        let names = [
-            "tiny-mha",
-            "tiny-gqa",
-            "tiny-golf",
-            "tiny-golf-recurrent",
-            "tiny-golf-engram",
-            "tiny-golf-parallel",
-        ];
-        for name in names {
+        for name in kiln_conformance::FIXTURES {
             let path = fixture(&format!("model_{name}.safetensors"));
             let result = match backend.precision() {
                 // f32 throughout: element-wise, as the reference backend.

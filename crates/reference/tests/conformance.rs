@@ -73,15 +73,7 @@ fn tiny_golf_with_parallel_residuals_matches_pytorch() {
 
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
-    let presets = [
-        "tiny-mha",
-        "tiny-gqa",
-        "tiny-golf",
-        "tiny-golf-recurrent",
-        "tiny-golf-engram",
-        "tiny-golf-parallel",
-    ];
-    for preset in presets {
+    for preset in kiln_conformance::FIXTURES {
         let losses = kiln_conformance::check_training_smoke(ReferenceBackend, preset).unwrap();
         println!("{preset}: {losses:?}");
     }

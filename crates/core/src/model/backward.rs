@@ -205,6 +205,28 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// dL/d(a branch's projection output) from dL/d(the branch's output) `dout`: through the
+    /// branch scale (its gradient accumulated) into `grad`, the gradient region beside the
+    /// projection's saved output `proj`; or `dout` itself without a scale.
+    fn branch_scale_backward(
+        &self,
+        acts: &Activations<B>,
+        dout: Region,
+        scale: Option<Region>,
+        (proj, grad): (Region, Region),
+        sh: &Shapes,
+    ) -> Region {
+        let Some(sc) = scale else {
+            return dout;
+        };
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let (p, g) = (view::<B>(self.weights(), sc), view::<B>(&self.grads, sc));
+        let shape = sh.scale(self.config.dim, 1);
+        self.backend
+            .scale_backward(a(grad), g, a(dout), a(proj), p, shape, Overwrite);
+        grad
+    }
+
     /// The gain of layer `l`'s attention or MLP norm ([`Model::block_gain`]) and where its
     /// gradient goes.
     fn block_gain_and_grad(&self, r: Option<Region>, l: usize) -> (View<'_, B>, View<'_, B>) {
@@ -345,16 +367,8 @@ impl<B: Backend> Model<B> {
         let g = |r: Region| view::<B>(&self.grads, r);
         let d = &acts.layout.grads;
         let (c, f) = (cfg.dim, cfg.hidden_dim);
-        // dL/d(down_proj's output): through the branch scale, or the output's gradient itself.
-        let dproj = match w.mlp_scale {
-            Some(sc) => {
-                let inp = a(s.mlp_proj);
-                let shape = sh.scale(c, 1);
-                be.scale_backward(a(d.mlp_proj), g(sc), a(dout), inp, p(sc), shape, Overwrite);
-                d.mlp_proj
-            }
-            None => dout,
-        };
+        let dproj =
+            self.branch_scale_backward(acts, dout, w.mlp_scale, (s.mlp_proj, d.mlp_proj), sh);
         let (dw_down, w_down) = (g(w.w_down), p(w.w_down));
         let (dout, hidden) = (a(dproj), a(s.hidden));
         be.matmul_backward(
@@ -403,16 +417,8 @@ impl<B: Backend> Model<B> {
         let (al, d) = (&acts.layout, &acts.layout.grads);
         let (c, hd) = (cfg.dim, cfg.head_dim);
         let (nh, nkv) = (cfg.n_heads, cfg.n_kv_heads);
-        // dL/d(o_proj's output): through the branch scale, or the output's gradient itself.
-        let dproj = match w.attn_scale {
-            Some(sc) => {
-                let inp = a(s.attn_proj);
-                let shape = sh.scale(c, 1);
-                be.scale_backward(a(d.attn_proj), g(sc), a(dout), inp, p(sc), shape, Overwrite);
-                d.attn_proj
-            }
-            None => dout,
-        };
+        let dproj =
+            self.branch_scale_backward(acts, dout, w.attn_scale, (s.attn_proj, d.attn_proj), sh);
         let (dout, out) = (a(dproj), a(s.attn_used));
         // o_proj's input gradient: of XSA's output with XSA, then through XSA.
         let xsa = cfg.xsa(l);
