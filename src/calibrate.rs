@@ -18,7 +18,7 @@ use kiln_formats::interop::Imported;
 use kiln_formats::packed::{PackOptions, PackRule};
 
 /// The factors tried on each tensor's scales, the scheme's own first.
-pub const MULTIPLIERS: [f32; 5] = [1.0, 0.8, 0.9, 1.1, 1.25];
+pub const MULTIPLIERS: [f32; 8] = [1.0, 0.7, 0.8, 0.9, 1.1, 1.25, 1.5, 2.0];
 
 /// What a calibration chose and measured.
 #[derive(Clone, Debug)]

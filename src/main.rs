@@ -109,7 +109,7 @@ enum Command {
         /// run on their dequantized values, not their codes).
         #[arg(long)]
         hadamard: bool,
-        /// packed: calibrate each quantized tensor's scales (kept, or × 0.8, 0.9, 1.1, 1.25)
+        /// packed: calibrate each quantized tensor's scales (kept, or × 0.7 … 2)
         /// by the exported model's loss on the first 8,192 tokens of the training split,
         /// the tensors that cost the most first; the format is unchanged.
         #[arg(long)]
