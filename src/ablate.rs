@@ -358,14 +358,14 @@ fn score<B: Backend + Clone>(
         hadamard: qat.is_some_and(|r| r.hadamard),
     };
     // A calibrated export chooses its scales on the plan's training split.
-    let multipliers = if export.calibrate {
+    let calibration = if export.calibrate {
         let c = crate::calibrate::calibrate_export(
             backend.clone(),
             &imported,
             (rule, export),
             &plan.data,
         )?;
-        c.multipliers
+        c.choices
     } else {
         Vec::new()
     };
@@ -373,7 +373,7 @@ fn score<B: Backend + Clone>(
         &imported,
         artifact,
         (rule, export),
-        &multipliers,
+        &calibration,
     )?;
     let artifact_bytes = std::fs::metadata(&path)?.len();
     let dataset = Dataset::open(&plan.data)?;

@@ -1,30 +1,36 @@
 //! Per-tensor calibration of a packed export (`kiln export --calibrate`; `"calibrate": true`
 //! in an ablation's export): each quantized tensor's scales may be multiplied by one of a few
-//! factors, chosen by the loss of the whole exported model on text from the training split,
-//! never the validation split the artifact is scored on.
+//! factors, and a ternary tensor's rounding threshold moved, chosen by the loss of the whole
+//! exported model on text from the training split, never the validation split the artifact
+//! is scored on.
 //!
 //! First each quantized tensor's effect is measured: the calibration loss with every tensor
 //! quantized, less the loss with that one tensor left unquantized. Then, most harmful first,
-//! each tensor takes the factor (of [`MULTIPLIERS`], 1 first) that gives the lowest loss with
-//! the tensors before it already calibrated, keeping 1 unless another is strictly better.
-//! The artifact's format is unchanged: the factors are in its scales.
+//! each tensor takes the factor (of [`MULTIPLIERS`], 1 first), then, if ternary, the
+//! threshold (of [`THRESHOLDS`], 0.5 first) that gives the lowest loss with the tensors
+//! before it already calibrated, keeping its own rule unless another is strictly better.
+//! The artifact's format is unchanged: the choices are in its scales and codes.
 
 use anyhow::{ensure, Result};
 use kiln_core::backend::Backend;
 use kiln_core::layout::ParamLayout;
 use kiln_core::model::Model;
-use kiln_core::quant::{export_round_trip, ExportQuant, Scheme};
+use kiln_core::quant::{export_round_trip, Calibrated, ExportQuant, Scheme};
 use kiln_formats::interop::Imported;
 use kiln_formats::packed::{PackOptions, PackRule};
 
 /// The factors tried on each tensor's scales, the scheme's own first.
 pub const MULTIPLIERS: [f32; 8] = [1.0, 0.7, 0.8, 0.9, 1.1, 1.25, 1.5, 2.0];
 
+/// The rounding thresholds (of |w|/scale) tried on each ternary tensor after its factor,
+/// rounding to nearest (0.5) first.
+pub const THRESHOLDS: [f32; 5] = [0.5, 0.35, 0.4, 0.6, 0.7];
+
 /// What a calibration chose and measured.
 #[derive(Clone, Debug)]
 pub struct Calibration {
-    /// Per parameter tensor (`layout.specs` order): its scales' factor.
-    pub multipliers: Vec<f32>,
+    /// Per parameter tensor (`layout.specs` order): its scales' factor and threshold.
+    pub choices: Vec<Calibrated>,
     /// Quantized tensors by their effect on the calibration loss (nats), most harmful first.
     pub effects: Vec<(String, f64)>,
     /// The calibration loss unquantized, quantized plainly, and quantized as calibrated.
@@ -96,34 +102,50 @@ pub fn calibrate<B: Backend>(
         bar.inc(1);
     }
     effects.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut multipliers = vec![1.0f32; layout.specs.len()];
+    let mut choices = vec![Calibrated::PLAIN; layout.specs.len()];
     let mut best_loss = loss_plain;
     for &(i, _) in &effects {
         let spec = &layout.specs[i];
         let r = spec.region;
         let values = &original[r.offset..][..r.len];
-        let mut chosen: Option<(f32, Vec<f32>)> = None;
-        for &m in &MULTIPLIERS[1..] {
-            let Some(stored) = quant.round_trip(spec, values, m)? else {
-                break;
+        let ternary = rule.scheme_for(spec.kind, r.len) == Scheme::Ternary;
+        // The factor, then (ternary) the threshold at the chosen factor.
+        let scales = MULTIPLIERS[1..].iter().map(|&scale| Calibrated {
+            scale,
+            threshold: 0.5,
+        });
+        let mut chosen = Calibrated::PLAIN;
+        for stage in 0..2 {
+            let candidates: Vec<Calibrated> = match stage {
+                0 => scales.clone().collect(),
+                _ if ternary => (THRESHOLDS[1..].iter())
+                    .map(|&threshold| Calibrated {
+                        threshold,
+                        ..chosen
+                    })
+                    .collect(),
+                _ => Vec::new(),
             };
-            let mut probe = current.clone();
-            probe[r.offset..][..r.len].copy_from_slice(&stored);
-            let l = loss(&probe)?;
-            if l < best_loss {
-                best_loss = l;
-                chosen = Some((m, stored));
+            for cal in candidates {
+                let Some(stored) = quant.round_trip(spec, values, cal)? else {
+                    break;
+                };
+                let mut probe = current.clone();
+                probe[r.offset..][..r.len].copy_from_slice(&stored);
+                let l = loss(&probe)?;
+                if l < best_loss {
+                    best_loss = l;
+                    chosen = cal;
+                    current = probe;
+                }
             }
         }
-        if let Some((m, stored)) = chosen {
-            multipliers[i] = m;
-            current[r.offset..][..r.len].copy_from_slice(&stored);
-        }
+        choices[i] = chosen;
         bar.inc(1);
     }
     bar.finish_and_clear();
     Ok(Calibration {
-        multipliers,
+        choices,
         effects: (effects.into_iter())
             .map(|(i, e)| (layout.specs[i].name.clone(), e))
             .collect(),
@@ -188,9 +210,10 @@ pub fn calibrate_export<B: Backend>(
             .iter()
             .position(|s| &s.name == name)
             .unwrap_or(0);
+        let cal = c.choices[i];
         println!(
-            "  {name:<44} costs {effect:+.4} nats quantized; scales × {}",
-            c.multipliers[i]
+            "  {name:<44} costs {effect:+.4} nats quantized; scales × {}, threshold {}",
+            cal.scale, cal.threshold
         );
     }
     Ok(c)

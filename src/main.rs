@@ -109,7 +109,8 @@ enum Command {
         /// run on their dequantized values, not their codes).
         #[arg(long)]
         hadamard: bool,
-        /// packed: calibrate each quantized tensor's scales (kept, or × 0.7 … 2)
+        /// packed: calibrate each quantized tensor's scales (kept, or × 0.7 … 2), then a
+        /// ternary tensor's rounding threshold (0.35 … 0.7 of the scale),
         /// by the exported model's loss on the first 8,192 tokens of the training split,
         /// the tensors that cost the most first; the format is unchanged.
         #[arg(long)]
@@ -1126,7 +1127,7 @@ fn export(
             );
         }
     }
-    let multipliers = if options.calibrate {
+    let calibration = if options.calibrate {
         let data = calibration_data
             .or_else(|| kiln::rundir::train_data(source))
             .context("--calibrate needs training text: give --calibration-data DIR")?;
@@ -1134,13 +1135,13 @@ fn export(
         let c = with_backend!(backend, |b| kiln::calibrate::calibrate_export(
             b, &imported, settings, &data
         ))?;
-        c.multipliers
+        c.choices
     } else {
         Vec::new()
     };
     let settings = (rule, options);
     let (path, report) =
-        kiln_formats::interop::export_packed_calibrated(&imported, out, settings, &multipliers)?;
+        kiln_formats::interop::export_packed_calibrated(&imported, out, settings, &calibration)?;
     kiln_formats::packed::print_table(&report);
     println!("wrote {}", path.display());
     if let Some(limit) = budget {

@@ -979,7 +979,8 @@ fn recurrent_and_engram_models_pack_and_reload() {
 }
 
 /// Per-tensor calibration of a ternary export of a model trained without QAT (where the
-/// scheme's own scales leave much to gain): the artifact written with the chosen factors
+/// scheme's own scales leave much to gain): the artifact written with the chosen factors and
+/// thresholds
 /// reloads (through the packed writer and reader) to exactly the weights the calibration
 /// scored, which give exactly the loss it reported on its training tokens, lower than the
 /// plain export's; every factor is one of those offered.
@@ -1014,12 +1015,15 @@ fn calibration_chooses_scales_on_training_text_and_the_artifact_keeps_them() {
     .unwrap();
     println!(
         "loss {:.4} f32, {:.4} plain, {:.4} calibrated; {:?}",
-        c.loss_f32, c.loss_plain, c.loss_calibrated, c.multipliers
+        c.loss_f32, c.loss_plain, c.loss_calibrated, c.choices
     );
-    assert!(c
-        .multipliers
-        .iter()
-        .all(|m| kiln::calibrate::MULTIPLIERS.contains(m)));
+    use kiln::calibrate::{MULTIPLIERS, THRESHOLDS};
+    for cal in &c.choices {
+        assert!(MULTIPLIERS.contains(&cal.scale) && THRESHOLDS.contains(&cal.threshold));
+    }
+    // Some tensor moved its threshold (the ternary rounding), some its scale.
+    assert!(c.choices.iter().any(|cal| cal.threshold != 0.5));
+    assert!(c.choices.iter().any(|cal| cal.scale != 1.0));
     assert!(
         c.loss_calibrated < c.loss_plain,
         "{} {}",
@@ -1031,7 +1035,7 @@ fn calibration_chooses_scales_on_training_text_and_the_artifact_keeps_them() {
         &imported,
         &out,
         (rule, options),
-        &c.multipliers,
+        &c.choices,
     )
     .unwrap();
     let artifact = packed::read(&path).unwrap();

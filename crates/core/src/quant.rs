@@ -178,25 +178,48 @@ pub fn quantize_with(
     cols: usize,
     search: bool,
 ) -> Result<Quantized> {
-    quantize_scaled(scheme, values, rows, cols, search, 1.0)
+    quantize_scaled(scheme, values, rows, cols, search, Calibrated::PLAIN)
 }
 
-/// [`quantize_with`] with every scale it chooses multiplied by `multiplier` before the
-/// values are rounded (an export's per-tensor calibration; 1 changes nothing). A ternary
-/// group's threshold moves with its scale; an integer row clips at the multiplied scale.
+/// One tensor's calibration (an export's `--calibrate`): every scale the quantizer chooses
+/// multiplied by `scale` before the values are rounded, and for ternary the rounding
+/// threshold: `|w/s|` at or above it stores ±1 (0.5, the default, is rounding to nearest).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Calibrated {
+    pub scale: f32,
+    pub threshold: f32,
+}
+
+impl Calibrated {
+    /// The scheme's own rule.
+    pub const PLAIN: Calibrated = Calibrated {
+        scale: 1.0,
+        threshold: 0.5,
+    };
+}
+
+/// [`quantize_with`] under a calibration ([`Calibrated::PLAIN`] changes nothing). A
+/// ternary group's threshold moves with its scale; an integer row clips at the multiplied
+/// scale (the threshold is ternary's alone).
 pub fn quantize_scaled(
     scheme: Scheme,
     values: &[f32],
     rows: usize,
     cols: usize,
     search: bool,
-    multiplier: f32,
+    cal: Calibrated,
 ) -> Result<Quantized> {
     ensure!(
-        multiplier.is_finite() && multiplier > 0.0,
-        "quantize: a scale multiplier must be positive, got {multiplier}"
+        cal.scale.is_finite() && cal.scale > 0.0,
+        "quantize: a scale multiplier must be positive, got {}",
+        cal.scale
     );
-    let scaled = |scale: f16| match multiplier {
+    ensure!(
+        cal.threshold > 0.0 && cal.threshold < 1.5,
+        "quantize: a ternary threshold must be in (0, 1.5), got {}",
+        cal.threshold
+    );
+    let scaled = |scale: f16| match cal.scale {
         1.0 => scale,
         m => f16::from_f32(scale.to_f32() * m),
     };
@@ -225,9 +248,14 @@ pub fn quantize_scaled(
                 });
                 let s = scale.to_f32();
                 q.scales.push(scale);
+                let threshold = cal.threshold;
                 q.codes.extend(group.iter().map(|&w| {
-                    if s > 0.0 {
+                    if s <= 0.0 {
+                        0
+                    } else if threshold == 0.5 {
                         (w / s).round().clamp(-1.0, 1.0) as i8
+                    } else if (w / s).abs() >= threshold {
+                        w.signum() as i8
                     } else {
                         0
                     }
@@ -667,13 +695,13 @@ pub struct ExportQuant {
 }
 
 impl ExportQuant {
-    /// One tensor's values as the export stores and its reader reconstructs them, with its
-    /// scales multiplied by `multiplier`; `None` for a tensor kept in f32 (as it is).
+    /// One tensor's values as the export stores and its reader reconstructs them, under the
+    /// calibration `cal`; `None` for a tensor kept in f32 (as it is).
     pub fn round_trip(
         &self,
         spec: &ParamSpec,
         values: &[f32],
-        multiplier: f32,
+        cal: Calibrated,
     ) -> Result<Option<Vec<f32>>> {
         let scheme = self.rule.scheme_for(spec.kind, spec.region.len);
         if scheme == Scheme::F32 {
@@ -685,7 +713,7 @@ impl ExportQuant {
         if let Some(block) = rotation {
             hadamard_rows(&mut values, cols, block);
         }
-        let q = quantize_scaled(scheme, &values, rows, cols, self.search, multiplier)?;
+        let q = quantize_scaled(scheme, &values, rows, cols, self.search, cal)?;
         let mut back = q.dequantize();
         if let Some(block) = rotation {
             hadamard_rows(&mut back, cols, block);
@@ -695,11 +723,11 @@ impl ExportQuant {
 }
 
 /// Replaces every tensor of `weights` by what the export `quant` stores of it, tensor `i`
-/// (of `layout.specs`) with its scales × `multipliers[i]` (1 where `multipliers` is short).
+/// (of `layout.specs`) under `calibration[i]` (the plain rule where it is short).
 pub fn export_round_trip(
     layout: &ParamLayout,
     quant: &ExportQuant,
-    multipliers: &[f32],
+    calibration: &[Calibrated],
     weights: &mut [f32],
 ) -> Result<()> {
     use rayon::prelude::*;
@@ -709,11 +737,8 @@ pub fn export_round_trip(
         .enumerate()
         .map(|(i, spec)| {
             let values = &weights[spec.region.offset..][..spec.region.len];
-            let multiplier = multipliers.get(i).copied().unwrap_or(1.0);
-            Ok((
-                spec.region.offset,
-                quant.round_trip(spec, values, multiplier)?,
-            ))
+            let cal = calibration.get(i).copied().unwrap_or(Calibrated::PLAIN);
+            Ok((spec.region.offset, quant.round_trip(spec, values, cal)?))
         })
         .collect::<Result<_>>()?;
     for (offset, values) in rounded {
@@ -727,6 +752,41 @@ pub fn export_round_trip(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A calibration: the scale × its factor, and ternary's threshold on |w|/scale (0.5 is
+    /// the scheme's own rounding, bit for bit).
+    #[test]
+    fn a_calibration_scales_and_moves_the_ternary_threshold() {
+        let values = [0.1, -0.5, 0.9, 0.02, 0.3, -0.2];
+        let plain = quantize(Scheme::Ternary, &values, 1, 6).unwrap();
+        let cal = |scale, threshold| {
+            let c = Calibrated { scale, threshold };
+            quantize_scaled(Scheme::Ternary, &values, 1, 6, false, c).unwrap()
+        };
+        assert_eq!(cal(1.0, 0.5), plain);
+        // absmean 0.3366…: |w|/s = 0.30, 1.49, 2.67, 0.06, 0.89, 0.59.
+        let s = plain.scales[0].to_f32();
+        assert!((s - 0.33667).abs() < 1e-3);
+        assert_eq!(plain.codes, [0, -1, 1, 0, 1, -1]);
+        assert_eq!(cal(1.0, 0.25).codes, [1, -1, 1, 0, 1, -1]);
+        assert_eq!(cal(1.0, 0.9).codes, [0, -1, 1, 0, 0, 0]);
+        // × 2: the scale doubles (as f16), |w|/s halves, so 0.59 and 0.89 fall below 0.5.
+        let doubled = cal(2.0, 0.5);
+        assert_eq!(doubled.scales[0], f16::from_f32(s * 2.0));
+        assert_eq!(doubled.codes, [0, -1, 1, 0, 0, 0]);
+        assert!(quantize_scaled(
+            Scheme::Ternary,
+            &values,
+            1,
+            6,
+            false,
+            Calibrated {
+                scale: 0.0,
+                threshold: 0.5
+            }
+        )
+        .is_err());
+    }
 
     #[test]
     fn ternary_is_absmean_scaled_and_rounds_to_three_levels() {

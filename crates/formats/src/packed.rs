@@ -18,7 +18,7 @@ use kiln_core::config::ModelConfig;
 use kiln_core::layout::{Branch, ParamKind, ParamLayout, Region};
 pub use kiln_core::quant::PackRule;
 use kiln_core::quant::{
-    hadamard_rows, quant_shape, quantize_scaled, rotation_for, Quantized, Scheme,
+    hadamard_rows, quant_shape, quantize_scaled, rotation_for, Calibrated, Quantized, Scheme,
 };
 
 use crate::compress::{compress_smallest, decompress, Codec};
@@ -127,14 +127,14 @@ pub fn write(
     write_calibrated(path, config, weights, (rule, options), &[], artifact)
 }
 
-/// [`write`] with tensor `i`'s scales multiplied by `multipliers[i]` (1 where it is short):
-/// a calibration's choices (`kiln export --calibrate`). The format is unchanged.
+/// [`write`] with tensor `i` quantized under `calibration[i]` (the plain rule where it is
+/// short): a calibration's choices (`kiln export --calibrate`). The format is unchanged.
 pub fn write_calibrated(
     path: &Path,
     config: &ModelConfig,
     weights: &[f32],
     (rule, options): (PackRule, PackOptions),
-    multipliers: &[f32],
+    calibration: &[Calibrated],
     (tokenizer_sha256, vocab_map): (Option<String>, Option<Vec<u32>>),
 ) -> Result<PackReport> {
     let layout = ParamLayout::new(config);
@@ -156,9 +156,9 @@ pub fn write_calibrated(
             }
             None => values,
         };
-        let multiplier = multipliers.get(i).copied().unwrap_or(1.0);
+        let cal = calibration.get(i).copied().unwrap_or(Calibrated::PLAIN);
         let search = options.clip_search;
-        let bytes = quantize_scaled(scheme, values, rows, cols, search, multiplier)?.pack();
+        let bytes = quantize_scaled(scheme, values, rows, cols, search, cal)?.pack();
         entries.push(Entry {
             name: spec.name.clone(),
             shape: spec.shape.clone(),

@@ -369,13 +369,13 @@ pub fn export_packed(
     export_packed_calibrated(imported, out, (rule, options), &[])
 }
 
-/// [`export_packed`] with a calibration's per-tensor scale multipliers
+/// [`export_packed`] with a calibration's per-tensor choices
 /// ([`crate::packed::write_calibrated`]).
 pub fn export_packed_calibrated(
     imported: &Imported,
     out: &Path,
     (rule, options): (PackRule, crate::packed::PackOptions),
-    multipliers: &[f32],
+    calibration: &[kiln_core::quant::Calibrated],
 ) -> Result<(PathBuf, PackReport)> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join("model.kiln");
@@ -386,7 +386,7 @@ pub fn export_packed_calibrated(
         &imported.config,
         &imported.weights,
         (rule, options),
-        multipliers,
+        calibration,
         (tokenizer_hash, vocab_map),
     )?;
     if let Some(t) = &imported.tokenizer {
