@@ -31,6 +31,15 @@ fn corpus(dir: &Path) -> PathBuf {
     common::word_corpus(dir, &words, 5, 3000)
 }
 
+/// An untrained tiny-golf (initialised from `seed`) over `dataset`'s vocabulary.
+fn untrained_tiny_golf(dataset: &Dataset, seed: u64) -> Model<ReferenceBackend> {
+    let mut config = ModelConfig::preset("tiny-golf").unwrap();
+    config.vocab_size = dataset.manifest.vocab_size;
+    let mut model = Model::new(ReferenceBackend, config).unwrap();
+    model.init_random(seed).unwrap();
+    model
+}
+
 /// tiny-golf (every golf option) trained with Muon and the warmdown schedule.
 fn golf_config(data: PathBuf, steps: u64) -> TrainConfig {
     let mut config = TrainConfig::new(ModelConfig::preset("tiny-golf").unwrap(), data);
@@ -425,10 +434,7 @@ fn the_ngram_cache_scores_each_token_before_it_joins_the_cache() {
     let dataset = Dataset::open(&data).unwrap();
     let half = &dataset.read_all(Split::Val).unwrap()[..96];
     let tokens: Vec<u32> = half.iter().chain(half).copied().collect();
-    let mut config = ModelConfig::preset("tiny-golf").unwrap();
-    config.vocab_size = dataset.manifest.vocab_size;
-    let mut model = Model::new(ReferenceBackend, config).unwrap();
-    model.init_random(5).unwrap();
+    let model = untrained_tiny_golf(&dataset, 5);
     let (seq, stride) = (16, 8);
     let cache = NgramCache {
         order: 3,
@@ -528,10 +534,7 @@ fn sliding_windows_score_each_target_once_with_its_context() {
     let data = corpus(&dir);
     let dataset = Dataset::open(&data).unwrap();
     let tokens = &dataset.read_all(Split::Val).unwrap()[..200];
-    let mut config = ModelConfig::preset("tiny-golf").unwrap();
-    config.vocab_size = dataset.manifest.vocab_size;
-    let mut model = Model::new(ReferenceBackend, config).unwrap();
-    model.init_random(3).unwrap();
+    let model = untrained_tiny_golf(&dataset, 3);
     let (seq, stride) = (16, 5);
     // Independently: each window alone, its last `stride` targets (all of the first's).
     let one = model.activations(1, seq).unwrap();
@@ -617,11 +620,8 @@ fn the_temperature_is_fitted_only_on_targets_already_scored() {
     let data = corpus(&dir);
     let dataset = Dataset::open(&data).unwrap();
     let tokens = &dataset.read_all(Split::Val).unwrap()[..160];
-    let mut config = ModelConfig::preset("tiny-golf").unwrap();
-    config.vocab_size = dataset.manifest.vocab_size;
-    let vocab = config.vocab_size;
-    let mut model = Model::new(ReferenceBackend, config).unwrap();
-    model.init_random(7).unwrap();
+    let model = untrained_tiny_golf(&dataset, 7);
+    let vocab = model.config.vocab_size;
     let mut weights = model.download_params().unwrap();
     let embedding = model.layout.embedding;
     for w in &mut weights[embedding.offset..embedding.offset + embedding.len] {
@@ -740,10 +740,7 @@ fn test_time_training_scores_each_batch_before_training_on_it() {
     let half = &dataset.read_all(Split::Val).unwrap()[..96];
     let mut tokens: Vec<u32> = half.iter().chain(half).copied().collect();
     tokens.push(half[0]);
-    let mut config = ModelConfig::preset("tiny-golf").unwrap();
-    config.vocab_size = dataset.manifest.vocab_size;
-    let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
-    model.init_random(9).unwrap();
+    let model = untrained_tiny_golf(&dataset, 9);
     let initial = model.download_params().unwrap();
     let (seq, batch) = (16, 3);
     // 193 tokens: 12 windows of 16, four batches of three, none padded.
@@ -757,7 +754,7 @@ fn test_time_training_scores_each_batch_before_training_on_it() {
         eps: 1e-8,
         weight_decay: 0.0,
     };
-    let mut naive = Model::new(ReferenceBackend, config).unwrap();
+    let mut naive = Model::new(ReferenceBackend, model.config.clone()).unwrap();
     naive.upload_params(&initial).unwrap();
     let (one, train) = (
         naive.activations(1, seq).unwrap(),
