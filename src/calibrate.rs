@@ -96,9 +96,10 @@ pub fn calibrate<B: Backend>(
     bar.set_length(2 * quantized.len() as u64);
     for &i in &quantized {
         let r = layout.specs[i].region;
-        let mut probe = current.clone();
-        probe[r.offset..][..r.len].copy_from_slice(&original[r.offset..][..r.len]);
-        effects.push((i, loss_plain - loss(&probe)?));
+        let stored = current[r.offset..][..r.len].to_vec();
+        current[r.offset..][..r.len].copy_from_slice(&original[r.offset..][..r.len]);
+        effects.push((i, loss_plain - loss(&current)?));
+        current[r.offset..][..r.len].copy_from_slice(&stored);
         bar.inc(1);
     }
     effects.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -108,35 +109,35 @@ pub fn calibrate<B: Backend>(
         let spec = &layout.specs[i];
         let r = spec.region;
         let values = &original[r.offset..][..r.len];
-        let ternary = rule.scheme_for(spec.kind, r.len) == Scheme::Ternary;
-        // The factor, then (ternary) the threshold at the chosen factor.
-        let scales = MULTIPLIERS[1..].iter().map(|&scale| Calibrated {
-            scale,
-            threshold: 0.5,
-        });
-        let mut chosen = Calibrated::PLAIN;
-        for stage in 0..2 {
-            let candidates: Vec<Calibrated> = match stage {
-                0 => scales.clone().collect(),
-                _ if ternary => (THRESHOLDS[1..].iter())
-                    .map(|&threshold| Calibrated {
-                        threshold,
-                        ..chosen
-                    })
-                    .collect(),
-                _ => Vec::new(),
+        // Stores the tensor as `cal` quantizes it if that lowers the loss; else restores it.
+        let mut better = |cal: Calibrated| -> Result<bool> {
+            let Some(stored) = quant.round_trip(spec, values, cal)? else {
+                return Ok(false);
             };
-            for cal in candidates {
-                let Some(stored) = quant.round_trip(spec, values, cal)? else {
-                    break;
-                };
-                let mut probe = current.clone();
-                probe[r.offset..][..r.len].copy_from_slice(&stored);
-                let l = loss(&probe)?;
-                if l < best_loss {
-                    best_loss = l;
+            let kept = current[r.offset..][..r.len].to_vec();
+            current[r.offset..][..r.len].copy_from_slice(&stored);
+            let l = loss(&current)?;
+            if l < best_loss {
+                best_loss = l;
+                return Ok(true);
+            }
+            current[r.offset..][..r.len].copy_from_slice(&kept);
+            Ok(false)
+        };
+        // The factor, then (ternary) the threshold at the chosen factor.
+        let mut chosen = Calibrated::PLAIN;
+        for &scale in &MULTIPLIERS[1..] {
+            let cal = Calibrated { scale, ..chosen };
+            if better(cal)? {
+                chosen = cal;
+            }
+        }
+        if rule.scheme_for(spec.kind, r.len) == Scheme::Ternary {
+            let scale = chosen.scale;
+            for &threshold in &THRESHOLDS[1..] {
+                let cal = Calibrated { scale, threshold };
+                if better(cal)? {
                     chosen = cal;
-                    current = probe;
                 }
             }
         }

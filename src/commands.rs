@@ -357,8 +357,8 @@ pub struct EvalOptions {
     pub stride: Option<usize>,
     /// How the text's bytes are counted (the true UTF-8 count, or the challenge's rule).
     pub bytes: kiln_formats::tokenizer::ByteRule,
-    /// Evaluation-time techniques (an n-gram cache, an online temperature): each target is
-    /// scored before anything learns from it.
+    /// Evaluation-time techniques (an n-gram cache, an online temperature, test-time
+    /// training): each target is scored before anything learns from it.
     pub adapt: kiln_core::eval::EvalTime,
 }
 

@@ -180,18 +180,9 @@ fn stochastic_depth_drops_deeper_layers_more_often_and_resumes_exactly() {
     assert_ne!(straight.losses, plain.losses);
     // Step 1, independently: the initial weights on the first batch, with the layers drawn
     // for micro-batch 0.
-    let dataset = Dataset::open(&data).unwrap();
-    let mut model = Model::new(ReferenceBackend, straight_config(&dir)).unwrap();
-    model.init_random(deep(12).seed).unwrap();
-    let stream = kiln_formats::data::read_shard(
-        &dataset.shard_paths(Split::Train)[0],
-        dataset.manifest.vocab_size,
-    )
-    .unwrap();
+    let (model, stream) = untrained_and_stream(&dir, &data, deep(12).seed);
     let acts = model.loss_activations(2, 16).unwrap();
-    let mut first = deep(12);
-    first.model = model.config.clone();
-    let dropped = first.dropped_layers(0);
+    let dropped = deep(12).dropped_layers(0);
     let (x, y) = (&stream[..32], &stream[1..33]);
     let loss = model.forward_dropping(&acts, x, Some(y), &dropped).unwrap();
     assert_eq!(loss, Some(straight.losses[0]), "dropped {dropped:?}");
@@ -242,14 +233,7 @@ fn a_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows_and_resumes_ex
         assert_eq!(l["tokens"], 32 * (i as u64 + 1));
     }
     // Step 1's loss, independently: the same initial weights on the first 32 tokens as 8×4.
-    let dataset = Dataset::open(&data).unwrap();
-    let mut model = Model::new(ReferenceBackend, straight_config(&dir)).unwrap();
-    model.init_random(warm(12).seed).unwrap();
-    let stream = kiln_formats::data::read_shard(
-        &dataset.shard_paths(Split::Train)[0],
-        dataset.manifest.vocab_size,
-    )
-    .unwrap();
+    let (model, stream) = untrained_and_stream(&dir, &data, warm(12).seed);
     let acts = model.loss_activations(8, 4).unwrap();
     let loss = model
         .forward(&acts, &stream[..32], Some(&stream[1..33]))
@@ -275,12 +259,18 @@ fn a_sequence_length_warmup_reads_the_same_tokens_in_shorter_rows_and_resumes_ex
 }
 
 /// The model config a run in `dir/straight` trained (its vocabulary is the data's).
-fn straight_config(dir: &Path) -> ModelConfig {
+/// The `straight` run's model as it started (its config, initialised from `seed`) and the
+/// training stream's first shard: what its first step read.
+fn untrained_and_stream(dir: &Path, data: &Path, seed: u64) -> (Model<ReferenceBackend>, Vec<u32>) {
+    let dataset = Dataset::open(data).unwrap();
     let text = fs::read_to_string(dir.join("straight/train.json")).unwrap();
-    serde_json::from_value(
-        serde_json::from_str::<serde_json::Value>(&text).unwrap()["model"].clone(),
-    )
-    .unwrap()
+    let train: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let config = serde_json::from_value(train["model"].clone()).unwrap();
+    let mut model = Model::new(ReferenceBackend, config).unwrap();
+    model.init_random(seed).unwrap();
+    let shard = &dataset.shard_paths(Split::Train)[0];
+    let stream = kiln_formats::data::read_shard(shard, dataset.manifest.vocab_size).unwrap();
+    (model, stream)
 }
 
 #[test]

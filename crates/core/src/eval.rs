@@ -43,7 +43,7 @@ pub struct EvalTime {
     /// `kiln eval --temperature`: [`OnlineTemperature`], fitted on the targets already scored.
     #[serde(default)]
     pub temperature: bool,
-    /// `kiln eval --ttt LR:STEPS`: score-first [`TestTimeTraining`] ([`evaluate_ttt`]).
+    /// `kiln eval --ttt LR:STEPS`: score-first [`TestTimeTraining`] ([`evaluate_adapted`]).
     #[serde(default)]
     pub ttt: Option<TestTimeTraining>,
 }
@@ -272,7 +272,7 @@ impl std::str::FromStr for TestTimeTraining {
 }
 
 /// Windows of a validation stream and the running score: what [`evaluate_with`] and
-/// [`evaluate_ttt`] share.
+/// [`evaluate_adapted`]'s test-time training share.
 struct Scoring<'t> {
     tokens: &'t [u32],
     tokenizer: &'t dyn TokenText,
@@ -440,7 +440,7 @@ pub fn evaluate_with<B: Backend>(
 ) -> Result<EvalResult> {
     ensure!(
         adapt.ttt.is_none(),
-        "test-time training changes the weights: it runs through evaluate_ttt"
+        "test-time training changes the weights: it runs through evaluate_adapted"
     );
     let mut scoring = Scoring::new(
         acts,
@@ -458,58 +458,11 @@ pub fn evaluate_with<B: Backend>(
     Ok(scoring.result())
 }
 
-/// [`evaluate_with`] and score-first [`TestTimeTraining`] (`adapt.ttt`; without it, the
-/// same as [`evaluate_with`]): the model (one with gradients and optimizer state,
-/// [`Model::new`]) trains on each batch of windows after scoring it, and keeps the weights
-/// so trained.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_ttt<B: Backend>(
-    model: &mut Model<B>,
-    acts: &Activations<B>,
-    tokens: &[u32],
-    tokenizer: &dyn TokenText,
-    vocab_map: Option<&VocabMap>,
-    stride: usize,
-    max_batches: usize,
-    adapt: EvalTime,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<EvalResult> {
-    let ttt = adapt.ttt.unwrap_or(TestTimeTraining { lr: 0.0, steps: 0 });
-    let mut scoring = Scoring::new(
-        acts,
-        tokens,
-        tokenizer,
-        vocab_map,
-        stride,
-        max_batches,
-        adapt,
-    )?;
-    let train = model.loss_activations(scoring.batch, scoring.seq)?;
-    let hp = crate::optim::AdamW {
-        learning_rate: ttt.lr,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
-    for i in 0..scoring.batches {
-        scoring.score(model, acts, i)?;
-        for _ in 0..ttt.steps {
-            model.zero_grad();
-            model.forward(&train, &scoring.x, Some(&scoring.y))?;
-            model.backward(&train, &scoring.x, &scoring.y, 1.0)?;
-            let norm = model.grad_norm();
-            let clip = if norm > 1.0 { (1.0 / norm) as f32 } else { 1.0 };
-            crate::optim::adamw_step(model, &hp, clip)?;
-        }
-        progress(i + 1, scoring.batches);
-    }
-    Ok(scoring.result())
-}
-
 /// Scores `tokens` in windows of `seq`, `batch` at a time, with the evaluation-time
 /// techniques `adapt` asks for: activations that keep the logits for the temperature, and
-/// test-time training on a trainable copy of `model` (which is left as it was).
+/// score-first [`TestTimeTraining`] on a trainable copy of `model` (which is left as it
+/// was): the copy trains on each batch of windows after scoring it, and keeps the weights so
+/// trained.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_adapted<B: Backend + Clone>(
     model: &Model<B>,
@@ -529,9 +482,9 @@ pub fn evaluate_adapted<B: Backend + Clone>(
             m.loss_activations(batch, seq)
         }
     };
-    if adapt.ttt.is_none() {
+    let (text, map) = (tokenizer, vocab_map);
+    let Some(ttt) = adapt.ttt else {
         let acts = activations(model)?;
-        let (text, map) = (tokenizer, vocab_map);
         return evaluate_with(
             model,
             &acts,
@@ -543,22 +496,32 @@ pub fn evaluate_adapted<B: Backend + Clone>(
             adapt,
             progress,
         );
-    }
+    };
     let mut copy = Model::new(model.backend.clone(), model.config.clone())?;
     copy.upload_params(&model.download_params()?)?;
     let acts = activations(&copy)?;
-    let (text, map) = (tokenizer, vocab_map);
-    evaluate_ttt(
-        &mut copy,
-        &acts,
-        tokens,
-        text,
-        map,
-        stride,
-        max_batches,
-        adapt,
-        progress,
-    )
+    let train = copy.loss_activations(batch, seq)?;
+    let mut scoring = Scoring::new(&acts, tokens, text, map, stride, max_batches, adapt)?;
+    let hp = crate::optim::AdamW {
+        learning_rate: ttt.lr,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    for i in 0..scoring.batches {
+        scoring.score(&copy, &acts, i)?;
+        for _ in 0..ttt.steps {
+            copy.zero_grad();
+            copy.forward(&train, &scoring.x, Some(&scoring.y))?;
+            copy.backward(&train, &scoring.x, &scoring.y, 1.0)?;
+            let norm = copy.grad_norm();
+            let clip = if norm > 1.0 { (1.0 / norm) as f32 } else { 1.0 };
+            crate::optim::adamw_step(&mut copy, &hp, clip)?;
+        }
+        progress(i + 1, scoring.batches);
+    }
+    Ok(scoring.result())
 }
 
 #[cfg(test)]

@@ -703,22 +703,37 @@ impl ExportQuant {
         values: &[f32],
         cal: Calibrated,
     ) -> Result<Option<Vec<f32>>> {
-        let scheme = self.rule.scheme_for(spec.kind, spec.region.len);
-        if scheme == Scheme::F32 {
+        if self.rule.scheme_for(spec.kind, spec.region.len) == Scheme::F32 {
             return Ok(None);
         }
-        let (rows, cols) = quant_shape(spec);
-        let rotation = rotation_for(spec, scheme, self.rotate);
-        let mut values = values.to_vec();
-        if let Some(block) = rotation {
-            hadamard_rows(&mut values, cols, block);
-        }
-        let q = quantize_scaled(scheme, &values, rows, cols, self.search, cal)?;
+        let (q, rotation) = self.quantize(spec, values, cal)?;
         let mut back = q.dequantize();
         if let Some(block) = rotation {
-            hadamard_rows(&mut back, cols, block);
+            hadamard_rows(&mut back, q.cols, block);
         }
         Ok(Some(back))
+    }
+
+    /// One tensor as the export stores it: its codes and scales (in the rotation, if any)
+    /// and the rotation's block, which its reader undoes after dequantizing.
+    pub fn quantize(
+        &self,
+        spec: &ParamSpec,
+        values: &[f32],
+        cal: Calibrated,
+    ) -> Result<(Quantized, Option<usize>)> {
+        let scheme = self.rule.scheme_for(spec.kind, spec.region.len);
+        let (rows, cols) = quant_shape(spec);
+        let rotation = rotation_for(spec, scheme, self.rotate);
+        let q = match rotation {
+            Some(block) => {
+                let mut rotated = values.to_vec();
+                hadamard_rows(&mut rotated, cols, block);
+                quantize_scaled(scheme, &rotated, rows, cols, self.search, cal)?
+            }
+            None => quantize_scaled(scheme, values, rows, cols, self.search, cal)?,
+        };
+        Ok((q, rotation))
     }
 }
 

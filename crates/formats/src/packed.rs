@@ -17,9 +17,7 @@ use kiln_core::bytes::le_at;
 use kiln_core::config::ModelConfig;
 use kiln_core::layout::{Branch, ParamKind, ParamLayout, Region};
 pub use kiln_core::quant::PackRule;
-use kiln_core::quant::{
-    hadamard_rows, quant_shape, quantize_scaled, rotation_for, Calibrated, Quantized, Scheme,
-};
+use kiln_core::quant::{hadamard_rows, Calibrated, ExportQuant, Quantized, Scheme};
 
 use crate::compress::{compress_smallest, decompress, Codec};
 
@@ -141,24 +139,17 @@ pub fn write_calibrated(
     let mut payload = Vec::new();
     let mut entries = Vec::new();
     let mut groups: Vec<SizeRow> = Vec::new();
+    // The run's own rotation under QAT (the rule's), or one asked of this export.
+    let quant = ExportQuant {
+        rule,
+        search: options.clip_search,
+        rotate: rule.hadamard || options.hadamard,
+    };
     for (i, spec) in layout.specs.iter().enumerate() {
         let values = &weights[spec.region.offset..][..spec.region.len];
-        let (rows, cols) = quant_shape(spec);
-        let scheme = rule.scheme_for(spec.kind, spec.region.len);
-        // The run's own rotation under QAT (the rule's), or one asked of this export.
-        let rotation = rotation_for(spec, scheme, rule.hadamard || options.hadamard);
-        let mut rotated;
-        let values = match rotation {
-            Some(block) => {
-                rotated = values.to_vec();
-                hadamard_rows(&mut rotated, cols, block);
-                &rotated[..]
-            }
-            None => values,
-        };
         let cal = calibration.get(i).copied().unwrap_or(Calibrated::PLAIN);
-        let search = options.clip_search;
-        let bytes = quantize_scaled(scheme, values, rows, cols, search, cal)?.pack();
+        let (q, rotation) = quant.quantize(spec, values, cal)?;
+        let (scheme, bytes) = (q.scheme, q.pack());
         entries.push(Entry {
             name: spec.name.clone(),
             shape: spec.shape.clone(),
