@@ -8,7 +8,7 @@
 //! backend does; nothing falls back silently to another backend than the one asked for.
 
 use anyhow::{bail, Result};
-use kiln_cpu::{CpuBackend, Precision};
+use kiln_cpu::CpuBackend;
 use kiln_reference::ReferenceBackend;
 
 /// The backends `--backend` names.
@@ -51,17 +51,52 @@ pub fn availability(choice: BackendChoice) -> Result<(), String> {
             Some(_) => Ok(()),
             None => Err("this CPU has no AVX2+FMA, the lowest tier of the fast CPU backend".into()),
         }),
-        BackendChoice::Cuda => {
-            let driver = std::path::Path::new("/proc/driver/nvidia/version").exists();
-            Err(format!(
-                "not compiled into this kiln {}: there is no CUDA backend in this version ({})",
-                env!("CARGO_PKG_VERSION"),
-                if driver {
-                    "an NVIDIA driver is loaded here"
-                } else {
-                    "and no NVIDIA driver is loaded here"
-                }
-            ))
+        BackendChoice::Cuda => cuda_availability(),
+    }
+}
+
+/// Whether the CUDA backend can run here (probed once per process: the probe loads the
+/// libraries and starts the driver).
+#[cfg(feature = "cuda")]
+fn cuda_availability() -> Result<(), String> {
+    static PROBED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PROBED
+        .get_or_init(|| kiln_cuda::probe().map(|_| ()))
+        .clone()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_availability() -> Result<(), String> {
+    Err(format!(
+        "this kiln {} was compiled without the cuda feature (cargo build --features cuda)",
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+/// The matmuls' precision (`--precision`, `KILN_PRECISION`); everything else computes in
+/// f32, and master weights, gradients and optimizer state are f32 throughout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// bf16 inputs, f32 accumulation: the cuda backend, and CPU tiers with a native bf16 dot
+    /// product.
+    Bf16,
+    /// f16 inputs, f32 accumulation (the cuda backend): three more mantissa bits than bf16
+    /// but a range that small gradients fall out of, so training scales the loss
+    /// (`--loss-scale`, dynamic by default with f16).
+    F16,
+    /// f32 throughout (the cpu and reference backends).
+    F32,
+}
+
+impl Precision {
+    /// The CPU backend's precision, or why it has none such.
+    fn cpu(self) -> Result<kiln_cpu::Precision> {
+        match self {
+            Precision::Bf16 => Ok(kiln_cpu::Precision::Bf16),
+            Precision::F32 => Ok(kiln_cpu::Precision::F32),
+            Precision::F16 => {
+                bail!("f16 products are the cuda backend's: use bf16 or f32 on the CPU")
+            }
         }
     }
 }
@@ -148,6 +183,8 @@ impl From<BackendChoice> for Selection {
 pub enum Resolved {
     Reference(ReferenceBackend),
     Cpu(CpuBackend),
+    #[cfg(feature = "cuda")]
+    Cuda(kiln_cuda::CudaBackend),
 }
 
 /// The backend `auto` picks: the first usable one, fastest first.
@@ -183,7 +220,7 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
         (BackendChoice::Reference, None | Some(Precision::F32)) => {
             Ok(Resolved::Reference(ReferenceBackend))
         }
-        (BackendChoice::Reference, Some(Precision::Bf16)) => {
+        (BackendChoice::Reference, Some(Precision::Bf16 | Precision::F16)) => {
             bail!(
                 "the reference backend computes in f32 only: use --precision f32 or --backend cpu"
             )
@@ -191,7 +228,7 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
         (BackendChoice::Cpu, precision) => {
             let mut backend = CpuBackend::new().map_err(anyhow::Error::msg)?;
             if let Some(precision) = precision {
-                backend = CpuBackend::with(backend.isa(), precision, backend.threads())
+                backend = CpuBackend::with(backend.isa(), precision.cpu()?, backend.threads())
                     .map_err(anyhow::Error::msg)?
                     .keeping(backend.logits());
             }
@@ -201,6 +238,20 @@ pub fn resolve(selection: impl Into<Selection>) -> Result<Resolved> {
                 backend = backend.with_given_codes();
             }
             Ok(Resolved::Cpu(backend))
+        }
+        #[cfg(feature = "cuda")]
+        (BackendChoice::Cuda, None | Some(Precision::Bf16)) => Ok(Resolved::Cuda(
+            kiln_cuda::CudaBackend::new().map_err(anyhow::Error::msg)?,
+        )),
+        #[cfg(feature = "cuda")]
+        (BackendChoice::Cuda, Some(Precision::F16)) => Ok(Resolved::Cuda(
+            kiln_cuda::CudaBackend::new()
+                .map_err(anyhow::Error::msg)?
+                .with_products(kiln_cuda::Products::F16),
+        )),
+        #[cfg(feature = "cuda")]
+        (BackendChoice::Cuda, Some(Precision::F32)) => {
+            bail!("the cuda backend multiplies in bf16 or f16 (f32 accumulation): use --precision bf16 or f16")
         }
         (other, _) => bail!("backend '{}' is not compiled into this kiln", other.name()),
     }
@@ -213,11 +264,44 @@ pub fn peak_probe(resolved: &Resolved) -> kiln_cpu::probe::Probe {
     use kiln_cpu::probe::Probe;
     match resolved {
         Resolved::Cpu(cpu) => cpu.peak_probe(),
-        Resolved::Reference(_) => match kiln_core::cpu::features().best() {
+        _ => match kiln_core::cpu::features().best() {
             Some(isa) if isa >= kiln_core::cpu::Isa::Avx512 => Probe::FmaZmm,
             _ => Probe::FmaYmm,
         },
     }
+}
+
+/// What a backend's peak is measured by, for the benchmarks' lines: the CPU probe's name, or
+/// the GPU's datasheet.
+pub fn peak_label(resolved: &Resolved) -> String {
+    match resolved {
+        #[cfg(feature = "cuda")]
+        Resolved::Cuda(_) => "the GPU's dense bf16 datasheet peak".into(),
+        _ => peak_probe(resolved).name().into(),
+    }
+}
+
+/// The dense bf16 tensor-core peak of a GPU, GFLOP/s, from NVIDIA's datasheets (without
+/// sparsity): H100 SXM and H200 989.4 TFLOP/s, H100 PCIe 756, A100 312, L40S 362, RTX 4090
+/// 165 (f32 accumulation: 165 is the GeForce figure at f16-accumulate halved).
+pub fn gpu_peak_gflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    let tflops = if n.contains("H200")
+        || (n.contains("H100") && (n.contains("SXM") || n.contains("HBM3")))
+    {
+        989.4
+    } else if n.contains("H100") {
+        756.0
+    } else if n.contains("A100") {
+        312.0
+    } else if n.contains("L40S") {
+        362.0
+    } else if n.contains("4090") {
+        165.0
+    } else {
+        return None;
+    };
+    Some(tflops * 1e3)
 }
 
 /// The hardware peak (GFLOP/s) of the precision `selection` computes in, on the threads it
@@ -225,10 +309,18 @@ pub fn peak_probe(resolved: &Resolved) -> kiln_cpu::probe::Probe {
 /// from a register-only probe spinning about `seconds`, with the probe's name.
 pub fn hardware_peak(selection: Selection, seconds: f64) -> Result<(f64, &'static str)> {
     let resolved = resolve(selection)?;
+    #[cfg(feature = "cuda")]
+    if let Resolved::Cuda(gpu) = &resolved {
+        let name = &gpu.info().name;
+        return match gpu_peak_gflops(name) {
+            Some(peak) => Ok((peak, "the GPU's dense bf16 datasheet peak")),
+            None => bail!("no datasheet peak for {name}: give --peak in GFLOP/s"),
+        };
+    }
     let probe = peak_probe(&resolved);
     let threads = match &resolved {
         Resolved::Cpu(cpu) => cpu.threads(),
-        Resolved::Reference(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     match kiln_cpu::probe::peak_gflops(probe, threads, seconds) {
         Some(peak) => Ok((peak, probe.name())),
@@ -244,6 +336,8 @@ macro_rules! with_backend {
         match $crate::backends::resolve($choice)? {
             $crate::backends::Resolved::Reference($backend) => $body,
             $crate::backends::Resolved::Cpu($backend) => $body,
+            #[cfg(feature = "cuda")]
+            $crate::backends::Resolved::Cuda($backend) => $body,
         }
     };
 }
@@ -256,11 +350,13 @@ mod tests {
     fn auto_resolves_and_a_missing_backend_says_why() -> Result<()> {
         assert!(resolve(BackendChoice::Auto).is_ok());
         assert!(resolve(BackendChoice::Reference).is_ok());
-        let err = resolve(BackendChoice::Cuda).err().unwrap().to_string();
-        assert!(
-            err.contains("cuda") && err.contains("not compiled"),
-            "{err}"
-        );
+        // Without a GPU (CI's machines) the cuda backend is refused with the reason.
+        if let Err(err) = resolve(BackendChoice::Cuda) {
+            let err = err.to_string();
+            assert!(err.contains("'cuda' is not usable"), "{err}");
+            #[cfg(not(feature = "cuda"))]
+            assert!(err.contains("without the cuda feature"), "{err}");
+        }
         if kiln_core::cpu::features().best().is_some() {
             assert!(matches!(resolve(BackendChoice::Auto)?, Resolved::Cpu(_)));
         }

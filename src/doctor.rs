@@ -90,6 +90,29 @@ pub fn report(m: &Machine) -> String {
             (None, true) => "none (no NVIDIA driver loaded)".into(),
         }
     ));
+    #[cfg(feature = "cuda")]
+    {
+        let lib = |l: kiln_cuda::libs::Lib| {
+            kiln_cuda::libs::location(l)
+                .map_or("not found".to_string(), |p| p.display().to_string())
+        };
+        use kiln_cuda::libs::Lib;
+        line(format!("  libcuda          {}", lib(Lib::Driver)));
+        line(format!("  libnvrtc         {}", lib(Lib::Nvrtc)));
+        line(format!("  libcublasLt      {}", lib(Lib::CublasLt)));
+        if let Ok(info) = kiln_cuda::probe() {
+            let (major, minor) = info.compute_capability;
+            line(format!(
+                "  cuda device      {}, sm_{major}{minor}, {:.1} GiB, driver API {}.{}, NVRTC {}.{}",
+                info.name,
+                info.memory_bytes as f64 / (1u64 << 30) as f64,
+                info.driver_version / 1000,
+                info.driver_version % 1000 / 10,
+                info.nvrtc_version.0,
+                info.nvrtc_version.1
+            ));
+        }
+    }
     line(String::new());
     line("backends".into());
     for choice in BackendChoice::ALL {

@@ -7,14 +7,13 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use kiln::backends::{BackendChoice, Selection, Weights};
+use kiln::backends::{BackendChoice, Precision, Selection, Weights};
 use kiln::commands::{EvalOptions, SampleOptions, Source};
 use kiln::train::{print_report, MuonConfig, OptimizerKind, Schedule, TrainConfig, Trainer};
 use kiln::with_backend;
 use kiln_core::backend::Backend;
 use kiln_core::quant::{PackRule, SchemeName};
 use kiln_core::sample::SamplingParams;
-use kiln_cpu::Precision;
 use kiln_formats::data::TokenizerSpec;
 use kiln_formats::interop::{ExportFormat, Quantize};
 use kiln_formats::model_config::from_preset_or_file;
@@ -36,8 +35,9 @@ struct Cli {
         default_value = "auto"
     )]
     backend: BackendChoice,
-    /// The matmuls' precision on the cpu backend: bf16 (f32 accumulation) or f32. Default:
-    /// bf16 where the CPU has a native bf16 dot product, f32 elsewhere.
+    /// The matmuls' precision: bf16 (f32 accumulation), f16 (f32 accumulation; the cuda
+    /// backend, training with loss scaling) or f32 (the cpu backend). Default: bf16 on cuda
+    /// and where the CPU has a native bf16 dot product, f32 elsewhere.
     #[arg(long, global = true, value_enum, env = "KILN_PRECISION")]
     precision: Option<Precision>,
     /// The weights' format for inference (sample, eval, bench decode): f32, bf16, int8
@@ -241,6 +241,11 @@ struct TrainArgs {
     /// probability P·l/(L − 1) (the first never, the last with P); evaluation runs them all.
     #[arg(long, value_name = "P")]
     stochastic_depth: Option<f32>,
+    /// Loss scaling, for f16 products: `dynamic` (from 2^16, halved on each overflow, doubled
+    /// after 2000 clean steps), a fixed power of two (halved only on an overflow), or `off`.
+    /// Default: dynamic with --precision f16, off otherwise.
+    #[arg(long, value_name = "dynamic|N|off", value_parser = parse_loss_scale)]
+    loss_scale: Option<LossScale>,
     /// MuonEq-R: Muon divides each row of its update by the row's L2 norm before
     /// Newton–Schulz (with --optimizer muon).
     #[arg(long)]
@@ -532,6 +537,29 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 /// "90s", "5m", "1.5h", or plain seconds.
+/// `--loss-scale`: off, or the scaler a run starts with.
+#[derive(Clone, Copy, Debug)]
+struct LossScale(Option<kiln_core::optim::LossScaler>);
+
+fn parse_loss_scale(s: &str) -> Result<LossScale, String> {
+    use kiln_core::optim::LossScaler;
+    match s {
+        "off" => Ok(LossScale(None)),
+        "dynamic" => Ok(LossScale(Some(LossScaler::dynamic()))),
+        n => {
+            let scale: f32 = n
+                .parse()
+                .map_err(|_| format!("{n}: expected dynamic, off or a power of two"))?;
+            if scale < 1.0 || scale > LossScaler::MAX_SCALE || scale.log2().fract() != 0.0 {
+                return Err(format!(
+                    "{n}: a loss scale is a power of two from 1 to 2^24 (so scaling is exact)"
+                ));
+            }
+            Ok(LossScale(Some(LossScaler::fixed(scale))))
+        }
+    }
+}
+
 fn parse_duration(s: &str) -> Result<f64, String> {
     let (number, unit) = match s.find(|c: char| c.is_alphabetic()) {
         Some(i) => s.split_at(i),
@@ -708,7 +736,11 @@ fn main() -> Result<()> {
             // int8`, bf16 copies with the CPU backend's bf16 matmuls, f32 otherwise.
             let resolved = kiln::backends::resolve(backend)?;
             let width = match &resolved {
-                kiln::backends::Resolved::Cpu(cpu) if cpu.precision() == Precision::Bf16 => 2.0,
+                kiln::backends::Resolved::Cpu(cpu)
+                    if cpu.precision() == kiln_cpu::Precision::Bf16 =>
+                {
+                    2.0
+                }
                 _ => 4.0,
             };
             let int8 = move |cols| match kiln_core::quant::int8_group(&[cols]) {
@@ -785,8 +817,8 @@ fn main() -> Result<()> {
             // A peak given on the command line is not probed again (the probe spins every core).
             let (peak, probe) = match peak {
                 Some(given) => {
-                    let probe = kiln::backends::peak_probe(&kiln::backends::resolve(backend)?);
-                    (given, format!("{}, given", probe.name()))
+                    let label = kiln::backends::peak_label(&kiln::backends::resolve(backend)?);
+                    (given, format!("{label}, given"))
                 }
                 None => {
                     let (probed, probe) = kiln::backends::hardware_peak(backend, 0.3)?;
@@ -877,8 +909,9 @@ fn main() -> Result<()> {
     }
 }
 
-/// The run's configuration from the command line.
-fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
+/// The run's configuration from the command line (`choice`: the backend selection, whose
+/// precision decides whether the loss is scaled by default).
+fn train_config(args: &TrainArgs, choice: Selection) -> Result<TrainConfig> {
     let data = args.data.clone().context("--data is required")?;
     let model = match &args.init_from {
         Some(path) => kiln::rundir::import(path, None)?.config,
@@ -893,6 +926,13 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     config.accumulation = args.accum;
     config.seq_warmup = args.seq_warmup;
     config.stochastic_depth = args.stochastic_depth;
+    config.loss_scale = match args.loss_scale {
+        Some(given) => given.0,
+        None if choice.precision == Some(Precision::F16) => {
+            Some(kiln_core::optim::LossScaler::dynamic())
+        }
+        None => None,
+    };
     config.max_steps = args.steps;
     config.max_tokens = args.tokens;
     config.time_budget_seconds = args.time;
@@ -960,7 +1000,7 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
         Some(run) => Trainer::resume(backend, run, args.steps)?,
         None => {
             let out = args.out.as_deref().context("--out is required")?;
-            Trainer::create(backend, train_config(&args)?, out)?
+            Trainer::create(backend, train_config(&args, choice)?, out)?
         }
     };
     trainer.print_every = args.print_every;
@@ -1021,7 +1061,7 @@ fn train_together<B: Backend + 'static>(
         Some(run) => Trainer::resume_in(backend, run, args.steps, communicator)?,
         None => {
             let out = args.out.as_deref().context("--out is required")?;
-            Trainer::create_in(backend, train_config(args)?, out, communicator)?
+            Trainer::create_in(backend, train_config(args, choice)?, out, communicator)?
         }
     };
     if team.rank() == 0 {
@@ -1066,7 +1106,7 @@ fn ablate<B: Backend + Clone + 'static>(
             .map_err(|e| anyhow::anyhow!("the plan's flags {flags:?}: {e}"))?
             .args;
         let out = args.out.as_deref().context("--out is required")?;
-        let mut trainer = Trainer::create(backend.clone(), train_config(&args)?, out)?;
+        let mut trainer = Trainer::create(backend.clone(), train_config(&args, choice)?, out)?;
         trainer.print_every = args.print_every;
         trainer.peak_gflops = peak;
         trainer.interrupt = Some(interrupt.clone());

@@ -98,6 +98,10 @@ pub struct TrainConfig {
     /// Steps whose gradients are overwritten with NaN, to exercise the non-finite path (tests).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub poison_steps: Vec<u64>,
+    /// Loss scaling (`--loss-scale`), for fp16 products: the scale the run starts from and
+    /// how it grows. `None`: the loss is not scaled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<kiln_core::optim::LossScaler>,
 }
 
 /// A sequence-length curriculum (`--seq-warmup START:STEPS`): over the first `steps` steps the
@@ -240,6 +244,7 @@ impl TrainConfig {
             ema_decay: None,
             qat: None,
             poison_steps: Vec::new(),
+            loss_scale: None,
         }
     }
 

@@ -166,6 +166,9 @@ pub struct Step {
     /// the run's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<usize>,
+    /// The loss scale the step ran at, with loss scaling (fp16 products).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f32>,
 }
 
 /// `eval`: a validation.

@@ -66,9 +66,10 @@ fn the_switch_reaches_the_command_and_the_backends_agree() {
 }
 
 #[test]
-fn a_backend_not_in_this_build_is_refused_with_the_reason() {
-    // The CUDA backend is not in this build.
-    {
+fn a_backend_not_usable_here_is_refused_with_the_reason() {
+    // The CUDA backend on a machine without a GPU (as CI's): refused, naming what is missing
+    // (a GPU machine runs it: crates/cuda/tests/conformance.rs).
+    if !std::path::Path::new("/proc/driver/nvidia/version").exists() {
         let backend = "cuda";
         let args = logits_args(backend);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -76,7 +77,7 @@ fn a_backend_not_in_this_build_is_refused_with_the_reason() {
         assert!(!ok);
         assert!(
             err.contains(&format!("backend '{backend}' is not usable"))
-                && err.contains("not compiled"),
+                && err.contains("no CUDA driver found"),
             "{err}"
         );
         // The environment variable is the same switch.

@@ -692,3 +692,94 @@ fn packed_artifacts_reload_alone_with_exact_sizes() {
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// Loss scaling (fp16's companion, checked here in f32 on the reference backend). A
+/// power-of-two scale changes no bit of the training: the scaled gradients, their norm and the
+/// optimizer's unscaling are all exact, so a fixed scale of 1024 gives the very losses of an
+/// unscaled run. At 2¹²⁷ (f32's largest power of two) the backward overflows now and then
+/// (measured: once in 24 steps, at step 10): that step is skipped, the scale halves, it does
+/// not count against `max_bad_steps`, and the run trains on. Injected non-finite gradients with a finite loss count
+/// as overflows too; growth doubles the scale after `growth_interval` clean steps; and a
+/// resumed run continues with the checkpoint's scale, exactly.
+#[test]
+fn loss_scaling_is_exact_backs_off_on_overflow_and_resumes() {
+    use kiln_core::optim::LossScaler;
+    let dir = temp_dir("loss-scale");
+    let data = corpus(&dir);
+    let plain = train(config(data.clone(), 8), &dir.join("plain"));
+    let mut fixed = config(data.clone(), 8);
+    fixed.loss_scale = Some(LossScaler::fixed(1024.0));
+    let scaled = train(fixed, &dir.join("fixed"));
+    assert_eq!(
+        scaled.losses, plain.losses,
+        "a power-of-two scale must be exact"
+    );
+    assert_eq!(scaled.skipped_steps, 0);
+
+    let scales = |run: &str| -> Vec<(f64, bool)> {
+        fs::read_to_string(dir.join(run).join("telemetry.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["type"] == "step")
+            .map(|l| {
+                (
+                    l["loss_scale"].as_f64().unwrap(),
+                    l["skipped"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut huge = config(data.clone(), 24);
+    huge.loss_scale = Some(LossScaler {
+        scale: 2f32.powi(127),
+        growth_interval: 2000,
+        clean_steps: 0,
+    });
+    // One bad step would stop a run; overflows do not count.
+    huge.max_bad_steps = 1;
+    let report = train(huge, &dir.join("huge"));
+    let seen = scales("huge");
+    let overflows = seen.iter().filter(|(_, skipped)| *skipped).count();
+    assert!(overflows >= 1, "2^127 must overflow the backward: {seen:?}");
+    assert_eq!(report.skipped_steps as usize, overflows);
+    assert_eq!(report.steps, 24);
+    let mut expected = 2f64.powi(127);
+    for (scale, skipped) in &seen {
+        // Telemetry writes the f32 scale's shortest decimal: compare in f32.
+        assert_eq!(
+            *scale as f32, expected as f32,
+            "halved after each overflow only: {seen:?}"
+        );
+        if *skipped {
+            expected /= 2.0;
+        }
+    }
+    assert!(
+        report.losses[23] < report.losses[0] - 0.3,
+        "the run trains through its overflows: {:?}",
+        report.losses
+    );
+
+    let mut growing = config(data.clone(), 10);
+    growing.loss_scale = Some(LossScaler {
+        scale: 256.0,
+        growth_interval: 3,
+        clean_steps: 0,
+    });
+    growing.poison_steps = vec![1];
+    let report = train(growing.clone(), &dir.join("growing"));
+    let seen: Vec<f64> = scales("growing").iter().map(|s| s.0).collect();
+    // Step 2 (index 1) overflows at 256 → 128; three clean steps later 256, then 512.
+    assert_eq!(
+        seen,
+        [256.0, 256.0, 128.0, 128.0, 128.0, 256.0, 256.0, 256.0, 512.0, 512.0]
+    );
+    assert_eq!(report.skipped_steps, 1);
+    let joined = stopped_and_resumed(growing, &dir.join("resumed"), 4);
+    assert_eq!(
+        joined, report.losses,
+        "a resume continues at the checkpoint's scale"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}

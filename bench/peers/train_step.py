@@ -6,7 +6,9 @@ query heads, a head width apart from dim/heads, RMSNorm on each head of q and k,
 tokens, AdamW; prints ms per training step (median of the timed steps after warm-up) and peak
 RSS as one JSON line.
 
-Modes: f32 (eager), bf16 (eager under torch.autocast on the CPU), compile (torch.compile, f32).
+Modes: f32 (eager), bf16 (eager under torch.autocast), compile (torch.compile, f32),
+compile-bf16 (torch.compile under bf16 autocast: the GPU peer). `--device cuda` runs on the GPU
+(fused AdamW; every timed step ends in a synchronising `loss.item()`).
 
 Usage: python3 bench/peers/train_step.py --preset stories15m --batch 4 --seq 256 --mode f32
 """
@@ -116,29 +118,32 @@ def main():
     ap.add_argument("--vocab", type=int, default=None,
                     help="vocabulary size (default: the preset's, 32000 for the stories models)")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--mode", default="f32", choices=["f32", "bf16", "compile"])
+    ap.add_argument("--mode", default="f32", choices=["f32", "bf16", "compile", "compile-bf16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
     torch.manual_seed(0)
     shape = dict(PRESETS[args.preset])
     preset_vocab = shape.pop("vocab", 32000)
     args.vocab = args.vocab or preset_vocab
-    model = Model(**shape, vocab=args.vocab, seq=args.seq)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    model = Model(**shape, vocab=args.vocab, seq=args.seq).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=args.device == "cuda")
     step_fn = model
-    if args.mode == "compile":
+    if args.mode.startswith("compile"):
         step_fn = torch.compile(model)
 
     def step():
-        tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
-        targets = torch.randint(0, args.vocab, (args.batch, args.seq))
+        tokens = torch.randint(0, args.vocab, (args.batch, args.seq)).to(args.device)
+        targets = torch.randint(0, args.vocab, (args.batch, args.seq)).to(args.device)
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.mode == "bf16"):
+        with torch.autocast(args.device, dtype=torch.bfloat16,
+                            enabled=args.mode in ("bf16", "compile-bf16")):
             loss = step_fn(tokens, targets)
         loss.backward()
         opt.step()
         return loss.item()
 
-    warmups = 3 if args.mode == "compile" else 1
+    warmups = 3 if args.mode.startswith("compile") else 1
     for _ in range(warmups):
         step()
     times = []
@@ -146,11 +151,12 @@ def main():
         t = time.perf_counter()
         loss = step()
         times.append((time.perf_counter() - t) * 1e3)
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peer": f"pytorch {torch.__version__} {args.mode}", "preset": args.preset,
                       "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
                       "ms_per_step": statistics.median(times), "ms_best": min(times),
-                      "peak_rss_mib": rss_mib, "loss": loss if math.isfinite(loss) else None}))
+                      "peak_rss_mib": rss_mib, "device": gpu or "cpu", "loss": loss if math.isfinite(loss) else None}))
 
 
 if __name__ == "__main__":

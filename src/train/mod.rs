@@ -59,6 +59,8 @@ pub struct Trainer<B: Backend> {
     step: u64,
     skipped: u64,
     elapsed_before: f64,
+    /// Loss scaling's state (`config.loss_scale` at the start, the checkpoint's on resume).
+    loss_scale: Option<kiln_core::optim::LossScaler>,
     /// Print a progress line every this many steps (0: never).
     pub print_every: u64,
     /// Print anything on the terminal (off when a dashboard owns it; telemetry is unaffected).
@@ -293,6 +295,7 @@ impl<B: Backend> Trainer<B> {
         } else {
             Telemetry::discard()
         };
+        let loss_scale = config.loss_scale;
         Ok(Trainer {
             config,
             model,
@@ -302,6 +305,7 @@ impl<B: Backend> Trainer<B> {
             loader,
             telemetry,
             communicator,
+            loss_scale,
             step,
             skipped,
             elapsed_before,
@@ -408,6 +412,9 @@ impl<B: Backend> Trainer<B> {
             (step, skipped, elapsed),
             communicator,
         )?;
+        if manifest.loss_scale.is_some() {
+            trainer.loss_scale = manifest.loss_scale;
+        }
         trainer.telemetry.emit(Event::Resume {
             step,
             checkpoint: checkpoint_dir.clone(),
@@ -442,6 +449,7 @@ impl<B: Backend> Trainer<B> {
             val_loss: val.map(|v| v.loss),
             val_bpb: val.map(|v| v.bits_per_byte),
             vocab_map: self.vocab_map.as_ref().map(|m| m.full_ids().to_vec()),
+            loss_scale: self.loss_scale,
         }
     }
 

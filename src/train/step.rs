@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use kiln_core::backend::{Backend, HostReduce, View};
 use kiln_core::eval::EvalResult;
 use kiln_core::model::Activations;
-use kiln_core::optim::{adamw_step, muon_adam_step, AdamW, MuonAdam};
+use kiln_core::optim::{adamw_step, muon_adam_step, AdamW, LossScaler, MuonAdam};
 use kiln_formats::data::Split;
 use kiln_formats::fsutil::write_atomic;
 
@@ -53,6 +53,8 @@ struct Update {
     grad_norm: f64,
     lr: f32,
     finite: bool,
+    /// The loss scale this step ran at (with loss scaling).
+    loss_scale: Option<f32>,
     seconds: f64,
 }
 
@@ -134,13 +136,21 @@ impl<B: Backend> Trainer<B> {
             self.print_step(&cfg, &run, &update, &rates, done);
             let stop_for_bad_steps = !update.finite && run.consecutive_bad >= cfg.max_bad_steps;
             if !update.finite {
-                say!(
-                    self.echo,
-                    "step {}: non-finite loss {loss} or gradient norm {}; step skipped ({} so far)",
-                    self.step,
-                    update.grad_norm,
-                    self.skipped
-                );
+                match (update.loss_scale, self.loss_scale) {
+                    (Some(was), Some(now)) if loss.is_finite() => say!(
+                        self.echo,
+                        "step {}: gradients overflowed at loss scale {was}; step skipped, scale now {}",
+                        self.step,
+                        now.scale
+                    ),
+                    _ => say!(
+                        self.echo,
+                        "step {}: non-finite loss {loss} or gradient norm {}; step skipped ({} so far)",
+                        self.step,
+                        update.grad_norm,
+                        self.skipped
+                    ),
+                }
             }
             if !stop_for_bad_steps {
                 self.periodic(&cfg, &acts, &val_tokens, done, &mut run)?;
@@ -370,7 +380,10 @@ impl<B: Backend> Trainer<B> {
             loss_sum += loss.expect("targets were given");
             run.charge(Stage::Forward, t);
             let t = Instant::now();
-            let weight = 1.0 / (cfg.accumulation * world) as f32;
+            // With loss scaling, the loss's gradient is scaled up (a power of two: exact);
+            // `update` divides it out of the gradients.
+            let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+            let weight = scale / (cfg.accumulation * world) as f32;
             self.model
                 .backward_dropping(acts, &x, &y, weight, &dropped)?;
             run.charge(Stage::Backward, t);
@@ -400,26 +413,41 @@ impl<B: Backend> Trainer<B> {
             let grads = View::whole(&self.model.grads);
             self.model.backend.upload(grads, &vec![f32::NAN; n])?;
         }
-        let grad_norm = self.model.grad_norm();
+        let loss_scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        let grad_norm = self.model.grad_norm() / loss_scale as f64;
         let lr_mult = cfg.lr_multiplier(self.step, self.clock(run));
         let lr = match cfg.optimizer {
             OptimizerKind::Adamw => cfg.learning_rate * lr_mult,
             OptimizerKind::Muon => cfg.muon.matrix_lr * lr_mult,
         };
         let finite = loss.is_finite() && grad_norm.is_finite();
+        // A scaled step whose loss is finite but whose gradients overflowed backs the scale
+        // off; it is skipped but not held against the run (unless the scale is already at its
+        // floor, where it is a real failure).
+        let overflow = match &mut self.loss_scale {
+            Some(scaler) => {
+                let floor = scaler.scale <= LossScaler::MIN_SCALE;
+                scaler.update(finite);
+                !finite && loss.is_finite() && !floor
+            }
+            None => false,
+        };
         if finite {
-            let scale = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip as f64 {
+            let clip = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip as f64 {
                 (cfg.grad_clip as f64 / grad_norm) as f32
             } else {
                 1.0
             };
-            self.optimizer_step(cfg, lr, lr_mult, scale)?;
+            // Clipping and unscaling in one factor (both exact for a power-of-two scale).
+            self.optimizer_step(cfg, lr, lr_mult, clip / loss_scale)?;
             self.model.update_ema();
             self.model.refresh_weights()?;
             run.consecutive_bad = 0;
         } else {
             self.skipped += 1;
-            run.consecutive_bad += 1;
+            if !overflow {
+                run.consecutive_bad += 1;
+            }
         }
         run.charge(Stage::Optimizer, t);
         self.step += 1;
@@ -430,6 +458,7 @@ impl<B: Backend> Trainer<B> {
             grad_norm,
             lr,
             finite,
+            loss_scale: self.loss_scale.map(|_| loss_scale),
             seconds: 0.0,
         })
     }
@@ -594,6 +623,7 @@ impl<B: Backend> Trainer<B> {
             elapsed_s: elapsed,
             progress: cfg.progress(self.step, elapsed),
             seq: Some(cfg.batch_shape_at(self.step - 1).1).filter(|&s| s != cfg.seq),
+            loss_scale: update.loss_scale,
         });
         self.telemetry.emit(event)
     }

@@ -144,3 +144,113 @@ pub fn muon_adam_step<B: Backend>(
     }
     Ok(())
 }
+
+/// Dynamic loss scaling, for products in fp16 (whose smallest normal value, 6.1e-5, and
+/// subnormals down to 6e-8, lose small gradients to zero): the loss's gradient is multiplied
+/// by `scale` before the backward and the optimizer divides it out again (through its
+/// `grad_scale`). A step whose gradients overflow (a non-finite gradient norm with a finite
+/// loss) is skipped and the scale halved; after `growth_interval` clean steps in a row the
+/// scale doubles (PyTorch's `GradScaler` rule and defaults: 2¹⁶ to start, 2000 steps). A
+/// `growth_interval` of 0 keeps the scale fixed (the neural-engine trainer's static 256).
+/// Scales are powers of two, so scaling and unscaling are exact in f32.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub scale: f32,
+    pub growth_interval: u32,
+    /// Clean steps since the scale last changed.
+    pub clean_steps: u32,
+}
+
+impl LossScaler {
+    /// The smallest scale backing off reaches (1: the loss itself).
+    pub const MIN_SCALE: f32 = 1.0;
+    /// The largest scale growth reaches (2²⁴): beyond it every gradient would overflow f16.
+    pub const MAX_SCALE: f32 = 16_777_216.0;
+
+    /// PyTorch's defaults: 2¹⁶, doubling after 2000 clean steps.
+    pub fn dynamic() -> Self {
+        LossScaler {
+            scale: 65_536.0,
+            growth_interval: 2000,
+            clean_steps: 0,
+        }
+    }
+
+    /// A fixed scale, never changed except to back off from an overflow.
+    pub fn fixed(scale: f32) -> Self {
+        LossScaler {
+            scale,
+            growth_interval: 0,
+            clean_steps: 0,
+        }
+    }
+
+    /// Notes one step's outcome: `finite` when its gradients had no inf or NaN. Returns
+    /// whether the optimizer should apply the step. An overflow halves the scale (not below
+    /// [`Self::MIN_SCALE`]); a run of `growth_interval` clean steps doubles it (not above
+    /// [`Self::MAX_SCALE`]).
+    pub fn update(&mut self, finite: bool) -> bool {
+        if !finite {
+            self.scale = (self.scale * 0.5).max(Self::MIN_SCALE);
+            self.clean_steps = 0;
+            return false;
+        }
+        self.clean_steps += 1;
+        if self.growth_interval > 0 && self.clean_steps >= self.growth_interval {
+            self.scale = (self.scale * 2.0).min(Self::MAX_SCALE);
+            self.clean_steps = 0;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LossScaler;
+
+    #[test]
+    fn the_scale_backs_off_on_overflow_and_grows_after_clean_steps() {
+        let mut s = LossScaler {
+            scale: 1024.0,
+            growth_interval: 3,
+            clean_steps: 0,
+        };
+        assert!(!s.update(false), "an overflow skips the step");
+        assert_eq!(s.scale, 512.0);
+        assert!(s.update(true) && s.update(true));
+        assert_eq!(
+            (s.scale, s.clean_steps),
+            (512.0, 2),
+            "two clean steps are not enough"
+        );
+        assert!(s.update(true));
+        assert_eq!(
+            (s.scale, s.clean_steps),
+            (1024.0, 0),
+            "the third doubles it"
+        );
+        // An overflow resets the count of clean steps.
+        s.update(true);
+        s.update(true);
+        s.update(false);
+        s.update(true);
+        s.update(true);
+        assert_eq!(s.scale, 512.0);
+        // Bounds.
+        let mut low = LossScaler::fixed(1.0);
+        low.update(false);
+        assert_eq!(low.scale, LossScaler::MIN_SCALE);
+        let mut high = LossScaler {
+            scale: LossScaler::MAX_SCALE,
+            growth_interval: 1,
+            clean_steps: 0,
+        };
+        high.update(true);
+        assert_eq!(high.scale, LossScaler::MAX_SCALE);
+        let mut fixed = LossScaler::fixed(256.0);
+        for _ in 0..10_000 {
+            fixed.update(true);
+        }
+        assert_eq!(fixed.scale, 256.0, "a fixed scale does not grow");
+    }
+}

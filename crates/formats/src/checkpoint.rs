@@ -50,6 +50,10 @@ pub struct Manifest {
     pub val_bpb: Option<f64>,
     /// With vocabulary compaction: the full-vocabulary id of each model token.
     pub vocab_map: Option<Vec<u32>>,
+    /// With loss scaling: the scaler's state (the scale and its count of clean steps), so a
+    /// resumed run scales as the uninterrupted one would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<kiln_core::optim::LossScaler>,
 }
 
 /// A tensor still in backend memory: `safetensors` asks for its bytes when it writes it, so
