@@ -262,3 +262,162 @@ mod team {
 }
 
 pub use team::Team;
+
+/// Where a process started by `kiln train --gpus N` stands: its rank, the world size, and the
+/// file the processes meet at (the environment the launcher gave it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuPlace {
+    pub rank: usize,
+    pub size: usize,
+    pub id_file: std::path::PathBuf,
+}
+
+/// The variables `kiln train --gpus N` sets on each process it starts.
+pub const GPU_RANK: &str = "KILN_GPU_RANK";
+pub const GPU_WORLD: &str = "KILN_GPU_WORLD";
+pub const GPU_ID_FILE: &str = "KILN_GPU_ID_FILE";
+
+/// This process's place when `kiln train --gpus N` started it; `None` otherwise.
+pub fn gpu_place() -> Option<GpuPlace> {
+    let rank = std::env::var(GPU_RANK).ok()?.parse().ok()?;
+    let size = std::env::var(GPU_WORLD).ok()?.parse().ok()?;
+    let id_file = std::env::var_os(GPU_ID_FILE)?.into();
+    Some(GpuPlace {
+        rank,
+        size,
+        id_file,
+    })
+}
+
+/// `kiln train --gpus N …`: starts N copies of this command (without `--gpus`), one per GPU,
+/// each seeing only its own (`CUDA_VISIBLE_DEVICES`, narrowing the caller's list if it set
+/// one), told its rank through the environment; waits for them all. When one fails, the
+/// others are stopped (they would wait in a collective forever) and the failure is the
+/// error. `program` and `args` are the command to start (this executable and its arguments,
+/// for kiln; tests start others).
+pub fn launch_gpus(
+    gpus: usize,
+    program: &std::path::Path,
+    args: &[std::ffi::OsString],
+    visible: Option<&str>,
+) -> Result<()> {
+    use std::process::{Command, Stdio};
+    anyhow::ensure!(gpus >= 1, "--gpus must be at least 1");
+    let devices: Vec<String> = match visible {
+        Some(list) => list
+            .split(',')
+            .map(|d| d.trim().to_string())
+            .filter(|d| !d.is_empty())
+            .collect(),
+        None => (0..gpus).map(|i| i.to_string()).collect(),
+    };
+    anyhow::ensure!(
+        devices.len() >= gpus,
+        "--gpus {gpus}: CUDA_VISIBLE_DEVICES lists only {} device(s)",
+        devices.len()
+    );
+    let meeting = std::env::temp_dir().join(format!("kiln-gpus-{}", std::process::id()));
+    std::fs::create_dir_all(&meeting)?;
+    let id_file = meeting.join("nccl-id");
+    let _ = std::fs::remove_file(&id_file);
+    let mut children = Vec::with_capacity(gpus);
+    for (rank, device) in devices.iter().take(gpus).enumerate() {
+        let child = Command::new(program)
+            .args(args)
+            .env(GPU_RANK, rank.to_string())
+            .env(GPU_WORLD, gpus.to_string())
+            .env(GPU_ID_FILE, &id_file)
+            .env("CUDA_VISIBLE_DEVICES", device)
+            .stdin(Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                for mut c in children {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                bail!("cannot start the process for GPU {rank}: {e}");
+            }
+        }
+    }
+    // Wait for all; the first failure stops the rest.
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    let mut running: Vec<Option<std::process::Child>> = children.into_iter().map(Some).collect();
+    while running.iter().any(Option::is_some) {
+        for (rank, slot) in running.iter_mut().enumerate() {
+            if let Some(child) = slot {
+                if let Some(status) = child.try_wait()? {
+                    *slot = None;
+                    if !status.success() && failed.is_none() {
+                        failed = Some((rank, status));
+                    }
+                }
+            }
+        }
+        if failed.is_some() {
+            for child in running.iter_mut().flatten() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&meeting);
+    match failed {
+        Some((rank, status)) => bail!(
+            "the process on GPU {rank} of {gpus} failed ({status}); the others were stopped, and \
+             the last checkpoint is intact"
+        ),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::path::Path;
+
+    fn sh(script: &str) -> Vec<OsString> {
+        vec!["-c".into(), script.into()]
+    }
+
+    #[test]
+    fn each_gpu_process_is_told_its_rank_and_sees_its_own_device() {
+        let dir = std::env::temp_dir().join(format!("kiln-launch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = format!(
+            "echo $KILN_GPU_RANK $KILN_GPU_WORLD $CUDA_VISIBLE_DEVICES > {}/$KILN_GPU_RANK; \
+             test -n \"$KILN_GPU_ID_FILE\"",
+            dir.display()
+        );
+        launch_gpus(2, Path::new("sh"), &sh(&script), Some("4, 5,6")).unwrap();
+        let read = |r: &str| std::fs::read_to_string(dir.join(r)).unwrap();
+        assert_eq!(read("0").trim(), "0 2 4");
+        assert_eq!(read("1").trim(), "1 2 5");
+        let err = launch_gpus(3, Path::new("sh"), &sh("true"), Some("0,1")).unwrap_err();
+        assert!(err.to_string().contains("lists only 2"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_failing_process_stops_the_others_and_is_the_error() {
+        let started = std::time::Instant::now();
+        // Rank 1 fails at once; rank 0 would wait a minute (as in a collective) if not stopped.
+        let script = "if [ \"$KILN_GPU_RANK\" = 1 ]; then exit 3; fi; sleep 60";
+        let err = launch_gpus(2, Path::new("sh"), &sh(script), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("GPU 1 of 2 failed") && err.contains("intact"),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "rank 0 was not stopped: {:?}",
+            started.elapsed()
+        );
+    }
+}

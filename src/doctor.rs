@@ -100,6 +100,13 @@ pub fn report(m: &Machine) -> String {
         line(format!("  libcuda          {}", lib(Lib::Driver)));
         line(format!("  libnvrtc         {}", lib(Lib::Nvrtc)));
         line(format!("  libcublasLt      {}", lib(Lib::CublasLt)));
+        line(format!(
+            "  libnccl          {}{}",
+            lib(Lib::Nccl),
+            kiln_cuda::nccl::version().map_or(String::new(), |v| format!(
+                " (NCCL {v}; kiln train --gpus N)"
+            ))
+        ));
         if let Ok(info) = kiln_cuda::probe() {
             let (major, minor) = info.compute_capability;
             line(format!(

@@ -246,6 +246,11 @@ struct TrainArgs {
     /// Default: dynamic with --precision f16, off otherwise.
     #[arg(long, value_name = "dynamic|N|off", value_parser = parse_loss_scale)]
     loss_scale: Option<LossScale>,
+    /// Ternary noise: under --qat ternary, each training step quantizes the ternary tensors
+    /// from the weights plus fresh Gaussian noise of this standard deviation (the ternary
+    /// submission's TERNARY_NOISE_SCALE, 0.02 to 0.05 there); evaluation is noise-free.
+    #[arg(long, value_name = "SIGMA")]
+    ternary_noise: Option<f32>,
     /// MuonEq-R: Muon divides each row of its update by the row's L2 norm before
     /// Newton–Schulz (with --optimizer muon).
     #[arg(long)]
@@ -319,6 +324,10 @@ struct TrainArgs {
     /// sample, a checkpoint): 90s, 5m.
     #[arg(long, value_parser = parse_duration, default_value = "5m")]
     rank_timeout: f64,
+    /// Train data-parallel on N GPUs of this machine: one process per GPU (the cuda backend),
+    /// gradients all-reduced over NCCL, rank 0 writing the run.
+    #[arg(long, value_name = "N")]
+    gpus: Option<usize>,
 }
 
 #[derive(Args)]
@@ -550,7 +559,7 @@ fn parse_loss_scale(s: &str) -> Result<LossScale, String> {
             let scale: f32 = n
                 .parse()
                 .map_err(|_| format!("{n}: expected dynamic, off or a power of two"))?;
-            if scale < 1.0 || scale > LossScaler::MAX_SCALE || scale.log2().fract() != 0.0 {
+            if !(1.0..=LossScaler::MAX_SCALE).contains(&scale) || scale.log2().fract() != 0.0 {
                 return Err(format!(
                     "{n}: a loss scale is a power of two from 1 to 2^24 (so scaling is exact)"
                 ));
@@ -644,6 +653,9 @@ fn main() -> Result<()> {
                 anyhow::bail!(
                     "--weights is for sample, eval and bench decode; training takes --precision"
                 );
+            }
+            if let (Some(gpus), None) = (args.gpus, kiln::distributed::gpu_place()) {
+                return launch_on_gpus(gpus, backend);
             }
             with_backend!(backend, |b| train(b, backend, *args))
         }
@@ -926,6 +938,7 @@ fn train_config(args: &TrainArgs, choice: Selection) -> Result<TrainConfig> {
     config.accumulation = args.accum;
     config.seq_warmup = args.seq_warmup;
     config.stochastic_depth = args.stochastic_depth;
+    config.ternary_noise = args.ternary_noise;
     config.loss_scale = match args.loss_scale {
         Some(given) => given.0,
         None if choice.precision == Some(Precision::F16) => {
@@ -982,8 +995,12 @@ fn train_config(args: &TrainArgs, choice: Selection) -> Result<TrainConfig> {
 
 fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -> Result<()> {
     let timeout = std::time::Duration::from_secs_f64(args.rank_timeout);
+    if let Some(place) = kiln::distributed::gpu_place() {
+        let communicator = nccl_communicator(&backend, &place, timeout)?;
+        return train_together(backend, choice, &args, communicator);
+    }
     if let Some(team) = kiln::distributed::join(timeout)? {
-        return match train_together(backend, choice, &args, &team) {
+        return match train_together(backend, choice, &args, team.communicator::<B>()) {
             Ok(()) => Ok(()),
             Err(error) => {
                 // The other processes may be waiting in a collective: stop them all.
@@ -1043,20 +1060,95 @@ fn train<B: Backend + 'static>(backend: B, choice: Selection, args: TrainArgs) -
     Ok(())
 }
 
-/// `kiln train` as one of the processes `mpirun` started: each trains on its own batches, the
-/// gradients are summed across them every step, rank 0 writes the run.
+/// `kiln train --gpus N`, as the launcher: checks the GPUs are there, then starts this command
+/// once per GPU (without `--gpus`) and waits for the processes.
+fn launch_on_gpus(gpus: usize, choice: Selection) -> Result<()> {
+    anyhow::ensure!(
+        matches!(choice.backend, BackendChoice::Auto | BackendChoice::Cuda),
+        "--gpus trains on the cuda backend, not '{}'",
+        choice.backend.name()
+    );
+    #[cfg(feature = "cuda")]
+    {
+        let have = kiln_cuda::CudaBackend::device_count().map_err(|why| {
+            anyhow::anyhow!("--gpus {gpus}: the cuda backend is not usable: {why}")
+        })?;
+        anyhow::ensure!(
+            have >= gpus,
+            "--gpus {gpus}: this machine has {have} GPU(s)"
+        );
+        kiln_cuda::nccl::version().map_err(|why| anyhow::anyhow!("--gpus {gpus}: {why}"))?;
+    }
+    if cfg!(not(feature = "cuda")) {
+        anyhow::bail!("--gpus {gpus}: this kiln was compiled without the cuda feature");
+    }
+    // This command again, without `--gpus N` / `--gpus=N`.
+    let mut args = Vec::new();
+    let mut skip = false;
+    for arg in std::env::args_os().skip(1) {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match arg.to_str() {
+            Some("--gpus") => skip = true,
+            Some(a) if a.starts_with("--gpus=") => {}
+            _ => args.push(arg),
+        }
+    }
+    let program = std::env::current_exe()?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    kiln::distributed::launch_gpus(gpus, &program, &args, visible.as_deref())
+}
+
+/// The NCCL communicator of a process `kiln train --gpus N` started (the backend must be the
+/// cuda one: the communicator's buffers are its device memory).
+fn nccl_communicator<B: Backend + 'static>(
+    backend: &B,
+    place: &kiln::distributed::GpuPlace,
+    timeout: std::time::Duration,
+) -> Result<Box<dyn kiln_core::backend::Communicator<B> + Send>> {
+    #[cfg(feature = "cuda")]
+    {
+        use kiln_core::backend::Communicator;
+        use std::any::Any;
+        let Some(cuda) = (backend as &dyn Any).downcast_ref::<kiln_cuda::CudaBackend>() else {
+            anyhow::bail!(
+                "--gpus trains on the cuda backend; this process resolved {}",
+                backend.name()
+            );
+        };
+        let nccl =
+            kiln_cuda::nccl::Nccl::join(cuda, place.rank, place.size, &place.id_file, timeout)
+                .map_err(anyhow::Error::msg)?;
+        let communicator: Box<dyn Communicator<kiln_cuda::CudaBackend> + Send> = Box::new(nccl);
+        // `B` is the cuda backend (checked above), so this is the same type.
+        let any: Box<dyn Any> = Box::new(communicator);
+        Ok(*any
+            .downcast::<Box<dyn Communicator<B> + Send>>()
+            .map_err(|_| anyhow::anyhow!("the NCCL communicator is the cuda backend's"))?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (backend, place, timeout);
+        anyhow::bail!("--gpus: this kiln was compiled without the cuda feature")
+    }
+}
+
+/// `kiln train` as one of several processes (started by `mpirun`, or by `kiln train --gpus`):
+/// each trains on its own batches, the gradients are summed across them every step through
+/// `communicator`, rank 0 writes the run.
 fn train_together<B: Backend + 'static>(
     backend: B,
     choice: Selection,
     args: &TrainArgs,
-    team: &kiln::distributed::Team,
+    communicator: Box<dyn kiln_core::backend::Communicator<B> + Send>,
 ) -> Result<()> {
     anyhow::ensure!(
         !args.dashboard,
         "--dashboard is for a run of one process; watch a run of several with \
          `kiln dashboard RUN` in another terminal"
     );
-    let communicator = team.communicator::<B>();
+    let rank = communicator.rank();
     let mut trainer = match &args.resume {
         Some(run) => Trainer::resume_in(backend, run, args.steps, communicator)?,
         None => {
@@ -1064,7 +1156,7 @@ fn train_together<B: Backend + 'static>(
             Trainer::create_in(backend, train_config(args, choice)?, out, communicator)?
         }
     };
-    if team.rank() == 0 {
+    if rank == 0 {
         trainer.print_every = args.print_every;
     }
     trainer.interrupt = Some(kiln::interrupt::install()?);
@@ -1072,7 +1164,7 @@ fn train_together<B: Backend + 'static>(
         .ok()
         .map(|p| p.0);
     let report = trainer.run()?;
-    if team.rank() == 0 {
+    if rank == 0 {
         print_report(&report);
         eprintln!("run directory: {}", trainer.run_dir.display());
     }

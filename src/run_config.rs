@@ -102,6 +102,11 @@ pub struct TrainConfig {
     /// how it grows. `None`: the loss is not scaled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<kiln_core::optim::LossScaler>,
+    /// Ternary noise (`--ternary-noise SIGMA`): under ternary QAT, each step's forward sees
+    /// every ternary tensor quantized from the weights plus fresh Gaussian noise of this
+    /// standard deviation (evaluation never does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ternary_noise: Option<f32>,
 }
 
 /// A sequence-length curriculum (`--seq-warmup START:STEPS`): over the first `steps` steps the
@@ -245,6 +250,7 @@ impl TrainConfig {
             qat: None,
             poison_steps: Vec::new(),
             loss_scale: None,
+            ternary_noise: None,
         }
     }
 
@@ -308,6 +314,17 @@ impl TrainConfig {
             ensure!(
                 (0.0..1.0).contains(&p),
                 "--stochastic-depth {p}: the deepest layer's drop probability must be in [0, 1)"
+            );
+        }
+        if let Some(sigma) = self.ternary_noise {
+            ensure!(
+                sigma > 0.0 && sigma.is_finite(),
+                "--ternary-noise {sigma}: the noise's standard deviation must be positive"
+            );
+            ensure!(
+                self.qat
+                    .is_some_and(|rule| rule.matrices == kiln_core::quant::Scheme::Ternary),
+                "--ternary-noise perturbs what ternary QAT quantizes: it needs --qat ternary"
             );
         }
         if let Some(w) = self.seq_warmup {

@@ -181,6 +181,7 @@ mod tests {
             elapsed_s: 1.0,
             progress: 0.5,
             seq: None,
+            loss_scale: None,
         });
         serde_json::to_string(&Record { time: 0.0, event }).unwrap()
     }

@@ -432,6 +432,7 @@ mod tests {
             elapsed_s: 1.0,
             progress: 0.25,
             seq: None,
+            loss_scale: None,
         });
         let line = serde_json::to_string(&Record { time: 1.0, event }).unwrap();
         assert!(

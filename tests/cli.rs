@@ -87,6 +87,22 @@ fn a_backend_not_usable_here_is_refused_with_the_reason() {
             "{err}"
         );
     }
+    // `kiln train --gpus N` trains on the cuda backend only, and checks the GPUs first.
+    let train = [
+        "train", "--data", "nowhere", "--out", "nowhere", "--gpus", "2",
+    ];
+    let (ok, _, err) = kiln(&[&["--backend", "cpu"], &train[..]].concat(), &[]);
+    assert!(
+        !ok && err.contains("--gpus trains on the cuda backend"),
+        "{err}"
+    );
+    if !std::path::Path::new("/proc/driver/nvidia/version").exists() {
+        let (ok, _, err) = kiln(&train, &[]);
+        assert!(
+            !ok && err.contains("--gpus 2: the cuda backend is not usable: no CUDA driver found"),
+            "{err}"
+        );
+    }
     let (ok, _, err) = kiln(&["--backend", "tpu", "doctor"], &[]);
     assert!(!ok && err.contains("possible values"), "{err}");
 }

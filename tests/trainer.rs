@@ -783,3 +783,119 @@ fn loss_scaling_is_exact_backs_off_on_overflow_and_resumes() {
     );
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// Ternary noise. On a model: `refresh_weights_noisy` quantizes every ternary tensor from the
+/// weights plus Gaussian noise drawn from the seed (recomputed here from its stated rule: one
+/// ChaCha8 stream per tensor, `Normal(0, σ)`), each through the export's own quantizer
+/// (`quant::round_trip`), leaves the other tensors as they were, and `refresh_weights` takes
+/// the noise away again. In training: the losses change, evaluation's weights are noise-free
+/// after the run, and a resume continues exactly (the noise comes from the seed and the step).
+#[test]
+fn ternary_noise_perturbs_training_only_and_resumes() {
+    use kiln_core::quant::{self, PackRule, Scheme};
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let rule = PackRule {
+        matrices: Scheme::Ternary,
+        embedding: Scheme::Int {
+            bits: 8,
+            percentile: 100.0,
+        },
+        small_max: 0,
+        hadamard: false,
+    };
+    let mut model = Model::new(ReferenceBackend, ModelConfig::preset("tiny-gqa").unwrap()).unwrap();
+    model.init_random(5).unwrap();
+    model.enable_qat(rule).unwrap();
+    let download = |m: &Model<ReferenceBackend>| {
+        let mut host = vec![0.0; m.param_count()];
+        kiln_core::backend::Backend::download(
+            &m.backend,
+            kiln_core::backend::View::whole(m.weights()),
+            &mut host,
+        )
+        .unwrap();
+        host
+    };
+    let clean = download(&model);
+    let params = model.download_params().unwrap();
+    let sigma = 0.05;
+    let perturbed = model.refresh_weights_noisy(sigma, 99).unwrap();
+    let noisy = download(&model);
+    let normal = rand_distr::Normal::new(0.0f32, sigma).unwrap();
+    let mut ternary = 0;
+    for (index, spec) in model.layout.specs.iter().enumerate() {
+        let r = spec.region.offset..spec.region.offset + spec.region.len;
+        let scheme = rule.scheme_for(spec.kind, spec.region.len);
+        if scheme != Scheme::Ternary {
+            assert_eq!(
+                noisy[r.clone()],
+                clean[r],
+                "{}: not ternary, untouched",
+                spec.name
+            );
+            continue;
+        }
+        ternary += spec.region.len;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            99 ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let shifted: Vec<f32> = params[r.clone()]
+            .iter()
+            .map(|&w| w + normal.sample(&mut rng))
+            .collect();
+        let mut want = vec![0.0; shifted.len()];
+        let q = scheme.fake(quant::quant_shape(spec).1).unwrap();
+        quant::round_trip(q, None, &shifted, &mut want);
+        assert_eq!(noisy[r.clone()], want[..], "{}", spec.name);
+        assert_ne!(
+            noisy[r.clone()],
+            clean[r],
+            "{}: the noise changed nothing",
+            spec.name
+        );
+    }
+    assert_eq!(perturbed, ternary);
+    assert!(ternary > 0);
+    model.refresh_weights().unwrap();
+    assert_eq!(
+        download(&model),
+        clean,
+        "refresh_weights takes the noise away"
+    );
+
+    let dir = temp_dir("ternary-noise");
+    let data = corpus(&dir);
+    let qat = |noise: Option<f32>| {
+        let mut c = config(data.clone(), 12);
+        c.qat = Some(rule);
+        c.ternary_noise = noise;
+        c
+    };
+    let plain = train(qat(None), &dir.join("plain"));
+    let mut trainer =
+        Trainer::create(ReferenceBackend, qat(Some(0.05)), &dir.join("noisy")).unwrap();
+    trainer.print_every = 0;
+    let noisy = trainer.run().unwrap();
+    assert_ne!(
+        noisy.losses, plain.losses,
+        "the noise must reach the forward"
+    );
+    assert!(noisy.val.unwrap().bits_per_byte.is_finite());
+    let after = download(&trainer.model);
+    trainer.model.refresh_weights().unwrap();
+    assert_eq!(
+        after,
+        download(&trainer.model),
+        "evaluation's weights are noise-free"
+    );
+    let joined = stopped_and_resumed(qat(Some(0.05)), &dir.join("resumed"), 8);
+    assert_eq!(joined, noisy.losses, "a resume draws the same noise");
+    let mut bad = qat(Some(0.05));
+    bad.qat = None;
+    let err = Trainer::create(ReferenceBackend, bad, &dir.join("bad"))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("needs --qat ternary"), "{err}");
+    fs::remove_dir_all(dir).unwrap();
+}

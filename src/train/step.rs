@@ -350,6 +350,11 @@ impl<B: Backend> Trainer<B> {
         run: &mut Progress,
     ) -> Result<f32> {
         self.model.zero_grad();
+        if let Some(sigma) = cfg.ternary_noise {
+            // This step's noise: from the run's seed and the step, so a resume draws the same.
+            let seed = cfg.seed ^ (self.step + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            self.model.refresh_weights_noisy(sigma, seed)?;
+        }
         let world = self.communicator.world_size();
         let rank = self.communicator.rank();
         let mut loss_sum = 0f32;
@@ -444,6 +449,10 @@ impl<B: Backend> Trainer<B> {
             self.model.refresh_weights()?;
             run.consecutive_bad = 0;
         } else {
+            // The weights did not change, but the shadow still holds this step's noise.
+            if cfg.ternary_noise.is_some() {
+                self.model.refresh_weights()?;
+            }
             self.skipped += 1;
             if !overflow {
                 run.consecutive_bad += 1;

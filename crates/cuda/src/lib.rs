@@ -14,12 +14,16 @@
 //! - Buffers are f32 or bf16; kernels compute in f32 (bf16 buffers are staging, converted by
 //!   `copy`, `upload` and `download`).
 //!
+//! - **Data parallel over NCCL** ([`nccl`]): one process per GPU, the gradient arena
+//!   all-reduced in place.
+//!
 //! Not yet on the device: the QAT quantizers run on the host (download, round trip, upload;
 //! exact, but a transfer per quantized weight per step).
 
 pub mod compile;
 pub mod gemm;
 pub mod libs;
+pub mod nccl;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -238,7 +242,7 @@ impl CudaBackend {
         &self.inner.info
     }
 
-    fn bind(&self) {
+    pub(crate) fn bind(&self) {
         self.inner
             .ctx
             .bind_to_thread()

@@ -1,6 +1,6 @@
 //! Finding CUDA's shared libraries at run time.
 //!
-//! cudarc opens `libcuda`, `libnvrtc` and `libcublasLt` by name, so only the loader's search
+//! cudarc opens `libcuda`, `libnvrtc`, `libcublasLt` and `libnccl` by name, so only the loader's search
 //! path is seen, and it panics when a library is missing. Before any cudarc call this module
 //! looks for each library where CUDA installs put it (the driver's own folders, a toolkit
 //! under /usr/local/cuda, and the `nvidia-*` Python wheels PyTorch and `pip install
@@ -20,6 +20,8 @@ pub enum Lib {
     Nvrtc,
     /// cuBLASLt (`libcublasLt.so.13`).
     CublasLt,
+    /// NCCL (`libnccl.so.2`), for data parallel across GPUs.
+    Nccl,
 }
 
 impl Lib {
@@ -28,6 +30,7 @@ impl Lib {
             Lib::Driver => "libcuda.so.1",
             Lib::Nvrtc => "libnvrtc.so.13",
             Lib::CublasLt => "libcublasLt.so.13",
+            Lib::Nccl => "libnccl.so.2",
         }
     }
 
@@ -37,11 +40,11 @@ impl Lib {
 }
 
 /// Where each library was found (`None`: not found), searched once per process.
-fn found() -> &'static [Option<PathBuf>; 3] {
-    static FOUND: OnceLock<[Option<PathBuf>; 3]> = OnceLock::new();
+fn found() -> &'static [Option<PathBuf>; 4] {
+    static FOUND: OnceLock<[Option<PathBuf>; 4]> = OnceLock::new();
     FOUND.get_or_init(|| {
         let folders = folders();
-        [Lib::Driver, Lib::Nvrtc, Lib::CublasLt].map(|lib| preload(lib, &folders))
+        [Lib::Driver, Lib::Nvrtc, Lib::CublasLt, Lib::Nccl].map(|lib| preload(lib, &folders))
     })
 }
 
@@ -52,20 +55,14 @@ pub fn location(lib: Lib) -> Option<&'static Path> {
 
 /// `Ok` when `lib` is loaded, else a sentence saying what is missing and how to get it.
 pub fn require(lib: Lib) -> Result<&'static Path, String> {
-    location(lib).ok_or_else(|| match lib {
-        Lib::Driver => {
-            "no CUDA driver found (libcuda.so.1: no NVIDIA driver on this machine)".into()
-        }
-        Lib::Nvrtc => {
-            "NVRTC not found (libnvrtc.so.13: `pip install nvidia-cuda-nvrtc`, a CUDA 13 \
-                       toolkit, or KILN_CUDA_LIBS naming its folder)"
-                .into()
-        }
-        Lib::CublasLt => {
-            "cuBLASLt not found (libcublasLt.so.13: `pip install nvidia-cublas`, a CUDA \
-                          13 toolkit, or KILN_CUDA_LIBS naming its folder)"
-                .into()
-        }
+    location(lib).ok_or_else(|| {
+        let how = match lib {
+            Lib::Driver => return "no CUDA driver found (libcuda.so.1: no NVIDIA driver on this machine)".into(),
+            Lib::Nvrtc => "NVRTC not found (libnvrtc.so.13: `pip install nvidia-cuda-nvrtc`, a CUDA 13 toolkit",
+            Lib::CublasLt => "cuBLASLt not found (libcublasLt.so.13: `pip install nvidia-cublas`, a CUDA 13 toolkit",
+            Lib::Nccl => "NCCL not found (libnccl.so.2: `pip install nvidia-nccl-cu13`",
+        };
+        format!("{how}, or KILN_CUDA_LIBS naming its folder)")
     })
 }
 
@@ -106,7 +103,7 @@ fn folders() -> Vec<PathBuf> {
     }
     for site in python_site_folders() {
         out.push(site.join("nvidia/cu13/lib"));
-        for sub in ["cuda_nvrtc", "cublas"] {
+        for sub in ["cuda_nvrtc", "cublas", "nccl"] {
             out.push(site.join("nvidia").join(sub).join("lib"));
         }
     }

@@ -256,6 +256,52 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Ternary noise (training only): re-quantizes every ternary tensor of the shadow from
+    /// `params + n`, `n` Gaussian with standard deviation `sigma` drawn afresh from `seed` (the
+    /// trainer derives it from the run's seed and the step, so a resume draws the same), as
+    /// the ternary submission's `TERNARY_NOISE_SCALE` does before its absmean quantization:
+    /// the forward sees `Q(w + n)`, the gradient reaches `w` straight through. Other tensors
+    /// keep their noise-free quantization; [`Model::refresh_weights`] removes the noise (the
+    /// trainer calls it after every optimizer step, so evaluation never sees noise). Returns
+    /// how many values were perturbed. A no-op without QAT.
+    pub fn refresh_weights_noisy(&self, sigma: f32, seed: u64) -> Result<usize> {
+        let Some((rule, shadow)) = &self.qat else {
+            return Ok(0);
+        };
+        let normal = Normal::new(0.0f32, sigma)
+            .map_err(|e| crate::error::Error::Config(format!("ternary noise {sigma}: {e}")))?;
+        let mut scratch: Option<B::Memory> = None;
+        let mut perturbed = 0;
+        for (index, spec) in self.layout.specs.iter().enumerate() {
+            let scheme = rule.scheme_for(spec.kind, spec.region.len);
+            let (_, cols) = crate::quant::quant_shape(spec);
+            let Some(q @ crate::backend::FakeQuant::Ternary { .. }) = scheme.fake(cols) else {
+                continue;
+            };
+            let len = spec.region.len;
+            if scratch
+                .as_ref()
+                .is_none_or(|m| crate::backend::DeviceMemory::len(m) < len)
+            {
+                scratch = Some(self.backend.alloc(len, DType::F32)?);
+            }
+            let noisy = View::new(scratch.as_ref().unwrap(), 0, len);
+            // One stream per tensor, so the draws do not depend on the order tensors are visited.
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+            let noise: Vec<f32> = (0..len).map(|_| normal.sample(&mut rng)).collect();
+            self.backend.upload(noisy, &noise)?;
+            let src = view::<B>(&self.params, spec.region);
+            self.backend.accumulate(noisy, src);
+            let rotation = crate::quant::rotation_for(spec, scheme, rule.hadamard);
+            self.backend
+                .fake_quantize(view::<B>(shadow, spec.region), noisy, q, rotation);
+            perturbed += len;
+        }
+        Ok(perturbed)
+    }
+
     /// Keeps an exponential moving average of the weights, starting from the current ones.
     pub fn enable_ema(&mut self, decay: f32) -> Result<()> {
         let ema = self.backend.alloc(self.param_count(), DType::F32)?;
