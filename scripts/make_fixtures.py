@@ -76,6 +76,13 @@ CONFIGS["tiny-golf-parallel"] = dict(
     CONFIGS["tiny-golf"],
     arch=dict(CONFIGS["tiny-golf"]["arch"], ln_scale=True, parallel_from=3, xsa_from=2))
 
+# tiny-golf with a mixture of three experts in layers 3 and 4, routed top-1 (Switch), with
+# the load-balancing loss (weight 0.01) in the objective the gradients are of.
+CONFIGS["tiny-golf-moe"] = dict(
+    CONFIGS["tiny-golf"],
+    arch=dict(CONFIGS["tiny-golf"]["arch"],
+              moe=dict(experts=3, from_layer=3, aux_weight=0.01)))
+
 MASK = (1 << 64) - 1
 
 
@@ -155,8 +162,16 @@ def golf_param_shapes(c):
         if a["value_residual"] and l > 0:
             shapes[p + "self_attn.v_mix"] = (2,)
         shapes[p + "attn_scale"] = (dim,)
-        shapes[p + "mlp.up_proj.weight"] = (hidden, dim)
-        shapes[p + "mlp.down_proj.weight"] = (dim, hidden)
+        moe = a.get("moe")
+        if moe and l >= moe["from_layer"]:
+            shapes[p + "mlp.router.weight"] = (moe["experts"], dim)
+            for e in range(moe["experts"]):
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (hidden, dim)
+            for e in range(moe["experts"]):
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (dim, hidden)
+        else:
+            shapes[p + "mlp.up_proj.weight"] = (hidden, dim)
+            shapes[p + "mlp.down_proj.weight"] = (dim, hidden)
         shapes[p + "mlp_scale"] = (dim,)
         shapes[p + "resid_mix"] = (2, dim)
     depth = len(block_order(c))
@@ -175,6 +190,10 @@ def bigram_ids(tokens, buckets):
     prev = torch.zeros_like(tokens)
     prev[:, 1:] = tokens[:, :-1] + 1
     return (prev * 1000003 + tokens) % buckets
+
+
+# The load-balancing loss of the last golf_forward (a mixture of experts' auxiliary term).
+AUX = [0.0]
 
 
 def golf_forward(c, w, tokens):
@@ -227,9 +246,27 @@ def golf_forward(c, w, tokens):
             att = att - (att * vn).sum(-1, keepdim=True) * vn
         att = att.transpose(1, 2).reshape(b, t, h * d)
         x = x + w[p + "attn_scale"] * (att @ w[p + "self_attn.o_proj.weight"].T)
-        up = (norm(x_in if parallel else x) * damping) @ w[p + "mlp.up_proj.weight"].T
-        hidden = torch.nn.functional.leaky_relu(up, slope).square()
-        x = x + w[p + "mlp_scale"] * (hidden @ w[p + "mlp.down_proj.weight"].T)
+        xn = norm(x_in if parallel else x) * damping
+        mlp = lambda u, d: torch.nn.functional.leaky_relu(xn_e @ u.T, slope).square() @ d.T
+        moe = a.get("moe")
+        if moe and l >= moe["from_layer"]:
+            # Switch routing: each token's top-1 expert (the first largest probability), its
+            # output scaled by that probability; the load-balancing loss E * sum_e f_e * P_e.
+            probs = torch.softmax(xn @ w[p + "mlp.router.weight"].T, dim=-1)
+            choice = probs.argmax(dim=-1)
+            out = torch.zeros_like(xn)
+            for e in range(moe["experts"]):
+                chosen = choice == e
+                xn_e = xn[chosen]
+                y = mlp(w[p + f"mlp.experts.{e}.up_proj.weight"],
+                        w[p + f"mlp.experts.{e}.down_proj.weight"])
+                out = out.index_put((chosen,), probs[chosen][:, e:e + 1] * y)
+                share = chosen.double().mean()
+                AUX[0] = AUX[0] + moe["aux_weight"] * moe["experts"] * share * probs[..., e].mean()
+        else:
+            xn_e = xn
+            out = mlp(w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+        x = x + w[p + "mlp_scale"] * out
         if l < encoders:
             skips.append(x)
     x = norm(x)
@@ -315,6 +352,7 @@ def forward(c, w, tokens):
 
 
 def forward_any(c, w, tokens):
+    AUX[0] = 0.0
     return golf_forward(c, w, tokens) if "arch" in c else forward(c, w, tokens)
 
 
@@ -341,7 +379,8 @@ def make(name, c, seed):
     params = {k: torch.nn.Parameter(v.double().clone()) for k, v in weights32.items()}
     logits = forward_any(c, params, tokens)
     loss = torch.nn.functional.cross_entropy(logits, targets.reshape(-1))
-    loss.backward()
+    # The gradients are of the objective: the loss plus a mixture of experts' balancing term.
+    (loss + AUX[0]).backward()
     grads = {f"grad.{k}": p.grad.detach().clone() for k, p in params.items()}
 
     # Ten AdamW steps on the same batch, from the same start.
@@ -358,7 +397,7 @@ def make(name, c, seed):
         opt.zero_grad()
         step_loss = torch.nn.functional.cross_entropy(forward_any(c, params, tokens),
                                                       targets.reshape(-1))
-        step_loss.backward()
+        (step_loss + AUX[0]).backward()
         opt.step()
         adamw_losses.append(step_loss.item())
 

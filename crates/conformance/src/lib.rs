@@ -94,13 +94,14 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 
 /// The whole-model fixtures `scripts/make_fixtures.py` writes (`tests/fixtures/model_*.safetensors`),
 /// each one of kiln's presets.
-pub const FIXTURES: [&str; 6] = [
+pub const FIXTURES: [&str; 7] = [
     "tiny-mha",
     "tiny-gqa",
     "tiny-golf",
     "tiny-golf-recurrent",
     "tiny-golf-engram",
     "tiny-golf-parallel",
+    "tiny-golf-moe",
 ];
 
 /// Every kernel family.

@@ -115,6 +115,27 @@ pub struct Arch {
     /// along its own token's value vector.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xsa_from: Option<usize>,
+    /// Mixture of experts in the MLPs of the upper layers ([`Moe`]).
+    pub moe: Option<Moe>,
+}
+
+/// A mixture of experts: from layer `from_layer` on, the MLP is `experts` MLPs of the block's
+/// shape and a router `W_R (E, C)`; each token goes to its top-1 expert `e = argmax p`, `p =
+/// softmax(W_R·x̂)` of its normalized input `x̂`, and the MLP's output is `p_e · expert_e(x̂)`
+/// (Switch Transformer). A load-balancing loss `aux_weight · E · Σ_e f_e·P_e` (`f_e`: the
+/// share of tokens routed to `e`, `P_e`: the mean of `p_e`) joins the objective's gradient;
+/// the loss kiln reports stays the cross-entropy alone.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Moe {
+    pub experts: usize,
+    pub from_layer: usize,
+    #[serde(default = "default_aux_weight")]
+    pub aux_weight: f64,
+}
+
+fn default_aux_weight() -> f64 {
+    0.01
 }
 
 /// EngramHash, a hashed n-gram memory. Each position's last n tokens, for n = 2 up to
@@ -176,6 +197,7 @@ impl Default for Arch {
             ln_scale: false,
             parallel_from: None,
             xsa_from: None,
+            moe: None,
         }
     }
 }
@@ -216,6 +238,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-golf",
     "tiny-golf-recurrent",
     "tiny-golf-engram",
+    "tiny-golf-moe",
     "tiny-golf-parallel",
 ];
 
@@ -358,6 +381,17 @@ impl ModelConfig {
                 config.arch.ln_scale = true;
                 config.arch.parallel_from = Some(3);
                 config.arch.xsa_from = Some(2);
+                config
+            }
+            // tiny-golf with a mixture of three experts in layers 3 and 4 (the upper third and
+            // more of five), routed top-1, with the load-balancing loss.
+            "tiny-golf-moe" => {
+                let mut config = ModelConfig::preset("tiny-golf")?;
+                config.arch.moe = Some(Moe {
+                    experts: 3,
+                    from_layer: 3,
+                    aux_weight: 0.01,
+                });
                 config
             }
             // tiny-golf with EngramHash before layer 2: bigram and trigram tables, two hash
@@ -528,6 +562,33 @@ impl ModelConfig {
                 );
             }
         }
+        if let Some(m) = arch.moe {
+            if !(2..=64).contains(&m.experts) {
+                bail!(
+                    "arch.moe.experts must be between 2 and 64, got {}",
+                    m.experts
+                );
+            }
+            if m.from_layer >= self.n_layers {
+                bail!(
+                    "arch.moe.from_layer ({}) must be a layer, below {}",
+                    m.from_layer,
+                    self.n_layers
+                );
+            }
+            if arch.recurrence.is_some() {
+                bail!("arch.moe and arch.recurrence cannot be combined");
+            }
+            if self.arch.mlp == Mlp::Swiglu {
+                bail!("arch.moe needs a relu² MLP (arch.mlp relu2 or leaky_relu2)");
+            }
+            if !(m.aux_weight >= 0.0 && m.aux_weight.is_finite()) {
+                bail!(
+                    "arch.moe.aux_weight must be at least 0, got {}",
+                    m.aux_weight
+                );
+            }
+        }
         if let Some(e) = arch.engram {
             if !(2..=3).contains(&e.max_order) {
                 bail!(
@@ -621,7 +682,19 @@ impl ModelConfig {
             let d = e.dim as u128;
             (t.saturating_mul(e.buckets as u128).saturating_mul(d)).saturating_add(2 * c * d)
         });
-        (2 * v * c + b * c + l * block + depth * c).saturating_add(engram)
+        // A mixture of experts: every expert's MLP and the router, in every layer at most.
+        let moe = self.arch.moe.map_or(0, |m| {
+            let e = (m.experts as u128).min(64);
+            l * (e * (3 * c * f + c))
+        });
+        (2 * v * c + b * c + l * block + depth * c)
+            .saturating_add(engram)
+            .saturating_add(moe)
+    }
+
+    /// Whether layer `l`'s MLP is a mixture of experts.
+    pub fn moe(&self, l: usize) -> bool {
+        self.arch.moe.is_some_and(|m| l >= m.from_layer)
     }
 
     /// Width of all query heads together (H · D).
@@ -652,7 +725,13 @@ impl ModelConfig {
     /// attention's QKᵀ and PV: 2·2·T·D per head forward, twice that backward, causal half.
     pub fn train_flops_per_token(&self, seq: usize) -> f64 {
         let engram = self.arch.engram.map_or(0, |e| 2 * self.dim * e.dim);
+        // A token runs one expert, plus the router.
+        let router = (0..self.depth())
+            .filter(|&l| self.moe(l))
+            .map(|_| self.arch.moe.map_or(0, |m| m.experts) * self.dim)
+            .sum::<usize>();
         let matmul_params = engram
+            + router
             + self.depth()
                 * (self.dim * (self.q_dim() + 2 * self.kv_dim())
                     + self.q_dim() * self.dim
@@ -710,6 +789,34 @@ mod tests {
         let mut config = ModelConfig::preset("tiny-gqa").unwrap();
         config.dim = 0;
         assert!(config.validate().unwrap_err().to_string().contains("dim"));
+    }
+
+    /// A mixture of experts: each impossible setting named; its parameters counted (three
+    /// experts in two of five layers: the MLP thrice and a router in each).
+    #[test]
+    fn mixture_of_experts_settings_are_checked_and_counted() {
+        let moe = ModelConfig::preset("tiny-golf-moe").unwrap();
+        let plain = ModelConfig::preset("tiny-golf").unwrap();
+        let (c, f) = (moe.dim, moe.hidden_dim);
+        assert_eq!(
+            crate::layout::parameter_count(&moe),
+            crate::layout::parameter_count(&plain) + 2 * (2 * 2 * c * f + 3 * c)
+        );
+        assert!(!moe.moe(2) && moe.moe(3) && moe.moe(4));
+        let refused = |edit: &dyn Fn(&mut Moe), field: &str| {
+            let mut config = moe.clone();
+            edit(config.arch.moe.as_mut().unwrap());
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains(field), "{field}: {message}");
+        };
+        refused(&|m| m.experts = 1, "arch.moe.experts");
+        refused(&|m| m.experts = 65, "arch.moe.experts");
+        refused(&|m| m.from_layer = 5, "arch.moe.from_layer");
+        refused(&|m| m.aux_weight = -1.0, "arch.moe.aux_weight");
+        refused(&|m| m.aux_weight = f64::NAN, "arch.moe.aux_weight");
+        let mut swiglu = moe.clone();
+        swiglu.arch.mlp = Mlp::Swiglu;
+        assert!(swiglu.validate().unwrap_err().to_string().contains("relu²"));
     }
 
     /// Depth recurrence and EngramHash: each impossible setting named, before any size is

@@ -120,6 +120,41 @@ pub struct LayerParams {
     pub w_down: Region,             // (C, F)
     pub mlp_scale: Option<Region>,  // (C), arch.branch_scales
     pub resid_mix: Option<Region>,  // (2, C), arch.resid_mix
+    /// A mixture of experts in place of the MLP (`w_up`, `w_down` are then expert 0's).
+    pub moe: Option<MoeParams>,
+}
+
+/// A mixture of experts' parameters ([`crate::config::Moe`]): the router and each expert's
+/// matrices, expert after expert.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeParams {
+    pub experts: usize,
+    /// `W_R (E, C)`.
+    pub router: Region,
+    /// The experts' up projections, `(F, C)` each, one after another.
+    pub up: Region,
+    /// The experts' down projections, `(C, F)` each.
+    pub down: Region,
+}
+
+impl MoeParams {
+    /// Expert `e`'s up projection.
+    pub fn up(&self, e: usize) -> Region {
+        let len = self.up.len / self.experts;
+        Region {
+            offset: self.up.offset + e * len,
+            len,
+        }
+    }
+
+    /// Expert `e`'s down projection.
+    pub fn down(&self, e: usize) -> Region {
+        let len = self.down.len / self.experts;
+        Region {
+            offset: self.down.offset + e * len,
+            len,
+        }
+    }
 }
 
 /// EngramHash's parameters ([`crate::config::Engram`]).
@@ -279,8 +314,35 @@ impl SpecBuilder<'_> {
         let ffn_norm = norms.then(|| self.add(p("post_attention_layernorm"), vec![c], gain, at));
         let w_gate = (arch.mlp == Mlp::Swiglu)
             .then(|| self.add(p("mlp.gate_proj"), vec![f, c], mlp(false), at));
-        let w_up = self.add(p("mlp.up_proj"), vec![f, c], mlp(false), at);
-        let w_down = self.add(p("mlp.down_proj"), vec![c, f], mlp(true), at);
+        let (w_up, w_down, moe) = match arch.moe.filter(|_| config.moe(l)) {
+            None => (
+                self.add(p("mlp.up_proj"), vec![f, c], mlp(false), at),
+                self.add(p("mlp.down_proj"), vec![c, f], mlp(true), at),
+                None,
+            ),
+            Some(m) => {
+                let e = m.experts;
+                let router = self.add(p("mlp.router"), vec![e, c], mlp(false), at);
+                let expert = |i: usize, s: &str| p(&format!("mlp.experts.{i}.{s}"));
+                let ups: Vec<Region> = (0..e)
+                    .map(|i| self.add(expert(i, "up_proj"), vec![f, c], mlp(false), at))
+                    .collect();
+                let downs: Vec<Region> = (0..e)
+                    .map(|i| self.add(expert(i, "down_proj"), vec![c, f], mlp(true), at))
+                    .collect();
+                let whole = |r: &[Region]| Region {
+                    offset: r[0].offset,
+                    len: r.iter().map(|x| x.len).sum(),
+                };
+                let moe = MoeParams {
+                    experts: e,
+                    router,
+                    up: whole(&ups),
+                    down: whole(&downs),
+                };
+                (ups[0], downs[0], Some(moe))
+            }
+        };
         let mlp_scale = arch
             .branch_scales
             .then(|| self.add(name("mlp_scale"), vec![c], scale, at));
@@ -309,6 +371,7 @@ impl SpecBuilder<'_> {
             w_down,
             mlp_scale,
             resid_mix,
+            moe,
         }
     }
 }
@@ -428,6 +491,14 @@ pub struct LayerActivations {
     pub up: Region,        // (N, F)
     pub hidden: Region,    // (N, F)   silu(gate) * up, or relu(up)²
     pub mlp_proj: Region,  // (N, C)   down_proj output (saved with branch scales, else scratch)
+    /// A mixture-of-experts layer's (empty elsewhere): the normalized input gathered in
+    /// expert order (N, C); the experts' outputs in that order before (N, C) and after (N, C)
+    /// their gates; the gates (N). `up` and `hidden` then hold the experts' rows in expert
+    /// order too. (The router's logits are the host's.)
+    pub moe_x: Region,
+    pub moe_y: Region,
+    pub moe_gated: Region,
+    pub moe_gates: Region,
 }
 
 /// Gradient scratch for one block, reused by every block during the backward pass.
@@ -460,6 +531,14 @@ pub struct LayerGradients {
     /// (empty without XSA).
     pub xsa: Region,
     pub xsa_v: Region,
+    /// A mixture of experts' (empty without one): the gradients of the experts' gated
+    /// outputs (N, C), of their outputs (N, C) and inputs (N, C), all in expert order, of the
+    /// gates (N) and of the router's logits (N, E).
+    pub moe_gated: Region,
+    pub moe_y: Region,
+    pub moe_x: Region,
+    pub moe_gates: Region,
+    pub router: Region,
     /// Per U-Net skip: the gradient of encoder block j's output through the skip. (N, C) each.
     pub skips: Vec<Region>,
     pub embed: Region, // (N, C)   gradient of the raw embedding; = residual without embed_norm
@@ -673,6 +752,12 @@ impl ActivationLayout {
         };
         // No gradient of the logits where there is no backward (prefill).
         let dv_rows = if head == Head::Last { 0 } else { n * v };
+        let moe_experts = arch.moe.map_or(0, |m| m.experts);
+        let moe_rows = if moe_experts > 0 && head != Head::Last {
+            n
+        } else {
+            0
+        };
         let dlogits = cur.take(dv_rows);
         let grads = LayerGradients {
             residual: residual_grad,
@@ -701,6 +786,11 @@ impl ActivationLayout {
             }),
             xsa: cur.take(if arch.xsa_from.is_some() { q } else { 0 }),
             xsa_v: cur.take(if arch.xsa_from.is_some() { kv } else { 0 }),
+            moe_gated: cur.take(moe_rows * c),
+            moe_y: cur.take(moe_rows * c),
+            moe_x: cur.take(moe_rows * c),
+            moe_gates: cur.take(moe_rows),
+            router: cur.take(moe_rows * moe_experts),
             skips: (0..depth)
                 .filter(|&l| skip_source(config, l).is_some())
                 .map(|_| cur.take(n * c))
@@ -816,6 +906,11 @@ fn block_activations(
     });
     let up = cur.take(n * f);
     let hidden = cur.take(n * f);
+    let moe_n = if config.moe(l) { n } else { 0 };
+    let moe_x = cur.take(moe_n * c);
+    let moe_y = cur.take(moe_n * c);
+    let moe_gated = cur.take(moe_n * c);
+    let moe_gates = cur.take(moe_n);
     // Without branch scales the projections are consumed at once: o_proj's output
     // goes through `xn_ffn` (free until the MLP norm) and down_proj's through the
     // next block's `x_in` or `xn_final` scratch, as assigned below.
@@ -851,5 +946,9 @@ fn block_activations(
         up,
         hidden,
         mlp_proj,
+        moe_x,
+        moe_y,
+        moe_gated,
+        moe_gates,
     }
 }

@@ -71,6 +71,14 @@ fn tiny_golf_with_parallel_residuals_matches_pytorch() {
     kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
 }
 
+/// A mixture of three experts in the last two layers, top-1 routed, with the load-balancing
+/// loss in the gradients.
+#[test]
+fn tiny_golf_with_a_mixture_of_experts_matches_pytorch() {
+    let path = fixture("model_tiny-golf-moe.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
     for preset in kiln_conformance::FIXTURES {

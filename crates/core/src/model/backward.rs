@@ -17,6 +17,9 @@ use Accumulate::{Add, Overwrite};
 
 /// Shape helpers for one backward call: every kernel of a step sees the same N = B·T rows.
 struct Shapes {
+    /// The weight of the objective (`loss_weight`): the load-balancing loss's gradient
+    /// carries it too.
+    loss_weight: f32,
     batch: usize,
     seq: usize,
     n: usize,
@@ -113,7 +116,8 @@ impl<B: Backend> Model<B> {
             al.batch,
             al.seq
         );
-        let shapes = self.shapes(acts);
+        let mut shapes = self.shapes(acts);
+        shapes.loss_weight = loss_weight;
         let encoders = cfg.depth() / 2;
 
         if arch.value_residual {
@@ -187,6 +191,7 @@ impl<B: Backend> Model<B> {
     fn shapes(&self, acts: &Activations<B>) -> Shapes {
         let (batch, seq) = (acts.layout.batch, acts.layout.seq);
         Shapes {
+            loss_weight: 1.0,
             batch,
             seq,
             n: batch * seq,
@@ -369,6 +374,15 @@ impl<B: Backend> Model<B> {
         let (c, f) = (cfg.dim, cfg.hidden_dim);
         let dproj =
             self.branch_scale_backward(acts, dout, w.mlp_scale, (s.mlp_proj, d.mlp_proj), sh);
+        if let Some(moe) = w.moe {
+            self.moe_backward(acts, l, &moe, s, dproj, sh);
+            let (gain, gain_grad) = self.block_gain_and_grad(w.ffn_norm, l);
+            let input = if cfg.parallel(l) { s.x_blk } else { s.x_mid };
+            let (x, rstd) = (a(input), a(s.rstd_ffn));
+            let shape = sh.norm(sh.n, c);
+            be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x, gain, rstd, shape, Add);
+            return;
+        }
         let (dw_down, w_down) = (g(w.w_down), p(w.w_down));
         let (dout, hidden) = (a(dproj), a(s.hidden));
         be.matmul_backward(
@@ -398,6 +412,96 @@ impl<B: Backend> Model<B> {
         let (x, rstd) = (a(input), a(s.rstd_ffn));
         let shape = sh.norm(sh.n, c);
         be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x, gain, rstd, shape, Add);
+    }
+
+    /// The backward of [`Model::moe_forward`]: from dL/d(mlp_proj) in `dproj` to dL/d(xn_ffn)
+    /// in `d.xn`, through the scatter (a gather), the gates (the per-row scale's backward,
+    /// which also gives each gate's gradient), each expert's MLP, the gather (a scatter-add)
+    /// and the router (its logits' gradient from the gates' and the load-balancing loss's, on
+    /// the host: [`Routing::router_grad`]).
+    fn moe_backward(
+        &self,
+        acts: &Activations<B>,
+        l: usize,
+        moe: &crate::layout::MoeParams,
+        s: &LayerActivations,
+        dproj: Region,
+        sh: &Shapes,
+    ) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let d = &acts.layout.grads;
+        let (c, f, e, n) = (cfg.dim, cfg.hidden_dim, moe.experts, sh.n);
+        let routing = acts.routing.lock().unwrap()[l].clone();
+        assert_eq!(
+            routing.perm.len(),
+            n,
+            "moe_backward: no routing from the forward"
+        );
+        let mm = |rows, in_dim, out_dim| MatmulShape {
+            rows,
+            in_dim,
+            out_dim,
+        };
+        be.embedding_forward(a(d.moe_gated), a(dproj), &routing.perm, c);
+        let per_row = ScaleShape {
+            rows: 1,
+            groups: n,
+            inner: c,
+        };
+        be.zero(a(d.moe_gates));
+        let (dy, dgates) = (a(d.moe_y), a(d.moe_gates));
+        let (dgated, y, gates) = (a(d.moe_gated), a(s.moe_y), a(s.moe_gates));
+        be.scale_backward(dy, dgates, dgated, y, gates, per_row, Overwrite);
+        let slope = mlp_slope(cfg.arch.mlp);
+        for expert in 0..e {
+            let (start, end) = (routing.offsets[expert], routing.offsets[expert + 1]);
+            let k = end - start;
+            if k == 0 {
+                continue;
+            }
+            let rows = |r: Region, width: usize| a(r).slice(start * width, k * width);
+            be.matmul_backward(
+                rows(d.hidden, f),
+                g(moe.down(expert)),
+                rows(d.moe_y, c),
+                rows(s.hidden, f),
+                p(moe.down(expert)),
+                mm(k, f, c),
+                Overwrite,
+            );
+            be.relu2_backward(rows(d.up, f), rows(d.hidden, f), rows(s.up, f), slope);
+            be.matmul_backward(
+                rows(d.moe_x, c),
+                g(moe.up(expert)),
+                rows(d.up, f),
+                rows(s.moe_x, c),
+                p(moe.up(expert)),
+                mm(k, c, f),
+                Overwrite,
+            );
+        }
+        be.zero(a(d.xn));
+        be.embedding_backward(a(d.xn), a(d.moe_x), &routing.perm, c);
+        let mut host_dgates = vec![0.0; n];
+        be.download(dgates, &mut host_dgates)
+            .unwrap_or_else(|err| panic!("the gates' gradient: {err}"));
+        let aux = cfg.arch.moe.map_or(0.0, |m| m.aux_weight as f32) * sh.loss_weight;
+        let dz = routing.router_grad(&host_dgates, aux);
+        be.upload(a(d.router), &dz)
+            .unwrap_or_else(|err| panic!("the router's gradient: {err}"));
+        let (xn, router) = (a(s.xn_ffn), p(moe.router));
+        be.matmul_backward(
+            a(d.xn),
+            g(moe.router),
+            a(d.router),
+            xn,
+            router,
+            mm(n, c, e),
+            Add,
+        );
     }
 
     /// The attention branch of layer `l`: from dL/d(its output) in `dout` to dL/d(x_blk),

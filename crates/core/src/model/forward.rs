@@ -1,7 +1,9 @@
 //! The forward pass (see the module docs of [`super`] for the block's equations), and the
 //! small helpers forward and backward share.
 
-use super::{bigram_ids, download, engram_ids, mlp_slope, view, Activations, CacheSlot, Model};
+use super::{
+    bigram_ids, download, engram_ids, mlp_slope, view, Activations, CacheSlot, Model, Routing,
+};
 use crate::backend::{
     Accumulate, AttentionShape, Backend, DecodeShape, MatmulShape, NormShape, Qkv, RopeShape,
     ScaleShape, View,
@@ -340,17 +342,100 @@ impl<B: Backend> Model<B> {
         // A parallel residual: the MLP reads the layer's input, not attention's output.
         let mlp_in = if cfg.parallel(l) { x } else { a(s.x_mid) };
         be.rmsnorm_forward(a(s.xn_ffn), a(s.rstd_ffn), mlp_in, ffn_norm, norm(n, c));
-        be.matmul_forward(a(s.up), a(s.xn_ffn), p(w.w_up), mm(n, c, f));
-        match (arch.mlp, w.w_gate) {
-            (Mlp::Swiglu, Some(w_gate)) => {
-                be.matmul_forward(a(s.gate), a(s.xn_ffn), p(w_gate), mm(n, c, f));
-                be.swiglu_forward(a(s.hidden), a(s.gate), a(s.up));
+        if let Some(moe) = w.moe {
+            self.moe_forward(acts, l, &moe, s, n);
+        } else {
+            be.matmul_forward(a(s.up), a(s.xn_ffn), p(w.w_up), mm(n, c, f));
+            match (arch.mlp, w.w_gate) {
+                (Mlp::Swiglu, Some(w_gate)) => {
+                    be.matmul_forward(a(s.gate), a(s.xn_ffn), p(w_gate), mm(n, c, f));
+                    be.swiglu_forward(a(s.hidden), a(s.gate), a(s.up));
+                }
+                (mlp, _) => be.relu2_forward(a(s.hidden), a(s.up), mlp_slope(mlp)),
             }
-            (mlp, _) => be.relu2_forward(a(s.hidden), a(s.up), mlp_slope(mlp)),
+            be.matmul_forward(a(s.mlp_proj), a(s.hidden), p(w.w_down), mm(n, f, c));
         }
-        be.matmul_forward(a(s.mlp_proj), a(s.hidden), p(w.w_down), mm(n, f, c));
         let out = a(al.residual[l + 1]);
         self.branch_add(out, a(s.x_mid), a(s.mlp_proj), w.mlp_scale, n);
+    }
+
+    /// A mixture of experts in place of layer `l`'s MLP, from `xn_ffn` into `mlp_proj`: the
+    /// router's logits and the top-1 routing, on the host in f32 whatever the backend's
+    /// precision ([`Routing`]; a router's decisions are discrete, and a bf16 product would
+    /// flip near-ties: the Switch Transformer keeps its router in f32 too), the rows gathered in
+    /// expert order (an embedding lookup with the row numbers as ids), each expert's MLP on
+    /// its rows, the gates, and the rows scattered back (the embedding's backward: a scatter-
+    /// add into zeros).
+    fn moe_forward(
+        &self,
+        acts: &Activations<B>,
+        l: usize,
+        moe: &crate::layout::MoeParams,
+        s: &LayerActivations,
+        n: usize,
+    ) {
+        let cfg = &self.config;
+        let (c, f, e) = (cfg.dim, cfg.hidden_dim, moe.experts);
+        let be = &self.backend;
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let mm = |rows, in_dim, out_dim| MatmulShape {
+            rows,
+            in_dim,
+            out_dim,
+        };
+        let (mut xn, mut router) = (vec![0.0; n * c], vec![0.0; e * c]);
+        be.download(a(s.xn_ffn), &mut xn)
+            .and_then(|_| be.download(p(moe.router), &mut router))
+            .unwrap_or_else(|err| panic!("the router's inputs: {err}"));
+        let logits: Vec<f32> = xn
+            .chunks_exact(c)
+            .flat_map(|x| {
+                router.chunks_exact(c).map(move |w| {
+                    x.iter()
+                        .zip(w)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>() as f32
+                })
+            })
+            .collect();
+        let routing = Routing::of_logits(&logits, e);
+        be.embedding_forward(a(s.moe_x), a(s.xn_ffn), &routing.perm, c);
+        let slope = mlp_slope(cfg.arch.mlp);
+        for expert in 0..e {
+            let (start, rows) = (routing.offsets[expert], routing.offsets[expert + 1]);
+            let k = rows - start;
+            if k == 0 {
+                continue;
+            }
+            let (up, hidden) = (
+                a(s.up).slice(start * f, k * f),
+                a(s.hidden).slice(start * f, k * f),
+            );
+            let x = a(s.moe_x).slice(start * c, k * c);
+            be.matmul_forward(up, x, p(moe.up(expert)), mm(k, c, f));
+            be.relu2_forward(hidden, up, slope);
+            let y = a(s.moe_y).slice(start * c, k * c);
+            be.matmul_forward(y, hidden, p(moe.down(expert)), mm(k, f, c));
+        }
+        be.upload(a(s.moe_gates), &routing.gates())
+            .unwrap_or_else(|err| panic!("the gates: {err}"));
+        // Each row's output times its gate (a per-row scale: one "group" per row).
+        let per_row = ScaleShape {
+            rows: 1,
+            groups: n,
+            inner: c,
+        };
+        be.scale_forward(
+            a(s.moe_gated),
+            a(s.moe_y),
+            a(s.moe_gates),
+            per_row,
+            Accumulate::Overwrite,
+        );
+        be.zero(a(s.mlp_proj));
+        be.embedding_backward(a(s.mlp_proj), a(s.moe_gated), &routing.perm, c);
+        acts.routing.lock().unwrap()[l] = routing;
     }
 
     /// Decoding: stores this position's keys and values in the cache's row `pos` of layer

@@ -70,6 +70,116 @@ pub struct Model<B: Backend> {
 pub struct Activations<B: Backend> {
     pub layout: ActivationLayout,
     pub memory: B::Memory,
+    /// Each mixture-of-experts layer's routing in the last forward (for its backward).
+    routing: std::sync::Mutex<Vec<Routing>>,
+}
+
+impl<B: Backend> Activations<B> {
+    fn new(layout: ActivationLayout, memory: B::Memory) -> Self {
+        let layers = layout.layers.len();
+        Activations {
+            layout,
+            memory,
+            routing: std::sync::Mutex::new(vec![Routing::default(); layers]),
+        }
+    }
+}
+
+/// Top-1 routing of one mixture-of-experts layer's rows, decided on the host from the router's
+/// logits: each row's softmax over the experts and its expert (the first largest
+/// probability), and the rows sorted by expert.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routing {
+    pub experts: usize,
+    /// `(N, E)` each row's probabilities.
+    pub probs: Vec<f32>,
+    /// Each row's expert.
+    pub expert: Vec<u32>,
+    /// Rows in expert order: expert e's are `perm[offsets[e]..offsets[e + 1]]`.
+    pub perm: Vec<u32>,
+    pub offsets: Vec<usize>,
+}
+
+impl Routing {
+    /// The routing of `(N, E)` router logits.
+    pub fn of_logits(logits: &[f32], experts: usize) -> Self {
+        let rows = logits.len() / experts;
+        let mut probs = vec![0.0; logits.len()];
+        let mut expert = vec![0u32; rows];
+        for r in 0..rows {
+            let z = &logits[r * experts..(r + 1) * experts];
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let p = &mut probs[r * experts..(r + 1) * experts];
+            let mut sum = 0.0;
+            for (p, &z) in p.iter_mut().zip(z) {
+                *p = (z - max).exp();
+                sum += *p;
+            }
+            let mut best = 0;
+            for e in 0..experts {
+                p[e] /= sum;
+                if p[e] > p[best] {
+                    best = e;
+                }
+            }
+            expert[r] = best as u32;
+        }
+        let mut offsets = vec![0usize; experts + 1];
+        for &e in &expert {
+            offsets[e as usize + 1] += 1;
+        }
+        for e in 0..experts {
+            offsets[e + 1] += offsets[e];
+        }
+        let mut next = offsets.clone();
+        let mut perm = vec![0u32; rows];
+        for (r, &e) in expert.iter().enumerate() {
+            perm[next[e as usize]] = r as u32;
+            next[e as usize] += 1;
+        }
+        Routing {
+            experts,
+            probs,
+            expert,
+            perm,
+            offsets,
+        }
+    }
+
+    /// Each row's gate (its expert's probability), in expert order.
+    pub fn gates(&self) -> Vec<f32> {
+        self.perm
+            .iter()
+            .map(|&r| self.probs[r as usize * self.experts + self.expert[r as usize] as usize])
+            .collect()
+    }
+
+    /// The gradient of the router's logits `(N, E)`, in row order, from the gates' gradient
+    /// `dgates` (in expert order) and the load-balancing loss `weight · E · Σ_e f_e·P_e` (the
+    /// softmax's backward: `dz_j = Σ_e dp_e · p_e (δ_ej − p_j)`).
+    pub fn router_grad(&self, dgates: &[f32], weight: f32) -> Vec<f32> {
+        let (n, e) = (self.expert.len(), self.experts);
+        // f_e: the share of rows routed to each expert (no gradient).
+        let share: Vec<f32> = (0..e)
+            .map(|i| (self.offsets[i + 1] - self.offsets[i]) as f32 / n as f32)
+            .collect();
+        let mut dz = vec![0.0; n * e];
+        let mut dp = vec![0.0; e];
+        for (i, &r) in self.perm.iter().enumerate() {
+            let r = r as usize;
+            let p = &self.probs[r * e..(r + 1) * e];
+            // d(aux)/dp_j = weight · E · f_j / N
+            for j in 0..e {
+                dp[j] = weight * e as f32 * share[j] / n as f32;
+            }
+            dp[self.expert[r] as usize] += dgates[i];
+            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+            for j in 0..e {
+                dz[r * e + j] = p[j] * (dp[j] - dot);
+            }
+        }
+        dz
+    }
 }
 
 /// Keys and values of every position decoded so far, for `batch` sequences decoded together
@@ -428,7 +538,7 @@ impl<B: Backend> Model<B> {
             ),
         )?;
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
-        Ok(Activations { layout, memory })
+        Ok(Activations::new(layout, memory))
     }
 
     /// The fused head's shape for `rows` positions.
@@ -468,10 +578,8 @@ impl<B: Backend> Model<B> {
             })
             .collect();
         let layout = ActivationLayout::new(&self.config, batch, 1, 0, (Head::Logits, 0));
-        let acts = Activations {
-            memory: self.backend.alloc(layout.total_len(), DType::F32)?,
-            layout,
-        };
+        let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
+        let acts = Activations::new(layout, memory);
         Ok(KvCache {
             memory: self.backend.alloc(2 * l * row, DType::F32)?,
             keys,
@@ -694,4 +802,81 @@ pub fn engram_ids(
         }
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Routing;
+
+    /// Three experts over seven rows: the rows in expert order, each row's first largest
+    /// probability chosen (a tie goes to the lower expert, as `argmax` does), the gates.
+    #[test]
+    fn routing_sorts_rows_by_expert_and_gates_by_their_probability() {
+        let logits = [
+            0.0, 2.0, 1.0, // → 1
+            3.0, 0.0, 0.0, // → 0
+            0.0, 0.0, 5.0, // → 2
+            1.0, 1.0, 0.0, // tie → 0
+            0.0, 4.0, 0.0, // → 1
+            -1.0, -2.0, 0.5, // → 2
+            0.0, 0.0, 0.0, // tie → 0
+        ];
+        let r = Routing::of_logits(&logits, 3);
+        assert_eq!(r.expert, [1, 0, 2, 0, 1, 2, 0]);
+        assert_eq!(r.offsets, [0, 3, 5, 7]);
+        assert_eq!(r.perm, [1, 3, 6, 0, 4, 2, 5]);
+        let softmax = |z: &[f64]| {
+            let s: f64 = z.iter().map(|x| x.exp()).sum();
+            z.iter().map(|x| x.exp() / s).collect::<Vec<f64>>()
+        };
+        for (gate, &row) in r.gates().iter().zip(&r.perm) {
+            let z: Vec<f64> = logits[row as usize * 3..][..3].iter().map(|&x| x as f64).collect();
+            let want = softmax(&z)[r.expert[row as usize] as usize];
+            assert!((*gate as f64 - want).abs() < 1e-6, "row {row}: {gate} vs {want}");
+        }
+    }
+
+    /// The router's gradient against central differences in f64 of the objective it is the
+    /// gradient of, `Σ_i dgate_i · p_{perm_i, e_i} + w · E · Σ_e f_e · mean_r p_{r,e}` (the
+    /// routing held fixed, as it is piecewise constant): within 1e-4 relative (f32 arithmetic
+    /// against f64 differences with h = 1e-4).
+    #[test]
+    fn the_router_gradient_matches_finite_differences() {
+        let (n, e) = (6, 3);
+        let logits: Vec<f32> = (0..n * e).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.37).collect();
+        let r = Routing::of_logits(&logits, e);
+        let dgates: Vec<f32> = (0..n).map(|i| (i as f32 - 2.5) * 0.3).collect();
+        let weight = 0.7;
+        let objective = |z: &[f64]| -> f64 {
+            let probs: Vec<f64> = z
+                .chunks_exact(e)
+                .flat_map(|row| {
+                    let s: f64 = row.iter().map(|x| x.exp()).sum();
+                    row.iter().map(move |x| x.exp() / s).collect::<Vec<_>>()
+                })
+                .collect();
+            let mut total = 0.0;
+            for (i, &row) in r.perm.iter().enumerate() {
+                let row = row as usize;
+                total += dgates[i] as f64 * probs[row * e + r.expert[row] as usize];
+            }
+            for j in 0..e {
+                let share = (r.offsets[j + 1] - r.offsets[j]) as f64 / n as f64;
+                let mean: f64 = (0..n).map(|row| probs[row * e + j]).sum::<f64>() / n as f64;
+                total += weight as f64 * e as f64 * share * mean;
+            }
+            total
+        };
+        let got = r.router_grad(&dgates, weight);
+        let z: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        let h = 1e-4;
+        for k in 0..n * e {
+            let (mut up, mut down) = (z.clone(), z.clone());
+            up[k] += h;
+            down[k] -= h;
+            let want = (objective(&up) - objective(&down)) / (2.0 * h);
+            let err = (got[k] as f64 - want).abs();
+            assert!(err <= 1e-6 + 1e-4 * want.abs(), "dz[{k}] = {} vs {want}", got[k]);
+        }
+    }
 }
