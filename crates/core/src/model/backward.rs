@@ -368,21 +368,38 @@ impl<B: Backend> Model<B> {
     ) {
         let (cfg, be) = (&self.config, &self.backend);
         let a = |r: Region| view::<B>(&acts.memory, r);
-        let p = |r: Region| view::<B>(self.weights(), r);
-        let g = |r: Region| view::<B>(&self.grads, r);
         let d = &acts.layout.grads;
-        let (c, f) = (cfg.dim, cfg.hidden_dim);
+        let c = cfg.dim;
         let dproj =
             self.branch_scale_backward(acts, dout, w.mlp_scale, (s.mlp_proj, d.mlp_proj), sh);
         if let Some(moe) = w.moe {
             self.moe_backward(acts, l, &moe, s, dproj, sh);
-            let (gain, gain_grad) = self.block_gain_and_grad(w.ffn_norm, l);
-            let input = if cfg.parallel(l) { s.x_blk } else { s.x_mid };
-            let (x, rstd) = (a(input), a(s.rstd_ffn));
-            let shape = sh.norm(sh.n, c);
-            be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x, gain, rstd, shape, Add);
-            return;
+        } else {
+            self.dense_mlp_backward(acts, w, s, dproj, sh);
         }
+        let (gain, gain_grad) = self.block_gain_and_grad(w.ffn_norm, l);
+        let input = if cfg.parallel(l) { s.x_blk } else { s.x_mid };
+        let (x, rstd) = (a(input), a(s.rstd_ffn));
+        let shape = sh.norm(sh.n, c);
+        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x, gain, rstd, shape, Add);
+    }
+
+    /// The dense MLP's backward: from dL/d(down_proj's output) in `dproj` to dL/d(xn_ffn) in
+    /// `d.xn`.
+    fn dense_mlp_backward(
+        &self,
+        acts: &Activations<B>,
+        w: &LayerParams,
+        s: &LayerActivations,
+        dproj: Region,
+        sh: &Shapes,
+    ) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let d = &acts.layout.grads;
+        let (c, f) = (cfg.dim, cfg.hidden_dim);
         let (dw_down, w_down) = (g(w.w_down), p(w.w_down));
         let (dout, hidden) = (a(dproj), a(s.hidden));
         be.matmul_backward(
@@ -407,11 +424,6 @@ impl<B: Backend> Model<B> {
         }
         let (dup, xn) = (a(d.up), a(s.xn_ffn));
         be.matmul_backward(a(d.xn), g(w.w_up), dup, xn, p(w.w_up), sh.mm(c, f), up_mode);
-        let (gain, gain_grad) = self.block_gain_and_grad(w.ffn_norm, l);
-        let input = if cfg.parallel(l) { s.x_blk } else { s.x_mid };
-        let (x, rstd) = (a(input), a(s.rstd_ffn));
-        let shape = sh.norm(sh.n, c);
-        be.rmsnorm_backward(a(d.residual), gain_grad, a(d.xn), x, gain, rstd, shape, Add);
     }
 
     /// The backward of [`Model::moe_forward`]: from dL/d(mlp_proj) in `dproj` to dL/d(xn_ffn)
