@@ -15,7 +15,7 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel `SOURCE` defines (the backend loads each by name at start-up, so a kernel
 /// missing from the module is an error then, not at its first call).
-pub const KERNELS: [&str; 34] = [
+pub const KERNELS: [&str; 38] = [
     "f32_to_bf16",
     "bf16_to_f32",
     "embedding_forward",
@@ -50,6 +50,10 @@ pub const KERNELS: [&str; 34] = [
     "normalize_rows",
     "newton_schulz_start",
     "muon_apply",
+    "f16_round_trip",
+    "ternary_round_trip",
+    "int_round_trip",
+    "hadamard_blocks",
 ];
 
 /// NVRTC's version, `(major, minor)`, or why NVRTC cannot be used.

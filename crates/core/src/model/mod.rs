@@ -830,9 +830,15 @@ mod tests {
             z.iter().map(|x| x.exp() / s).collect::<Vec<f64>>()
         };
         for (gate, &row) in r.gates().iter().zip(&r.perm) {
-            let z: Vec<f64> = logits[row as usize * 3..][..3].iter().map(|&x| x as f64).collect();
+            let z: Vec<f64> = logits[row as usize * 3..][..3]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
             let want = softmax(&z)[r.expert[row as usize] as usize];
-            assert!((*gate as f64 - want).abs() < 1e-6, "row {row}: {gate} vs {want}");
+            assert!(
+                (*gate as f64 - want).abs() < 1e-6,
+                "row {row}: {gate} vs {want}"
+            );
         }
     }
 
@@ -843,7 +849,9 @@ mod tests {
     #[test]
     fn the_router_gradient_matches_finite_differences() {
         let (n, e) = (6, 3);
-        let logits: Vec<f32> = (0..n * e).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.37).collect();
+        let logits: Vec<f32> = (0..n * e)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.37)
+            .collect();
         let r = Routing::of_logits(&logits, e);
         let dgates: Vec<f32> = (0..n).map(|i| (i as f32 - 2.5) * 0.3).collect();
         let weight = 0.7;
@@ -876,7 +884,11 @@ mod tests {
             down[k] -= h;
             let want = (objective(&up) - objective(&down)) / (2.0 * h);
             let err = (got[k] as f64 - want).abs();
-            assert!(err <= 1e-6 + 1e-4 * want.abs(), "dz[{k}] = {} vs {want}", got[k]);
+            assert!(
+                err <= 1e-6 + 1e-4 * want.abs(),
+                "dz[{k}] = {} vs {want}",
+                got[k]
+            );
         }
     }
 }
