@@ -6,20 +6,19 @@
 //! - **Kernels in CUDA C** (`kernels.cu`), compiled at start-up by NVRTC for the device's
 //!   architecture, the PTX cached on disk ([`compile`]); each matches the reference backend's
 //!   kernel of the same name, and the conformance suite holds it to it.
-//! - **GEMMs through cuBLASLt**, bf16 multiplies with f32 accumulation ([`gemm`]); Muon's
-//!   Newton–Schulz iterations use the same products.
-//! - **Weights stay on the device.** Parameters, gradients, optimizer state and activations
-//!   live in device arenas; a step's only transfers are its token ids and targets up and the
-//!   loss (and the gradient norm) down. Everything runs in order on the legacy default stream.
-//! - Buffers are f32 or bf16; kernels compute in f32 (bf16 buffers are staging, converted by
-//!   `copy`, `upload` and `download`).
-//!
-//! - **Data parallel over NCCL** ([`nccl`]): one process per GPU, the gradient arena
-//!   all-reduced in place.
-//!
+//! - **GEMMs through cuBLASLt**, bf16 (or f16) multiplies with f32 accumulation ([`gemm`]);
+//!   Muon's Newton–Schulz iterations use the same products.
 //! - **QAT on the device**: the quantizers' round trips (f16, ternary, int with its row
 //!   percentile, the block Hadamard rotation) are kernels, bit for bit the export's
 //!   arithmetic.
+//! - **Weights stay on the device.** Parameters, gradients, optimizer state and activations
+//!   live in device arenas; a step's transfers are its token ids and targets up and the loss
+//!   and the gradient norm down (and a mixture of experts' routing, decided on the host).
+//!   Everything runs in order on the legacy default stream.
+//! - Buffers are f32 or bf16; kernels compute in f32 (bf16 buffers are staging, converted by
+//!   `copy`, `upload` and `download`).
+//! - **Data parallel over NCCL** ([`nccl`]): one process per GPU, the gradient arena
+//!   all-reduced in place.
 
 pub mod compile;
 pub mod gemm;
