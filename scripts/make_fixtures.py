@@ -83,6 +83,12 @@ CONFIGS["tiny-golf-moe"] = dict(
     arch=dict(CONFIGS["tiny-golf"]["arch"],
               moe=dict(experts=3, from_layer=3, aux_weight=0.01)))
 
+# tiny-golf with a causal capsule bank before layer 2: 3 capsules of 8 values, each a learned
+# prototype pooling its position's prefix (softmax over earlier positions only).
+CONFIGS["tiny-golf-capsules"] = dict(
+    CONFIGS["tiny-golf"],
+    arch=dict(CONFIGS["tiny-golf"]["arch"], capsules=dict(count=3, dim=8, layer=2)))
+
 MASK = (1 << 64) - 1
 
 
@@ -126,6 +132,19 @@ def engram(c, w, x, tokens, norm):
     value = memory @ w["model.engram.proj.weight"].T
     gate = torch.sigmoid((norm(x) * norm(key)).sum(-1, keepdim=True) / math.sqrt(c["dim"]))
     return x + gate * value
+
+
+def capsules(c, w, x, norm):
+    """The causal capsule bank: capsule k at position t pools r_s = W_R·norm(x_s) over s <= t
+    with weights softmax_s(p_k·r_s / sqrt(dim)); x + g * W_W·(the capsules, concatenated)."""
+    k = c["arch"]["capsules"]
+    b, t, _ = x.shape
+    r = norm(x) @ w["model.capsules.read.weight"].T
+    scores = torch.einsum("bsd,kd->bks", r, w["model.capsules.prototypes"]) / math.sqrt(k["dim"])
+    causal = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
+    weights = torch.softmax(scores[:, :, None, :] + causal, dim=-1)  # (b, k, t, s)
+    caps = torch.einsum("bkts,bsd->btkd", weights, r).reshape(b, t, -1)
+    return x + w["model.capsules.gate"] * (caps @ w["model.capsules.write.weight"].T)
 
 
 def block_order(c):
@@ -176,6 +195,12 @@ def golf_param_shapes(c):
         shapes[p + "resid_mix"] = (2, dim)
     depth = len(block_order(c))
     shapes["model.skip_weights"] = (min(depth // 2, depth - depth // 2), dim)
+    k = a.get("capsules")
+    if k:
+        shapes["model.capsules.prototypes"] = (k["count"], k["dim"])
+        shapes["model.capsules.read.weight"] = (k["dim"], dim)
+        shapes["model.capsules.write.weight"] = (dim, k["count"] * k["dim"])
+        shapes["model.capsules.gate"] = (dim,)
     e = a.get("engram")
     if e:
         tables = (e["max_order"] - 1) * e["heads"]
@@ -217,6 +242,8 @@ def golf_forward(c, w, tokens):
         p = f"model.layers.{block}."
         if a.get("engram") and a["engram"]["layer"] == l:
             x = engram(c, w, x, tokens, norm)
+        if a.get("capsules") and a["capsules"]["layer"] == l:
+            x = capsules(c, w, x, norm)
         if l >= encoders and skips:
             x = x + w["model.skip_weights"][l - encoders] * skips.pop()
         mix = w[p + "resid_mix"]

@@ -117,6 +117,23 @@ pub struct Arch {
     pub xsa_from: Option<usize>,
     /// Mixture of experts in the MLPs of the upper layers ([`Moe`]).
     pub moe: Option<Moe>,
+    /// A causal capsule bank added to one layer's input ([`Capsules`]).
+    pub capsules: Option<Capsules>,
+}
+
+/// A causal capsule bank: `count` capsules of `dim` values, each a learned prototype `p_k`
+/// that pools the sequence's prefix. Before layer `layer` runs, its input stream `h` becomes
+/// `h + g ⊙ W_W·c_t`, `c_t` position t's capsules concatenated, capsule k being
+/// `Σ_{s≤t} softmax_s(p_k·r_s/√dim) r_s` with `r_s = W_R·rmsnorm(h_s)`: causal attention with
+/// the prototypes as constant queries over one key/value head `r`. `g` (C) starts at zero (the
+/// bank closed). The ternary submission's bank pools over the whole sequence instead (every
+/// position then reads the tokens after it); this is its causal form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capsules {
+    pub count: usize,
+    pub dim: usize,
+    pub layer: usize,
 }
 
 /// A mixture of experts: from layer `from_layer` on, the MLP is `experts` MLPs of the block's
@@ -198,6 +215,7 @@ impl Default for Arch {
             parallel_from: None,
             xsa_from: None,
             moe: None,
+            capsules: None,
         }
     }
 }
@@ -239,6 +257,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-golf-recurrent",
     "tiny-golf-engram",
     "tiny-golf-moe",
+    "tiny-golf-capsules",
     "tiny-golf-parallel",
 ];
 
@@ -381,6 +400,16 @@ impl ModelConfig {
                 config.arch.ln_scale = true;
                 config.arch.parallel_from = Some(3);
                 config.arch.xsa_from = Some(2);
+                config
+            }
+            // tiny-golf with a causal capsule bank of 3 capsules of 8 values before layer 2.
+            "tiny-golf-capsules" => {
+                let mut config = ModelConfig::preset("tiny-golf")?;
+                config.arch.capsules = Some(Capsules {
+                    count: 3,
+                    dim: 8,
+                    layer: 2,
+                });
                 config
             }
             // tiny-golf with a mixture of three experts in layers 3 and 4 (the upper third and
@@ -562,6 +591,27 @@ impl ModelConfig {
                 );
             }
         }
+        if let Some(k) = arch.capsules {
+            if !(1..=64).contains(&k.count) {
+                bail!(
+                    "arch.capsules.count must be between 1 and 64, got {}",
+                    k.count
+                );
+            }
+            if !(1..=128).contains(&k.dim) {
+                bail!("arch.capsules.dim must be between 1 and 128, got {}", k.dim);
+            }
+            if k.layer >= self.depth() {
+                bail!(
+                    "arch.capsules.layer ({}) must be a layer, below {}",
+                    k.layer,
+                    self.depth()
+                );
+            }
+            if arch.engram.is_some_and(|e| e.layer == k.layer) {
+                bail!("arch.capsules.layer and arch.engram.layer must differ");
+            }
+        }
         if let Some(m) = arch.moe {
             if !(2..=64).contains(&m.experts) {
                 bail!(
@@ -687,9 +737,15 @@ impl ModelConfig {
             let e = (m.experts as u128).min(64);
             l * (e * (3 * c * f + c))
         });
+        // A capsule bank: prototypes, W_R, W_W and the gate, at most 64 × 128 wide.
+        let capsules = self.arch.capsules.map_or(0, |k| {
+            let (n, d) = ((k.count as u128).min(64), (k.dim as u128).min(128));
+            n * d + d * c + c * n * d + c
+        });
         (2 * v * c + b * c + l * block + depth * c)
             .saturating_add(engram)
             .saturating_add(moe)
+            .saturating_add(capsules)
     }
 
     /// Whether layer `l`'s MLP is a mixture of experts.
@@ -730,14 +786,20 @@ impl ModelConfig {
             .filter(|&l| self.moe(l))
             .map(|_| self.arch.moe.map_or(0, |m| m.experts) * self.dim)
             .sum::<usize>();
+        let capsules = self
+            .arch
+            .capsules
+            .map_or(0, |k| self.dim * k.dim * (1 + k.count));
         let matmul_params = engram
+            + capsules
             + router
             + self.depth()
                 * (self.dim * (self.q_dim() + 2 * self.kv_dim())
                     + self.q_dim() * self.dim
                     + self.mlp_matrices() * self.dim * self.hidden_dim)
             + self.vocab_size * self.dim;
-        let attention = self.depth() * self.n_heads * self.head_dim * seq * 6;
+        let capsule_attention = self.arch.capsules.map_or(0, |k| k.count * k.dim * seq * 6);
+        let attention = self.depth() * self.n_heads * self.head_dim * seq * 6 + capsule_attention;
         (6 * matmul_params + attention) as f64
     }
 }
@@ -817,6 +879,35 @@ mod tests {
         let mut swiglu = moe.clone();
         swiglu.arch.mlp = Mlp::Swiglu;
         assert!(swiglu.validate().unwrap_err().to_string().contains("relu²"));
+    }
+
+    /// A capsule bank: each impossible setting named; its parameters counted.
+    #[test]
+    fn capsule_settings_are_checked_and_counted() {
+        let caps = ModelConfig::preset("tiny-golf-capsules").unwrap();
+        let plain = ModelConfig::preset("tiny-golf").unwrap();
+        let (c, n, d) = (caps.dim, 3, 8);
+        assert_eq!(
+            crate::layout::parameter_count(&caps),
+            crate::layout::parameter_count(&plain) + n * d + d * c + c * n * d + c
+        );
+        let refused = |edit: &dyn Fn(&mut ModelConfig), field: &str| {
+            let mut config = caps.clone();
+            edit(&mut config);
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains(field), "{field}: {message}");
+        };
+        let capsules =
+            |f: fn(&mut Capsules)| move |c: &mut ModelConfig| f(c.arch.capsules.as_mut().unwrap());
+        refused(&capsules(|k| k.count = 0), "arch.capsules.count");
+        refused(&capsules(|k| k.dim = 129), "arch.capsules.dim");
+        refused(&capsules(|k| k.layer = 5), "arch.capsules.layer");
+        refused(
+            &|c: &mut ModelConfig| {
+                c.arch.engram = ModelConfig::preset("tiny-golf-engram").unwrap().arch.engram;
+            },
+            "must differ",
+        );
     }
 
     /// Depth recurrence and EngramHash: each impossible setting named, before any size is

@@ -69,6 +69,8 @@ pub enum Control {
     ResidMix,
     /// The U-Net skip weights (S, C), initialised to 1.
     SkipWeights,
+    /// A capsule bank's output gate (C), initialised to 0 (the bank starts closed).
+    CapsuleGate,
 }
 
 /// How a parameter tensor starts.
@@ -168,6 +170,19 @@ pub struct EngramParams {
     pub proj: Region,
 }
 
+/// A causal capsule bank's parameters ([`crate::config::Capsules`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CapsuleParams {
+    /// `(count, dim)`: each capsule's query.
+    pub prototypes: Region,
+    /// `W_R (dim, C)`: the stream read into capsule space.
+    pub read: Region,
+    /// `W_W (C, count·dim)`: the capsules written back.
+    pub write: Region,
+    /// `g (C)`.
+    pub gate: Region,
+}
+
 /// Every parameter of a model, in arena order.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
@@ -175,6 +190,7 @@ pub struct ParamLayout {
     pub embedding: Region,      // (V, C)
     pub bigram: Option<Region>, // (buckets, C)
     pub engram: Option<EngramParams>,
+    pub capsules: Option<CapsuleParams>,
     /// The blocks (L of them).
     pub layers: Vec<LayerParams>,
     /// The block each layer of the forward runs ([`ModelConfig::block_order`]): `0..L`, or
@@ -238,6 +254,7 @@ impl SpecBuilder<'_> {
             }
             ParamKind::Control(Control::ResidMix) => Init::Rows(vec![1.0, 0.0]),
             ParamKind::Control(Control::ValueMix) => Init::Rows(vec![0.5, 0.5]),
+            ParamKind::Control(Control::CapsuleGate) => Init::Rows(vec![0.0]),
             ParamKind::Control(Control::BranchScale | Control::SkipWeights) => {
                 Init::Rows(vec![1.0])
             }
@@ -420,6 +437,25 @@ impl ParamLayout {
                 ),
             }
         });
+        let capsules = arch.capsules.map(|k| {
+            let memory = ParamKind::BlockMatrix {
+                branch: Branch::Memory,
+                output: false,
+            };
+            let name = |s: &str| format!("model.capsules.{s}");
+            let width = k.count * k.dim;
+            CapsuleParams {
+                prototypes: b.add(name("prototypes"), vec![k.count, k.dim], Embedding, None),
+                read: b.add(name("read.weight"), vec![k.dim, c], memory, None),
+                write: b.add(name("write.weight"), vec![c, width], memory, None),
+                gate: b.add(
+                    name("gate"),
+                    vec![c],
+                    ParamKind::Control(Control::CapsuleGate),
+                    None,
+                ),
+            }
+        });
         let layers = (0..config.n_layers).map(|l| b.block(l)).collect();
         let skip_weights = arch.unet_skips.then(|| {
             let shape = vec![skip_count(config), c];
@@ -439,6 +475,7 @@ impl ParamLayout {
             embedding,
             bigram,
             engram,
+            capsules,
             layers,
             order: config.block_order(),
             skip_weights,
@@ -579,6 +616,8 @@ pub struct ActivationLayout {
     /// EngramHash's activations and gradients, at its layer.
     pub engram: Option<EngramActivations>,
     pub engram_layer: Option<usize>,
+    pub capsules: Option<CapsuleActivations>,
+    pub capsule_layer: Option<usize>,
     pub layers: Vec<LayerActivations>,
     pub xn_final: Region,   // (N, C)
     pub rstd_final: Region, // (N)
@@ -591,6 +630,26 @@ pub struct ActivationLayout {
     pub classifier_saved: Region,
     pub grads: LayerGradients,
     total: usize,
+}
+
+/// A capsule bank's activations at its layer (N rows), then their gradients.
+#[derive(Clone, Copy, Debug)]
+pub struct CapsuleActivations {
+    pub stream_norm: Region, // (N, C) rmsnorm(h), h = residual[layer]
+    pub rstd: Region,        // (N)
+    pub read: Region,        // (N, dim)   r = W_R·rmsnorm(h): the capsules' keys and values
+    pub queries: Region,     // (N, count·dim) the prototypes, every row
+    pub capsules: Region,    // (N, count·dim) each position's capsules
+    pub saved: Region,       // the backend's attention state for (count heads, 1 kv head)
+    pub write: Region,       // (N, C)   W_W·c
+    /// (N, C) `h + g ⊙ write`: the layer's input in place of `residual[layer]`.
+    pub out: Region,
+    pub d_capsules: Region,    // (N, count·dim)
+    pub d_queries: Region,     // (N, count·dim)
+    pub d_keys: Region,        // (N, dim), then the read's whole gradient
+    pub d_values: Region,      // (N, dim)
+    pub d_stream_norm: Region, // (N, C)
+    pub d_write: Region,       // (N, C)
 }
 
 /// EngramHash's activations at its layer (N rows), then their gradients.
@@ -615,10 +674,12 @@ pub struct EngramActivations {
 }
 
 impl ActivationLayout {
-    /// The stream layer `l` reads: `residual[l]`, or EngramHash's output at its layer.
+    /// The stream layer `l` reads: `residual[l]`, or EngramHash's or the capsule bank's
+    /// output at its layer.
     pub fn input(&self, l: usize) -> Region {
-        match self.engram {
-            Some(e) if self.engram_layer == Some(l) => e.out,
+        match (self.engram, self.capsules) {
+            (Some(e), _) if self.engram_layer == Some(l) => e.out,
+            (_, Some(k)) if self.capsule_layer == Some(l) => k.out,
             _ => self.residual[l],
         }
     }
@@ -627,7 +688,7 @@ impl ActivationLayout {
         config: &ModelConfig,
         batch: usize,
         seq: usize,
-        attention_saved_len: usize,
+        (attention_saved_len, capsule_saved_len): (usize, usize),
         (head, classifier_saved_len): (Head, usize),
     ) -> Self {
         let n = batch * seq;
@@ -659,10 +720,26 @@ impl ActivationLayout {
             ]
         });
         let engram_layer = arch.engram.map(|e| e.layer);
+        // The capsule bank's forward activations (its gradients come after `forward_end`).
+        let capsule_forward = arch.capsules.map(|k| {
+            let width = n * k.count * k.dim;
+            [
+                cur.take(n * c),
+                cur.take(n),
+                cur.take(n * k.dim),
+                cur.take(width),
+                cur.take(width),
+                cur.take(capsule_saved_len),
+                cur.take(n * c),
+                cur.take(n * c),
+            ]
+        });
+        let capsule_layer = arch.capsules.map(|k| k.layer);
         // The stream each layer reads: EngramHash's output at its layer.
         let inputs: Vec<Region> = (0..depth)
-            .map(|l| match engram_forward {
-                Some(f) if engram_layer == Some(l) => f[8],
+            .map(|l| match (engram_forward, capsule_forward) {
+                (Some(f), _) if engram_layer == Some(l) => f[8],
+                (_, Some(f)) if capsule_layer == Some(l) => f[7],
                 _ => residual[l],
             })
             .collect();
@@ -730,6 +807,25 @@ impl ActivationLayout {
                 d_stream_norm: cur.take(n * c),
                 d_gate: cur.take(n),
                 d_value: cur.take(n * c),
+            }
+        });
+        let capsules = capsule_forward.map(|f| {
+            let (dim, count) = arch.capsules.map_or((0, 0), |k| (k.dim, k.count));
+            CapsuleActivations {
+                stream_norm: f[0],
+                rstd: f[1],
+                read: f[2],
+                queries: f[3],
+                capsules: f[4],
+                saved: f[5],
+                write: f[6],
+                out: f[7],
+                d_capsules: cur.take(n * count * dim),
+                d_queries: cur.take(n * count * dim),
+                d_keys: cur.take(n * dim),
+                d_values: cur.take(n * dim),
+                d_stream_norm: cur.take(n * c),
+                d_write: cur.take(n * c),
             }
         });
         let residual_grad = cur.take(n * c);
@@ -818,6 +914,8 @@ impl ActivationLayout {
             residual,
             engram,
             engram_layer,
+            capsules,
+            capsule_layer,
             layers,
             xn_final,
             rstd_final,

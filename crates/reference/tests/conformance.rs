@@ -79,10 +79,55 @@ fn tiny_golf_with_a_mixture_of_experts_matches_pytorch() {
     kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
 }
 
+/// A causal capsule bank before layer 2: 3 capsules of 8 values pooling each prefix.
+#[test]
+fn tiny_golf_with_a_causal_capsule_bank_matches_pytorch() {
+    let path = fixture("model_tiny-golf-capsules.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
     for preset in kiln_conformance::FIXTURES {
         let losses = kiln_conformance::check_training_smoke(ReferenceBackend, preset).unwrap();
         println!("{preset}: {losses:?}");
     }
+}
+
+/// The capsule bank is causal: a change to the last token changes no earlier position's
+/// logits (the ternary submission's bank, pooling the whole sequence, fails this), while the
+/// bank does reach the logits (a closed gate, its initial state, would pass trivially, so the
+/// gate is opened).
+#[test]
+fn the_capsule_bank_reads_no_later_token() {
+    use kiln_core::config::ModelConfig;
+    use kiln_core::model::Model;
+    let config = ModelConfig::preset("tiny-golf-capsules").unwrap();
+    let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
+    model.init_random(3).unwrap();
+    let gate = model.layout.capsules.unwrap().gate;
+    let mut params = model.download_params().unwrap();
+    params[gate.offset..gate.offset + gate.len].fill(0.5);
+    model.upload_params(&params).unwrap();
+    let t = 12;
+    let logits = |tokens: &[u32]| {
+        let acts = model.activations(1, t).unwrap();
+        model.forward(&acts, tokens, None).unwrap();
+        model.download_logits(&acts).unwrap()
+    };
+    let a: Vec<u32> = (0..t as u32).map(|i| (i * 7 + 3) % 64).collect();
+    let mut b = a.clone();
+    b[t - 1] = (b[t - 1] + 1) % 64;
+    let (la, lb) = (logits(&a), logits(&b));
+    let v = config.vocab_size;
+    assert_eq!(
+        la[..(t - 1) * v],
+        lb[..(t - 1) * v],
+        "an earlier position read the last token"
+    );
+    assert_ne!(la[(t - 1) * v..], lb[(t - 1) * v..]);
+    // Without the bank's gate open, the same model's logits differ: the bank contributes.
+    params[gate.offset..gate.offset + gate.len].fill(0.0);
+    model.upload_params(&params).unwrap();
+    assert_ne!(logits(&a), la, "the capsule bank must reach the logits");
 }

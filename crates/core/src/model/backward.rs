@@ -162,6 +162,9 @@ impl<B: Backend> Model<B> {
             if arch.engram.is_some_and(|e| e.layer == l) {
                 self.engram_backward(acts, l, tokens, &shapes);
             }
+            if arch.capsules.is_some_and(|k| k.layer == l) {
+                self.capsule_backward(acts, l, &shapes);
+            }
         }
         if arch.resid_mix {
             be.accumulate(a(d.residual), a(d.x0));
@@ -302,6 +305,81 @@ impl<B: Backend> Model<B> {
     /// EngramHash at layer `l`: from dL/d(its output) in `d.residual` to dL/d(residual[l])
     /// (the identity plus the gate's path through the stream's norm), and the gradients of
     /// its tables and matrices.
+    /// The capsule bank's backward ([`Model::capsule_forward`]): from dL/d(its output) in
+    /// `d.residual` (which passes on unchanged to `h`, the identity's share) through the gate,
+    /// W_W, the attention (the prototypes' gradient summed over the rows by the embedding's
+    /// backward; the keys' and values' gradients both `r`'s), W_R and the norm, added into
+    /// `d.residual`.
+    fn capsule_backward(&self, acts: &Activations<B>, l: usize, sh: &Shapes) {
+        let (cfg, be) = (&self.config, &self.backend);
+        let (Some(k), Some(w), Some(s)) = (
+            cfg.arch.capsules,
+            self.layout.capsules,
+            acts.layout.capsules,
+        ) else {
+            unreachable!("a capsule model has its parameters and activations");
+        };
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let d = &acts.layout.grads;
+        let (n, c, width) = (sh.n, cfg.dim, k.count * k.dim);
+        let (dout, write) = (a(d.residual), a(s.write));
+        be.scale_backward(
+            a(s.d_write),
+            g(w.gate),
+            dout,
+            write,
+            p(w.gate),
+            sh.scale(c, 1),
+            Overwrite,
+        );
+        let (dc, caps) = (a(s.d_capsules), a(s.capsules));
+        be.matmul_backward(
+            dc,
+            g(w.write),
+            a(s.d_write),
+            caps,
+            p(w.write),
+            sh.mm(width, c),
+            Overwrite,
+        );
+        let grads = Qkv {
+            q: a(s.d_queries),
+            k: a(s.d_keys),
+            v: a(s.d_values),
+        };
+        let inputs = Qkv {
+            q: a(s.queries),
+            k: a(s.read),
+            v: a(s.read),
+        };
+        let shape = AttentionShape {
+            batch: sh.batch,
+            seq: sh.seq,
+            heads: k.count,
+            kv_heads: 1,
+            head_dim: k.dim,
+        };
+        be.attention_backward(grads, dc, inputs, a(s.saved), shape);
+        be.accumulate(a(s.d_keys), a(s.d_values));
+        be.embedding_backward(g(w.prototypes), a(s.d_queries), &vec![0; n], width);
+        let (dr, xn) = (a(s.d_keys), a(s.stream_norm));
+        be.matmul_backward(
+            a(s.d_stream_norm),
+            g(w.read),
+            dr,
+            xn,
+            p(w.read),
+            sh.mm(c, k.dim),
+            Overwrite,
+        );
+        let h = a(acts.layout.residual[l]);
+        let (ones, sink) = (self.ones(c), self.ones_sink(c));
+        let (dxn, rstd) = (a(s.d_stream_norm), a(s.rstd));
+        be.rmsnorm_backward(a(d.residual), sink, dxn, h, ones, rstd, sh.norm(n, c), Add);
+    }
+
     fn engram_backward(&self, acts: &Activations<B>, l: usize, tokens: &[u32], sh: &Shapes) {
         let (cfg, be) = (&self.config, &self.backend);
         let (Some(e), Some(w), Some(s)) = (cfg.arch.engram, self.layout.engram, acts.layout.engram)

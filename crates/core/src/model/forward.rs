@@ -110,6 +110,9 @@ impl<B: Backend> Model<B> {
             if let Some((_, ids)) = engram.as_ref().filter(|(at, _)| *at == l) {
                 self.engram_forward(acts, l, ids);
             }
+            if arch.capsules.is_some_and(|k| k.layer == l) {
+                self.capsule_forward(acts, l, slot.as_ref());
+            }
             if dropped.get(l) == Some(&true) {
                 be.copy(a(al.residual[l + 1]), a(al.input(l)));
                 continue;
@@ -357,6 +360,96 @@ impl<B: Backend> Model<B> {
         }
         let out = a(al.residual[l + 1]);
         self.branch_add(out, a(s.x_mid), a(s.mlp_proj), w.mlp_scale, n);
+    }
+
+    /// The causal capsule bank before layer `l` ([`crate::config::Capsules`]): the stream
+    /// normalized and read into capsule space, the prototypes as every row's queries (an
+    /// embedding lookup of row 0), causal attention of `count` query heads over the one
+    /// key/value head `r` (with a cache slot, over the cache's rows and this one), then
+    /// `h + g ⊙ W_W·c` into the layer's input.
+    fn capsule_forward(&self, acts: &Activations<B>, l: usize, slot: Option<&CacheSlot<B>>) {
+        let cfg = &self.config;
+        let (Some(k), Some(w), Some(s)) = (
+            cfg.arch.capsules,
+            self.layout.capsules,
+            acts.layout.capsules,
+        ) else {
+            return;
+        };
+        let (b, t) = (acts.layout.batch, acts.layout.seq);
+        let (n, c, width) = (b * t, cfg.dim, k.count * k.dim);
+        let be = &self.backend;
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let h = a(acts.layout.residual[l]);
+        let norm = NormShape {
+            rows: n,
+            dim: c,
+            eps: cfg.norm_eps as f32,
+        };
+        be.rmsnorm_forward(a(s.stream_norm), a(s.rstd), h, self.ones(c), norm);
+        let read = MatmulShape {
+            rows: n,
+            in_dim: c,
+            out_dim: k.dim,
+        };
+        be.matmul_forward(a(s.read), a(s.stream_norm), p(w.read), read);
+        be.embedding_forward(a(s.queries), p(w.prototypes), &vec![0; n], width);
+        let inputs = Qkv {
+            q: a(s.queries),
+            k: a(s.read),
+            v: a(s.read),
+        };
+        match slot {
+            None => {
+                let shape = AttentionShape {
+                    batch: b,
+                    seq: t,
+                    heads: k.count,
+                    kv_heads: 1,
+                    head_dim: k.dim,
+                };
+                be.attention_forward(a(s.capsules), a(s.saved), inputs, shape);
+            }
+            Some(slot) => {
+                let (cache, pos) = (slot.cache, slot.pos);
+                let region = cache.capsules.expect("a cache for a capsule bank");
+                for seq in 0..cache.batch {
+                    let row = view::<B>(&cache.memory, region)
+                        .slice((seq * cache.capacity + pos) * k.dim, k.dim);
+                    be.copy(row, a(s.read).slice(seq * k.dim, k.dim));
+                }
+                let keys = view::<B>(&cache.memory, region);
+                let shape = DecodeShape {
+                    batch: cache.batch,
+                    len: pos + 1,
+                    capacity: cache.capacity,
+                    heads: k.count,
+                    kv_heads: 1,
+                    head_dim: k.dim,
+                };
+                be.attention_decode(a(s.capsules), a(s.queries), keys, keys, shape);
+            }
+        }
+        let write = MatmulShape {
+            rows: n,
+            in_dim: width,
+            out_dim: c,
+        };
+        be.matmul_forward(a(s.write), a(s.capsules), p(w.write), write);
+        be.copy(a(s.out), h);
+        let per_channel = ScaleShape {
+            rows: n,
+            groups: c,
+            inner: 1,
+        };
+        be.scale_forward(
+            a(s.out),
+            a(s.write),
+            p(w.gate),
+            per_channel,
+            Accumulate::Add,
+        );
     }
 
     /// A mixture of experts in place of layer `l`'s MLP, from `xn_ffn` into `mlp_proj`: the

@@ -190,6 +190,8 @@ pub struct KvCache<B: Backend> {
     memory: B::Memory,
     keys: Vec<Region>,
     values: Vec<Region>,
+    /// A capsule bank's keys (= values), `(batch, capacity, dim)`.
+    capsules: Option<Region>,
     batch: usize,
     capacity: usize,
     /// Positions filled (the same in every sequence).
@@ -524,7 +526,23 @@ impl<B: Backend> Model<B> {
         let classifier = self
             .backend
             .classifier_saved_len(self.classifier_shape(batch * seq));
-        let layout = ActivationLayout::new(&self.config, batch, seq, saved, (head, classifier));
+        let capsule_saved = self.config.arch.capsules.map_or(0, |k| {
+            self.backend
+                .attention_saved_len(crate::backend::AttentionShape {
+                    batch,
+                    seq,
+                    heads: k.count,
+                    kv_heads: 1,
+                    head_dim: k.dim,
+                })
+        });
+        let layout = ActivationLayout::new(
+            &self.config,
+            batch,
+            seq,
+            (saved, capsule_saved),
+            (head, classifier),
+        );
         let vocab = self.config.vocab_size;
         let logits = 4 * rows * vocab as u128;
         check_memory(
@@ -577,13 +595,19 @@ impl<B: Backend> Model<B> {
                 len: row,
             })
             .collect();
-        let layout = ActivationLayout::new(&self.config, batch, 1, 0, (Head::Logits, 0));
+        let layout = ActivationLayout::new(&self.config, batch, 1, (0, 0), (Head::Logits, 0));
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
         let acts = Activations::new(layout, memory);
+        let capsules = self.config.arch.capsules.map(|k| Region {
+            offset: 2 * l * row,
+            len: batch * capacity * k.dim,
+        });
+        let total = 2 * l * row + capsules.map_or(0, |r| r.len);
         Ok(KvCache {
-            memory: self.backend.alloc(2 * l * row, DType::F32)?,
+            memory: self.backend.alloc(total, DType::F32)?,
             keys,
             values,
+            capsules,
             batch,
             capacity,
             len: 0,
@@ -686,6 +710,17 @@ impl<B: Backend> Model<B> {
                     .copy(at(cache.keys[l]), view::<B>(&acts.memory, s.k));
                 self.backend
                     .copy(at(cache.values[l]), view::<B>(&acts.memory, s.v_used));
+            }
+        }
+        if let (Some(region), Some(k), Some(s)) = (
+            cache.capsules,
+            self.config.arch.capsules,
+            acts.layout.capsules,
+        ) {
+            for b in 0..cache.batch {
+                let at =
+                    view::<B>(&cache.memory, region).slice(b * cache.capacity * k.dim, n * k.dim);
+                self.backend.copy(at, view::<B>(&acts.memory, s.read));
             }
         }
         cache.len = n;
