@@ -516,8 +516,13 @@ fn describe_eval(eval: EvalTime) -> String {
     }
     if let Some(t) = eval.ttt {
         parts.push(format!(
-            "with test-time training ({} step(s) at {} per scored batch)",
-            t.steps, t.lr
+            "with test-time training ({} step(s) at {} per scored batch{})",
+            t.steps,
+            t.lr,
+            match t.scope {
+                kiln_core::eval::TttScope::All => "",
+                kiln_core::eval::TttScope::Memory => ", the n-gram memories only",
+            }
         ));
     }
     if parts.is_empty() {

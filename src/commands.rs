@@ -446,9 +446,14 @@ pub fn eval<B: Backend + Clone>(backend: B, options: &EvalOptions) -> Result<()>
         }
         if let Some(t) = options.adapt.ttt {
             println!(
-                "(with score-first test-time training: {} AdamW step(s) at rate {} on each \
+                "(with score-first test-time training{}: {} AdamW step(s) at rate {} on each \
                  batch of windows after it is scored)",
-                t.steps, t.lr
+                match t.scope {
+                    kiln_core::eval::TttScope::All => "",
+                    kiln_core::eval::TttScope::Memory => " of the n-gram memories alone",
+                },
+                t.steps,
+                t.lr
             );
         }
         if let Some(t) = result.temperature {

@@ -415,9 +415,10 @@ struct EvalArgs {
     /// default.
     #[arg(long)]
     temperature: bool,
-    /// Score-first test-time training, LR:STEPS (e.g. 1e-4:1): after each batch of windows
-    /// is scored, that many AdamW steps on it at that rate, and the next batch is scored
-    /// with the weights so trained; off by default.
+    /// Score-first test-time training, LR:STEPS[:memory] (e.g. 1e-4:1): after each batch of
+    /// windows is scored, that many AdamW steps on it at that rate, and the next batch is
+    /// scored with the weights so trained; `:memory` trains the hashed n-gram memories alone
+    /// (EngramHash, the bigram embedding: an evaluation-time engram); off by default.
     #[arg(long)]
     ttt: Option<kiln_core::eval::TestTimeTraining>,
 }

@@ -733,8 +733,20 @@ fn the_temperature_is_fitted_only_on_targets_already_scored() {
 /// scores are the plain evaluation's.
 #[test]
 fn test_time_training_scores_each_batch_before_training_on_it() {
-    use kiln_core::eval::{EvalTime, TestTimeTraining};
-    let dir = temp_dir("ttt");
+    test_time_training_against_a_naive_loop(kiln_core::eval::TttScope::All);
+}
+
+/// The same with the n-gram memories alone learning (an evaluation-time engram: tiny-golf's
+/// hashed bigram embedding), against a naive loop that zeroes every other gradient on the
+/// host; the other weights of the trained copy stay as they were.
+#[test]
+fn test_time_training_of_the_memory_alone_matches_a_naive_loop() {
+    test_time_training_against_a_naive_loop(kiln_core::eval::TttScope::Memory);
+}
+
+fn test_time_training_against_a_naive_loop(scope: kiln_core::eval::TttScope) {
+    use kiln_core::eval::{EvalTime, TestTimeTraining, TttScope};
+    let dir = temp_dir(&format!("ttt-{scope:?}"));
     let data = corpus(&dir);
     let dataset = Dataset::open(&data).unwrap();
     let half = &dataset.read_all(Split::Val).unwrap()[..96];
@@ -746,7 +758,11 @@ fn test_time_training_scores_each_batch_before_training_on_it() {
     // 193 tokens: 12 windows of 16, four batches of three, none padded.
     let windows = (tokens.len() - 1 - seq) / seq + 1;
     assert_eq!(windows % batch, 0);
-    let ttt = TestTimeTraining { lr: 3e-3, steps: 2 };
+    let ttt = TestTimeTraining {
+        lr: 3e-3,
+        steps: 2,
+        scope,
+    };
     let hp = kiln_core::optim::AdamW {
         learning_rate: ttt.lr,
         beta1: 0.9,
@@ -777,6 +793,21 @@ fn test_time_training_scores_each_batch_before_training_on_it() {
             naive.zero_grad();
             naive.forward(&train, &x, Some(&y)).unwrap();
             naive.backward(&train, &x, &y, 1.0).unwrap();
+            if scope == TttScope::Memory {
+                let bigram = naive.layout.bigram.unwrap();
+                let mut grads = naive.download_grads().unwrap();
+                for (i, g) in grads.iter_mut().enumerate() {
+                    if !(bigram.offset..bigram.offset + bigram.len).contains(&i) {
+                        *g = 0.0;
+                    }
+                }
+                kiln_core::backend::Backend::upload(
+                    &naive.backend,
+                    kiln_core::backend::View::whole(&naive.grads),
+                    &grads,
+                )
+                .unwrap();
+            }
             let norm = naive.grad_norm();
             let clip = if norm > 1.0 { (1.0 / norm) as f32 } else { 1.0 };
             kiln_core::optim::adamw_step(&mut naive, &hp, clip).unwrap();
@@ -804,7 +835,7 @@ fn test_time_training_scores_each_batch_before_training_on_it() {
         .unwrap()
     };
     let (plain, adapted) = (run(None), run(Some(ttt)));
-    let idle = run(Some(TestTimeTraining { lr: 0.0, steps: 1 }));
+    let idle = run(Some(TestTimeTraining { lr: 0.0, ..ttt }));
     println!(
         "loss {:.4} plain, {:.4} with test-time training (naive {:.4})",
         plain.loss,
@@ -820,8 +851,9 @@ fn test_time_training_scores_each_batch_before_training_on_it() {
         nats / scored
     );
     assert!((idle.loss - plain.loss).abs() < 1e-6 * plain.loss);
+    let gain = if scope == TttScope::All { 0.05 } else { 0.005 };
     assert!(
-        adapted.loss < plain.loss - 0.05,
+        adapted.loss < plain.loss - gain,
         "{} {}",
         adapted.loss,
         plain.loss
@@ -829,6 +861,10 @@ fn test_time_training_scores_each_batch_before_training_on_it() {
     // The model evaluated is left as it was.
     assert_eq!(model.download_params().unwrap(), initial);
     assert!("1e-4:1".parse::<TestTimeTraining>().is_ok());
+    assert_eq!(
+        "1e-4:1:memory".parse::<TestTimeTraining>().unwrap().scope,
+        TttScope::Memory
+    );
     assert!(
         "1e-4:0".parse::<TestTimeTraining>().is_err()
             && "-1:1".parse::<TestTimeTraining>().is_err()

@@ -255,20 +255,65 @@ impl CacheCounts {
 pub struct TestTimeTraining {
     pub lr: f32,
     pub steps: usize,
+    /// Which weights learn (`LR:STEPS:memory`: the hashed n-gram memories only).
+    #[serde(default)]
+    pub scope: TttScope,
+}
+
+/// The weights score-first test-time training adapts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TttScope {
+    /// Every weight.
+    #[default]
+    All,
+    /// The hashed n-gram memories alone (an evaluation-time engram): EngramHash's tables and
+    /// matrices and the hashed bigram embedding; every other weight stays as exported.
+    Memory,
 }
 
 impl std::str::FromStr for TestTimeTraining {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let parsed = parse_pair(s).map(|(lr, steps)| TestTimeTraining { lr, steps });
+        let (pair, scope) = match s.rsplit_once(':') {
+            Some((pair, "memory")) => (pair, TttScope::Memory),
+            Some((pair, "all")) => (pair, TttScope::All),
+            _ => (s, TttScope::All),
+        };
+        let parsed = parse_pair(pair).map(|(lr, steps)| TestTimeTraining { lr, steps, scope });
         match parsed {
             Some(t) if t.lr.is_finite() && t.lr >= 0.0 && (1..=100).contains(&t.steps) => Ok(t),
             _ => Err(format!(
-                "'{s}' is not LR:STEPS with a rate of at least 0 and 1 to 100 steps (e.g. 1e-4:1)"
+                "'{s}' is not LR:STEPS[:memory] with a rate of at least 0 and 1 to 100 steps \
+                 (e.g. 1e-4:1)"
             )),
         }
     }
+}
+
+/// The regions of `model`'s parameters a test-time training of `scope` leaves alone (none for
+/// [`TttScope::All`]), or an error when the scope holds no weight of this model.
+fn frozen<B: Backend>(model: &Model<B>, scope: TttScope) -> Result<Vec<crate::layout::Region>> {
+    if scope == TttScope::All {
+        return Ok(Vec::new());
+    }
+    let layout = &model.layout;
+    let mut memory: Vec<crate::layout::Region> = layout.bigram.into_iter().collect();
+    if let Some(e) = layout.engram {
+        memory.extend([e.tables, e.key, e.proj]);
+    }
+    crate::require!(
+        !memory.is_empty(),
+        Config,
+        "test-time training of the memory alone needs a hashed bigram embedding or EngramHash"
+    );
+    Ok(layout
+        .specs
+        .iter()
+        .map(|s| s.region)
+        .filter(|r| !memory.contains(r))
+        .collect())
 }
 
 /// Windows of a validation stream and the running score: what [`evaluate_with`] and
@@ -502,6 +547,7 @@ pub fn evaluate_adapted<B: Backend + Clone>(
     let acts = activations(&copy)?;
     let train = copy.loss_activations(batch, seq)?;
     let mut scoring = Scoring::new(&acts, tokens, text, map, stride, max_batches, adapt)?;
+    let frozen = frozen(&copy, ttt.scope)?;
     let hp = crate::optim::AdamW {
         learning_rate: ttt.lr,
         beta1: 0.9,
@@ -515,6 +561,11 @@ pub fn evaluate_adapted<B: Backend + Clone>(
             copy.zero_grad();
             copy.forward(&train, &scoring.x, Some(&scoring.y))?;
             copy.backward(&train, &scoring.x, &scoring.y, 1.0)?;
+            // Frozen weights get no gradient: AdamW (no decay, zero moments) leaves them.
+            for &r in &frozen {
+                copy.backend
+                    .zero(crate::backend::View::new(&copy.grads, r.offset, r.len));
+            }
             let norm = copy.grad_norm();
             let clip = if norm > 1.0 { (1.0 / norm) as f32 } else { 1.0 };
             crate::optim::adamw_step(&mut copy, &hp, clip)?;
