@@ -7,7 +7,8 @@
 #
 # `run` prints the GPU and kiln doctor's view; compiles every kernel (NVRTC); runs the
 # conformance suite on the GPU (KILN_REQUIRE_CUDA=1: no GPU is a failure); times training
-# steps of stories110m and golf-baseline with `kiln bench train --backend cuda`, then the
+# steps of stories110m and golf-baseline with `kiln bench train --backend cuda` and each kernel
+# with `kiln bench kernels`, then the
 # PyTorch peer (bench/peers/train_step.py --device cuda, eager bf16 and torch.compile bf16)
 # on the same model and batch, and prints kiln's tokens/s over PyTorch's; trains golf-baseline
 # through NCCL with world size 1 (`kiln train --gpus 1`) on a corpus made of this repository's
@@ -47,6 +48,9 @@ run)
     timeout 120 "$kiln" bench train --backend cuda --preset "$preset" --batch "$batch" --seq "$seq" \
       --steps 5 --json "$out/kiln-$preset.json" 2>&1 | tail -2
   done
+  echo "== kiln cuda kernels, stories110m batch 64 × 256 (where the step's time goes)"
+  timeout 150 "$kiln" bench kernels --backend cuda --preset stories110m --batch 64 --seq 256 \
+    --reps 2 > "$out/kernels.txt" 2>&1; tail -40 "$out/kernels.txt"
   for mode in bf16 compile-bf16; do
     echo "== pytorch $mode stories110m"
     timeout 200 python3 bench/peers/train_step.py --device cuda --mode "$mode" --preset stories110m \
