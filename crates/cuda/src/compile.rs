@@ -1,6 +1,6 @@
 //! The kernels' source, its compilation by NVRTC and the cache of compiled modules.
 //!
-//! `kernels.cu` is compiled at start-up for the device's own architecture (`compute_XY`
+//! `kernels/` (one translation unit) is compiled at start-up for the device's own architecture (`compute_XY`
 //! PTX, which the driver turns into machine code). The PTX is cached under
 //! `$XDG_CACHE_HOME/kiln/cuda` (or `~/.cache/kiln/cuda`), named by a hash of the source, the
 //! architecture and NVRTC's version, so a later start skips the compiler.
@@ -10,8 +10,28 @@ use std::path::PathBuf;
 
 use crate::libs::{self, Lib};
 
-/// The CUDA C source of every kernel.
-pub const SOURCE: &str = include_str!("kernels.cu");
+/// The CUDA C source of every kernel: the shared helpers, then one file per kernel family.
+pub const SOURCE: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    "\n",
+    include_str!("kernels/memory.cu"),
+    "\n",
+    include_str!("kernels/embed.cu"),
+    "\n",
+    include_str!("kernels/rmsnorm.cu"),
+    "\n",
+    include_str!("kernels/rope.cu"),
+    "\n",
+    include_str!("kernels/attention.cu"),
+    "\n",
+    include_str!("kernels/activation.cu"),
+    "\n",
+    include_str!("kernels/xent.cu"),
+    "\n",
+    include_str!("kernels/optim.cu"),
+    "\n",
+    include_str!("kernels/quant.cu"),
+);
 
 /// Every kernel `SOURCE` defines (the backend loads each by name at start-up, so a kernel
 /// missing from the module is an error then, not at its first call).
@@ -82,7 +102,7 @@ pub fn compile(arch: &'static str) -> Result<String, String> {
     };
     cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options)
         .map(|ptx| ptx.to_src())
-        .map_err(|e| format!("NVRTC failed to compile kernels.cu for {arch}: {e}"))
+        .map_err(|e| format!("NVRTC failed to compile the kernels for {arch}: {e}"))
 }
 
 /// The PTX for `arch`, from the cache when it has it, else compiled (and cached, best effort:

@@ -3,7 +3,7 @@
 //! - **Loaded at run time.** cudarc with dynamic loading: this crate builds on any machine,
 //!   and [`CudaBackend::new`] says why it cannot run (no driver, no NVRTC, no cuBLASLt, no
 //!   device) instead of panicking ([`libs`]).
-//! - **Kernels in CUDA C** (`kernels.cu`), compiled at start-up by NVRTC for the device's
+//! - **Kernels in CUDA C** (`kernels/`, one file per kernel family), compiled at start-up by NVRTC for the device's
 //!   architecture, the PTX cached on disk ([`compile`]); each matches the reference backend's
 //!   kernel of the same name, and the conformance suite holds it to it.
 //! - **GEMMs through cuBLASLt**, bf16 (or f16) multiplies with f32 accumulation ([`gemm`]);
@@ -162,7 +162,7 @@ enum Arg {
 use Arg::{Float, Int, Ptr};
 
 const THREADS: u32 = 256;
-/// Rows per block of the attention kernels (`ROWS_PER_BLOCK` in kernels.cu) and their tile.
+/// Rows per block of the attention kernels (`ROWS_PER_BLOCK` in kernels/attention.cu) and their tile.
 const ATTENTION_ROWS: usize = 4;
 const ATTENTION_TILE: usize = 32;
 /// The largest head dimension the attention kernels keep in registers (`32 · MAXJ`).
@@ -1287,7 +1287,7 @@ impl Backend for CudaBackend {
     }
 
     fn fake_quantize(&self, dst: V, src: V, q: FakeQuant, rotation: Option<usize>) {
-        // On the device, bit for bit the export's arithmetic (kernels.cu says how).
+        // On the device, bit for bit the export's arithmetic (kernels/quant.cu says how).
         assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
         assert!(
             !dst.overlaps(&src),
