@@ -20,10 +20,14 @@
 //! - **Data parallel over NCCL** ([`nccl`]): one process per GPU, the gradient arena
 //!   all-reduced in place.
 
+mod attention;
 pub mod compile;
 pub mod gemm;
 pub mod libs;
 pub mod nccl;
+mod optim;
+mod quant;
+mod xent;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -162,13 +166,8 @@ enum Arg {
 use Arg::{Float, Int, Ptr};
 
 const THREADS: u32 = 256;
-/// Rows per block of the attention kernels (`ROWS_PER_BLOCK` in kernels/attention.cu) and their tile.
-const ATTENTION_ROWS: usize = 4;
-const ATTENTION_TILE: usize = 32;
 /// The largest head dimension the attention kernels keep in registers (`32 · MAXJ`).
 const MAX_HEAD_DIM: usize = 128;
-/// Rows of logits the classifier holds at once.
-const CLASSIFIER_ROWS: usize = 8192;
 
 fn device_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
     BackendError::Device {
@@ -780,34 +779,7 @@ impl Backend for CudaBackend {
     }
 
     fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {
-        let Qkv { q, k, v } = inputs;
-        self.check_attention(s, q, k, v);
-        assert_eq!(saved.len(), self.attention_saved_len(s));
-        if s.seq == 0 || s.batch == 0 {
-            return;
-        }
-        let grid = (
-            s.seq.div_ceil(ATTENTION_ROWS) as u32,
-            (s.batch * s.heads) as u32,
-            1,
-        );
-        self.launch(
-            "attention_forward",
-            grid,
-            (32 * ATTENTION_ROWS) as u32,
-            attention_shared(s.head_dim),
-            &[
-                self.f(out),
-                self.f(saved),
-                self.f(q),
-                self.f(k),
-                self.f(v),
-                Int(s.seq as i64),
-                Int(s.heads as i64),
-                Int(s.kv_heads as i64),
-                Int(s.head_dim as i64),
-            ],
-        );
+        self.attention_forward_on_device(out, saved, inputs, s)
     }
 
     fn attention_backward(
@@ -818,87 +790,11 @@ impl Backend for CudaBackend {
         saved: V,
         s: AttentionShape,
     ) {
-        let Qkv { q, k, v } = inputs;
-        self.check_attention(s, q, k, v);
-        if s.seq == 0 || s.batch == 0 {
-            return;
-        }
-        let rows = s.batch * s.heads * s.seq;
-        let delta = self.scratch("attention_delta", rows * 4);
-        let dims = [
-            Int(s.seq as i64),
-            Int(s.heads as i64),
-            Int(s.kv_heads as i64),
-            Int(s.head_dim as i64),
-        ];
-        let shared = attention_shared(s.head_dim);
-        let block = (32 * ATTENTION_ROWS) as u32;
-        let blocks = s.seq.div_ceil(ATTENTION_ROWS) as u32;
-        let mut args = vec![
-            self.f(grads.q),
-            Ptr(delta),
-            self.f(dout),
-            self.f(q),
-            self.f(k),
-            self.f(v),
-            self.f(saved),
-        ];
-        args.extend(dims);
-        self.launch(
-            "attention_backward_dq",
-            (blocks, (s.batch * s.heads) as u32, 1),
-            block,
-            shared,
-            &args,
-        );
-        let mut args = vec![
-            self.f(grads.k),
-            self.f(grads.v),
-            self.f(dout),
-            self.f(q),
-            self.f(k),
-            self.f(v),
-            self.f(saved),
-            Ptr(delta),
-        ];
-        args.extend(dims);
-        self.launch(
-            "attention_backward_dkdv",
-            (blocks, (s.batch * s.kv_heads) as u32, 1),
-            block,
-            shared,
-            &args,
-        );
+        self.attention_backward_on_device(grads, dout, inputs, saved, s)
     }
 
     fn attention_decode(&self, out: V, q: V, k_cache: V, v_cache: V, s: DecodeShape) {
-        assert!(
-            s.head_dim <= MAX_HEAD_DIM,
-            "attention_decode: head_dim {}",
-            s.head_dim
-        );
-        assert_eq!(q.len(), s.batch * s.heads * s.head_dim);
-        assert_eq!(
-            k_cache.len(),
-            s.batch * s.capacity * s.kv_heads * s.head_dim
-        );
-        let count = s.batch * s.heads;
-        self.warps(
-            "attention_decode",
-            count,
-            &[
-                self.f(out),
-                self.f(q),
-                self.f(k_cache),
-                self.f(v_cache),
-                Int(s.len as i64),
-                Int(s.capacity as i64),
-                Int(s.heads as i64),
-                Int(s.kv_heads as i64),
-                Int(s.head_dim as i64),
-                Int(count as i64),
-            ],
-        );
+        self.attention_decode_on_device(out, q, k_cache, v_cache, s)
     }
 
     fn swiglu_forward(&self, out: V, gate: V, up: V) {
@@ -1094,28 +990,7 @@ impl Backend for CudaBackend {
         targets: &[u32],
         vocab: usize,
     ) {
-        assert_eq!(logits.len(), targets.len() * vocab);
-        check_targets(targets, vocab);
-        let rows = targets.len();
-        if rows == 0 {
-            return;
-        }
-        // The kernel caps in place; without a cap it only reads, but takes a mutable pointer.
-        let t = self.upload_ids("targets", targets);
-        self.launch(
-            "cross_entropy_forward",
-            (rows as u32, 1, 1),
-            THREADS,
-            0,
-            &[
-                self.f(losses),
-                self.f(logsumexp),
-                self.f(logits),
-                Ptr(t),
-                Int(vocab as i64),
-                Float(0.0),
-            ],
-        );
+        self.cross_entropy_forward_on_device(losses, logsumexp, logits, targets, vocab)
     }
 
     fn cross_entropy_backward(
@@ -1127,31 +1002,7 @@ impl Backend for CudaBackend {
         vocab: usize,
         dloss: f32,
     ) {
-        assert_eq!(
-            (logits.len(), dlogits.len()),
-            (targets.len() * vocab, logits.len())
-        );
-        check_targets(targets, vocab);
-        let rows = targets.len();
-        if rows == 0 {
-            return;
-        }
-        let t = self.upload_ids("targets", targets);
-        self.launch(
-            "cross_entropy_backward",
-            (rows as u32, 1, 1),
-            THREADS,
-            0,
-            &[
-                self.f(dlogits),
-                self.f(logits),
-                self.f(logsumexp),
-                Ptr(t),
-                Int(vocab as i64),
-                Float(dloss),
-                Float(0.0),
-            ],
-        );
+        self.cross_entropy_backward_on_device(dlogits, logits, logsumexp, targets, vocab, dloss)
     }
 
     fn classifier_saved_len(&self, _s: ClassifierShape) -> usize {
@@ -1169,31 +1020,7 @@ impl Backend for CudaBackend {
         targets: &[u32],
         s: ClassifierShape,
     ) {
-        assert_eq!((inp.len(), weight.len()), (s.rows * s.dim, s.vocab * s.dim));
-        assert_eq!(targets.len(), s.rows);
-        check_targets(targets, s.vocab);
-        let t = self.upload_ids("targets", targets);
-        let cap = s.softcap.unwrap_or(0.0);
-        let chunk = CLASSIFIER_ROWS.min(s.rows.max(1));
-        let z = self.scratch("logits", chunk * s.vocab * 4);
-        for r0 in (0..s.rows).step_by(chunk) {
-            let n = chunk.min(s.rows - r0);
-            self.classifier_logits(z, inp, weight, r0, n, s);
-            self.launch(
-                "cross_entropy_forward",
-                (n as u32, 1, 1),
-                THREADS,
-                0,
-                &[
-                    Ptr(addr(losses.slice(r0, n))),
-                    Ptr(addr(logsumexp.slice(r0, n))),
-                    Ptr(z),
-                    Ptr(t + (r0 * 4) as u64),
-                    Int(s.vocab as i64),
-                    Float(cap),
-                ],
-            );
-        }
+        self.classifier_loss_forward_on_device(losses, logsumexp, _saved, inp, weight, targets, s)
     }
 
     fn classifier_loss_backward(
@@ -1208,363 +1035,41 @@ impl Backend for CudaBackend {
         dloss: f32,
         dinp_mode: Accumulate,
     ) {
-        assert_eq!((inp.len(), weight.len()), (s.rows * s.dim, s.vocab * s.dim));
-        assert_eq!((dinp.len(), dweight.len()), (inp.len(), weight.len()));
-        check_targets(targets, s.vocab);
-        let t = self.upload_ids("targets", targets);
-        let cap = s.softcap.unwrap_or(0.0);
-        let chunk = CLASSIFIER_ROWS.min(s.rows.max(1));
-        let z = self.scratch("logits", chunk * s.vocab * 4);
-        let beta = if dinp_mode == Accumulate::Add {
-            1.0
-        } else {
-            0.0
-        };
-        for r0 in (0..s.rows).step_by(chunk) {
-            let n = chunk.min(s.rows - r0);
-            self.classifier_logits(z, inp, weight, r0, n, s);
-            if let Some(c) = s.softcap {
-                let len = Int((n * s.vocab) as i64);
-                self.elementwise(
-                    "softcap_forward",
-                    n * s.vocab,
-                    &[Ptr(z), Ptr(z), Float(c), len],
-                );
-            }
-            self.launch(
-                "cross_entropy_backward",
-                (n as u32, 1, 1),
-                THREADS,
-                0,
-                &[
-                    Ptr(z),
-                    Ptr(z),
-                    Ptr(addr(logsumexp.slice(r0, n))),
-                    Ptr(t + (r0 * 4) as u64),
-                    Int(s.vocab as i64),
-                    Float(dloss),
-                    Float(cap),
-                ],
-            );
-            let x = addr(inp.slice(r0 * s.dim, n * s.dim));
-            // dinp (n, dim) = dz (n, vocab) · weight (vocab, dim)
-            self.gemm(
-                GemmShape {
-                    ta: false,
-                    tb: false,
-                    m: n,
-                    n: s.dim,
-                    k: s.vocab,
-                    lda: s.vocab,
-                    ldb: s.dim,
-                    ldc: s.dim,
-                },
-                1.0,
-                z,
-                addr(weight),
-                beta,
-                addr(dinp.slice(r0 * s.dim, n * s.dim)),
-            );
-            // dweight (vocab, dim) += dzᵀ · x
-            self.gemm(
-                GemmShape {
-                    ta: true,
-                    tb: false,
-                    m: s.vocab,
-                    n: s.dim,
-                    k: n,
-                    lda: s.vocab,
-                    ldb: s.dim,
-                    ldc: s.dim,
-                },
-                1.0,
-                z,
-                x,
-                1.0,
-                addr(dweight),
-            );
-        }
+        self.classifier_loss_backward_on_device(
+            dinp,
+            dweight,
+            inp,
+            weight,
+            (logsumexp, _saved),
+            targets,
+            s,
+            dloss,
+            dinp_mode,
+        )
     }
 
     fn fake_quantize(&self, dst: V, src: V, q: FakeQuant, rotation: Option<usize>) {
-        // On the device, bit for bit the export's arithmetic (kernels/quant.cu says how).
-        assert_eq!(dst.len(), src.len(), "fake_quantize: lengths");
-        assert!(
-            !dst.overlaps(&src),
-            "fake_quantize: {dst:?} overlaps {src:?}"
-        );
-        let n = src.len();
-        if n == 0 {
-            return;
-        }
-        let (out, Ptr(mut input)) = (self.f(dst), self.f(src)) else {
-            unreachable!()
-        };
-        if let Some(block) = rotation {
-            let rotated = self.scratch("qat_rotated", n * 4);
-            self.copy_raw(rotated, input, n);
-            self.hadamard(rotated, n, block);
-            input = rotated;
-        }
-        match q {
-            FakeQuant::F16 => {
-                self.elementwise("f16_round_trip", n, &[out, Ptr(input), Int(n as i64)])
-            }
-            FakeQuant::Ternary { group } => {
-                let args = [out, Ptr(input), Int(n as i64), Int(group as i64)];
-                self.elementwise("ternary_round_trip", n.div_ceil(group), &args);
-            }
-            FakeQuant::Int {
-                bits,
-                percentile,
-                cols,
-            } => {
-                assert!(
-                    n.is_multiple_of(cols),
-                    "fake_quantize: {n} values in rows of {cols}"
-                );
-                // The host's nearest rank (kiln_core::quant::abs_percentile), in f32 as there.
-                let rank = ((percentile / 100.0) * cols as f32).ceil() as usize;
-                let index = rank.clamp(1, cols) - 1;
-                let m = ((1i32 << (bits - 1)) - 1) as f32;
-                let args = [
-                    out,
-                    Ptr(input),
-                    Int(cols as i64),
-                    Int(index as i64),
-                    Float(m),
-                ];
-                self.launch(
-                    "int_round_trip",
-                    ((n / cols) as u32, 1, 1),
-                    THREADS,
-                    0,
-                    &args,
-                );
-            }
-        }
-        if let (Some(block), Ptr(out)) = (rotation, out) {
-            self.hadamard(out, n, block);
-        }
+        self.fake_quantize_on_device(dst, src, q, rotation)
     }
 
     fn sum_squares(&self, x: V) -> f64 {
-        let out = self.scratch("sum_squares", 8);
-        self.bind();
-        // SAFETY: the scratch holds one f64; the memset is ordered before the kernel.
-        unsafe { cudarc::driver::result::memset_d8_async(out, 0, 8, std::ptr::null_mut()) }
-            .unwrap_or_else(|e| panic!("cuda: {e:?}"));
-        let n = x.len();
-        if n > 0 {
-            let blocks = n.div_ceil(THREADS as usize).min(1024) as u32;
-            self.launch(
-                "sum_squares",
-                (blocks, 1, 1),
-                THREADS,
-                0,
-                &[Ptr(out), self.f(x), Int(n as i64)],
-            );
-        }
-        let mut host = [0f64];
-        // SAFETY: one f64 from the scratch, after the kernel (synchronous copy).
-        unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut host, out) }
-            .unwrap_or_else(|e| panic!("cuda: {e:?}"));
-        host[0]
+        self.sum_squares_on_device(x)
     }
 
     fn adamw_step(&self, params: V, grads: V, m: V, v: V, hp: &AdamWStep) {
-        let n = params.len();
-        assert_eq!((grads.len(), m.len(), v.len()), (n, n, n));
-        // As the reference: bias corrections and decay in f32 on the host.
-        let bias1 = 1.0 - hp.beta1.powi(hp.step as i32);
-        let bias2_sqrt = (1.0 - hp.beta2.powi(hp.step as i32)).sqrt();
-        let decay = 1.0 - hp.learning_rate * hp.weight_decay;
-        let args = [
-            self.f(params),
-            self.f(grads),
-            self.f(m),
-            self.f(v),
-            Float(hp.learning_rate),
-            Float(bias1),
-            Float(bias2_sqrt),
-            Float(hp.beta1),
-            Float(hp.beta2),
-            Float(hp.eps),
-            Float(decay),
-            Float(hp.grad_scale),
-            Int(n as i64),
-        ];
-        self.elementwise("adamw_step", n, &args);
+        self.adamw_step_on_device(params, grads, m, v, hp)
     }
 
     fn ema_update(&self, ema: V, params: V, decay: f32) {
-        assert_eq!(ema.len(), params.len());
-        let args = [
-            self.f(ema),
-            self.f(params),
-            Float(decay),
-            Int(ema.len() as i64),
-        ];
-        self.elementwise("ema_update", ema.len(), &args);
+        self.ema_update_on_device(ema, params, decay)
     }
 
     fn muon_step(&self, params: V, grads: V, momentum: V, s: MatrixShape, hp: &MuonStep) {
-        let n = s.rows * s.cols;
-        assert_eq!((params.len(), grads.len(), momentum.len()), (n, n, n));
-        if n == 0 {
-            return;
-        }
-        let update = self.scratch("muon_update", n * 4);
-        self.elementwise(
-            "muon_momentum",
-            n,
-            &[
-                Ptr(update),
-                self.f(momentum),
-                self.f(grads),
-                Float(hp.momentum),
-                Float(hp.grad_scale),
-                Int(hp.nesterov as i64),
-                Int(n as i64),
-            ],
-        );
-        if hp.row_normalize {
-            self.launch(
-                "normalize_rows",
-                (s.rows as u32, 1, 1),
-                THREADS,
-                0,
-                &[Ptr(update), Int(s.cols as i64)],
-            );
-        }
-        // Newton–Schulz (reference: muon.rs) on x (r, k), r ≤ k.
-        let transposed = s.rows > s.cols;
-        let (r, k) = if transposed {
-            (s.cols, s.rows)
-        } else {
-            (s.rows, s.cols)
-        };
-        let norm = self.scratch("muon_norm", 8);
-        self.bind();
-        // SAFETY: one f64 of scratch, zeroed in stream order.
-        unsafe { cudarc::driver::result::memset_d8_async(norm, 0, 8, std::ptr::null_mut()) }
-            .unwrap_or_else(|e| panic!("cuda: {e:?}"));
-        let blocks = n.div_ceil(THREADS as usize).min(1024) as u32;
-        self.launch(
-            "sum_squares",
-            (blocks, 1, 1),
-            THREADS,
-            0,
-            &[Ptr(norm), Ptr(update), Int(n as i64)],
-        );
-        let mut x = self.scratch("muon_x", n * 4);
-        let mut next = self.scratch("muon_next", n * 4);
-        let gram = self.scratch("muon_gram", r * r * 4);
-        let poly = self.scratch("muon_poly", r * r * 4);
-        self.elementwise(
-            "newton_schulz_start",
-            n,
-            &[
-                Ptr(x),
-                Ptr(update),
-                Ptr(norm),
-                Int(s.rows as i64),
-                Int(s.cols as i64),
-                Int(transposed as i64),
-            ],
-        );
-        let (a, b, c) = ns_coefficients();
-        let sq = |m, kk, ta, tb, ld_a, ld_b| GemmShape {
-            ta,
-            tb,
-            m,
-            n: m,
-            k: kk,
-            lda: ld_a,
-            ldb: ld_b,
-            ldc: m,
-        };
-        for _ in 0..hp.ns_steps {
-            // gram (r, r) = x xᵀ
-            self.gemm(sq(r, k, false, true, k, k), 1.0, x, x, 0.0, gram);
-            // poly = c·gram·gram + b·gram
-            self.copy_raw(poly, gram, r * r);
-            self.gemm(sq(r, r, false, false, r, r), c, gram, gram, b, poly);
-            // next = poly·x + a·x
-            self.copy_raw(next, x, n);
-            let shape = GemmShape {
-                ta: false,
-                tb: false,
-                m: r,
-                n: k,
-                k: r,
-                lda: r,
-                ldb: k,
-                ldc: k,
-            };
-            self.gemm(shape, 1.0, poly, x, a, next);
-            std::mem::swap(&mut x, &mut next);
-        }
-        let aspect = (s.rows as f64 / s.cols as f64).max(1.0).sqrt();
-        let step = hp.learning_rate * aspect as f32;
-        let decay = 1.0 - hp.learning_rate * hp.weight_decay;
-        self.elementwise(
-            "muon_apply",
-            n,
-            &[
-                self.f(params),
-                Ptr(x),
-                Float(decay),
-                Float(step),
-                Int(s.rows as i64),
-                Int(s.cols as i64),
-                Int(transposed as i64),
-            ],
-        );
+        self.muon_step_on_device(params, grads, momentum, s, hp)
     }
-}
-
-/// Newton–Schulz's quintic coefficients, Keller Jordan's (the reference's
-/// `kiln_reference::muon::NS_COEFFICIENTS`, in f32).
-fn ns_coefficients() -> (f32, f32, f32) {
-    (3.4445, -4.7750, 2.0315)
-}
-
-fn check_targets(targets: &[u32], vocab: usize) {
-    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-        panic!("target {bad} out of vocabulary {vocab}");
-    }
-}
-
-/// Dynamic shared memory of the attention kernels: two tiles of TILE × (D + 1) floats.
-fn attention_shared(head_dim: usize) -> u32 {
-    (2 * ATTENTION_TILE * (head_dim + 1) * 4) as u32
 }
 
 impl CudaBackend {
-    fn check_attention(&self, s: AttentionShape, q: V, k: V, v: V) {
-        assert!(
-            s.head_dim <= MAX_HEAD_DIM,
-            "attention: head_dim {} over {MAX_HEAD_DIM}",
-            s.head_dim
-        );
-        assert!(
-            s.kv_heads > 0 && s.heads.is_multiple_of(s.kv_heads),
-            "attention: heads {} over {}",
-            s.heads,
-            s.kv_heads
-        );
-        let rows = s.batch * s.seq;
-        assert_eq!(
-            (q.len(), k.len(), v.len()),
-            (
-                rows * s.heads * s.head_dim,
-                rows * s.kv_heads * s.head_dim,
-                rows * s.kv_heads * s.head_dim
-            )
-        );
-    }
-
     fn rope(&self, out: V, inp: V, s: RopeShape, start: usize, direction: f32) {
         assert!(
             s.rot_dims <= s.head_dim && s.rot_dims.is_multiple_of(2),
@@ -1630,54 +1135,6 @@ impl CudaBackend {
                 Int(inner as i64),
                 Int(per_block as i64),
             ],
-        );
-    }
-
-    /// Logits of rows `r0..r0 + n` into the scratch `z` `(n, vocab)`.
-    fn classifier_logits(
-        &self,
-        z: CUdeviceptr,
-        inp: V,
-        weight: V,
-        r0: usize,
-        n: usize,
-        s: ClassifierShape,
-    ) {
-        let x = addr(inp.slice(r0 * s.dim, n * s.dim));
-        self.gemm(
-            GemmShape {
-                ta: false,
-                tb: true,
-                m: n,
-                n: s.vocab,
-                k: s.dim,
-                lda: s.dim,
-                ldb: s.dim,
-                ldc: s.vocab,
-            },
-            1.0,
-            x,
-            addr(weight),
-            0.0,
-            z,
-        );
-    }
-
-    /// The block Hadamard rotation of `n` values at `x`, in place (kiln_core::quant::hadamard_rows).
-    fn hadamard(&self, x: CUdeviceptr, n: usize, block: usize) {
-        assert!(
-            block.is_power_of_two() && block <= 1024 && n.is_multiple_of(block),
-            "hadamard block {block} for {n} values"
-        );
-        let norm = 1.0 / (block as f32).sqrt();
-        let shared = (block * 4) as u32;
-        let args = [Ptr(x), Int(block as i64), Float(norm)];
-        self.launch(
-            "hadamard_blocks",
-            ((n / block) as u32, 1, 1),
-            128,
-            shared,
-            &args,
         );
     }
 
