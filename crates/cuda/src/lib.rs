@@ -237,6 +237,14 @@ impl CudaBackend {
         self.products
     }
 
+    /// The number of GPUs the driver sees, or why none can be used.
+    pub fn device_count() -> Result<usize, String> {
+        probe()?;
+        cudarc::driver::result::device::get_count()
+            .map(|n| n as usize)
+            .map_err(|e| format!("cuDeviceGetCount: {e:?}"))
+    }
+
     pub fn info(&self) -> &DeviceInfo {
         &self.inner.info
     }

@@ -298,16 +298,6 @@ impl Communicator<CudaBackend> for Nccl {
     }
 }
 
-impl CudaBackend {
-    /// The number of GPUs the driver sees, or why none can be used.
-    pub fn device_count() -> Result<usize, String> {
-        crate::probe()?;
-        cudarc::driver::result::device::get_count()
-            .map(|n| n as usize)
-            .map_err(|e| format!("cuDeviceGetCount: {e:?}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -524,7 +524,8 @@ impl<B: Backend> Model<B> {
         let g = |r: Region| view::<B>(&self.grads, r);
         let d = &acts.layout.grads;
         let (c, f, e, n) = (cfg.dim, cfg.hidden_dim, moe.experts, sh.n);
-        let routing = acts.routing.lock().unwrap()[l].clone();
+        let all = acts.routing.lock().unwrap();
+        let routing = &all[l];
         assert_eq!(
             routing.perm.len(),
             n,

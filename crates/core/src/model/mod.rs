@@ -64,6 +64,8 @@ pub struct Model<B: Backend> {
     /// fresh arena is a fresh allocation whose every page faults on first touch (a fifth of
     /// stories110M's 256-token prefill went to the kernel's page faults).
     prefill_arena: std::cell::RefCell<Option<Activations<B>>>,
+    /// Ternary noise's scratch (the noised copy of one tensor), kept from step to step.
+    noise_scratch: std::cell::RefCell<Option<B::Memory>>,
 }
 
 /// A step's activation arena at one (batch, seq).
@@ -303,6 +305,7 @@ impl<B: Backend> Model<B> {
             ones_grad,
             step: 0,
             prefill_arena: Default::default(),
+            noise_scratch: Default::default(),
         })
     }
 
@@ -382,7 +385,7 @@ impl<B: Backend> Model<B> {
         };
         let normal = Normal::new(0.0f32, sigma)
             .map_err(|e| crate::error::Error::Config(format!("ternary noise {sigma}: {e}")))?;
-        let mut scratch: Option<B::Memory> = None;
+        let mut scratch = self.noise_scratch.borrow_mut();
         let mut perturbed = 0;
         for (index, spec) in self.layout.specs.iter().enumerate() {
             let scheme = rule.scheme_for(spec.kind, spec.region.len);
@@ -395,7 +398,7 @@ impl<B: Backend> Model<B> {
                 .as_ref()
                 .is_none_or(|m| crate::backend::DeviceMemory::len(m) < len)
             {
-                scratch = Some(self.backend.alloc(len, DType::F32)?);
+                *scratch = Some(self.backend.alloc(len, DType::F32)?);
             }
             let noisy = View::new(scratch.as_ref().unwrap(), 0, len);
             // One stream per tensor, so the draws do not depend on the order tensors are visited.
