@@ -89,6 +89,14 @@ CONFIGS["tiny-golf-capsules"] = dict(
     CONFIGS["tiny-golf"],
     arch=dict(CONFIGS["tiny-golf"]["arch"], capsules=dict(count=3, dim=8, layer=2)))
 
+# The same bank run three times, Koopman dynamics of rank 2 between the passes, and the
+# consistency term (weight 0.5, large so its gradient is well measured) in the objective.
+CONFIGS["tiny-golf-koopman"] = dict(
+    CONFIGS["tiny-golf"],
+    arch=dict(CONFIGS["tiny-golf"]["arch"],
+              capsules=dict(count=3, dim=8, layer=2,
+                            koopman=dict(rank=2, passes=2, consistency=0.5, diag_init=0.9))))
+
 MASK = (1 << 64) - 1
 
 
@@ -134,17 +142,54 @@ def engram(c, w, x, tokens, norm):
     return x + gate * value
 
 
+def hadamard(n):
+    """The orthonormal Hadamard matrix of order n (a power of two), Sylvester's order."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(n)
+
+
 def capsules(c, w, x, norm):
     """The causal capsule bank: capsule k at position t pools r_s = W_R·norm(x_s) over s <= t
-    with weights softmax_s(p_k·r_s / sqrt(dim)); x + g * W_W·(the capsules, concatenated)."""
+    with weights softmax_s(p_k·r_s / sqrt(dim)); x + g * W_W·(the capsules, concatenated).
+    With Koopman dynamics the bank runs again `passes` times on the stream it left, each
+    pass blending its pooled capsules with the last pass's evolved by K(c) = H(D*Hc + U V^T Hc):
+    c = sigmoid(alpha) * observed + sigmoid(-alpha) * K(c_prev); the consistency term
+    mean((K(c_prev) - c.detach())^2), averaged over the passes, joins the objective (AUX)."""
     k = c["arch"]["capsules"]
     b, t, _ = x.shape
-    r = norm(x) @ w["model.capsules.read.weight"].T
-    scores = torch.einsum("bsd,kd->bks", r, w["model.capsules.prototypes"]) / math.sqrt(k["dim"])
     causal = torch.full((t, t), float("-inf"), dtype=torch.float64).triu(1)
-    weights = torch.softmax(scores[:, :, None, :] + causal, dim=-1)  # (b, k, t, s)
-    caps = torch.einsum("bkts,bsd->btkd", weights, r).reshape(b, t, -1)
-    return x + w["model.capsules.gate"] * (caps @ w["model.capsules.write.weight"].T)
+
+    def pool(x):
+        r = norm(x) @ w["model.capsules.read.weight"].T
+        scores = torch.einsum("bsd,kd->bks", r, w["model.capsules.prototypes"])
+        weights = torch.softmax(scores[:, :, None, :] / math.sqrt(k["dim"]) + causal, dim=-1)
+        return torch.einsum("bkts,bsd->btkd", weights, r)  # (b, t, count, dim)
+
+    def write(x, caps):
+        return x + w["model.capsules.gate"] * (caps.reshape(b, t, -1)
+                                                @ w["model.capsules.write.weight"].T)
+
+    caps = pool(x)
+    x = write(x, caps)
+    km = k.get("koopman")
+    if km:
+        d = k["dim"]
+        rot = hadamard(d) if d & (d - 1) == 0 and d > 1 else torch.eye(d, dtype=torch.float64)
+        p = "model.capsules.koopman."
+        blend = torch.sigmoid(w[p + "alpha"])
+        terms = []
+        for _ in range(km["passes"]):
+            observed = pool(x)
+            y = caps @ rot
+            evolved = w[p + "diag"] * y + (y @ w[p + "v"].T) @ w[p + "u"].T
+            predicted = evolved @ rot
+            caps = blend * observed + (1 - blend) * predicted
+            terms.append((predicted - caps.detach()).pow(2).mean())
+            x = write(x, caps)
+        AUX[0] = AUX[0] + km["consistency"] * sum(terms) / len(terms)
+    return x
 
 
 def block_order(c):
@@ -201,6 +246,12 @@ def golf_param_shapes(c):
         shapes["model.capsules.read.weight"] = (k["dim"], dim)
         shapes["model.capsules.write.weight"] = (dim, k["count"] * k["dim"])
         shapes["model.capsules.gate"] = (dim,)
+        km = k.get("koopman")
+        if km:
+            shapes["model.capsules.koopman.diag"] = (k["dim"],)
+            shapes["model.capsules.koopman.u"] = (k["dim"], km["rank"])
+            shapes["model.capsules.koopman.v"] = (km["rank"], k["dim"])
+            shapes["model.capsules.koopman.alpha"] = (k["dim"],)
     e = a.get("engram")
     if e:
         tables = (e["max_order"] - 1) * e["heads"]

@@ -525,6 +525,9 @@ fn describe_eval(eval: EvalTime) -> String {
             }
         ));
     }
+    if let Some(p) = eval.capsule_passes {
+        parts.push(format!("with {p} Koopman capsule pass(es)"));
+    }
     if parts.is_empty() {
         "plainly".into()
     } else {

@@ -421,6 +421,11 @@ struct EvalArgs {
     /// (EngramHash, the bigram embedding: an evaluation-time engram); off by default.
     #[arg(long)]
     ttt: Option<kiln_core::eval::TestTimeTraining>,
+    /// A model with Koopman capsule dynamics scored with this many Koopman passes instead of
+    /// those it trained with (same weights; the submission scored with 2 after training with
+    /// 1).
+    #[arg(long)]
+    capsule_passes: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -696,6 +701,7 @@ fn main() -> Result<()> {
                     ngram_cache: args.ngram_cache,
                     temperature: args.temperature,
                     ttt: args.ttt,
+                    capsule_passes: args.capsule_passes,
                 },
             };
             with_backend!(backend, |b| kiln::commands::eval(b, &options))

@@ -489,8 +489,7 @@ fn the_ngram_cache_scores_each_token_before_it_joins_the_cache() {
     let run = |ngram_cache| {
         let adapt = kiln_core::eval::EvalTime {
             ngram_cache,
-            temperature: false,
-            ttt: None,
+            ..Default::default()
         };
         kiln_core::eval::evaluate_with(
             &model,
@@ -673,9 +672,8 @@ fn the_temperature_is_fitted_only_on_targets_already_scored() {
     let acts = model.activations(batch, seq).unwrap();
     let run = |temperature| {
         let adapt = kiln_core::eval::EvalTime {
-            ngram_cache: None,
             temperature,
-            ttt: None,
+            ..Default::default()
         };
         let tokenizer = &dataset.tokenizer;
         kiln_core::eval::evaluate_with(
@@ -952,10 +950,10 @@ fn a_dropped_layer_passes_its_gradient_through_and_learns_nothing() {
     assert!(checked >= 10 && encoder, "{checked} coordinates checked");
 }
 
-/// Depth recurrence and EngramHash in a packed artifact: the config round-trips (the
-/// recurrence and the memory's settings), and the weights come back as the rule quantizes
-/// them, EngramHash's tables as an embedding (int8 here) and its matrices as matrices,
-/// counted in the size table under their own group.
+/// Depth recurrence, EngramHash, experts, a capsule bank and its Koopman dynamics in a packed
+/// artifact: the config round-trips (every option's settings), and the weights come back as
+/// the rule quantizes them, EngramHash's tables as an embedding (int8 here) and its matrices
+/// (and a capsule bank's) as matrices, counted in the size table under their own group.
 #[test]
 fn recurrent_and_engram_models_pack_and_reload() {
     let dir = temp_dir("pack-new-options");
@@ -969,7 +967,14 @@ fn recurrent_and_engram_models_pack_and_reload() {
         small_max: 64,
         hadamard: false,
     };
-    for name in ["tiny-golf-recurrent", "tiny-golf-engram"] {
+    let presets = [
+        "tiny-golf-recurrent",
+        "tiny-golf-engram",
+        "tiny-golf-moe",
+        "tiny-golf-capsules",
+        "tiny-golf-koopman",
+    ];
+    for name in presets {
         let config = ModelConfig::preset(name).unwrap();
         let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
         model.init_random(4).unwrap();
@@ -990,13 +995,14 @@ fn recurrent_and_engram_models_pack_and_reload() {
         let mut want = weights.clone();
         kiln_core::quant::fake_quantize(&model.layout, &rule, &mut want).unwrap();
         assert_eq!(back.weights, want, "{name}");
-        let engram_rows = report
+        let memory_rows = report
             .groups
             .iter()
-            .find(|g| g.group == "EngramHash matrices");
+            .find(|g| g.group == "memory matrices (EngramHash, capsules)");
+        let memory = config.arch.engram.is_some() || config.arch.capsules.is_some();
         assert_eq!(
-            engram_rows.map(|g| g.tensors),
-            config.arch.engram.map(|_| 2),
+            memory_rows.map(|g| g.tensors),
+            memory.then_some(2),
             "{name}"
         );
         if let Some(e) = model.layout.engram {
@@ -1084,5 +1090,178 @@ fn calibration_chooses_scales_on_training_text_and_the_artifact_keeps_them() {
         sum += model.forward(&acts, x, Some(y)).unwrap().unwrap() as f64;
     }
     assert_eq!(sum / 2.0, c.loss_calibrated);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Koopman capsule dynamics' backward against central finite differences of the forward's
+/// loss, on tiny-golf-koopman with the consistency weight 0 (the forward's loss is the
+/// cross-entropy alone; the PyTorch fixture holds the consistency term's gradient). The
+/// bank's gate is opened and its weights scaled up (the prototypes to about 2, the Koopman
+/// factors to 0.3, the blend logit to 0.7: σ(α) = 0.67) so that every pass and both halves of the blend reach the
+/// loss; ε = 1e-2, the largest four analytic gradients of each of the bank's tensors above
+/// 1e-4 checked, within 5% plus 2e-4 (f32 loss rounding over 2ε, as above; for the blend
+/// logit ε = 0.25 and 1e-5).
+#[test]
+fn koopman_capsule_dynamics_match_finite_differences() {
+    let mut config = ModelConfig::preset("tiny-golf-koopman").unwrap();
+    config.vocab_size = 64;
+    if let Some(m) = config
+        .arch
+        .capsules
+        .as_mut()
+        .and_then(|k| k.koopman.as_mut())
+    {
+        m.consistency = 0.0;
+    }
+    let mut model = Model::new(ReferenceBackend, config).unwrap();
+    model.init_random(5).unwrap();
+    let mut weights = model.download_params().unwrap();
+    let caps = model.layout.capsules.unwrap();
+    let koopman = caps.koopman.unwrap();
+    for spec in &model.layout.specs {
+        let region = &mut weights[spec.region.offset..][..spec.region.len];
+        if spec.region == caps.gate {
+            region.fill(1.0);
+        } else if spec.region == koopman.alpha {
+            region.fill(0.7);
+        } else if [koopman.u, koopman.v, caps.prototypes].contains(&spec.region) {
+            let size = if spec.region == caps.prototypes {
+                2.0
+            } else {
+                0.3
+            };
+            for (i, w) in region.iter_mut().enumerate() {
+                *w = size * (((i * 37 + 11) % 17) as f32 / 8.0 - 1.0);
+            }
+        } else if spec.region == model.layout.embedding {
+            region.iter_mut().for_each(|w| *w *= 200.0);
+        } else if spec.shape.len() == 2 {
+            region.iter_mut().for_each(|w| *w *= 10.0);
+        }
+    }
+    model.upload_params(&weights).unwrap();
+    let tokens: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 64).collect();
+    let targets: Vec<u32> = (0..32).map(|i| (i * 5 + 1) % 64).collect();
+    let acts = model.loss_activations(2, 16).unwrap();
+    model.forward(&acts, &tokens, Some(&targets)).unwrap();
+    model.backward(&acts, &tokens, &targets, 1.0).unwrap();
+    let grads = model.download_grads().unwrap();
+    let loss_at = |values: &[f32]| {
+        model.upload_params(values).unwrap();
+        model
+            .forward(&acts, &tokens, Some(&targets))
+            .unwrap()
+            .unwrap() as f64
+    };
+    let bank = [
+        caps.prototypes,
+        caps.read,
+        caps.write,
+        caps.gate,
+        koopman.diag,
+        koopman.u,
+        koopman.v,
+        koopman.alpha,
+    ];
+    for region in bank {
+        let name = &model
+            .layout
+            .specs
+            .iter()
+            .find(|s| s.region == region)
+            .unwrap()
+            .name;
+        let analytic = &grads[region.offset..][..region.len];
+        let mut order: Vec<usize> = (0..region.len).collect();
+        order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+        // The blend logit moves the loss least (its gradients about 2e-5): a wider step, and
+        // a floor of f32 rounding over that step.
+        let (eps, floor): (f32, f64) = if region == koopman.alpha {
+            (0.25, 1e-5)
+        } else {
+            (1e-2, 2e-4)
+        };
+        let mut checked = 0;
+        for &i in order
+            .iter()
+            .take(4)
+            .filter(|&&i| f64::from(analytic[i].abs()) > floor / 2.0)
+        {
+            let at = region.offset + i;
+            let mut probe = weights.clone();
+            probe[at] += eps;
+            let up = loss_at(&probe);
+            probe[at] -= 2.0 * eps;
+            let down = loss_at(&probe);
+            let numeric = (up - down) / (2.0 * eps as f64);
+            let analytic = analytic[i] as f64;
+            assert!(
+                (numeric - analytic).abs() <= 0.05 * analytic.abs() + floor,
+                "{name}[{i}]: backward {analytic}, finite differences {numeric}"
+            );
+            checked += 1;
+        }
+        let largest = analytic.iter().fold(0f32, |m, g| m.max(g.abs()));
+        assert!(
+            checked > 0,
+            "{name}: no gradient to check (largest {largest})"
+        );
+    }
+}
+
+/// `kiln eval --capsule-passes N` scores a Koopman model with N passes of its bank: exactly
+/// what a model built with N passes and the same weights scores (the gate opened so that the
+/// passes matter), unlike the trained number of passes; a model without Koopman dynamics is
+/// refused with a message naming the option.
+#[test]
+fn a_koopman_model_scores_with_the_passes_asked_for() {
+    use kiln_core::eval::{evaluate_adapted, EvalTime};
+    let dir = temp_dir("capsule-passes");
+    let dataset = Dataset::open(&corpus(&dir)).unwrap();
+    let tokens = &dataset.read_all(Split::Val).unwrap()[..97];
+    let model_with = |passes: usize| {
+        let mut config = ModelConfig::preset("tiny-golf-koopman").unwrap();
+        config.vocab_size = dataset.manifest.vocab_size;
+        if let Some(m) = config
+            .arch
+            .capsules
+            .as_mut()
+            .and_then(|k| k.koopman.as_mut())
+        {
+            m.passes = passes;
+        }
+        let mut model = Model::new(ReferenceBackend, config).unwrap();
+        model.init_random(8).unwrap();
+        let gate = model.layout.capsules.unwrap().gate;
+        let mut weights = model.download_params().unwrap();
+        weights[gate.offset..][..gate.len].fill(0.5);
+        model.upload_params(&weights).unwrap();
+        model
+    };
+    let score = |model: &Model<ReferenceBackend>, capsule_passes| {
+        let adapt = EvalTime {
+            capsule_passes,
+            ..EvalTime::default()
+        };
+        let text = &dataset.tokenizer;
+        evaluate_adapted(
+            model,
+            (2, 16),
+            tokens,
+            text,
+            None,
+            16,
+            0,
+            adapt,
+            &mut |_, _| {},
+        )
+    };
+    let (two, three) = (model_with(2), model_with(3));
+    let asked = score(&two, Some(3)).unwrap().loss;
+    assert_eq!(asked, score(&three, None).unwrap().loss);
+    assert_ne!(asked, score(&two, None).unwrap().loss);
+    let plain = untrained_tiny_golf(&dataset, 8);
+    let refused = score(&plain, Some(2)).unwrap_err().to_string();
+    assert!(refused.contains("--capsule-passes"), "{refused}");
     fs::remove_dir_all(dir).unwrap();
 }

@@ -39,6 +39,9 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
         "model_tiny-golf-parallel.safetensors",
+        "model_tiny-golf-moe.safetensors",
+        "model_tiny-golf-capsules.safetensors",
+        "model_tiny-golf-koopman.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -76,6 +79,9 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
         "model_tiny-golf-parallel.safetensors",
+        "model_tiny-golf-moe.safetensors",
+        "model_tiny-golf-capsules.safetensors",
+        "model_tiny-golf-koopman.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -117,6 +123,9 @@ fn batched_decoding_gives_each_sequence_its_own_logits() {
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
         "model_tiny-golf-parallel.safetensors",
+        "model_tiny-golf-moe.safetensors",
+        "model_tiny-golf-capsules.safetensors",
+        "model_tiny-golf-koopman.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();
@@ -175,6 +184,9 @@ fn greedy_decoding_matches_pytorch() {
         "model_tiny-golf-recurrent.safetensors",
         "model_tiny-golf-engram.safetensors",
         "model_tiny-golf-parallel.safetensors",
+        "model_tiny-golf-moe.safetensors",
+        "model_tiny-golf-capsules.safetensors",
+        "model_tiny-golf-koopman.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();

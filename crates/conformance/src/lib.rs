@@ -94,7 +94,7 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 
 /// The whole-model fixtures `scripts/make_fixtures.py` writes (`tests/fixtures/model_*.safetensors`),
 /// each one of kiln's presets.
-pub const FIXTURES: [&str; 8] = [
+pub const FIXTURES: [&str; 9] = [
     "tiny-mha",
     "tiny-gqa",
     "tiny-golf",
@@ -103,6 +103,7 @@ pub const FIXTURES: [&str; 8] = [
     "tiny-golf-parallel",
     "tiny-golf-moe",
     "tiny-golf-capsules",
+    "tiny-golf-koopman",
 ];
 
 /// Every kernel family.

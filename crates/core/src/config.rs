@@ -128,12 +128,56 @@ pub struct Arch {
 /// the prototypes as constant queries over one key/value head `r`. `g` (C) starts at zero (the
 /// bank closed). The ternary submission's bank pools over the whole sequence instead (every
 /// position then reads the tokens after it); this is its causal form.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Capsules {
     pub count: usize,
     pub dim: usize,
     pub layer: usize,
+    /// Koopman dynamics between passes of the bank ([`Koopman`]); none: one pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub koopman: Option<Koopman>,
+}
+
+impl Capsules {
+    /// How many times the bank runs: once, plus the Koopman passes.
+    pub fn passes(&self) -> usize {
+        1 + self.koopman.map_or(0, |k| k.passes)
+    }
+}
+
+/// Koopman dynamics in capsule space (the ternary submission's `KoopmanDynamics`), run
+/// between passes of the capsule bank: pass p ≥ 1 pools the stream the pass before it left
+/// (`c_obs`), predicts the capsules from the last pass's `c` by a linear map `K(c) = H·(D ⊙
+/// H·c + U·Vᵀ·H·c)` per capsule (`H` the orthonormal Hadamard matrix when `dim` is a power
+/// of two, else the identity; `D (dim)` starting at `diag_init`, `U`, `V (dim, rank)` at
+/// N(0, 0.01/√rank)), and blends them, `c = a ⊙ c_obs + (1 − a) ⊙ K(c_prev)` with `a =
+/// σ(α)`, `α (dim)` starting at −5 (the observation nearly off). Each pass writes `g ⊙ W_W·c`
+/// into the stream again. The objective gains `consistency · mean_p mean((K(c_{p−1}) −
+/// sg(c_p))²)`, which trains the map to predict the next pass; the loss kiln reports stays
+/// the cross-entropy.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Koopman {
+    pub rank: usize,
+    #[serde(default = "default_koopman_passes")]
+    pub passes: usize,
+    #[serde(default = "default_koopman_consistency")]
+    pub consistency: f64,
+    #[serde(default = "default_koopman_diag")]
+    pub diag_init: f64,
+}
+
+fn default_koopman_passes() -> usize {
+    1
+}
+
+fn default_koopman_consistency() -> f64 {
+    0.005
+}
+
+fn default_koopman_diag() -> f64 {
+    0.9
 }
 
 /// A mixture of experts: from layer `from_layer` on, the MLP is `experts` MLPs of the block's
@@ -258,6 +302,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-golf-engram",
     "tiny-golf-moe",
     "tiny-golf-capsules",
+    "tiny-golf-koopman",
     "tiny-golf-parallel",
 ];
 
@@ -409,7 +454,22 @@ impl ModelConfig {
                     count: 3,
                     dim: 8,
                     layer: 2,
+                    koopman: None,
                 });
+                config
+            }
+            // The same bank run three times, with Koopman dynamics of rank 2 between the
+            // passes and a large consistency weight, so that its gradient is well measured.
+            "tiny-golf-koopman" => {
+                let mut config = ModelConfig::preset("tiny-golf-capsules")?;
+                if let Some(k) = config.arch.capsules.as_mut() {
+                    k.koopman = Some(Koopman {
+                        rank: 2,
+                        passes: 2,
+                        consistency: 0.5,
+                        diag_init: 0.9,
+                    });
+                }
                 config
             }
             // tiny-golf with a mixture of three experts in layers 3 and 4 (the upper third and
@@ -611,6 +671,30 @@ impl ModelConfig {
             if arch.engram.is_some_and(|e| e.layer == k.layer) {
                 bail!("arch.capsules.layer and arch.engram.layer must differ");
             }
+            if let Some(m) = k.koopman {
+                if !(1..=k.dim).contains(&m.rank) {
+                    bail!(
+                        "arch.capsules.koopman.rank must be between 1 and the capsule dim {}, got {}",
+                        k.dim,
+                        m.rank
+                    );
+                }
+                if !(1..=4).contains(&m.passes) {
+                    bail!(
+                        "arch.capsules.koopman.passes must be between 1 and 4, got {}",
+                        m.passes
+                    );
+                }
+                if !(m.consistency >= 0.0 && m.consistency.is_finite()) {
+                    bail!(
+                        "arch.capsules.koopman.consistency must be a finite weight ≥ 0, got {}",
+                        m.consistency
+                    );
+                }
+                if !m.diag_init.is_finite() {
+                    bail!("arch.capsules.koopman.diag_init must be finite");
+                }
+            }
         }
         if let Some(m) = arch.moe {
             if !(2..=64).contains(&m.experts) {
@@ -740,7 +824,10 @@ impl ModelConfig {
         // A capsule bank: prototypes, W_R, W_W and the gate, at most 64 × 128 wide.
         let capsules = self.arch.capsules.map_or(0, |k| {
             let (n, d) = ((k.count as u128).min(64), (k.dim as u128).min(128));
-            n * d + d * c + c * n * d + c
+            let koopman = k
+                .koopman
+                .map_or(0, |m| 2 * d + 2 * d * (m.rank as u128).min(d));
+            n * d + d * c + c * n * d + c + koopman
         });
         (2 * v * c + b * c + l * block + depth * c)
             .saturating_add(engram)
@@ -786,10 +873,13 @@ impl ModelConfig {
             .filter(|&l| self.moe(l))
             .map(|_| self.arch.moe.map_or(0, |m| m.experts) * self.dim)
             .sum::<usize>();
-        let capsules = self
-            .arch
-            .capsules
-            .map_or(0, |k| self.dim * k.dim * (1 + k.count));
+        // Every pass of the capsule bank reads and writes; the Koopman map is per capsule.
+        let capsules = self.arch.capsules.map_or(0, |k| {
+            let koopman = k.koopman.map_or(0, |m| {
+                m.passes * k.count * (2 * k.dim * k.dim + 2 * k.dim * m.rank)
+            });
+            k.passes() * self.dim * k.dim * (1 + k.count) + koopman
+        });
         let matmul_params = engram
             + capsules
             + router
@@ -798,7 +888,10 @@ impl ModelConfig {
                     + self.q_dim() * self.dim
                     + self.mlp_matrices() * self.dim * self.hidden_dim)
             + self.vocab_size * self.dim;
-        let capsule_attention = self.arch.capsules.map_or(0, |k| k.count * k.dim * seq * 6);
+        let capsule_attention = self
+            .arch
+            .capsules
+            .map_or(0, |k| k.passes() * k.count * k.dim * seq * 6);
         let attention = self.depth() * self.n_heads * self.head_dim * seq * 6 + capsule_attention;
         (6 * matmul_params + attention) as f64
     }
@@ -902,6 +995,44 @@ mod tests {
         refused(&capsules(|k| k.count = 0), "arch.capsules.count");
         refused(&capsules(|k| k.dim = 129), "arch.capsules.dim");
         refused(&capsules(|k| k.layer = 5), "arch.capsules.layer");
+        // Koopman dynamics: 2·dim + 2·dim·rank more parameters; each setting checked.
+        let koopman = ModelConfig::preset("tiny-golf-koopman").unwrap();
+        assert_eq!(
+            crate::layout::parameter_count(&koopman),
+            crate::layout::parameter_count(&caps) + 2 * d + 2 * d * 2
+        );
+        let refused_koopman = |f: fn(&mut Koopman), field: &str| {
+            let mut config = koopman.clone();
+            f(config
+                .arch
+                .capsules
+                .as_mut()
+                .unwrap()
+                .koopman
+                .as_mut()
+                .unwrap());
+            let message = config.validate().unwrap_err().to_string();
+            assert!(message.contains(field), "{field}: {message}");
+        };
+        refused_koopman(|m| m.rank = 0, "arch.capsules.koopman.rank");
+        refused_koopman(|m| m.rank = 9, "arch.capsules.koopman.rank");
+        refused_koopman(|m| m.passes = 0, "arch.capsules.koopman.passes");
+        refused_koopman(|m| m.passes = 5, "arch.capsules.koopman.passes");
+        refused_koopman(
+            |m| m.consistency = -1.0,
+            "arch.capsules.koopman.consistency",
+        );
+        refused_koopman(
+            |m| m.diag_init = f64::NAN,
+            "arch.capsules.koopman.diag_init",
+        );
+        // The defaults are the submission's: one pass, weight 0.005, D from 0.9.
+        let parsed: Capsules =
+            serde_json::from_str(r#"{"count": 2, "dim": 4, "layer": 0, "koopman": {"rank": 1}}"#)
+                .unwrap();
+        let m = parsed.koopman.unwrap();
+        assert_eq!((m.passes, m.consistency, m.diag_init), (1, 0.005, 0.9));
+        assert_eq!(parsed.passes(), 2);
         refused(
             &|c: &mut ModelConfig| {
                 c.arch.engram = ModelConfig::preset("tiny-golf-engram").unwrap().arch.engram;

@@ -46,6 +46,11 @@ pub struct EvalTime {
     /// `kiln eval --ttt LR:STEPS`: score-first [`TestTimeTraining`] ([`evaluate_adapted`]).
     #[serde(default)]
     pub ttt: Option<TestTimeTraining>,
+    /// `kiln eval --capsule-passes N`: a model with Koopman capsule dynamics scored with N
+    /// Koopman passes instead of those it trained with (the submission's
+    /// `EVAL_FEEDBACK_PASSES`); the same weights, each position still reading only its prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capsule_passes: Option<usize>,
 }
 
 /// Temperature scaling fitted while scoring (`kiln eval --temperature`): each batch of
@@ -520,6 +525,42 @@ pub fn evaluate_adapted<B: Backend + Clone>(
     adapt: EvalTime,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
+    if let Some(passes) = adapt.capsule_passes {
+        let mut config = model.config.clone();
+        let Some(koopman) = config
+            .arch
+            .capsules
+            .as_mut()
+            .and_then(|k| k.koopman.as_mut())
+        else {
+            crate::fail!(
+                Config,
+                "--capsule-passes needs a model with Koopman capsule dynamics \
+                 (arch.capsules.koopman)"
+            );
+        };
+        koopman.passes = passes;
+        config.validate()?;
+        let copy = Model::new(model.backend.clone(), config)?;
+        copy.upload_params(&model.download_params()?)?;
+        let adapt = EvalTime {
+            capsule_passes: None,
+            ..adapt
+        };
+        let shape = (batch, seq);
+        let (text, map) = (tokenizer, vocab_map);
+        return evaluate_adapted(
+            &copy,
+            shape,
+            tokens,
+            text,
+            map,
+            stride,
+            max_batches,
+            adapt,
+            progress,
+        );
+    }
     let activations = |m: &Model<B>| {
         if adapt.temperature {
             m.activations(batch, seq)

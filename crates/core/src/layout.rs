@@ -71,6 +71,14 @@ pub enum Control {
     SkipWeights,
     /// A capsule bank's output gate (C), initialised to 0 (the bank starts closed).
     CapsuleGate,
+    /// Koopman dynamics' diagonal `D (dim)`, initialised to `diag_init`.
+    KoopmanDiag,
+    /// Koopman dynamics' low-rank factors `U (dim, rank)` and `Vᵀ (rank, dim)`, initialised
+    /// to N(0, 0.01/√rank).
+    KoopmanFactor,
+    /// Koopman dynamics' blend logit `α (dim)`, initialised to −5 (σ(α) ≈ 0.007: each pass's
+    /// observation nearly off).
+    KoopmanBlend,
 }
 
 /// How a parameter tensor starts.
@@ -181,6 +189,21 @@ pub struct CapsuleParams {
     pub write: Region,
     /// `g (C)`.
     pub gate: Region,
+    /// Koopman dynamics between the bank's passes.
+    pub koopman: Option<KoopmanParams>,
+}
+
+/// Koopman dynamics' parameters ([`crate::config::Koopman`]).
+#[derive(Clone, Copy, Debug)]
+pub struct KoopmanParams {
+    /// `D (dim)`.
+    pub diag: Region,
+    /// `U (dim, rank)`.
+    pub u: Region,
+    /// `Vᵀ (rank, dim)`.
+    pub v: Region,
+    /// `α (dim)`: the blend's logit.
+    pub alpha: Region,
 }
 
 /// Every parameter of a model, in arena order.
@@ -255,6 +278,15 @@ impl SpecBuilder<'_> {
             ParamKind::Control(Control::ResidMix) => Init::Rows(vec![1.0, 0.0]),
             ParamKind::Control(Control::ValueMix) => Init::Rows(vec![0.5, 0.5]),
             ParamKind::Control(Control::CapsuleGate) => Init::Rows(vec![0.0]),
+            ParamKind::Control(Control::KoopmanBlend) => Init::Rows(vec![-5.0]),
+            ParamKind::Control(kind @ (Control::KoopmanDiag | Control::KoopmanFactor)) => {
+                let koopman = arch.capsules.and_then(|k| k.koopman);
+                let (diag, rank) = koopman.map_or((0.9, 1), |m| (m.diag_init as f32, m.rank));
+                match kind {
+                    Control::KoopmanDiag => Init::Rows(vec![diag]),
+                    _ => Init::Normal(0.01 / (rank as f32).sqrt()),
+                }
+            }
             ParamKind::Control(Control::BranchScale | Control::SkipWeights) => {
                 Init::Rows(vec![1.0])
             }
@@ -454,6 +486,36 @@ impl ParamLayout {
                     ParamKind::Control(Control::CapsuleGate),
                     None,
                 ),
+                koopman: k.koopman.map(|m| {
+                    let control = |c| ParamKind::Control(c);
+                    let (d, r) = (k.dim, m.rank);
+                    KoopmanParams {
+                        diag: b.add(
+                            name("koopman.diag"),
+                            vec![d],
+                            control(Control::KoopmanDiag),
+                            None,
+                        ),
+                        u: b.add(
+                            name("koopman.u"),
+                            vec![d, r],
+                            control(Control::KoopmanFactor),
+                            None,
+                        ),
+                        v: b.add(
+                            name("koopman.v"),
+                            vec![r, d],
+                            control(Control::KoopmanFactor),
+                            None,
+                        ),
+                        alpha: b.add(
+                            name("koopman.alpha"),
+                            vec![d],
+                            control(Control::KoopmanBlend),
+                            None,
+                        ),
+                    }
+                }),
             }
         });
         let layers = (0..config.n_layers).map(|l| b.block(l)).collect();
@@ -633,23 +695,54 @@ pub struct ActivationLayout {
 }
 
 /// A capsule bank's activations at its layer (N rows), then their gradients.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CapsuleActivations {
-    pub stream_norm: Region, // (N, C) rmsnorm(h), h = residual[layer]
-    pub rstd: Region,        // (N)
-    pub read: Region,        // (N, dim)   r = W_R·rmsnorm(h): the capsules' keys and values
-    pub queries: Region,     // (N, count·dim) the prototypes, every row
-    pub capsules: Region,    // (N, count·dim) each position's capsules
-    pub saved: Region,       // the backend's attention state for (count heads, 1 kv head)
-    pub write: Region,       // (N, C)   W_W·c
-    /// (N, C) `h + g ⊙ write`: the layer's input in place of `residual[layer]`.
-    pub out: Region,
-    pub d_capsules: Region,    // (N, count·dim)
+    pub queries: Region, // (N, count·dim) the prototypes, every row
+    /// Each pass of the bank, the first without Koopman dynamics.
+    pub passes: Vec<CapsulePass>,
+    /// (2·dim) σ(α), then σ(−α) = 1 − σ(α): the Koopman blend's two weights (empty without).
+    pub mix: Region,
+    pub d_observed: Region,    // (N, count·dim)
     pub d_queries: Region,     // (N, count·dim)
     pub d_keys: Region,        // (N, dim), then the read's whole gradient
     pub d_values: Region,      // (N, dim)
     pub d_stream_norm: Region, // (N, C)
     pub d_write: Region,       // (N, C)
+    /// The Koopman map's gradients, one pass at a time (empty without Koopman dynamics).
+    pub d_predicted: Region, // (N·count, dim)
+    pub d_evolved: Region,     // (N·count, dim)
+    pub d_low: Region,         // (N·count, rank)
+    pub d_rotated: Region,     // (N·count, dim)
+    /// (2·dim) the blend weights' gradients; (2·dim) their logits' (α's) before they are
+    /// added to α's; (2·dim) the consistency gradient's per-channel factors `κ`, `−κ`.
+    pub d_mix: Region,
+    pub d_alpha: Region,
+    pub consistency: Region,
+}
+
+/// One pass of a capsule bank: it reads the stream the pass before it left (the layer's
+/// input `residual[layer]` for the first) and adds its write to it.
+#[derive(Clone, Copy, Debug)]
+pub struct CapsulePass {
+    pub stream_norm: Region, // (N, C) rmsnorm of the stream read
+    pub rstd: Region,        // (N)
+    pub read: Region,        // (N, dim)   r = W_R·rmsnorm(h): the capsules' keys and values
+    pub observed: Region,    // (N, count·dim) the pooled capsules
+    pub saved: Region,       // the backend's attention state for (count heads, 1 kv head)
+    /// With Koopman dynamics, after the first pass: the last pass's capsules rotated (y =
+    /// H·c), their low-rank code (Vᵀ·y), evolved (D ⊙ y + U·Vᵀ·y) and rotated back: the
+    /// prediction `K(c)`. (N·count, dim) each, the code (N·count, rank).
+    pub rotated: Region,
+    pub low: Region,
+    pub evolved: Region,
+    pub predicted: Region,
+    /// (N, count·dim) the capsules written: `observed` on the first pass, else the blend.
+    pub capsules: Region,
+    pub write: Region, // (N, C)   W_W·c
+    /// (N, C) the stream plus `g ⊙ write`: the next pass's input; the last pass's is the
+    /// layer's input in place of `residual[layer]`.
+    pub out: Region,
+    pub d_capsules: Region, // (N, count·dim)
 }
 
 /// EngramHash's activations at its layer (N rows), then their gradients.
@@ -677,9 +770,9 @@ impl ActivationLayout {
     /// The stream layer `l` reads: `residual[l]`, or EngramHash's or the capsule bank's
     /// output at its layer.
     pub fn input(&self, l: usize) -> Region {
-        match (self.engram, self.capsules) {
+        match (self.engram, self.capsules.as_ref()) {
             (Some(e), _) if self.engram_layer == Some(l) => e.out,
-            (_, Some(k)) if self.capsule_layer == Some(l) => k.out,
+            (_, Some(k)) if self.capsule_layer == Some(l) => k.passes[k.passes.len() - 1].out,
             _ => self.residual[l],
         }
     }
@@ -723,23 +816,49 @@ impl ActivationLayout {
         // The capsule bank's forward activations (its gradients come after `forward_end`).
         let capsule_forward = arch.capsules.map(|k| {
             let width = n * k.count * k.dim;
-            [
-                cur.take(n * c),
-                cur.take(n),
-                cur.take(n * k.dim),
-                cur.take(width),
-                cur.take(width),
-                cur.take(capsule_saved_len),
-                cur.take(n * c),
-                cur.take(n * c),
-            ]
+            let rank = k.koopman.map_or(0, |m| m.rank);
+            let queries = cur.take(width);
+            let passes: Vec<CapsulePass> = (0..k.passes())
+                .map(|p| {
+                    let koopman = if p > 0 { 1 } else { 0 };
+                    let (stream_norm, rstd, read) =
+                        (cur.take(n * c), cur.take(n), cur.take(n * k.dim));
+                    let (observed, saved) = (cur.take(width), cur.take(capsule_saved_len));
+                    let (rotated, low) = (
+                        cur.take(koopman * width),
+                        cur.take(koopman * n * k.count * rank),
+                    );
+                    let (evolved, predicted) =
+                        (cur.take(koopman * width), cur.take(koopman * width));
+                    let capsules = if p > 0 { cur.take(width) } else { observed };
+                    CapsulePass {
+                        stream_norm,
+                        rstd,
+                        read,
+                        observed,
+                        saved,
+                        rotated,
+                        low,
+                        evolved,
+                        predicted,
+                        capsules,
+                        write: cur.take(n * c),
+                        out: cur.take(n * c),
+                        d_capsules: Region { offset: 0, len: 0 },
+                    }
+                })
+                .collect();
+            let mix = cur.take(if k.koopman.is_some() { 2 * k.dim } else { 0 });
+            (queries, passes, mix)
         });
         let capsule_layer = arch.capsules.map(|k| k.layer);
         // The stream each layer reads: EngramHash's output at its layer.
         let inputs: Vec<Region> = (0..depth)
-            .map(|l| match (engram_forward, capsule_forward) {
+            .map(|l| match (engram_forward, capsule_forward.as_ref()) {
                 (Some(f), _) if engram_layer == Some(l) => f[8],
-                (_, Some(f)) if capsule_layer == Some(l) => f[7],
+                (_, Some((_, passes, _))) if capsule_layer == Some(l) => {
+                    passes[passes.len() - 1].out
+                }
                 _ => residual[l],
             })
             .collect();
@@ -809,23 +928,31 @@ impl ActivationLayout {
                 d_value: cur.take(n * c),
             }
         });
-        let capsules = capsule_forward.map(|f| {
-            let (dim, count) = arch.capsules.map_or((0, 0), |k| (k.dim, k.count));
+        let capsules = capsule_forward.map(|(queries, mut passes, mix)| {
+            let k = arch.capsules.expect("a capsule bank's activations");
+            let width = n * k.count * k.dim;
+            let koopman = if k.koopman.is_some() { 1 } else { 0 };
+            let rank = k.koopman.map_or(0, |m| m.rank);
+            for pass in &mut passes {
+                pass.d_capsules = cur.take(width);
+            }
             CapsuleActivations {
-                stream_norm: f[0],
-                rstd: f[1],
-                read: f[2],
-                queries: f[3],
-                capsules: f[4],
-                saved: f[5],
-                write: f[6],
-                out: f[7],
-                d_capsules: cur.take(n * count * dim),
-                d_queries: cur.take(n * count * dim),
-                d_keys: cur.take(n * dim),
-                d_values: cur.take(n * dim),
+                queries,
+                passes,
+                mix,
+                d_observed: cur.take(width),
+                d_queries: cur.take(width),
+                d_keys: cur.take(n * k.dim),
+                d_values: cur.take(n * k.dim),
                 d_stream_norm: cur.take(n * c),
                 d_write: cur.take(n * c),
+                d_predicted: cur.take(koopman * width),
+                d_evolved: cur.take(koopman * width),
+                d_low: cur.take(koopman * n * k.count * rank),
+                d_rotated: cur.take(koopman * width),
+                d_mix: cur.take(koopman * 2 * k.dim),
+                d_alpha: cur.take(koopman * 2 * k.dim),
+                consistency: cur.take(koopman * 2 * k.dim),
             }
         });
         let residual_grad = cur.take(n * c);

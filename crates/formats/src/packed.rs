@@ -107,7 +107,7 @@ fn group_of(kind: ParamKind) -> &'static str {
         ParamKind::BlockMatrix {
             branch: Branch::Memory,
             ..
-        } => "EngramHash matrices",
+        } => "memory matrices (EngramHash, capsules)",
         ParamKind::NormGain | ParamKind::Control(_) => "norms and control tensors",
     }
 }

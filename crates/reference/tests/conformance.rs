@@ -86,6 +86,14 @@ fn tiny_golf_with_a_causal_capsule_bank_matches_pytorch() {
     kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
 }
 
+/// The same bank run three times with Koopman dynamics between the passes, the consistency
+/// term in the gradients.
+#[test]
+fn tiny_golf_with_koopman_capsule_dynamics_matches_pytorch() {
+    let path = fixture("model_tiny-golf-koopman.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
     for preset in kiln_conformance::FIXTURES {
@@ -100,9 +108,15 @@ fn twenty_training_steps_make_the_loss_fall() {
 /// gate is opened).
 #[test]
 fn the_capsule_bank_reads_no_later_token() {
+    for preset in ["tiny-golf-capsules", "tiny-golf-koopman"] {
+        the_bank_reads_no_later_token(preset);
+    }
+}
+
+fn the_bank_reads_no_later_token(preset: &str) {
     use kiln_core::config::ModelConfig;
     use kiln_core::model::Model;
-    let config = ModelConfig::preset("tiny-golf-capsules").unwrap();
+    let config = ModelConfig::preset(preset).unwrap();
     let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
     model.init_random(3).unwrap();
     let gate = model.layout.capsules.unwrap().gate;
@@ -123,7 +137,7 @@ fn the_capsule_bank_reads_no_later_token() {
     assert_eq!(
         la[..(t - 1) * v],
         lb[..(t - 1) * v],
-        "an earlier position read the last token"
+        "{preset}: an earlier position read the last token"
     );
     assert_ne!(la[(t - 1) * v..], lb[(t - 1) * v..]);
     // Without the bank's gate open, the same model's logits differ: the bank contributes.

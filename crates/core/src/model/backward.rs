@@ -10,7 +10,7 @@ use crate::backend::{
     Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape, View,
 };
 use crate::config::Mlp;
-use crate::layout::{skip_source, Head, LayerActivations, LayerParams, Region};
+use crate::layout::{skip_source, CapsulePass, Head, LayerActivations, LayerParams, Region};
 use crate::Result;
 
 use Accumulate::{Add, Overwrite};
@@ -305,17 +305,19 @@ impl<B: Backend> Model<B> {
     /// EngramHash at layer `l`: from dL/d(its output) in `d.residual` to dL/d(residual[l])
     /// (the identity plus the gate's path through the stream's norm), and the gradients of
     /// its tables and matrices.
-    /// The capsule bank's backward ([`Model::capsule_forward`]): from dL/d(its output) in
-    /// `d.residual` (which passes on unchanged to `h`, the identity's share) through the gate,
-    /// W_W, the attention (the prototypes' gradient summed over the rows by the embedding's
-    /// backward; the keys' and values' gradients both `r`'s), W_R and the norm, added into
-    /// `d.residual`.
+    /// The capsule bank's backward ([`Model::capsule_forward`]), pass after pass from the
+    /// last: from dL/d(the pass's output) in `d.residual` (which passes on unchanged to its
+    /// input, the identity's share) through the gate, W_W, the Koopman blend (to the last
+    /// pass's capsules, [`Model::koopman_backward`]), the attention (the prototypes' gradient
+    /// summed over the rows by the embedding's backward; the keys' and values' gradients both
+    /// `r`'s), W_R and the norm, added into `d.residual`, which then holds dL/d(the pass's
+    /// input); last, the blend's logits `α`.
     fn capsule_backward(&self, acts: &Activations<B>, l: usize, sh: &Shapes) {
         let (cfg, be) = (&self.config, &self.backend);
         let (Some(k), Some(w), Some(s)) = (
             cfg.arch.capsules,
             self.layout.capsules,
-            acts.layout.capsules,
+            acts.layout.capsules.as_ref(),
         ) else {
             unreachable!("a capsule model has its parameters and activations");
         };
@@ -324,60 +326,194 @@ impl<B: Backend> Model<B> {
         let g = |r: Region| view::<B>(&self.grads, r);
         let d = &acts.layout.grads;
         let (n, c, width) = (sh.n, cfg.dim, k.count * k.dim);
-        let (dout, write) = (a(d.residual), a(s.write));
+        if let Some(m) = k.koopman {
+            be.zero(a(s.d_mix));
+            // The consistency term's gradient per element: 2·weight/(passes·elements).
+            let elements = (m.passes * n * width) as f64;
+            let kappa = (2.0 * m.consistency / elements) as f32 * sh.loss_weight;
+            let mut factors = vec![kappa; k.dim];
+            factors.extend(std::iter::repeat_n(-kappa, k.dim));
+            be.upload(a(s.consistency), &factors)
+                .unwrap_or_else(|err| panic!("the consistency factors: {err}"));
+        }
+        let last = s.passes.len() - 1;
+        for (pass, at) in s.passes.iter().enumerate().rev() {
+            let (dout, write) = (a(d.residual), a(at.write));
+            be.scale_backward(
+                a(s.d_write),
+                g(w.gate),
+                dout,
+                write,
+                p(w.gate),
+                sh.scale(c, 1),
+                Overwrite,
+            );
+            // A pass before the last already holds the Koopman path's share of its gradient.
+            let mode = if pass == last { Overwrite } else { Add };
+            let (dc, caps) = (a(at.d_capsules), a(at.capsules));
+            be.matmul_backward(
+                dc,
+                g(w.write),
+                a(s.d_write),
+                caps,
+                p(w.write),
+                sh.mm(width, c),
+                mode,
+            );
+            let d_observed = match pass {
+                0 => at.d_capsules,
+                _ => {
+                    self.koopman_backward(acts, &s.passes[pass - 1], at, sh);
+                    s.d_observed
+                }
+            };
+            let grads = Qkv {
+                q: a(s.d_queries),
+                k: a(s.d_keys),
+                v: a(s.d_values),
+            };
+            let inputs = Qkv {
+                q: a(s.queries),
+                k: a(at.read),
+                v: a(at.read),
+            };
+            let shape = AttentionShape {
+                batch: sh.batch,
+                seq: sh.seq,
+                heads: k.count,
+                kv_heads: 1,
+                head_dim: k.dim,
+            };
+            be.attention_backward(grads, a(d_observed), inputs, a(at.saved), shape);
+            be.accumulate(a(s.d_keys), a(s.d_values));
+            be.embedding_backward(g(w.prototypes), a(s.d_queries), &vec![0; n], width);
+            let (dr, xn) = (a(s.d_keys), a(at.stream_norm));
+            be.matmul_backward(
+                a(s.d_stream_norm),
+                g(w.read),
+                dr,
+                xn,
+                p(w.read),
+                sh.mm(c, k.dim),
+                Overwrite,
+            );
+            let h = match pass {
+                0 => a(acts.layout.residual[l]),
+                _ => a(s.passes[pass - 1].out),
+            };
+            let (ones, sink) = (self.ones(c), self.ones_sink(c));
+            let (dxn, rstd) = (a(s.d_stream_norm), a(at.rstd));
+            be.rmsnorm_backward(a(d.residual), sink, dxn, h, ones, rstd, sh.norm(n, c), Add);
+        }
+        if let Some(m) = w.koopman {
+            // α from σ(α) and σ(−α): the gate kernel's backward with rows of one value.
+            let (dim, ones, sink) = (k.dim, self.ones(k.dim), self.ones_sink(k.dim));
+            let (mix, d_mix, d_alpha) = (a(s.mix), a(s.d_mix), a(s.d_alpha));
+            for (half, sign) in [(0, 1.0), (1, -1.0)] {
+                let (da, dm) = (d_alpha.slice(half * dim, dim), d_mix.slice(half * dim, dim));
+                let out = mix.slice(half * dim, dim);
+                be.gate_backward(da, sink, dm, out, p(m.alpha), ones, 1, sign);
+                be.accumulate(g(m.alpha), da);
+            }
+        }
+    }
+
+    /// Koopman dynamics' backward ([`Model::koopman_forward`]) for pass `at`: from dL/dc in
+    /// its `d_capsules` to the observed capsules' gradient (`d_observed`), the blend weights'
+    /// (`d_mix`, summed), `D`'s, `U`'s and `Vᵀ`'s, and the pass before's capsules'
+    /// (`prev.d_capsules`, overwritten). The prediction's gradient also gets the consistency
+    /// term's, `κ·(K(c_prev) − c)` (`c` held constant: the submission's stop-gradient).
+    fn koopman_backward(
+        &self,
+        acts: &Activations<B>,
+        prev: &CapsulePass,
+        at: &CapsulePass,
+        sh: &Shapes,
+    ) {
+        let (Some(k), Some(w), Some(s)) = (
+            self.config.arch.capsules,
+            self.layout.capsules,
+            acts.layout.capsules.as_ref(),
+        ) else {
+            return;
+        };
+        let (Some(km), Some(m)) = (k.koopman, w.koopman) else {
+            return;
+        };
+        let be = &self.backend;
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let (rows, dim) = (sh.n * k.count, k.dim);
+        let per_channel = ScaleShape {
+            rows,
+            groups: dim,
+            inner: 1,
+        };
+        let (mix, d_mix, dc) = (a(s.mix), a(s.d_mix), a(at.d_capsules));
+        fn half<B: Backend>(v: View<'_, B>, i: usize, dim: usize) -> View<'_, B> {
+            v.slice(i * dim, dim)
+        }
         be.scale_backward(
-            a(s.d_write),
-            g(w.gate),
-            dout,
-            write,
-            p(w.gate),
-            sh.scale(c, 1),
-            Overwrite,
-        );
-        let (dc, caps) = (a(s.d_capsules), a(s.capsules));
-        be.matmul_backward(
+            a(s.d_observed),
+            half(d_mix, 0, dim),
             dc,
-            g(w.write),
-            a(s.d_write),
-            caps,
-            p(w.write),
-            sh.mm(width, c),
+            a(at.observed),
+            half(mix, 0, dim),
+            per_channel,
             Overwrite,
         );
-        let grads = Qkv {
-            q: a(s.d_queries),
-            k: a(s.d_keys),
-            v: a(s.d_values),
+        be.scale_backward(
+            a(s.d_predicted),
+            half(d_mix, 1, dim),
+            dc,
+            a(at.predicted),
+            half(mix, 1, dim),
+            per_channel,
+            Overwrite,
+        );
+        let factors = a(s.consistency);
+        let (dp, pred, caps) = (a(s.d_predicted), a(at.predicted), a(at.capsules));
+        be.scale_forward(dp, pred, half(factors, 0, dim), per_channel, Add);
+        be.scale_forward(dp, caps, half(factors, 1, dim), per_channel, Add);
+        let square = MatmulShape {
+            rows,
+            in_dim: dim,
+            out_dim: dim,
         };
-        let inputs = Qkv {
-            q: a(s.queries),
-            k: a(s.read),
-            v: a(s.read),
+        // H is symmetric: the rotation's backward is the rotation.
+        self.rotate(a(s.d_evolved), a(s.d_predicted), square);
+        let (de, rotated) = (a(s.d_evolved), a(at.rotated));
+        be.scale_backward(
+            a(s.d_rotated),
+            g(m.diag),
+            de,
+            rotated,
+            p(m.diag),
+            per_channel,
+            Overwrite,
+        );
+        let up = MatmulShape {
+            rows,
+            in_dim: km.rank,
+            out_dim: dim,
         };
-        let shape = AttentionShape {
-            batch: sh.batch,
-            seq: sh.seq,
-            heads: k.count,
-            kv_heads: 1,
-            head_dim: k.dim,
+        be.matmul_backward(a(s.d_low), g(m.u), de, a(at.low), p(m.u), up, Overwrite);
+        let down = MatmulShape {
+            rows,
+            in_dim: dim,
+            out_dim: km.rank,
         };
-        be.attention_backward(grads, dc, inputs, a(s.saved), shape);
-        be.accumulate(a(s.d_keys), a(s.d_values));
-        be.embedding_backward(g(w.prototypes), a(s.d_queries), &vec![0; n], width);
-        let (dr, xn) = (a(s.d_keys), a(s.stream_norm));
         be.matmul_backward(
-            a(s.d_stream_norm),
-            g(w.read),
-            dr,
-            xn,
-            p(w.read),
-            sh.mm(c, k.dim),
-            Overwrite,
+            a(s.d_rotated),
+            g(m.v),
+            a(s.d_low),
+            rotated,
+            p(m.v),
+            down,
+            Add,
         );
-        let h = a(acts.layout.residual[l]);
-        let (ones, sink) = (self.ones(c), self.ones_sink(c));
-        let (dxn, rstd) = (a(s.d_stream_norm), a(s.rstd));
-        be.rmsnorm_backward(a(d.residual), sink, dxn, h, ones, rstd, sh.norm(n, c), Add);
+        self.rotate(a(prev.d_capsules), a(s.d_rotated), square);
     }
 
     fn engram_backward(&self, acts: &Activations<B>, l: usize, tokens: &[u32], sh: &Shapes) {

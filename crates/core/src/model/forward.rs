@@ -9,7 +9,7 @@ use crate::backend::{
     ScaleShape, View,
 };
 use crate::config::Mlp;
-use crate::layout::{skip_source, Head, LayerActivations, LayerParams, Region};
+use crate::layout::{skip_source, CapsulePass, Head, LayerActivations, LayerParams, Region};
 use crate::Result;
 
 impl<B: Backend> Model<B> {
@@ -362,17 +362,19 @@ impl<B: Backend> Model<B> {
         self.branch_add(out, a(s.x_mid), a(s.mlp_proj), w.mlp_scale, n);
     }
 
-    /// The causal capsule bank before layer `l` ([`crate::config::Capsules`]): the stream
-    /// normalized and read into capsule space, the prototypes as every row's queries (an
-    /// embedding lookup of row 0), causal attention of `count` query heads over the one
-    /// key/value head `r` (with a cache slot, over the cache's rows and this one), then
-    /// `h + g ⊙ W_W·c` into the layer's input.
+    /// The causal capsule bank before layer `l` ([`crate::config::Capsules`]), each of its
+    /// passes: the stream normalized and read into capsule space, the prototypes as every
+    /// row's queries (an embedding lookup of row 0), causal attention of `count` query heads
+    /// over the one key/value head `r` (with a cache slot, over the cache's rows of that pass
+    /// and this one); after the first pass, Koopman dynamics blend the pooled capsules with
+    /// the last pass's evolved ([`Model::koopman_forward`]); then `h + g ⊙ W_W·c`, the next
+    /// pass's stream and, after the last, the layer's input.
     fn capsule_forward(&self, acts: &Activations<B>, l: usize, slot: Option<&CacheSlot<B>>) {
         let cfg = &self.config;
         let (Some(k), Some(w), Some(s)) = (
             cfg.arch.capsules,
             self.layout.capsules,
-            acts.layout.capsules,
+            acts.layout.capsules.as_ref(),
         ) else {
             return;
         };
@@ -381,75 +383,174 @@ impl<B: Backend> Model<B> {
         let be = &self.backend;
         let p = |r: Region| view::<B>(self.weights(), r);
         let a = |r: Region| view::<B>(&acts.memory, r);
-        let h = a(acts.layout.residual[l]);
-        let norm = NormShape {
-            rows: n,
-            dim: c,
-            eps: cfg.norm_eps as f32,
+        be.embedding_forward(a(s.queries), p(w.prototypes), &vec![0; n], width);
+        if let Some(m) = w.koopman {
+            // σ(α) and σ(−α), the blend's weights: the gate kernel with rows of one value.
+            let (mix, ones) = (a(s.mix), self.ones(k.dim));
+            be.gate_forward(mix.slice(0, k.dim), p(m.alpha), ones, 1, 1.0);
+            be.gate_forward(mix.slice(k.dim, k.dim), p(m.alpha), ones, 1, -1.0);
+        }
+        for (pass, at) in s.passes.iter().enumerate() {
+            let h = match pass {
+                0 => a(acts.layout.residual[l]),
+                _ => a(s.passes[pass - 1].out),
+            };
+            let norm = NormShape {
+                rows: n,
+                dim: c,
+                eps: cfg.norm_eps as f32,
+            };
+            be.rmsnorm_forward(a(at.stream_norm), a(at.rstd), h, self.ones(c), norm);
+            let read = MatmulShape {
+                rows: n,
+                in_dim: c,
+                out_dim: k.dim,
+            };
+            be.matmul_forward(a(at.read), a(at.stream_norm), p(w.read), read);
+            let inputs = Qkv {
+                q: a(s.queries),
+                k: a(at.read),
+                v: a(at.read),
+            };
+            match slot {
+                None => {
+                    let shape = AttentionShape {
+                        batch: b,
+                        seq: t,
+                        heads: k.count,
+                        kv_heads: 1,
+                        head_dim: k.dim,
+                    };
+                    be.attention_forward(a(at.observed), a(at.saved), inputs, shape);
+                }
+                Some(slot) => {
+                    let (cache, pos) = (slot.cache, slot.pos);
+                    let region = cache.capsules.expect("a cache for a capsule bank");
+                    let per_pass = cache.batch * cache.capacity * k.dim;
+                    let keys = view::<B>(&cache.memory, region).slice(pass * per_pass, per_pass);
+                    for seq in 0..cache.batch {
+                        let row = keys.slice((seq * cache.capacity + pos) * k.dim, k.dim);
+                        be.copy(row, a(at.read).slice(seq * k.dim, k.dim));
+                    }
+                    let shape = DecodeShape {
+                        batch: cache.batch,
+                        len: pos + 1,
+                        capacity: cache.capacity,
+                        heads: k.count,
+                        kv_heads: 1,
+                        head_dim: k.dim,
+                    };
+                    be.attention_decode(a(at.observed), a(s.queries), keys, keys, shape);
+                }
+            }
+            if pass > 0 {
+                self.koopman_forward(acts, &s.passes[pass - 1], at, n);
+            }
+            let write = MatmulShape {
+                rows: n,
+                in_dim: width,
+                out_dim: c,
+            };
+            be.matmul_forward(a(at.write), a(at.capsules), p(w.write), write);
+            be.copy(a(at.out), h);
+            let per_channel = ScaleShape {
+                rows: n,
+                groups: c,
+                inner: 1,
+            };
+            be.scale_forward(
+                a(at.out),
+                a(at.write),
+                p(w.gate),
+                per_channel,
+                Accumulate::Add,
+            );
+        }
+    }
+
+    /// Koopman dynamics into pass `at` from the pass before it (`prev`), per capsule (rows of
+    /// `dim`): `y = H·c_prev`, `K(c_prev) = H·(D ⊙ y + U·Vᵀ·y)`, then the capsules written
+    /// `c = σ(α) ⊙ c_observed + σ(−α) ⊙ K(c_prev)` (the submission's `KoopmanDynamics.blend`,
+    /// whose Hadamard matrix is also symmetric and its own inverse).
+    fn koopman_forward(
+        &self,
+        acts: &Activations<B>,
+        prev: &CapsulePass,
+        at: &CapsulePass,
+        n: usize,
+    ) {
+        let (Some(k), Some(w), Some(s)) = (
+            self.config.arch.capsules,
+            self.layout.capsules,
+            acts.layout.capsules.as_ref(),
+        ) else {
+            return;
         };
-        be.rmsnorm_forward(a(s.stream_norm), a(s.rstd), h, self.ones(c), norm);
-        let read = MatmulShape {
-            rows: n,
-            in_dim: c,
+        let (Some(km), Some(m)) = (k.koopman, w.koopman) else {
+            return;
+        };
+        let be = &self.backend;
+        let p = |r: Region| view::<B>(self.weights(), r);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let rows = n * k.count;
+        let square = MatmulShape {
+            rows,
+            in_dim: k.dim,
             out_dim: k.dim,
         };
-        be.matmul_forward(a(s.read), a(s.stream_norm), p(w.read), read);
-        be.embedding_forward(a(s.queries), p(w.prototypes), &vec![0; n], width);
-        let inputs = Qkv {
-            q: a(s.queries),
-            k: a(s.read),
-            v: a(s.read),
+        self.rotate(a(at.rotated), a(prev.capsules), square);
+        let down = MatmulShape {
+            rows,
+            in_dim: k.dim,
+            out_dim: km.rank,
         };
-        match slot {
-            None => {
-                let shape = AttentionShape {
-                    batch: b,
-                    seq: t,
-                    heads: k.count,
-                    kv_heads: 1,
-                    head_dim: k.dim,
-                };
-                be.attention_forward(a(s.capsules), a(s.saved), inputs, shape);
-            }
-            Some(slot) => {
-                let (cache, pos) = (slot.cache, slot.pos);
-                let region = cache.capsules.expect("a cache for a capsule bank");
-                for seq in 0..cache.batch {
-                    let row = view::<B>(&cache.memory, region)
-                        .slice((seq * cache.capacity + pos) * k.dim, k.dim);
-                    be.copy(row, a(s.read).slice(seq * k.dim, k.dim));
-                }
-                let keys = view::<B>(&cache.memory, region);
-                let shape = DecodeShape {
-                    batch: cache.batch,
-                    len: pos + 1,
-                    capacity: cache.capacity,
-                    heads: k.count,
-                    kv_heads: 1,
-                    head_dim: k.dim,
-                };
-                be.attention_decode(a(s.capsules), a(s.queries), keys, keys, shape);
-            }
-        }
-        let write = MatmulShape {
-            rows: n,
-            in_dim: width,
-            out_dim: c,
-        };
-        be.matmul_forward(a(s.write), a(s.capsules), p(w.write), write);
-        be.copy(a(s.out), h);
+        be.matmul_forward(a(at.low), a(at.rotated), p(m.v), down);
         let per_channel = ScaleShape {
-            rows: n,
-            groups: c,
+            rows,
+            groups: k.dim,
             inner: 1,
         };
+        let overwrite = Accumulate::Overwrite;
         be.scale_forward(
-            a(s.out),
-            a(s.write),
-            p(w.gate),
+            a(at.evolved),
+            a(at.rotated),
+            p(m.diag),
             per_channel,
-            Accumulate::Add,
+            overwrite,
         );
+        let up = MatmulShape {
+            rows,
+            in_dim: km.rank,
+            out_dim: k.dim,
+        };
+        // The low-rank term goes through `predicted` (overwritten just after) on its way.
+        be.matmul_forward(a(at.predicted), a(at.low), p(m.u), up);
+        be.accumulate(a(at.evolved), a(at.predicted));
+        self.rotate(a(at.predicted), a(at.evolved), square);
+        let (mix, dim) = (a(s.mix), k.dim);
+        be.scale_forward(
+            a(at.capsules),
+            a(at.observed),
+            mix.slice(0, dim),
+            per_channel,
+            overwrite,
+        );
+        let add = Accumulate::Add;
+        be.scale_forward(
+            a(at.capsules),
+            a(at.predicted),
+            mix.slice(dim, dim),
+            per_channel,
+            add,
+        );
+    }
+
+    /// `out = inp·H` for the Koopman rotation (`H` symmetric), or a copy without one.
+    pub(super) fn rotate(&self, out: View<'_, B>, inp: View<'_, B>, s: MatmulShape) {
+        match &self.rotation {
+            Some(h) => self.backend.matmul_forward(out, inp, View::whole(h), s),
+            None => self.backend.copy(out, inp),
+        }
     }
 
     /// A mixture of experts in place of layer `l`'s MLP, from `xn_ffn` into `mlp_proj`: the

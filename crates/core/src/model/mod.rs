@@ -56,8 +56,12 @@ pub struct Model<B: Backend> {
     /// max(C, D) ones: the gain of a weightless RMSNorm; then, with `arch.ln_scale`, each
     /// layer l's C values of 1/√(l + 1), its damped norms' gain.
     ones: B::Memory,
-    /// Where the backward writes a weightless RMSNorm's gain gradient (discarded).
+    /// Where the backward writes a weightless RMSNorm's gain gradient (discarded), and the
+    /// gradients of other constants.
     ones_grad: B::Memory,
+    /// Koopman dynamics' rotation `H (dim, dim)`: the orthonormal Hadamard matrix when the
+    /// capsule dim is a power of two (none otherwise: no rotation).
+    rotation: Option<B::Memory>,
     /// AdamW steps taken (bias correction).
     pub step: u64,
     /// The last prompt's prefill arena, reused by the next prompt of the same length: a
@@ -281,7 +285,9 @@ impl<B: Backend> Model<B> {
         let state = if trainable { n } else { 0 };
         let grads = backend.alloc(state, DType::F32)?;
         let optimizer = backend.alloc(2 * state, DType::F32)?;
-        let widest = config.dim.max(config.head_dim);
+        // Capsule dims are at most 128, so a Koopman rotation's gradient sink fits in 16,384.
+        let capsule_dim = config.arch.capsules.map_or(0, |k| k.dim);
+        let widest = config.dim.max(config.head_dim).max(capsule_dim);
         let mut gains = vec![1.0; widest];
         if config.arch.ln_scale {
             for l in 0..config.depth() {
@@ -291,7 +297,20 @@ impl<B: Backend> Model<B> {
         }
         let ones = backend.alloc(gains.len(), DType::F32)?;
         backend.upload(View::whole(&ones), &gains)?;
-        let ones_grad = backend.alloc(widest, DType::F32)?;
+        let ones_grad = backend.alloc(widest.max(capsule_dim * capsule_dim), DType::F32)?;
+        let rotation = match config.arch.capsules {
+            Some(k) if k.koopman.is_some() && k.dim.is_power_of_two() && k.dim > 1 => {
+                let mut h = vec![0.0; k.dim * k.dim];
+                for i in 0..k.dim {
+                    h[i * k.dim + i] = 1.0;
+                }
+                crate::quant::hadamard_rows(&mut h, k.dim, k.dim);
+                let memory = backend.alloc(h.len(), DType::F32)?;
+                backend.upload(View::whole(&memory), &h)?;
+                Some(memory)
+            }
+            _ => None,
+        };
         Ok(Model {
             backend,
             config,
@@ -303,6 +322,7 @@ impl<B: Backend> Model<B> {
             ema: None,
             ones,
             ones_grad,
+            rotation,
             step: 0,
             prefill_arena: Default::default(),
             noise_scratch: Default::default(),
@@ -601,9 +621,10 @@ impl<B: Backend> Model<B> {
         let layout = ActivationLayout::new(&self.config, batch, 1, (0, 0), (Head::Logits, 0));
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
         let acts = Activations::new(layout, memory);
+        // Every pass of a capsule bank keeps its own reads: (passes, batch, capacity, dim).
         let capsules = self.config.arch.capsules.map(|k| Region {
             offset: 2 * l * row,
-            len: batch * capacity * k.dim,
+            len: k.passes() * batch * capacity * k.dim,
         });
         let total = 2 * l * row + capsules.map_or(0, |r| r.len);
         Ok(KvCache {
@@ -718,12 +739,15 @@ impl<B: Backend> Model<B> {
         if let (Some(region), Some(k), Some(s)) = (
             cache.capsules,
             self.config.arch.capsules,
-            acts.layout.capsules,
+            acts.layout.capsules.as_ref(),
         ) {
-            for b in 0..cache.batch {
-                let at =
-                    view::<B>(&cache.memory, region).slice(b * cache.capacity * k.dim, n * k.dim);
-                self.backend.copy(at, view::<B>(&acts.memory, s.read));
+            let per_pass = cache.batch * cache.capacity * k.dim;
+            for (p, pass) in s.passes.iter().enumerate() {
+                for b in 0..cache.batch {
+                    let at = p * per_pass + b * cache.capacity * k.dim;
+                    let at = view::<B>(&cache.memory, region).slice(at, n * k.dim);
+                    self.backend.copy(at, view::<B>(&acts.memory, pass.read));
+                }
             }
         }
         cache.len = n;
