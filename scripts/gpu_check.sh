@@ -8,7 +8,7 @@
 # `run` prints the GPU and kiln doctor's view; compiles every kernel (NVRTC); runs the
 # conformance suite on the GPU (KILN_REQUIRE_CUDA=1: no GPU is a failure); times training
 # steps of stories110m and golf-baseline with `kiln bench train --backend cuda` and each kernel
-# with `kiln bench kernels`, then the
+# with `kiln bench kernels`, with each attention path (KILN_CUDA_ATTENTION=flash, gemm), then the
 # PyTorch peer (bench/peers/train_step.py --device cuda, eager bf16 and torch.compile bf16)
 # on the same model and batch, and prints kiln's tokens/s over PyTorch's; trains golf-baseline
 # through NCCL with world size 1 (`kiln train --gpus 1`) on a corpus made of this repository's
@@ -43,14 +43,18 @@ run)
   export KILN_REQUIRE_CUDA=1 KILN_REQUIRE_NVRTC=1
   timeout 60 .dev/cuda-nvrtc --nocapture 2>&1 | tail -4
   timeout 300 .dev/cuda-conformance --nocapture --test-threads 1 2>&1 | tee "$out/conformance.log" | grep -v '^\s*[0-9]*: \|^\s*at ' | tail -30
-  for preset in stories110m golf-baseline; do
-    echo "== kiln cuda $preset, batch $batch × seq $seq"
-    timeout 120 "$kiln" bench train --backend cuda --preset "$preset" --batch "$batch" --seq "$seq" \
-      --steps 5 --json "$out/kiln-$preset.json" 2>&1 | tail -2
+  for attn in flash gemm; do
+    for preset in stories110m golf-baseline; do
+      echo "== kiln cuda $preset, batch $batch × seq $seq, $attn attention"
+      KILN_CUDA_ATTENTION="$attn" timeout 120 "$kiln" bench train --backend cuda --preset "$preset" \
+        --batch "$batch" --seq "$seq" --steps 5 --json "$out/kiln-$preset-$attn.json" 2>&1 | tail -2
+    done
   done
   echo "== kiln cuda kernels, stories110m batch 64 × 256 (where the step's time goes)"
-  timeout 150 "$kiln" bench kernels --backend cuda --preset stories110m --batch 64 --seq 256 \
-    --reps 2 > "$out/kernels.txt" 2>&1; tail -40 "$out/kernels.txt"
+  for attn in flash gemm; do
+    KILN_CUDA_ATTENTION="$attn" timeout 150 "$kiln" bench kernels --backend cuda --preset stories110m \
+      --batch 64 --seq 256 --reps 2 > "$out/kernels-$attn.txt" 2>&1; tail -40 "$out/kernels-$attn.txt"
+  done
   for mode in bf16 compile-bf16; do
     echo "== pytorch $mode stories110m"
     timeout 200 python3 bench/peers/train_step.py --device cuda --mode "$mode" --preset stories110m \
@@ -60,14 +64,15 @@ run)
   python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
-try:
-    k = json.load(open(f"{out}/kiln-stories110m.json"))
-    for mode in ("bf16", "compile-bf16"):
-        t = json.load(open(f"{out}/torch-{mode}.json"))
-        print(f"stories110m: kiln {k['ms_per_step']:.1f} ms/step, PyTorch {mode} {t['ms_per_step']:.1f}: "
-              f"kiln's tokens/s are {t['ms_per_step'] / k['ms_per_step']:.3f}× PyTorch's")
-except Exception as e:
-    print(f"no ratio: {e}")
+for attn in ("flash", "gemm"):
+    try:
+        k = json.load(open(f"{out}/kiln-stories110m-{attn}.json"))
+        for mode in ("bf16", "compile-bf16"):
+            t = json.load(open(f"{out}/torch-{mode}.json"))
+            print(f"stories110m, {attn} attention: kiln {k['ms_per_step']:.1f} ms/step, PyTorch {mode} "
+                  f"{t['ms_per_step']:.1f}: kiln's tokens/s are {t['ms_per_step'] / k['ms_per_step']:.3f}× PyTorch's")
+    except Exception as e:
+        print(f"no ratio for {attn} attention: {e}")
 PY
   echo "== NCCL, world size 1: golf-baseline for $budget on this repository's text"
   mkdir -p "$out/text" && cp README.md "$out/text/" && find crates src -name '*.rs' -exec cat {} + > "$out/text/code.txt"

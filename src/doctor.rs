@@ -119,6 +119,13 @@ pub fn report(m: &Machine) -> String {
                 info.nvrtc_version.1
             ));
         }
+        line(format!(
+            "  cuda attention   {}",
+            match kiln_cuda::AttentionPath::from_env() {
+                Ok(path) => format!("{} (KILN_CUDA_ATTENTION: flash or gemm)", path.label()),
+                Err(why) => why,
+            }
+        ));
     }
     line(String::new());
     line("backends".into());

@@ -1,9 +1,42 @@
 //! Causal attention's launches (kernels/attention.cu): the forward, the flash-style backward
 //! (dq with each row's delta, then dk and dv), and KV-cache decoding.
 
+use cudarc::driver::sys::CUdeviceptr;
 use kiln_core::backend::{AttentionShape, Backend, DecodeShape, Qkv};
 
-use super::{Arg::*, CudaBackend, MAX_HEAD_DIM, V};
+use super::gemm::{Batch, GemmShape};
+use super::{addr, Arg::*, CudaBackend, MAX_HEAD_DIM, V};
+
+/// How causal attention runs (`KILN_CUDA_ATTENTION`): the flash-style kernels (no (T, T)
+/// matrix, on the CUDA cores; the default), or one head at a time through strided batches of
+/// cuBLASLt products on the tensor cores, with (B, T, T) scratch for the scores (as PyTorch's
+/// unfused attention).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionPath {
+    #[default]
+    Flash,
+    Gemm,
+}
+
+impl AttentionPath {
+    /// From `KILN_CUDA_ATTENTION` (`flash` or `gemm`; unset: flash).
+    pub fn from_env() -> Result<Self, String> {
+        match std::env::var("KILN_CUDA_ATTENTION").as_deref() {
+            Err(_) | Ok("flash") => Ok(AttentionPath::Flash),
+            Ok("gemm") => Ok(AttentionPath::Gemm),
+            Ok(other) => Err(format!(
+                "KILN_CUDA_ATTENTION must be flash or gemm, got {other:?}"
+            )),
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AttentionPath::Flash => "flash",
+            AttentionPath::Gemm => "gemm",
+        }
+    }
+}
 
 /// Rows per block of the attention kernels (`ROWS_PER_BLOCK` in kernels/attention.cu) and
 /// their tile of keys (`TILE`).
@@ -147,6 +180,94 @@ impl CudaBackend {
         );
     }
 
+    /// The forward through batched products, head after head: `S = Q_h·K_hᵀ` for every
+    /// sequence at once, the causal softmax in place (saving each row's logsumexp as the
+    /// flash forward does), then `O_h = P·V_h` into the head's columns of `out`.
+    pub(crate) fn attention_forward_gemm(
+        &self,
+        out: V,
+        saved: V,
+        inputs: Qkv<CudaBackend>,
+        s: AttentionShape,
+    ) {
+        let Qkv { q, k, v } = inputs;
+        self.check_attention(s, q, k, v);
+        assert_eq!(saved.len(), self.attention_saved_len(s));
+        if s.seq == 0 || s.batch == 0 {
+            return;
+        }
+        let g = Geometry::new(s);
+        let scores = self.scratch("attention_scores", g.square * s.batch * 4);
+        for h in 0..s.heads {
+            let (qh, kh, vh) = (g.q(addr(q), h), g.kv(addr(k), h), g.kv(addr(v), h));
+            self.gemm_batched(g.scores(), g.batch_scores(), 1.0, (qh, kh), 0.0, scores);
+            self.warps(
+                "causal_softmax",
+                s.batch * s.seq,
+                &g.rows_args(scores, self.f(saved), h),
+            );
+            let (shape, batch) = g.times_values();
+            self.gemm_batched(shape, batch, 1.0, (scores, vh), 0.0, g.q(addr(out), h));
+        }
+    }
+
+    /// The backward through batched products, head after head: the probabilities again from
+    /// the saved logsumexp, `dV += Pᵀ·dO_h`, `dP = dO_h·V_hᵀ`, the softmax's backward in place,
+    /// then `dQ_h = scale·dS·K_h` and `dK += scale·dSᵀ·Q_h` (a kv head gathers its query
+    /// heads' shares; dK and dV start at zero).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_backward_gemm(
+        &self,
+        grads: Qkv<CudaBackend>,
+        dout: V,
+        inputs: Qkv<CudaBackend>,
+        saved: V,
+        s: AttentionShape,
+    ) {
+        let Qkv { q, k, v } = inputs;
+        self.check_attention(s, q, k, v);
+        if s.seq == 0 || s.batch == 0 {
+            return;
+        }
+        self.zero(grads.k);
+        self.zero(grads.v);
+        let g = Geometry::new(s);
+        let bytes = g.square * s.batch * 4;
+        let probs = self.scratch("attention_scores", bytes);
+        let dprobs = self.scratch("attention_dscores", bytes);
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        for h in 0..s.heads {
+            let (qh, kh, vh) = (g.q(addr(q), h), g.kv(addr(k), h), g.kv(addr(v), h));
+            let (dq, dk, dv) = (
+                g.q(addr(grads.q), h),
+                g.kv(addr(grads.k), h),
+                g.kv(addr(grads.v), h),
+            );
+            let doh = g.q(addr(dout), h);
+            self.gemm_batched(g.scores(), g.batch_scores(), 1.0, (qh, kh), 0.0, probs);
+            self.elementwise(
+                "causal_probabilities",
+                g.square * s.batch,
+                &g.rows_args(probs, self.f(saved), h),
+            );
+            let (shape, batch) = g.transposed_times_q_rows();
+            self.gemm_batched(shape, batch, 1.0, (probs, doh), 1.0, dv);
+            let (shape, batch) = g.q_rows_times_kv_t();
+            self.gemm_batched(shape, batch, 1.0, (doh, vh), 0.0, dprobs);
+            let rows = [
+                Ptr(dprobs),
+                Ptr(probs),
+                Int((s.batch * s.seq) as i64),
+                Int(s.seq as i64),
+            ];
+            self.warps("softmax_rows_backward", s.batch * s.seq, &rows);
+            let (shape, batch) = g.times_values();
+            self.gemm_batched(shape, batch, scale, (dprobs, kh), 0.0, dq);
+            let (shape, batch) = g.transposed_times_q_rows();
+            self.gemm_batched(shape, batch, scale, (dprobs, qh), 1.0, dk);
+        }
+    }
+
     fn check_attention(&self, s: AttentionShape, q: V, k: V, v: V) {
         assert!(
             s.head_dim <= MAX_HEAD_DIM,
@@ -174,4 +295,127 @@ impl CudaBackend {
 /// Dynamic shared memory of the attention kernels: two tiles of TILE × (D + 1) floats.
 fn attention_shared(head_dim: usize) -> u32 {
     (2 * ATTENTION_TILE * (head_dim + 1) * 4) as u32
+}
+
+/// Where one head's rows lie in the (B, T, heads·D) tensors, and the batched products'
+/// shapes over the (B, T, T) scores (one product per sequence).
+struct Geometry {
+    s: AttentionShape,
+    /// T·T: one sequence's scores.
+    square: usize,
+}
+
+impl Geometry {
+    fn new(s: AttentionShape) -> Self {
+        Geometry {
+            s,
+            square: s.seq * s.seq,
+        }
+    }
+
+    /// Query head `h`'s first row in a (B, T, H·D) tensor at `base`.
+    fn q(&self, base: CUdeviceptr, h: usize) -> CUdeviceptr {
+        base + (4 * h * self.s.head_dim) as u64
+    }
+
+    /// The kv head query head `h` reads, in a (B, T, Hkv·D) tensor at `base`.
+    fn kv(&self, base: CUdeviceptr, h: usize) -> CUdeviceptr {
+        let group = self.s.heads / self.s.kv_heads;
+        base + (4 * (h / group) * self.s.head_dim) as u64
+    }
+
+    fn q_stride(&self) -> usize {
+        self.s.seq * self.s.heads * self.s.head_dim
+    }
+
+    fn kv_stride(&self) -> usize {
+        self.s.seq * self.s.kv_heads * self.s.head_dim
+    }
+
+    /// `S (T, T) = Q_h·K_hᵀ` (also `dP = dO_h·V_hᵀ`).
+    fn scores(&self) -> GemmShape {
+        let (t, d) = (self.s.seq, self.s.head_dim);
+        GemmShape {
+            ta: false,
+            tb: true,
+            m: t,
+            n: t,
+            k: d,
+            lda: self.s.heads * d,
+            ldb: self.s.kv_heads * d,
+            ldc: t,
+        }
+    }
+
+    fn batch_scores(&self) -> Batch {
+        Batch {
+            count: self.s.batch,
+            stride_a: self.q_stride(),
+            stride_b: self.kv_stride(),
+            stride_c: self.square,
+        }
+    }
+
+    /// `dP = dO_h·V_hᵀ`: the scores' shape and batch.
+    fn q_rows_times_kv_t(&self) -> (GemmShape, Batch) {
+        (self.scores(), self.batch_scores())
+    }
+
+    /// `O_h (T, D) = P·V_h` (also `dQ_h = dS·K_h`), into a (B, T, H·D) tensor.
+    fn times_values(&self) -> (GemmShape, Batch) {
+        let (t, d) = (self.s.seq, self.s.head_dim);
+        let shape = GemmShape {
+            ta: false,
+            tb: false,
+            m: t,
+            n: d,
+            k: t,
+            lda: t,
+            ldb: self.s.kv_heads * d,
+            ldc: self.s.heads * d,
+        };
+        let batch = Batch {
+            count: self.s.batch,
+            stride_a: self.square,
+            stride_b: self.kv_stride(),
+            stride_c: self.q_stride(),
+        };
+        (shape, batch)
+    }
+
+    /// `dV_h (T, D) += Pᵀ·dO_h` (also `dK_h += dSᵀ·Q_h`), into a (B, T, Hkv·D) tensor.
+    fn transposed_times_q_rows(&self) -> (GemmShape, Batch) {
+        let (t, d) = (self.s.seq, self.s.head_dim);
+        let shape = GemmShape {
+            ta: true,
+            tb: false,
+            m: t,
+            n: d,
+            k: t,
+            lda: t,
+            ldb: self.s.heads * d,
+            ldc: self.s.kv_heads * d,
+        };
+        let batch = Batch {
+            count: self.s.batch,
+            stride_a: self.square,
+            stride_b: self.q_stride(),
+            stride_c: self.kv_stride(),
+        };
+        (shape, batch)
+    }
+
+    /// The row kernels' arguments: the (B, T, T) buffer, the logsumexps, B, T, H, h, scale.
+    fn rows_args(&self, buffer: CUdeviceptr, lse: super::Arg, h: usize) -> [super::Arg; 7] {
+        let s = self.s;
+        [
+            Ptr(buffer),
+            lse,
+            Int(s.batch as i64),
+            Int(s.seq as i64),
+            Int(s.heads as i64),
+            Int(h as i64),
+            Float(1.0 / (s.head_dim as f32).sqrt()),
+        ]
+    }
 }

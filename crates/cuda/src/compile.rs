@@ -35,7 +35,7 @@ pub const SOURCE: &str = concat!(
 
 /// Every kernel `SOURCE` defines (the backend loads each by name at start-up, so a kernel
 /// missing from the module is an error then, not at its first call).
-pub const KERNELS: [&str; 38] = [
+pub const KERNELS: [&str; 41] = [
     "f32_to_bf16",
     "bf16_to_f32",
     "embedding_forward",
@@ -48,6 +48,9 @@ pub const KERNELS: [&str; 38] = [
     "attention_backward_dq",
     "attention_backward_dkdv",
     "attention_decode",
+    "causal_softmax",
+    "causal_probabilities",
+    "softmax_rows_backward",
     "swiglu_forward",
     "swiglu_backward",
     "relu2_forward",

@@ -24,6 +24,26 @@ pub struct GemmShape {
     pub ldc: usize,
 }
 
+/// A strided batch of products of one shape: product i reads `a + i·stride_a`, `b + i·stride_b`
+/// and writes `c + i·stride_c` (strides in f32 elements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Batch {
+    pub count: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Batch {
+    /// One product.
+    pub const ONE: Batch = Batch {
+        count: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
+    };
+}
+
 /// What the tensor cores multiply in (accumulation is f32 either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Products {
@@ -36,6 +56,7 @@ pub enum Products {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     shape: GemmShape,
+    batch: Batch,
     products: Products,
     /// The pointers' common alignment in bytes (4 to 16): the heuristic must not pick an
     /// algorithm that assumes more than the arena's views give.
@@ -99,16 +120,40 @@ impl Gemm {
         beta: f32,
         c: CUdeviceptr,
     ) -> Result<(), String> {
-        if s.m == 0 || s.n == 0 {
+        // SAFETY: as this function's.
+        unsafe { self.run_batched(s, Batch::ONE, products, alpha, (a, b), beta, c) }
+    }
+
+    /// Runs a strided batch of products of one shape ([`Batch`]).
+    ///
+    /// # Safety
+    /// As [`Gemm::run`], for every product of the batch; no `c` overlaps another's.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_batched(
+        &self,
+        s: GemmShape,
+        batch: Batch,
+        products: Products,
+        alpha: f32,
+        (a, b): (CUdeviceptr, CUdeviceptr),
+        beta: f32,
+        c: CUdeviceptr,
+    ) -> Result<(), String> {
+        if s.m == 0 || s.n == 0 || batch.count == 0 {
             return Ok(());
         }
+        // Every product's pointers: the bases and, past the first, the strides in bytes.
+        let strides = [batch.stride_a, batch.stride_b, batch.stride_c];
+        let strides = strides.map(|e| if batch.count > 1 { 4 * e as u64 } else { 0 });
         let align = [a, b, c]
-            .iter()
+            .into_iter()
+            .chain(strides.into_iter().filter(|&e| e > 0))
             .map(|p| 1u32 << p.trailing_zeros().min(4))
             .min()
             .unwrap();
         let key = Key {
             shape: s,
+            batch,
             products,
             align,
         };
@@ -183,6 +228,35 @@ impl Gemm {
         let left = layout(b_cols, b_rows, s.ldb)?;
         let right = layout(a_cols, a_rows, s.lda)?;
         let out = layout(s.n, s.m, s.ldc)?;
+        if key.batch.count > 1 {
+            let batch = key.batch;
+            use sys::cublasLtMatrixLayoutAttribute_t as L;
+            for (layout, stride) in [
+                (left, batch.stride_b),
+                (right, batch.stride_a),
+                (out, batch.stride_c),
+            ] {
+                let (count, stride) = (batch.count as i32, stride as i64);
+                // SAFETY: the layout is live; the count is an i32, the offset an i64.
+                unsafe {
+                    result::set_matrix_layout_attribute(
+                        layout,
+                        L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        (&count) as *const i32 as *const c_void,
+                        4,
+                    )
+                    .and_then(|()| {
+                        result::set_matrix_layout_attribute(
+                            layout,
+                            L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                            (&stride) as *const i64 as *const c_void,
+                            8,
+                        )
+                    })
+                }
+                .map_err(|e| err("batch", e))?;
+            }
+        }
         let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
         let set_pref = |attr, value: u64| {
             // SAFETY: the preference is live; these attributes take a u64 (workspace) or u32.

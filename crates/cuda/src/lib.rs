@@ -22,6 +22,8 @@
 
 mod attention;
 pub mod compile;
+
+pub use attention::AttentionPath;
 pub mod gemm;
 pub mod libs;
 pub mod nccl;
@@ -150,6 +152,7 @@ struct Inner {
 pub struct CudaBackend {
     inner: Arc<Inner>,
     products: Products,
+    attention: AttentionPath,
 }
 
 type V<'a> = View<'a, CudaBackend>;
@@ -224,7 +227,19 @@ impl CudaBackend {
                 info,
             }),
             products: Products::Bf16,
+            attention: AttentionPath::from_env()?,
         })
+    }
+
+    /// This backend computing causal attention by `path` (the flash kernels by default, or
+    /// `KILN_CUDA_ATTENTION`'s choice).
+    pub fn with_attention(mut self, path: AttentionPath) -> Self {
+        self.attention = path;
+        self
+    }
+
+    pub fn attention_path(&self) -> AttentionPath {
+        self.attention
     }
 
     /// This backend multiplying in `products` (bf16 by default).
@@ -340,6 +355,26 @@ impl CudaBackend {
     }
 
     /// `c = alpha·op(a)·op(b) + beta·c` on device pointers.
+    /// A strided batch of products ([`gemm::Batch`]) on raw device pointers.
+    fn gemm_batched(
+        &self,
+        s: GemmShape,
+        batch: gemm::Batch,
+        alpha: f32,
+        (a, b): (CUdeviceptr, CUdeviceptr),
+        beta: f32,
+        c: CUdeviceptr,
+    ) {
+        self.bind();
+        // SAFETY: the callers derive the pointers from views checked against the shapes.
+        unsafe {
+            self.inner
+                .gemm
+                .run_batched(s, batch, self.products, alpha, (a, b), beta, c)
+        }
+        .unwrap_or_else(|e| panic!("cuda: {e}"));
+    }
+
     fn gemm(
         &self,
         s: GemmShape,
@@ -416,8 +451,9 @@ impl Backend for CudaBackend {
             Products::F16 => "f16",
         };
         format!(
-            "cuda ({}, sm_{major}{minor}, {products} cuBLASLt)",
-            self.inner.info.name
+            "cuda ({}, sm_{major}{minor}, {products} cuBLASLt, {} attention)",
+            self.inner.info.name,
+            self.attention.label()
         )
     }
 
@@ -433,6 +469,12 @@ impl Backend for CudaBackend {
             // bf16 operands (relative rounding 2⁻⁹ each) summed in f32: a product's error is
             // a few 2⁻⁹ of the operands' magnitude, as the CPU backend's bf16 tiers.
             Kernel::Matmul | Kernel::ClassifierLoss | Kernel::Muon => Tolerance {
+                atol: 2e-2,
+                rtol: 2e-2,
+            },
+            // Attention through batched products: the scores and the probabilities times the
+            // values are such products (the probabilities, at most 1, rounded to 2⁻⁹ too).
+            Kernel::Attention if self.attention == AttentionPath::Gemm => Tolerance {
                 atol: 2e-2,
                 rtol: 2e-2,
             },
@@ -787,7 +829,10 @@ impl Backend for CudaBackend {
     }
 
     fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {
-        self.attention_forward_on_device(out, saved, inputs, s)
+        match self.attention {
+            AttentionPath::Flash => self.attention_forward_on_device(out, saved, inputs, s),
+            AttentionPath::Gemm => self.attention_forward_gemm(out, saved, inputs, s),
+        }
     }
 
     fn attention_backward(
@@ -798,7 +843,12 @@ impl Backend for CudaBackend {
         saved: V,
         s: AttentionShape,
     ) {
-        self.attention_backward_on_device(grads, dout, inputs, saved, s)
+        match self.attention {
+            AttentionPath::Flash => {
+                self.attention_backward_on_device(grads, dout, inputs, saved, s)
+            }
+            AttentionPath::Gemm => self.attention_backward_gemm(grads, dout, inputs, saved, s),
+        }
     }
 
     fn attention_decode(&self, out: V, q: V, k_cache: V, v_cache: V, s: DecodeShape) {

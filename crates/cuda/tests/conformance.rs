@@ -1,4 +1,5 @@
-//! The conformance suite on the GPU, with bf16 products and with f16 products: the kernel-case
+//! The conformance suite on the GPU, with bf16 products and with f16 products, each with both
+//! attention paths (the flash kernels, and batched products on the tensor cores): the kernel-case
 //! table against the f64 reference kernels, memory, the PyTorch whole-model fixtures, the
 //! training smoke test and a loss curve against the reference backend's. Without a usable GPU each test says why and passes (the CPU
 //! machines CI runs on have none); `KILN_REQUIRE_CUDA=1` turns that into a failure, for runs
@@ -7,14 +8,20 @@
 use std::path::PathBuf;
 
 use kiln_conformance::ModelTolerance;
-use kiln_cuda::{CudaBackend, Products};
+use kiln_cuda::{AttentionPath, CudaBackend, Products};
 
-/// The backend with bf16 products, then with f16 products (none without a usable GPU).
+/// The backend with bf16 products, then with f16 products, each with the flash attention
+/// kernels and with attention through batched products (none without a usable GPU).
 fn backends() -> Vec<CudaBackend> {
     match CudaBackend::new() {
         Ok(b) => {
             let f16 = b.clone().with_products(Products::F16);
-            vec![b, f16]
+            let mut all = Vec::new();
+            for path in [AttentionPath::Flash, AttentionPath::Gemm] {
+                all.push(b.clone().with_attention(path));
+                all.push(f16.clone().with_attention(path));
+            }
+            all
         }
         Err(why) => {
             assert!(

@@ -270,3 +270,54 @@ extern "C" __global__ void attention_decode(float* out, const float* q, const fl
         if (d < dim) out[bh * dim + d] = acc[j] / l;
     }
 }
+
+// ---- causal attention through batched GEMMs (attention.rs, AttentionPath::Gemm) ---------------
+//
+// One head at a time, the (T, T) scores of every sequence come from a strided batch of cuBLASLt
+// products on the tensor cores (S = Q·Kᵀ, O = P·V; backward dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K,
+// dK = dSᵀ·Q); these kernels turn S into the probabilities P and P with dP into dS, in place
+// in the (B, T, T) buffers. The same arithmetic as the flash kernels above (reference:
+// attention.rs), with the products' rounding.
+
+// P = softmax over the keys s ≤ t of scale·S (0 past t), in place; lse[(b·H + h)·T + t] the
+// row's logsumexp, as the flash forward saves it. A warp per row (b, t).
+extern "C" __global__ void causal_softmax(float* p, float* lse, i64 batch, i64 seq, i64 heads,
+                                          i64 h, float scale) {
+    i64 row = blockIdx.x * (i64)(blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= batch * seq) return;
+    i64 b = row / seq, t = row % seq;
+    float* r = p + row * seq;
+    float m = -INF;
+    for (i64 s = lane; s <= t; s += WARP) m = fmaxf(m, r[s] * scale);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (i64 s = lane; s <= t; s += WARP) l += expf(r[s] * scale - m);
+    l = warp_sum(l);
+    float inv = 1.0f / l;
+    for (i64 s = lane; s < seq; s += WARP) r[s] = s <= t ? expf(r[s] * scale - m) * inv : 0.0f;
+    if (lane == 0) lse[(b * heads + h) * seq + t] = m + logf(l);
+}
+
+// P from S and the forward's logsumexp, in place: exp(scale·S − lse) for s ≤ t, else 0.
+extern "C" __global__ void causal_probabilities(float* p, const float* lse, i64 batch, i64 seq,
+                                                i64 heads, i64 h, float scale) {
+    GRID_STRIDE(i, batch * seq * seq) {
+        i64 row = i / seq, s = i % seq, b = row / seq, t = row % seq;
+        p[i] = s <= t ? expf(p[i] * scale - lse[(b * heads + h) * seq + t]) : 0.0f;
+    }
+}
+
+// dS = P ⊙ (dP − Σ_s P·dP) per row, in place over dP (the softmax's backward; 0 where P is).
+// A warp per row.
+extern "C" __global__ void softmax_rows_backward(float* dp, const float* p, i64 rows, i64 seq) {
+    i64 row = blockIdx.x * (i64)(blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    float* d = dp + row * seq;
+    const float* r = p + row * seq;
+    float dot = 0.0f;
+    for (i64 s = lane; s < seq; s += WARP) dot += r[s] * d[s];
+    dot = warp_sum(dot);
+    for (i64 s = lane; s < seq; s += WARP) d[s] = r[s] * (d[s] - dot);
+}
