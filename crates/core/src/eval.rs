@@ -525,42 +525,31 @@ pub fn evaluate_adapted<B: Backend + Clone>(
     adapt: EvalTime,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
-    if let Some(passes) = adapt.capsule_passes {
-        let mut config = model.config.clone();
-        let Some(koopman) = config
-            .arch
-            .capsules
-            .as_mut()
-            .and_then(|k| k.koopman.as_mut())
-        else {
-            crate::fail!(
-                Config,
-                "--capsule-passes needs a model with Koopman capsule dynamics \
-                 (arch.capsules.koopman)"
-            );
-        };
-        koopman.passes = passes;
-        config.validate()?;
-        let copy = Model::new(model.backend.clone(), config)?;
-        copy.upload_params(&model.download_params()?)?;
-        let adapt = EvalTime {
-            capsule_passes: None,
-            ..adapt
-        };
-        let shape = (batch, seq);
-        let (text, map) = (tokenizer, vocab_map);
-        return evaluate_adapted(
-            &copy,
-            shape,
-            tokens,
-            text,
-            map,
-            stride,
-            max_batches,
-            adapt,
-            progress,
-        );
-    }
+    // With --capsule-passes, the same weights in a model of that many Koopman passes.
+    let rebuilt = match adapt.capsule_passes {
+        None => None,
+        Some(passes) => {
+            let mut config = model.config.clone();
+            let Some(koopman) = config
+                .arch
+                .capsules
+                .as_mut()
+                .and_then(|k| k.koopman.as_mut())
+            else {
+                crate::fail!(
+                    Config,
+                    "--capsule-passes needs a model with Koopman capsule dynamics \
+                     (arch.capsules.koopman)"
+                );
+            };
+            koopman.passes = passes;
+            config.validate()?;
+            let copy = Model::new(model.backend.clone(), config)?;
+            copy.upload_params(&model.download_params()?)?;
+            Some(copy)
+        }
+    };
+    let model = rebuilt.as_ref().unwrap_or(model);
     let activations = |m: &Model<B>| {
         if adapt.temperature {
             m.activations(batch, seq)

@@ -1,5 +1,6 @@
 //! Causal attention's launches (kernels/attention.cu): the forward, the flash-style backward
-//! (dq with each row's delta, then dk and dv), and KV-cache decoding.
+//! (dq with each row's delta, then dk and dv), and KV-cache decoding; or, with
+//! [`AttentionPath::Gemm`], the forward and backward through batched cuBLASLt products.
 
 use cudarc::driver::sys::CUdeviceptr;
 use kiln_core::backend::{AttentionShape, Backend, DecodeShape, Qkv};
@@ -57,6 +58,9 @@ impl CudaBackend {
         if s.seq == 0 || s.batch == 0 {
             return;
         }
+        if self.attention == AttentionPath::Gemm {
+            return self.attention_forward_gemm(out, saved, inputs, s);
+        }
         let grid = (
             s.seq.div_ceil(ATTENTION_ROWS) as u32,
             (s.batch * s.heads) as u32,
@@ -94,6 +98,9 @@ impl CudaBackend {
         self.check_attention(s, q, k, v);
         if s.seq == 0 || s.batch == 0 {
             return;
+        }
+        if self.attention == AttentionPath::Gemm {
+            return self.attention_backward_gemm(grads, dout, inputs, saved, s);
         }
         let rows = s.batch * s.heads * s.seq;
         let delta = self.scratch("attention_delta", rows * 4);
@@ -183,7 +190,7 @@ impl CudaBackend {
     /// The forward through batched products, head after head: `S = Q_h·K_hᵀ` for every
     /// sequence at once, the causal softmax in place (saving each row's logsumexp as the
     /// flash forward does), then `O_h = P·V_h` into the head's columns of `out`.
-    pub(crate) fn attention_forward_gemm(
+    fn attention_forward_gemm(
         &self,
         out: V,
         saved: V,
@@ -191,11 +198,6 @@ impl CudaBackend {
         s: AttentionShape,
     ) {
         let Qkv { q, k, v } = inputs;
-        self.check_attention(s, q, k, v);
-        assert_eq!(saved.len(), self.attention_saved_len(s));
-        if s.seq == 0 || s.batch == 0 {
-            return;
-        }
         let g = Geometry::new(s);
         let scores = self.scratch("attention_scores", g.square * s.batch * 4);
         for h in 0..s.heads {
@@ -215,8 +217,7 @@ impl CudaBackend {
     /// the saved logsumexp, `dV += Pᵀ·dO_h`, `dP = dO_h·V_hᵀ`, the softmax's backward in place,
     /// then `dQ_h = scale·dS·K_h` and `dK += scale·dSᵀ·Q_h` (a kv head gathers its query
     /// heads' shares; dK and dV start at zero).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention_backward_gemm(
+    fn attention_backward_gemm(
         &self,
         grads: Qkv<CudaBackend>,
         dout: V,
@@ -225,10 +226,6 @@ impl CudaBackend {
         s: AttentionShape,
     ) {
         let Qkv { q, k, v } = inputs;
-        self.check_attention(s, q, k, v);
-        if s.seq == 0 || s.batch == 0 {
-            return;
-        }
         self.zero(grads.k);
         self.zero(grads.v);
         let g = Geometry::new(s);
@@ -363,44 +360,44 @@ impl Geometry {
 
     /// `O_h (T, D) = P·V_h` (also `dQ_h = dS·K_h`), into a (B, T, H·D) tensor.
     fn times_values(&self) -> (GemmShape, Batch) {
-        let (t, d) = (self.s.seq, self.s.head_dim);
-        let shape = GemmShape {
-            ta: false,
-            tb: false,
-            m: t,
-            n: d,
-            k: t,
-            lda: t,
-            ldb: self.s.kv_heads * d,
-            ldc: self.s.heads * d,
-        };
-        let batch = Batch {
-            count: self.s.batch,
-            stride_a: self.square,
-            stride_b: self.kv_stride(),
-            stride_c: self.q_stride(),
-        };
-        (shape, batch)
+        let (kv, q) = (self.kv_operand(), self.q_operand());
+        self.over_keys(false, kv, q)
     }
 
     /// `dV_h (T, D) += Pᵀ·dO_h` (also `dK_h += dSᵀ·Q_h`), into a (B, T, Hkv·D) tensor.
     fn transposed_times_q_rows(&self) -> (GemmShape, Batch) {
+        let (q, kv) = (self.q_operand(), self.kv_operand());
+        self.over_keys(true, q, kv)
+    }
+
+    /// A (B, T, heads·D) tensor's (row stride, sequence stride).
+    fn q_operand(&self) -> (usize, usize) {
+        (self.s.heads * self.s.head_dim, self.q_stride())
+    }
+
+    fn kv_operand(&self) -> (usize, usize) {
+        (self.s.kv_heads * self.s.head_dim, self.kv_stride())
+    }
+
+    /// `c (T, D) = op(a)·b` with `a` the (T, T) buffer (transposed with `ta`) and `b`, `c`
+    /// one head's rows of the tensors whose (row stride, sequence stride) are given.
+    fn over_keys(&self, ta: bool, b: (usize, usize), c: (usize, usize)) -> (GemmShape, Batch) {
         let (t, d) = (self.s.seq, self.s.head_dim);
         let shape = GemmShape {
-            ta: true,
+            ta,
             tb: false,
             m: t,
             n: d,
             k: t,
             lda: t,
-            ldb: self.s.heads * d,
-            ldc: self.s.kv_heads * d,
+            ldb: b.0,
+            ldc: c.0,
         };
         let batch = Batch {
             count: self.s.batch,
             stride_a: self.square,
-            stride_b: self.q_stride(),
-            stride_c: self.kv_stride(),
+            stride_b: b.1,
+            stride_c: c.1,
         };
         (shape, batch)
     }

@@ -829,10 +829,7 @@ impl Backend for CudaBackend {
     }
 
     fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {
-        match self.attention {
-            AttentionPath::Flash => self.attention_forward_on_device(out, saved, inputs, s),
-            AttentionPath::Gemm => self.attention_forward_gemm(out, saved, inputs, s),
-        }
+        self.attention_forward_on_device(out, saved, inputs, s)
     }
 
     fn attention_backward(
@@ -843,12 +840,7 @@ impl Backend for CudaBackend {
         saved: V,
         s: AttentionShape,
     ) {
-        match self.attention {
-            AttentionPath::Flash => {
-                self.attention_backward_on_device(grads, dout, inputs, saved, s)
-            }
-            AttentionPath::Gemm => self.attention_backward_gemm(grads, dout, inputs, saved, s),
-        }
+        self.attention_backward_on_device(grads, dout, inputs, saved, s)
     }
 
     fn attention_decode(&self, out: V, q: V, k_cache: V, v_cache: V, s: DecodeShape) {

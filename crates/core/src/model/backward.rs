@@ -9,8 +9,11 @@ use super::{bigram_ids, engram_ids, mlp_slope, view, Activations, Model};
 use crate::backend::{
     Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape, View,
 };
-use crate::config::Mlp;
-use crate::layout::{skip_source, CapsulePass, Head, LayerActivations, LayerParams, Region};
+use crate::config::{Capsules, Mlp};
+use crate::layout::{
+    skip_source, CapsuleActivations, CapsuleParams, CapsulePass, Head, LayerActivations,
+    LayerParams, Region,
+};
 use crate::Result;
 
 use Accumulate::{Add, Overwrite};
@@ -363,7 +366,7 @@ impl<B: Backend> Model<B> {
             let d_observed = match pass {
                 0 => at.d_capsules,
                 _ => {
-                    self.koopman_backward(acts, &s.passes[pass - 1], at, sh);
+                    self.koopman_backward(acts, (k, w, s), (&s.passes[pass - 1], at), sh);
                     s.d_observed
                 }
             };
@@ -426,17 +429,10 @@ impl<B: Backend> Model<B> {
     fn koopman_backward(
         &self,
         acts: &Activations<B>,
-        prev: &CapsulePass,
-        at: &CapsulePass,
+        (k, w, s): (Capsules, CapsuleParams, &CapsuleActivations),
+        (prev, at): (&CapsulePass, &CapsulePass),
         sh: &Shapes,
     ) {
-        let (Some(k), Some(w), Some(s)) = (
-            self.config.arch.capsules,
-            self.layout.capsules,
-            acts.layout.capsules.as_ref(),
-        ) else {
-            return;
-        };
         let (Some(km), Some(m)) = (k.koopman, w.koopman) else {
             return;
         };

@@ -8,8 +8,11 @@ use crate::backend::{
     Accumulate, AttentionShape, Backend, DecodeShape, MatmulShape, NormShape, Qkv, RopeShape,
     ScaleShape, View,
 };
-use crate::config::Mlp;
-use crate::layout::{skip_source, CapsulePass, Head, LayerActivations, LayerParams, Region};
+use crate::config::{Capsules, Mlp};
+use crate::layout::{
+    skip_source, CapsuleActivations, CapsuleParams, CapsulePass, Head, LayerActivations,
+    LayerParams, Region,
+};
 use crate::Result;
 
 impl<B: Backend> Model<B> {
@@ -444,7 +447,7 @@ impl<B: Backend> Model<B> {
                 }
             }
             if pass > 0 {
-                self.koopman_forward(acts, &s.passes[pass - 1], at, n);
+                self.koopman_forward(acts, (k, w, s), (&s.passes[pass - 1], at), n);
             }
             let write = MatmulShape {
                 rows: n,
@@ -475,17 +478,10 @@ impl<B: Backend> Model<B> {
     fn koopman_forward(
         &self,
         acts: &Activations<B>,
-        prev: &CapsulePass,
-        at: &CapsulePass,
+        (k, w, s): (Capsules, CapsuleParams, &CapsuleActivations),
+        (prev, at): (&CapsulePass, &CapsulePass),
         n: usize,
     ) {
-        let (Some(k), Some(w), Some(s)) = (
-            self.config.arch.capsules,
-            self.layout.capsules,
-            acts.layout.capsules.as_ref(),
-        ) else {
-            return;
-        };
         let (Some(km), Some(m)) = (k.koopman, w.koopman) else {
             return;
         };
