@@ -12,7 +12,8 @@
 # PyTorch peer (bench/peers/train_step.py --device cuda, eager bf16 and torch.compile bf16)
 # on the same model and batch, and prints kiln's tokens/s over PyTorch's; trains golf-baseline
 # through NCCL with world size 1 (`kiln train --gpus 1`) on a corpus made of this repository's
-# text, under a time budget, and evaluates its bits per byte. Results go to $OUT (or
+# text, under a time budget (KILN_GPU_TIME=10m for the challenge's), exports it as an int8
+# artifact under 16 MB and scores the round trip. Results go to $OUT (or
 # .dev/out). Environment: KILN_GPU_BATCH/SEQ (default 256 × 256), KILN_GPU_TIME (60s).
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,7 +80,12 @@ PY
   "$kiln" data prepare --input "$out/text" --out "$out/data" --tokenizer bpe:1024 2>&1 | tail -2
   timeout 300 "$kiln" train --gpus 1 --data "$out/data" --model golf-baseline --out "$out/golf" \
     --time "$budget" --eval-every 0 --print-every 50 2>&1 | tail -8
-  timeout 120 "$kiln" eval --backend cuda --run "$out/golf" 2>&1 | tail -3
+  grep -h '"tokens"' "$out/golf/telemetry.jsonl" 2>/dev/null | tail -1 | cut -c1-300
+  echo "== the round trip: int8 artifact under 16 MB, reloaded alone and scored"
+  timeout 120 "$kiln" export --format packed "$out/golf" "$out/golf-artifact" --scheme int8 \
+    --budget 16MB 2>&1 | tail -4
+  timeout 120 "$kiln" eval --backend cuda --artifact "$out/golf-artifact/model.kiln" \
+    --run "$out/golf" 2>&1 | tail -4
   ;;
 *)
   echo "usage: $0 stage|run" >&2; exit 2 ;;
