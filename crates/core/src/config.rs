@@ -297,6 +297,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-mha",
     "tiny-gqa",
     "golf-baseline",
+    "golf",
     "tiny-golf",
     "tiny-golf-recurrent",
     "tiny-golf-engram",
@@ -400,6 +401,20 @@ impl ModelConfig {
                 tie_embeddings: true,
                 arch: Arch::golf(),
             },
+            // kiln's golf model: the baseline plus EngramHash at the U-Net bottleneck (the first
+            // decoder layer, where the 4-layer ablations and the ternary submission put it),
+            // the one option whose gain cleared the seeds' noise at 300 and at 900 steps.
+            "golf" => {
+                let mut config = ModelConfig::preset("golf-baseline")?;
+                config.arch.engram = Some(Engram {
+                    buckets: 4096,
+                    heads: 4,
+                    max_order: 3,
+                    dim: 128,
+                    layer: config.n_layers / 2,
+                });
+                config
+            }
             // Every golf option at once, small enough for the PyTorch fixture and gradcheck:
             // 5 layers (2 skips and an unpaired block), GQA, partial RoPE, leaky ReLU²,
             // value residual and a hashed bigram embedding.
@@ -910,6 +925,8 @@ mod tests {
             ("qwen3-0.6b", 596_049_920),
             // The parameter-golf baseline's printed `model_params`.
             ("golf-baseline", 17_059_912),
+            // The baseline plus EngramHash: 8 tables of 4096 × 16, and W_K, W_P (512 × 128).
+            ("golf", 17_059_912 + 8 * 4096 * 16 + 2 * 512 * 128),
         ] {
             assert_eq!(
                 crate::layout::parameter_count(&ModelConfig::preset(name).unwrap()),
