@@ -528,6 +528,11 @@ fn describe_eval(eval: EvalTime) -> String {
     if let Some(p) = eval.capsule_passes {
         parts.push(format!("with {p} Koopman capsule pass(es)"));
     }
+    if let Some(h) = eval.capsule_halt {
+        parts.push(format!(
+            "halting each position's passes at a change under {h}"
+        ));
+    }
     if parts.is_empty() {
         "plainly".into()
     } else {

@@ -426,6 +426,11 @@ struct EvalArgs {
     /// 1).
     #[arg(long)]
     capsule_passes: Option<usize>,
+    /// Adaptive halting of a Koopman capsule model's passes: each position keeps the stream
+    /// of the first pass whose capsules moved by less than this fraction of their norm (the
+    /// submission's 0.05, with --capsule-passes 3 its maximum); evaluation only.
+    #[arg(long, value_name = "FRACTION")]
+    capsule_halt: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -702,6 +707,7 @@ fn main() -> Result<()> {
                     temperature: args.temperature,
                     ttt: args.ttt,
                     capsule_passes: args.capsule_passes,
+                    capsule_halt: args.capsule_halt,
                 },
             };
             with_backend!(backend, |b| kiln::commands::eval(b, &options))

@@ -294,6 +294,12 @@ impl TrainConfig {
             self.batch > 0 && self.seq > 0 && self.accumulation > 0 && self.world_size > 0,
             "batch, seq, accumulation and the world size must be positive"
         );
+        let koopman = self.model.arch.capsules.and_then(|k| k.koopman);
+        ensure!(
+            koopman.is_none_or(|m| m.halt.is_none()),
+            "arch.capsules.koopman.halt (adaptive halting) is for evaluation (kiln eval \
+             --capsule-halt); training runs every pass"
+        );
         ensure!(
             self.max_steps.is_some()
                 || self.max_tokens.is_some()

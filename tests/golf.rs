@@ -1212,7 +1212,8 @@ fn koopman_capsule_dynamics_match_finite_differences() {
 /// `kiln eval --capsule-passes N` scores a Koopman model with N passes of its bank: exactly
 /// what a model built with N passes and the same weights scores (the gate opened so that the
 /// passes matter), unlike the trained number of passes; a model without Koopman dynamics is
-/// refused with a message naming the option.
+/// refused with a message naming the option. `--capsule-halt` at its two extremes gives the
+/// one-pass and the all-passes scores exactly, and training refuses it.
 #[test]
 fn a_koopman_model_scores_with_the_passes_asked_for() {
     use kiln_core::eval::{evaluate_adapted, EvalTime};
@@ -1263,5 +1264,53 @@ fn a_koopman_model_scores_with_the_passes_asked_for() {
     let plain = untrained_tiny_golf(&dataset, 8);
     let refused = score(&plain, Some(2)).unwrap_err().to_string();
     assert!(refused.contains("--capsule-passes"), "{refused}");
+    // Adaptive halting: a threshold no change reaches stops every position after the first
+    // Koopman pass (the one-pass model's score); one every change exceeds runs them all.
+    let halting = |model: &Model<ReferenceBackend>, halt: f64| {
+        let adapt = EvalTime {
+            capsule_halt: Some(halt),
+            ..EvalTime::default()
+        };
+        let text = &dataset.tokenizer;
+        let shape = (2, 16);
+        evaluate_adapted(
+            model,
+            shape,
+            tokens,
+            text,
+            None,
+            16,
+            0,
+            adapt,
+            &mut |_, _| {},
+        )
+        .unwrap()
+        .loss
+    };
+    let one = model_with(1);
+    assert_eq!(halting(&three, 1e9), score(&one, None).unwrap().loss);
+    assert_eq!(halting(&three, 1e-12), score(&three, None).unwrap().loss);
+    // Halting has no gradient: training and backward refuse it.
+    let mut config = three.config.clone();
+    if let Some(m) = config
+        .arch
+        .capsules
+        .as_mut()
+        .and_then(|k| k.koopman.as_mut())
+    {
+        m.halt = Some(0.05);
+    }
+    let train = TrainConfig::new(config.clone(), dir.clone());
+    let message = train.validate().unwrap_err().to_string();
+    assert!(message.contains("halt"), "{message}");
+    let halted = Model::new(ReferenceBackend, config).unwrap();
+    let acts = halted.loss_activations(1, 8).unwrap();
+    let ids: Vec<u32> = tokens[..8].to_vec();
+    halted.forward(&acts, &ids, Some(&ids)).unwrap();
+    let message = halted
+        .backward(&acts, &ids, &ids, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("halt"), "{message}");
     fs::remove_dir_all(dir).unwrap();
 }

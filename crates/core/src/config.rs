@@ -166,6 +166,12 @@ pub struct Koopman {
     pub consistency: f64,
     #[serde(default = "default_koopman_diag")]
     pub diag_init: f64,
+    /// Adaptive halting, for evaluation only (`kiln eval --capsule-halt`): each position
+    /// keeps the stream of the first pass after the first whose capsules moved by less than
+    /// this fraction of their norm, `‖c_p − c_{p−1}‖ < halt·‖c_{p−1}‖` (else the last pass's).
+    /// A position's choice reads its own capsules only, so it stays causal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt: Option<f64>,
 }
 
 fn default_koopman_passes() -> usize {
@@ -483,6 +489,7 @@ impl ModelConfig {
                         passes: 2,
                         consistency: 0.5,
                         diag_init: 0.9,
+                        halt: None,
                     });
                 }
                 config
@@ -708,6 +715,9 @@ impl ModelConfig {
                 }
                 if !m.diag_init.is_finite() {
                     bail!("arch.capsules.koopman.diag_init must be finite");
+                }
+                if m.halt.is_some_and(|h| !(h > 0.0 && h.is_finite())) {
+                    bail!("arch.capsules.koopman.halt must be a finite fraction above 0");
                 }
             }
         }

@@ -51,6 +51,10 @@ pub struct EvalTime {
     /// `EVAL_FEEDBACK_PASSES`); the same weights, each position still reading only its prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capsule_passes: Option<usize>,
+    /// `kiln eval --capsule-halt FRACTION`: adaptive halting of those passes
+    /// ([`crate::config::Koopman::halt`]), each position on its own capsules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capsule_halt: Option<f64>,
 }
 
 /// Temperature scaling fitted while scoring (`kiln eval --temperature`): each batch of
@@ -525,10 +529,11 @@ pub fn evaluate_adapted<B: Backend + Clone>(
     adapt: EvalTime,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
-    // With --capsule-passes, the same weights in a model of that many Koopman passes.
-    let rebuilt = match adapt.capsule_passes {
-        None => None,
-        Some(passes) => {
+    // With --capsule-passes or --capsule-halt, the same weights in a model with those
+    // settings of its Koopman passes.
+    let rebuilt = match (adapt.capsule_passes, adapt.capsule_halt) {
+        (None, None) => None,
+        (passes, halt) => {
             let mut config = model.config.clone();
             let Some(koopman) = config
                 .arch
@@ -538,12 +543,18 @@ pub fn evaluate_adapted<B: Backend + Clone>(
             else {
                 crate::fail!(
                     Config,
-                    "--capsule-passes needs a model with Koopman capsule dynamics \
-                     (arch.capsules.koopman)"
+                    "--capsule-passes and --capsule-halt need a model with Koopman capsule \
+                     dynamics (arch.capsules.koopman)"
                 );
             };
-            koopman.passes = passes;
+            koopman.passes = passes.unwrap_or(koopman.passes);
+            koopman.halt = halt.or(koopman.halt);
             config.validate()?;
+            crate::require!(
+                halt.is_none() || adapt.ttt.is_none(),
+                Config,
+                "--capsule-halt has no gradient: it cannot go with --ttt"
+            );
             let copy = Model::new(model.backend.clone(), config)?;
             copy.upload_params(&model.download_params()?)?;
             Some(copy)

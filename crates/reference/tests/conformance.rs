@@ -102,26 +102,44 @@ fn twenty_training_steps_make_the_loss_fall() {
     }
 }
 
-/// The capsule bank is causal: a change to the last token changes no earlier position's
-/// logits (the ternary submission's bank, pooling the whole sequence, fails this), while the
-/// bank does reach the logits (a closed gate, its initial state, would pass trivially, so the
-/// gate is opened).
+/// The capsule bank is causal, with Koopman passes and with adaptive halting: a change to the
+/// last token changes no earlier position's logits (the ternary submission's bank, pooling
+/// the whole sequence, fails this), and cached decoding, one position at a time, gives the
+/// full forward's logits; while the bank does reach the logits (a closed gate, its initial
+/// state, would pass trivially, so the gate is opened).
 #[test]
 fn the_capsule_bank_reads_no_later_token() {
+    use kiln_core::config::ModelConfig;
     for preset in ["tiny-golf-capsules", "tiny-golf-koopman"] {
-        the_bank_reads_no_later_token(preset);
+        the_bank_reads_no_later_token(ModelConfig::preset(preset).unwrap());
     }
+    // Adaptive halting, each position on its own capsules: this model's positions move by
+    // 0.048 to 0.050 of their norm in the first Koopman pass, so at 0.049 some stop there and
+    // the others run every pass.
+    let mut halting = ModelConfig::preset("tiny-golf-koopman").unwrap();
+    if let Some(m) = halting
+        .arch
+        .capsules
+        .as_mut()
+        .and_then(|k| k.koopman.as_mut())
+    {
+        m.halt = Some(0.049);
+    }
+    the_bank_reads_no_later_token(halting);
 }
 
-fn the_bank_reads_no_later_token(preset: &str) {
-    use kiln_core::config::ModelConfig;
+fn the_bank_reads_no_later_token(config: kiln_core::config::ModelConfig) {
     use kiln_core::model::Model;
-    let config = ModelConfig::preset(preset).unwrap();
+    let preset = format!("{:?}", config.arch.capsules);
     let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
     model.init_random(3).unwrap();
     let gate = model.layout.capsules.unwrap().gate;
     let mut params = model.download_params().unwrap();
     params[gate.offset..gate.offset + gate.len].fill(0.5);
+    // The Koopman blend half open, so each position's capsules move by their own amount.
+    if let Some(m) = model.layout.capsules.unwrap().koopman {
+        params[m.alpha.offset..m.alpha.offset + m.alpha.len].fill(0.0);
+    }
     model.upload_params(&params).unwrap();
     let t = 12;
     let logits = |tokens: &[u32]| {
@@ -140,6 +158,20 @@ fn the_bank_reads_no_later_token(preset: &str) {
         "{preset}: an earlier position read the last token"
     );
     assert_ne!(la[(t - 1) * v..], lb[(t - 1) * v..]);
+    // Decoding one position at a time (each halting decision then sees only its own row)
+    // gives the full forward's logits: the forward decides per position too. f32 rounding
+    // of the same kernels in another order, as tests/sampling.rs allows.
+    let mut cache = model.kv_cache(t).unwrap();
+    for (pos, &token) in a.iter().enumerate() {
+        let step = model.decode_step(&mut cache, token).unwrap();
+        let want: Vec<f64> = la[pos * v..][..v].iter().map(|&x| x as f64).collect();
+        let tol = kiln_core::backend::Tolerance {
+            atol: 1e-5,
+            rtol: 1e-4,
+        };
+        let what = format!("{preset} decoding position {pos}");
+        kiln_conformance::assert_close(&what, &step, &want, tol).unwrap();
+    }
     // Without the bank's gate open, the same model's logits differ: the bank contributes.
     params[gate.offset..gate.offset + gate.len].fill(0.0);
     model.upload_params(&params).unwrap();

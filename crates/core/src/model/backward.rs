@@ -105,6 +105,14 @@ impl<B: Backend> Model<B> {
             "backward: a last-position arena (prefill) keeps no gradients"
         );
         crate::require!(
+            arch.capsules
+                .and_then(|k| k.koopman)
+                .is_none_or(|m| m.halt.is_none()),
+            Config,
+            "backward: adaptive halting (arch.capsules.koopman.halt) is for evaluation; \
+             it has no gradient"
+        );
+        crate::require!(
             crate::backend::DeviceMemory::len(&self.grads) == self.layout.total_len(),
             Shape,
             "backward: an inference model (Model::for_inference) has no gradients"

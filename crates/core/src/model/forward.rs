@@ -114,7 +114,7 @@ impl<B: Backend> Model<B> {
                 self.engram_forward(acts, l, ids);
             }
             if arch.capsules.is_some_and(|k| k.layer == l) {
-                self.capsule_forward(acts, l, slot.as_ref());
+                self.capsule_forward(acts, l, slot.as_ref())?;
             }
             if dropped.get(l) == Some(&true) {
                 be.copy(a(al.residual[l + 1]), a(al.input(l)));
@@ -372,14 +372,19 @@ impl<B: Backend> Model<B> {
     /// and this one); after the first pass, Koopman dynamics blend the pooled capsules with
     /// the last pass's evolved ([`Model::koopman_forward`]); then `h + g ⊙ W_W·c`, the next
     /// pass's stream and, after the last, the layer's input.
-    fn capsule_forward(&self, acts: &Activations<B>, l: usize, slot: Option<&CacheSlot<B>>) {
+    fn capsule_forward(
+        &self,
+        acts: &Activations<B>,
+        l: usize,
+        slot: Option<&CacheSlot<B>>,
+    ) -> Result<()> {
         let cfg = &self.config;
         let (Some(k), Some(w), Some(s)) = (
             cfg.arch.capsules,
             self.layout.capsules,
             acts.layout.capsules.as_ref(),
         ) else {
-            return;
+            return Ok(());
         };
         let (b, t) = (acts.layout.batch, acts.layout.seq);
         let (n, c, width) = (b * t, cfg.dim, k.count * k.dim);
@@ -469,6 +474,48 @@ impl<B: Backend> Model<B> {
                 Accumulate::Add,
             );
         }
+        match k.koopman.and_then(|m| m.halt) {
+            Some(halt) => self.capsule_halt(acts, s, (n, c, width), halt),
+            None => Ok(()),
+        }
+    }
+
+    /// Adaptive halting ([`crate::config::Koopman::halt`]): per row, the first pass after the
+    /// first whose capsules moved by less than `halt` of their norm; its stream replaces the
+    /// last pass's in that row (on the host: evaluation only).
+    fn capsule_halt(
+        &self,
+        acts: &Activations<B>,
+        s: &CapsuleActivations,
+        (n, c, width): (usize, usize, usize),
+        halt: f64,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let capsules = s
+            .passes
+            .iter()
+            .map(|pass| download(be, a(pass.capsules)))
+            .collect::<Result<Vec<_>>>()?;
+        let last = s.passes.len() - 1;
+        for row in 0..n {
+            let at = |p: usize| &capsules[p][row * width..][..width];
+            let moved = |p: usize| {
+                let (now, before) = (at(p), at(p - 1));
+                let change: f64 = now
+                    .iter()
+                    .zip(before)
+                    .map(|(x, y)| ((x - y) as f64).powi(2))
+                    .sum();
+                let norm: f64 = before.iter().map(|&y| (y as f64).powi(2)).sum();
+                change.sqrt() < halt * norm.sqrt()
+            };
+            if let Some(stop) = (1..last).find(|&p| moved(p)) {
+                let src = a(s.passes[stop].out).slice(row * c, c);
+                be.copy(a(s.passes[last].out).slice(row * c, c), src);
+            }
+        }
+        Ok(())
     }
 
     /// Koopman dynamics into pass `at` from the pass before it (`prev`), per capsule (rows of
