@@ -300,12 +300,13 @@ fn forward_in_chunks(
     }
 }
 
-/// One thread's sum of the input gradient over the chunks it took; `used` says whether this
-/// call has written it yet (its first chunk overwrites instead of adding).
-struct Accumulator {
-    used: bool,
-    dinp: Vec<f32>,
-}
+/// Groups of vocabulary chunks per thread in the backward: enough that a thread whose core is
+/// busy holds up little of the rest.
+const GROUPS_PER_THREAD: usize = 4;
+
+/// The groups' input-gradient buffers, kept from call to call: fresh ones would be fresh
+/// pages, every one faulted in on first touch, every step.
+static GROUP_SUMS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// `dinp =/+= dlogits · weight`, `dweight += dlogitsᵀ · inp` (see
 /// `Backend::classifier_loss_backward`).
@@ -369,69 +370,69 @@ fn backward_in_chunks(
         cs: 1,
     };
     packed_t.pack_b(pool, kernel, b, rows, dim);
-    let accumulators: Vec<Mutex<Accumulator>> = (0..pool.threads())
-        .map(|_| {
-            Mutex::new(Accumulator {
-                used: false,
-                dinp: vec![0.0; rows * dim],
-            })
-        })
-        .collect();
+    // The input gradient sums every chunk's share. So that the sum does not depend on which
+    // thread took which chunk when (the same run twice gives the same bits), the chunks go
+    // out in groups of consecutive ones (chunk c in group c · groups / chunks), each group
+    // summed in chunk order into its own buffer by whichever thread takes it, and the buffers
+    // added in group order.
+    let groups = chunks.min(GROUPS_PER_THREAD * pool.threads());
+    let sums: Vec<Mutex<Vec<f32>>> = {
+        let mut spare = GROUP_SUMS.lock().unwrap_or_else(|e| e.into_inner());
+        (0..groups)
+            .map(|_| Mutex::new(spare.pop().unwrap_or_default()))
+            .collect()
+    };
     let dw = SharedMut::new(dweight);
-    pool.run(chunks, &|c| {
-        let (v0, len) = (c * chunk, chunk.min(s.vocab - c * chunk));
-        let mut ctx = Context::take();
-        match saved {
-            Some(saved) => ctx.load(saved, v0..v0 + len, s),
-            None => ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s),
+    pool.run(groups, &|group| {
+        let mut acc = sums[group].lock().unwrap_or_else(|e| e.into_inner());
+        // Its first chunk overwrites every value: a kept buffer needs no clearing.
+        acc.resize(rows * dim, 0.0);
+        let first = group * chunks / groups;
+        for c in first..(group + 1) * chunks / groups {
+            let (v0, len) = (c * chunk, chunk.min(s.vocab - c * chunk));
+            let mut ctx = Context::take();
+            match saved {
+                Some(saved) => ctx.load(saved, v0..v0 + len, s),
+                None => ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s),
+            }
+            logit_gradients(&mut ctx, isa, logsumexp, targets, v0, len, s, dloss);
+            let g = &ctx.logits[..rows * len];
+            // The input gradient: A = g (rows, len), B (k, j) = W[v0 + k, j].
+            let a = Mat {
+                data: g,
+                rs: len,
+                cs: 1,
+            };
+            ctx.grad.pack_a(&ctx.pool, kernel, a, rows, len);
+            let b = Mat {
+                data: &weight.values[v0 * dim..(v0 + len) * dim],
+                rs: dim,
+                cs: 1,
+            };
+            ctx.weight_t.pack_b(&ctx.pool, kernel, b, len, dim);
+            // SAFETY: the group's buffer is locked by this task; rows × dim values.
+            unsafe {
+                let p = acc.as_mut_ptr();
+                multiply(&ctx.pool, &ctx.grad, &ctx.weight_t, p, dim, c != first);
+            }
+            // The weight gradient of the chunk: A (i, k) = g[k, i], B = inp.
+            let a = Mat {
+                data: g,
+                rs: 1,
+                cs: len,
+            };
+            ctx.grad_t.pack_a(&ctx.pool, kernel, a, len, rows);
+            // SAFETY: rows v0..v0 + len of dweight are this chunk's alone.
+            unsafe {
+                let p = dw.slice(v0 * dim, len * dim).as_mut_ptr();
+                multiply(&ctx.pool, &ctx.grad_t, &packed_t, p, dim, true);
+            }
+            ctx.give_back();
         }
-        logit_gradients(&mut ctx, isa, logsumexp, targets, v0, len, s, dloss);
-        let g = &ctx.logits[..rows * len];
-        // The input gradient: A = g (rows, len), B (k, j) = W[v0 + k, j].
-        let a = Mat {
-            data: g,
-            rs: len,
-            cs: 1,
-        };
-        ctx.grad.pack_a(&ctx.pool, kernel, a, rows, len);
-        let b = Mat {
-            data: &weight.values[v0 * dim..(v0 + len) * dim],
-            rs: dim,
-            cs: 1,
-        };
-        ctx.weight_t.pack_b(&ctx.pool, kernel, b, len, dim);
-        // At most `threads` tasks run at once, so one of the accumulators is free.
-        let mut acc = accumulators
-            .iter()
-            .find_map(|m| m.try_lock().ok())
-            .expect("a free accumulator");
-        let first = !acc.used;
-        acc.used = true;
-        // SAFETY: the accumulator is locked by this task; rows × dim values.
-        unsafe {
-            let p = acc.dinp.as_mut_ptr();
-            multiply(&ctx.pool, &ctx.grad, &ctx.weight_t, p, dim, !first);
-        }
-        drop(acc);
-        // The weight gradient of the chunk: A (i, k) = g[k, i], B = inp.
-        let a = Mat {
-            data: g,
-            rs: 1,
-            cs: len,
-        };
-        ctx.grad_t.pack_a(&ctx.pool, kernel, a, len, rows);
-        // SAFETY: rows v0..v0 + len of dweight are this chunk's alone.
-        unsafe {
-            let p = dw.slice(v0 * dim, len * dim).as_mut_ptr();
-            multiply(&ctx.pool, &ctx.grad_t, &packed_t, p, dim, true);
-        }
-        ctx.give_back();
     });
-    let sums: Vec<Vec<f32>> = accumulators
+    let sums: Vec<Vec<f32>> = sums
         .into_iter()
         .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .filter(|a| a.used)
-        .map(|a| a.dinp)
         .collect();
     let out = SharedMut::new(dinp);
     const SPAN: usize = 1 << 14;
@@ -449,6 +450,10 @@ fn backward_in_chunks(
                 .for_each(|(o, &v)| *o += v);
         }
     });
+    GROUP_SUMS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(sums);
 }
 
 /// Turns the chunk's logits in `ctx` into their gradient, in `ctx.logits`:
@@ -516,9 +521,9 @@ mod tests {
     }
 
     /// Many chunks, the last one short, and rows across several micro-kernel strips: the
-    /// combination of the chunks' partial sums, the per-thread input-gradient accumulators
-    /// and the chunk offsets into the weight gradient are all exercised, against the
-    /// reference composition in f64.
+    /// combination of the chunks' partial sums, the groups' input-gradient buffers and the
+    /// chunk offsets into the weight gradient are all exercised, against the reference
+    /// composition in f64.
     #[test]
     fn chunked_loss_and_gradients_match_the_f64_reference() {
         let pool = ThreadPool::new(2);
@@ -629,6 +634,47 @@ mod tests {
                     close("dweight", &dw, &want_dw);
                 }
             }
+        }
+    }
+
+    /// The backward gives the same bits every time on the same pool, however its threads'
+    /// timing falls: forty chunks over two threads, twelve times. (The per-thread
+    /// accumulators this replaced summed the chunks in the order the threads happened to
+    /// take them, and two training runs from one seed drifted apart from the first step.)
+    #[test]
+    fn the_backward_is_the_same_every_time() {
+        let pool = ThreadPool::new(2);
+        let (rows, dim, vocab, chunk) = (96, 64, 40 * 32, 32);
+        let wave = |len: usize, k: usize| -> Vec<f32> {
+            (0..len).map(|i| (i * k % 97) as f32 / 97.0 - 0.5).collect()
+        };
+        let (x, w) = (wave(rows * dim, 31), wave(vocab * dim, 17));
+        let targets: Vec<u32> = (0..rows).map(|r| ((r * 53 + 11) % vocab) as u32).collect();
+        let s = ClassifierShape {
+            rows,
+            dim,
+            vocab,
+            softcap: None,
+        };
+        let (isa, kernel) = kernels()[0];
+        let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
+        let weight = Weight::unpacked(&w);
+        let out = (&mut lse[..], None);
+        forward_in_chunks(
+            isa, kernel, &pool, &mut loss, out, &x, weight, &targets, s, chunk,
+        );
+        let run = || {
+            let (mut dx, mut dw) = (vec![0.0; rows * dim], vec![0.0; vocab * dim]);
+            let (state, t, mode) = ((&lse[..], None), &targets, Accumulate::Overwrite);
+            let d = 1.0 / rows as f32;
+            backward_in_chunks(
+                isa, kernel, &pool, &mut dx, &mut dw, &x, weight, state, t, s, d, mode, chunk,
+            );
+            (dx, dw)
+        };
+        let first = run();
+        for time in 1..12 {
+            assert!(run() == first, "run {time} differs from the first");
         }
     }
 }
