@@ -40,6 +40,21 @@ fn untrained_tiny_golf(dataset: &Dataset, seed: u64) -> Model<ReferenceBackend> 
     model
 }
 
+/// `(L(w + ε·e_at) − L(w − ε·e_at)) / 2ε`: the loss's central difference in one weight.
+fn central_difference(
+    loss_at: &dyn Fn(&[f32]) -> f64,
+    weights: &[f32],
+    at: usize,
+    eps: f32,
+) -> f64 {
+    let mut probe = weights.to_vec();
+    probe[at] += eps;
+    let up = loss_at(&probe);
+    probe[at] -= 2.0 * eps;
+    let down = loss_at(&probe);
+    (up - down) / (2.0 * eps as f64)
+}
+
 /// tiny-golf (every golf option) trained with Muon and the warmdown schedule.
 fn golf_config(data: PathBuf, steps: u64) -> TrainConfig {
     let mut config = TrainConfig::new(ModelConfig::preset("tiny-golf").unwrap(), data);
@@ -929,13 +944,7 @@ fn a_dropped_layer_passes_its_gradient_through_and_learns_nothing() {
         order.sort_by(|&a, &b| region[b].abs().total_cmp(&region[a].abs()));
         for &i in order.iter().take(3).filter(|&&i| region[i].abs() > 2e-3) {
             let at = spec.region.offset + i;
-            let eps = 1e-2;
-            let mut probe = weights.clone();
-            probe[at] += eps;
-            let up = loss_at(&probe);
-            probe[at] -= 2.0 * eps;
-            let down = loss_at(&probe);
-            let numeric = (up - down) / (2.0 * eps as f64);
+            let numeric = central_difference(&loss_at, &weights, at, 1e-2);
             let analytic = region[i] as f64;
             assert!(
                 (numeric - analytic).abs() <= 0.05 * analytic.abs() + 2e-4,
@@ -1187,13 +1196,7 @@ fn koopman_capsule_dynamics_match_finite_differences() {
             .take(4)
             .filter(|&&i| f64::from(analytic[i].abs()) > floor / 2.0)
         {
-            let at = region.offset + i;
-            let mut probe = weights.clone();
-            probe[at] += eps;
-            let up = loss_at(&probe);
-            probe[at] -= 2.0 * eps;
-            let down = loss_at(&probe);
-            let numeric = (up - down) / (2.0 * eps as f64);
+            let numeric = central_difference(&loss_at, &weights, region.offset + i, eps);
             let analytic = analytic[i] as f64;
             assert!(
                 (numeric - analytic).abs() <= 0.05 * analytic.abs() + floor,

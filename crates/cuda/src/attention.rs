@@ -249,8 +249,7 @@ impl CudaBackend {
             );
             let (shape, batch) = g.transposed_times_q_rows();
             self.gemm_batched(shape, batch, 1.0, (probs, doh), 1.0, dv);
-            let (shape, batch) = g.q_rows_times_kv_t();
-            self.gemm_batched(shape, batch, 1.0, (doh, vh), 0.0, dprobs);
+            self.gemm_batched(g.scores(), g.batch_scores(), 1.0, (doh, vh), 0.0, dprobs);
             let rows = [
                 Ptr(dprobs),
                 Ptr(probs),
@@ -351,11 +350,6 @@ impl Geometry {
             stride_b: self.kv_stride(),
             stride_c: self.square,
         }
-    }
-
-    /// `dP = dO_h·V_hᵀ`: the scores' shape and batch.
-    fn q_rows_times_kv_t(&self) -> (GemmShape, Batch) {
-        (self.scores(), self.batch_scores())
     }
 
     /// `O_h (T, D) = P·V_h` (also `dQ_h = dS·K_h`), into a (B, T, H·D) tensor.

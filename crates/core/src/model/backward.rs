@@ -347,7 +347,7 @@ impl<B: Backend> Model<B> {
             be.upload(a(s.consistency), &factors)
                 .unwrap_or_else(|err| panic!("the consistency factors: {err}"));
         }
-        let last = s.passes.len() - 1;
+        let (last, row0) = (s.passes.len() - 1, vec![0; n]);
         for (pass, at) in s.passes.iter().enumerate().rev() {
             let (dout, write) = (a(d.residual), a(at.write));
             be.scale_backward(
@@ -397,7 +397,7 @@ impl<B: Backend> Model<B> {
             };
             be.attention_backward(grads, a(d_observed), inputs, a(at.saved), shape);
             be.accumulate(a(s.d_keys), a(s.d_values));
-            be.embedding_backward(g(w.prototypes), a(s.d_queries), &vec![0; n], width);
+            be.embedding_backward(g(w.prototypes), a(s.d_queries), &row0, width);
             let (dr, xn) = (a(s.d_keys), a(at.stream_norm));
             be.matmul_backward(
                 a(s.d_stream_norm),
