@@ -35,7 +35,7 @@ pub const SOURCE: &str = concat!(
 
 /// Every kernel `SOURCE` defines (the backend loads each by name at start-up, so a kernel
 /// missing from the module is an error then, not at its first call).
-pub const KERNELS: [&str; 41] = [
+pub const KERNELS: [&str; 42] = [
     "f32_to_bf16",
     "bf16_to_f32",
     "embedding_forward",
@@ -66,6 +66,7 @@ pub const KERNELS: [&str; 41] = [
     "scale_forward",
     "cross_entropy_forward",
     "cross_entropy_backward",
+    "cross_entropy_backward_bf16",
     "sum_squares",
     "adamw_step",
     "ema_update",

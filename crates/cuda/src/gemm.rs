@@ -53,11 +53,32 @@ pub enum Products {
     F16,
 }
 
+/// How the operands `a` and `b` are stored (`c` is f32 either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Operands {
+    /// f32, rounded by cuBLASLt on the way into the tensor cores (`_FAST_16BF`/`_16F`).
+    #[default]
+    F32,
+    /// bf16 already (the caller rounded them), multiplied with plain f32 accumulation
+    /// (`CUBLAS_COMPUTE_32F`); with [`Products::Bf16`] only.
+    Bf16,
+}
+
+impl Operands {
+    fn bytes(self) -> u64 {
+        match self {
+            Operands::F32 => 4,
+            Operands::Bf16 => 2,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     shape: GemmShape,
     batch: Batch,
     products: Products,
+    operands: Operands,
     /// The pointers' common alignment in bytes (4 to 16): the heuristic must not pick an
     /// algorithm that assumes more than the arena's views give.
     align: u32,
@@ -121,19 +142,31 @@ impl Gemm {
         c: CUdeviceptr,
     ) -> Result<(), String> {
         // SAFETY: as this function's.
-        unsafe { self.run_batched(s, Batch::ONE, products, alpha, (a, b), beta, c) }
+        unsafe {
+            self.run_batched(
+                s,
+                Batch::ONE,
+                (products, Operands::F32),
+                alpha,
+                (a, b),
+                beta,
+                c,
+            )
+        }
     }
 
-    /// Runs a strided batch of products of one shape ([`Batch`]).
+    /// Runs a strided batch of products of one shape ([`Batch`]), its operands stored as
+    /// `operands` says (strides and leading dimensions count their elements).
     ///
     /// # Safety
-    /// As [`Gemm::run`], for every product of the batch; no `c` overlaps another's.
+    /// As [`Gemm::run`], for every product of the batch; no `c` overlaps another's; with
+    /// [`Operands::Bf16`], `a` and `b` address bf16 matrices.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_batched(
         &self,
         s: GemmShape,
         batch: Batch,
-        products: Products,
+        (products, operands): (Products, Operands),
         alpha: f32,
         (a, b): (CUdeviceptr, CUdeviceptr),
         beta: f32,
@@ -143,8 +176,17 @@ impl Gemm {
             return Ok(());
         }
         // Every product's pointers: the bases and, past the first, the strides in bytes.
-        let strides = [batch.stride_a, batch.stride_b, batch.stride_c];
-        let strides = strides.map(|e| if batch.count > 1 { 4 * e as u64 } else { 0 });
+        assert!(
+            operands == Operands::F32 || products == Products::Bf16,
+            "bf16 operands multiply in bf16"
+        );
+        let size = operands.bytes();
+        let strides = [
+            size * batch.stride_a as u64,
+            size * batch.stride_b as u64,
+            4 * batch.stride_c as u64,
+        ];
+        let strides = strides.map(|e| if batch.count > 1 { e } else { 0 });
         let align = [a, b, c]
             .into_iter()
             .chain(strides.into_iter().filter(|&e| e > 0))
@@ -155,6 +197,7 @@ impl Gemm {
             shape: s,
             batch,
             products,
+            operands,
             align,
         };
         let mut plans = self.plans.lock().unwrap();
@@ -188,9 +231,19 @@ impl Gemm {
     fn plan(&self, key: Key) -> Result<Plan, String> {
         let s = key.shape;
         let f32_type = sys::cudaDataType_t::CUDA_R_32F;
-        let compute = match key.products {
-            Products::Bf16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
-            Products::F16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+        let (compute, operand_type) = match (key.products, key.operands) {
+            (Products::Bf16, Operands::F32) => (
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+                f32_type,
+            ),
+            (Products::F16, _) => (
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+                f32_type,
+            ),
+            (Products::Bf16, Operands::Bf16) => (
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cudaDataType_t::CUDA_R_16BF,
+            ),
         };
         let desc =
             result::create_matmul_desc(compute, f32_type).map_err(|e| err("descriptor", e))?;
@@ -218,16 +271,16 @@ impl Gemm {
             s.ta,
         )?;
         // A stored row-major (r, c) with stride ld is column-major (c, r) with the same ld.
-        let layout = |rows: usize, cols: usize, ld: usize| {
-            result::create_matrix_layout(f32_type, rows as u64, cols as u64, ld as i64)
+        let layout = |kind, rows: usize, cols: usize, ld: usize| {
+            result::create_matrix_layout(kind, rows as u64, cols as u64, ld as i64)
                 .map_err(|e| err("layout", e))
         };
         // b: op(b) is (k, n) row-major; stored (k, n) (no transpose) or (n, k).
         let (b_rows, b_cols) = if s.tb { (s.n, s.k) } else { (s.k, s.n) };
         let (a_rows, a_cols) = if s.ta { (s.k, s.m) } else { (s.m, s.k) };
-        let left = layout(b_cols, b_rows, s.ldb)?;
-        let right = layout(a_cols, a_rows, s.lda)?;
-        let out = layout(s.n, s.m, s.ldc)?;
+        let left = layout(operand_type, b_cols, b_rows, s.ldb)?;
+        let right = layout(operand_type, a_cols, a_rows, s.lda)?;
+        let out = layout(f32_type, s.n, s.m, s.ldc)?;
         if key.batch.count > 1 {
             let batch = key.batch;
             use sys::cublasLtMatrixLayoutAttribute_t as L;

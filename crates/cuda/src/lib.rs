@@ -28,6 +28,7 @@ pub mod gemm;
 pub mod libs;
 pub mod nccl;
 mod optim;
+mod profile;
 mod quant;
 mod xent;
 
@@ -45,9 +46,12 @@ use kiln_core::backend::{
     Qkv, RopeShape, ScaleShape, ShapeHint, Tolerance, View,
 };
 
+pub use gemm::Operands;
 pub use gemm::Products;
 use gemm::{Gemm, GemmShape};
 use libs::Lib;
+pub use profile::ProfileRow;
+use profile::Profiler;
 
 /// What `kiln doctor` reports about the GPU.
 #[derive(Clone, Debug)]
@@ -134,13 +138,44 @@ struct Scratch {
     bytes: usize,
 }
 
+/// The bf16 copies of the last few f32 operands the products rounded (with
+/// [`Operands::Bf16`]), so that q, k and v's product reads one copy of their shared input and a
+/// linear layer's two backward products one copy of the output gradient. A copy is good while
+/// nothing may have written its source: every launch, zeroing, copy, upload and all-reduce
+/// moves `generation` on (dropping every copy), and a product drops the copies its output
+/// overlaps.
+#[derive(Default)]
+struct Converted {
+    generation: u64,
+    /// (source, f32 elements, generation made) per slot; slot i lives in scratch
+    /// `CONVERTED[i]`.
+    slots: [Option<(CUdeviceptr, usize, u64)>; 3],
+    /// The slot filled longest ago is filled next.
+    next: usize,
+}
+
+const CONVERTED: [&str; 3] = ["gemm_bf16_0", "gemm_bf16_1", "gemm_bf16_2"];
+
+/// A product's operand: f32 (rounded first when the backend multiplies on bf16 operands) or
+/// bf16 already.
+#[derive(Clone, Copy)]
+enum Src {
+    F32(CUdeviceptr),
+    Bf16(CUdeviceptr),
+}
+
 struct Inner {
+    /// Per-launch timing (`KILN_CUDA_PROFILE`); first, so that its events go before the
+    /// context.
+    profile: Option<Profiler>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
     kernels: HashMap<&'static str, CudaFunction>,
     gemm: Gemm,
     scratch: Mutex<HashMap<&'static str, Scratch>>,
+    /// bf16 copies of recent product operands ([`Operands::Bf16`]).
+    converted: Mutex<Converted>,
     /// RoPE's cos/sin tables by (start, seq, rot_dims, theta bits), computed on the host in
     /// f64 as the reference does.
     rope_tables: Mutex<HashMap<(usize, usize, usize, u32), CudaMemory>>,
@@ -153,6 +188,7 @@ pub struct CudaBackend {
     inner: Arc<Inner>,
     products: Products,
     attention: AttentionPath,
+    operands: Operands,
 }
 
 type V<'a> = View<'a, CudaBackend>;
@@ -169,6 +205,17 @@ enum Arg {
 use Arg::{Float, Int, Ptr};
 
 const THREADS: u32 = 256;
+/// `KILN_CUDA_OPERANDS`: `f32` (unset) or `bf16` (see [`CudaBackend::with_operands`]).
+fn operands_from_env() -> Result<Operands, String> {
+    match std::env::var("KILN_CUDA_OPERANDS").as_deref() {
+        Err(_) | Ok("f32") => Ok(Operands::F32),
+        Ok("bf16") => Ok(Operands::Bf16),
+        Ok(other) => Err(format!(
+            "KILN_CUDA_OPERANDS must be f32 or bf16, got {other:?}"
+        )),
+    }
+}
+
 /// The largest head dimension the attention kernels keep in registers (`32 · MAXJ`).
 const MAX_HEAD_DIM: usize = 128;
 
@@ -217,21 +264,37 @@ impl CudaBackend {
         let gemm = Gemm::new()?;
         Ok(CudaBackend {
             inner: Arc::new(Inner {
+                profile: Profiler::from_env(),
                 ctx,
                 stream,
                 _module: module,
                 kernels,
                 gemm,
                 scratch: Mutex::new(HashMap::new()),
+                converted: Mutex::new(Converted::default()),
                 rope_tables: Mutex::new(HashMap::new()),
                 info,
             }),
             products: Products::Bf16,
             attention: AttentionPath::from_env()?,
+            operands: operands_from_env()?,
         })
     }
 
-    /// This backend computing causal attention by `path` (the flash kernels by default, or
+    /// This backend storing the single products' operands as `operands` (f32 by default, or
+    /// `KILN_CUDA_OPERANDS`'s choice): with [`Operands::Bf16`] and bf16 products, each operand
+    /// is rounded to bf16 by a kernel before cuBLASLt reads it (half the bytes it streams);
+    /// attention's batched products keep f32 operands. f16 products ignore it.
+    pub fn with_operands(mut self, operands: Operands) -> Self {
+        self.operands = operands;
+        self
+    }
+
+    pub fn operands(&self) -> Operands {
+        self.operands
+    }
+
+    /// This backend computing causal attention by `path` (batched products by default, or
     /// `KILN_CUDA_ATTENTION`'s choice).
     pub fn with_attention(mut self, path: AttentionPath) -> Self {
         self.attention = path;
@@ -291,6 +354,9 @@ impl CudaBackend {
                 Float(f) => f.to_bits() as u64,
             })
             .collect();
+        if name != "f32_to_bf16" {
+            self.written();
+        }
         let f = &self.inner.kernels[name];
         let mut builder = self.inner.stream.launch_builder(f);
         for slot in &slots {
@@ -301,9 +367,36 @@ impl CudaBackend {
             block_dim: (block, 1, 1),
             shared_mem_bytes: shared,
         };
-        // SAFETY: each kernel's arguments are built by its one caller below from views checked
-        // against their allocations; the kernels index within the shapes they are given.
-        unsafe { builder.launch(cfg) }.unwrap_or_else(|e| panic!("cuda: launching {name}: {e:?}"));
+        self.timed(
+            || name.to_string(),
+            // SAFETY: each kernel's arguments are built by its one caller below from views
+            // checked against their allocations; the kernels index within the shapes they are
+            // given.
+            || unsafe { builder.launch(cfg) },
+        )
+        .unwrap_or_else(|e| panic!("cuda: launching {name}: {e:?}"));
+    }
+
+    /// Runs `f`, timed on the device under `name()` when profiling (`KILN_CUDA_PROFILE`).
+    fn timed<R>(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> R) -> R {
+        match &self.inner.profile {
+            None => f(),
+            Some(p) => {
+                let start = p.start();
+                let r = f();
+                p.end(start, name());
+                r
+            }
+        }
+    }
+
+    /// The device time of every launch since the last call, summed by kernel name (products
+    /// by shape), longest first; `None` unless `KILN_CUDA_PROFILE` is set. Waits for the GPU.
+    pub fn profile(&self) -> Option<Vec<ProfileRow>> {
+        self.inner.profile.as_ref().map(|p| {
+            self.bind();
+            p.take()
+        })
     }
 
     /// A grid-stride launch over `n` elements.
@@ -346,6 +439,7 @@ impl CudaBackend {
 
     /// Uploads host `u32`s (token ids, targets) into the scratch buffer `name`.
     fn upload_ids(&self, name: &'static str, ids: &[u32]) -> CUdeviceptr {
+        self.written();
         let ptr = self.scratch(name, ids.len() * 4);
         // SAFETY: the scratch holds at least `ids.len()` u32s; the synchronous copy on the
         // legacy stream runs after the kernels queued before it.
@@ -366,13 +460,37 @@ impl CudaBackend {
         c: CUdeviceptr,
     ) {
         self.bind();
+        let label = || {
+            format!(
+                "gemm {}×{}×{}{}{} ×{}",
+                s.m,
+                s.n,
+                s.k,
+                if s.ta { " aᵀ" } else { "" },
+                if s.tb { " bᵀ" } else { "" },
+                batch.count
+            )
+        };
+        let operands = (self.products, Operands::F32);
         // SAFETY: the callers derive the pointers from views checked against the shapes.
-        unsafe {
+        self.timed(label, || unsafe {
             self.inner
                 .gemm
-                .run_batched(s, batch, self.products, alpha, (a, b), beta, c)
-        }
+                .run_batched(s, batch, operands, alpha, (a, b), beta, c)
+        })
         .unwrap_or_else(|e| panic!("cuda: {e}"));
+    }
+
+    /// Whether single products round their operands to bf16 first ([`Operands::Bf16`] with bf16
+    /// products).
+    fn on_bf16_operands(&self) -> bool {
+        (self.products, self.operands) == (Products::Bf16, Operands::Bf16)
+    }
+
+    /// Something may have written device memory outside a product: the bf16 copies of
+    /// operands are stale.
+    pub(crate) fn written(&self) {
+        self.inner.converted.lock().unwrap().generation += 1;
     }
 
     fn gemm(
@@ -384,10 +502,96 @@ impl CudaBackend {
         beta: f32,
         c: CUdeviceptr,
     ) {
+        self.gemm_on(s, alpha, (Src::F32(a), Src::F32(b)), beta, c)
+    }
+
+    /// `c = alpha·op(a)·op(b) + beta·c` (see [`GemmShape`]) for operands f32 or bf16 already;
+    /// with bf16 operands ([`Operands::Bf16`] and bf16 products) an f32 operand is rounded into
+    /// a bf16 copy first (or its copy reused), else a bf16 one is refused.
+    fn gemm_on(&self, s: GemmShape, alpha: f32, (a, b): (Src, Src), beta: f32, c: CUdeviceptr) {
         self.bind();
-        // SAFETY: the callers pass views whose lengths were checked against the shape.
-        unsafe { self.inner.gemm.run(s, self.products, alpha, a, b, beta, c) }
-            .unwrap_or_else(|e| panic!("cuda: {e}"));
+        let label = || {
+            format!(
+                "gemm {}×{}×{}{}{}",
+                s.m,
+                s.n,
+                s.k,
+                if s.ta { " aᵀ" } else { "" },
+                if s.tb { " bᵀ" } else { "" },
+            )
+        };
+        let (a_rows, a_cols) = if s.ta { (s.k, s.m) } else { (s.m, s.k) };
+        let (b_rows, b_cols) = if s.tb { (s.n, s.k) } else { (s.k, s.n) };
+        // Each operand's whole stored extent: rows × leading dimension, the last row's tail cut.
+        let extent = |rows: usize, cols: usize, ld: usize| match rows * cols {
+            0 => 0,
+            _ => (rows - 1) * ld + cols,
+        };
+        if !self.on_bf16_operands() {
+            let (Src::F32(a), Src::F32(b)) = (a, b) else {
+                panic!("cuda: bf16 operands need bf16 products on bf16 operands")
+            };
+            // SAFETY: the callers pass views whose lengths were checked against the shape.
+            return self
+                .timed(label, || unsafe {
+                    self.inner.gemm.run(s, self.products, alpha, a, b, beta, c)
+                })
+                .unwrap_or_else(|e| panic!("cuda: {e}"));
+        }
+        if s.m == 0 || s.n == 0 {
+            return;
+        }
+        let (na, nb) = (extent(a_rows, a_cols, s.lda), extent(b_rows, b_cols, s.ldb));
+        let a16 = self.bf16_operand(a, na, None);
+        let b16 = self.bf16_operand(b, nb, Some(a16));
+        let operands = (Products::Bf16, Operands::Bf16);
+        // SAFETY: the callers pass views whose lengths were checked against the shape; the
+        // bf16 operands hold the same extents.
+        self.timed(label, || unsafe {
+            self.inner
+                .gemm
+                .run_batched(s, gemm::Batch::ONE, operands, alpha, (a16, b16), beta, c)
+        })
+        .unwrap_or_else(|e| panic!("cuda: {e}"));
+        // The product wrote c's extent: copies of anything there are stale.
+        let written = (c, c + 4 * extent(s.m, s.n, s.ldc) as u64);
+        let mut conv = self.inner.converted.lock().unwrap();
+        for slot in conv.slots.iter_mut() {
+            if let Some((src, n, _)) = *slot {
+                if src < written.1 && written.0 < src + 4 * n as u64 {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
+    /// The bf16 copy of operand `src` (`n` elements), rounded now unless a good copy exists;
+    /// `keep` is the other operand's copy, not to be overwritten.
+    fn bf16_operand(&self, src: Src, n: usize, keep: Option<CUdeviceptr>) -> CUdeviceptr {
+        let src = match src {
+            Src::Bf16(p) => return p,
+            Src::F32(p) => p,
+        };
+        let mut conv = self.inner.converted.lock().unwrap();
+        let generation = conv.generation;
+        for (i, slot) in conv.slots.iter().enumerate() {
+            if *slot == Some((src, n, generation)) {
+                return self.scratch(CONVERTED[i], 2 * n);
+            }
+        }
+        let mut i = conv.next;
+        while keep.is_some() && conv.slots[i].is_some() && {
+            let at = self.scratch(CONVERTED[i], 2);
+            Some(at) == keep
+        } {
+            i = (i + 1) % CONVERTED.len();
+        }
+        conv.next = (i + 1) % CONVERTED.len();
+        conv.slots[i] = Some((src, n, generation));
+        drop(conv);
+        let at = self.scratch(CONVERTED[i], 2 * n);
+        self.elementwise("f32_to_bf16", n, &[Ptr(at), Ptr(src), Int(n as i64)]);
+        at
     }
 
     fn rope_table(
@@ -450,8 +654,12 @@ impl Backend for CudaBackend {
             Products::Bf16 => "bf16",
             Products::F16 => "f16",
         };
+        let operands = match (self.products, self.operands) {
+            (Products::Bf16, Operands::Bf16) => " on bf16 operands",
+            _ => "",
+        };
         format!(
-            "cuda ({}, sm_{major}{minor}, {products} cuBLASLt, {} attention)",
+            "cuda ({}, sm_{major}{minor}, {products} cuBLASLt{operands}, {} attention)",
             self.inner.info.name,
             self.attention.label()
         )
@@ -490,6 +698,8 @@ impl Backend for CudaBackend {
     fn alloc(&self, len: usize, dtype: DType) -> Result<CudaMemory, BackendError> {
         self.bind();
         let bytes = len * dtype.size();
+        // Fresh memory may sit where a freed operand's bf16 copy was taken.
+        self.written();
         let ptr = if bytes == 0 {
             0
         } else {
@@ -520,6 +730,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.bind();
+        self.written();
         // SAFETY: `dst` is in bounds of its allocation (a View is), the host slice as long.
         unsafe {
             match dst.dtype() {
@@ -581,21 +792,26 @@ impl Backend for CudaBackend {
             return;
         }
         self.bind();
+        self.written();
         // SAFETY: the view is in bounds; the memset is ordered on the legacy stream.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(
-                addr(dst),
-                0,
-                dst.len() * dst.dtype().size(),
-                std::ptr::null_mut(),
-            )
-        }
+        self.timed(
+            || "zero".into(),
+            || unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    addr(dst),
+                    0,
+                    dst.len() * dst.dtype().size(),
+                    std::ptr::null_mut(),
+                )
+            },
+        )
         .unwrap_or_else(|e| panic!("cuda: zero: {e:?}"));
     }
 
     fn copy(&self, dst: V, src: V) {
         assert_eq!(dst.len(), src.len(), "copy: lengths differ");
         assert!(!dst.overlaps(&src), "copy: {dst:?} overlaps {src:?}");
+        self.written();
         let n = dst.len() as i64;
         match (dst.dtype(), src.dtype()) {
             (a, b) if a == b => {
@@ -604,14 +820,17 @@ impl Backend for CudaBackend {
                 }
                 self.bind();
                 // SAFETY: both views in bounds and disjoint.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        addr(dst),
-                        addr(src),
-                        dst.len() * dst.dtype().size(),
-                        std::ptr::null_mut(),
-                    )
-                }
+                self.timed(
+                    || "copy".into(),
+                    || unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(
+                            addr(dst),
+                            addr(src),
+                            dst.len() * dst.dtype().size(),
+                            std::ptr::null_mut(),
+                        )
+                    },
+                )
                 .unwrap_or_else(|e| panic!("cuda: copy: {e:?}"));
             }
             (DType::BF16, DType::F32) => self.elementwise(
@@ -1141,7 +1360,9 @@ impl CudaBackend {
             Int(s.rot_dims as i64),
             Float(direction),
         ];
-        self.elementwise("rope", out.len(), &args);
+        // A thread per rotated pair or unrotated dimension (kernels/rope.cu).
+        let threads = rows * s.heads * (s.head_dim - s.rot_dims / 2);
+        self.elementwise("rope", threads, &args);
     }
 
     /// `dst[col / inner] += Σ_rows dout·inp (·rstd[row])` over `(rows, cols)`.
@@ -1190,6 +1411,7 @@ impl CudaBackend {
 
     fn copy_raw(&self, dst: CUdeviceptr, src: CUdeviceptr, floats: usize) {
         self.bind();
+        self.written();
         // SAFETY: both scratch buffers hold at least `floats` f32s and are distinct.
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(dst, src, floats * 4, std::ptr::null_mut())

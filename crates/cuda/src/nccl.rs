@@ -244,6 +244,7 @@ impl Communicator<CudaBackend> for Nccl {
     ) -> Result<(), BackendError> {
         assert_eq!(buffer.dtype(), DType::F32, "the gradient arena is f32");
         backend.bind();
+        backend.written();
         let ptr = crate::addr(buffer) as *mut c_void;
         // SAFETY: in place over the view, on the legacy stream after the backward's kernels.
         let code = unsafe {

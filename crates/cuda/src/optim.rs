@@ -9,6 +9,7 @@ impl CudaBackend {
     pub(crate) fn sum_squares_on_device(&self, x: V) -> f64 {
         let out = self.scratch("sum_squares", 8);
         self.bind();
+        self.written();
         // SAFETY: the scratch holds one f64; the memset is ordered before the kernel.
         unsafe { cudarc::driver::result::memset_d8_async(out, 0, 8, std::ptr::null_mut()) }
             .unwrap_or_else(|e| panic!("cuda: {e:?}"));
@@ -111,6 +112,7 @@ impl CudaBackend {
         };
         let norm = self.scratch("muon_norm", 8);
         self.bind();
+        self.written();
         // SAFETY: one f64 of scratch, zeroed in stream order.
         unsafe { cudarc::driver::result::memset_d8_async(norm, 0, 8, std::ptr::null_mut()) }
             .unwrap_or_else(|e| panic!("cuda: {e:?}"));

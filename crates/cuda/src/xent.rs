@@ -5,7 +5,7 @@
 use cudarc::driver::sys::CUdeviceptr;
 use kiln_core::backend::{Accumulate, ClassifierShape};
 
-use super::{addr, Arg::*, CudaBackend, GemmShape, THREADS, V};
+use super::{addr, Arg::*, CudaBackend, GemmShape, Src, THREADS, V};
 
 /// Rows of logits the classifier holds at once.
 const CLASSIFIER_ROWS: usize = 8192;
@@ -154,13 +154,21 @@ impl CudaBackend {
                     &[Ptr(z), Ptr(z), Float(c), len],
                 );
             }
+            // dz in place over z, or as bf16 for products on bf16 operands (read by both).
+            let (kernel, dz) = if self.on_bf16_operands() {
+                let dz = self.scratch("dlogits_bf16", chunk * s.vocab * 2);
+                ("cross_entropy_backward_bf16", Src::Bf16(dz))
+            } else {
+                ("cross_entropy_backward", Src::F32(z))
+            };
+            let (Src::F32(out) | Src::Bf16(out)) = dz;
             self.launch(
-                "cross_entropy_backward",
+                kernel,
                 (n as u32, 1, 1),
                 THREADS,
                 0,
                 &[
-                    Ptr(z),
+                    Ptr(out),
                     Ptr(z),
                     Ptr(addr(logsumexp.slice(r0, n))),
                     Ptr(t + (r0 * 4) as u64),
@@ -171,7 +179,7 @@ impl CudaBackend {
             );
             let x = addr(inp.slice(r0 * s.dim, n * s.dim));
             // dinp (n, dim) = dz (n, vocab) · weight (vocab, dim)
-            self.gemm(
+            self.gemm_on(
                 GemmShape {
                     ta: false,
                     tb: false,
@@ -183,13 +191,12 @@ impl CudaBackend {
                     ldc: s.dim,
                 },
                 1.0,
-                z,
-                addr(weight),
+                (dz, Src::F32(addr(weight))),
                 beta,
                 addr(dinp.slice(r0 * s.dim, n * s.dim)),
             );
             // dweight (vocab, dim) += dzᵀ · x
-            self.gemm(
+            self.gemm_on(
                 GemmShape {
                     ta: true,
                     tb: false,
@@ -201,8 +208,7 @@ impl CudaBackend {
                     ldc: s.dim,
                 },
                 1.0,
-                z,
-                x,
+                (dz, Src::F32(x)),
                 1.0,
                 addr(dweight),
             );

@@ -1,5 +1,6 @@
 //! The conformance suite on the GPU, with bf16 products and with f16 products, each with both
-//! attention paths (the flash kernels, and batched products on the tensor cores): the kernel-case
+//! attention paths (the flash kernels, and batched products on the tensor cores), and bf16
+//! products on operands rounded to bf16 before cuBLASLt reads them: the kernel-case
 //! table against the f64 reference kernels, memory, the PyTorch whole-model fixtures, the
 //! training smoke test and a loss curve against the reference backend's. Without a usable GPU each test says why and passes (the CPU
 //! machines CI runs on have none); `KILN_REQUIRE_CUDA=1` turns that into a failure, for runs
@@ -8,10 +9,11 @@
 use std::path::PathBuf;
 
 use kiln_conformance::ModelTolerance;
-use kiln_cuda::{AttentionPath, CudaBackend, Products};
+use kiln_cuda::{AttentionPath, CudaBackend, Operands, Products};
 
 /// The backend with bf16 products, then with f16 products, each with the flash attention
-/// kernels and with attention through batched products (none without a usable GPU).
+/// kernels and with attention through batched products, then bf16 products on bf16 operands
+/// (none without a usable GPU).
 fn backends() -> Vec<CudaBackend> {
     match CudaBackend::new() {
         Ok(b) => {
@@ -21,6 +23,7 @@ fn backends() -> Vec<CudaBackend> {
                 all.push(b.clone().with_attention(path));
                 all.push(f16.clone().with_attention(path));
             }
+            all.push(b.with_operands(Operands::Bf16));
             all
         }
         Err(why) => {

@@ -300,12 +300,16 @@ extern "C" __global__ void causal_softmax(float* p, float* lse, i64 batch, i64 s
 }
 
 // P from S and the forward's logsumexp, in place: exp(scale·S − lse) for s ≤ t, else 0.
+// A warp per row (b, t).
 extern "C" __global__ void causal_probabilities(float* p, const float* lse, i64 batch, i64 seq,
                                                 i64 heads, i64 h, float scale) {
-    GRID_STRIDE(i, batch * seq * seq) {
-        i64 row = i / seq, s = i % seq, b = row / seq, t = row % seq;
-        p[i] = s <= t ? expf(p[i] * scale - lse[(b * heads + h) * seq + t]) : 0.0f;
-    }
+    i64 row = blockIdx.x * (i64)(blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= batch * seq) return;
+    i64 b = row / seq, t = row % seq;
+    float* r = p + row * seq;
+    float m = lse[(b * heads + h) * seq + t];
+    for (i64 s = lane; s < seq; s += WARP) r[s] = s <= t ? expf(r[s] * scale - m) : 0.0f;
 }
 
 // dS = P ⊙ (dP − Σ_s P·dP) per row, in place over dP (the softmax's backward; 0 where P is).

@@ -63,4 +63,12 @@ __device__ float block_max(float v) {
     return r;
 }
 
+// f32 to bf16 bits, rounded to nearest even (as the `half` crate); NaN stays a quiet NaN.
+__device__ __forceinline__ u16 bf16_bits(float x) {
+    u32 bits = __float_as_uint(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x40);
+    u32 rounding = 0x7fffu + ((bits >> 16) & 1u);
+    return (u16)((bits + rounding) >> 16);
+}
+
 #define GRID_STRIDE(i, n) for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
