@@ -129,8 +129,8 @@ pub fn report(m: &Machine) -> String {
         line(format!(
             "  cuda operands    {}",
             match std::env::var("KILN_CUDA_OPERANDS").as_deref() {
-                Err(_) | Ok("f32") => "f32 (KILN_CUDA_OPERANDS: f32 or bf16)".to_string(),
-                Ok("bf16") => "bf16 (KILN_CUDA_OPERANDS: f32 or bf16)".to_string(),
+                Ok("f32") => "f32 (KILN_CUDA_OPERANDS: bf16 or f32)".to_string(),
+                Err(_) | Ok("bf16") => "bf16 (KILN_CUDA_OPERANDS: bf16 or f32)".to_string(),
                 Ok(other) => format!("KILN_CUDA_OPERANDS must be f32 or bf16, got {other:?}"),
             }
         ));

@@ -213,6 +213,31 @@ pub fn check_kernels<B: Backend>(backend: &B) -> Result<KernelReport> {
     Ok(report)
 }
 
+/// The cases of `kernels` at `dims` (a model's sizes, where a backend's tiled paths take
+/// over from its small-shape ones), as [`check_kernels`].
+pub fn check_kernels_at<B: Backend>(
+    backend: &B,
+    dims: &Dims,
+    kernels: &[kiln_core::backend::Kernel],
+) -> Result<KernelReport> {
+    let mut report = KernelReport {
+        passed: 0,
+        declined: Vec::new(),
+    };
+    for (i, case) in cases(dims).iter().enumerate() {
+        if !kernels.contains(&case.kernel) {
+            continue;
+        }
+        if let Err(why) = backend.supports(case.kernel, case.hint()) {
+            report.declined.push((case.name.clone(), why));
+            continue;
+        }
+        check_case(backend, case, 7 + i as u64)?;
+        report.passed += 1;
+    }
+    Ok(report)
+}
+
 /// The memory methods: zero-filled allocation, upload and download of f32 and bf16 (rounded
 /// to nearest even, as `half` rounds), `copy` converting both ways, `zero`, a transfer of the
 /// wrong length refused, `synchronize`.

@@ -18,6 +18,10 @@ pub enum AttentionPath {
     Flash,
     #[default]
     Gemm,
+    /// FlashAttention-2's blocking on the tensor cores (`mma.sync` bf16 products, f32
+    /// softmax and accumulation; no (T, T) matrix), for head dims up to 64 (larger ones take
+    /// the batched products).
+    Mma,
 }
 
 impl AttentionPath {
@@ -26,8 +30,9 @@ impl AttentionPath {
         match std::env::var("KILN_CUDA_ATTENTION").as_deref() {
             Ok("flash") => Ok(AttentionPath::Flash),
             Err(_) | Ok("gemm") => Ok(AttentionPath::Gemm),
+            Ok("mma") => Ok(AttentionPath::Mma),
             Ok(other) => Err(format!(
-                "KILN_CUDA_ATTENTION must be flash or gemm, got {other:?}"
+                "KILN_CUDA_ATTENTION must be flash, gemm or mma, got {other:?}"
             )),
         }
     }
@@ -36,9 +41,16 @@ impl AttentionPath {
         match self {
             AttentionPath::Flash => "flash",
             AttentionPath::Gemm => "gemm",
+            AttentionPath::Mma => "mma",
         }
     }
 }
+
+/// The largest head dim the tensor-core kernels take (`MMA_D` in kernels/attention.cu), their
+/// rows per block (`MMA_ROWS`) and shared row stride in bf16 elements (`MMA_LD`).
+pub(crate) const MMA_HEAD_DIM: usize = 64;
+const MMA_ROWS: usize = 64;
+const MMA_LD: usize = MMA_HEAD_DIM + 8;
 
 /// Rows per block of the attention kernels (`ROWS_PER_BLOCK` in kernels/attention.cu) and
 /// their tile of keys (`TILE`).
@@ -59,8 +71,10 @@ impl CudaBackend {
         if s.seq == 0 || s.batch == 0 {
             return;
         }
-        if self.attention == AttentionPath::Gemm {
-            return self.attention_forward_gemm(out, saved, inputs, s);
+        match self.attention_path_for(s) {
+            AttentionPath::Gemm => return self.attention_forward_gemm(out, saved, inputs, s),
+            AttentionPath::Mma => return self.attention_forward_mma(out, saved, inputs, s),
+            AttentionPath::Flash => {}
         }
         let grid = (
             s.seq.div_ceil(ATTENTION_ROWS) as u32,
@@ -100,8 +114,14 @@ impl CudaBackend {
         if s.seq == 0 || s.batch == 0 {
             return;
         }
-        if self.attention == AttentionPath::Gemm {
-            return self.attention_backward_gemm(grads, dout, inputs, saved, s);
+        match self.attention_path_for(s) {
+            AttentionPath::Gemm => {
+                return self.attention_backward_gemm(grads, dout, inputs, saved, s)
+            }
+            AttentionPath::Mma => {
+                return self.attention_backward_mma(grads, dout, inputs, saved, s)
+            }
+            AttentionPath::Flash => {}
         }
         let rows = s.batch * s.heads * s.seq;
         let delta = self.scratch("attention_delta", rows * 4);
@@ -184,6 +204,96 @@ impl CudaBackend {
                 Int(s.kv_heads as i64),
                 Int(s.head_dim as i64),
                 Int(count as i64),
+            ],
+        );
+    }
+
+    /// The path attention at shape `s` takes: the backend's, except that head dims over
+    /// [`MMA_HEAD_DIM`] go from the tensor-core kernels to the batched products.
+    pub(crate) fn attention_path_for(&self, s: AttentionShape) -> AttentionPath {
+        match self.attention {
+            AttentionPath::Mma if s.head_dim > MMA_HEAD_DIM => AttentionPath::Gemm,
+            path => path,
+        }
+    }
+
+    /// The tensor-core forward (kernels/attention.cu, `attention_forward_mma`): `saved` gets
+    /// the logsumexps, then a copy of `out` for the backward's deltas.
+    fn attention_forward_mma(&self, out: V, saved: V, inputs: Qkv<CudaBackend>, s: AttentionShape) {
+        let Qkv { q, k, v } = inputs;
+        self.launch(
+            "attention_forward_mma",
+            (
+                s.seq.div_ceil(MMA_ROWS) as u32,
+                (s.batch * s.heads) as u32,
+                1,
+            ),
+            128,
+            (2 * MMA_ROWS * MMA_LD * 2) as u32,
+            &[
+                self.f(out),
+                self.f(saved),
+                self.f(q),
+                self.f(k),
+                self.f(v),
+                Int(s.seq as i64),
+                Int(s.heads as i64),
+                Int(s.kv_heads as i64),
+                Int(s.head_dim as i64),
+            ],
+        );
+    }
+
+    /// The tensor-core backward: each row's delta = dO·O from the saved copy of O, then dK
+    /// and dV per block of keys, dQ added into zeros.
+    fn attention_backward_mma(
+        &self,
+        grads: Qkv<CudaBackend>,
+        dout: V,
+        inputs: Qkv<CudaBackend>,
+        saved: V,
+        s: AttentionShape,
+    ) {
+        let Qkv { q, k, v } = inputs;
+        let rows = s.batch * s.heads * s.seq;
+        let delta = self.scratch("attention_delta", rows * 4);
+        self.warps(
+            "attention_delta_mma",
+            rows,
+            &[
+                Ptr(delta),
+                self.f(dout),
+                self.f(saved),
+                Int(s.batch as i64),
+                Int(s.seq as i64),
+                Int(s.heads as i64),
+                Int(s.head_dim as i64),
+            ],
+        );
+        self.zero(grads.q);
+        self.launch(
+            "attention_backward_mma",
+            (
+                s.seq.div_ceil(MMA_ROWS) as u32,
+                (s.batch * s.kv_heads) as u32,
+                1,
+            ),
+            128,
+            (4 * MMA_ROWS * MMA_LD * 2 + 2 * MMA_ROWS * 4) as u32,
+            &[
+                self.f(grads.q),
+                self.f(grads.k),
+                self.f(grads.v),
+                self.f(dout),
+                self.f(q),
+                self.f(k),
+                self.f(v),
+                self.f(saved),
+                Ptr(delta),
+                Int(s.seq as i64),
+                Int(s.heads as i64),
+                Int(s.kv_heads as i64),
+                Int(s.head_dim as i64),
             ],
         );
     }

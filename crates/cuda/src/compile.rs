@@ -35,7 +35,7 @@ pub const SOURCE: &str = concat!(
 
 /// Every kernel `SOURCE` defines (the backend loads each by name at start-up, so a kernel
 /// missing from the module is an error then, not at its first call).
-pub const KERNELS: [&str; 42] = [
+pub const KERNELS: [&str; 45] = [
     "f32_to_bf16",
     "bf16_to_f32",
     "embedding_forward",
@@ -48,6 +48,9 @@ pub const KERNELS: [&str; 42] = [
     "attention_backward_dq",
     "attention_backward_dkdv",
     "attention_decode",
+    "attention_forward_mma",
+    "attention_delta_mma",
+    "attention_backward_mma",
     "causal_softmax",
     "causal_probabilities",
     "softmax_rows_backward",
@@ -107,6 +110,60 @@ pub fn compile(arch: &'static str) -> Result<String, String> {
     cudarc::nvrtc::compile_ptx_with_opts(SOURCE, options)
         .map(|ptx| ptx.to_src())
         .map_err(|e| format!("NVRTC failed to compile the kernels for {arch}: {e}"))
+}
+
+/// Each kernel's register use on `gpu`'s machine code (`"sm_80"`, `"sm_90"`, …): NVRTC
+/// compiles the kernels through ptxas (`--ptxas-options=-v`), no GPU needed. (name, registers,
+/// bytes spilled to local memory: stores and loads).
+pub fn machine_code_report(gpu: &str) -> Result<Vec<(String, u32, u32)>, String> {
+    use cudarc::nvrtc::result;
+    nvrtc_version()?;
+    let source = std::ffi::CString::new(SOURCE).map_err(|e| e.to_string())?;
+    let program = result::create_program(&source, None).map_err(|e| format!("{e:?}"))?;
+    let options = [
+        "--std=c++17".to_string(),
+        format!("-arch={gpu}"),
+        "--ptxas-options=-v".into(),
+    ];
+    // SAFETY: the program was created above and is destroyed once, after its log is read.
+    let (compiled, log) = unsafe {
+        let compiled = result::compile_program(program, &options);
+        let log = result::get_program_log(program);
+        let _ = result::destroy_program(program);
+        (compiled, log)
+    };
+    let log = log.map_err(|e| format!("{e:?}"))?;
+    let log: String = log
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    compiled.map_err(|e| format!("NVRTC failed to compile the kernels for {gpu}: {e:?}\n{log}"))?;
+    // ptxas prints, per kernel: "Function properties for NAME", then "N bytes stack frame,
+    // S bytes spill stores, L bytes spill loads", then "Used R registers, …".
+    let mut report = Vec::new();
+    let lines: Vec<&str> = log.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(name) = line.split("Function properties for ").nth(1) else {
+            continue;
+        };
+        let number_before = |text: &str, what: &str| -> Option<u32> {
+            let before = text.split(what).next()?;
+            before.split_whitespace().last()?.parse().ok()
+        };
+        let spills = lines.get(i + 1).and_then(|l| {
+            Some(number_before(l, "bytes spill stores")? + number_before(l, "bytes spill loads")?)
+        });
+        let registers = lines.get(i + 2).and_then(|l| {
+            let after = l.split("Used ").nth(1)?;
+            after.split_whitespace().next()?.parse().ok()
+        });
+        match (registers, spills) {
+            (Some(r), Some(s)) => report.push((name.trim().to_string(), r, s)),
+            _ => return Err(format!("unexpected ptxas report for {name}:\n{log}")),
+        }
+    }
+    Ok(report)
 }
 
 /// The PTX for `arch`, from the cache when it has it, else compiled (and cached, best effort:

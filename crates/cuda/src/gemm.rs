@@ -57,10 +57,12 @@ pub enum Products {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Operands {
     /// f32, rounded by cuBLASLt on the way into the tensor cores (`_FAST_16BF`/`_16F`).
-    #[default]
     F32,
     /// bf16 already (the caller rounded them), multiplied with plain f32 accumulation
-    /// (`CUBLAS_COMPUTE_32F`); with [`Products::Bf16`] only.
+    /// (`CUBLAS_COMPUTE_32F`); with [`Products::Bf16`] only. The backend's default: cuBLASLt's
+    /// products on bf16 operands ran 2–4× faster than on f32 ones at stories110m's shapes on
+    /// an H200, rounding included.
+    #[default]
     Bf16,
 }
 

@@ -205,11 +205,11 @@ enum Arg {
 use Arg::{Float, Int, Ptr};
 
 const THREADS: u32 = 256;
-/// `KILN_CUDA_OPERANDS`: `f32` (unset) or `bf16` (see [`CudaBackend::with_operands`]).
+/// `KILN_CUDA_OPERANDS`: `bf16` (unset) or `f32` (see [`CudaBackend::with_operands`]).
 fn operands_from_env() -> Result<Operands, String> {
     match std::env::var("KILN_CUDA_OPERANDS").as_deref() {
-        Err(_) | Ok("f32") => Ok(Operands::F32),
-        Ok("bf16") => Ok(Operands::Bf16),
+        Ok("f32") => Ok(Operands::F32),
+        Err(_) | Ok("bf16") => Ok(Operands::Bf16),
         Ok(other) => Err(format!(
             "KILN_CUDA_OPERANDS must be f32 or bf16, got {other:?}"
         )),
@@ -281,10 +281,11 @@ impl CudaBackend {
         })
     }
 
-    /// This backend storing the single products' operands as `operands` (f32 by default, or
+    /// This backend storing the single products' operands as `operands` (bf16 by default, or
     /// `KILN_CUDA_OPERANDS`'s choice): with [`Operands::Bf16`] and bf16 products, each operand
-    /// is rounded to bf16 by a kernel before cuBLASLt reads it (half the bytes it streams);
-    /// attention's batched products keep f32 operands. f16 products ignore it.
+    /// is rounded to bf16 by a kernel before cuBLASLt reads it (half the bytes it streams; a
+    /// copy is reused while its source is unchanged); attention's batched products keep f32
+    /// operands. f16 products ignore it.
     pub fn with_operands(mut self, operands: Operands) -> Self {
         self.operands = operands;
         self
@@ -682,7 +683,8 @@ impl Backend for CudaBackend {
             },
             // Attention through batched products: the scores and the probabilities times the
             // values are such products (the probabilities, at most 1, rounded to 2⁻⁹ too).
-            Kernel::Attention if self.attention == AttentionPath::Gemm => Tolerance {
+            // The tensor-core kernels round q, k, v, the probabilities, dO and dS the same way.
+            Kernel::Attention if self.attention != AttentionPath::Flash => Tolerance {
                 atol: 2e-2,
                 rtol: 2e-2,
             },
@@ -1043,8 +1045,13 @@ impl Backend for CudaBackend {
     }
 
     fn attention_saved_len(&self, s: AttentionShape) -> usize {
-        // Each query row's logsumexp; the backward recomputes the probabilities from it.
-        s.batch * s.heads * s.seq
+        // Each query row's logsumexp; the backward recomputes the probabilities from it. The
+        // tensor-core kernels keep a copy of the output too (their deltas are dO·O).
+        let lse = s.batch * s.heads * s.seq;
+        match self.attention_path_for(s) {
+            AttentionPath::Mma => lse + s.batch * s.seq * s.heads * s.head_dim,
+            _ => lse,
+        }
     }
 
     fn attention_forward(&self, out: V, saved: V, inputs: Qkv<Self>, s: AttentionShape) {

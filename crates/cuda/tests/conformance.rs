@@ -1,6 +1,7 @@
 //! The conformance suite on the GPU, with bf16 products and with f16 products, each with both
-//! attention paths (the flash kernels, and batched products on the tensor cores), and bf16
-//! products on operands rounded to bf16 before cuBLASLt reads them: the kernel-case
+//! attention paths (the flash kernels, and batched products on the tensor cores), bf16
+//! products on f32 operands (cuBLASLt rounding them; the default rounds them first), and
+//! attention in FlashAttention-2's blocking on the tensor cores: the kernel-case
 //! table against the f64 reference kernels, memory, the PyTorch whole-model fixtures, the
 //! training smoke test and a loss curve against the reference backend's. Without a usable GPU each test says why and passes (the CPU
 //! machines CI runs on have none); `KILN_REQUIRE_CUDA=1` turns that into a failure, for runs
@@ -12,8 +13,9 @@ use kiln_conformance::ModelTolerance;
 use kiln_cuda::{AttentionPath, CudaBackend, Operands, Products};
 
 /// The backend with bf16 products, then with f16 products, each with the flash attention
-/// kernels and with attention through batched products, then bf16 products on bf16 operands
-/// (none without a usable GPU).
+/// kernels and with attention through batched products (bf16 products on operands rounded to
+/// bf16 first, the default), then bf16 products on f32 operands (cuBLASLt rounding them),
+/// then attention on the tensor cores (none without a usable GPU).
 fn backends() -> Vec<CudaBackend> {
     match CudaBackend::new() {
         Ok(b) => {
@@ -23,7 +25,8 @@ fn backends() -> Vec<CudaBackend> {
                 all.push(b.clone().with_attention(path));
                 all.push(f16.clone().with_attention(path));
             }
-            all.push(b.with_operands(Operands::Bf16));
+            all.push(b.clone().with_operands(Operands::F32));
+            all.push(b.with_attention(AttentionPath::Mma));
             all
         }
         Err(why) => {
@@ -57,6 +60,47 @@ fn no_gpu_is_an_error_that_says_why_not_a_panic() {
                 || why.contains("GPU"),
             "{why}"
         );
+    }
+}
+
+/// Attention at a model's head width and past one 64-row block (the tensor-core kernels'
+/// tiles: 3 full blocks and a partial one, GQA 4 over 2, head dim 64 and 40, the latter padded
+/// to 48), and rope at that shape, against the f64 reference kernels: the conformance sizes
+/// (9 rows, head dim 8) fit in one tile.
+#[test]
+fn attention_at_model_shapes_matches_the_f64_reference() {
+    use kiln_core::backend::Kernel;
+    for backend in backends() {
+        for head_dim in [64, 40] {
+            let dims = kiln_conformance::Dims {
+                batch: 2,
+                seq: 200,
+                dim: 4 * head_dim,
+                hidden: 64,
+                heads: 4,
+                kv_heads: 2,
+                head_dim,
+                vocab: 19,
+                params: 301,
+                rope_theta: 1e4,
+            };
+            let report = kiln_conformance::check_kernels_at(
+                &backend,
+                &dims,
+                &[Kernel::Attention, Kernel::Rope],
+            )
+            .unwrap_or_else(|e| panic!("{} at head dim {head_dim}: {e:#}", name(&backend)));
+            assert!(
+                report.passed >= 2 && report.declined.is_empty(),
+                "{:?}",
+                report.declined
+            );
+            println!(
+                "{}: attention and rope at 2 × 200, head dim {head_dim}: {} cases passed",
+                name(&backend),
+                report.passed
+            );
+        }
     }
 }
 

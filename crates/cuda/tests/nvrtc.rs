@@ -36,3 +36,38 @@ fn every_kernel_compiles_to_ptx_for_sm80_and_sm90() {
         );
     }
 }
+
+/// Every kernel compiles through ptxas to sm_80 and sm_90 machine code without spilling
+/// registers to local memory (the tensor-core attention keeps its tiles' accumulators in
+/// registers: a wider tile or head dim that spills is a slowdown no test on the CPU would
+/// otherwise see); ptxas runs inside NVRTC, so no GPU is needed.
+#[test]
+fn every_kernel_fits_its_registers_on_sm80_and_sm90() {
+    if compile::nvrtc_version().is_err() {
+        assert!(
+            std::env::var_os("KILN_REQUIRE_NVRTC").is_none(),
+            "KILN_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
+        );
+        println!("skipped: no NVRTC");
+        return;
+    }
+    for gpu in ["sm_80", "sm_90"] {
+        let report = compile::machine_code_report(gpu).unwrap_or_else(|log| panic!("{log}"));
+        for name in compile::KERNELS {
+            let Some((_, registers, spilled)) = report.iter().find(|(n, _, _)| n == name) else {
+                panic!("{gpu}: no ptxas report for {name}");
+            };
+            assert_eq!(
+                *spilled, 0,
+                "{gpu}: {name} spills {spilled} bytes ({registers} registers)"
+            );
+        }
+        let most = report.iter().max_by_key(|(_, r, _)| *r).unwrap();
+        println!(
+            "{gpu}: {} kernels, none spills; most registers: {} ({})",
+            report.len(),
+            most.1,
+            most.0
+        );
+    }
+}

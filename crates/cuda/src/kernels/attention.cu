@@ -325,3 +325,403 @@ extern "C" __global__ void softmax_rows_backward(float* dp, const float* p, i64 
     dot = warp_sum(dot);
     for (i64 s = lane; s < seq; s += WARP) d[s] = r[s] * (d[s] - dot);
 }
+
+// ---- causal attention on the tensor cores (attention.rs, AttentionPath::Mma) -----------------
+//
+// FlashAttention-2's blocking (Dao, 2023: "FlashAttention-2", Algorithms 1 and 2) with
+// `mma.sync.m16n8k16` bf16 products accumulated in f32 (the PTX ISA's fragment layouts for
+// that shape): Q, K, V, dO, the probabilities and dS are rounded to bf16 on their way into a
+// product, everything else is f32. Head dims up to MMA_D (padded to a multiple of 16 with
+// zeros); the forward saves each row's logsumexp and a copy of O, from which the backward's
+// delta = rowsum(dO ⊙ O) comes. A block is 4 warps and 64 rows (queries in the forward, keys in
+// the backward), each warp 16 of them; the other side streams through shared memory 64 rows at
+// a time.
+
+#define MMA_ROWS 64
+#define MMA_D 64
+#define MMA_LD (MMA_D + 8)  // shared rows in bf16 elements, padded against bank conflicts
+
+// c (16×8, f32) += a (16×16, bf16, row-major) · b (16×8, bf16, column-major).
+__device__ __forceinline__ void mma_bf16(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                         u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two values as a bf16 pair, each rounded to nearest even, the first in the low half (the
+// fragments' column order): one `cvt.rn.bf16x2.f32` (its first source goes to the high half).
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Four 8×8 bf16 matrices of shared memory, transposed (`ldmatrix .x4 .trans`): lane 8j + i
+// gives the address of row i of matrix j (16-byte aligned); register j of lane L gets rows
+// 2(L%4) and 2(L%4) + 1 of column L/4 of matrix j, the pair a B fragment reads down a
+// row-major (k, n) tile.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const u16* row) {
+    u32 at;
+    asm("{ .reg .u64 p; cvta.to.shared.u64 p, %1; cvt.u32.u64 %0, p; }\n" : "=r"(at) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at)
+                 : "memory");
+}
+
+// O (16 rows × MMA_D) += A (16 × 16, fragments a) · X[k0 .. k0 + 16, :] for a row-major tile X
+// in shared memory (MMA_LD apart), two 8-column tiles of X per ldmatrix.
+__device__ __forceinline__ void mma_rows_times_tile(float (*o)[4], u32 a0, u32 a1, u32 a2,
+                                                    u32 a3, const u16* x, int k0) {
+    int lane = threadIdx.x % WARP, j = lane >> 3, i = lane & 7;
+#pragma unroll
+    for (int dt = 0; dt < MMA_D / 8; dt += 2) {
+        u32 b[4];
+        ldmatrix_x4_trans(b, x + (k0 + i + 8 * (j & 1)) * MMA_LD + (dt + (j >> 1)) * 8);
+        mma_bf16(o[dt], a0, a1, a2, a3, b[0], b[1]);
+        mma_bf16(o[dt + 1], a0, a1, a2, a3, b[2], b[3]);
+    }
+}
+
+// Element (t, d) of one head of a (B, T, heads·D) f32 tensor, 0 outside (T, D).
+__device__ __forceinline__ float head_at(const float* x, i64 b, i64 t, i64 seq, i64 heads,
+                                         i64 h, i64 d, i64 dim) {
+    return (t < seq && d < dim) ? x[((b * seq + t) * heads + h) * dim + d] : 0.0f;
+}
+
+// The A fragments (16 rows from `row0`, all MMA_D columns) of one head of x, as bf16.
+__device__ __forceinline__ void load_a_rows(u32 (*frag)[4], const float* x, i64 b, i64 row0,
+                                            i64 seq, i64 heads, i64 h, i64 dim) {
+    int lane = threadIdx.x % WARP, g = lane >> 2, tg = lane & 3;
+#pragma unroll
+    for (int kd = 0; kd < MMA_D / 16; kd++) {
+        i64 c0 = kd * 16 + tg * 2, c1 = c0 + 8;
+        i64 r0 = row0 + g, r1 = r0 + 8;
+        frag[kd][0] = pack_bf16(head_at(x, b, r0, seq, heads, h, c0, dim),
+                                head_at(x, b, r0, seq, heads, h, c0 + 1, dim));
+        frag[kd][1] = pack_bf16(head_at(x, b, r1, seq, heads, h, c0, dim),
+                                head_at(x, b, r1, seq, heads, h, c0 + 1, dim));
+        frag[kd][2] = pack_bf16(head_at(x, b, r0, seq, heads, h, c1, dim),
+                                head_at(x, b, r0, seq, heads, h, c1 + 1, dim));
+        frag[kd][3] = pack_bf16(head_at(x, b, r1, seq, heads, h, c1, dim),
+                                head_at(x, b, r1, seq, heads, h, c1 + 1, dim));
+    }
+}
+
+// Rows [start, start + MMA_ROWS) of one head into shared `dst` (MMA_ROWS × MMA_LD bf16), zero
+// past the sequence and the head dim; four columns a load where the rows are 16-byte aligned.
+__device__ void load_rows_bf16(u16* dst, const float* x, i64 b, i64 start, i64 seq, i64 heads,
+                               i64 h, i64 dim) {
+    const float* head = x + h * dim;
+    i64 row_stride = heads * dim;
+    if (dim % 4 == 0 && ((unsigned long long)x & 15) == 0) {
+        for (int i = threadIdx.x; i < MMA_ROWS * (MMA_D / 4); i += blockDim.x) {
+            int r = i / (MMA_D / 4), c = (i % (MMA_D / 4)) * 4;
+            i64 t = start + r;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (t < seq && c < dim) v = *(const float4*)(head + (b * seq + t) * row_stride + c);
+            u32* d = (u32*)(dst + r * MMA_LD + c);
+            d[0] = pack_bf16(v.x, v.y);
+            d[1] = pack_bf16(v.z, v.w);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < MMA_ROWS * MMA_D; i += blockDim.x) {
+        int r = i / MMA_D, d = i % MMA_D;
+        i64 t = start + r;
+        float v = (t < seq && d < dim) ? head[(b * seq + t) * row_stride + d] : 0.0f;
+        dst[r * MMA_LD + d] = bf16_bits(v);
+    }
+}
+
+// grid: (ceil(T / 64), B·H); block 128; shared: 2 · 64 · MMA_LD bf16. `saved` holds the
+// logsumexps (B·H·T) then a copy of `out`.
+extern "C" __global__ void attention_forward_mma(float* out, float* saved, const float* q,
+                                                 const float* k, const float* v, i64 seq,
+                                                 i64 heads, i64 kv_heads, i64 dim) {
+    extern __shared__ __align__(16) u16 mma_smem[];
+    u16* ks = mma_smem;
+    u16* vs = mma_smem + MMA_ROWS * MMA_LD;
+    i64 bh = blockIdx.y, b = bh / heads, h = bh % heads, kvh = h / (heads / kv_heads);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, g = lane >> 2, tg = lane & 3;
+    i64 q0 = blockIdx.x * (i64)MMA_ROWS + warp * 16;
+    i64 r0 = q0 + g, r1 = r0 + 8;
+    float scale = 1.0f / sqrtf((float)dim);
+    u32 qa[MMA_D / 16][4];
+    load_a_rows(qa, q, b, q0, seq, heads, h, dim);
+    float o[MMA_D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < MMA_D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float m0 = -INF, m1 = -INF, l0 = 0.0f, l1 = 0.0f;
+    i64 end = min(seq, (i64)(blockIdx.x + 1) * MMA_ROWS);
+    for (i64 kt = 0; kt < end; kt += MMA_ROWS) {
+        __syncthreads();
+        load_rows_bf16(ks, k, b, kt, seq, kv_heads, kvh, dim);
+        load_rows_bf16(vs, v, b, kt, seq, kv_heads, kvh, dim);
+        __syncthreads();
+        if (q0 >= seq || kt > q0 + 15) continue;  // no key of this tile is visible to the warp
+        float s[MMA_ROWS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const u16* krow = ks + (nt * 8 + g) * MMA_LD + tg * 2;
+#pragma unroll
+            for (int kd = 0; kd < MMA_D / 16; kd++) {
+                u32 b0 = *(const u32*)(krow + kd * 16), b1 = *(const u32*)(krow + kd * 16 + 8);
+                mma_bf16(s[nt], qa[kd][0], qa[kd][1], qa[kd][2], qa[kd][3], b0, b1);
+            }
+        }
+        // Scale, mask (key > row), and the rows' running maxima (a row lives in a quad).
+        float mx0 = -INF, mx1 = -INF;
+#pragma unroll
+        for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                i64 key = kt + nt * 8 + tg * 2 + (e & 1);
+                i64 row = e < 2 ? r0 : r1;
+                float x = key <= row ? s[nt][e] * scale : -INF;
+                s[nt][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        }
+        for (int o2 = 1; o2 < 4; o2 *= 2) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, o2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, o2));
+        }
+        float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+        float base0 = n0 == -INF ? 0.0f : n0, base1 = n1 == -INF ? 0.0f : n1;
+        float c0 = expf(m0 - base0), c1 = expf(m1 - base1);
+        float p0 = 0.0f, p1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
+            s[nt][0] = expf(s[nt][0] - base0);
+            s[nt][1] = expf(s[nt][1] - base0);
+            s[nt][2] = expf(s[nt][2] - base1);
+            s[nt][3] = expf(s[nt][3] - base1);
+            p0 += s[nt][0] + s[nt][1];
+            p1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * c0 + p0;  // this thread's share; the quad's shares are summed at the end
+        l1 = l1 * c1 + p1;
+        m0 = n0;
+        m1 = n1;
+#pragma unroll
+        for (int dt = 0; dt < MMA_D / 8; dt++) {
+            o[dt][0] *= c0;
+            o[dt][1] *= c0;
+            o[dt][2] *= c1;
+            o[dt][3] *= c1;
+        }
+        // O += P · V: the scores' accumulators are the A fragments of P (two 8-key tiles per
+        // 16-key step); V's column pairs run down its rows.
+#pragma unroll
+        for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
+            u32 a0 = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            u32 a1 = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            u32 a2 = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            u32 a3 = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            mma_rows_times_tile(o, a0, a1, a2, a3, vs, kk * 16);
+        }
+    }
+    if (q0 >= seq) return;
+    for (int o2 = 1; o2 < 4; o2 *= 2) {
+        l0 += __shfl_xor_sync(FULL, l0, o2);
+        l1 += __shfl_xor_sync(FULL, l1, o2);
+    }
+    float* copy = saved + (i64)gridDim.y * seq;  // after the B·H·T logsumexps
+#pragma unroll
+    for (int dt = 0; dt < MMA_D / 8; dt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            i64 row = e < 2 ? r0 : r1;
+            i64 d = dt * 8 + tg * 2 + (e & 1);
+            if (row < seq && d < dim) {
+                i64 at = ((b * seq + row) * heads + h) * dim + d;
+                float x = o[dt][e] / (e < 2 ? l0 : l1);
+                out[at] = x;
+                copy[at] = x;
+            }
+        }
+    }
+    if (tg == 0) {
+        if (r0 < seq) saved[bh * seq + r0] = m0 + logf(l0);
+        if (r1 < seq) saved[bh * seq + r1] = m1 + logf(l1);
+    }
+}
+
+// delta[(b·H + h)·T + t] = Σ_d dO·O over one head's row (O the forward's copy in `saved`). A
+// warp per (b, t, h) row.
+extern "C" __global__ void attention_delta_mma(float* delta, const float* dout,
+                                               const float* saved, i64 batch, i64 seq,
+                                               i64 heads, i64 dim) {
+    i64 row = blockIdx.x * (i64)(blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= batch * seq * heads) return;
+    const float* o = saved + batch * heads * seq + row * dim;
+    const float* d = dout + row * dim;
+    float acc = 0.0f;
+    for (i64 c = lane; c < dim; c += WARP) acc += d[c] * o[c];
+    acc = warp_sum(acc);
+    i64 h = row % heads, bt = row / heads, b = bt / seq, t = bt % seq;
+    if (lane == 0) delta[(b * heads + h) * seq + t] = acc;
+}
+
+// dK, dV and dQ (dQ added into zeros with atomics). grid: (ceil(T / 64), B·Hkv); block 128;
+// a warp owns 16 keys and sums over the group's query heads and the queries at or after its
+// keys; shared: K, Q and dO tiles and dSᵀ (4 · 64 · MMA_LD bf16), the tile's logsumexps and
+// deltas (2 · 64 f32).
+extern "C" __global__ void attention_backward_mma(float* dq, float* dk, float* dv,
+                                                  const float* dout, const float* q,
+                                                  const float* k, const float* v,
+                                                  const float* lse, const float* delta,
+                                                  i64 seq, i64 heads, i64 kv_heads, i64 dim) {
+    extern __shared__ __align__(16) u16 mma_smem[];
+    u16* ks = mma_smem;
+    u16* qs = ks + MMA_ROWS * MMA_LD;
+    u16* dos = qs + MMA_ROWS * MMA_LD;
+    u16* dss = dos + MMA_ROWS * MMA_LD;  // dSᵀ: [key][query]
+    float* lse_s = (float*)(dss + MMA_ROWS * MMA_LD);
+    float* delta_s = lse_s + MMA_ROWS;
+    i64 bk = blockIdx.y, b = bk / kv_heads, kvh = bk % kv_heads, group = heads / kv_heads;
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, g = lane >> 2, tg = lane & 3;
+    i64 first = blockIdx.x * (i64)MMA_ROWS;  // the block's first key
+    i64 u0 = first + warp * 16;              // the warp's first key
+    float scale = 1.0f / sqrtf((float)dim);
+    u32 ka[MMA_D / 16][4], va[MMA_D / 16][4];
+    load_a_rows(ka, k, b, u0, seq, kv_heads, kvh, dim);
+    load_a_rows(va, v, b, u0, seq, kv_heads, kvh, dim);
+    __syncthreads();
+    load_rows_bf16(ks, k, b, first, seq, kv_heads, kvh, dim);
+    float dka[MMA_D / 8][4], dva[MMA_D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < MMA_D / 8; dt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[dt][e] = dva[dt][e] = 0.0f;
+    }
+    for (i64 gi = 0; gi < group; gi++) {
+        i64 h = kvh * group + gi, bh = b * heads + h;
+        for (i64 qt = first; qt < seq; qt += MMA_ROWS) {
+            __syncthreads();
+            load_rows_bf16(qs, q, b, qt, seq, heads, h, dim);
+            load_rows_bf16(dos, dout, b, qt, seq, heads, h, dim);
+            if (threadIdx.x < MMA_ROWS) {
+                i64 t = qt + threadIdx.x;
+                lse_s[threadIdx.x] = t < seq ? lse[bh * seq + t] : 0.0f;
+                delta_s[threadIdx.x] = t < seq ? delta[bh * seq + t] : 0.0f;
+            }
+            __syncthreads();
+            // A warp whose keys are all past the sequence or after the tile's last query
+            // sees nothing; its rows of dSᵀ are zero.
+            bool active = u0 < seq && u0 <= qt + MMA_ROWS - 1;
+            float st[MMA_ROWS / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < MMA_ROWS / 8; nt++) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
+            if (active) {
+                // Sᵀ = K · Qᵀ (16 keys × 64 queries), then Pᵀ.
+#pragma unroll
+                for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
+                    const u16* qrow = qs + (nt * 8 + g) * MMA_LD + tg * 2;
+#pragma unroll
+                    for (int kd = 0; kd < MMA_D / 16; kd++) {
+                        u32 b0 = *(const u32*)(qrow + kd * 16);
+                        u32 b1 = *(const u32*)(qrow + kd * 16 + 8);
+                        mma_bf16(st[nt], ka[kd][0], ka[kd][1], ka[kd][2], ka[kd][3], b0, b1);
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int col = nt * 8 + tg * 2 + (e & 1);
+                        i64 t = qt + col, u = u0 + g + (e < 2 ? 0 : 8);
+                        st[nt][e] = (t >= u && t < seq) ? expf(st[nt][e] * scale - lse_s[col]) : 0.0f;
+                    }
+                }
+                // dV += Pᵀ · dO.
+#pragma unroll
+                for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
+                    u32 a0 = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
+                    u32 a1 = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
+                    u32 a2 = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+                    u32 a3 = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+                    mma_rows_times_tile(dva, a0, a1, a2, a3, dos, kk * 16);
+                }
+                // dPᵀ = V · dOᵀ, then dSᵀ = Pᵀ ⊙ (dPᵀ − delta) in place of Pᵀ.
+#pragma unroll
+                for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
+                    float dp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    const u16* drow = dos + (nt * 8 + g) * MMA_LD + tg * 2;
+#pragma unroll
+                    for (int kd = 0; kd < MMA_D / 16; kd++) {
+                        u32 b0 = *(const u32*)(drow + kd * 16);
+                        u32 b1 = *(const u32*)(drow + kd * 16 + 8);
+                        mma_bf16(dp, va[kd][0], va[kd][1], va[kd][2], va[kd][3], b0, b1);
+                    }
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int col = nt * 8 + tg * 2 + (e & 1);
+                        st[nt][e] = st[nt][e] * (dp[e] - delta_s[col]);
+                    }
+                }
+                // dK += dSᵀ · Q (scaled at the end).
+#pragma unroll
+                for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
+                    u32 a0 = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
+                    u32 a1 = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
+                    u32 a2 = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+                    u32 a3 = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+                    mma_rows_times_tile(dka, a0, a1, a2, a3, qs, kk * 16);
+                }
+            }
+            // dSᵀ · scale into shared memory (zeros from an idle warp), for dQ.
+#pragma unroll
+            for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
+                u16* row = dss + (warp * 16 + g) * MMA_LD + nt * 8 + tg * 2;
+                *(u32*)row = pack_bf16(st[nt][0] * scale, st[nt][1] * scale);
+                *(u32*)(row + 8 * MMA_LD) = pack_bf16(st[nt][2] * scale, st[nt][3] * scale);
+            }
+            __syncthreads();
+            // dQ (the warp's 16 queries of the tile) += dS · K over the block's 64 keys.
+            i64 t0 = qt + warp * 16;
+            if (t0 < seq) {
+                float dqa[MMA_D / 8][4];
+#pragma unroll
+                for (int dt = 0; dt < MMA_D / 8; dt++) dqa[dt][0] = dqa[dt][1] = dqa[dt][2] = dqa[dt][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
+                    // A[query][key] = dSᵀ[key][query]: dSᵀ's 8×8 blocks transposed (keys
+                    // +8 for a2, a3; queries +8 for a1, a3).
+                    int j = lane >> 3, i = lane & 7;
+                    u32 a[4];
+                    ldmatrix_x4_trans(a, dss + (kk * 16 + i + 8 * (j >> 1)) * MMA_LD + warp * 16 + 8 * (j & 1));
+                    mma_rows_times_tile(dqa, a[0], a[1], a[2], a[3], ks, kk * 16);
+                }
+#pragma unroll
+                for (int dt = 0; dt < MMA_D / 8; dt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        i64 t = t0 + g + (e < 2 ? 0 : 8);
+                        i64 d = dt * 8 + tg * 2 + (e & 1);
+                        if (t < seq && d < dim) atomicAdd(&dq[((b * seq + t) * heads + h) * dim + d], dqa[dt][e]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int dt = 0; dt < MMA_D / 8; dt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            i64 u = u0 + g + (e < 2 ? 0 : 8);
+            i64 d = dt * 8 + tg * 2 + (e & 1);
+            if (u < seq && d < dim) {
+                i64 at = ((b * seq + u) * kv_heads + kvh) * dim + d;
+                dk[at] = dka[dt][e] * scale;
+                dv[at] = dva[dt][e];
+            }
+        }
+    }
+}

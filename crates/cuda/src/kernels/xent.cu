@@ -1,21 +1,30 @@
 // ---- cross-entropy (reference: xent.rs); one block per row -----------------------------------
 
-// Row-wise: optional soft cap in place on `logits`, then the logsumexp and the loss.
+// Row-wise: optional soft cap in place on `logits`, then the logsumexp and the loss, in one
+// pass over the row (each thread keeps a running maximum and its sum of exponentials, merged
+// across the block at the end, as the online softmax of Milakov & Gimelshein, 2018).
 extern "C" __global__ void cross_entropy_forward(float* losses, float* logsumexp, float* logits,
                                                  const u32* targets, i64 vocab, float cap) {
     i64 row = blockIdx.x;
     float* z = logits + row * vocab;
-    float m = -INF;
+    float m = -INF, s = 0.0f;
     for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) {
-        if (cap > 0.0f) z[c] = cap * tanhf(z[c] / cap);
-        m = fmaxf(m, z[c]);
+        float x = z[c];
+        if (cap > 0.0f) {
+            x = cap * tanhf(x / cap);
+            z[c] = x;
+        }
+        if (x > m) {
+            s = s * expf(m - x) + 1.0f;
+            m = x;
+        } else {
+            s += expf(x - m);
+        }
     }
-    m = block_max(m);
-    float s = 0.0f;
-    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) s += expf(z[c] - m);
-    s = block_sum(s);
+    float mb = block_max(m);
+    s = block_sum(m == -INF ? 0.0f : s * expf(m - mb));
     if (threadIdx.x == 0) {
-        float lse = m + logf(s);
+        float lse = mb + logf(s);
         logsumexp[row] = lse;
         losses[row] = lse - z[targets[row]];
     }
