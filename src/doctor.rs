@@ -122,7 +122,7 @@ pub fn report(m: &Machine) -> String {
         line(format!(
             "  cuda attention   {}",
             match kiln_cuda::AttentionPath::from_env() {
-                Ok(path) => format!("{} (KILN_CUDA_ATTENTION: flash or gemm)", path.label()),
+                Ok(path) => format!("{} (KILN_CUDA_ATTENTION: mma, gemm or flash)", path.label()),
                 Err(why) => why,
             }
         ));

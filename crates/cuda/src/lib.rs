@@ -295,8 +295,8 @@ impl CudaBackend {
         self.operands
     }
 
-    /// This backend computing causal attention by `path` (batched products by default, or
-    /// `KILN_CUDA_ATTENTION`'s choice).
+    /// This backend computing causal attention by `path` (the tensor-core kernels by default,
+    /// or `KILN_CUDA_ATTENTION`'s choice).
     pub fn with_attention(mut self, path: AttentionPath) -> Self {
         self.attention = path;
         self

@@ -1,32 +1,34 @@
-//! The conformance suite on the GPU, with bf16 products and with f16 products, each with both
-//! attention paths (the flash kernels, and batched products on the tensor cores), bf16
-//! products on f32 operands (cuBLASLt rounding them; the default rounds them first), and
-//! attention in FlashAttention-2's blocking on the tensor cores: the kernel-case
-//! table against the f64 reference kernels, memory, the PyTorch whole-model fixtures, the
-//! training smoke test and a loss curve against the reference backend's. Without a usable GPU each test says why and passes (the CPU
-//! machines CI runs on have none); `KILN_REQUIRE_CUDA=1` turns that into a failure, for runs
-//! on a GPU machine.
+//! The conformance suite on the GPU, with bf16 products and with f16 products, each with the
+//! three attention paths (the flash kernels on the CUDA cores, batched products, and
+//! FlashAttention-2's blocking on the tensor cores), and bf16 products on f32 operands
+//! (cuBLASLt rounding them; the default rounds them first): the kernel-case table against the
+//! f64 reference kernels (and attention at model shapes), memory, the PyTorch whole-model
+//! fixtures, the training smoke test and a loss curve against the reference backend's.
+//! Without a usable GPU each test says why and passes (the CPU machines CI runs on have none);
+//! `KILN_REQUIRE_CUDA=1` turns that into a failure, for runs on a GPU machine.
 
 use std::path::PathBuf;
 
 use kiln_conformance::ModelTolerance;
 use kiln_cuda::{AttentionPath, CudaBackend, Operands, Products};
 
-/// The backend with bf16 products, then with f16 products, each with the flash attention
-/// kernels and with attention through batched products (bf16 products on operands rounded to
-/// bf16 first, the default), then bf16 products on f32 operands (cuBLASLt rounding them),
-/// then attention on the tensor cores (none without a usable GPU).
+/// The backend with bf16 products (on operands rounded to bf16 first, the default), then with
+/// f16 products, each with every attention path; then bf16 products on f32 operands (none
+/// without a usable GPU).
 fn backends() -> Vec<CudaBackend> {
     match CudaBackend::new() {
         Ok(b) => {
             let f16 = b.clone().with_products(Products::F16);
             let mut all = Vec::new();
-            for path in [AttentionPath::Flash, AttentionPath::Gemm] {
+            for path in [
+                AttentionPath::Flash,
+                AttentionPath::Gemm,
+                AttentionPath::Mma,
+            ] {
                 all.push(b.clone().with_attention(path));
                 all.push(f16.clone().with_attention(path));
             }
-            all.push(b.clone().with_operands(Operands::F32));
-            all.push(b.with_attention(AttentionPath::Mma));
+            all.push(b.with_operands(Operands::F32));
             all
         }
         Err(why) => {
