@@ -89,16 +89,10 @@ impl CudaBackend {
             (32 * ATTENTION_ROWS) as u32,
             attention_shared(s.head_dim),
             &[
-                self.f(out),
-                self.f(saved),
-                self.f(q),
-                self.f(k),
-                self.f(v),
-                Int(s.seq as i64),
-                Int(s.heads as i64),
-                Int(s.kv_heads as i64),
-                Int(s.head_dim as i64),
-            ],
+                [self.f(out), self.f(saved), self.f(q), self.f(k), self.f(v)].as_slice(),
+                &shape_args(s),
+            ]
+            .concat(),
         );
     }
 
@@ -127,12 +121,7 @@ impl CudaBackend {
         }
         let rows = s.batch * s.heads * s.seq;
         let delta = self.scratch("attention_delta", rows * 4);
-        let dims = [
-            Int(s.seq as i64),
-            Int(s.heads as i64),
-            Int(s.kv_heads as i64),
-            Int(s.head_dim as i64),
-        ];
+        let dims = shape_args(s);
         let shared = attention_shared(s.head_dim);
         let block = (32 * ATTENTION_ROWS) as u32;
         let blocks = s.seq.div_ceil(ATTENTION_ROWS) as u32;
@@ -233,16 +222,10 @@ impl CudaBackend {
             128,
             (2 * MMA_ROWS * MMA_LD * 2) as u32,
             &[
-                self.f(out),
-                self.f(saved),
-                self.f(q),
-                self.f(k),
-                self.f(v),
-                Int(s.seq as i64),
-                Int(s.heads as i64),
-                Int(s.kv_heads as i64),
-                Int(s.head_dim as i64),
-            ],
+                [self.f(out), self.f(saved), self.f(q), self.f(k), self.f(v)].as_slice(),
+                &shape_args(s),
+            ]
+            .concat(),
         );
     }
 
@@ -283,20 +266,21 @@ impl CudaBackend {
             128,
             (4 * MMA_ROWS * MMA_LD * 2 + 2 * MMA_ROWS * 4) as u32,
             &[
-                self.f(grads.q),
-                self.f(grads.k),
-                self.f(grads.v),
-                self.f(dout),
-                self.f(q),
-                self.f(k),
-                self.f(v),
-                self.f(saved),
-                Ptr(delta),
-                Int(s.seq as i64),
-                Int(s.heads as i64),
-                Int(s.kv_heads as i64),
-                Int(s.head_dim as i64),
-            ],
+                [
+                    self.f(grads.q),
+                    self.f(grads.k),
+                    self.f(grads.v),
+                    self.f(dout),
+                    self.f(q),
+                    self.f(k),
+                    self.f(v),
+                    self.f(saved),
+                    Ptr(delta),
+                ]
+                .as_slice(),
+                &shape_args(s),
+            ]
+            .concat(),
         );
     }
 
@@ -399,6 +383,16 @@ impl CudaBackend {
             )
         );
     }
+}
+
+/// The attention kernels' last four arguments: seq, heads, kv_heads, head_dim.
+fn shape_args(s: AttentionShape) -> [super::Arg; 4] {
+    [
+        Int(s.seq as i64),
+        Int(s.heads as i64),
+        Int(s.kv_heads as i64),
+        Int(s.head_dim as i64),
+    ]
 }
 
 /// Dynamic shared memory of the attention kernels: two tiles of TILE × (D + 1) floats.

@@ -67,6 +67,16 @@ fn emulated_source() -> String {
     s
 }
 
+/// The kernels' shared helpers the emulated section uses (`bf16_bits`), from common.cuh.
+fn common_helpers() -> String {
+    let source = kiln_cuda::compile::SOURCE;
+    let at = source
+        .find("__device__ __forceinline__ u16 bf16_bits(")
+        .expect("bf16_bits in kernels/common.cuh");
+    let end = at + source[at..].find("\n}\n").expect("its end") + 3;
+    source[at..end].replace("__device__ __forceinline__", "static inline")
+}
+
 /// The C++ compiler, or why there is none.
 fn compiler() -> Result<String, String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
@@ -115,6 +125,7 @@ fn tensor_core_attention_emulated_lane_by_lane_matches_the_f64_reference() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("emulated_attention");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("kern.inc"), emulated_source()).unwrap();
+    std::fs::write(dir.join("common.inc"), common_helpers()).unwrap();
     let harness = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/emulator/harness.cpp");
     let binary = dir.join("harness");
     let built = Command::new(&cxx)

@@ -386,6 +386,22 @@ __device__ __forceinline__ void mma_rows_times_tile(float (*o)[4], u32 a0, u32 a
     }
 }
 
+// O (16 rows × MMA_D) += P (16 × 64) · X for P in the accumulator layout of a 16 × 64 product
+// (`p[nt]`: columns 8nt .. 8nt + 8) and a 64-row tile X in shared memory: each 16-column step
+// of P is the A fragment of two of its 8-column accumulators (FlashAttention-2's register
+// reuse), rounded to bf16.
+__device__ __forceinline__ void mma_accumulators_times_tile(float (*o)[4], float (*p)[4],
+                                                            const u16* x) {
+#pragma unroll
+    for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
+        u32 a0 = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+        u32 a1 = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+        u32 a2 = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        u32 a3 = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+        mma_rows_times_tile(o, a0, a1, a2, a3, x, kk * 16);
+    }
+}
+
 // Element (t, d) of one head of a (B, T, heads·D) f32 tensor, 0 outside (T, D).
 __device__ __forceinline__ float head_at(const float* x, i64 b, i64 t, i64 seq, i64 heads,
                                          i64 h, i64 d, i64 dim) {
@@ -515,16 +531,8 @@ extern "C" __global__ void attention_forward_mma(float* out, float* saved, const
             o[dt][2] *= c1;
             o[dt][3] *= c1;
         }
-        // O += P · V: the scores' accumulators are the A fragments of P (two 8-key tiles per
-        // 16-key step); V's column pairs run down its rows.
-#pragma unroll
-        for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
-            u32 a0 = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            u32 a1 = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            u32 a2 = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            u32 a3 = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            mma_rows_times_tile(o, a0, a1, a2, a3, vs, kk * 16);
-        }
+        // O += P · V.
+        mma_accumulators_times_tile(o, s, vs);
     }
     if (q0 >= seq) return;
     for (int o2 = 1; o2 < 4; o2 *= 2) {
@@ -641,14 +649,7 @@ extern "C" __global__ void attention_backward_mma(float* dq, float* dk, float* d
                     }
                 }
                 // dV += Pᵀ · dO.
-#pragma unroll
-                for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
-                    u32 a0 = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-                    u32 a1 = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-                    u32 a2 = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                    u32 a3 = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-                    mma_rows_times_tile(dva, a0, a1, a2, a3, dos, kk * 16);
-                }
+                mma_accumulators_times_tile(dva, st, dos);
                 // dPᵀ = V · dOᵀ, then dSᵀ = Pᵀ ⊙ (dPᵀ − delta) in place of Pᵀ.
 #pragma unroll
                 for (int nt = 0; nt < MMA_ROWS / 8; nt++) {
@@ -667,14 +668,7 @@ extern "C" __global__ void attention_backward_mma(float* dq, float* dk, float* d
                     }
                 }
                 // dK += dSᵀ · Q (scaled at the end).
-#pragma unroll
-                for (int kk = 0; kk < MMA_ROWS / 16; kk++) {
-                    u32 a0 = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-                    u32 a1 = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-                    u32 a2 = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                    u32 a3 = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-                    mma_rows_times_tile(dka, a0, a1, a2, a3, qs, kk * 16);
-                }
+                mma_accumulators_times_tile(dka, st, qs);
             }
             // dSᵀ · scale into shared memory (zeros from an idle warp), for dQ.
 #pragma unroll

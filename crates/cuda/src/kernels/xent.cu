@@ -43,28 +43,31 @@ __device__ __forceinline__ float xent_gradient(float zc, float lse, bool target,
     return d;
 }
 
-// `dlogits` may be `z` itself.
-extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* z,
-                                                  const float* logsumexp, const u32* targets,
-                                                  i64 vocab, float dloss, float cap) {
-    i64 row = blockIdx.x;
-    float lse = logsumexp[row];
-    u32 target = targets[row];
-    for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) {
-        dlogits[row * vocab + c] = xent_gradient(z[row * vocab + c], lse, c == target, dloss, cap);
-    }
-}
+__device__ __forceinline__ void store_gradient(float* d, i64 at, float v) { d[at] = v; }
+__device__ __forceinline__ void store_gradient(u16* d, i64 at, float v) { d[at] = bf16_bits(v); }
 
-// The same, written as bf16 (rounded to nearest even, as f32_to_bf16) for the products that
-// read it on bf16 operands.
-extern "C" __global__ void cross_entropy_backward_bf16(u16* dlogits, const float* z,
-                                                       const float* logsumexp, const u32* targets,
-                                                       i64 vocab, float dloss, float cap) {
+// One block per row; `dlogits` f32 (may be `z` itself) or bf16 (rounded to nearest even, as
+// f32_to_bf16, for the products that read it on bf16 operands).
+template <typename Out>
+__device__ void xent_backward_rows(Out* dlogits, const float* z, const float* logsumexp,
+                                   const u32* targets, i64 vocab, float dloss, float cap) {
     i64 row = blockIdx.x;
     float lse = logsumexp[row];
     u32 target = targets[row];
     for (i64 c = threadIdx.x; c < vocab; c += blockDim.x) {
         float d = xent_gradient(z[row * vocab + c], lse, c == target, dloss, cap);
-        dlogits[row * vocab + c] = bf16_bits(d);
+        store_gradient(dlogits, row * vocab + c, d);
     }
+}
+
+extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* z,
+                                                  const float* logsumexp, const u32* targets,
+                                                  i64 vocab, float dloss, float cap) {
+    xent_backward_rows(dlogits, z, logsumexp, targets, vocab, dloss, cap);
+}
+
+extern "C" __global__ void cross_entropy_backward_bf16(u16* dlogits, const float* z,
+                                                       const float* logsumexp, const u32* targets,
+                                                       i64 vocab, float dloss, float cap) {
+    xent_backward_rows(dlogits, z, logsumexp, targets, vocab, dloss, cap);
 }

@@ -5,7 +5,8 @@
 // are emulated from the PTX ISA's fragment layouts (groupID = lane / 4, threadID_in_group =
 // lane % 4): a kernel that indexes its fragments or tiles wrongly computes wrong numbers here,
 // as on a GPU. `kern.inc` is the kernels' source with those instructions swapped for the
-// functions below (the test does the swap).
+// functions below, and `common.inc` the helpers they take from kernels/common.cuh (the test
+// writes both).
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -65,12 +66,8 @@ static inline float warp_sum(float v) {
     return v;
 }
 
-static inline u16 bf16_bits(float x) {
-    u32 bits = __float_as_uint(x);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)((bits >> 16) | 0x40);
-    u32 rounding = 0x7fffu + ((bits >> 16) & 1u);
-    return (u16)((bits + rounding) >> 16);
-}
+// The kernels' own rounding to bf16 (`bf16_bits`, from kernels/common.cuh).
+#include "common.inc"
 static float bf16_value(u32 bits16) { u32 b = bits16 << 16; float f; memcpy(&f, &b, 4); return f; }
 
 // cvt.rn.bf16x2.f32 d, hi, lo.
