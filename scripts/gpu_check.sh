@@ -80,7 +80,7 @@ PY
   mkdir -p "$work/text" && cp README.md "$work/text/" && find crates src -name '*.rs' -exec cat {} + > "$work/text/code.txt"
   "$kiln" data prepare --input "$work/text" --out "$work/data" --tokenizer bpe:1024 2>&1 | tail -1
   timeout 900 "$kiln" train --gpus 1 --data "$work/data" --model golf-baseline --out "$work/golf" \
-    --batch 64 --seq 1024 --time "$budget" --eval-every 0 --checkpoint-every 100000 \
+    --batch 64 --seq 1024 --time "$budget" --eval-every 0 --checkpoint-every 2m \
     --print-every 200 2>&1 | tail -10
   grep -h '"report"' "$work/golf/telemetry.jsonl" 2>/dev/null | tail -1 | cut -c1-300
   echo "== the round trip: int8 artifact under 16 MB, reloaded alone and scored"

@@ -296,8 +296,10 @@ struct TrainArgs {
     /// Validation batches per evaluation (0: the whole split).
     #[arg(long, default_value_t = 20)]
     eval_batches: usize,
-    #[arg(long, default_value_t = 100)]
-    checkpoint_every: u64,
+    /// Checkpoint every N steps, or every DURATION of training (90s, 5m, 1h); 0: only at the
+    /// end. A checkpoint is always written at the end.
+    #[arg(long, default_value = "100", value_parser = parse_cadence)]
+    checkpoint_every: Cadence,
     #[arg(long, default_value_t = 2)]
     keep_last: usize,
     /// Write a text sample to the telemetry every N steps (0: only at the end).
@@ -577,6 +579,27 @@ fn parse_loss_scale(s: &str) -> Result<LossScale, String> {
             }
             Ok(LossScale(Some(LossScaler::fixed(scale))))
         }
+    }
+}
+
+/// A cadence: every N steps, or every so many seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cadence {
+    Steps(u64),
+    Seconds(f64),
+}
+
+/// `100` (steps) or a duration (`90s`, `5m`, `1h`).
+fn parse_cadence(s: &str) -> Result<Cadence, String> {
+    if let Ok(n) = s.trim().parse::<u64>() {
+        return Ok(Cadence::Steps(n));
+    }
+    match parse_duration(s) {
+        Ok(t) if t > 0.0 => Ok(Cadence::Seconds(t)),
+        Ok(_) => Err(format!("'{s}': a duration must be positive")),
+        Err(_) => Err(format!(
+            "'{s}' is neither a number of steps nor a duration like 90s, 5m or 1h"
+        )),
     }
 }
 
@@ -970,7 +993,10 @@ fn train_config(args: &TrainArgs, choice: Selection) -> Result<TrainConfig> {
     config.seed = args.seed;
     config.eval_every = args.eval_every;
     config.eval_batches = args.eval_batches;
-    config.checkpoint_every = args.checkpoint_every;
+    (config.checkpoint_every, config.checkpoint_seconds) = match args.checkpoint_every {
+        Cadence::Steps(n) => (n, 0.0),
+        Cadence::Seconds(t) => (0, t),
+    };
     config.keep_last = args.keep_last;
     config.sample_every = args.sample_every;
     config.sample_tokens = args.sample_tokens;
@@ -1304,4 +1330,21 @@ fn write_json(path: Option<PathBuf>, value: &impl serde::Serialize) -> Result<()
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_cadence_is_steps_or_a_duration() {
+        assert_eq!(parse_cadence("100"), Ok(Cadence::Steps(100)));
+        assert_eq!(parse_cadence("0"), Ok(Cadence::Steps(0)));
+        assert_eq!(parse_cadence("90s"), Ok(Cadence::Seconds(90.0)));
+        assert_eq!(parse_cadence("5m"), Ok(Cadence::Seconds(300.0)));
+        assert_eq!(parse_cadence("1.5h"), Ok(Cadence::Seconds(5400.0)));
+        for bad in ["0s", "-3", "5 parsecs", "often"] {
+            assert!(parse_cadence(bad).is_err(), "{bad} must be refused");
+        }
+    }
 }

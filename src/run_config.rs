@@ -46,6 +46,11 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Checkpoint every N steps (0: only at the end); keep the newest `keep_last`.
     pub checkpoint_every: u64,
+    /// Also checkpoint once this many seconds of the run's clock have passed since the last
+    /// checkpoint or the (re)start (0: off): a cadence that suits steps of any length, where
+    /// every 100 steps of 10 ms spent a fifth of a GPU run saving.
+    #[serde(default)]
+    pub checkpoint_seconds: f64,
     pub keep_last: usize,
     /// Generate a sample every N steps (0: only at the end) of `sample_tokens` tokens.
     pub sample_every: u64,
@@ -230,6 +235,7 @@ impl TrainConfig {
             eval_every: 100,
             eval_batches: 20,
             checkpoint_every: 100,
+            checkpoint_seconds: 0.0,
             keep_last: 2,
             sample_every: 0,
             sample_tokens: 64,

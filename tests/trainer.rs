@@ -139,6 +139,31 @@ fn resume_continues_bit_exactly() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// `checkpoint_seconds`: a checkpoint once that much of the run's clock has passed since the
+/// last one. An interval shorter than any step checkpoints after every step; one longer than
+/// the run, only at the end (deterministic either way: each step takes more than a nanosecond,
+/// and the run less than a day). The step cadence is off in both.
+#[test]
+fn checkpoints_follow_the_clock_when_asked() {
+    let dir = temp_dir("checkpoint_seconds");
+    let data = corpus(&dir);
+    let checkpoints = |seconds: f64, name: &str| {
+        let mut c = config(data.clone(), 5);
+        (c.checkpoint_every, c.checkpoint_seconds, c.keep_last) = (0, seconds, 10);
+        train(c, &dir.join(name));
+        let telemetry = fs::read_to_string(dir.join(name).join("telemetry.jsonl")).unwrap();
+        telemetry
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l["type"] == "checkpoint")
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<u64>>()
+    };
+    assert_eq!(checkpoints(1e-9, "every_step"), [1, 2, 3, 4, 5]);
+    assert_eq!(checkpoints(86_400.0, "at_the_end"), [5]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
 /// Stochastic depth on tiny-golf (5 layers, U-Net skips, value residual): layer l is drawn
 /// dropped at the rate P·l/4 (over 4,000 draws, within four standard deviations: the draws
 /// are Bernoulli), the trainer's first step is the forward with the layers drawn for the run's

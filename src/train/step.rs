@@ -38,6 +38,10 @@ struct Progress {
     /// data-parallel run takes as the run's clock (budgets and time-based schedules must not
     /// see each process's own clock, or the processes would part ways).
     agreed_elapsed: f64,
+    /// The run's clock at the last checkpoint (or the start), for `checkpoint_seconds`.
+    last_checkpoint_clock: f64,
+    /// The step [`Trainer::periodic`] last saved a checkpoint at.
+    checkpointed_step: Option<u64>,
 }
 
 impl Progress {
@@ -98,6 +102,8 @@ impl<B: Backend> Trainer<B> {
             last_step_seconds: 0.0,
             steps_at_start: self.step,
             agreed_elapsed: self.elapsed_before,
+            last_checkpoint_clock: self.elapsed_before,
+            checkpointed_step: None,
         };
         let world = self.communicator.world_size();
         if world > 1 {
@@ -154,7 +160,7 @@ impl<B: Backend> Trainer<B> {
             }
             if !stop_for_bad_steps {
                 self.periodic(&cfg, &acts, &val_tokens, done, &mut run)?;
-                if interrupt && !self.checkpointed_now(&cfg, done) && self.lead() {
+                if interrupt && run.checkpointed_step != Some(self.step) && self.lead() {
                     let t = Instant::now();
                     let path = self.save_checkpoint(self.elapsed(&run), None)?;
                     run.charge(Stage::Checkpoint, t);
@@ -195,11 +201,6 @@ impl<B: Backend> Trainer<B> {
             }
         }
         self.report(&cfg, run, &rates)
-    }
-
-    /// Whether [`Self::periodic`] saved a checkpoint at this step.
-    fn checkpointed_now(&self, cfg: &TrainConfig, done: bool) -> bool {
-        done || (cfg.checkpoint_every > 0 && self.step.is_multiple_of(cfg.checkpoint_every))
     }
 
     fn elapsed(&self, run: &Progress) -> f64 {
@@ -547,7 +548,15 @@ impl<B: Backend> Trainer<B> {
     ) -> Result<()> {
         let step = self.step;
         let due = |every: u64| done || (every > 0 && step.is_multiple_of(every));
-        if due(cfg.checkpoint_every) && self.communicator.world_size() > 1 {
+        // By steps, or by the run's clock (rank 0's as agreed: every process decides alike).
+        let checkpoint = due(cfg.checkpoint_every)
+            || (cfg.checkpoint_seconds > 0.0
+                && self.clock(run) - run.last_checkpoint_clock >= cfg.checkpoint_seconds);
+        if checkpoint {
+            run.last_checkpoint_clock = self.clock(run);
+            run.checkpointed_step = Some(step);
+        }
+        if checkpoint && self.communicator.world_size() > 1 {
             let t = Instant::now();
             self.check_replicas("before a checkpoint")?;
             run.charge(Stage::Allreduce, t);
@@ -584,7 +593,7 @@ impl<B: Backend> Trainer<B> {
             run.charge(Stage::Eval, t);
             self.telemetry.emit(Event::Sample { step, text })?;
         }
-        if due(cfg.checkpoint_every) {
+        if checkpoint {
             let t = Instant::now();
             let val_here = if due(cfg.eval_every) {
                 run.last_val
