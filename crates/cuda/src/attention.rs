@@ -214,11 +214,7 @@ impl CudaBackend {
         let Qkv { q, k, v } = inputs;
         self.launch(
             "attention_forward_mma",
-            (
-                s.seq.div_ceil(MMA_ROWS) as u32,
-                (s.batch * s.heads) as u32,
-                1,
-            ),
+            ((s.batch * s.heads * s.seq.div_ceil(MMA_ROWS)) as u32, 1, 1),
             128,
             (2 * MMA_ROWS * MMA_LD * 2) as u32,
             &[
@@ -259,8 +255,8 @@ impl CudaBackend {
         self.launch(
             "attention_backward_mma",
             (
-                s.seq.div_ceil(MMA_ROWS) as u32,
-                (s.batch * s.kv_heads) as u32,
+                (s.batch * s.kv_heads * s.seq.div_ceil(MMA_ROWS)) as u32,
+                1,
                 1,
             ),
             128,

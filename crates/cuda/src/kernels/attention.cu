@@ -453,7 +453,9 @@ __device__ void load_rows_bf16(u16* dst, const float* x, i64 b, i64 start, i64 s
     }
 }
 
-// grid: (ceil(T / 64), B·H); block 128; shared: 2 · 64 · MMA_LD bf16. `saved` holds the
+// grid: B·H · ceil(T / 64) blocks in x (a head's row blocks one after another, so they share
+// its keys in L2; x's limit is 2³¹ − 1, y's only 65,535); block 128; shared: 2 · 64 · MMA_LD
+// bf16. `saved` holds the
 // logsumexps (B·H·T) then a copy of `out`.
 extern "C" __global__ void attention_forward_mma(float* out, float* saved, const float* q,
                                                  const float* k, const float* v, i64 seq,
@@ -461,9 +463,10 @@ extern "C" __global__ void attention_forward_mma(float* out, float* saved, const
     extern __shared__ __align__(16) u16 mma_smem[];
     u16* ks = mma_smem;
     u16* vs = mma_smem + MMA_ROWS * MMA_LD;
-    i64 bh = blockIdx.y, b = bh / heads, h = bh % heads, kvh = h / (heads / kv_heads);
+    i64 blocks = (seq + MMA_ROWS - 1) / MMA_ROWS, qb = blockIdx.x % blocks;
+    i64 bh = blockIdx.x / blocks, b = bh / heads, h = bh % heads, kvh = h / (heads / kv_heads);
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, g = lane >> 2, tg = lane & 3;
-    i64 q0 = blockIdx.x * (i64)MMA_ROWS + warp * 16;
+    i64 q0 = qb * MMA_ROWS + warp * 16;
     i64 r0 = q0 + g, r1 = r0 + 8;
     float scale = 1.0f / sqrtf((float)dim);
     u32 qa[MMA_D / 16][4];
@@ -472,7 +475,7 @@ extern "C" __global__ void attention_forward_mma(float* out, float* saved, const
 #pragma unroll
     for (int dt = 0; dt < MMA_D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m0 = -INF, m1 = -INF, l0 = 0.0f, l1 = 0.0f;
-    i64 end = min(seq, (i64)(blockIdx.x + 1) * MMA_ROWS);
+    i64 end = min(seq, (qb + 1) * MMA_ROWS);
     for (i64 kt = 0; kt < end; kt += MMA_ROWS) {
         __syncthreads();
         load_rows_bf16(ks, k, b, kt, seq, kv_heads, kvh, dim);
@@ -539,7 +542,7 @@ extern "C" __global__ void attention_forward_mma(float* out, float* saved, const
         l0 += __shfl_xor_sync(FULL, l0, o2);
         l1 += __shfl_xor_sync(FULL, l1, o2);
     }
-    float* copy = saved + (i64)gridDim.y * seq;  // after the B·H·T logsumexps
+    float* copy = saved + (i64)gridDim.x / blocks * seq;  // after the B·H·T logsumexps
 #pragma unroll
     for (int dt = 0; dt < MMA_D / 8; dt++) {
 #pragma unroll
@@ -577,7 +580,7 @@ extern "C" __global__ void attention_delta_mma(float* delta, const float* dout,
     if (lane == 0) delta[(b * heads + h) * seq + t] = acc;
 }
 
-// dK, dV and dQ (dQ added into zeros with atomics). grid: (ceil(T / 64), B·Hkv); block 128;
+// dK, dV and dQ (dQ added into zeros with atomics). grid: B·Hkv · ceil(T / 64) in x; block 128;
 // a warp owns 16 keys and sums over the group's query heads and the queries at or after its
 // keys; shared: K, Q and dO tiles and dSᵀ (4 · 64 · MMA_LD bf16), the tile's logsumexps and
 // deltas (2 · 64 f32).
@@ -593,9 +596,10 @@ extern "C" __global__ void attention_backward_mma(float* dq, float* dk, float* d
     u16* dss = dos + MMA_ROWS * MMA_LD;  // dSᵀ: [key][query]
     float* lse_s = (float*)(dss + MMA_ROWS * MMA_LD);
     float* delta_s = lse_s + MMA_ROWS;
-    i64 bk = blockIdx.y, b = bk / kv_heads, kvh = bk % kv_heads, group = heads / kv_heads;
+    i64 blocks = (seq + MMA_ROWS - 1) / MMA_ROWS;
+    i64 bk = blockIdx.x / blocks, b = bk / kv_heads, kvh = bk % kv_heads, group = heads / kv_heads;
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, g = lane >> 2, tg = lane & 3;
-    i64 first = blockIdx.x * (i64)MMA_ROWS;  // the block's first key
+    i64 first = (blockIdx.x % blocks) * MMA_ROWS;  // the block's first key
     i64 u0 = first + warp * 16;              // the warp's first key
     float scale = 1.0f / sqrtf((float)dim);
     u32 ka[MMA_D / 16][4], va[MMA_D / 16][4];

@@ -177,14 +177,14 @@ int main(int argc, char** argv) {
     std::vector<float> out(B * T * H * D), saved(B * H * T + B * T * H * D), delta(B * H * T);
     std::vector<float> dq(B * T * H * D, 0.0f), dk(B * T * Hk * D, NAN), dv(B * T * Hk * D, NAN);
     i64 blocks = (T + MMA_ROWS - 1) / MMA_ROWS;
-    launch({blocks, B * H, 1}, 128, 2 * MMA_ROWS * MMA_LD * 2, [&] {
+    launch({B * H * blocks, 1, 1}, 128, 2 * MMA_ROWS * MMA_LD * 2, [&] {
         attention_forward_mma(out.data(), saved.data(), q.data(), k.data(), v.data(), T, H, Hk, D);
     });
     i64 rows = B * H * T;
     launch({(rows + 7) / 8, 1, 1}, 256, 0, [&] {
         attention_delta_mma(delta.data(), dout.data(), saved.data(), B, T, H, D);
     });
-    launch({blocks, B * Hk, 1}, 128, 4 * MMA_ROWS * MMA_LD * 2 + 2 * MMA_ROWS * 4, [&] {
+    launch({B * Hk * blocks, 1, 1}, 128, 4 * MMA_ROWS * MMA_LD * 2 + 2 * MMA_ROWS * 4, [&] {
         attention_backward_mma(dq.data(), dk.data(), dv.data(), dout.data(), q.data(), k.data(),
                                v.data(), saved.data(), delta.data(), T, H, Hk, D);
     });
