@@ -253,7 +253,7 @@ fn median(values: &mut [f64]) -> f64 {
 /// seq) × `accumulation` on random tokens, after one warm-up step; ms per step, tokens/s,
 /// TFLOP/s, MFU against `peak` (GFLOP/s of the precision in use), time per stage, peak RSS.
 #[allow(clippy::too_many_arguments)]
-pub fn train<B: Backend + 'static>(
+pub fn train<B: Backend>(
     backend: B,
     config: &ModelConfig,
     batch: usize,
@@ -361,45 +361,36 @@ pub fn train<B: Backend + 'static>(
     Ok(figures)
 }
 
-/// With `KILN_CUDA_PROFILE` set on the cuda backend: the device time of the launches since the
-/// last call, per step of `steps` (0: read and dropped, as after the warm-up step), by kernel
-/// or product shape, longest first.
-fn device_profile<B: Backend + 'static>(backend: &B, steps: usize) {
-    #[cfg(feature = "cuda")]
-    {
-        use std::any::Any;
-        let Some(cuda) = (backend as &dyn Any).downcast_ref::<kiln_cuda::CudaBackend>() else {
-            return;
-        };
-        let Some(rows) = cuda.profile() else {
-            return;
-        };
-        if steps == 0 {
-            return;
-        }
-        let total: f64 = rows.iter().map(|r| r.ms).sum::<f64>() / steps as f64;
-        println!("device time per step by launch (KILN_CUDA_PROFILE): {total:.1} ms in all");
-        println!(
-            "{:<52} {:>9} {:>7} {:>9}",
-            "launch", "ms", "share", "per step"
-        );
-        for r in rows.iter().take(40) {
-            let ms = r.ms / steps as f64;
-            println!(
-                "{:<52} {:>9.3} {:>6.1}% {:>9}",
-                r.name,
-                ms,
-                100.0 * ms / total,
-                r.launches / steps
-            );
-        }
-        if rows.len() > 40 {
-            let rest: f64 = rows[40..].iter().map(|r| r.ms).sum::<f64>() / steps as f64;
-            println!("{:<52} {:>9.3}", format!("{} more", rows.len() - 40), rest);
-        }
+/// Where the backend times its launches (`KILN_CUDA_PROFILE=1` on cuda): their device time
+/// since the last call, per step of `steps` (0: read and dropped, as after the warm-up step),
+/// by kernel or product shape, longest first.
+fn device_profile<B: Backend>(backend: &B, steps: usize) {
+    let Some(rows) = backend.launch_times() else {
+        return;
+    };
+    if steps == 0 {
+        return;
     }
-    #[cfg(not(feature = "cuda"))]
-    let _ = (backend, steps);
+    let total: f64 = rows.iter().map(|r| r.ms).sum::<f64>() / steps as f64;
+    println!("device time per step by launch (KILN_CUDA_PROFILE): {total:.1} ms in all");
+    println!(
+        "{:<52} {:>9} {:>7} {:>9}",
+        "launch", "ms", "share", "per step"
+    );
+    for r in rows.iter().take(40) {
+        let ms = r.ms / steps as f64;
+        println!(
+            "{:<52} {:>9.3} {:>6.1}% {:>9}",
+            r.name,
+            ms,
+            100.0 * ms / total,
+            r.launches / steps
+        );
+    }
+    if rows.len() > 40 {
+        let rest: f64 = rows[40..].iter().map(|r| r.ms).sum::<f64>() / steps as f64;
+        println!("{:<52} {:>9.3}", format!("{} more", rows.len() - 40), rest);
+    }
 }
 
 /// The commit kiln was built from, when run inside its checkout.

@@ -216,7 +216,7 @@ fn plots(runs: &[RunLog]) -> Vec<Plot> {
     ]
 }
 
-fn summary(runs: &[RunLog], files: &[&str]) -> String {
+pub(crate) fn summary(runs: &[RunLog], files: &[&str]) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# kiln run report\n");
     for r in runs {
@@ -278,6 +278,26 @@ fn summary(runs: &[RunLog], files: &[&str]) -> String {
                 let t = totals.get(stage);
                 let name = stage.name();
                 let _ = writeln!(md, "| {name} | {t:.1} | {:.1}% |", 100.0 * t / sum);
+            }
+        }
+        if let Some((steps, launches)) = &r.launch_times {
+            let total: f64 = launches.iter().map(|l| l.ms).sum();
+            let _ = writeln!(
+                md,
+                "\nDevice time by launch over {steps} steps ({:.1} ms a step; the ten longest):\n\n\
+                 | launch | ms a step | share | launches a step |\n| --- | ---: | ---: | ---: |",
+                total / (*steps).max(1) as f64
+            );
+            for l in launches.iter().take(10) {
+                let per = (*steps).max(1) as f64;
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.2} | {:.1}% | {:.0} |",
+                    l.name,
+                    l.ms / per,
+                    100.0 * l.ms / total.max(f64::MIN_POSITIVE),
+                    l.launches as f64 / per
+                );
             }
         }
         if let Some((step, text)) = r.samples.last() {

@@ -26,6 +26,8 @@ pub struct RunLog {
     pub report: Option<RunReport>,
     /// Why the run stopped early, if it did.
     pub stopped: Option<StopReason>,
+    /// The device time by launch and the steps it covers, where the backend timed them.
+    pub launch_times: Option<(u64, Vec<kiln_core::backend::LaunchTime>)>,
     /// Complete lines that were not valid events, and the first one's error.
     pub bad_lines: usize,
     pub first_error: Option<String>,
@@ -121,6 +123,7 @@ impl RunLog {
             Event::Sample { step, text } => self.samples.push((step, text)),
             Event::Report(report) => self.report = Some(*report),
             Event::Stopped { reason, .. } => self.stopped = Some(reason),
+            Event::LaunchTimes { steps, launches } => self.launch_times = Some((steps, launches)),
             Event::Checkpoint { .. } | Event::Resume { .. } => {}
         }
     }
@@ -184,6 +187,49 @@ mod tests {
             loss_scale: None,
         });
         serde_json::to_string(&Record { time: 0.0, event }).unwrap()
+    }
+
+    /// A launch-time event (the cuda backend under KILN_CUDA_PROFILE) is read back whole, and
+    /// the run's report.md lists it per step.
+    #[test]
+    fn launch_times_are_read_back_and_reported_per_step() {
+        use kiln_core::backend::LaunchTime;
+        let dir = std::env::temp_dir().join(format!("kiln-launch-times-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let launches = vec![
+            LaunchTime {
+                name: "attention_backward_mma".into(),
+                ms: 46.0,
+                launches: 24,
+            },
+            LaunchTime {
+                name: "gemm 65536×768×768".into(),
+                ms: 15.5,
+                launches: 96,
+            },
+        ];
+        let event = Event::LaunchTimes {
+            steps: 2,
+            launches: launches.clone(),
+        };
+        let line = serde_json::to_string(&Record { time: 0.0, event }).unwrap();
+        std::fs::write(
+            dir.join("telemetry.jsonl"),
+            format!("{}\n{line}\n", step_line(1, 5.0)),
+        )
+        .unwrap();
+        let log = RunLog::load(&dir).unwrap();
+        assert_eq!(log.launch_times, Some((2, launches)));
+        let md = crate::report::summary(&[log], &[]);
+        assert!(
+            md.contains("| attention_backward_mma | 23.00 | 74.8% | 12 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| gemm 65536×768×768 | 7.75 | 25.2% | 48 |"),
+            "{md}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -240,6 +240,13 @@ pub enum Event {
         consecutive: u64,
     },
     Report(Box<RunReport>),
+    /// Where the run's device time went, summed by launch over its `steps` (written before
+    /// the report, where the backend times launches: the cuda backend under
+    /// `KILN_CUDA_PROFILE=1`), longest first.
+    LaunchTimes {
+        steps: u64,
+        launches: Vec<kiln_core::backend::LaunchTime>,
+    },
 }
 
 /// An event with the time it was written (seconds since the Unix epoch).

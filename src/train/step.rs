@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use kiln_core::backend::{Backend, HostReduce, View};
+use kiln_core::backend::{Backend, HostReduce, LaunchTime, View};
 use kiln_core::eval::EvalResult;
 use kiln_core::model::Activations;
 use kiln_core::optim::{adamw_step, muon_adam_step, AdamW, LossScaler, MuonAdam};
@@ -42,6 +42,8 @@ struct Progress {
     last_checkpoint_clock: f64,
     /// The step [`Trainer::periodic`] last saved a checkpoint at.
     checkpointed_step: Option<u64>,
+    /// Device time by launch name, where the backend times its launches: (ms, launches).
+    launch_times: std::collections::BTreeMap<String, (f64, usize)>,
 }
 
 impl Progress {
@@ -104,6 +106,7 @@ impl<B: Backend> Trainer<B> {
             agreed_elapsed: self.elapsed_before,
             last_checkpoint_clock: self.elapsed_before,
             checkpointed_step: None,
+            launch_times: Default::default(),
         };
         let world = self.communicator.world_size();
         if world > 1 {
@@ -170,6 +173,12 @@ impl<B: Backend> Trainer<B> {
                         ms: seconds_since(t) * 1e3,
                     })?;
                 }
+            }
+            // Read each step, so the backend's timing events do not pile up over a long run.
+            for t in self.model.backend.launch_times().unwrap_or_default() {
+                let entry = run.launch_times.entry(t.name).or_default();
+                entry.0 += t.ms;
+                entry.1 += t.launches;
             }
             self.emit_step(&cfg, &run, &update, &rates, &before)?;
             if stop_for_bad_steps {
@@ -682,6 +691,16 @@ impl<B: Backend> Trainer<B> {
             peak_memory_mib: memory_mib().map(|m| m.1),
             losses: run.losses,
         };
+        if !run.launch_times.is_empty() {
+            let mut launches: Vec<LaunchTime> = run
+                .launch_times
+                .into_iter()
+                .map(|(name, (ms, launches))| LaunchTime { name, ms, launches })
+                .collect();
+            launches.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+            self.telemetry
+                .emit(Event::LaunchTimes { steps, launches })?;
+        }
         self.telemetry
             .emit(Event::Report(Box::new(report.clone())))?;
         if self.lead() {

@@ -381,6 +381,15 @@ impl<B: Backend + ?Sized> Copy for Qkv<'_, B> {}
 /// inputs come from the model's own layouts, and a wrong shape is a bug (a backend asserts).
 /// What can fail for reasons outside the program (memory, the device) returns
 /// [`BackendError`].
+/// One name's device time in [`Backend::launch_times`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LaunchTime {
+    /// The kernel's name, a product's shape (`gemm m×n×k …`), or `zero`/`copy`.
+    pub name: String,
+    pub ms: f64,
+    pub launches: usize,
+}
+
 pub trait Backend: Send + Sync {
     /// One allocation of device memory.
     type Memory: DeviceMemory;
@@ -411,6 +420,12 @@ pub trait Backend: Send + Sync {
     /// the system has available, swap included), so a model or batch that cannot fit is
     /// refused with both numbers before any allocation. `None`: unknown.
     fn memory_available(&self) -> Option<u64> {
+        None
+    }
+    /// The device time of every launch since the last call, summed by name (a kernel, or a
+    /// product's shape), longest first, where the backend times its launches (the cuda
+    /// backend under `KILN_CUDA_PROFILE=1`); waits for the device. `None`: not timed.
+    fn launch_times(&self) -> Option<Vec<LaunchTime>> {
         None
     }
     /// Sets every value of `dst` to zero.

@@ -50,7 +50,6 @@ pub use gemm::Operands;
 pub use gemm::Products;
 use gemm::{Gemm, GemmShape};
 use libs::Lib;
-pub use profile::ProfileRow;
 use profile::Profiler;
 
 /// What `kiln doctor` reports about the GPU.
@@ -389,15 +388,6 @@ impl CudaBackend {
                 r
             }
         }
-    }
-
-    /// The device time of every launch since the last call, summed by kernel name (products
-    /// by shape), longest first; `None` unless `KILN_CUDA_PROFILE` is set. Waits for the GPU.
-    pub fn profile(&self) -> Option<Vec<ProfileRow>> {
-        self.inner.profile.as_ref().map(|p| {
-            self.bind();
-            p.take()
-        })
     }
 
     /// A grid-stride launch over `n` elements.
@@ -773,6 +763,14 @@ impl Backend for CudaBackend {
             }
         }
         .map_err(|e| device_err("download", e))
+    }
+
+    /// Under `KILN_CUDA_PROFILE`: the launches timed since the last call (profile.rs).
+    fn launch_times(&self) -> Option<Vec<kiln_core::backend::LaunchTime>> {
+        self.inner.profile.as_ref().map(|p| {
+            self.bind();
+            p.take()
+        })
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {

@@ -1,6 +1,7 @@
 //! Where the GPU's time goes, launch by launch (`KILN_CUDA_PROFILE=1`): a pair of CUDA events
 //! around every kernel, product, zeroing and copy on the one stream, summed by name when asked
-//! (`kiln bench train` prints the table after its timed steps). Off, it costs one branch per
+//! ([`kiln_core::backend::Backend::launch_times`]: `kiln bench train` prints the table after its
+//! timed steps, `kiln train` writes it to the telemetry). Off, it costs one branch per
 //! launch. The events time the stream between them, so each entry holds its launch's whole
 //! time on the device, queueing gaps excluded.
 
@@ -9,15 +10,7 @@ use std::sync::Mutex;
 
 use cudarc::driver::result::event;
 use cudarc::driver::sys::{CUevent, CUevent_flags};
-
-/// One name's share of the time measured since the last [`Profiler::take`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct ProfileRow {
-    /// The kernel's name, or a product's shape (`gemm m×n×k …`), or `zero`/`copy`.
-    pub name: String,
-    pub ms: f64,
-    pub launches: usize,
-}
+use kiln_core::backend::LaunchTime;
 
 #[derive(Default)]
 struct Marks {
@@ -76,7 +69,7 @@ impl Profiler {
 
     /// Waits for the stream, then sums the time of every launch since the last call by name,
     /// longest first, and starts afresh.
-    pub(crate) fn take(&self) -> Vec<ProfileRow> {
+    pub(crate) fn take(&self) -> Vec<LaunchTime> {
         let mut marks = self.marks.lock().unwrap();
         let pending = std::mem::take(&mut marks.pending);
         let mut sums: HashMap<String, (f64, usize)> = HashMap::new();
@@ -92,9 +85,9 @@ impl Profiler {
             entry.1 += 1;
             marks.free.extend([start, end]);
         }
-        let mut rows: Vec<ProfileRow> = sums
+        let mut rows: Vec<LaunchTime> = sums
             .into_iter()
-            .map(|(name, (ms, launches))| ProfileRow { name, ms, launches })
+            .map(|(name, (ms, launches))| LaunchTime { name, ms, launches })
             .collect();
         rows.sort_by(|a, b| b.ms.total_cmp(&a.ms).then(a.name.cmp(&b.name)));
         rows
