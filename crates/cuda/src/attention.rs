@@ -88,11 +88,7 @@ impl CudaBackend {
             grid,
             (32 * ATTENTION_ROWS) as u32,
             attention_shared(s.head_dim),
-            &[
-                [self.f(out), self.f(saved), self.f(q), self.f(k), self.f(v)].as_slice(),
-                &shape_args(s),
-            ]
-            .concat(),
+            &self.forward_args(out, saved, inputs, s),
         );
     }
 
@@ -211,17 +207,12 @@ impl CudaBackend {
     /// The tensor-core forward (kernels/attention.cu, `attention_forward_mma`): `saved` gets
     /// the logsumexps, then a copy of `out` for the backward's deltas.
     fn attention_forward_mma(&self, out: V, saved: V, inputs: Qkv<CudaBackend>, s: AttentionShape) {
-        let Qkv { q, k, v } = inputs;
         self.launch(
             "attention_forward_mma",
             ((s.batch * s.heads * s.seq.div_ceil(MMA_ROWS)) as u32, 1, 1),
             128,
             (2 * MMA_ROWS * MMA_LD * 2) as u32,
-            &[
-                [self.f(out), self.f(saved), self.f(q), self.f(k), self.f(v)].as_slice(),
-                &shape_args(s),
-            ]
-            .concat(),
+            &self.forward_args(out, saved, inputs, s),
         );
     }
 
@@ -355,6 +346,20 @@ impl CudaBackend {
             let (shape, batch) = g.transposed_times_q_rows();
             self.gemm_batched(shape, batch, scale, (dprobs, qh), 1.0, dk);
         }
+    }
+
+    /// The forward kernels' arguments: out, saved, q, k, v, then the shape.
+    fn forward_args(
+        &self,
+        out: V,
+        saved: V,
+        inputs: Qkv<CudaBackend>,
+        s: AttentionShape,
+    ) -> Vec<super::Arg> {
+        let Qkv { q, k, v } = inputs;
+        let mut args = vec![self.f(out), self.f(saved), self.f(q), self.f(k), self.f(v)];
+        args.extend(shape_args(s));
+        args
     }
 
     fn check_attention(&self, s: AttentionShape, q: V, k: V, v: V) {

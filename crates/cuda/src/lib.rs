@@ -204,6 +204,19 @@ enum Arg {
 use Arg::{Float, Int, Ptr};
 
 const THREADS: u32 = 256;
+/// A product's name in the launch profile: `gemm m×n×k`, with `aᵀ`/`bᵀ` for transposed
+/// operands.
+fn gemm_label(s: GemmShape) -> String {
+    format!(
+        "gemm {}×{}×{}{}{}",
+        s.m,
+        s.n,
+        s.k,
+        if s.ta { " aᵀ" } else { "" },
+        if s.tb { " bᵀ" } else { "" },
+    )
+}
+
 /// `KILN_CUDA_OPERANDS`: `bf16` (unset) or `f32` (see [`CudaBackend::with_operands`]).
 fn operands_from_env() -> Result<Operands, String> {
     match std::env::var("KILN_CUDA_OPERANDS").as_deref() {
@@ -288,10 +301,6 @@ impl CudaBackend {
     pub fn with_operands(mut self, operands: Operands) -> Self {
         self.operands = operands;
         self
-    }
-
-    pub fn operands(&self) -> Operands {
-        self.operands
     }
 
     /// This backend computing causal attention by `path` (the tensor-core kernels by default,
@@ -451,17 +460,7 @@ impl CudaBackend {
         c: CUdeviceptr,
     ) {
         self.bind();
-        let label = || {
-            format!(
-                "gemm {}×{}×{}{}{} ×{}",
-                s.m,
-                s.n,
-                s.k,
-                if s.ta { " aᵀ" } else { "" },
-                if s.tb { " bᵀ" } else { "" },
-                batch.count
-            )
-        };
+        let label = || format!("{} ×{}", gemm_label(s), batch.count);
         let operands = (self.products, Operands::F32);
         // The batch's outputs are strided over its count: drop every bf16 copy rather than
         // work out which ones they overlap.
@@ -504,23 +503,7 @@ impl CudaBackend {
     /// a bf16 copy first (or its copy reused), else a bf16 one is refused.
     fn gemm_on(&self, s: GemmShape, alpha: f32, (a, b): (Src, Src), beta: f32, c: CUdeviceptr) {
         self.bind();
-        let label = || {
-            format!(
-                "gemm {}×{}×{}{}{}",
-                s.m,
-                s.n,
-                s.k,
-                if s.ta { " aᵀ" } else { "" },
-                if s.tb { " bᵀ" } else { "" },
-            )
-        };
-        let (a_rows, a_cols) = if s.ta { (s.k, s.m) } else { (s.m, s.k) };
-        let (b_rows, b_cols) = if s.tb { (s.n, s.k) } else { (s.k, s.n) };
-        // Each operand's whole stored extent: rows × leading dimension, the last row's tail cut.
-        let extent = |rows: usize, cols: usize, ld: usize| match rows * cols {
-            0 => 0,
-            _ => (rows - 1) * ld + cols,
-        };
+        let label = || gemm_label(s);
         if !self.on_bf16_operands() {
             let (Src::F32(a), Src::F32(b)) = (a, b) else {
                 panic!("cuda: bf16 operands need bf16 products on bf16 operands")
@@ -535,9 +518,16 @@ impl CudaBackend {
         if s.m == 0 || s.n == 0 {
             return;
         }
+        // Each operand's whole stored extent: rows × leading dimension, the last row's tail cut.
+        let extent = |rows: usize, cols: usize, ld: usize| match rows * cols {
+            0 => 0,
+            _ => (rows - 1) * ld + cols,
+        };
+        let (a_rows, a_cols) = if s.ta { (s.k, s.m) } else { (s.m, s.k) };
+        let (b_rows, b_cols) = if s.tb { (s.n, s.k) } else { (s.k, s.n) };
         let (na, nb) = (extent(a_rows, a_cols, s.lda), extent(b_rows, b_cols, s.ldb));
-        let a16 = self.bf16_operand(a, na, None);
-        let b16 = self.bf16_operand(b, nb, Some(a16));
+        let (a16, a_slot) = self.bf16_operand(a, na, None);
+        let (b16, _) = self.bf16_operand(b, nb, a_slot);
         let operands = (Products::Bf16, Operands::Bf16);
         // SAFETY: the callers pass views whose lengths were checked against the shape; the
         // bf16 operands hold the same extents.
@@ -559,33 +549,33 @@ impl CudaBackend {
         }
     }
 
-    /// The bf16 copy of operand `src` (`n` elements), rounded now unless a good copy exists;
-    /// `keep` is the other operand's copy, not to be overwritten.
-    fn bf16_operand(&self, src: Src, n: usize, keep: Option<CUdeviceptr>) -> CUdeviceptr {
+    /// The bf16 copy of operand `src` (`n` elements), rounded now unless a good copy exists,
+    /// and the slot that holds it; slot `keep` (the other operand's) is not overwritten.
+    fn bf16_operand(
+        &self,
+        src: Src,
+        n: usize,
+        keep: Option<usize>,
+    ) -> (CUdeviceptr, Option<usize>) {
         let src = match src {
-            Src::Bf16(p) => return p,
+            Src::Bf16(p) => return (p, None),
             Src::F32(p) => p,
         };
         let mut conv = self.inner.converted.lock().unwrap();
-        let generation = conv.generation;
-        for (i, slot) in conv.slots.iter().enumerate() {
-            if *slot == Some((src, n, generation)) {
-                return self.scratch(CONVERTED[i], 2 * n);
-            }
+        let wanted = Some((src, n, conv.generation));
+        if let Some(i) = conv.slots.iter().position(|&slot| slot == wanted) {
+            return (self.scratch(CONVERTED[i], 2 * n), Some(i));
         }
         let mut i = conv.next;
-        while keep.is_some() && conv.slots[i].is_some() && {
-            let at = self.scratch(CONVERTED[i], 2);
-            Some(at) == keep
-        } {
+        if Some(i) == keep {
             i = (i + 1) % CONVERTED.len();
         }
         conv.next = (i + 1) % CONVERTED.len();
-        conv.slots[i] = Some((src, n, generation));
+        conv.slots[i] = wanted;
         drop(conv);
         let at = self.scratch(CONVERTED[i], 2 * n);
         self.elementwise("f32_to_bf16", n, &[Ptr(at), Ptr(src), Int(n as i64)]);
-        at
+        (at, Some(i))
     }
 
     fn rope_table(
