@@ -98,6 +98,15 @@ CONFIGS["tiny-golf-koopman"] = dict(
     arch=dict(CONFIGS["tiny-golf"]["arch"],
               capsules=dict(count=3, dim=8, layer=2,
                             koopman=dict(rank=2, passes=2, consistency=0.5, diag_init=0.9))))
+# The same with the stability clamp: D enters K clamped to +-0.999 (its values, 1 + 0.2 N(0, 1)
+# from the Koopman fixture's seed, straddle the bound: four of eight are clamped, so the clamp
+# and its gradient's mask both show).
+CONFIGS["tiny-golf-koopman-clamp"] = dict(
+    CONFIGS["tiny-golf-koopman"],
+    arch=dict(CONFIGS["tiny-golf-koopman"]["arch"],
+              capsules=dict(CONFIGS["tiny-golf-koopman"]["arch"]["capsules"],
+                            koopman=dict(CONFIGS["tiny-golf-koopman"]["arch"]["capsules"]
+                                         ["koopman"], clamp=True))))
 
 MASK = (1 << 64) - 1
 
@@ -173,24 +182,37 @@ def capsules(c, w, x, norm):
         return x + w["model.capsules.gate"] * (caps.reshape(b, t, -1)
                                                 @ w["model.capsules.write.weight"].T)
 
-    caps = pool(x)
-    x = write(x, caps)
     km = k.get("koopman")
     if km:
         d = k["dim"]
         rot = hadamard(d) if d & (d - 1) == 0 and d > 1 else torch.eye(d, dtype=torch.float64)
         p = "model.capsules.koopman."
         blend = torch.sigmoid(w[p + "alpha"])
+
+        diag = w[p + "diag"]
+        if km.get("clamp"):
+            diag = torch.clamp(diag, -0.999, 0.999)
+
+        def predict(c):
+            y = c @ rot
+            return (diag * y + (y @ w[p + "v"].T) @ w[p + "u"].T) @ rot
+
+    caps = pool(x)
+    if CARRY[0] is not None:
+        # Capsule carry: the first pass blends with K(carry), the carry (b, count, dim) the
+        # same at every position of its row.
+        caps = blend * caps + (1 - blend) * predict(CARRY[0][:, None])
+    x = write(x, caps)
+    if km:
         terms = []
         for _ in range(km["passes"]):
             observed = pool(x)
-            y = caps @ rot
-            evolved = w[p + "diag"] * y + (y @ w[p + "v"].T) @ w[p + "u"].T
-            predicted = evolved @ rot
+            predicted = predict(caps)
             caps = blend * observed + (1 - blend) * predicted
             terms.append((predicted - caps.detach()).pow(2).mean())
             x = write(x, caps)
         AUX[0] = AUX[0] + km["consistency"] * sum(terms) / len(terms)
+    STATE[0] = caps[:, -1]  # each row's last position, last pass: what carry hands on
     return x
 
 
@@ -274,6 +296,8 @@ def bigram_ids(tokens, buckets):
 AUX = [0.0]
 # The smallest gap between a token's two largest router logits in the last golf_forward.
 ROUTER_GAP = [float("inf")]
+# Capsule carry given to the bank's first pass (None: none), and the bank's state it leaves.
+CARRY, STATE = [None], [None]
 # A mixture of experts' fixture is made from a seed whose routing no rounding can flip: every
 # token's two largest router logits at least this far apart in the initial forward (bf16
 # products' errors reach a few thousandths there; an arbitrary seed left a token 0.0023 apart,
@@ -505,6 +529,17 @@ def make(name, c, seed):
             context = torch.cat((context, next_id.reshape(1)))
 
     tensors = {k: v.contiguous() for k, v in weights32.items()}
+    caps = c.get("arch", {}).get("capsules")
+    if caps and caps.get("koopman"):
+        # Capsule carry: the logits with a random carry in each row's first pass, and the
+        # capsule state that forward leaves (each row's last position, last pass).
+        carry = torch.randn(BATCH, caps["count"], caps["dim"], generator=gen)
+        CARRY[0] = carry.double()
+        with torch.no_grad():
+            tensors["carry_logits"] = forward_any(c, initial, tokens).contiguous()
+        CARRY[0] = None
+        tensors["carry"] = carry.reshape(BATCH, -1).contiguous()
+        tensors["carry_state"] = STATE[0].reshape(BATCH, -1).contiguous()
     tensors["greedy_prompt"] = prompt.contiguous()
     tensors["greedy_tokens"] = context[4:].contiguous()
     tensors.update(grads)
@@ -593,8 +628,9 @@ if __name__ == "__main__":
     for i, (name, config) in enumerate(CONFIGS.items()):
         if only and name not in only:
             continue
-        # A seed whose routing has its margin (ROUTER_MARGIN); the first for every other model.
-        seed = 1234 + i
+        # A seed whose routing has its margin (ROUTER_MARGIN); the first for every other model,
+        # but the clamp's, which takes the Koopman fixture's: the two differ in the clamp alone.
+        seed = 1234 + (list(CONFIGS).index("tiny-golf-koopman") if name.endswith("-clamp") else i)
         while not make(name, config, seed):
             seed += 1000
     if not only or "muon" in only:

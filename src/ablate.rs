@@ -533,6 +533,9 @@ fn describe_eval(eval: EvalTime) -> String {
             "halting each position's passes at a change under {h}"
         ));
     }
+    if let Some(d) = eval.capsule_carry {
+        parts.push(format!("carrying capsules across windows (decay {d})"));
+    }
     if parts.is_empty() {
         "plainly".into()
     } else {

@@ -433,6 +433,12 @@ struct EvalArgs {
     /// submission's 0.05, with --capsule-passes 3 its maximum); evaluation only.
     #[arg(long, value_name = "FRACTION")]
     capsule_halt: Option<f64>,
+    /// Capsule carry for a Koopman capsule model: the windows are split into one run per
+    /// batch row, each run scored in order, and each window's first pass blends with the
+    /// capsule state of its run's earlier windows averaged with this decay (the submission's
+    /// 0.8); evaluation only.
+    #[arg(long, value_name = "DECAY")]
+    capsule_carry: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -731,6 +737,7 @@ fn main() -> Result<()> {
                     ttt: args.ttt,
                     capsule_passes: args.capsule_passes,
                     capsule_halt: args.capsule_halt,
+                    capsule_carry: args.capsule_carry,
                 },
             };
             with_backend!(backend, |b| kiln::commands::eval(b, &options))

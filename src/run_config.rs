@@ -307,6 +307,11 @@ impl TrainConfig {
              --capsule-halt); training runs every pass"
         );
         ensure!(
+            koopman.is_none_or(|m| m.carry.is_none()),
+            "arch.capsules.koopman.carry (capsule carry) is for evaluation (kiln eval \
+             --capsule-carry); training runs each window on its own"
+        );
+        ensure!(
             self.max_steps.is_some()
                 || self.max_tokens.is_some()
                 || self.time_budget_seconds.is_some(),

@@ -982,6 +982,7 @@ fn recurrent_and_engram_models_pack_and_reload() {
         "tiny-golf-moe",
         "tiny-golf-capsules",
         "tiny-golf-koopman",
+        "tiny-golf-koopman-clamp",
     ];
     for name in presets {
         let config = ModelConfig::preset(name).unwrap();
@@ -1315,5 +1316,159 @@ fn a_koopman_model_scores_with_the_passes_asked_for() {
         .unwrap_err()
         .to_string();
     assert!(message.contains("halt"), "{message}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// `kiln eval --capsule-carry DECAY` (capsule carry): the windows split into one run per
+/// batch row, each run scored in order with its earlier windows' capsule state blended into
+/// each window's first pass. Every target is still scored once and reads only the text
+/// before it: changing the text after position X leaves every earlier target's loss bit for
+/// bit (runs scored backwards, so that a window's carry came from later text, fail this),
+/// while later targets move. With the bank's gate open the carry changes every window's
+/// scores but each run's first (which has no carry yet). `--ngram-cache`, a model without
+/// Koopman dynamics, training and the backward refuse it, as does a decay of 1.
+#[test]
+fn capsule_carry_scores_each_run_in_order_and_reads_only_earlier_text() {
+    use kiln_core::eval::{evaluate_adapted, evaluate_targets, EvalTime, NgramCache};
+    let dir = temp_dir("capsule-carry");
+    let dataset = Dataset::open(&corpus(&dir)).unwrap();
+    let text = &dataset.tokenizer;
+    // 19 windows of 16 every 8 tokens: runs of 10 (windows 0-9) and 9 (10-18).
+    let tokens = dataset.read_all(Split::Val).unwrap()[..161].to_vec();
+    let (seq, stride, decay) = (16, 8, 0.8);
+    let mut config = ModelConfig::preset("tiny-golf-koopman").unwrap();
+    config.vocab_size = dataset.manifest.vocab_size;
+    let mut plain = Model::new(ReferenceBackend, config.clone()).unwrap();
+    plain.init_random(8).unwrap();
+    // The gate open, the bank's write 30 times its initial scale (std 0.6) and the tied
+    // embedding 20 times (std 0.1, logits further from uniform), so that what the capsules
+    // carry moves every score well beyond f32 rounding.
+    let bank = plain.layout.capsules.unwrap();
+    let mut weights = plain.download_params().unwrap();
+    weights[bank.gate.offset..][..bank.gate.len].fill(0.5);
+    for (region, scale) in [(bank.write, 30.0), (plain.layout.embedding, 20.0)] {
+        weights[region.offset..][..region.len]
+            .iter_mut()
+            .for_each(|w| *w *= scale);
+    }
+    plain.upload_params(&weights).unwrap();
+    let mut carrying = config.clone();
+    if let Some(m) = carrying
+        .arch
+        .capsules
+        .as_mut()
+        .and_then(|k| k.koopman.as_mut())
+    {
+        m.carry = Some(decay);
+    }
+    let carried = Model::new(ReferenceBackend, carrying.clone()).unwrap();
+    carried.upload_params(&weights).unwrap();
+    let per_target = |model: &Model<ReferenceBackend>, tokens: &[u32], carry: Option<f64>| {
+        let acts = model.loss_activations(2, seq).unwrap();
+        let adapt = EvalTime {
+            capsule_carry: carry,
+            ..EvalTime::default()
+        };
+        let (result, losses) = evaluate_targets(
+            model,
+            &acts,
+            tokens,
+            text,
+            None,
+            stride,
+            0,
+            adapt,
+            true,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(result.tokens, tokens.len() - 1);
+        losses
+    };
+    let without = per_target(&plain, &tokens, None);
+    let with = per_target(&carried, &tokens, Some(decay));
+    assert!(without[0].is_nan() && with[0].is_nan());
+    // Each run's first window (0, and 10: targets 89-96) has no carry; all others do.
+    let first_windows = |j: usize| j <= 16 || (89..=96).contains(&j);
+    for j in 1..tokens.len() {
+        if first_windows(j) {
+            assert_eq!(with[j], without[j], "target {j}");
+        } else {
+            // 40 f32 steps at these losses (4–8 nats); the smallest move seen is 2.3e-4.
+            let moved = (with[j] - without[j]).abs();
+            assert!(moved > 2e-5, "target {j} moved by {moved}");
+        }
+    }
+    // The text after position 120 changed: targets up to 120 score the same, bit for bit.
+    let mut changed = tokens.clone();
+    let vocab = dataset.manifest.vocab_size as u32;
+    changed[121..]
+        .iter_mut()
+        .for_each(|t| *t = (*t + 1) % vocab);
+    let after = per_target(&carried, &changed, Some(decay));
+    assert_eq!(after[1..=120], with[1..=120]);
+    assert!((121..tokens.len()).any(|j| after[j] != with[j]));
+    // Through `kiln eval`'s path: the same weights in a model built with carry.
+    let adapted = |model: &Model<ReferenceBackend>, adapt: EvalTime| {
+        evaluate_adapted(
+            model,
+            (2, seq),
+            &tokens,
+            text,
+            None,
+            stride,
+            0,
+            adapt,
+            &mut |_, _| {},
+        )
+    };
+    let carry = EvalTime {
+        capsule_carry: Some(decay),
+        ..EvalTime::default()
+    };
+    let total: f64 = with[1..].iter().sum();
+    let loss = adapted(&plain, carry).unwrap().loss;
+    assert!(
+        (loss - total / 160.0).abs() < 1e-12,
+        "{loss} {}",
+        total / 160.0
+    );
+    // Refusals.
+    let cache = EvalTime {
+        ngram_cache: Some(NgramCache {
+            order: 3,
+            weight: 0.3,
+        }),
+        ..carry
+    };
+    let message = adapted(&plain, cache).unwrap_err().to_string();
+    assert!(message.contains("--capsule-carry"), "{message}");
+    let message = adapted(&untrained_tiny_golf(&dataset, 8), carry)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("--capsule-carry"), "{message}");
+    let message = TrainConfig::new(carrying.clone(), dir.clone())
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("carry"), "{message}");
+    let acts = carried.loss_activations(1, 8).unwrap();
+    let ids: Vec<u32> = tokens[..8].to_vec();
+    carried.forward(&acts, &ids, Some(&ids)).unwrap();
+    let message = carried
+        .backward(&acts, &ids, &ids, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("carry"), "{message}");
+    let message = adapted(
+        &plain,
+        EvalTime {
+            capsule_carry: Some(1.0),
+            ..EvalTime::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(message.contains("carry"), "{message}");
     fs::remove_dir_all(dir).unwrap();
 }

@@ -94,7 +94,7 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 
 /// The whole-model fixtures `scripts/make_fixtures.py` writes (`tests/fixtures/model_*.safetensors`),
 /// each one of kiln's presets.
-pub const FIXTURES: [&str; 9] = [
+pub const FIXTURES: [&str; 10] = [
     "tiny-mha",
     "tiny-gqa",
     "tiny-golf",
@@ -104,6 +104,7 @@ pub const FIXTURES: [&str; 9] = [
     "tiny-golf-moe",
     "tiny-golf-capsules",
     "tiny-golf-koopman",
+    "tiny-golf-koopman-clamp",
 ];
 
 /// Every kernel family.
@@ -356,6 +357,11 @@ impl Fixture {
         Ok(fixture)
     }
 
+    /// Whether the fixture holds a tensor of this name.
+    pub fn has(&self, name: &str) -> Result<bool> {
+        Ok(self.tensors()?.names().contains(&name))
+    }
+
     fn tensors(&self) -> Result<SafeTensors<'_>> {
         Ok(SafeTensors::deserialize(&self.bytes)?)
     }
@@ -390,7 +396,13 @@ impl Fixture {
 
     /// Loads the fixture's weights into a new model on `backend`.
     pub fn model<B: Backend>(&self, backend: B) -> Result<Model<B>> {
-        let model = Model::new(backend, self.config.clone())?;
+        self.model_as(backend, self.config.clone())
+    }
+
+    /// The fixture's weights in a model of `config` (the fixture's, with evaluation-time
+    /// settings changed).
+    pub fn model_as<B: Backend>(&self, backend: B, config: ModelConfig) -> Result<Model<B>> {
+        let model = Model::new(backend, config)?;
         for spec in &model.layout.specs {
             model.set_param(&spec.name, &to_f32(&self.tensor(&spec.name)?))?;
         }
@@ -466,13 +478,13 @@ fn compare_nmse(what: &str, got: &[f32], want: &[f64], bound: f64) -> Result<()>
 /// The whole model against a PyTorch fixture: logits, loss, every gradient (through the head
 /// that keeps the logits and through the fused one), ten AdamW steps (fused head),
 /// element-wise within the backend's loosest kernel tolerance (see [`ModelTolerance`]).
-pub fn check_fixture<B: Backend>(backend: B, path: &Path) -> Result<()> {
+pub fn check_fixture<B: Backend + Clone>(backend: B, path: &Path) -> Result<()> {
     let tol = ModelTolerance::Elementwise(model_tolerance(&backend));
     check_fixture_within(backend, path, tol)
 }
 
 /// [`check_fixture`] with an explicit tolerance.
-pub fn check_fixture_within<B: Backend>(
+pub fn check_fixture_within<B: Backend + Clone>(
     backend: B,
     path: &Path,
     tol: ModelTolerance,
@@ -488,7 +500,7 @@ pub fn check_fixture_within<B: Backend>(
     );
     let tokens = fixture.tokens("tokens")?;
     let targets = fixture.tokens("targets")?;
-    let mut model = fixture.model(backend)?;
+    let mut model = fixture.model(backend.clone())?;
     let acts = model.activations(fixture.batch, fixture.seq)?;
     let check = |what: &str, got: &[f32], want: &[f64], kind: usize| -> Result<()> {
         match tol {
@@ -524,6 +536,9 @@ pub fn check_fixture_within<B: Backend>(
         &fixture.tensor("loss")?,
         0,
     )?;
+    if fixture.has("carry")? {
+        check_carry(backend, &fixture, &tokens, &name, &check)?;
+    }
 
     // The gradients through the head that keeps the logits, then through the fused one
     // (classifier and cross-entropy a vocabulary chunk at a time), as training runs it.
@@ -563,6 +578,58 @@ pub fn check_fixture_within<B: Backend>(
         adamw_step(&mut model, &fixture.adamw, 1.0).unwrap();
     }
     check(&format!("{name} adamw losses"), &got, &want, 2)
+}
+
+/// Capsule carry ([`kiln_core::config::Koopman::carry`]): the fixture's weights in a model
+/// built with carry, each row's first pass given the fixture's carry; the logits, and the
+/// capsule state that forward leaves, as the fixture's (outputs' tolerance). A second forward
+/// without carry gives the plain logits again (rows without a carry run as without it).
+fn check_carry<B: Backend + Clone>(
+    backend: B,
+    fixture: &Fixture,
+    tokens: &[u32],
+    name: &str,
+    check: &dyn Fn(&str, &[f32], &[f64], usize) -> Result<()>,
+) -> Result<()> {
+    let mut config = fixture.config.clone();
+    let koopman = config
+        .arch
+        .capsules
+        .as_mut()
+        .and_then(|k| k.koopman.as_mut());
+    koopman
+        .context("a carry fixture of a model without Koopman capsules")?
+        .carry = Some(0.8);
+    let model = fixture.model_as(backend, config)?;
+    let acts = model.activations(fixture.batch, fixture.seq)?;
+    let carry: Vec<f64> = fixture.tensor("carry")?;
+    let rows: Vec<Option<Vec<f32>>> = carry
+        .chunks_exact(carry.len() / fixture.batch)
+        .map(|row| Some(to_f32(row)))
+        .collect();
+    model.forward_carrying(&acts, tokens, None, &rows)?;
+    let logits = model.download_logits(&acts)?;
+    check(
+        &format!("{name} logits with a carry"),
+        &logits,
+        &fixture.tensor("carry_logits")?,
+        0,
+    )?;
+    let state: Vec<f32> = model.capsule_state(&acts)?.concat();
+    check(
+        &format!("{name} capsule state"),
+        &state,
+        &fixture.tensor("carry_state")?,
+        0,
+    )?;
+    model.forward_carrying(&acts, tokens, None, &vec![None; fixture.batch])?;
+    let plain = model.download_logits(&acts)?;
+    check(
+        &format!("{name} logits, no carry given"),
+        &plain,
+        &fixture.tensor("logits")?,
+        0,
+    )
 }
 
 /// Twenty AdamW steps of a tiny model on a repeating token pattern: the loss must fall well

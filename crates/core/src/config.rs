@@ -172,7 +172,22 @@ pub struct Koopman {
     /// A position's choice reads its own capsules only, so it stays causal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halt: Option<f64>,
+    /// Capsule carry, for evaluation only (`kiln eval --capsule-carry DECAY`): each window's
+    /// first pass blends its pooled capsules with `K(carry)`, as later passes do with the
+    /// pass before them, `carry` being its stream's earlier windows' capsules (each the last
+    /// position's, of the last pass) averaged with this decay. Windows are then scored in
+    /// order along each stream ([`crate::eval`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carry: Option<f64>,
+    /// The submission's stability clamp: `D` enters `K` clamped to ±[`KOOPMAN_CLAMP`] (no
+    /// gradient where it is clamped), in training and evaluation alike, so that `K` composed
+    /// many times (capsule carry composes it once per window) cannot grow without bound.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clamp: bool,
 }
+
+/// [`Koopman::clamp`]'s bound on `|D|`, the submission's.
+pub const KOOPMAN_CLAMP: f32 = 0.999;
 
 fn default_koopman_passes() -> usize {
     1
@@ -490,7 +505,22 @@ impl ModelConfig {
                         consistency: 0.5,
                         diag_init: 0.9,
                         halt: None,
+                        carry: None,
+                        clamp: false,
                     });
+                }
+                config
+            }
+            // The same with the stability clamp on D (the fixture's D straddles 0.999).
+            "tiny-golf-koopman-clamp" => {
+                let mut config = ModelConfig::preset("tiny-golf-koopman")?;
+                if let Some(m) = config
+                    .arch
+                    .capsules
+                    .as_mut()
+                    .and_then(|k| k.koopman.as_mut())
+                {
+                    m.clamp = true;
                 }
                 config
             }
@@ -718,6 +748,13 @@ impl ModelConfig {
                 }
                 if m.halt.is_some_and(|h| !(h > 0.0 && h.is_finite())) {
                     bail!("arch.capsules.koopman.halt must be a finite fraction above 0");
+                }
+                if m.carry.is_some_and(|d| !(0.0..1.0).contains(&d)) {
+                    bail!(
+                        "arch.capsules.koopman.carry is a decay: it must be at least 0 and \
+                         below 1, got {}",
+                        m.carry.unwrap_or_default()
+                    );
                 }
             }
         }

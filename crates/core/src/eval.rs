@@ -55,6 +55,14 @@ pub struct EvalTime {
     /// ([`crate::config::Koopman::halt`]), each position on its own capsules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capsule_halt: Option<f64>,
+    /// `kiln eval --capsule-carry DECAY`: capsule carry ([`crate::config::Koopman::carry`]).
+    /// The windows are split into `batch` runs of consecutive windows, one per row, and each
+    /// row scores its run in order, its first Koopman pass blending with the capsule state of
+    /// the run's earlier windows (each window's last position, averaged with this decay; the
+    /// run's first window has none). A window's carry comes from positions before any target
+    /// it scores, so every score still reads only the text before its target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capsule_carry: Option<f64>,
 }
 
 /// Temperature scaling fitted while scoring (`kiln eval --temperature`): each batch of
@@ -338,6 +346,11 @@ struct Scoring<'t> {
     batches: usize,
     cache: Option<CacheCounts>,
     temperature: Option<OnlineTemperature>,
+    /// With capsule carry: the decay, and each row's carry (none before its run's first
+    /// window is scored).
+    carry: Option<(f64, Vec<Option<Vec<f32>>>)>,
+    /// Each scored target's loss in nats, by its place in the stream, when asked for.
+    targets: Option<Vec<f64>>,
     nats: f64,
     bytes: usize,
     scored: usize,
@@ -376,6 +389,11 @@ impl<'t> Scoring<'t> {
             !adapt.temperature || acts.layout.head != crate::model::Head::Loss,
             "evaluation with a temperature needs the logits: these activations keep only losses"
         );
+        ensure!(
+            adapt.capsule_carry.is_none() || (adapt.ngram_cache.is_none() && adapt.ttt.is_none()),
+            "--capsule-carry scores each row's run of windows in order, not the stream's: it \
+             cannot go with --ngram-cache or --ttt, which learn from the stream in its order"
+        );
         let windows = (tokens.len() - 1 - seq) / stride + 1;
         let batches = windows.div_ceil(batch);
         let batches = if max_batches == 0 {
@@ -394,6 +412,8 @@ impl<'t> Scoring<'t> {
             batches,
             cache: adapt.ngram_cache.map(CacheCounts::new),
             temperature: adapt.temperature.then(OnlineTemperature::default),
+            carry: adapt.capsule_carry.map(|decay| (decay, vec![None; batch])),
+            targets: None,
             nats: 0.0,
             bytes: 0,
             scored: 0,
@@ -402,8 +422,20 @@ impl<'t> Scoring<'t> {
         })
     }
 
-    /// Scores batch `i` of windows (the last padded with repeats of its last window, which
-    /// are not scored), leaving its windows in `x` and `y`.
+    /// The window row `r` of batch `i` scores, if any: consecutive windows along the stream,
+    /// or with capsule carry window `i` of row r's run (the runs split the windows in
+    /// `batch` consecutive parts).
+    fn window(&self, i: usize, r: usize) -> Option<usize> {
+        let w = match self.carry {
+            None => i * self.batch + r,
+            Some(_) => r * self.windows.div_ceil(self.batch) + i,
+        };
+        let run_ended = self.carry.is_some() && i >= self.windows.div_ceil(self.batch);
+        (w < self.windows && !run_ended).then_some(w)
+    }
+
+    /// Scores batch `i` of windows (rows without a window of their own repeat one that is
+    /// scored, and are not scored), leaving its windows in `x` and `y`.
     fn score<B: Backend>(
         &mut self,
         model: &Model<B>,
@@ -412,15 +444,14 @@ impl<'t> Scoring<'t> {
     ) -> Result<()> {
         let (batch, seq, stride, tokens) = (self.batch, self.seq, self.stride, self.tokens);
         let vocab = model.config.vocab_size;
-        let first = i * batch;
-        let count = batch.min(self.windows - first);
+        let windows: Vec<Option<usize>> = (0..batch).map(|r| self.window(i, r)).collect();
+        let pad = windows.iter().flatten().next().copied().unwrap_or(0);
         let (mut x, mut y) = (
             Vec::with_capacity(batch * seq),
             Vec::with_capacity(batch * seq),
         );
-        for w in first..first + batch {
-            // Padding rows repeat the last real window.
-            let start = w.min(first + count - 1) * stride;
+        for w in &windows {
+            let start = w.unwrap_or(pad) * stride;
             x.extend_from_slice(&tokens[start..start + seq]);
             y.extend_from_slice(&tokens[start + 1..start + seq + 1]);
         }
@@ -428,14 +459,39 @@ impl<'t> Scoring<'t> {
             Some(map) => (map.to_model(&x)?, map.to_model(&y)?),
             None => (x.clone(), y.clone()),
         };
-        model.forward(acts, &mx, Some(&my))?;
+        match &mut self.carry {
+            None => model.forward(acts, &mx, Some(&my))?,
+            Some((decay, carry)) => {
+                let loss = model.forward_carrying(acts, &mx, Some(&my), carry)?;
+                let decay = *decay as f32;
+                for ((state, c), w) in model
+                    .capsule_state(acts)?
+                    .into_iter()
+                    .zip(carry)
+                    .zip(&windows)
+                {
+                    *c = match (w, c.take()) {
+                        (None, _) => None,
+                        (Some(_), None) => Some(state),
+                        (Some(_), Some(old)) => Some(
+                            old.iter()
+                                .zip(&state)
+                                .map(|(&o, &s)| decay * o + (1.0 - decay) * s)
+                                .collect(),
+                        ),
+                    };
+                }
+                loss
+            }
+        };
         let mut losses: Vec<f64> = (model.download_losses(acts)?.iter())
             .map(|&l| l as f64)
             .collect();
+        let scored = |r: usize| windows[r].map(|w| (w, if w == 0 { 0 } else { seq - stride }));
         if let Some(t) = &mut self.temperature {
             let logits = model.download_logits(acts)?;
-            for r in 0..count {
-                let from = if first + r == 0 { 0 } else { seq - stride };
+            for r in 0..batch {
+                let Some((_, from)) = scored(r) else { continue };
                 for p in r * seq + from..(r + 1) * seq {
                     let row = &logits[p * vocab..(p + 1) * vocab];
                     losses[p] = t.score(row, my[p] as usize);
@@ -443,17 +499,21 @@ impl<'t> Scoring<'t> {
             }
             t.refit();
         }
-        for r in 0..count {
-            let from = if first + r == 0 { 0 } else { seq - stride };
+        for r in 0..batch {
+            let Some((w, from)) = scored(r) else { continue };
             let row = r * seq;
             let span = row + from..row + seq;
+            // Window `w` starts at w·stride: its position p's target is the stream's
+            // w·stride + p + 1.
+            let at = |p: usize| w * stride + p + 1;
+            if let Some(targets) = &mut self.targets {
+                for p in from..seq {
+                    targets[at(p)] = losses[row + p];
+                }
+            }
             self.nats += match &mut self.cache {
-                // Targets in stream order: window `first + r` starts at (first + r)·stride.
                 Some(cache) => (from..seq)
-                    .map(|p| {
-                        let at = (first + r) * stride + p + 1;
-                        cache.score(tokens, at, losses[row + p])
-                    })
+                    .map(|p| cache.score(tokens, at(p), losses[row + p]))
                     .sum::<f64>(),
                 None => losses[span.clone()].iter().sum::<f64>(),
             };
@@ -492,6 +552,37 @@ pub fn evaluate_with<B: Backend>(
     adapt: EvalTime,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
+    evaluate_targets(
+        model,
+        acts,
+        tokens,
+        tokenizer,
+        vocab_map,
+        stride,
+        max_batches,
+        adapt,
+        false,
+        progress,
+    )
+    .map(|(result, _)| result)
+}
+
+/// [`evaluate_with`], also returning each target's loss in nats by its place in the stream
+/// when `per_target` (index j: the target `tokens[j]`; NaN where none is scored: index 0, and
+/// the targets past `max_batches`).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_targets<B: Backend>(
+    model: &Model<B>,
+    acts: &Activations<B>,
+    tokens: &[u32],
+    tokenizer: &dyn TokenText,
+    vocab_map: Option<&VocabMap>,
+    stride: usize,
+    max_batches: usize,
+    adapt: EvalTime,
+    per_target: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(EvalResult, Vec<f64>)> {
     ensure!(
         adapt.ttt.is_none(),
         "test-time training changes the weights: it runs through evaluate_adapted"
@@ -505,11 +596,14 @@ pub fn evaluate_with<B: Backend>(
         max_batches,
         adapt,
     )?;
+    if per_target {
+        scoring.targets = Some(vec![f64::NAN; tokens.len()]);
+    }
     for i in 0..scoring.batches {
         scoring.score(model, acts, i)?;
         progress(i + 1, scoring.batches);
     }
-    Ok(scoring.result())
+    Ok((scoring.result(), scoring.targets.take().unwrap_or_default()))
 }
 
 /// Scores `tokens` in windows of `seq`, `batch` at a time, with the evaluation-time
@@ -529,11 +623,12 @@ pub fn evaluate_adapted<B: Backend + Clone>(
     adapt: EvalTime,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalResult> {
-    // With --capsule-passes or --capsule-halt, the same weights in a model with those
-    // settings of its Koopman passes.
-    let rebuilt = match (adapt.capsule_passes, adapt.capsule_halt) {
-        (None, None) => None,
-        (passes, halt) => {
+    // With --capsule-passes, --capsule-halt or --capsule-carry, the same weights in a model
+    // with those settings of its Koopman passes.
+    let carry = adapt.capsule_carry;
+    let rebuilt = match (adapt.capsule_passes, adapt.capsule_halt, carry) {
+        (None, None, None) => None,
+        (passes, halt, _) => {
             let mut config = model.config.clone();
             let Some(koopman) = config
                 .arch
@@ -543,12 +638,13 @@ pub fn evaluate_adapted<B: Backend + Clone>(
             else {
                 crate::fail!(
                     Config,
-                    "--capsule-passes and --capsule-halt need a model with Koopman capsule \
-                     dynamics (arch.capsules.koopman)"
+                    "--capsule-passes, --capsule-halt and --capsule-carry need a model with \
+                     Koopman capsule dynamics (arch.capsules.koopman)"
                 );
             };
             koopman.passes = passes.unwrap_or(koopman.passes);
             koopman.halt = halt.or(koopman.halt);
+            koopman.carry = carry.or(koopman.carry);
             config.validate()?;
             crate::require!(
                 halt.is_none() || adapt.ttt.is_none(),

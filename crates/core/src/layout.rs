@@ -698,10 +698,19 @@ pub struct ActivationLayout {
 #[derive(Clone, Debug)]
 pub struct CapsuleActivations {
     pub queries: Region, // (N, count·dim) the prototypes, every row
-    /// Each pass of the bank, the first without Koopman dynamics.
+    /// Each pass of the bank, the first without Koopman dynamics (unless it is given a
+    /// carry).
     pub passes: Vec<CapsulePass>,
     /// (2·dim) σ(α), then σ(−α) = 1 − σ(α): the Koopman blend's two weights (empty without).
     pub mix: Region,
+    /// (N, count·dim) with capsule carry ([`crate::config::Koopman::carry`]), each row's
+    /// carry at every position of the row: the first pass's `c_prev` (empty without).
+    pub carry: Region,
+    /// (dim) with the stability clamp ([`crate::config::Koopman::clamp`]), `D` clamped: what
+    /// `K` multiplies by; then (dim) its gradient, before the clamp's mask (both empty
+    /// without).
+    pub diag: Region,
+    pub d_diag: Region,
     pub d_observed: Region,    // (N, count·dim)
     pub d_queries: Region,     // (N, count·dim)
     pub d_keys: Region,        // (N, dim), then the read's whole gradient
@@ -818,9 +827,11 @@ impl ActivationLayout {
             let width = n * k.count * k.dim;
             let rank = k.koopman.map_or(0, |m| m.rank);
             let queries = cur.take(width);
+            // With capsule carry the first pass blends too (with the carry).
+            let carried = k.koopman.is_some_and(|m| m.carry.is_some());
             let passes: Vec<CapsulePass> = (0..k.passes())
                 .map(|p| {
-                    let koopman = if p > 0 { 1 } else { 0 };
+                    let koopman = if p > 0 || carried { 1 } else { 0 };
                     let (stream_norm, rstd, read) =
                         (cur.take(n * c), cur.take(n), cur.take(n * k.dim));
                     let (observed, saved) = (cur.take(width), cur.take(capsule_saved_len));
@@ -830,7 +841,11 @@ impl ActivationLayout {
                     );
                     let (evolved, predicted) =
                         (cur.take(koopman * width), cur.take(koopman * width));
-                    let capsules = if p > 0 { cur.take(width) } else { observed };
+                    let capsules = if koopman > 0 {
+                        cur.take(width)
+                    } else {
+                        observed
+                    };
                     CapsulePass {
                         stream_norm,
                         rstd,
@@ -849,14 +864,17 @@ impl ActivationLayout {
                 })
                 .collect();
             let mix = cur.take(if k.koopman.is_some() { 2 * k.dim } else { 0 });
-            (queries, passes, mix)
+            let carry = cur.take(if carried { width } else { 0 });
+            let clamped = k.koopman.is_some_and(|m| m.clamp);
+            let diag = cur.take(if clamped { k.dim } else { 0 });
+            (queries, passes, mix, carry, diag)
         });
         let capsule_layer = arch.capsules.map(|k| k.layer);
         // The stream each layer reads: EngramHash's output at its layer.
         let inputs: Vec<Region> = (0..depth)
             .map(|l| match (engram_forward, capsule_forward.as_ref()) {
                 (Some(f), _) if engram_layer == Some(l) => f[8],
-                (_, Some((_, passes, _))) if capsule_layer == Some(l) => {
+                (_, Some((_, passes, ..))) if capsule_layer == Some(l) => {
                     passes[passes.len() - 1].out
                 }
                 _ => residual[l],
@@ -928,7 +946,7 @@ impl ActivationLayout {
                 d_value: cur.take(n * c),
             }
         });
-        let capsules = capsule_forward.map(|(queries, mut passes, mix)| {
+        let capsules = capsule_forward.map(|(queries, mut passes, mix, carry, diag)| {
             let k = arch.capsules.expect("a capsule bank's activations");
             let width = n * k.count * k.dim;
             let koopman = if k.koopman.is_some() { 1 } else { 0 };
@@ -940,6 +958,9 @@ impl ActivationLayout {
                 queries,
                 passes,
                 mix,
+                carry,
+                diag,
+                d_diag: cur.take(diag.len),
                 d_observed: cur.take(width),
                 d_queries: cur.take(width),
                 d_keys: cur.take(n * k.dim),

@@ -94,6 +94,14 @@ fn tiny_golf_with_koopman_capsule_dynamics_matches_pytorch() {
     kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
 }
 
+/// The same with the stability clamp on D, whose values straddle the bound: the clamped
+/// ones get no gradient.
+#[test]
+fn tiny_golf_with_the_koopman_clamp_matches_pytorch() {
+    let path = fixture("model_tiny-golf-koopman-clamp.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 #[test]
 fn twenty_training_steps_make_the_loss_fall() {
     for preset in kiln_conformance::FIXTURES {

@@ -5,7 +5,7 @@
 //! buffer every branch adds its input gradient back into (that is the whole backward of the
 //! residual add).
 
-use super::{bigram_ids, engram_ids, mlp_slope, view, Activations, Model};
+use super::{bigram_ids, download, engram_ids, mlp_slope, view, Activations, Model};
 use crate::backend::{
     Accumulate, AttentionShape, Backend, MatmulShape, NormShape, Qkv, RopeShape, ScaleShape, View,
 };
@@ -113,6 +113,14 @@ impl<B: Backend> Model<B> {
              it has no gradient"
         );
         crate::require!(
+            arch.capsules
+                .and_then(|k| k.koopman)
+                .is_none_or(|m| m.carry.is_none()),
+            Config,
+            "backward: capsule carry (arch.capsules.koopman.carry) is for evaluation: \
+             training runs each window on its own"
+        );
+        crate::require!(
             crate::backend::DeviceMemory::len(&self.grads) == self.layout.total_len(),
             Shape,
             "backward: an inference model (Model::for_inference) has no gradients"
@@ -174,7 +182,7 @@ impl<B: Backend> Model<B> {
                 self.engram_backward(acts, l, tokens, &shapes);
             }
             if arch.capsules.is_some_and(|k| k.layer == l) {
-                self.capsule_backward(acts, l, &shapes);
+                self.capsule_backward(acts, l, &shapes)?;
             }
         }
         if arch.resid_mix {
@@ -323,7 +331,7 @@ impl<B: Backend> Model<B> {
     /// summed over the rows by the embedding's backward; the keys' and values' gradients both
     /// `r`'s), W_R and the norm, added into `d.residual`, which then holds dL/d(the pass's
     /// input); last, the blend's logits `α`.
-    fn capsule_backward(&self, acts: &Activations<B>, l: usize, sh: &Shapes) {
+    fn capsule_backward(&self, acts: &Activations<B>, l: usize, sh: &Shapes) -> Result<()> {
         let (cfg, be) = (&self.config, &self.backend);
         let (Some(k), Some(w), Some(s)) = (
             cfg.arch.capsules,
@@ -339,6 +347,7 @@ impl<B: Backend> Model<B> {
         let (n, c, width) = (sh.n, cfg.dim, k.count * k.dim);
         if let Some(m) = k.koopman {
             be.zero(a(s.d_mix));
+            be.zero(a(s.d_diag));
             // The consistency term's gradient per element: 2·weight/(passes·elements).
             let elements = (m.passes * n * width) as f64;
             let kappa = (2.0 * m.consistency / elements) as f32 * sh.loss_weight;
@@ -426,7 +435,22 @@ impl<B: Backend> Model<B> {
                 be.gate_backward(da, sink, dm, out, p(m.alpha), ones, 1, sign);
                 be.accumulate(g(m.alpha), da);
             }
+            if s.d_diag.len > 0 {
+                // The clamp passes D's gradient only where it did not clamp (torch.clamp's
+                // rule: the bounds themselves pass).
+                let bound = crate::config::KOOPMAN_CLAMP;
+                let diag = download(be, p(m.diag))?;
+                let mut grad = download(be, a(s.d_diag))?;
+                for (dg, d) in grad.iter_mut().zip(&diag) {
+                    if d.abs() > bound {
+                        *dg = 0.0;
+                    }
+                }
+                be.upload(a(s.d_diag), &grad)?;
+                be.accumulate(g(m.diag), a(s.d_diag));
+            }
         }
+        Ok(())
     }
 
     /// Koopman dynamics' backward ([`Model::koopman_forward`]) for pass `at`: from dL/dc in
@@ -488,12 +512,17 @@ impl<B: Backend> Model<B> {
         // H is symmetric: the rotation's backward is the rotation.
         self.rotate(a(s.d_evolved), a(s.d_predicted), square);
         let (de, rotated) = (a(s.d_evolved), a(at.rotated));
+        let d_diag = match s.d_diag.len {
+            0 => g(m.diag),
+            _ => a(s.d_diag),
+        };
+        let diag = self.koopman_diag(acts, s, m);
         be.scale_backward(
             a(s.d_rotated),
-            g(m.diag),
+            d_diag,
             de,
             rotated,
-            p(m.diag),
+            diag,
             per_channel,
             Overwrite,
         );

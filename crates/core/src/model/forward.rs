@@ -25,7 +25,59 @@ impl<B: Backend> Model<B> {
         tokens: &[u32],
         targets: Option<&[u32]>,
     ) -> Result<Option<f32>> {
-        self.forward_with(acts, tokens, targets, None, &[])
+        self.forward_with(acts, tokens, targets, None, &[], &[])
+    }
+
+    /// [`Model::forward`] with capsule carry ([`crate::config::Koopman::carry`], which the
+    /// model must be built with): row r's first Koopman pass blends its pooled capsules with
+    /// `K(carry[r])` (`count·dim` values, given to every position of the row), as later passes
+    /// do with the pass before them; a row given `None` runs as without carry.
+    /// [`Model::capsule_state`] reads what a row carries on to its stream's next window.
+    pub fn forward_carrying(
+        &self,
+        acts: &Activations<B>,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        carry: &[Option<Vec<f32>>],
+    ) -> Result<Option<f32>> {
+        let bank = self.config.arch.capsules;
+        let Some(k) = bank.filter(|k| k.koopman.is_some_and(|m| m.carry.is_some())) else {
+            crate::fail!(
+                Config,
+                "capsule carry needs a model built with it (arch.capsules.koopman.carry)"
+            );
+        };
+        crate::require!(
+            carry.len() == acts.layout.batch,
+            Shape,
+            "forward: a carry for {} rows of a batch of {}",
+            carry.len(),
+            acts.layout.batch
+        );
+        if let Some(c) = carry.iter().flatten().find(|c| c.len() != k.count * k.dim) {
+            crate::fail!(
+                Shape,
+                "forward: a carry of {} values for {} capsules of {}",
+                c.len(),
+                k.count,
+                k.dim
+            );
+        }
+        self.forward_with(acts, tokens, targets, None, &[], carry)
+    }
+
+    /// Each row's capsule state after a forward: the last pass's capsules at the row's last
+    /// position, `(batch, count·dim)` — what capsule carry hands to the stream's next window.
+    pub fn capsule_state(&self, acts: &Activations<B>) -> Result<Vec<Vec<f32>>> {
+        let (Some(k), Some(s)) = (self.config.arch.capsules, acts.layout.capsules.as_ref()) else {
+            crate::fail!(Config, "capsule_state: the model has no capsule bank");
+        };
+        let (t, width) = (acts.layout.seq, k.count * k.dim);
+        let last = s.passes[s.passes.len() - 1].capsules;
+        let all = download(&self.backend, view::<B>(&acts.memory, last))?;
+        Ok((0..acts.layout.batch)
+            .map(|r| all[((r + 1) * t - 1) * width..][..width].to_vec())
+            .collect())
     }
 
     /// [`Model::forward`] with the layers `dropped[l]` skipped (stochastic depth): a dropped
@@ -51,11 +103,12 @@ impl<B: Backend> Model<B> {
             "forward: layer 0 cannot be dropped with a value residual (its values feed every \
              later layer)"
         );
-        self.forward_with(acts, tokens, targets, None, dropped)
+        self.forward_with(acts, tokens, targets, None, dropped, &[])
     }
 
     /// The forward pass; with a cache slot, `tokens` is one token at position `slot.pos`, its
-    /// keys and values are stored in the cache, and attention reads the cache.
+    /// keys and values are stored in the cache, and attention reads the cache. `carry` is
+    /// [`Model::forward_carrying`]'s (empty: none).
     pub(super) fn forward_with(
         &self,
         acts: &Activations<B>,
@@ -63,6 +116,7 @@ impl<B: Backend> Model<B> {
         targets: Option<&[u32]>,
         slot: Option<CacheSlot<B>>,
         dropped: &[bool],
+        carry: &[Option<Vec<f32>>],
     ) -> Result<Option<f32>> {
         let (b, t) = (acts.layout.batch, acts.layout.seq);
         let n = b * t;
@@ -114,7 +168,7 @@ impl<B: Backend> Model<B> {
                 self.engram_forward(acts, l, ids);
             }
             if arch.capsules.is_some_and(|k| k.layer == l) {
-                self.capsule_forward(acts, l, slot.as_ref())?;
+                self.capsule_forward(acts, l, slot.as_ref(), carry)?;
             }
             if dropped.get(l) == Some(&true) {
                 be.copy(a(al.residual[l + 1]), a(al.input(l)));
@@ -377,6 +431,7 @@ impl<B: Backend> Model<B> {
         acts: &Activations<B>,
         l: usize,
         slot: Option<&CacheSlot<B>>,
+        carry: &[Option<Vec<f32>>],
     ) -> Result<()> {
         let cfg = &self.config;
         let (Some(k), Some(w), Some(s)) = (
@@ -397,6 +452,13 @@ impl<B: Backend> Model<B> {
             let (mix, ones) = (a(s.mix), self.ones(k.dim));
             be.gate_forward(mix.slice(0, k.dim), p(m.alpha), ones, 1, 1.0);
             be.gate_forward(mix.slice(k.dim, k.dim), p(m.alpha), ones, 1, -1.0);
+            if s.diag.len > 0 {
+                // The stability clamp on D, on the host (dim values).
+                let bound = crate::config::KOOPMAN_CLAMP;
+                let diag = download(be, p(m.diag))?;
+                let clamped: Vec<f32> = diag.iter().map(|d| d.clamp(-bound, bound)).collect();
+                be.upload(a(s.diag), &clamped)?;
+            }
         }
         for (pass, at) in s.passes.iter().enumerate() {
             let h = match pass {
@@ -452,7 +514,9 @@ impl<B: Backend> Model<B> {
                 }
             }
             if pass > 0 {
-                self.koopman_forward(acts, (k, w, s), (&s.passes[pass - 1], at), n);
+                self.koopman_forward(acts, (k, w, s), (s.passes[pass - 1].capsules, at), n);
+            } else if s.carry.len > 0 {
+                self.carry_forward(acts, (k, w, s), at, carry, t)?;
             }
             let write = MatmulShape {
                 rows: n,
@@ -518,6 +582,41 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Capsule carry into the first pass `at`: each row given a carry blends as a later pass
+    /// does, with the carry (at every position) as the pass before it; every other row keeps
+    /// its pooled capsules.
+    fn carry_forward(
+        &self,
+        acts: &Activations<B>,
+        (k, w, s): (Capsules, CapsuleParams, &CapsuleActivations),
+        at: &CapsulePass,
+        carry: &[Option<Vec<f32>>],
+        t: usize,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let width = k.count * k.dim;
+        let (n, rows) = (s.carry.len / width, t * width);
+        if carry.iter().any(Option::is_some) {
+            let mut broadcast = vec![0.0; s.carry.len];
+            for (row, c) in broadcast.chunks_exact_mut(rows).zip(carry) {
+                if let Some(c) = c {
+                    row.chunks_exact_mut(width)
+                        .for_each(|p| p.copy_from_slice(c));
+                }
+            }
+            be.upload(a(s.carry), &broadcast)?;
+            self.koopman_forward(acts, (k, w, s), (s.carry, at), n);
+        }
+        for r in 0..n / t {
+            if carry.get(r).is_none_or(Option::is_none) {
+                let src = a(at.observed).slice(r * rows, rows);
+                be.copy(a(at.capsules).slice(r * rows, rows), src);
+            }
+        }
+        Ok(())
+    }
+
     /// Koopman dynamics into pass `at` from the pass before it (`prev`), per capsule (rows of
     /// `dim`): `y = H·c_prev`, `K(c_prev) = H·(D ⊙ y + U·Vᵀ·y)`, then the capsules written
     /// `c = σ(α) ⊙ c_observed + σ(−α) ⊙ K(c_prev)` (the submission's `KoopmanDynamics.blend`,
@@ -526,7 +625,7 @@ impl<B: Backend> Model<B> {
         &self,
         acts: &Activations<B>,
         (k, w, s): (Capsules, CapsuleParams, &CapsuleActivations),
-        (prev, at): (&CapsulePass, &CapsulePass),
+        (prev, at): (Region, &CapsulePass),
         n: usize,
     ) {
         let (Some(km), Some(m)) = (k.koopman, w.koopman) else {
@@ -541,7 +640,7 @@ impl<B: Backend> Model<B> {
             in_dim: k.dim,
             out_dim: k.dim,
         };
-        self.rotate(a(at.rotated), a(prev.capsules), square);
+        self.rotate(a(at.rotated), a(prev), square);
         let down = MatmulShape {
             rows,
             in_dim: k.dim,
@@ -557,7 +656,7 @@ impl<B: Backend> Model<B> {
         be.scale_forward(
             a(at.evolved),
             a(at.rotated),
-            p(m.diag),
+            self.koopman_diag(acts, s, m),
             per_channel,
             overwrite,
         );
@@ -586,6 +685,19 @@ impl<B: Backend> Model<B> {
             per_channel,
             add,
         );
+    }
+
+    /// The `D` that `K` multiplies by: clamped with the stability clamp, else the weights'.
+    pub(super) fn koopman_diag<'m>(
+        &'m self,
+        acts: &'m Activations<B>,
+        s: &CapsuleActivations,
+        m: crate::layout::KoopmanParams,
+    ) -> View<'m, B> {
+        match s.diag.len {
+            0 => view::<B>(self.weights(), m.diag),
+            _ => view::<B>(&acts.memory, s.diag),
+        }
     }
 
     /// `out = inp·H` for the Koopman rotation (`H` symmetric), or a copy without one.

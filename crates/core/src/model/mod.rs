@@ -686,7 +686,7 @@ impl<B: Backend> Model<B> {
             cache,
             pos: cache.len,
         };
-        self.forward_with(&cache.acts, tokens, None, Some(slot), &[])?;
+        self.forward_with(&cache.acts, tokens, None, Some(slot), &[], &[])?;
         cache.len += 1;
         cache.before_last = std::mem::replace(&mut cache.last_tokens, tokens.to_vec());
         let src = view::<B>(&cache.acts.memory, cache.acts.layout.logits);
