@@ -10,7 +10,8 @@ arithmetic as a test of kiln's float32 kernels needs. For each tiny config it st
   logits       (B*T, V) float64
   loss         (1,) float64, mean cross-entropy
   grad.<name>  d loss / d parameter, float64, for every parameter
-  adamw_losses (10,) float64: the loss before each of 10 AdamW steps on the same batch
+  adamw_losses (10,) float64: the loss before each of 10 AdamW steps on the same batch (5 for
+               a model whose trajectory turns chaotic sooner, STEPS_OF)
   greedy_prompt, greedy_tokens   int64: 12 tokens decoded greedily (full recompute each
                step, no cache) from the first 4 input tokens, with the initial weights
 
@@ -98,6 +99,10 @@ CONFIGS["tiny-golf-koopman"] = dict(
     arch=dict(CONFIGS["tiny-golf"]["arch"],
               capsules=dict(count=3, dim=8, layer=2,
                             koopman=dict(rank=2, passes=2, consistency=0.5, diag_init=0.9))))
+# tiny-golf with two feedback passes over its decoder (layers 2-4), sketches of 8 values.
+CONFIGS["tiny-golf-feedback"] = dict(
+    CONFIGS["tiny-golf"],
+    arch=dict(CONFIGS["tiny-golf"]["arch"], feedback=dict(dim=8, passes=2)))
 # The same with the stability clamp: D enters K clamped to +-0.999 (its values, 1 + 0.2 N(0, 1)
 # from the Koopman fixture's seed, straddle the bound: four of eight are clamped, so the clamp
 # and its gradient's mask both show).
@@ -226,6 +231,15 @@ def block_order(c):
 BATCH, SEQ = 2, 16
 ADAMW = dict(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 ADAMW_STEPS = 10
+# Seeds other than the first: the clamp's is the Koopman fixture's (the two differ in the clamp
+# alone); with feedback passes the first seed's layer-3 v_mix gradient cancels to about 1e-3
+# (its terms are ~0.05), so bf16 products' rounding was 3% of it, and the next seed tried by
+# 1000s (2243) cancels its q_proj gradients as far.
+SEED_OF = {"tiny-golf-koopman-clamp": 1242, "tiny-golf-feedback": 3243}
+# Fewer for a model whose trajectory is chaotic sooner: with feedback passes, perturbing the
+# initial weights by 1e-7 of themselves (f32 rounding) moved the 8th loss by up to 0.08 in
+# float64, while the 5th moved by 1e-4.
+STEPS_OF = {"tiny-golf-feedback": 5}
 GREEDY_TOKENS = 12
 
 
@@ -282,6 +296,15 @@ def golf_param_shapes(c):
         shapes["model.engram.tables.weight"] = (tables * e["buckets"], e["dim"] // tables)
         shapes["model.engram.key.weight"] = (dim, e["dim"])
         shapes["model.engram.proj.weight"] = (dim, e["dim"])
+    f = a.get("feedback")
+    if f:
+        shapes["model.feedback.sketch.weight"] = (f["dim"], dim)
+        for i in range(c["n_layers"] - c["n_layers"] // 2):
+            p = f"model.feedback.adapters.{i}."
+            shapes[p + "q_proj.weight"] = (dim, dim)
+            shapes[p + "k_proj.weight"] = (dim, f["dim"])
+            shapes[p + "v_proj.weight"] = (dim, f["dim"])
+            shapes[p + "gate"] = (dim,)
     return shapes
 
 
@@ -322,12 +345,18 @@ def golf_forward(c, w, tokens):
     order = block_order(c)
     encoders = len(order) // 2
     skips, v_first = [], None
-    for l, block in enumerate(order):
-        p = f"model.layers.{block}."
+
+    def memory(l, x):
+        # EngramHash or a capsule bank before layer l.
         if a.get("engram") and a["engram"]["layer"] == l:
             x = engram(c, w, x, tokens, norm)
         if a.get("capsules") and a["capsules"]["layer"] == l:
             x = capsules(c, w, x, norm)
+        return x
+
+    def run(l, block, x, skips):
+        nonlocal v_first
+        p = f"model.layers.{block}."
         if l >= encoders and skips:
             x = x + w["model.skip_weights"][l - encoders] * skips.pop()
         mix = w[p + "resid_mix"]
@@ -383,6 +412,31 @@ def golf_forward(c, w, tokens):
         x = x + w[p + "mlp_scale"] * out
         if l < encoders:
             skips.append(x)
+        return x
+
+    fb = a.get("feedback")
+    for l, block in enumerate(order):
+        x = memory(l, x)
+        if fb and l == encoders:
+            # Where each feedback pass starts again: the stream layer E reads, and the
+            # encoder outputs for the skips.
+            encoded, encoder_outputs = x, list(skips)
+        x = run(l, block, x, skips)
+    if fb:
+        # Feedback passes: the decoder again from the encoder's output, each layer followed
+        # by its adapter, which attends (causally, no rotation) from W_Q rmsnorm(x) over the
+        # keys and values of the sketch W_F rmsnorm(y) of the stream y the pass before left.
+        for _ in range(fb["passes"]):
+            sketch = norm(x) @ w["model.feedback.sketch.weight"].T
+            x, skips = encoded, list(encoder_outputs)
+            for i, l in enumerate(range(encoders, len(order))):
+                x = run(l, order[l], x, skips)
+                p = f"model.feedback.adapters.{i}."
+                q = (norm(x) @ w[p + "q_proj.weight"].T).view(b, t, h, d).transpose(1, 2)
+                k = (sketch @ w[p + "k_proj.weight"].T).view(b, t, h, d).transpose(1, 2)
+                v = (sketch @ w[p + "v_proj.weight"].T).view(b, t, h, d).transpose(1, 2)
+                att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + mask, dim=-1) @ v
+                x = x + w[p + "gate"] * att.transpose(1, 2).reshape(b, t, h * d)
     x = norm(x)
     logits = (x @ w["model.embed_tokens.weight"].T).reshape(b * t, -1)
     cap = a["logit_softcap"]
@@ -510,7 +564,7 @@ def make(name, c, seed):
          dict(params=no_decay, weight_decay=0.0)],
         lr=ADAMW["learning_rate"], betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"])
     adamw_losses = []
-    for _ in range(ADAMW_STEPS):
+    for _ in range(STEPS_OF.get(name, ADAMW_STEPS)):
         opt.zero_grad()
         step_loss = torch.nn.functional.cross_entropy(forward_any(c, params, tokens),
                                                       targets.reshape(-1))
@@ -629,8 +683,8 @@ if __name__ == "__main__":
         if only and name not in only:
             continue
         # A seed whose routing has its margin (ROUTER_MARGIN); the first for every other model,
-        # but the clamp's, which takes the Koopman fixture's: the two differ in the clamp alone.
-        seed = 1234 + (list(CONFIGS).index("tiny-golf-koopman") if name.endswith("-clamp") else i)
+        # but those SEED_OF names.
+        seed = SEED_OF.get(name, 1234 + i)
         while not make(name, config, seed):
             seed += 1000
     if not only or "muon" in only:

@@ -307,6 +307,10 @@ impl TrainConfig {
              --capsule-halt); training runs every pass"
         );
         ensure!(
+            self.stochastic_depth.is_none() || self.model.arch.feedback.is_none(),
+            "--stochastic-depth and feedback passes (arch.feedback) cannot be combined"
+        );
+        ensure!(
             koopman.is_none_or(|m| m.carry.is_none()),
             "arch.capsules.koopman.carry (capsule carry) is for evaluation (kiln eval \
              --capsule-carry); training runs each window on its own"

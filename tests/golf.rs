@@ -959,10 +959,11 @@ fn a_dropped_layer_passes_its_gradient_through_and_learns_nothing() {
     assert!(checked >= 10 && encoder, "{checked} coordinates checked");
 }
 
-/// Depth recurrence, EngramHash, experts, a capsule bank and its Koopman dynamics in a packed
-/// artifact: the config round-trips (every option's settings), and the weights come back as
-/// the rule quantizes them, EngramHash's tables as an embedding (int8 here) and its matrices
-/// (and a capsule bank's) as matrices, counted in the size table under their own group.
+/// Depth recurrence, EngramHash, experts, a capsule bank and its Koopman dynamics (with the
+/// clamp), and feedback passes in a packed artifact: the config round-trips (every option's
+/// settings), and the weights come back as the rule quantizes them, EngramHash's tables as an
+/// embedding (int8 here) and its matrices (and a capsule bank's, and the feedback sketch's and
+/// adapters') as matrices, counted in the size table under their own group.
 #[test]
 fn recurrent_and_engram_models_pack_and_reload() {
     let dir = temp_dir("pack-new-options");
@@ -983,6 +984,7 @@ fn recurrent_and_engram_models_pack_and_reload() {
         "tiny-golf-capsules",
         "tiny-golf-koopman",
         "tiny-golf-koopman-clamp",
+        "tiny-golf-feedback",
     ];
     for name in presets {
         let config = ModelConfig::preset(name).unwrap();
@@ -1008,13 +1010,14 @@ fn recurrent_and_engram_models_pack_and_reload() {
         let memory_rows = report
             .groups
             .iter()
-            .find(|g| g.group == "memory matrices (EngramHash, capsules)");
-        let memory = config.arch.engram.is_some() || config.arch.capsules.is_some();
-        assert_eq!(
-            memory_rows.map(|g| g.tensors),
-            memory.then_some(2),
-            "{name}"
-        );
+            .find(|g| g.group == "memory matrices (EngramHash, capsules, feedback)");
+        // EngramHash's key and projection, the bank's read and write; feedback's sketch and
+        // each decoder layer's adapter's three matrices.
+        let memory = match config.feedback_span() {
+            Some((_, _, decoder)) => Some(1 + 3 * decoder),
+            None => (config.arch.engram.is_some() || config.arch.capsules.is_some()).then_some(2),
+        };
+        assert_eq!(memory_rows.map(|g| g.tensors), memory, "{name}");
         if let Some(e) = model.layout.engram {
             let stored = back
                 .codes
@@ -1211,6 +1214,130 @@ fn koopman_capsule_dynamics_match_finite_differences() {
             "{name}: no gradient to check (largest {largest})"
         );
     }
+}
+
+/// Feedback passes' backward against central finite differences of the forward's loss, on
+/// tiny-golf-feedback: every adapter's gate opened (1), the sketch's and adapters' matrices
+/// ×10 and the embedding ×200 (as above), so that every pass reaches the loss. Checked: the
+/// sketch, each adapter's W_Q, W_K, W_V and gate, a decoder block's query matrix (which every
+/// pass runs) and an encoder block's (whose gradient comes back from every pass through the
+/// encoder's output); ε = 1e-2, the largest four analytic gradients above 1e-4 of each,
+/// within 5% plus 2e-4 (f32 loss rounding over 2ε, as above). (With those matrices ×25 the
+/// loss curves enough that ε = 1e-2 misses by 7%, and ε = 3e-3 agrees.)
+#[test]
+fn feedback_passes_match_finite_differences() {
+    let mut config = ModelConfig::preset("tiny-golf-feedback").unwrap();
+    config.vocab_size = 64;
+    let mut model = Model::new(ReferenceBackend, config).unwrap();
+    model.init_random(5).unwrap();
+    let mut weights = model.download_params().unwrap();
+    let feedback = model.layout.feedback.clone().unwrap();
+    let gates: Vec<_> = feedback.adapters.iter().map(|a| a.gate).collect();
+    let mut sketch_and_adapters = vec![feedback.sketch];
+    sketch_and_adapters.extend(feedback.adapters.iter().flat_map(|a| [a.q, a.k, a.v]));
+    for spec in &model.layout.specs {
+        let region = &mut weights[spec.region.offset..][..spec.region.len];
+        if gates.contains(&spec.region) {
+            region.fill(1.0);
+        } else if spec.region == model.layout.embedding {
+            region.iter_mut().for_each(|w| *w *= 200.0);
+        } else if sketch_and_adapters.contains(&spec.region) {
+            region.iter_mut().for_each(|w| *w *= 10.0);
+        }
+    }
+    model.upload_params(&weights).unwrap();
+    let tokens: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 64).collect();
+    let targets: Vec<u32> = (0..32).map(|i| (i * 5 + 1) % 64).collect();
+    let acts = model.loss_activations(2, 16).unwrap();
+    model.forward(&acts, &tokens, Some(&targets)).unwrap();
+    model.backward(&acts, &tokens, &targets, 1.0).unwrap();
+    let grads = model.download_grads().unwrap();
+    let loss_at = |values: &[f32]| {
+        model.upload_params(values).unwrap();
+        model
+            .forward(&acts, &tokens, Some(&targets))
+            .unwrap()
+            .unwrap() as f64
+    };
+    let mut checked_tensors = vec![
+        feedback.sketch,
+        model.layout.layers[3].wq,
+        model.layout.layers[0].wq,
+    ];
+    for a in &feedback.adapters {
+        checked_tensors.extend([a.q, a.k, a.v, a.gate]);
+    }
+    let (eps, floor): (f32, f64) = (1e-2, 2e-4);
+    for region in checked_tensors {
+        let name = &model
+            .layout
+            .specs
+            .iter()
+            .find(|s| s.region == region)
+            .unwrap()
+            .name;
+        let analytic = &grads[region.offset..][..region.len];
+        let mut order: Vec<usize> = (0..region.len).collect();
+        order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+        let mut checked = 0;
+        for &i in order
+            .iter()
+            .take(4)
+            .filter(|&&i| f64::from(analytic[i].abs()) > floor / 2.0)
+        {
+            let numeric = central_difference(&loss_at, &weights, region.offset + i, eps);
+            let analytic = analytic[i] as f64;
+            assert!(
+                (numeric - analytic).abs() <= 0.05 * analytic.abs() + floor,
+                "{name}[{i}]: backward {analytic}, finite differences {numeric}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "{name}: no gradient to check");
+    }
+}
+
+/// Feedback passes refuse what numbers or skips layers differently (depth recurrence,
+/// experts, norm-scale damping, parallel residuals, XSA, stochastic depth), a sketch of no
+/// values, more than 3 passes, and heads that do not add up to the width, each with a
+/// message naming the option.
+#[test]
+fn feedback_passes_refuse_what_they_cannot_combine_with() {
+    use kiln_core::config::{Feedback, Recurrence};
+    let base = ModelConfig::preset("tiny-golf-feedback").unwrap();
+    let refused = |change: &dyn Fn(&mut ModelConfig), word: &str| {
+        let mut config = base.clone();
+        change(&mut config);
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains(word), "{message}");
+    };
+    refused(
+        &|c| {
+            c.arch.recurrence = Some(Recurrence {
+                start: 1,
+                end: 3,
+                repeats: 1,
+            })
+        },
+        "recurrence",
+    );
+    refused(&|c| c.arch.ln_scale = true, "ln_scale");
+    refused(&|c| c.arch.xsa_from = Some(2), "xsa_from");
+    refused(
+        &|c| c.arch.feedback = Some(Feedback { dim: 0, passes: 1 }),
+        "dim",
+    );
+    refused(
+        &|c| c.arch.feedback = Some(Feedback { dim: 8, passes: 4 }),
+        "passes",
+    );
+    refused(&|c| c.head_dim = 4, "n_heads × head_dim");
+    let dir = temp_dir("feedback-refusals");
+    let mut train = TrainConfig::new(base.clone(), dir.clone());
+    train.stochastic_depth = Some(0.1);
+    let message = train.validate().unwrap_err().to_string();
+    assert!(message.contains("--stochastic-depth"), "{message}");
+    let _ = fs::remove_dir_all(dir);
 }
 
 /// `kiln eval --capsule-passes N` scores a Koopman model with N passes of its bank: exactly

@@ -43,6 +43,7 @@ fn cached_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-golf-capsules.safetensors",
         "model_tiny-golf-koopman.safetensors",
         "model_tiny-golf-koopman-clamp.safetensors",
+        "model_tiny-golf-feedback.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -84,6 +85,7 @@ fn prefill_then_decoding_gives_the_logits_of_the_full_forward() {
         "model_tiny-golf-capsules.safetensors",
         "model_tiny-golf-koopman.safetensors",
         "model_tiny-golf-koopman-clamp.safetensors",
+        "model_tiny-golf-feedback.safetensors",
     ] {
         let (model, tokens, full) = full_forward(name);
         let (tokens, vocab) = (&tokens[..], model.config.vocab_size);
@@ -129,6 +131,7 @@ fn batched_decoding_gives_each_sequence_its_own_logits() {
         "model_tiny-golf-capsules.safetensors",
         "model_tiny-golf-koopman.safetensors",
         "model_tiny-golf-koopman-clamp.safetensors",
+        "model_tiny-golf-feedback.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();
@@ -191,6 +194,7 @@ fn greedy_decoding_matches_pytorch() {
         "model_tiny-golf-capsules.safetensors",
         "model_tiny-golf-koopman.safetensors",
         "model_tiny-golf-koopman-clamp.safetensors",
+        "model_tiny-golf-feedback.safetensors",
     ] {
         let fixture = fixture(name);
         let model = fixture.model(ReferenceBackend).unwrap();

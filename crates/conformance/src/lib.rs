@@ -94,7 +94,7 @@ pub fn model_tolerance<B: Backend>(backend: &B) -> Tolerance {
 
 /// The whole-model fixtures `scripts/make_fixtures.py` writes (`tests/fixtures/model_*.safetensors`),
 /// each one of kiln's presets.
-pub const FIXTURES: [&str; 10] = [
+pub const FIXTURES: [&str; 11] = [
     "tiny-mha",
     "tiny-gqa",
     "tiny-golf",
@@ -105,6 +105,7 @@ pub const FIXTURES: [&str; 10] = [
     "tiny-golf-capsules",
     "tiny-golf-koopman",
     "tiny-golf-koopman-clamp",
+    "tiny-golf-feedback",
 ];
 
 /// Every kernel family.
@@ -577,6 +578,7 @@ pub fn check_fixture_within<B: Backend + Clone>(
         model.backward(&acts, &tokens, &targets, 1.0).unwrap();
         adamw_step(&mut model, &fixture.adamw, 1.0).unwrap();
     }
+
     check(&format!("{name} adamw losses"), &got, &want, 2)
 }
 

@@ -119,6 +119,31 @@ pub struct Arch {
     pub moe: Option<Moe>,
     /// A causal capsule bank added to one layer's input ([`Capsules`]).
     pub capsules: Option<Capsules>,
+    /// Feedback passes: the decoder half run again with adapters that read a sketch of the
+    /// pass before it ([`Feedback`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<Feedback>,
+}
+
+/// Feedback passes, the causal form of the ternary submission's feedback adapters. The
+/// decoder half (layers `E = n_layers/2` on) runs `1 + passes` times, each pass again from the
+/// encoder's output `e` (the stream layer E reads) with the U-Net skips. Before pass p ≥ 1,
+/// each position t gets a sketch of where the pass before left its stream, `s_t = W_F ·
+/// rmsnorm(y_t)` (`dim` values), and after each decoder layer i of the pass the stream `x`
+/// becomes `x + g_i ⊙ attn(W_Q,i·rmsnorm(x), W_K,i·s, W_V,i·s)`: causal attention (the
+/// model's heads, no rotation) of each position over the sketches at or before it, so no
+/// position reads a later one. The adapters (one per decoder layer, shared by the passes) start closed
+/// (`g_i` = 0). The logits come from the last pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Feedback {
+    pub dim: usize,
+    #[serde(default = "default_feedback_passes")]
+    pub passes: usize,
+}
+
+fn default_feedback_passes() -> usize {
+    1
 }
 
 /// A causal capsule bank: `count` capsules of `dim` values, each a learned prototype `p_k`
@@ -281,6 +306,7 @@ impl Default for Arch {
             xsa_from: None,
             moe: None,
             capsules: None,
+            feedback: None,
         }
     }
 }
@@ -472,6 +498,13 @@ impl ModelConfig {
                     end: 3,
                     repeats: 1,
                 });
+                config
+            }
+            // tiny-golf with two feedback passes over its decoder (layers 2-4) and sketches
+            // of 8 values.
+            "tiny-golf-feedback" => {
+                let mut config = ModelConfig::preset("tiny-golf")?;
+                config.arch.feedback = Some(Feedback { dim: 8, passes: 2 });
                 config
             }
             // tiny-golf with norm-scale damping, exclusive self attention from layer 2 and
@@ -820,7 +853,57 @@ impl ModelConfig {
                 );
             }
         }
+        if let Some(f) = arch.feedback {
+            let encoders = self.n_layers / 2;
+            if !(1..=3).contains(&f.passes) {
+                bail!(
+                    "arch.feedback.passes must be between 1 and 3, got {}",
+                    f.passes
+                );
+            }
+            if f.dim == 0 || f.dim > MAX_WIDTH {
+                bail!(
+                    "arch.feedback.dim must be between 1 and {MAX_WIDTH}, got {}",
+                    f.dim
+                );
+            }
+            if self.n_layers < 2 || self.n_heads * self.head_dim != self.dim {
+                bail!(
+                    "arch.feedback needs at least 2 layers and n_heads × head_dim = dim (its \
+                     adapters' attention adds to the stream)"
+                );
+            }
+            // Options that number layers differently, or sit inside the decoder, are not
+            // combined with the decoder's reruns.
+            if arch.recurrence.is_some()
+                || arch.moe.is_some()
+                || arch.ln_scale
+                || arch.parallel_from.is_some()
+                || arch.xsa_from.is_some()
+            {
+                bail!(
+                    "arch.feedback cannot be combined with arch.recurrence, moe, ln_scale, \
+                     parallel_from or xsa_from"
+                );
+            }
+            let inside = |layer: Option<usize>| layer.is_some_and(|l| l > encoders);
+            if inside(arch.engram.map(|e| e.layer)) || inside(arch.capsules.map(|k| k.layer)) {
+                bail!(
+                    "with arch.feedback, EngramHash and the capsule bank must sit at or below \
+                     layer {encoders}, where the decoder's passes start"
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The decoder's first layer with feedback passes (`n_layers/2`), the passes, and the
+    /// decoder's length.
+    pub fn feedback_span(&self) -> Option<(usize, usize, usize)> {
+        self.arch.feedback.map(|f| {
+            let encoders = self.n_layers / 2;
+            (encoders, f.passes, self.n_layers - encoders)
+        })
     }
 
     /// Whether layer `l`'s attention is exclusive (XSA).
@@ -833,16 +916,26 @@ impl ModelConfig {
         self.arch.parallel_from.is_some_and(|from| l >= from)
     }
 
-    /// Layers the forward runs: `n_layers`, plus the blocks depth recurrence runs again.
+    /// Layers the forward runs: `n_layers`, plus the blocks depth recurrence runs again, or
+    /// the decoder's feedback passes.
     pub fn depth(&self) -> usize {
+        if let Some((_, passes, decoder)) = self.feedback_span() {
+            return self.n_layers + passes.saturating_mul(decoder);
+        }
         match self.arch.recurrence {
             Some(r) => self.n_layers + r.repeats.saturating_mul(r.end.saturating_sub(r.start)),
             None => self.n_layers,
         }
     }
 
-    /// The block each layer of the forward runs, in order (`0..n_layers` without recurrence).
+    /// The block each layer of the forward runs, in order (`0..n_layers` without recurrence
+    /// or feedback passes).
     pub fn block_order(&self) -> Vec<usize> {
+        if let Some((encoders, passes, _)) = self.feedback_span() {
+            return (0..self.n_layers)
+                .chain((0..passes).flat_map(|_| encoders..self.n_layers))
+                .collect();
+        }
         match self.arch.recurrence {
             Some(r) => (0..r.end)
                 .chain((0..r.repeats).flat_map(|_| r.start..r.end))
@@ -850,6 +943,17 @@ impl ModelConfig {
                 .collect(),
             None => (0..self.n_layers).collect(),
         }
+    }
+
+    /// With feedback passes, layer `l`'s pass (0 for the encoder and the first decoder pass)
+    /// and whether it starts its pass (reads the encoder's output) — `None` without.
+    pub fn feedback_pass(&self, l: usize) -> Option<(usize, bool)> {
+        let (_, _, decoder) = self.feedback_span()?;
+        if l < self.n_layers {
+            return Some((0, false));
+        }
+        let i = l - self.n_layers;
+        Some((1 + i / decoder, i.is_multiple_of(decoder)))
     }
 
     /// An upper bound of the parameter count, in wide arithmetic that cannot overflow for any
@@ -891,10 +995,17 @@ impl ModelConfig {
                 .map_or(0, |m| 2 * d + 2 * d * (m.rank as u128).min(d));
             n * d + d * c + c * n * d + c + koopman
         });
+        // Feedback passes: the sketch, and per decoder layer an adapter (W_Q, W_K, W_V, gate).
+        let feedback = self.arch.feedback.map_or(0, |fb| {
+            let d = fb.dim as u128;
+            d.saturating_mul(c)
+                .saturating_add(l.saturating_mul(c * c + 2 * c * d + c))
+        });
         (2 * v * c + b * c + l * block + depth * c)
             .saturating_add(engram)
             .saturating_add(moe)
             .saturating_add(capsules)
+            .saturating_add(feedback)
     }
 
     /// Whether layer `l`'s MLP is a mixture of experts.

@@ -79,6 +79,8 @@ pub enum Control {
     /// Koopman dynamics' blend logit `α (dim)`, initialised to −5 (σ(α) ≈ 0.007: each pass's
     /// observation nearly off).
     KoopmanBlend,
+    /// A feedback adapter's output gate (C), initialised to 0 (the adapter starts closed).
+    FeedbackGate,
 }
 
 /// How a parameter tensor starts.
@@ -206,6 +208,24 @@ pub struct KoopmanParams {
     pub alpha: Region,
 }
 
+/// Feedback passes' parameters ([`crate::config::Feedback`]).
+#[derive(Clone, Debug)]
+pub struct FeedbackParams {
+    /// `W_F (dim, C)`: the sketch of the stream.
+    pub sketch: Region,
+    /// One adapter per decoder layer, shared by the passes.
+    pub adapters: Vec<AdapterParams>,
+}
+
+/// A feedback adapter's parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct AdapterParams {
+    pub q: Region,    // W_Q (C, C)
+    pub k: Region,    // W_K (C, dim)
+    pub v: Region,    // W_V (C, dim)
+    pub gate: Region, // g (C)
+}
+
 /// Every parameter of a model, in arena order.
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
@@ -214,6 +234,7 @@ pub struct ParamLayout {
     pub bigram: Option<Region>, // (buckets, C)
     pub engram: Option<EngramParams>,
     pub capsules: Option<CapsuleParams>,
+    pub feedback: Option<FeedbackParams>,
     /// The blocks (L of them).
     pub layers: Vec<LayerParams>,
     /// The block each layer of the forward runs ([`ModelConfig::block_order`]): `0..L`, or
@@ -239,15 +260,33 @@ pub fn skip_source(config: &ModelConfig, l: usize) -> Option<(usize, usize)> {
     if !config.arch.unet_skips {
         return None;
     }
-    let encoders = config.depth() / 2;
+    let encoders = unet_encoders(config);
+    // Each feedback pass runs the decoder again, with the same skips.
+    let l = match config.feedback_span() {
+        Some((_, _, decoder)) if l >= config.n_layers => encoders + (l - config.n_layers) % decoder,
+        _ => l,
+    };
     let i = l.checked_sub(encoders)?;
     (i < skip_count(config)).then(|| (i, encoders - 1 - i))
 }
 
 /// How many U-Net skips (rows of `skip_weights`).
 pub fn skip_count(config: &ModelConfig) -> usize {
-    let encoders = config.depth() / 2;
-    encoders.min(config.depth() - encoders)
+    let encoders = unet_encoders(config);
+    let layers = match config.feedback_span() {
+        Some(_) => config.n_layers,
+        None => config.depth(),
+    };
+    encoders.min(layers - encoders)
+}
+
+/// The U-Net's encoder layers: the first half of the layers the forward runs (of one pass,
+/// with feedback passes).
+pub fn unet_encoders(config: &ModelConfig) -> usize {
+    match config.feedback_span() {
+        Some((encoders, _, _)) => encoders,
+        None => config.depth() / 2,
+    }
 }
 
 /// Appends parameter specs in arena order, each with its initial values.
@@ -277,7 +316,9 @@ impl SpecBuilder<'_> {
             }
             ParamKind::Control(Control::ResidMix) => Init::Rows(vec![1.0, 0.0]),
             ParamKind::Control(Control::ValueMix) => Init::Rows(vec![0.5, 0.5]),
-            ParamKind::Control(Control::CapsuleGate) => Init::Rows(vec![0.0]),
+            ParamKind::Control(Control::CapsuleGate | Control::FeedbackGate) => {
+                Init::Rows(vec![0.0])
+            }
             ParamKind::Control(Control::KoopmanBlend) => Init::Rows(vec![-5.0]),
             ParamKind::Control(kind @ (Control::KoopmanDiag | Control::KoopmanFactor)) => {
                 let koopman = arch.capsules.and_then(|k| k.koopman);
@@ -518,6 +559,36 @@ impl ParamLayout {
                 }),
             }
         });
+        let feedback = config.feedback_span().map(|(_, _, decoder)| {
+            let memory = ParamKind::BlockMatrix {
+                branch: Branch::Memory,
+                output: false,
+            };
+            let fd = arch.feedback.map_or(0, |f| f.dim);
+            let sketch = b.add(
+                "model.feedback.sketch.weight".into(),
+                vec![fd, c],
+                memory,
+                None,
+            );
+            let adapters = (0..decoder)
+                .map(|i| {
+                    let name = |s: &str| format!("model.feedback.adapters.{i}.{s}");
+                    AdapterParams {
+                        q: b.add(name("q_proj.weight"), vec![c, c], memory, None),
+                        k: b.add(name("k_proj.weight"), vec![c, fd], memory, None),
+                        v: b.add(name("v_proj.weight"), vec![c, fd], memory, None),
+                        gate: b.add(
+                            name("gate"),
+                            vec![c],
+                            ParamKind::Control(Control::FeedbackGate),
+                            None,
+                        ),
+                    }
+                })
+                .collect();
+            FeedbackParams { sketch, adapters }
+        });
         let layers = (0..config.n_layers).map(|l| b.block(l)).collect();
         let skip_weights = arch.unet_skips.then(|| {
             let shape = vec![skip_count(config), c];
@@ -538,6 +609,7 @@ impl ParamLayout {
             bigram,
             engram,
             capsules,
+            feedback,
             layers,
             order: config.block_order(),
             skip_weights,
@@ -680,6 +752,7 @@ pub struct ActivationLayout {
     pub engram_layer: Option<usize>,
     pub capsules: Option<CapsuleActivations>,
     pub capsule_layer: Option<usize>,
+    pub feedback: Option<FeedbackActivations>,
     pub layers: Vec<LayerActivations>,
     pub xn_final: Region,   // (N, C)
     pub rstd_final: Region, // (N)
@@ -727,6 +800,48 @@ pub struct CapsuleActivations {
     pub d_mix: Region,
     pub d_alpha: Region,
     pub consistency: Region,
+}
+
+/// The feedback passes' activations ([`crate::config::Feedback`]), then their gradients.
+#[derive(Clone, Debug)]
+pub struct FeedbackActivations {
+    /// The stream each layer reads (as [`ActivationLayout::input`] gives it).
+    pub inputs: Vec<Region>,
+    /// Before each pass after the first, the sketch of the stream the pass before left.
+    pub sketches: Vec<Sketch>,
+    /// After each layer of those passes, in order, its adapter.
+    pub adapters: Vec<Adapter>,
+    /// (N, C) the adapter's attention output's gradient, then its q, k and v's.
+    pub d_att: Region,
+    pub d_q: Region,
+    pub d_k: Region,
+    pub d_v: Region,
+    /// (N, dim) a pass's sketch's gradient, summed over its adapters; (N, C) the normalized
+    /// stream's; (N, C) the encoder output's, summed over the passes after the first.
+    pub d_sketch: Region,
+    pub d_stream_norm: Region,
+    pub d_encoded: Region,
+}
+
+/// A feedback pass's sketch: `s = W_F·rmsnorm(y)` of the stream `y` the pass before left.
+#[derive(Clone, Copy, Debug)]
+pub struct Sketch {
+    pub stream_norm: Region, // (N, C)
+    pub rstd: Region,        // (N)
+    pub sketch: Region,      // (N, dim)
+}
+
+/// A feedback adapter after a layer: `out = x + g ⊙ attn(W_Q·rmsnorm(x), W_K·s, W_V·s)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Adapter {
+    pub xn: Region,    // (N, C) rmsnorm(x)
+    pub rstd: Region,  // (N)
+    pub q: Region,     // (N, C)
+    pub k: Region,     // (N, C)
+    pub v: Region,     // (N, C)
+    pub att: Region,   // (N, C)
+    pub saved: Region, // the backend's attention state (heads H, kv heads H)
+    pub out: Region,   // (N, C)
 }
 
 /// One pass of a capsule bank: it reads the stream the pass before it left (the layer's
@@ -779,6 +894,9 @@ impl ActivationLayout {
     /// The stream layer `l` reads: `residual[l]`, or EngramHash's or the capsule bank's
     /// output at its layer.
     pub fn input(&self, l: usize) -> Region {
+        if let Some(f) = &self.feedback {
+            return f.inputs[l];
+        }
         match (self.engram, self.capsules.as_ref()) {
             (Some(e), _) if self.engram_layer == Some(l) => e.out,
             (_, Some(k)) if self.capsule_layer == Some(l) => k.passes[k.passes.len() - 1].out,
@@ -786,11 +904,27 @@ impl ActivationLayout {
         }
     }
 
+    /// The stream layer `l` leaves: `residual[l + 1]`, or with feedback passes after the
+    /// first, its adapter's output.
+    pub fn stream_after(&self, l: usize) -> Region {
+        let decoder_runs = self.feedback.as_ref().map_or(0, |f| f.adapters.len());
+        let first_pass = self.residual.len() - 1 - decoder_runs;
+        match &self.feedback {
+            Some(f) if l >= first_pass => f.adapters[l - first_pass].out,
+            _ => self.residual[l + 1],
+        }
+    }
+
+    /// The stream the last layer leaves, which the final norm reads.
+    pub fn last_stream(&self) -> Region {
+        self.stream_after(self.residual.len() - 2)
+    }
+
     pub fn new(
         config: &ModelConfig,
         batch: usize,
         seq: usize,
-        (attention_saved_len, capsule_saved_len): (usize, usize),
+        (attention_saved_len, capsule_saved_len, feedback_saved_len): (usize, usize, usize),
         (head, classifier_saved_len): (Head, usize),
     ) -> Self {
         let n = batch * seq;
@@ -870,16 +1004,52 @@ impl ActivationLayout {
             (queries, passes, mix, carry, diag)
         });
         let capsule_layer = arch.capsules.map(|k| k.layer);
-        // The stream each layer reads: EngramHash's output at its layer.
-        let inputs: Vec<Region> = (0..depth)
-            .map(|l| match (engram_forward, capsule_forward.as_ref()) {
+        // The feedback passes' forward activations (their gradients come after
+        // `forward_end`): a sketch before each pass after the first, an adapter after each
+        // of those passes' layers.
+        let feedback_forward = config.feedback_span().map(|(_, passes, decoder)| {
+            let fd = arch.feedback.map_or(0, |f| f.dim);
+            let sketches: Vec<Sketch> = (0..passes)
+                .map(|_| Sketch {
+                    stream_norm: cur.take(n * c),
+                    rstd: cur.take(n),
+                    sketch: cur.take(n * fd),
+                })
+                .collect();
+            let adapters: Vec<Adapter> = (0..passes * decoder)
+                .map(|_| Adapter {
+                    xn: cur.take(n * c),
+                    rstd: cur.take(n),
+                    q: cur.take(n * c),
+                    k: cur.take(n * c),
+                    v: cur.take(n * c),
+                    att: cur.take(n * c),
+                    saved: cur.take(feedback_saved_len),
+                    out: cur.take(n * c),
+                })
+                .collect();
+            (sketches, adapters)
+        });
+        // The stream each layer reads: EngramHash's or the capsule bank's output at its
+        // layer; with feedback passes, the encoder's output where a pass starts, else the
+        // adapter after the layer before.
+        let mut inputs: Vec<Region> = Vec::with_capacity(depth);
+        for l in 0..depth {
+            let input = match (engram_forward, capsule_forward.as_ref()) {
                 (Some(f), _) if engram_layer == Some(l) => f[8],
                 (_, Some((_, passes, ..))) if capsule_layer == Some(l) => {
                     passes[passes.len() - 1].out
                 }
-                _ => residual[l],
-            })
-            .collect();
+                _ => match (config.feedback_pass(l), feedback_forward.as_ref()) {
+                    (Some((p, true)), _) if p > 0 => inputs[config.n_layers / 2],
+                    (Some((p, false)), Some((_, adapters))) if p > 0 => {
+                        adapters[l - 1 - config.n_layers].out
+                    }
+                    _ => residual[l],
+                },
+            };
+            inputs.push(input);
+        }
         let (embed, rstd_embed) = if arch.embed_norm {
             (cur.take(n * c), cur.take(n))
         } else {
@@ -976,6 +1146,21 @@ impl ActivationLayout {
                 consistency: cur.take(koopman * 2 * k.dim),
             }
         });
+        let feedback = feedback_forward.map(|(sketches, adapters)| {
+            let fd = arch.feedback.map_or(0, |f| f.dim);
+            FeedbackActivations {
+                inputs: inputs.clone(),
+                sketches,
+                adapters,
+                d_att: cur.take(n * c),
+                d_q: cur.take(n * c),
+                d_k: cur.take(n * c),
+                d_v: cur.take(n * c),
+                d_sketch: cur.take(n * fd),
+                d_stream_norm: cur.take(n * c),
+                d_encoded: cur.take(n * c),
+            }
+        });
         let residual_grad = cur.take(n * c);
         let (attn_proj, mlp_proj) = if scales {
             (cur.take(n * c), cur.take(n * c))
@@ -1064,6 +1249,7 @@ impl ActivationLayout {
             engram_layer,
             capsules,
             capsule_layer,
+            feedback,
             layers,
             xn_final,
             rstd_final,

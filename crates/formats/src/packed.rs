@@ -107,7 +107,7 @@ fn group_of(kind: ParamKind) -> &'static str {
         ParamKind::BlockMatrix {
             branch: Branch::Memory,
             ..
-        } => "memory matrices (EngramHash, capsules)",
+        } => "memory matrices (EngramHash, capsules, feedback)",
         ParamKind::NormGain | ParamKind::Control(_) => "norms and control tensors",
     }
 }

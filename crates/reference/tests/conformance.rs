@@ -94,6 +94,13 @@ fn tiny_golf_with_koopman_capsule_dynamics_matches_pytorch() {
     kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
 }
 
+/// Two feedback passes over tiny-golf's decoder, each layer of them followed by its adapter.
+#[test]
+fn tiny_golf_with_feedback_passes_matches_pytorch() {
+    let path = fixture("model_tiny-golf-feedback.safetensors");
+    kiln_conformance::check_fixture(ReferenceBackend, &path).unwrap();
+}
+
 /// The same with the stability clamp on D, whose values straddle the bound: the clamped
 /// ones get no gradient.
 #[test]
@@ -136,16 +143,31 @@ fn the_capsule_bank_reads_no_later_token() {
     the_bank_reads_no_later_token(halting);
 }
 
+/// The same of feedback passes (the ternary submission's adapters read a sketch pooled over
+/// the whole sequence, which fails this), their adapters' gates opened.
+#[test]
+fn feedback_passes_read_no_later_token() {
+    let config = kiln_core::config::ModelConfig::preset("tiny-golf-feedback").unwrap();
+    the_bank_reads_no_later_token(config);
+}
+
 fn the_bank_reads_no_later_token(config: kiln_core::config::ModelConfig) {
     use kiln_core::model::Model;
-    let preset = format!("{:?}", config.arch.capsules);
+    let preset = format!("{:?} {:?}", config.arch.capsules, config.arch.feedback);
     let mut model = Model::new(ReferenceBackend, config.clone()).unwrap();
     model.init_random(3).unwrap();
-    let gate = model.layout.capsules.unwrap().gate;
+    // The capsule bank's gate or the feedback adapters' gates.
+    let gates: Vec<_> = match (&model.layout.capsules, &model.layout.feedback) {
+        (Some(k), _) => vec![k.gate],
+        (_, Some(f)) => f.adapters.iter().map(|a| a.gate).collect(),
+        _ => unreachable!("a model with a capsule bank or feedback passes"),
+    };
     let mut params = model.download_params().unwrap();
-    params[gate.offset..gate.offset + gate.len].fill(0.5);
+    for gate in &gates {
+        params[gate.offset..gate.offset + gate.len].fill(0.5);
+    }
     // The Koopman blend half open, so each position's capsules move by their own amount.
-    if let Some(m) = model.layout.capsules.unwrap().koopman {
+    if let Some(m) = model.layout.capsules.and_then(|k| k.koopman) {
         params[m.alpha.offset..m.alpha.offset + m.alpha.len].fill(0.0);
     }
     model.upload_params(&params).unwrap();
@@ -180,8 +202,11 @@ fn the_bank_reads_no_later_token(config: kiln_core::config::ModelConfig) {
         let what = format!("{preset} decoding position {pos}");
         kiln_conformance::assert_close(&what, &step, &want, tol).unwrap();
     }
-    // Without the bank's gate open, the same model's logits differ: the bank contributes.
-    params[gate.offset..gate.offset + gate.len].fill(0.0);
+    // Without the gates open, the same model's logits differ: the bank or the adapters
+    // contribute.
+    for gate in &gates {
+        params[gate.offset..gate.offset + gate.len].fill(0.0);
+    }
     model.upload_params(&params).unwrap();
-    assert_ne!(logits(&a), la, "the capsule bank must reach the logits");
+    assert_ne!(logits(&a), la, "{preset} must reach the logits");
 }

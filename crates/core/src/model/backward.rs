@@ -137,13 +137,20 @@ impl<B: Backend> Model<B> {
         );
         let mut shapes = self.shapes(acts);
         shapes.loss_weight = loss_weight;
-        let encoders = cfg.depth() / 2;
+        let encoders = crate::layout::unet_encoders(cfg);
 
         if arch.value_residual {
             be.zero(a(d.v_first));
         }
         if arch.resid_mix {
             be.zero(a(d.x0));
+        }
+        if let Some(f) = &al.feedback {
+            // The passes after the first add to the skips' and the encoder output's gradients.
+            for &skip in &d.skips {
+                be.zero(a(skip));
+            }
+            be.zero(a(f.d_encoded));
         }
         self.head_backward(acts, targets, loss_weight, &shapes);
         // A block that depth recurrence runs more than once adds each run's gradient into its
@@ -156,6 +163,10 @@ impl<B: Backend> Model<B> {
                 if i < d.skips.len() {
                     be.accumulate(a(d.residual), a(d.skips[i]));
                 }
+            }
+            let pass = cfg.feedback_pass(l).filter(|&(p, _)| p > 0);
+            if let Some((p, _)) = pass {
+                self.adapter_backward(acts, l, p, &shapes);
             }
             if dropped.get(l) == Some(&true) {
                 // The identity: d.residual passes through. A decoder's skip added nothing.
@@ -177,7 +188,28 @@ impl<B: Backend> Model<B> {
                 self.attention_backward(acts, l, (w, s), dout, &shapes);
                 self.block_input_backward(acts, l, w, s, &shapes);
             }
-            // d.residual holds dL/d(the layer's input): through EngramHash at its layer.
+            // d.residual holds dL/d(the layer's input). A feedback pass's first layer read
+            // the encoder's output: its gradient joins that one's, and the stream the pass
+            // before left gets its gradient through the pass's sketch.
+            if let Some((p, true)) = pass {
+                let f = al
+                    .feedback
+                    .as_ref()
+                    .expect("a feedback model's activations");
+                be.accumulate(a(f.d_encoded), a(d.residual));
+                self.sketch_backward(acts, l, p, &shapes);
+            }
+            if cfg
+                .feedback_span()
+                .is_some_and(|(encoders, ..)| encoders == l)
+            {
+                let f = al
+                    .feedback
+                    .as_ref()
+                    .expect("a feedback model's activations");
+                be.accumulate(a(d.residual), a(f.d_encoded));
+            }
+            // Through EngramHash at its layer.
             if arch.engram.is_some_and(|e| e.layer == l) {
                 self.engram_backward(acts, l, tokens, &shapes);
             }
@@ -306,7 +338,7 @@ impl<B: Backend> Model<B> {
             be.matmul_backward(dx, dw, dy, x, w, sh.mm(c, vocab), Overwrite);
         }
         let (gain, gain_grad) = self.gain_and_grad(self.layout.final_norm, c);
-        let last = a(al.residual[cfg.depth()]);
+        let last = a(al.last_stream());
         let rstd = a(al.rstd_final);
         let shape = sh.norm(n, c);
         be.rmsnorm_backward(
@@ -451,6 +483,116 @@ impl<B: Backend> Model<B> {
             }
         }
         Ok(())
+    }
+
+    /// The feedback adapter after layer `l` (pass `p`): from dL/d(its output) in
+    /// `d.residual` to dL/d(the layer's output) (the identity plus the query's path through
+    /// its norm), the
+    /// gradients of W_Q, W_K, W_V and the gate, and the keys' and values' share of the pass's
+    /// sketch gradient (overwritten by the pass's last adapter, the first the backward meets).
+    fn adapter_backward(&self, acts: &Activations<B>, l: usize, p: usize, sh: &Shapes) {
+        let (Some(f), Some(w)) = (acts.layout.feedback.as_ref(), self.layout.feedback.as_ref())
+        else {
+            unreachable!("a feedback model has its parameters and activations");
+        };
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let pw = |r: Region| view::<B>(self.weights(), r);
+        let g = |r: Region| view::<B>(&self.grads, r);
+        let d = &acts.layout.grads;
+        let (c, fd) = (cfg.dim, cfg.arch.feedback.map_or(0, |f| f.dim));
+        let j = l - cfg.n_layers;
+        let decoder = w.adapters.len();
+        let (at, params) = (&f.adapters[j], &w.adapters[j % decoder]);
+        be.scale_backward(
+            a(f.d_att),
+            g(params.gate),
+            a(d.residual),
+            a(at.att),
+            pw(params.gate),
+            sh.scale(c, 1),
+            Overwrite,
+        );
+        let grads = Qkv {
+            q: a(f.d_q),
+            k: a(f.d_k),
+            v: a(f.d_v),
+        };
+        let inputs = Qkv {
+            q: a(at.q),
+            k: a(at.k),
+            v: a(at.v),
+        };
+        let shape = AttentionShape {
+            batch: sh.batch,
+            seq: sh.seq,
+            heads: cfg.n_heads,
+            kv_heads: cfg.n_heads,
+            head_dim: cfg.head_dim,
+        };
+        be.attention_backward(grads, a(f.d_att), inputs, a(at.saved), shape);
+        let (dxn, xn) = (a(f.d_stream_norm), a(at.xn));
+        let wq = (g(params.q), pw(params.q));
+        be.matmul_backward(dxn, wq.0, a(f.d_q), xn, wq.1, sh.mm(c, c), Overwrite);
+        let x = a(acts.layout.residual[l + 1]);
+        let (ones, sink, rstd) = (self.ones(c), self.ones_sink(c), a(at.rstd));
+        let norm = sh.norm(sh.n, c);
+        be.rmsnorm_backward(a(d.residual), sink, dxn, x, ones, rstd, norm, Add);
+        let sketch = a(f.sketches[p - 1].sketch);
+        let last_of_pass = (j + 1).is_multiple_of(decoder);
+        let mode = if last_of_pass { Overwrite } else { Add };
+        be.matmul_backward(
+            a(f.d_sketch),
+            g(params.k),
+            a(f.d_k),
+            sketch,
+            pw(params.k),
+            sh.mm(fd, c),
+            mode,
+        );
+        be.matmul_backward(
+            a(f.d_sketch),
+            g(params.v),
+            a(f.d_v),
+            sketch,
+            pw(params.v),
+            sh.mm(fd, c),
+            Add,
+        );
+    }
+
+    /// The sketch before pass `p` (first layer `l`): from its gradient, summed over the pass's
+    /// adapters, to `W_F`'s and to dL/d(the stream the pass before left), which replaces
+    /// `d.residual` (that stream fed nothing else).
+    fn sketch_backward(&self, acts: &Activations<B>, l: usize, p: usize, sh: &Shapes) {
+        let (Some(f), Some(w)) = (acts.layout.feedback.as_ref(), self.layout.feedback.as_ref())
+        else {
+            unreachable!("a feedback model has its parameters and activations");
+        };
+        let (cfg, be) = (&self.config, &self.backend);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let d = &acts.layout.grads;
+        let (c, fd) = (cfg.dim, cfg.arch.feedback.map_or(0, |f| f.dim));
+        let sk = &f.sketches[p - 1];
+        let (dw, weights) = (
+            view::<B>(&self.grads, w.sketch),
+            view::<B>(self.weights(), w.sketch),
+        );
+        let (dxn, ds, xn) = (a(f.d_stream_norm), a(f.d_sketch), a(sk.stream_norm));
+        be.matmul_backward(dxn, dw, ds, xn, weights, sh.mm(c, fd), Overwrite);
+        let prev = a(acts.layout.stream_after(l - 1));
+        let (ones, sink) = (self.ones(c), self.ones_sink(c));
+        let (dres, rstd) = (a(d.residual), a(sk.rstd));
+        be.rmsnorm_backward(
+            dres,
+            sink,
+            dxn,
+            prev,
+            ones,
+            rstd,
+            sh.norm(sh.n, c),
+            Overwrite,
+        );
     }
 
     /// Koopman dynamics' backward ([`Model::koopman_forward`]) for pass `at`: from dL/dc in
@@ -975,6 +1117,11 @@ impl<B: Backend> Model<B> {
             be.copy(a(d.residual), a(d.xn));
         }
         if let Some((i, j)) = skip_source(cfg, l) {
+            // Feedback passes add to a skip's gradient once per pass (zeroed at the start).
+            let mode = match cfg.arch.feedback {
+                Some(_) => Add,
+                None => Overwrite,
+            };
             be.scale_backward(
                 a(d.skips[i]),
                 self.skip_row(&self.grads, i),
@@ -982,7 +1129,7 @@ impl<B: Backend> Model<B> {
                 a(al.residual[j + 1]),
                 self.skip_row(self.weights(), i),
                 shape,
-                Overwrite,
+                mode,
             );
         }
     }

@@ -103,6 +103,11 @@ impl<B: Backend> Model<B> {
             "forward: layer 0 cannot be dropped with a value residual (its values feed every \
              later layer)"
         );
+        crate::require!(
+            self.config.arch.feedback.is_none() || !dropped.contains(&true),
+            Config,
+            "forward: stochastic depth and feedback passes cannot be combined"
+        );
         self.forward_with(acts, tokens, targets, None, dropped, &[])
     }
 
@@ -170,14 +175,21 @@ impl<B: Backend> Model<B> {
             if arch.capsules.is_some_and(|k| k.layer == l) {
                 self.capsule_forward(acts, l, slot.as_ref(), carry)?;
             }
+            let pass = cfg.feedback_pass(l).filter(|&(p, _)| p > 0);
+            if let Some((p, true)) = pass {
+                self.sketch_forward(acts, l, p);
+            }
             if dropped.get(l) == Some(&true) {
                 be.copy(a(al.residual[l + 1]), a(al.input(l)));
                 continue;
             }
             let w = &self.layout.layers[block];
             self.block_forward(acts, l, w, s, slot.as_ref());
+            if let Some((p, _)) = pass {
+                self.adapter_forward(acts, l, p, slot.as_ref());
+            }
         }
-        let last = a(al.residual[cfg.depth()]);
+        let last = a(al.last_stream());
         let final_norm = gain(self.layout.final_norm, c);
         be.rmsnorm_forward(
             a(al.xn_final),
@@ -580,6 +592,125 @@ impl<B: Backend> Model<B> {
             }
         }
         Ok(())
+    }
+
+    /// The sketch before feedback pass `p` (whose first layer is `l`): `s = W_F·rmsnorm(y)`
+    /// of the stream `y` the pass before left.
+    fn sketch_forward(&self, acts: &Activations<B>, l: usize, p: usize) {
+        let (Some(f), Some(w)) = (acts.layout.feedback.as_ref(), self.layout.feedback.as_ref())
+        else {
+            unreachable!("a feedback model has its parameters and activations");
+        };
+        let cfg = &self.config;
+        let (n, c) = (acts.layout.batch * acts.layout.seq, cfg.dim);
+        let fd = cfg.arch.feedback.map_or(0, |f| f.dim);
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let sk = &f.sketches[p - 1];
+        let prev = a(acts.layout.stream_after(l - 1));
+        let norm = NormShape {
+            rows: n,
+            dim: c,
+            eps: cfg.norm_eps as f32,
+        };
+        let be = &self.backend;
+        be.rmsnorm_forward(a(sk.stream_norm), a(sk.rstd), prev, self.ones(c), norm);
+        let shape = MatmulShape {
+            rows: n,
+            in_dim: c,
+            out_dim: fd,
+        };
+        let weights = view::<B>(self.weights(), w.sketch);
+        be.matmul_forward(a(sk.sketch), a(sk.stream_norm), weights, shape);
+    }
+
+    /// The feedback adapter after layer `l` (of pass `p` ≥ 1): `out = x + g ⊙
+    /// attn(W_Q·rmsnorm(x), W_K·s, W_V·s)` with `x` the layer's output and `s` the pass's sketch; when decoding,
+    /// its keys and values go to the cache and attention reads the cache.
+    fn adapter_forward(
+        &self,
+        acts: &Activations<B>,
+        l: usize,
+        p: usize,
+        slot: Option<&CacheSlot<B>>,
+    ) {
+        let (Some(f), Some(w)) = (acts.layout.feedback.as_ref(), self.layout.feedback.as_ref())
+        else {
+            unreachable!("a feedback model has its parameters and activations");
+        };
+        let cfg = &self.config;
+        let (b, t) = (acts.layout.batch, acts.layout.seq);
+        let (n, c) = (b * t, cfg.dim);
+        let fd = cfg.arch.feedback.map_or(0, |f| f.dim);
+        let j = l - cfg.n_layers;
+        let (at, params) = (&f.adapters[j], &w.adapters[j % w.adapters.len()]);
+        let be = &self.backend;
+        let a = |r: Region| view::<B>(&acts.memory, r);
+        let pw = |r: Region| view::<B>(self.weights(), r);
+        let x = a(acts.layout.residual[l + 1]);
+        let sketch = a(f.sketches[p - 1].sketch);
+        let mm = |in_dim, out_dim| MatmulShape {
+            rows: n,
+            in_dim,
+            out_dim,
+        };
+        let norm = NormShape {
+            rows: n,
+            dim: c,
+            eps: cfg.norm_eps as f32,
+        };
+        be.rmsnorm_forward(a(at.xn), a(at.rstd), x, self.ones(c), norm);
+        be.matmul_forward(a(at.q), a(at.xn), pw(params.q), mm(c, c));
+        be.matmul_forward(a(at.k), sketch, pw(params.k), mm(fd, c));
+        be.matmul_forward(a(at.v), sketch, pw(params.v), mm(fd, c));
+        let (heads, head_dim) = (cfg.n_heads, cfg.head_dim);
+        match slot {
+            None => {
+                let inputs = Qkv {
+                    q: a(at.q),
+                    k: a(at.k),
+                    v: a(at.v),
+                };
+                let shape = AttentionShape {
+                    batch: b,
+                    seq: t,
+                    heads,
+                    kv_heads: heads,
+                    head_dim,
+                };
+                be.attention_forward(a(at.att), a(at.saved), inputs, shape);
+            }
+            Some(slot) => {
+                let (cache, pos) = (slot.cache, slot.pos);
+                let (keys, values) = (cache.feedback_keys(j, 0, c), cache.feedback_keys(j, 1, c));
+                for seq in 0..cache.batch {
+                    let row = (seq * cache.capacity + pos) * c;
+                    be.copy(keys.slice(row, c), a(at.k).slice(seq * c, c));
+                    be.copy(values.slice(row, c), a(at.v).slice(seq * c, c));
+                }
+                let shape = DecodeShape {
+                    batch: cache.batch,
+                    len: pos + 1,
+                    capacity: cache.capacity,
+                    heads,
+                    kv_heads: heads,
+                    head_dim,
+                };
+                be.attention_decode(a(at.att), a(at.q), keys, values, shape);
+            }
+        }
+        be.copy(a(at.out), x);
+        let per_channel = ScaleShape {
+            rows: n,
+            groups: c,
+            inner: 1,
+        };
+        be.scale_forward(
+            a(at.out),
+            a(at.att),
+            pw(params.gate),
+            per_channel,
+            Accumulate::Add,
+        );
     }
 
     /// Capsule carry into the first pass `at`: each row given a carry blends as a later pass

@@ -198,6 +198,8 @@ pub struct KvCache<B: Backend> {
     values: Vec<Region>,
     /// A capsule bank's keys (= values), `(batch, capacity, dim)`.
     capsules: Option<Region>,
+    /// Feedback adapters' keys then values, each adapter's `(batch, capacity, C)`.
+    feedback: Option<Region>,
     batch: usize,
     capacity: usize,
     /// Positions filled (the same in every sequence).
@@ -209,6 +211,16 @@ pub struct KvCache<B: Backend> {
     before_last: Vec<u32>,
     /// Activations of one token per sequence.
     acts: Activations<B>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Feedback adapter `j`'s keys (`half` 0) or values (1), `(batch, capacity, c)`, as a
+    /// view of the cache.
+    fn feedback_keys(&self, j: usize, half: usize, c: usize) -> View<'_, B> {
+        let region = self.feedback.expect("a cache for feedback adapters");
+        let one = self.batch * self.capacity * c;
+        view::<B>(&self.memory, region).slice((2 * j + half) * one, one)
+    }
 }
 
 /// Where a forward pass reads and writes its keys and values when decoding.
@@ -559,11 +571,22 @@ impl<B: Backend> Model<B> {
                     head_dim: k.dim,
                 })
         });
+        // The feedback adapters' attention: every head its own keys and values.
+        let feedback_saved = self.config.arch.feedback.map_or(0, |_| {
+            self.backend
+                .attention_saved_len(crate::backend::AttentionShape {
+                    batch,
+                    seq,
+                    heads: self.config.n_heads,
+                    kv_heads: self.config.n_heads,
+                    head_dim: self.config.head_dim,
+                })
+        });
         let layout = ActivationLayout::new(
             &self.config,
             batch,
             seq,
-            (saved, capsule_saved),
+            (saved, capsule_saved, feedback_saved),
             (head, classifier),
         );
         let vocab = self.config.vocab_size;
@@ -618,7 +641,7 @@ impl<B: Backend> Model<B> {
                 len: row,
             })
             .collect();
-        let layout = ActivationLayout::new(&self.config, batch, 1, (0, 0), (Head::Logits, 0));
+        let layout = ActivationLayout::new(&self.config, batch, 1, (0, 0, 0), (Head::Logits, 0));
         let memory = self.backend.alloc(layout.total_len(), DType::F32)?;
         let acts = Activations::new(layout, memory);
         // Every pass of a capsule bank keeps its own reads: (passes, batch, capacity, dim).
@@ -626,12 +649,21 @@ impl<B: Backend> Model<B> {
             offset: 2 * l * row,
             len: k.passes() * batch * capacity * k.dim,
         });
-        let total = 2 * l * row + capsules.map_or(0, |r| r.len);
+        let after = 2 * l * row + capsules.map_or(0, |r| r.len);
+        let feedback = self
+            .config
+            .feedback_span()
+            .map(|(_, passes, decoder)| Region {
+                offset: after,
+                len: 2 * passes * decoder * batch * capacity * self.config.dim,
+            });
+        let total = after + feedback.map_or(0, |r| r.len);
         Ok(KvCache {
             memory: self.backend.alloc(total, DType::F32)?,
             keys,
             values,
             capsules,
+            feedback,
             batch,
             capacity,
             len: 0,
@@ -747,6 +779,18 @@ impl<B: Backend> Model<B> {
                     let at = p * per_pass + b * cache.capacity * k.dim;
                     let at = view::<B>(&cache.memory, region).slice(at, n * k.dim);
                     self.backend.copy(at, view::<B>(&acts.memory, pass.read));
+                }
+            }
+        }
+        if let Some(f) = acts.layout.feedback.as_ref() {
+            let c = self.config.dim;
+            for (j, adapter) in f.adapters.iter().enumerate() {
+                for (half, src) in [(0, adapter.k), (1, adapter.v)] {
+                    let keys = cache.feedback_keys(j, half, c);
+                    for b in 0..cache.batch {
+                        let dst = keys.slice(b * cache.capacity * c, n * c);
+                        self.backend.copy(dst, view::<B>(&acts.memory, src));
+                    }
                 }
             }
         }
