@@ -55,6 +55,59 @@ fn central_difference(
     (up - down) / (2.0 * eps as f64)
 }
 
+/// With `weights`, two sequences of 16 of a fixed token pattern: the largest four analytic
+/// gradients of each of `regions` (those above half the floor) against central differences
+/// of the loss with the step `step(region).0`, within 5% plus the floor `step(region).1`. At
+/// least one per tensor must be checked.
+fn check_largest_gradients(
+    model: &Model<ReferenceBackend>,
+    weights: &[f32],
+    regions: &[kiln_core::model::Region],
+    step: impl Fn(kiln_core::model::Region) -> (f32, f64),
+) {
+    model.upload_params(weights).unwrap();
+    let tokens: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 64).collect();
+    let targets: Vec<u32> = (0..32).map(|i| (i * 5 + 1) % 64).collect();
+    let acts = model.loss_activations(2, 16).unwrap();
+    model.forward(&acts, &tokens, Some(&targets)).unwrap();
+    model.backward(&acts, &tokens, &targets, 1.0).unwrap();
+    let grads = model.download_grads().unwrap();
+    let loss_at = |values: &[f32]| {
+        model.upload_params(values).unwrap();
+        model
+            .forward(&acts, &tokens, Some(&targets))
+            .unwrap()
+            .unwrap() as f64
+    };
+    for &region in regions {
+        let spec = model.layout.specs.iter().find(|s| s.region == region);
+        let name = &spec.unwrap().name;
+        let analytic = &grads[region.offset..][..region.len];
+        let mut order: Vec<usize> = (0..region.len).collect();
+        order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+        let (eps, floor) = step(region);
+        let mut checked = 0;
+        for &i in order
+            .iter()
+            .take(4)
+            .filter(|&&i| f64::from(analytic[i].abs()) > floor / 2.0)
+        {
+            let numeric = central_difference(&loss_at, weights, region.offset + i, eps);
+            let analytic = analytic[i] as f64;
+            assert!(
+                (numeric - analytic).abs() <= 0.05 * analytic.abs() + floor,
+                "{name}[{i}]: backward {analytic}, finite differences {numeric}"
+            );
+            checked += 1;
+        }
+        let largest = analytic.iter().fold(0f32, |m, g| m.max(g.abs()));
+        assert!(
+            checked > 0,
+            "{name}: no gradient to check (largest {largest})"
+        );
+    }
+}
+
 /// tiny-golf (every golf option) trained with Muon and the warmdown schedule.
 fn golf_config(data: PathBuf, steps: u64) -> TrainConfig {
     let mut config = TrainConfig::new(ModelConfig::preset("tiny-golf").unwrap(), data);
@@ -1152,20 +1205,6 @@ fn koopman_capsule_dynamics_match_finite_differences() {
             region.iter_mut().for_each(|w| *w *= 10.0);
         }
     }
-    model.upload_params(&weights).unwrap();
-    let tokens: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 64).collect();
-    let targets: Vec<u32> = (0..32).map(|i| (i * 5 + 1) % 64).collect();
-    let acts = model.loss_activations(2, 16).unwrap();
-    model.forward(&acts, &tokens, Some(&targets)).unwrap();
-    model.backward(&acts, &tokens, &targets, 1.0).unwrap();
-    let grads = model.download_grads().unwrap();
-    let loss_at = |values: &[f32]| {
-        model.upload_params(values).unwrap();
-        model
-            .forward(&acts, &tokens, Some(&targets))
-            .unwrap()
-            .unwrap() as f64
-    };
     let bank = [
         caps.prototypes,
         caps.read,
@@ -1176,44 +1215,16 @@ fn koopman_capsule_dynamics_match_finite_differences() {
         koopman.v,
         koopman.alpha,
     ];
-    for region in bank {
-        let name = &model
-            .layout
-            .specs
-            .iter()
-            .find(|s| s.region == region)
-            .unwrap()
-            .name;
-        let analytic = &grads[region.offset..][..region.len];
-        let mut order: Vec<usize> = (0..region.len).collect();
-        order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
+    let step = |region| {
         // The blend logit moves the loss least (its gradients about 2e-5): a wider step, and
         // a floor of f32 rounding over that step.
-        let (eps, floor): (f32, f64) = if region == koopman.alpha {
+        if region == koopman.alpha {
             (0.25, 1e-5)
         } else {
             (1e-2, 2e-4)
-        };
-        let mut checked = 0;
-        for &i in order
-            .iter()
-            .take(4)
-            .filter(|&&i| f64::from(analytic[i].abs()) > floor / 2.0)
-        {
-            let numeric = central_difference(&loss_at, &weights, region.offset + i, eps);
-            let analytic = analytic[i] as f64;
-            assert!(
-                (numeric - analytic).abs() <= 0.05 * analytic.abs() + floor,
-                "{name}[{i}]: backward {analytic}, finite differences {numeric}"
-            );
-            checked += 1;
         }
-        let largest = analytic.iter().fold(0f32, |m, g| m.max(g.abs()));
-        assert!(
-            checked > 0,
-            "{name}: no gradient to check (largest {largest})"
-        );
-    }
+    };
+    check_largest_gradients(&model, &weights, &bank, step);
 }
 
 /// Feedback passes' backward against central finite differences of the forward's loss, on
@@ -1245,20 +1256,6 @@ fn feedback_passes_match_finite_differences() {
             region.iter_mut().for_each(|w| *w *= 10.0);
         }
     }
-    model.upload_params(&weights).unwrap();
-    let tokens: Vec<u32> = (0..32).map(|i| (i * 7 + 3) % 64).collect();
-    let targets: Vec<u32> = (0..32).map(|i| (i * 5 + 1) % 64).collect();
-    let acts = model.loss_activations(2, 16).unwrap();
-    model.forward(&acts, &tokens, Some(&targets)).unwrap();
-    model.backward(&acts, &tokens, &targets, 1.0).unwrap();
-    let grads = model.download_grads().unwrap();
-    let loss_at = |values: &[f32]| {
-        model.upload_params(values).unwrap();
-        model
-            .forward(&acts, &tokens, Some(&targets))
-            .unwrap()
-            .unwrap() as f64
-    };
     let mut checked_tensors = vec![
         feedback.sketch,
         model.layout.layers[3].wq,
@@ -1267,34 +1264,8 @@ fn feedback_passes_match_finite_differences() {
     for a in &feedback.adapters {
         checked_tensors.extend([a.q, a.k, a.v, a.gate]);
     }
-    let (eps, floor): (f32, f64) = (1e-2, 2e-4);
-    for region in checked_tensors {
-        let name = &model
-            .layout
-            .specs
-            .iter()
-            .find(|s| s.region == region)
-            .unwrap()
-            .name;
-        let analytic = &grads[region.offset..][..region.len];
-        let mut order: Vec<usize> = (0..region.len).collect();
-        order.sort_by(|&a, &b| analytic[b].abs().total_cmp(&analytic[a].abs()));
-        let mut checked = 0;
-        for &i in order
-            .iter()
-            .take(4)
-            .filter(|&&i| f64::from(analytic[i].abs()) > floor / 2.0)
-        {
-            let numeric = central_difference(&loss_at, &weights, region.offset + i, eps);
-            let analytic = analytic[i] as f64;
-            assert!(
-                (numeric - analytic).abs() <= 0.05 * analytic.abs() + floor,
-                "{name}[{i}]: backward {analytic}, finite differences {numeric}"
-            );
-            checked += 1;
-        }
-        assert!(checked > 0, "{name}: no gradient to check");
-    }
+    let step = |_| (1e-2, 2e-4);
+    check_largest_gradients(&model, &weights, &checked_tensors, step);
 }
 
 /// Feedback passes refuse what numbers or skips layers differently (depth recurrence,

@@ -536,19 +536,7 @@ impl<B: Backend> Model<B> {
                 out_dim: c,
             };
             be.matmul_forward(a(at.write), a(at.capsules), p(w.write), write);
-            be.copy(a(at.out), h);
-            let per_channel = ScaleShape {
-                rows: n,
-                groups: c,
-                inner: 1,
-            };
-            be.scale_forward(
-                a(at.out),
-                a(at.write),
-                p(w.gate),
-                per_channel,
-                Accumulate::Add,
-            );
+            self.gated_add(a(at.out), h, a(at.write), p(w.gate), n);
         }
         match k.koopman.and_then(|m| m.halt) {
             Some(halt) => self.capsule_halt(acts, s, (n, c, width), halt),
@@ -698,19 +686,19 @@ impl<B: Backend> Model<B> {
                 be.attention_decode(a(at.att), a(at.q), keys, values, shape);
             }
         }
-        be.copy(a(at.out), x);
+        self.gated_add(a(at.out), x, a(at.att), pw(params.gate), n);
+    }
+
+    /// `out = x + g ⊙ y` with a per-channel gate `g (C)` over `rows` rows.
+    fn gated_add(&self, out: View<B>, x: View<B>, y: View<B>, gate: View<B>, rows: usize) {
         let per_channel = ScaleShape {
-            rows: n,
-            groups: c,
+            rows,
+            groups: self.config.dim,
             inner: 1,
         };
-        be.scale_forward(
-            a(at.out),
-            a(at.att),
-            pw(params.gate),
-            per_channel,
-            Accumulate::Add,
-        );
+        self.backend.copy(out, x);
+        self.backend
+            .scale_forward(out, y, gate, per_channel, Accumulate::Add);
     }
 
     /// Capsule carry into the first pass `at`: each row given a carry blends as a later pass
