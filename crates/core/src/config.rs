@@ -132,8 +132,8 @@ pub struct Arch {
 /// rmsnorm(y_t)` (`dim` values), and after each decoder layer i of the pass the stream `x`
 /// becomes `x + g_i ⊙ attn(W_Q,i·rmsnorm(x), W_K,i·s, W_V,i·s)`: causal attention (the
 /// model's heads, no rotation) of each position over the sketches at or before it, so no
-/// position reads a later one. The adapters (one per decoder layer, shared by the passes) start closed
-/// (`g_i` = 0). The logits come from the last pass.
+/// position reads a later one. The adapters (one per decoder layer, shared by the passes)
+/// start closed (`g_i` = 0). The logits come from the last pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Feedback {

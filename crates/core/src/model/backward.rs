@@ -487,9 +487,9 @@ impl<B: Backend> Model<B> {
 
     /// The feedback adapter after layer `l` (pass `p`): from dL/d(its output) in
     /// `d.residual` to dL/d(the layer's output) (the identity plus the query's path through
-    /// its norm), the
-    /// gradients of W_Q, W_K, W_V and the gate, and the keys' and values' share of the pass's
-    /// sketch gradient (overwritten by the pass's last adapter, the first the backward meets).
+    /// its norm), the gradients of W_Q, W_K, W_V and the gate, and the keys' and values'
+    /// share of the pass's sketch gradient (overwritten by the pass's last adapter, the first
+    /// the backward meets).
     fn adapter_backward(&self, acts: &Activations<B>, l: usize, p: usize, sh: &Shapes) {
         let (Some(f), Some(w)) = (acts.layout.feedback.as_ref(), self.layout.feedback.as_ref())
         else {

@@ -612,8 +612,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// The feedback adapter after layer `l` (of pass `p` ≥ 1): `out = x + g ⊙
-    /// attn(W_Q·rmsnorm(x), W_K·s, W_V·s)` with `x` the layer's output and `s` the pass's sketch; when decoding,
-    /// its keys and values go to the cache and attention reads the cache.
+    /// attn(W_Q·rmsnorm(x), W_K·s, W_V·s)` with `x` the layer's output and `s` the pass's
+    /// sketch; when decoding, its keys and values go to the cache and attention reads it.
     fn adapter_forward(
         &self,
         acts: &Activations<B>,
