@@ -98,7 +98,7 @@ pub fn kernels<B: Backend>(
     let dims = Dims::of_model(config, batch, seq);
     let mut rows = Vec::new();
     for (i, case) in cases(&dims).into_iter().filter(|c| c.bench).enumerate() {
-        let inputs = case.inputs(i as u64);
+        let inputs = case.bench_inputs(i as u64);
         let placed = Placed::new(backend, &case, &inputs)?;
         drop(inputs);
         let views = placed.views();
