@@ -108,6 +108,22 @@ fn check_largest_gradients(
     }
 }
 
+/// An evaluation-only setting of `config`: the training config and a model's backward (on
+/// `ids`, after a forward) both refuse it with a message naming `word`.
+fn training_refuses(config: ModelConfig, dir: &Path, ids: &[u32], word: &str) {
+    let train = TrainConfig::new(config.clone(), dir.to_path_buf());
+    let message = train.validate().unwrap_err().to_string();
+    assert!(message.contains(word), "{message}");
+    let model = Model::new(ReferenceBackend, config).unwrap();
+    let acts = model.loss_activations(1, ids.len()).unwrap();
+    model.forward(&acts, ids, Some(ids)).unwrap();
+    let message = model
+        .backward(&acts, ids, ids, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains(word), "{message}");
+}
+
 /// tiny-golf (every golf option) trained with Muon and the warmdown schedule.
 fn golf_config(data: PathBuf, steps: u64) -> TrainConfig {
     let mut config = TrainConfig::new(ModelConfig::preset("tiny-golf").unwrap(), data);
@@ -1402,18 +1418,7 @@ fn a_koopman_model_scores_with_the_passes_asked_for() {
     {
         m.halt = Some(0.05);
     }
-    let train = TrainConfig::new(config.clone(), dir.clone());
-    let message = train.validate().unwrap_err().to_string();
-    assert!(message.contains("halt"), "{message}");
-    let halted = Model::new(ReferenceBackend, config).unwrap();
-    let acts = halted.loss_activations(1, 8).unwrap();
-    let ids: Vec<u32> = tokens[..8].to_vec();
-    halted.forward(&acts, &ids, Some(&ids)).unwrap();
-    let message = halted
-        .backward(&acts, &ids, &ids, 1.0)
-        .unwrap_err()
-        .to_string();
-    assert!(message.contains("halt"), "{message}");
+    training_refuses(config, &dir, &tokens[..8], "halt");
     fs::remove_dir_all(dir).unwrap();
 }
 
@@ -1545,19 +1550,7 @@ fn capsule_carry_scores_each_run_in_order_and_reads_only_earlier_text() {
         .unwrap_err()
         .to_string();
     assert!(message.contains("--capsule-carry"), "{message}");
-    let message = TrainConfig::new(carrying.clone(), dir.clone())
-        .validate()
-        .unwrap_err()
-        .to_string();
-    assert!(message.contains("carry"), "{message}");
-    let acts = carried.loss_activations(1, 8).unwrap();
-    let ids: Vec<u32> = tokens[..8].to_vec();
-    carried.forward(&acts, &ids, Some(&ids)).unwrap();
-    let message = carried
-        .backward(&acts, &ids, &ids, 1.0)
-        .unwrap_err()
-        .to_string();
-    assert!(message.contains("carry"), "{message}");
+    training_refuses(carrying.clone(), &dir, &tokens[..8], "carry");
     let message = adapted(
         &plain,
         EvalTime {

@@ -426,12 +426,13 @@ impl<'t> Scoring<'t> {
     /// or with capsule carry window `i` of row r's run (the runs split the windows in
     /// `batch` consecutive parts).
     fn window(&self, i: usize, r: usize) -> Option<usize> {
+        let run = self.windows.div_ceil(self.batch);
         let w = match self.carry {
             None => i * self.batch + r,
-            Some(_) => r * self.windows.div_ceil(self.batch) + i,
+            Some(_) if i < run => r * run + i,
+            Some(_) => return None,
         };
-        let run_ended = self.carry.is_some() && i >= self.windows.div_ceil(self.batch);
-        (w < self.windows && !run_ended).then_some(w)
+        (w < self.windows).then_some(w)
     }
 
     /// Scores batch `i` of windows (rows without a window of their own repeat one that is

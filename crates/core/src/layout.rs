@@ -753,6 +753,8 @@ pub struct ActivationLayout {
     pub capsules: Option<CapsuleActivations>,
     pub capsule_layer: Option<usize>,
     pub feedback: Option<FeedbackActivations>,
+    /// The stream each layer reads ([`ActivationLayout::input`]).
+    inputs: Vec<Region>,
     pub layers: Vec<LayerActivations>,
     pub xn_final: Region,   // (N, C)
     pub rstd_final: Region, // (N)
@@ -805,8 +807,6 @@ pub struct CapsuleActivations {
 /// The feedback passes' activations ([`crate::config::Feedback`]), then their gradients.
 #[derive(Clone, Debug)]
 pub struct FeedbackActivations {
-    /// The stream each layer reads (as [`ActivationLayout::input`] gives it).
-    pub inputs: Vec<Region>,
     /// Before each pass after the first, the sketch of the stream the pass before left.
     pub sketches: Vec<Sketch>,
     /// After each layer of those passes, in order, its adapter.
@@ -892,16 +892,10 @@ pub struct EngramActivations {
 
 impl ActivationLayout {
     /// The stream layer `l` reads: `residual[l]`, or EngramHash's or the capsule bank's
-    /// output at its layer.
+    /// output at its layer; with feedback passes, the encoder's output where a pass starts
+    /// and the adapter's output after the layer before elsewhere in them.
     pub fn input(&self, l: usize) -> Region {
-        if let Some(f) = &self.feedback {
-            return f.inputs[l];
-        }
-        match (self.engram, self.capsules.as_ref()) {
-            (Some(e), _) if self.engram_layer == Some(l) => e.out,
-            (_, Some(k)) if self.capsule_layer == Some(l) => k.passes[k.passes.len() - 1].out,
-            _ => self.residual[l],
-        }
+        self.inputs[l]
     }
 
     /// The stream layer `l` leaves: `residual[l + 1]`, or with feedback passes after the
@@ -1149,7 +1143,6 @@ impl ActivationLayout {
         let feedback = feedback_forward.map(|(sketches, adapters)| {
             let fd = arch.feedback.map_or(0, |f| f.dim);
             FeedbackActivations {
-                inputs: inputs.clone(),
                 sketches,
                 adapters,
                 d_att: cur.take(n * c),
@@ -1250,6 +1243,7 @@ impl ActivationLayout {
             capsules,
             capsule_layer,
             feedback,
+            inputs,
             layers,
             xn_final,
             rstd_final,
