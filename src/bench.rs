@@ -194,7 +194,7 @@ fn compute_peaks(threads: usize) -> Vec<PeakRow> {
         "per core",
         format!("{threads} threads")
     );
-    for probe in [Probe::FmaYmm, Probe::FmaZmm, Probe::Bf16Dot] {
+    for probe in [Probe::FmaYmm, Probe::FmaZmm, Probe::Bf16Dot, Probe::AmxBf16] {
         let (Some(one), Some(all)) = (peak_gflops(probe, 1, 0.3), peak_gflops(probe, threads, 0.3))
         else {
             println!("{:<42} {:>12} {:>16}", probe.name(), "-", "not on this CPU");

@@ -80,7 +80,14 @@ impl CpuFeatures {
             Isa::Avx2 => self.avx2 && self.fma,
             Isa::Avx512 => avx512,
             Isa::Avx512bf16 => avx512 && self.avx512_bf16,
-            Isa::Amx => avx512 && self.amx_bf16 && matches!(self.amx_permission, Some(Ok(()))),
+            // The AMX tier packs its operands and decodes with AVX512-BF16 (every CPU with
+            // AMX has it; a hypervisor could hide one and not the other).
+            Isa::Amx => {
+                avx512
+                    && self.avx512_bf16
+                    && self.amx_bf16
+                    && matches!(self.amx_permission, Some(Ok(())))
+            }
         }
     }
 
@@ -110,7 +117,7 @@ impl CpuFeatures {
                 need(self.avx512bw, "AVX512BW");
                 need(self.avx512vl, "AVX512VL");
                 need(self.fma, "FMA");
-                if isa == Isa::Avx512bf16 {
+                if isa >= Isa::Avx512bf16 {
                     need(self.avx512_bf16, "AVX512_BF16");
                 }
                 if isa == Isa::Amx {
@@ -299,5 +306,9 @@ mod tests {
         assert!(f.missing(Isa::Amx).unwrap().contains("denied"));
         f.amx_permission = Some(Ok(()));
         assert_eq!(f.best(), Some(Isa::Amx));
+        // AMX with AVX512-BF16 hidden (the tier packs with it) is not usable either.
+        f.avx512_bf16 = false;
+        assert_eq!(f.best(), Some(Isa::Avx512));
+        assert!(f.missing(Isa::Amx).unwrap().contains("AVX512_BF16"));
     }
 }

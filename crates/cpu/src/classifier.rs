@@ -514,6 +514,8 @@ mod tests {
                 out.push((isa, Microkernel::for_isa(isa, false)));
                 if isa == Isa::Avx512bf16 {
                     out.push((isa, Microkernel::for_isa(isa, true)));
+                    // The AMX tile kernel, emulated where the CPU has no AMX (`gemm/amx.rs`).
+                    out.push((isa, Microkernel::AmxBf16));
                 }
             }
         }

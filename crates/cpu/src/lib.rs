@@ -1014,3 +1014,62 @@ impl Backend for CpuBackend {
         muon::step(self, p, g, m, s, hp);
     }
 }
+
+/// The AMX tier's whole backend where the CPU has no AMX: the tile kernel runs through its
+/// emulation (`gemm/amx.rs`), everything else as the tier runs it, so the tier's packing
+/// (k padded to 32, A in rows of 32 k), its weight copies and the products of every kernel are
+/// checked on any machine with AVX512-BF16. Where the CPU has AMX, the conformance suite runs
+/// the real tier instead.
+#[cfg(test)]
+mod emulated_amx {
+    use super::*;
+
+    fn backend() -> Option<CpuBackend> {
+        if !cpu::features().supports(Isa::Avx512bf16) {
+            println!("skipped: the AMX tier's packers need AVX512-BF16");
+            return None;
+        }
+        Some(CpuBackend {
+            isa: Isa::Amx,
+            precision: Precision::Bf16,
+            logits: Logits::Keep,
+            int8: IntWeights::Off,
+            pool: Arc::new(ThreadPool::new(2)),
+            scratch: Arc::default(),
+            rope_tables: Arc::default(),
+        })
+    }
+
+    #[test]
+    fn the_amx_tier_passes_the_kernel_table_with_its_tile_kernel_emulated() {
+        let Some(backend) = backend() else { return };
+        for backend in [backend.clone(), backend.keeping(Logits::Recompute)] {
+            let report = kiln_conformance::check_kernels(&backend).unwrap();
+            assert!(
+                report.declined.is_empty(),
+                "declined: {:?}",
+                report.declined
+            );
+            kiln_conformance::check_memory(&backend).unwrap();
+        }
+    }
+
+    /// The bf16 tolerances of `tests/conformance.rs` (the reasons are there).
+    #[test]
+    fn the_amx_tier_matches_the_pytorch_fixtures_with_its_tile_kernel_emulated() {
+        let Some(backend) = backend() else { return };
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        for name in kiln_conformance::FIXTURES {
+            let path = fixtures.join(format!("model_{name}.safetensors"));
+            let tolerance = kiln_conformance::ModelTolerance::Nmse {
+                outputs: 1e-3,
+                gradients: 1e-2,
+                trajectory: 1e-4,
+            };
+            kiln_conformance::check_fixture_within(backend.clone(), &path, tolerance)
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        }
+        kiln_conformance::check_training_smoke(backend, "tiny-gqa").unwrap();
+    }
+}

@@ -18,6 +18,8 @@ pub enum Probe {
     FmaZmm,
     /// `vdpbf16ps` on zmm: 32 bf16 products summed in pairs into 16 f32 (AVX512-BF16).
     Bf16Dot,
+    /// `tdpbf16ps` on AMX tiles: a 16 × 32 by 32 × 16 bf16 product added into 16 × 16 f32.
+    AmxBf16,
 }
 
 impl Probe {
@@ -26,6 +28,7 @@ impl Probe {
             Probe::FmaYmm => "f32 FMA, ymm (AVX2)",
             Probe::FmaZmm => "f32 FMA, zmm (AVX-512F)",
             Probe::Bf16Dot => "bf16 dot, zmm (AVX512-BF16 vdpbf16ps)",
+            Probe::AmxBf16 => "bf16 tiles (AMX tdpbf16ps)",
         }
     }
 
@@ -35,6 +38,7 @@ impl Probe {
             Probe::FmaYmm => Isa::Avx2,
             Probe::FmaZmm => Isa::Avx512,
             Probe::Bf16Dot => Isa::Avx512bf16,
+            Probe::AmxBf16 => Isa::Amx,
         }
     }
 
@@ -44,6 +48,7 @@ impl Probe {
             Probe::FmaYmm => 16.0,
             Probe::FmaZmm => 32.0,
             Probe::Bf16Dot => 64.0,
+            Probe::AmxBf16 => (16 * 16 * 32 * 2) as f64,
         }
     }
 
@@ -51,6 +56,7 @@ impl Probe {
     pub fn for_matmuls(isa: Isa, bf16: bool) -> Probe {
         match (isa, bf16) {
             (Isa::Avx2, _) => Probe::FmaYmm,
+            (Isa::Amx, true) => Probe::AmxBf16,
             (_, true) => Probe::Bf16Dot,
             _ => Probe::FmaZmm,
         }
@@ -59,9 +65,11 @@ impl Probe {
 
 /// Instructions per loop iteration: 16 accumulators on zmm (32 registers); 12 on ymm, where
 /// AVX2 has only 16 registers and 16 accumulators plus two constants would spill (12 still
-/// cover two FMA ports × a 4-cycle latency).
+/// cover two FMA ports × a 4-cycle latency); 4 tiles with AMX (eight tile registers: four
+/// accumulators and their four operands, the micro-kernel's own arrangement).
 const PER_ITER: u64 = 16;
 const PER_ITER_YMM: u64 = 12;
+const PER_ITER_TILES: u64 = 4;
 
 /// GFLOP/s of `probe` on `threads` threads at once (each spinning ~`seconds`), best of three
 /// runs. `None` when the CPU lacks the instruction.
@@ -88,10 +96,10 @@ pub fn peak_gflops(probe: Probe, threads: usize, seconds: f64) -> Option<f64> {
                 s.spawn(|| std::hint::black_box(run(probe, iters)));
             }
         });
-        let per_iter = if probe == Probe::FmaYmm {
-            PER_ITER_YMM
-        } else {
-            PER_ITER
+        let per_iter = match probe {
+            Probe::FmaYmm => PER_ITER_YMM,
+            Probe::AmxBf16 => PER_ITER_TILES,
+            Probe::FmaZmm | Probe::Bf16Dot => PER_ITER,
         };
         let flops = (iters * per_iter) as f64 * probe.flops_per_op() * threads as f64;
         best = best.max(flops / t.elapsed().as_secs_f64() / 1e9);
@@ -106,6 +114,7 @@ fn run(probe: Probe, iters: u64) -> f32 {
             Probe::FmaYmm => fma_ymm(iters),
             Probe::FmaZmm => fma_zmm(iters),
             Probe::Bf16Dot => dot_bf16(iters),
+            Probe::AmxBf16 => crate::gemm::amx_probe(iters),
         }
     }
 }

@@ -13,11 +13,14 @@
 //! - The micro-kernel keeps an MR × NR block of C in registers (16 accumulators of 16 f32 on
 //!   AVX-512, 12 of 8 on AVX2) and adds it to C, or overwrites C on the first k block.
 
+mod amx;
 mod avx2;
 mod avx512;
 mod bf16;
 
 use kiln_core::cpu::Isa;
+
+pub(crate) use amx::probe as amx_probe;
 
 use crate::pool::ThreadPool;
 use crate::shared::SharedMut;
@@ -31,6 +34,8 @@ pub enum Microkernel {
     Avx512F32,
     /// AVX512-BF16 `vdpbf16ps`, bf16 inputs and f32 accumulation, 8 × 32.
     Avx512Bf16,
+    /// AMX-BF16 `tdpbf16ps` on tiles, bf16 inputs and f32 accumulation, 32 × 32.
+    AmxBf16,
 }
 
 impl Microkernel {
@@ -39,7 +44,8 @@ impl Microkernel {
     pub fn for_isa(isa: Isa, bf16: bool) -> Self {
         match (isa, bf16) {
             (Isa::Avx2, _) => Microkernel::Avx2F32,
-            (Isa::Avx512bf16 | Isa::Amx, true) => Microkernel::Avx512Bf16,
+            (Isa::Amx, true) => Microkernel::AmxBf16,
+            (Isa::Avx512bf16, true) => Microkernel::Avx512Bf16,
             _ => Microkernel::Avx512F32,
         }
     }
@@ -49,6 +55,7 @@ impl Microkernel {
             Microkernel::Avx2F32 => avx2::MR,
             Microkernel::Avx512F32 => avx512::MR,
             Microkernel::Avx512Bf16 => bf16::MR,
+            Microkernel::AmxBf16 => amx::MR,
         }
     }
 
@@ -57,12 +64,23 @@ impl Microkernel {
             Microkernel::Avx2F32 => avx2::NR,
             Microkernel::Avx512F32 => avx512::NR,
             Microkernel::Avx512Bf16 => bf16::NR,
+            Microkernel::AmxBf16 => amx::NR,
         }
     }
 
-    /// Whether operands are packed as bf16 pairs.
+    /// Whether operands are packed as bf16 (B as pairs of k, the same panels for both bf16
+    /// kernels; A as pairs for `vdpbf16ps`, as rows of 32 k for AMX).
     pub fn is_bf16(self) -> bool {
-        self == Microkernel::Avx512Bf16
+        matches!(self, Microkernel::Avx512Bf16 | Microkernel::AmxBf16)
+    }
+
+    /// What packed k is padded to (with zeros): a pair for `vdpbf16ps`, a tile's 32 for AMX.
+    fn k_align(self) -> usize {
+        match self {
+            Microkernel::Avx2F32 | Microkernel::Avx512F32 => 1,
+            Microkernel::Avx512Bf16 => 2,
+            Microkernel::AmxBf16 => amx::K_STEP,
+        }
     }
 }
 
@@ -82,8 +100,9 @@ impl Mat<'_> {
 }
 
 /// The most k per block: a 32-column B panel of 256 k is 32 KiB of f32, of 384 k 24 KiB of
-/// bf16 (L1 is 32–48 KiB). k is cut into equal blocks under this, so 288 is one block, not
-/// 256 + 32 (a block's C tile is loaded and stored once per block).
+/// bf16 (L1 is 32–48 KiB; AMX's 32-row A block of 384 k is 24 KiB too). k is cut into equal
+/// blocks under this (multiples of the kernel's [`Microkernel::k_align`]), so 288 is one
+/// block, not 256 + 32 (a block's C tile is loaded and stored once per block).
 fn kc_max(kernel: Microkernel) -> usize {
     if kernel.is_bf16() {
         384
@@ -133,14 +152,12 @@ impl Packed {
     }
 
     fn pack(&mut self, pool: &ThreadPool, kernel: Microkernel, src: Source, left: bool) {
-        // bf16 packs k in pairs: pad k to even with zeros.
-        let kp = if kernel.is_bf16() {
-            src.k.next_multiple_of(2)
-        } else {
-            src.k
-        };
+        // bf16 packs k in pairs (AMX in blocks of 32): k padded with zeros.
+        let kp = src.k.next_multiple_of(kernel.k_align());
         let width = if left { kernel.mr() } else { kernel.nr() };
-        if kernel.is_bf16() {
+        if kernel == Microkernel::AmxBf16 && left {
+            pack(pool, &mut self.bf16, src, width, kp, pack_bf16_rows);
+        } else if kernel.is_bf16() {
             pack(pool, &mut self.bf16, src, width, kp, pack_bf16);
         } else {
             pack(pool, &mut self.f32, src, width, kp, pack_f32);
@@ -165,11 +182,7 @@ impl Packed {
         (n, k): (usize, usize),
         update: &(dyn Fn(usize, usize) + Sync),
     ) {
-        let kp = if kernel.is_bf16() {
-            k.next_multiple_of(2)
-        } else {
-            k
-        };
+        let kp = k.next_multiple_of(kernel.k_align());
         let (width, shape) = (kernel.nr(), (n, k, kp));
         if kernel.is_bf16() {
             pack_rows_after(pool, &mut self.bf16, w, shape, width, update, pack_bf16);
@@ -372,9 +385,7 @@ pub unsafe fn multiply_window(
     let (tile_strips, tile_panels) = (strips.div_ceil(tiles_m), panels.div_ceil(tiles_n));
     let (tiles_m, tiles_n) = (strips.div_ceil(tile_strips), panels.div_ceil(tile_panels));
     let blocks = kp.div_ceil(kc_max(kernel));
-    let kc_block = kp
-        .div_ceil(blocks)
-        .next_multiple_of(if kernel.is_bf16() { 2 } else { 1 });
+    let kc_block = kp.div_ceil(blocks).next_multiple_of(kernel.k_align());
     let c_ptr = SharedMut::from_raw(c);
     let task = |t: usize| {
         let (tm, tn) = (t / tiles_n, t % tiles_n);
@@ -422,7 +433,7 @@ pub unsafe fn multiply_rows(
     accumulate: bool,
 ) {
     assert!(
-        !b.left && b.kernel == Some(Microkernel::Avx512Bf16),
+        !b.left && b.kernel.is_some_and(Microkernel::is_bf16),
         "multiply_rows: a bf16 B"
     );
     assert!(m <= FEW_ROWS, "multiply_rows: {m} rows");
@@ -430,8 +441,8 @@ pub unsafe fn multiply_rows(
     if m == 0 || n == 0 {
         return;
     }
-    // Each row as bf16 pairs, the odd k's partner zero, in the calling thread's buffer
-    // (reused: decoding allocates nothing per token).
+    // Each row as bf16 pairs, zeros past k (the odd k's partner; AMX's copies pad k to 32),
+    // in the calling thread's buffer (reused: decoding allocates nothing per token).
     thread_local! {
         static PAIRS: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -441,8 +452,8 @@ pub unsafe fn multiply_rows(
         for i in 0..m {
             let row = &a[i * lda..i * lda + k];
             buffer.extend((0..pairs).map(|p| {
-                let lo = to_bf16(row[2 * p]) as u32;
-                let hi = row.get(2 * p + 1).map_or(0, |&v| to_bf16(v) as u32);
+                let bf16 = |kk: usize| row.get(kk).map_or(0, |&v| to_bf16(v) as u32);
+                let (lo, hi) = (bf16(2 * p), bf16(2 * p + 1));
                 (lo | hi << 16) as i32
             }));
         }
@@ -535,6 +546,10 @@ unsafe fn run_kernel(
         (Microkernel::Avx512Bf16, PackedRef::Bf16(a), PackedRef::Bf16(b)) => {
             let (ap, bp) = (a.as_ptr().add(a_at), b.as_ptr().add(b_at));
             bf16::kernel(kc / 2, ap, bp, c, ldc, rows, cols, overwrite)
+        }
+        (Microkernel::AmxBf16, PackedRef::Bf16(a), PackedRef::Bf16(b)) => {
+            let (ap, bp) = (a.as_ptr().add(a_at), b.as_ptr().add(b_at));
+            amx::kernel(kc, ap, bp, c, ldc, rows, cols, overwrite)
         }
         _ => unreachable!("operands are packed for the kernel that reads them"),
     }
@@ -667,6 +682,36 @@ fn pack_bf16(dst: &mut [u16], src: Source, first: usize, width: usize, kp: usize
     }
 }
 
+/// One AMX A group (see [`pack`]): `width` rows in blocks of 32 k, `[kp / 32][width][32]`
+/// (see `amx.rs`). Rows with contiguous k and transposed operands with contiguous lanes go
+/// through the AVX512-BF16 packers (the AMX tier requires that feature); any other strides
+/// take the scalar path, which rounds identically.
+fn pack_bf16_rows(dst: &mut [u16], src: Source, first: usize, width: usize, kp: usize) {
+    let lanes = width.min(src.lanes - first);
+    if lanes < width || kp > src.k {
+        dst.fill(0);
+    }
+    let base = first * src.lane_stride;
+    // SAFETY (both vector paths): AMX packing runs only for the AMX kernel, whose tier
+    // requires AVX512-BF16 and AVX512BW; `dst` holds `kp · width` values, kp a multiple of 32
+    // covering k; each lane's first k values lie in `src`.
+    if src.k_stride == 1 {
+        let at = (base, src.lane_stride);
+        unsafe { amx::pack_rows_k_contiguous(dst, src.data, at, lanes, width, src.k) };
+    } else if src.lane_stride == 1 {
+        let at = (base, src.k_stride);
+        unsafe { amx::pack_rows_lanes_contiguous(dst, src.data, at, lanes, width, src.k) };
+    } else {
+        let step = amx::K_STEP;
+        for lane in 0..lanes {
+            for kk in 0..src.k {
+                let v = src.data[base + lane * src.lane_stride + kk * src.k_stride];
+                dst[((kk / step) * width + lane) * step + kk % step] = to_bf16(v);
+            }
+        }
+    }
+}
+
 /// Adds (or, with `overwrite`, writes) the `rows` × `cols` corner of an MR × NR block of
 /// accumulators in `tile` into C. The micro-kernels use it at the edges of C.
 ///
@@ -716,6 +761,8 @@ mod tests {
         }
         if f.supports(Isa::Avx512bf16) {
             out.push(Microkernel::Avx512Bf16);
+            // The AMX tile kernel, emulated where the CPU has no AMX (`amx.rs`).
+            out.push(Microkernel::AmxBf16);
         }
         out
     }
@@ -743,7 +790,25 @@ mod tests {
         ] {
             let a_data = rand(m * k);
             let b_data = rand(k * n);
+            // Neither stride 1 (the packers' general path): A (i, p) at 2i + 2m·p.
+            let mut a_spread = vec![f32::NAN; 2 * m * k];
+            for i in 0..m {
+                for p in 0..k {
+                    a_spread[2 * i + 2 * m * p] = a_data[i * k + p];
+                }
+            }
+            let spread = Mat {
+                data: &a_spread,
+                rs: 2,
+                cs: 2 * m,
+            };
+            let plain_b = Mat {
+                data: &b_data,
+                rs: n,
+                cs: 1,
+            };
             for (a, b) in [
+                (spread, plain_b),
                 (
                     Mat {
                         data: &a_data,
@@ -864,9 +929,9 @@ mod tests {
         }
     }
 
-    /// A few rows against a packed bf16 B (decoding): 1 to 4 rows, several panels with a
-    /// ragged last one, odd k (a lone last pair), both modes, against the triple loop within
-    /// the bf16 bound of the test above.
+    /// A few rows against a packed bf16 B (decoding), as either bf16 kernel packs it (AMX pads
+    /// k to 32): 1 to 4 rows, several panels with a ragged last one, odd k (a lone last
+    /// pair), both modes, against the triple loop within the bf16 bound of the test above.
     #[test]
     fn few_rows_against_a_packed_bf16_b_match_the_triple_loop() {
         if !kiln_core::cpu::features().supports(Isa::Avx512bf16) {
@@ -874,7 +939,12 @@ mod tests {
             return;
         }
         let pool = ThreadPool::new(2);
-        let kernel = Microkernel::Avx512Bf16;
+        for kernel in [Microkernel::Avx512Bf16, Microkernel::AmxBf16] {
+            few_rows_match(&pool, kernel);
+        }
+    }
+
+    fn few_rows_match(pool: &ThreadPool, kernel: Microkernel) {
         let (k, n) = (77, 150);
         let val = |i: usize, mul: usize| ((i * mul) % 97) as f32 / 97.0 - 0.5;
         let b_data: Vec<f32> = (0..k * n).map(|i| val(i, 11)).collect();
@@ -884,7 +954,7 @@ mod tests {
             cs: 1,
         };
         let mut packed = Packed::default();
-        packed.pack_b(&pool, kernel, b, k, n);
+        packed.pack_b(pool, kernel, b, k, n);
         for m in 1..=FEW_ROWS {
             let a_data: Vec<f32> = (0..m * k).map(|i| val(i, 7)).collect();
             let a = Mat {
@@ -899,7 +969,7 @@ mod tests {
                 // SAFETY: m × n values.
                 unsafe {
                     multiply_rows(
-                        &pool,
+                        pool,
                         (&a_data, k, m),
                         &packed,
                         c.as_mut_ptr(),
@@ -912,7 +982,7 @@ mod tests {
                     let w = w + if accumulate { start[i] as f64 } else { 0.0 };
                     assert!(
                         (got as f64 - w).abs() <= tol,
-                        "m {m} acc {accumulate}: C[{i}] {got} vs {w}"
+                        "{kernel:?} m {m} acc {accumulate}: C[{i}] {got} vs {w}"
                     );
                 }
             }
