@@ -161,26 +161,6 @@ impl Context {
         }
     }
 
-    /// The softmax's input for vocabulary entries `entries` from the forward's saved copy
-    /// (chunk-major: chunk by chunk, each a `(rows, len)` block at `rows · v0`), where
-    /// [`Context::logits`] would leave it. (Reading saved rows in place in the gradient's exp
-    /// pass instead measured slower, 171–176 against 165–167 ms per stories15m step, when the
-    /// copy was row-major: the plain copy streams from memory better than the exp loop.)
-    fn load(&mut self, saved: &[f32], entries: std::ops::Range<usize>, s: ClassifierShape) {
-        let (v0, len) = (entries.start, entries.len());
-        grow(&mut self.logits, s.rows * len);
-        if s.softcap.is_some() {
-            grow(&mut self.capped, s.rows * len);
-        }
-        let z = if s.softcap.is_some() {
-            &mut self.capped
-        } else {
-            &mut self.logits
-        };
-        let n = s.rows * len;
-        z[..n].copy_from_slice(&saved[s.rows * v0..s.rows * v0 + n]);
-    }
-
     /// The logits the softmax reads (see [`Context::logits`]).
     fn softmax_input(&self, s: ClassifierShape, n: usize) -> &[f32] {
         if s.softcap.is_some() {
@@ -391,12 +371,27 @@ fn backward_in_chunks(
         for c in first..(group + 1) * chunks / groups {
             let (v0, len) = (c * chunk, chunk.min(s.vocab - c * chunk));
             let mut ctx = Context::take();
+            let n = rows * len;
+            let chunk = Chunk { v0, len, s };
             match saved {
-                Some(saved) => ctx.load(saved, v0..v0 + len, s),
-                None => ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s),
+                // The gradient formed straight from the saved block (chunk-major: the chunk's
+                // `(rows, len)` block at `rows · v0`), which the exp pass streams as a copy
+                // would.
+                Some(saved) => {
+                    grow(&mut ctx.logits, n);
+                    let z = &saved[rows * v0..rows * v0 + n];
+                    let g = &mut ctx.logits[..n];
+                    logit_gradients(isa, g, Some(z), logsumexp, targets, chunk, dloss);
+                }
+                None => {
+                    ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s);
+                    let Context { logits, capped, .. } = &mut ctx;
+                    let z = s.softcap.map(|_| &capped[..n]);
+                    let g = &mut logits[..n];
+                    logit_gradients(isa, g, z, logsumexp, targets, chunk, dloss);
+                }
             }
-            logit_gradients(&mut ctx, isa, logsumexp, targets, v0, len, s, dloss);
-            let g = &ctx.logits[..rows * len];
+            let g = &ctx.logits[..n];
             // The input gradient: A = g (rows, len), B (k, j) = W[v0 + k, j].
             let a = Mat {
                 data: g,
@@ -456,37 +451,48 @@ fn backward_in_chunks(
         .extend(sums);
 }
 
-/// Turns the chunk's logits in `ctx` into their gradient, in `ctx.logits`:
-/// `(e^(z − lse) − [j = target]) · dloss`, times the soft cap's derivative `1 − (z / cap)²`.
-#[allow(clippy::too_many_arguments)]
-fn logit_gradients(
-    ctx: &mut Context,
-    isa: Isa,
-    logsumexp: &[f32],
-    targets: &[u32],
+/// Which vocabulary entries a chunk holds, of which head.
+#[derive(Clone, Copy)]
+struct Chunk {
     v0: usize,
     len: usize,
     s: ClassifierShape,
+}
+
+/// Writes the chunk's logit gradients into `g` (`(rows, len)`): `(e^(z − lse) − [j =
+/// target]) · dloss`, times the soft cap's derivative `1 − (z / cap)²`, where `z` is the
+/// softmax's input (the capped logits with a cap), or `g` itself when `None` (no cap).
+#[allow(clippy::too_many_arguments)]
+fn logit_gradients(
+    isa: Isa,
+    g: &mut [f32],
+    z: Option<&[f32]>,
+    logsumexp: &[f32],
+    targets: &[u32],
+    Chunk { v0, len, s }: Chunk,
     dloss: f32,
 ) {
-    let n = s.rows * len;
-    let Context { logits, capped, .. } = ctx;
-    let g = &mut logits[..n];
-    match s.softcap {
-        Some(cap) => {
-            let z = &capped[..n];
-            for (r, (gr, zr)) in g.chunks_exact_mut(len).zip(z.chunks_exact(len)).enumerate() {
+    let rows = g.chunks_exact_mut(len).enumerate();
+    match z {
+        Some(z) => {
+            for ((r, gr), zr) in rows.zip(z.chunks_exact(len)) {
                 xent::exp_scaled(isa, gr, zr, logsumexp[r], dloss);
                 subtract_target(gr, targets[r], v0, dloss);
-                let inv = 1.0 / cap;
-                gr.iter_mut().zip(zr).for_each(|(g, &z)| {
-                    let t = z * inv;
-                    *g *= 1.0 - t * t;
-                });
+                if let Some(cap) = s.softcap {
+                    let inv = 1.0 / cap;
+                    gr.iter_mut().zip(zr).for_each(|(g, &z)| {
+                        let t = z * inv;
+                        *g *= 1.0 - t * t;
+                    });
+                }
             }
         }
         None => {
-            for (r, gr) in g.chunks_exact_mut(len).enumerate() {
+            assert!(
+                s.softcap.is_none(),
+                "classifier: a soft cap needs its input"
+            );
+            for (r, gr) in rows {
                 xent::exp_scaled_in_place(isa, gr, logsumexp[r], dloss);
                 subtract_target(gr, targets[r], v0, dloss);
             }

@@ -64,8 +64,10 @@ pub unsafe fn kernel(
 /// into the f32 layout `[k][width]`: blocks of 8 lanes × 8 k loaded as eight rows and
 /// transposed in registers (the classic unpack, shuffle, 128-bit permute sequence), each
 /// k's 8 lanes one store (masked to the width's last lanes when `width` is 6, the AVX2
-/// strips). The last partial 8 k are read with a mask; missing lanes are zeros. Every tier
-/// has AVX2, so the AVX-512 f32 operands use it too.
+/// strips). The last partial 8 k are read with a mask; missing lanes are zeros. Whole
+/// blocks use plain loads and stores: `vmaskmovps` is slower on every core kiln has met
+/// (on Zen 5 the masked forms took half of this function's time). Every tier has AVX2, so
+/// the AVX-512 f32 operands use it too.
 ///
 /// # Safety
 /// The CPU has AVX2; `dst` holds `k · width` values; every lane's k values lie in `src`.
@@ -91,18 +93,75 @@ pub unsafe fn pack_k_contiguous(
     for g in (0..lanes).step_by(8) {
         let in_group = 8.min(lanes - g);
         // The group's lanes that exist in the destination row (6 for the AVX2 strips).
+        let whole_rows = width - g >= 8;
         let store = mask_of(8.min(width - g));
         for k0 in (0..k).step_by(8) {
             let left = 8.min(k - k0);
             let load = mask_of(left);
             let mut r = [_mm256_setzero_ps(); 8];
             for (i, ri) in r.iter_mut().enumerate().take(in_group) {
-                *ri = _mm256_maskload_ps(s.add(base + (g + i) * lane_stride + k0), load);
+                let row = s.add(base + (g + i) * lane_stride + k0);
+                *ri = if left == 8 {
+                    _mm256_loadu_ps(row)
+                } else {
+                    _mm256_maskload_ps(row, load)
+                };
             }
             let cols = transpose_8x8(&r);
             for (j, v) in cols.iter().enumerate().take(left) {
-                _mm256_maskstore_ps(out.add((k0 + j) * width + g), store, *v);
+                let at = out.add((k0 + j) * width + g);
+                if whole_rows {
+                    _mm256_storeu_ps(at, *v);
+                } else {
+                    _mm256_maskstore_ps(at, store, *v);
+                }
             }
+        }
+    }
+}
+
+/// Packs `lanes` contiguous lanes (`src[base + kk · k_stride + lane]`) into the f32 layout
+/// `[k][width]`: each k row's lanes copied 8 at a time, a masked tail. (A `memcpy` per row,
+/// 24 to 128 bytes, spent more in the call than in the copy: 7% of an AVX-512 f32 step.)
+///
+/// # Safety
+/// The CPU has AVX2; `dst` holds `k · width` values; row `kk` of `src` holds `lanes` values
+/// from `base + kk · k_stride`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn pack_lanes_contiguous(
+    dst: &mut [f32],
+    src: &[f32],
+    (base, k_stride): (usize, usize),
+    lanes: usize,
+    width: usize,
+    k: usize,
+) {
+    assert!(
+        dst.len() >= k * width && lanes <= width,
+        "pack: destination too short"
+    );
+    if k > 0 {
+        assert!(
+            base + (k - 1) * k_stride + lanes <= src.len(),
+            "pack: source too short"
+        );
+    }
+    let (full, tail) = (lanes / 8 * 8, lanes % 8);
+    let mask = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(tail as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    for kk in 0..k {
+        let (from, to) = (
+            src.as_ptr().add(base + kk * k_stride),
+            dst.as_mut_ptr().add(kk * width),
+        );
+        for l in (0..full).step_by(8) {
+            _mm256_storeu_ps(to.add(l), _mm256_loadu_ps(from.add(l)));
+        }
+        if tail > 0 {
+            let v = _mm256_maskload_ps(from.add(full), mask);
+            _mm256_maskstore_ps(to.add(full), mask, v);
         }
     }
 }

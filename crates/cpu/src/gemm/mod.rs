@@ -616,16 +616,18 @@ fn pack_f32(dst: &mut [f32], src: Source, first: usize, width: usize, kp: usize)
             let at = (base, src.lane_stride);
             avx2::pack_k_contiguous(dst, src.data, at, lanes, width, src.k);
         }
+    } else if src.lane_stride == 1 {
+        // SAFETY: as above; row kk holds `lanes` contiguous values from `base + kk·k_stride`.
+        unsafe {
+            let at = (base, src.k_stride);
+            avx2::pack_lanes_contiguous(dst, src.data, at, lanes, width, src.k);
+        }
     } else {
         for kk in 0..src.k {
             let at = base + kk * src.k_stride;
             let out = &mut dst[kk * width..kk * width + lanes];
-            if src.lane_stride == 1 {
-                out.copy_from_slice(&src.data[at..at + lanes]);
-            } else {
-                for (lane, o) in out.iter_mut().enumerate() {
-                    *o = src.data[at + lane * src.lane_stride];
-                }
+            for (lane, o) in out.iter_mut().enumerate() {
+                *o = src.data[at + lane * src.lane_stride];
             }
         }
     }
