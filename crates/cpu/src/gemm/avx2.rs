@@ -26,6 +26,7 @@ pub unsafe fn kernel(
     cols: usize,
     overwrite: bool,
 ) {
+    super::prefetch_tile(c, ldc, rows, NR);
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     for p in 0..kc {
         let b0 = _mm256_loadu_ps(b.add(p * NR));

@@ -28,6 +28,7 @@ pub unsafe fn kernel(
     cols: usize,
     overwrite: bool,
 ) {
+    super::prefetch_tile(c, ldc, rows, NR);
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let a = a as *const i32;
     for p in 0..pairs {

@@ -714,6 +714,24 @@ fn pack_bf16_rows(dst: &mut [u16], src: Source, first: usize, width: usize, kp: 
     }
 }
 
+/// Prefetches the micro-kernel's block of C (`rows` rows of `nr` f32 from `c`, row stride
+/// `ldc`) into L1 before its k loop, so the tile's final load and store find it there: a
+/// weight gradient's C is cold (each block is visited once per k block), and its rows are
+/// too far apart for the hardware prefetchers; stalling on them took 9% of a stories110m
+/// bf16 step (Zen 5). BLIS's micro-kernels prefetch C the same way. A prefetch never faults.
+#[inline(always)]
+fn prefetch_tile(c: *const f32, ldc: usize, rows: usize, nr: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for i in 0..rows {
+        let row = c.wrapping_add(i * ldc);
+        // SAFETY: prefetching is a hint; it reads nothing the program sees and never faults.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(row as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nr - 1) as *const i8);
+        }
+    }
+}
+
 /// Adds (or, with `overwrite`, writes) the `rows` × `cols` corner of an MR × NR block of
 /// accumulators in `tile` into C. The micro-kernels use it at the edges of C.
 ///
