@@ -20,6 +20,19 @@ pub fn max_and_sum(isa: Isa, row: &[f32]) -> (f32, f32) {
     }
 }
 
+/// The row's softmax in place, returning its log-sum-exp: `max`, then `e^(z − max)` stored
+/// while summed, then scaled by `1 / Σ`: one exponential per value, where
+/// [`max_and_sum`] then [`exp_scaled_in_place`] with the log-sum-exp take two.
+pub fn softmax_in_place(isa: Isa, row: &mut [f32]) -> f32 {
+    // SAFETY: the tier was checked when the backend was made.
+    unsafe {
+        match isa {
+            Isa::Avx2 => softmax_ymm(row),
+            _ => softmax_zmm(row),
+        }
+    }
+}
+
 /// `out[j] = e^(z[j] − shift) · scale`.
 pub fn exp_scaled(isa: Isa, out: &mut [f32], z: &[f32], shift: f32, scale: f32) {
     assert_eq!(out.len(), z.len());
@@ -65,6 +78,77 @@ unsafe fn max_and_sum_zmm(row: &[f32]) -> (f32, f32) {
     ));
     s = _mm512_mask_add_ps(s, tail, s, last);
     (max, _mm512_reduce_add_ps(s))
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_zmm(row: &mut [f32]) -> f32 {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let (full, tail) = (n / 16 * 16, (1u32 << (n % 16)) as u16 - 1);
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(16) {
+        m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
+    }
+    let last = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, p.add(full));
+    let max = _mm512_reduce_max_ps(_mm512_max_ps(m, last));
+    let shift = _mm512_set1_ps(max);
+    let mut s = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        let e = exp_zmm(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), shift));
+        _mm512_storeu_ps(p.add(i), e);
+        s = _mm512_add_ps(s, e);
+    }
+    let e = exp_zmm(_mm512_sub_ps(
+        _mm512_maskz_loadu_ps(tail, p.add(full)),
+        shift,
+    ));
+    _mm512_mask_storeu_ps(p.add(full), tail, e);
+    let sum = _mm512_reduce_add_ps(_mm512_mask_add_ps(s, tail, s, e));
+    let inv = _mm512_set1_ps(1.0 / sum);
+    for i in (0..full).step_by(16) {
+        _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
+    }
+    let last = _mm512_maskz_loadu_ps(tail, p.add(full));
+    _mm512_mask_storeu_ps(p.add(full), tail, _mm512_mul_ps(last, inv));
+    max + sum.ln()
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_ymm(row: &mut [f32]) -> f32 {
+    let n = row.len();
+    let full = n / 8 * 8;
+    let p = row.as_mut_ptr();
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(8) {
+        m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    let max = lanes
+        .iter()
+        .chain(&row[full..])
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let shift = _mm256_set1_ps(max);
+    let mut s = _mm256_setzero_ps();
+    for i in (0..full).step_by(8) {
+        let e = exp_ymm(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), shift));
+        _mm256_storeu_ps(p.add(i), e);
+        s = _mm256_add_ps(s, e);
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), s);
+    let mut sum: f32 = lanes.iter().sum();
+    for z in &mut row[full..] {
+        *z = (*z - max).exp();
+        sum += *z;
+    }
+    let inv = 1.0 / sum;
+    let vinv = _mm256_set1_ps(inv);
+    for i in (0..full).step_by(8) {
+        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
+    }
+    row[full..].iter_mut().for_each(|z| *z *= inv);
+    max + sum.ln()
 }
 
 #[target_feature(enable = "avx512f")]
