@@ -370,7 +370,7 @@ mod emulation {
                 data: [[0; 1024]; 8],
             };
             for t in 0..8 {
-                assert!(cfg.rows[t] <= 16 && cfg.colsb[t] <= 64 && cfg.colsb[t] % 4 == 0);
+                assert!(cfg.rows[t] <= 16 && cfg.colsb[t] <= 64 && cfg.colsb[t].is_multiple_of(4));
                 tiles.rows[t] = cfg.rows[t] as usize;
                 tiles.colsb[t] = cfg.colsb[t] as usize;
             }
