@@ -56,17 +56,42 @@ unsafe fn exp_scaled_raw(isa: Isa, out: *mut f32, z: *const f32, n: usize, shift
     }
 }
 
+/// The row's maximum (−∞ when empty).
 #[target_feature(enable = "avx512f")]
-unsafe fn max_and_sum_zmm(row: &[f32]) -> (f32, f32) {
-    let n = row.len();
-    let p = row.as_ptr();
+unsafe fn max_zmm(row: &[f32]) -> f32 {
+    let (n, p) = (row.len(), row.as_ptr());
     let tail = (1u32 << (n % 16)) as u16 - 1;
     let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
     for i in (0..n / 16 * 16).step_by(16) {
         m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
     }
     let last = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, p.add(n / 16 * 16));
-    let max = _mm512_reduce_max_ps(_mm512_max_ps(m, last));
+    _mm512_reduce_max_ps(_mm512_max_ps(m, last))
+}
+
+/// The row's maximum (−∞ when empty).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn max_ymm(row: &[f32]) -> f32 {
+    let full = row.len() / 8 * 8;
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(8) {
+        m = _mm256_max_ps(m, _mm256_loadu_ps(row.as_ptr().add(i)));
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+    lanes
+        .iter()
+        .chain(&row[full..])
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn max_and_sum_zmm(row: &[f32]) -> (f32, f32) {
+    let n = row.len();
+    let p = row.as_ptr();
+    let tail = (1u32 << (n % 16)) as u16 - 1;
+    let max = max_zmm(row);
     let shift = _mm512_set1_ps(max);
     let mut s = _mm512_setzero_ps();
     for i in (0..n / 16 * 16).step_by(16) {
@@ -85,12 +110,7 @@ unsafe fn softmax_zmm(row: &mut [f32]) -> f32 {
     let n = row.len();
     let p = row.as_mut_ptr();
     let (full, tail) = (n / 16 * 16, (1u32 << (n % 16)) as u16 - 1);
-    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
-    for i in (0..full).step_by(16) {
-        m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
-    }
-    let last = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail, p.add(full));
-    let max = _mm512_reduce_max_ps(_mm512_max_ps(m, last));
+    let max = max_zmm(row);
     let shift = _mm512_set1_ps(max);
     let mut s = _mm512_setzero_ps();
     for i in (0..full).step_by(16) {
@@ -117,18 +137,9 @@ unsafe fn softmax_zmm(row: &mut [f32]) -> f32 {
 unsafe fn softmax_ymm(row: &mut [f32]) -> f32 {
     let n = row.len();
     let full = n / 8 * 8;
+    let max = max_ymm(row);
     let p = row.as_mut_ptr();
-    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-    for i in (0..full).step_by(8) {
-        m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
-    }
     let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-    let max = lanes
-        .iter()
-        .chain(&row[full..])
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
     let shift = _mm256_set1_ps(max);
     let mut s = _mm256_setzero_ps();
     for i in (0..full).step_by(8) {
@@ -172,17 +183,8 @@ unsafe fn max_and_sum_ymm(row: &[f32]) -> (f32, f32) {
     let n = row.len();
     let full = n / 8 * 8;
     let p = row.as_ptr();
-    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-    for i in (0..full).step_by(8) {
-        m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
-    }
+    let max = max_ymm(row);
     let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-    let max = lanes
-        .iter()
-        .chain(&row[full..])
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
     let shift = _mm256_set1_ps(max);
     let mut s = _mm256_setzero_ps();
     for i in (0..full).step_by(8) {
