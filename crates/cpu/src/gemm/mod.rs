@@ -6,12 +6,14 @@
 //! High-Performance Matrix Multiplication", 2008; BLIS's five loops):
 //! - B is packed into panels of NR columns, A into strips of MR rows, each k-major, so the
 //!   micro-kernel streams both with unit stride; bf16 tiers pack k in pairs, the operand
-//!   layout of `vdpbf16ps`, and round to bf16 while packing (f32 accumulation throughout).
+//!   layout of `vdpbf16ps`, and round to bf16 while packing (f32 accumulation throughout);
+//!   the AMX kernel reads the same B panels and its A strips as rows of 32 k (`amx.rs`).
 //! - C is cut into tiles of MC × NC, handed out one at a time from the thread pool's
 //!   counter; inside a tile the k dimension goes in blocks of KC so the B panel stays in L1
 //!   and the A strips in L2 while the micro-kernel runs.
 //! - The micro-kernel keeps an MR × NR block of C in registers (16 accumulators of 16 f32 on
-//!   AVX-512, 12 of 8 on AVX2) and adds it to C, or overwrites C on the first k block.
+//!   AVX-512, 12 of 8 on AVX2, four 16 × 16 tiles with AMX) and adds it to C, or overwrites C
+//!   on the first k block.
 
 mod amx;
 mod avx2;
