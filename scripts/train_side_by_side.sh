@@ -7,7 +7,8 @@
 # speed-up over PyTorch's best, with the CPU.
 #
 # Usage: scripts/train_side_by_side.sh [PRESET] [BATCH] [SEQ] [STEPS]
-# Needs: a Rust toolchain; python3 with torch (pip install torch).
+# Needs: a Rust toolchain (or KILN_BIN, a kiln binary built elsewhere: scripts/cpu_check.sh);
+# python3 with torch (pip install torch).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 preset="${1:-stories15m}"
@@ -15,8 +16,11 @@ batch="${2:-4}"
 seq="${3:-256}"
 steps="${4:-5}"
 cd "$repo"
-cargo build --release --locked >/dev/null
-kiln="${CARGO_TARGET_DIR:-$repo/target}/release/kiln"
+kiln="${KILN_BIN:-}"
+if [ -z "$kiln" ]; then
+  cargo build --release --locked >/dev/null
+  kiln="${CARGO_TARGET_DIR:-$repo/target}/release/kiln"
+fi
 out="$(mktemp -d)"
 echo "== $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $preset, batch $batch × seq $seq; results in $out"
 
