@@ -10,10 +10,12 @@
 //! chunk's logits into their gradient with the saved log-sum-exp while the chunk is in cache,
 //! then feeds it straight into the two products of the classifier's backward.
 //!
-//! What the forward keeps for the backward is the backend's choice ([`crate::Logits`]): the
-//! softmax's input `(rows, vocab)` (the default), which the backward reads back chunk by chunk
-//! instead of recomputing it; or nothing, the backward recomputing each chunk's logits, so
-//! that no more than a chunk of logits per thread is ever held. Either way the logits'
+//! What the forward keeps for the backward is the backend's choice ([`crate::Logits`]): by
+//! default what it computed, chunk by chunk ([`Kept`]: without a soft cap each row's
+//! exponentials against the chunk's row maximum, bf16 with bf16 products, and the maxima, so
+//! the backward's gradient is a multiply; with a cap the capped logits), which the backward
+//! reads back instead of recomputing; or nothing, the backward recomputing each chunk's
+//! logits, so that no more than a chunk of logits per thread is ever held. Either way the logits'
 //! gradient is never materialised: each chunk's is formed in cache and fed straight into
 //! the two products. Keeping them measured faster at every tier (stories15m, batch 4 × 256,
 //! Zen 5, runs taken in turn): AVX512-BF16 165 against 180 ms/step, AVX-512 f32 356–375
@@ -65,6 +67,51 @@ impl<'a> Weight<'a> {
 fn chunk_len(rows: usize, vocab: usize) -> usize {
     let by_cache = ((256 << 10) / rows.max(1)).clamp(64, 512) / 32 * 32;
     by_cache.min(vocab.max(1))
+}
+
+/// What the forward keeps of each chunk for the backward, when it keeps anything.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// The softmax's input `z` (the capped logits), which the soft cap's derivative reads.
+    Logits,
+    /// Without a cap: `e^(z − m)` against each row's maximum `m` in the chunk, in bf16 where
+    /// the products are bf16, then the maxima `(rows, chunks)`. The backward's gradient is
+    /// then `e · e^(m − lse) · dloss`, a multiply where it took an exponential; e ≤ 1 keeps its
+    /// 8 significant bits in bf16, and the bf16 products round the gradient to bf16 anyway.
+    Exps { bf16: bool },
+}
+
+impl Kept {
+    fn of(kernel: Microkernel, s: ClassifierShape) -> Self {
+        match s.softcap {
+            Some(_) => Kept::Logits,
+            None => Kept::Exps {
+                bf16: kernel.is_bf16(),
+            },
+        }
+    }
+
+    /// f32 values the values take: `(rows, vocab)` in chunk-major blocks (chunk c's `(rows,
+    /// len)` block at `rows · v0`, bf16 ones two to an f32); the maxima follow.
+    fn values_len(self, s: ClassifierShape) -> usize {
+        match self {
+            Kept::Exps { bf16: true } => (s.rows * s.vocab).div_ceil(2),
+            _ => s.rows * s.vocab,
+        }
+    }
+
+    fn len(self, s: ClassifierShape, chunk: usize) -> usize {
+        let maxima = match self {
+            Kept::Logits => 0,
+            Kept::Exps { .. } => s.rows * s.vocab.div_ceil(chunk),
+        };
+        self.values_len(s) + maxima
+    }
+}
+
+/// f32 values the forward keeps for the backward with `Logits::Keep` (see [`Kept`]).
+pub fn saved_len(kernel: Microkernel, s: ClassifierShape) -> usize {
+    Kept::of(kernel, s).len(s, chunk_len(s.rows, s.vocab))
 }
 
 /// One task's workspace: a one-thread pool (the task already runs on the backend's pool),
@@ -244,19 +291,51 @@ fn forward_in_chunks(
         SharedMut::new(&mut partial),
         SharedMut::new(&mut target_logit),
     );
+    let kept = Kept::of(kernel, s);
     let saved = saved.map(|v| {
-        assert_eq!(v.len(), rows * s.vocab, "classifier: saved");
+        assert_eq!(v.len(), kept.len(s, chunk), "classifier: saved");
         SharedMut::new(v)
     });
     pool.run(chunks, &|c| {
         let (v0, len) = (c * chunk, chunk.min(s.vocab - c * chunk));
         let mut ctx = Context::take();
         ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s);
-        let z = ctx.softmax_input(s, rows * len);
+        let n = rows * len;
+        if let (Some(saved), Kept::Exps { bf16 }) = (saved, kept) {
+            // Without a cap: each row's exponentials, kept with the row's maximum.
+            let z = &mut ctx.logits[..n];
+            for (r, row) in z.chunks_exact_mut(len).enumerate() {
+                let t = targets[r] as usize;
+                // SAFETY: (row, chunk) pairs are this task's alone, and so is the maximum's
+                // slot; a row's target lies in one chunk, so one task writes its logit.
+                unsafe {
+                    if (v0..v0 + len).contains(&t) {
+                        tl.set(r, row[t - v0]);
+                    }
+                    let (max, sum) = xent::max_exp_sum_in_place(isa, row);
+                    part.set(r * chunks + c, (max, sum));
+                    saved.set(kept.values_len(s) + r * chunks + c, max);
+                }
+            }
+            // SAFETY: the chunk's block (at `rows · v0` values, f32 or bf16) is this task's
+            // alone; bf16 is kept only for the bf16 kernels, whose tiers have AVX512-BF16.
+            unsafe {
+                if bf16 {
+                    let values = saved.get() as *mut u16;
+                    let block = std::slice::from_raw_parts_mut(values.add(rows * v0), n);
+                    xent::to_bf16(block, z);
+                } else {
+                    saved.slice(rows * v0, n).copy_from_slice(z);
+                }
+            }
+            ctx.give_back();
+            return;
+        }
+        let z = ctx.softmax_input(s, n);
         if let Some(saved) = saved {
             // Chunk-major: the chunk's `(rows, len)` block at `rows · v0`, one contiguous copy.
             // SAFETY: that block is this chunk's alone.
-            unsafe { saved.slice(rows * v0, rows * len) }.copy_from_slice(z);
+            unsafe { saved.slice(rows * v0, n) }.copy_from_slice(z);
         }
         for (r, row) in z.chunks_exact(len).enumerate() {
             // SAFETY: (row, chunk) pairs are this task's alone; a row's target lies in one
@@ -329,8 +408,9 @@ fn backward_in_chunks(
     dinp_mode: Accumulate,
     chunk: usize,
 ) {
+    let kept = Kept::of(kernel, s);
     if let Some(saved) = saved {
-        assert_eq!(saved.len(), s.rows * s.vocab, "classifier: saved");
+        assert_eq!(saved.len(), kept.len(s, chunk), "classifier: saved");
     }
     check(s, inp, weight.values, targets);
     assert_eq!(dinp.len(), inp.len(), "classifier: dinp");
@@ -374,6 +454,30 @@ fn backward_in_chunks(
             let n = rows * len;
             let chunk = Chunk { v0, len, s };
             match saved {
+                // Kept exponentials: `e · e^(m − lse) · dloss − [j = target] · dloss`.
+                Some(saved) if kept != Kept::Logits => {
+                    grow(&mut ctx.logits, n);
+                    let maxima = &saved[kept.values_len(s)..];
+                    let g = &mut ctx.logits[..n];
+                    for (r, gr) in g.chunks_exact_mut(len).enumerate() {
+                        let factor = (maxima[r * chunks + c] - logsumexp[r]).exp() * dloss;
+                        let at = rows * v0 + r * len;
+                        if kept == (Kept::Exps { bf16: true }) {
+                            // SAFETY: the values region holds `rows · vocab` bf16 values in
+                            // its `values_len` f32 (u16 is less aligned than f32).
+                            let values = unsafe {
+                                std::slice::from_raw_parts(
+                                    saved.as_ptr() as *const u16,
+                                    rows * s.vocab,
+                                )
+                            };
+                            xent::widened_scaled(gr, &values[at..at + len], factor);
+                        } else {
+                            xent::scaled(gr, &saved[at..at + len], factor);
+                        }
+                        subtract_target(gr, targets[r], v0, dloss);
+                    }
+                }
                 // The gradient formed straight from the saved block (chunk-major: the chunk's
                 // `(rows, len)` block at `rows · v0`), which the exp pass streams as a copy
                 // would.
@@ -625,7 +729,8 @@ mod tests {
                     (Weight::unpacked(&w), true),
                 ] {
                     let (mut loss, mut lse) = (vec![0.0; rows], vec![0.0; rows]);
-                    let mut saved = vec![f32::NAN; if keep { rows * vocab } else { 0 }];
+                    let kept = Kept::of(kernel, s).len(s, chunk);
+                    let mut saved = vec![f32::NAN; if keep { kept } else { 0 }];
                     let out = (&mut lse[..], keep.then_some(&mut saved[..]));
                     forward_in_chunks(
                         isa, kernel, &pool, &mut loss, out, &x, weight, &targets, s, chunk,
@@ -640,6 +745,29 @@ mod tests {
                     );
                     close("dinp", &dx, &want_dx);
                     close("dweight", &dw, &want_dw);
+                    // The gradients' own part (what was added to the start), whose size the
+                    // start's hides from the element-wise bounds: its normalized squared error.
+                    // bf16 rounds x, w and the logits' gradient (and kept exponentials) to 8
+                    // significant bits, each a relative 2⁻⁹, so about 4 · (2⁻⁹)² ≈ 1.5e-5
+                    // (measured at most 4.5e-6; bound 1e-4); f32 differs by summation order
+                    // (bound 1e-9).
+                    let bound = if kernel.is_bf16() { 1e-4 } else { 1e-9 };
+                    for (what, got, want, start) in [
+                        ("dinp", &dx, &want_dx, &start_dx),
+                        ("dweight", &dw, &want_dw, &start_dw),
+                    ] {
+                        let (mut err, mut norm) = (0.0, 0.0);
+                        for ((&g, &w), &s0) in got.iter().zip(want.iter()).zip(start.iter()) {
+                            let (g, w) = (g as f64 - s0 as f64, w - s0 as f64);
+                            err += (g - w) * (g - w);
+                            norm += w * w;
+                        }
+                        let nmse = err / norm;
+                        assert!(
+                            nmse <= bound,
+                            "{kernel:?} cap {softcap:?} keep {keep} {what}: NMSE {nmse:.2e}"
+                        );
+                    }
                 }
             }
         }

@@ -900,7 +900,7 @@ impl Backend for CpuBackend {
 
     fn classifier_saved_len(&self, s: ClassifierShape) -> usize {
         match self.logits {
-            Logits::Keep => s.rows * s.vocab,
+            Logits::Keep => classifier::saved_len(self.kernel(), s),
             Logits::Recompute => 0,
         }
     }

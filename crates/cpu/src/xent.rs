@@ -107,10 +107,19 @@ unsafe fn max_and_sum_zmm(row: &[f32]) -> (f32, f32) {
 
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_zmm(row: &mut [f32]) -> f32 {
+    let (max, sum) = max_exp_sum_zmm(row);
+    let inv = 1.0 / sum;
+    scale_in_place(row, inv);
+    max + sum.ln()
+}
+
+/// The row's maximum `m`, the row turned into `e^(z − m)` in place, and their sum.
+#[target_feature(enable = "avx512f")]
+unsafe fn max_exp_sum_zmm(row: &mut [f32]) -> (f32, f32) {
+    let max = max_zmm(row);
     let n = row.len();
     let p = row.as_mut_ptr();
     let (full, tail) = (n / 16 * 16, (1u32 << (n % 16)) as u16 - 1);
-    let max = max_zmm(row);
     let shift = _mm512_set1_ps(max);
     let mut s = _mm512_setzero_ps();
     for i in (0..full).step_by(16) {
@@ -123,18 +132,19 @@ unsafe fn softmax_zmm(row: &mut [f32]) -> f32 {
         shift,
     ));
     _mm512_mask_storeu_ps(p.add(full), tail, e);
-    let sum = _mm512_reduce_add_ps(_mm512_mask_add_ps(s, tail, s, e));
-    let inv = _mm512_set1_ps(1.0 / sum);
-    for i in (0..full).step_by(16) {
-        _mm512_storeu_ps(p.add(i), _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), inv));
-    }
-    let last = _mm512_maskz_loadu_ps(tail, p.add(full));
-    _mm512_mask_storeu_ps(p.add(full), tail, _mm512_mul_ps(last, inv));
-    max + sum.ln()
+    (max, _mm512_reduce_add_ps(_mm512_mask_add_ps(s, tail, s, e)))
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_ymm(row: &mut [f32]) -> f32 {
+    let (max, sum) = max_exp_sum_ymm(row);
+    scale_in_place(row, 1.0 / sum);
+    max + sum.ln()
+}
+
+/// As [`max_exp_sum_zmm`], 8 wide.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn max_exp_sum_ymm(row: &mut [f32]) -> (f32, f32) {
     let n = row.len();
     let full = n / 8 * 8;
     let max = max_ymm(row);
@@ -153,13 +163,74 @@ unsafe fn softmax_ymm(row: &mut [f32]) -> f32 {
         *z = (*z - max).exp();
         sum += *z;
     }
-    let inv = 1.0 / sum;
-    let vinv = _mm256_set1_ps(inv);
-    for i in (0..full).step_by(8) {
-        _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), vinv));
+    (max, sum)
+}
+
+/// `row *= factor` (vectorized by the compiler at AVX2; every tier has it).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scale_in_place(row: &mut [f32], factor: f32) {
+    row.iter_mut().for_each(|z| *z *= factor);
+}
+
+/// The row's maximum `m`, the row turned into `e^(z − m)` in place, and `Σ e^(z − m)`: the
+/// forward half of [`max_and_sum`] that keeps the exponentials.
+pub fn max_exp_sum_in_place(isa: Isa, row: &mut [f32]) -> (f32, f32) {
+    // SAFETY: the tier was checked when the backend was made.
+    unsafe {
+        match isa {
+            Isa::Avx2 => max_exp_sum_ymm(row),
+            _ => max_exp_sum_zmm(row),
+        }
     }
-    row[full..].iter_mut().for_each(|z| *z *= inv);
-    max + sum.ln()
+}
+
+/// `out[j] = x[j] · factor`.
+pub fn scaled(out: &mut [f32], x: &[f32], factor: f32) {
+    assert_eq!(out.len(), x.len());
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run(out: &mut [f32], x: &[f32], factor: f32) {
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = v * factor);
+    }
+    // SAFETY: every tier of this backend has AVX2 and FMA.
+    unsafe { run(out, x, factor) }
+}
+
+/// `out[j] = bf16(x[j]) · factor`, the bf16 values widened to f32 (exactly: their bits are
+/// an f32's upper half).
+pub fn widened_scaled(out: &mut [f32], x: &[u16], factor: f32) {
+    assert_eq!(out.len(), x.len());
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run(out: &mut [f32], x: &[u16], factor: f32) {
+        out.iter_mut()
+            .zip(x)
+            .for_each(|(o, &b)| *o = f32::from_bits((b as u32) << 16) * factor);
+    }
+    // SAFETY: every tier of this backend has AVX2 and FMA.
+    unsafe { run(out, x, factor) }
+}
+
+/// `out[j] = bf16(x[j])`, rounding to nearest even (as `vcvtneps2bf16`, and as packing rounds).
+///
+/// # Safety
+/// The CPU has AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+pub unsafe fn to_bf16(out: &mut [u16], x: &[f32]) {
+    assert_eq!(out.len(), x.len());
+    let full = x.len() / 16 * 16;
+    for i in (0..full).step_by(16) {
+        let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i)));
+        _mm256_storeu_si256(
+            out.as_mut_ptr().add(i) as *mut __m256i,
+            std::mem::transmute(v),
+        );
+    }
+    let tail = (1u32 << (x.len() % 16)) as u16 - 1;
+    let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, x.as_ptr().add(full)));
+    _mm256_mask_storeu_epi16(
+        out.as_mut_ptr().add(full) as *mut i16,
+        tail,
+        std::mem::transmute(v),
+    );
 }
 
 #[target_feature(enable = "avx512f")]
