@@ -217,20 +217,14 @@ pub fn widened_scaled(out: &mut [f32], x: &[u16], factor: f32) {
 pub unsafe fn to_bf16(out: &mut [u16], x: &[f32]) {
     assert_eq!(out.len(), x.len());
     let full = x.len() / 16 * 16;
+    let bits = |v: __m256bh| std::mem::transmute::<__m256bh, __m256i>(v);
     for i in (0..full).step_by(16) {
         let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i)));
-        _mm256_storeu_si256(
-            out.as_mut_ptr().add(i) as *mut __m256i,
-            std::mem::transmute(v),
-        );
+        _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, bits(v));
     }
     let tail = (1u32 << (x.len() % 16)) as u16 - 1;
     let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, x.as_ptr().add(full)));
-    _mm256_mask_storeu_epi16(
-        out.as_mut_ptr().add(full) as *mut i16,
-        tail,
-        std::mem::transmute(v),
-    );
+    _mm256_mask_storeu_epi16(out.as_mut_ptr().add(full) as *mut i16, tail, bits(v));
 }
 
 #[target_feature(enable = "avx512f")]
@@ -344,5 +338,33 @@ unsafe fn softcap_ymm(out: &mut [f32], z: &[f32], cap: f32) {
     }
     for i in full..n {
         *op.add(i) = cap * (*zp.add(i) / cap).tanh();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector conversion rounds as `half` does (to nearest, ties to even), across a run
+    /// longer than a vector with a ragged tail, ties included.
+    #[test]
+    fn to_bf16_rounds_to_nearest_even() {
+        if !kiln_core::cpu::features().supports(Isa::Avx512bf16) {
+            println!("skipped: needs AVX512-BF16");
+            return;
+        }
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.731).sin() * 3.0).collect();
+        // Exact ties: the low 16 bits are 0x8000, rounded down on an even, up on an odd.
+        x.push(f32::from_bits(0x3f80_8000));
+        x.push(f32::from_bits(0x3f81_8000));
+        let mut got = vec![0u16; x.len()];
+        // SAFETY: checked above.
+        unsafe { to_bf16(&mut got, &x) };
+        let want: Vec<u16> = x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(got[got.len() - 2..], [0x3f80, 0x3f82]);
     }
 }

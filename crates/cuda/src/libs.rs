@@ -39,18 +39,17 @@ impl Lib {
     }
 }
 
-/// Where each library was found (`None`: not found), searched once per process.
-fn found() -> &'static [Option<PathBuf>; 4] {
-    static FOUND: OnceLock<[Option<PathBuf>; 4]> = OnceLock::new();
-    FOUND.get_or_init(|| {
-        let folders = folders();
-        [Lib::Driver, Lib::Nvrtc, Lib::CublasLt, Lib::Nccl].map(|lib| preload(lib, &folders))
-    })
-}
-
-/// Where `lib` was loaded from, or `None` when it is not on this machine.
+/// Where `lib` was loaded from, or `None` when it is not on this machine: searched (and
+/// loaded) on its first request, once per process. Each library alone: the backend's probe
+/// asks for the driver first, so a machine without one loads none of the others (PyTorch's
+/// wheels put cuBLASLt, NVRTC and NCCL on many CPU machines; loading them cost every CPU run
+/// about 190 MiB of resident memory).
 pub fn location(lib: Lib) -> Option<&'static Path> {
-    found()[lib.index()].as_deref()
+    static FOUND: [OnceLock<Option<PathBuf>>; 4] = [const { OnceLock::new() }; 4];
+    static FOLDERS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    FOUND[lib.index()]
+        .get_or_init(|| preload(lib, FOLDERS.get_or_init(folders)))
+        .as_deref()
 }
 
 /// `Ok` when `lib` is loaded, else a sentence saying what is missing and how to get it.
