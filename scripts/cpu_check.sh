@@ -18,26 +18,16 @@
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+source scripts/dev_binaries.sh
 case "${1:-}" in
 stage)
   set -e
-  cargo build --release --locked
-  out="$(cargo test --release --locked -p kiln-cpu --no-run 2>&1)"
-  mkdir -p .dev
-  strip -o .dev/kiln target/release/kiln
-  for t in kiln_cpu conformance; do
-    bin="$(echo "$out" | grep -o "target/release/deps/$t-[0-9a-f]*" | head -1)"
-    strip -o ".dev/cpu-$t" "$bin"
-  done
-  grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
-  ls -la .dev
+  stage_binaries kiln-cpu cpu kiln_cpu conformance
   ;;
 run)
   out="${OUT:-.dev/out}"; mkdir -p "$out"
   pin=(); [ -n "${CPUS:-}" ] && pin=(taskset -c "$CPUS")
-  # The test binaries find the fixtures at the path they were built in.
-  built="$(strings .dev/cpu-conformance | grep -o '/[^ ]*/crates/cpu' | head -1)"
-  if [ -n "$built" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$(dirname "$built")")"; ln -sfn "$repo" "$(dirname "$(dirname "$built")")"; fi
+  link_fixtures .dev/cpu-conformance cpu
   grep -m1 'model name' /proc/cpuinfo; nproc
   grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|amx|fma)' | tr '\n' ' '; echo
   .dev/kiln doctor 2>&1 | sed -n '1,/^backends/p' | head -30

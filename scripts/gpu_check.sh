@@ -20,28 +20,18 @@
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
+source scripts/dev_binaries.sh
 case "${1:-}" in
 stage)
   set -e
-  cargo build --release --locked
-  out="$(cargo test --release --locked -p kiln-cuda --no-run 2>&1)"
-  mkdir -p .dev
-  strip -o .dev/kiln target/release/kiln
-  for t in conformance nvrtc; do
-    bin="$(echo "$out" | grep -o "target/release/deps/$t-[0-9a-f]*" | head -1)"
-    strip -o ".dev/cuda-$t" "$bin"
-  done
-  grep -qx '/.dev/' .git/info/exclude 2>/dev/null || echo '/.dev/' >> .git/info/exclude
-  ls -la .dev
+  stage_binaries kiln-cuda cuda conformance nvrtc
   ;;
 run)
   out="${OUT:-.dev/out}"; mkdir -p "$out"
   batch="${KILN_GPU_BATCH:-256}"; seq="${KILN_GPU_SEQ:-256}"; budget="${KILN_GPU_TIME:-75s}"
   kiln=.dev/kiln
   work="$(mktemp -d)"  # the golf run's corpus, run and artifact (only small files go to $out)
-  # The test binaries find the fixtures at the path they were built in.
-  built="$(strings .dev/cuda-conformance | grep -o '/[^ ]*/crates/cuda' | head -1)"
-  if [ -n "$built" ] && [ ! -e "$built" ]; then mkdir -p "$(dirname "$(dirname "$built")")"; ln -sfn "$repo" "$(dirname "$(dirname "$built")")"; fi
+  link_fixtures .dev/cuda-conformance cuda
   nvidia-smi -L; nvidia-smi --query-gpu=driver_version,clocks.max.sm,memory.total --format=csv
   "$kiln" doctor | grep -A8 '^  libcuda'
   export KILN_REQUIRE_CUDA=1 KILN_REQUIRE_NVRTC=1
