@@ -209,11 +209,11 @@ impl Context {
     }
 
     /// The logits the softmax reads (see [`Context::logits`]).
-    fn softmax_input(&self, s: ClassifierShape, n: usize) -> &[f32] {
+    fn softmax_input(&mut self, s: ClassifierShape, n: usize) -> &mut [f32] {
         if s.softcap.is_some() {
-            &self.capped[..n]
+            &mut self.capped[..n]
         } else {
-            &self.logits[..n]
+            &mut self.logits[..n]
         }
     }
 }
@@ -301,22 +301,38 @@ fn forward_in_chunks(
         let mut ctx = Context::take();
         ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s);
         let n = rows * len;
-        if let (Some(saved), Kept::Exps { bf16 }) = (saved, kept) {
-            // Without a cap: each row's exponentials, kept with the row's maximum.
-            let z = &mut ctx.logits[..n];
-            for (r, row) in z.chunks_exact_mut(len).enumerate() {
-                let t = targets[r] as usize;
-                // SAFETY: (row, chunk) pairs are this task's alone, and so is the maximum's
-                // slot; a row's target lies in one chunk, so one task writes its logit.
-                unsafe {
-                    if (v0..v0 + len).contains(&t) {
-                        tl.set(r, row[t - v0]);
-                    }
-                    let (max, sum) = xent::max_exp_sum_in_place(isa, row);
-                    part.set(r * chunks + c, (max, sum));
-                    saved.set(kept.values_len(s) + r * chunks + c, max);
+        // Without a cap, each row's exponentials are kept, with the row's maximum; with one,
+        // the capped logits.
+        let exps = match (saved, kept) {
+            (Some(saved), Kept::Exps { bf16 }) => Some((saved, bf16)),
+            _ => None,
+        };
+        let z = ctx.softmax_input(s, n);
+        if let (Some(saved), None) = (saved, exps) {
+            // Chunk-major: the chunk's `(rows, len)` block at `rows · v0`, one contiguous copy.
+            // SAFETY: that block is this chunk's alone.
+            unsafe { saved.slice(rows * v0, n) }.copy_from_slice(z);
+        }
+        for (r, row) in z.chunks_exact_mut(len).enumerate() {
+            let t = targets[r] as usize;
+            // SAFETY: (row, chunk) pairs are this task's alone, and so is the maximum's slot;
+            // a row's target lies in one chunk, so one task writes its target logit.
+            unsafe {
+                if (v0..v0 + len).contains(&t) {
+                    tl.set(r, row[t - v0]);
                 }
+                let partial = match exps {
+                    Some((saved, _)) => {
+                        let (max, sum) = xent::max_exp_sum_in_place(isa, row);
+                        saved.set(kept.values_len(s) + r * chunks + c, max);
+                        (max, sum)
+                    }
+                    None => xent::max_and_sum(isa, row),
+                };
+                part.set(r * chunks + c, partial);
             }
+        }
+        if let Some((saved, bf16)) = exps {
             // SAFETY: the chunk's block (at `rows · v0` values, f32 or bf16) is this task's
             // alone; bf16 is kept only for the bf16 kernels, whose tiers have AVX512-BF16.
             unsafe {
@@ -326,25 +342,6 @@ fn forward_in_chunks(
                     xent::to_bf16(block, z);
                 } else {
                     saved.slice(rows * v0, n).copy_from_slice(z);
-                }
-            }
-            ctx.give_back();
-            return;
-        }
-        let z = ctx.softmax_input(s, n);
-        if let Some(saved) = saved {
-            // Chunk-major: the chunk's `(rows, len)` block at `rows · v0`, one contiguous copy.
-            // SAFETY: that block is this chunk's alone.
-            unsafe { saved.slice(rows * v0, n) }.copy_from_slice(z);
-        }
-        for (r, row) in z.chunks_exact(len).enumerate() {
-            // SAFETY: (row, chunk) pairs are this task's alone; a row's target lies in one
-            // chunk, so one task writes its target logit.
-            unsafe {
-                part.set(r * chunks + c, xent::max_and_sum(isa, row));
-                let t = targets[r] as usize;
-                if (v0..v0 + len).contains(&t) {
-                    tl.set(r, row[t - v0]);
                 }
             }
         }
@@ -453,27 +450,24 @@ fn backward_in_chunks(
             let mut ctx = Context::take();
             let n = rows * len;
             let chunk = Chunk { v0, len, s };
-            match saved {
+            match (saved, kept) {
                 // Kept exponentials: `e · e^(m − lse) · dloss − [j = target] · dloss`.
-                Some(saved) if kept != Kept::Logits => {
+                (Some(saved), Kept::Exps { bf16 }) => {
                     grow(&mut ctx.logits, n);
                     let maxima = &saved[kept.values_len(s)..];
+                    // SAFETY: the values region holds `rows · vocab` bf16 values in its
+                    // `values_len` f32 (u16 is less aligned than f32).
+                    let halves = unsafe {
+                        std::slice::from_raw_parts(saved.as_ptr() as *const u16, rows * s.vocab)
+                    };
                     let g = &mut ctx.logits[..n];
                     for (r, gr) in g.chunks_exact_mut(len).enumerate() {
                         let factor = (maxima[r * chunks + c] - logsumexp[r]).exp() * dloss;
-                        let at = rows * v0 + r * len;
-                        if kept == (Kept::Exps { bf16: true }) {
-                            // SAFETY: the values region holds `rows · vocab` bf16 values in
-                            // its `values_len` f32 (u16 is less aligned than f32).
-                            let values = unsafe {
-                                std::slice::from_raw_parts(
-                                    saved.as_ptr() as *const u16,
-                                    rows * s.vocab,
-                                )
-                            };
-                            xent::widened_scaled(gr, &values[at..at + len], factor);
+                        let at = rows * v0 + r * len..rows * v0 + (r + 1) * len;
+                        if bf16 {
+                            xent::widened_scaled(gr, &halves[at], factor);
                         } else {
-                            xent::scaled(gr, &saved[at..at + len], factor);
+                            xent::scaled(gr, &saved[at], factor);
                         }
                         subtract_target(gr, targets[r], v0, dloss);
                     }
@@ -481,13 +475,13 @@ fn backward_in_chunks(
                 // The gradient formed straight from the saved block (chunk-major: the chunk's
                 // `(rows, len)` block at `rows · v0`), which the exp pass streams as a copy
                 // would.
-                Some(saved) => {
+                (Some(saved), Kept::Logits) => {
                     grow(&mut ctx.logits, n);
                     let z = &saved[rows * v0..rows * v0 + n];
                     let g = &mut ctx.logits[..n];
                     logit_gradients(isa, g, Some(z), logsumexp, targets, chunk, dloss);
                 }
-                None => {
+                (None, _) => {
                     ctx.logits((isa, kernel), &packed, weight, v0..v0 + len, s);
                     let Context { logits, capped, .. } = &mut ctx;
                     let z = s.softcap.map(|_| &capped[..n]);

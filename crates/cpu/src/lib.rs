@@ -223,7 +223,13 @@ impl CpuBackend {
                 "tier {isa} has no native bf16 dot product: use f32"
             ));
         }
-        Ok(CpuBackend {
+        Ok(Self::at(isa, precision, threads))
+    }
+
+    /// The backend at a tier and precision, unchecked: [`CpuBackend::with`] checks them (the
+    /// AMX tier's emulated tests make it without AMX).
+    fn at(isa: Isa, precision: Precision, threads: usize) -> Self {
+        CpuBackend {
             isa,
             precision,
             logits: Logits::Keep,
@@ -231,7 +237,7 @@ impl CpuBackend {
             pool: Arc::new(ThreadPool::new(threads)),
             scratch: Arc::default(),
             rope_tables: Arc::default(),
-        })
+        }
     }
 
     /// This backend with the fused classifier's `logits` policy.
@@ -1029,15 +1035,7 @@ mod emulated_amx {
             println!("skipped: the AMX tier's packers need AVX512-BF16");
             return None;
         }
-        Some(CpuBackend {
-            isa: Isa::Amx,
-            precision: Precision::Bf16,
-            logits: Logits::Keep,
-            int8: IntWeights::Off,
-            pool: Arc::new(ThreadPool::new(2)),
-            scratch: Arc::default(),
-            rope_tables: Arc::default(),
-        })
+        Some(CpuBackend::at(Isa::Amx, Precision::Bf16, 2))
     }
 
     #[test]
